@@ -1,0 +1,1 @@
+"""ONNX export and the model-card contract. `export.card` and `export.store` import no torch (the service uses them)."""

@@ -1,0 +1,121 @@
+"""The model card: the one contract between training, export and serving (no torch here).
+
+Training writes it once; export adds the ONNX facts; the service only reads it. Variable names, units,
+scalers, history and horizon limits and the operator's eigenvalues are never re-derived elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CARD_FILE = "card.json"
+ONNX_FILE = "model.onnx"
+CARD_VERSION = 1
+
+
+class CardError(ValueError):
+    """A model card or its ONNX file is missing, malformed or does not match its checksum."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write beside the target and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stability_summary(A: np.ndarray, sample_minutes: float) -> dict[str, Any]:
+    """Eigenvalues of A in float64 with modulus, decay time constant and oscillation period in hours."""
+    eig = np.linalg.eigvals(np.asarray(A, dtype=np.float64))
+    eig = eig[np.lexsort((-eig.imag, -np.abs(eig)))]
+    dt_h = sample_minutes / 60.0
+    modes = []
+    for lam in eig:
+        mod = float(abs(lam))
+        decay = math.inf if mod >= 1 else (-dt_h / math.log(mod) if mod > 0 else 0.0)
+        angle = abs(math.atan2(lam.imag, lam.real))
+        period = 2 * math.pi * dt_h / angle if angle > 1e-12 else None
+        modes.append(
+            {
+                "real": float(lam.real),
+                "imag": float(lam.imag),
+                "modulus": mod,
+                "decay_hours": None if math.isinf(decay) else decay,
+                "period_hours": period,
+            }
+        )
+    rho = float(np.max(np.abs(eig))) if len(eig) else 0.0
+    periods = sorted({round(m["period_hours"], 3) for m in modes if m["period_hours"] is not None}, reverse=True)
+    finite_decays = [m["decay_hours"] for m in modes if m["decay_hours"] is not None]
+    return {
+        "eigenvalues": modes,
+        "spectral_radius": rho,
+        "stability_margin": 1.0 - rho,
+        "stable": rho < 1.0,
+        "slowest_decay_hours": max(finite_decays) if finite_decays else None,
+        "oscillation_periods_hours": periods,
+    }
+
+
+def write_card(version_dir: Path, card: dict[str, Any]) -> None:
+    atomic_write(version_dir / CARD_FILE, json.dumps(card, indent=1, sort_keys=False).encode())
+
+
+def read_card(version_dir: Path, *, verify: bool = True) -> dict[str, Any]:
+    """Read a version's card; with ``verify`` also check model.onnx against the stored SHA-256."""
+    path = Path(version_dir) / CARD_FILE
+    try:
+        card = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CardError(f"{path}: no model card") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CardError(f"{path}: unreadable ({exc})") from None
+    for key in ("version", "variables", "scaling", "history", "max_horizon", "stability", "onnx"):
+        if key not in card:
+            raise CardError(f"{path}: missing field {key!r}")
+    if card.get("card_version") != CARD_VERSION:
+        raise CardError(f"{path}: card_version {card.get('card_version')} is not {CARD_VERSION}")
+    if verify:
+        onnx_path = Path(version_dir) / card["onnx"]["file"]
+        if not onnx_path.exists():
+            raise CardError(f"{onnx_path}: missing")
+        actual = sha256_file(onnx_path)
+        if actual != card["onnx"]["sha256"]:
+            raise CardError(
+                f"{onnx_path}: SHA-256 {actual[:12]}... does not match the card's {card['onnx']['sha256'][:12]}..."
+            )
+    return card
+
+
+def scalers(card: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_mean, x_std, u_mean, u_std) as float32 arrays, in catalog order."""
+    m, c = card["variables"]["measurements"], card["variables"]["controls"]
+
+    def arr(items: list[dict[str, Any]], key: str) -> np.ndarray:
+        return np.array([v[key] for v in items], dtype=np.float32)
+
+    return arr(m, "mean"), arr(m, "std"), arr(c, "mean"), arr(c, "std")

@@ -1,0 +1,198 @@
+"""Export a trained KoVAE to one ONNX graph, check parity with PyTorch, and write it into its version folder.
+
+Graph inputs (all normalised, float32):
+    x_hist (batch, history, n_x), u_hist (batch, history, n_u), u_fut (batch, horizon, n_u),
+    noise (batch, samples, horizon, z_dim) standard normal, for forecast samples.
+Graph outputs: mean (batch, horizon, n_x) and samples (batch, samples, horizon, n_x).
+
+A, B, c and the calibrated noise scale are folded into constants. The rollout is unrolled to the card's
+maximum horizon as plain MatMul/Add and sliced to the requested horizon, so the horizon stays dynamic and the
+graph has no loop and no eigen-decomposition. Scalers stay outside the graph (the card holds them).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from export.card import ONNX_FILE, atomic_write, sha256_file, stability_summary, write_card
+from training.model import KoVAE
+
+OPSET = 17  # runs on every onnxruntime 1.2x/1.3x
+PARITY_TOL = 1e-4
+INPUTS = ("x_hist", "u_hist", "u_fut", "noise")
+OUTPUTS = ("mean", "samples")
+
+
+class ParityError(RuntimeError):
+    """ONNX Runtime and PyTorch disagree by more than the tolerance; nothing was written."""
+
+
+class ForecastGraph(nn.Module):
+    """The serving computation of a KoVAE with its operator frozen into constants."""
+
+    def __init__(self, model: KoVAE, max_horizon: int, noise_scale: float) -> None:
+        super().__init__()
+        self.model = model.eval()
+        kp = model.koopman
+        with torch.no_grad():
+            self.register_buffer("At", kp.matrix().T.contiguous().clone())
+            self.register_buffer("Bt", kp.B.T.contiguous().clone())
+            self.register_buffer("c", kp.c.clone())
+            self.register_buffer("noise_std", kp.log_noise.exp() * noise_scale)
+        self.max_horizon = max_horizon
+
+    def forward(
+        self, x_hist: torch.Tensor, u_hist: torch.Tensor, u_fut: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        mu, _ = m.encode(x_hist, u_hist)
+        z0 = mu[:, -1]  # (B, z)
+        horizon = u_fut.shape[1]
+        pad = self.max_horizon - horizon
+        drive = F.pad(u_fut, (0, 0, 0, pad)) @ self.Bt + self.c  # (B, Hmax, z)
+        sample_drive = drive.unsqueeze(1) + F.pad(noise, (0, 0, 0, pad)) * self.noise_std  # (B, S, Hmax, z)
+        z, zs = z0, z0.unsqueeze(1) + torch.zeros_like(noise[:, :, 0])
+        means, samples = [], []
+        for k in range(self.max_horizon):
+            z = z @ self.At + drive[:, k]
+            zs = zs @ self.At + sample_drive[:, :, k]
+            means.append(z)
+            samples.append(zs)
+        mean = m.decoder(torch.stack(means, 1)[:, :horizon])
+        sample = m.decoder(torch.stack(samples, 2)[:, :, :horizon])
+        return mean, sample
+
+
+def _example(batch: int, history: int, horizon: int, samples: int, dims: tuple[int, int, int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    nx, nu, nz = dims
+    return (
+        torch.randn(batch, history, nx, generator=g),
+        torch.randn(batch, history, nu, generator=g),
+        torch.randn(batch, horizon, nu, generator=g),
+        torch.randn(batch, samples, horizon, nz, generator=g),
+    )
+
+
+def to_onnx_bytes(graph: ForecastGraph, history: int, metadata: dict[str, str]) -> bytes:
+    """Legacy (TorchScript) exporter: the dynamo exporter froze dynamic lengths of GRUs and rollouts."""
+    m = graph.model
+    example = _example(2, history, max(2, graph.max_horizon // 2), 3, (m.x_dim, m.u_dim, m.cfg.z_dim))
+    buf = io.BytesIO()
+    torch.onnx.export(
+        graph,
+        example,
+        buf,
+        input_names=list(INPUTS),
+        output_names=list(OUTPUTS),
+        dynamic_axes={
+            "x_hist": {0: "batch", 1: "history"},
+            "u_hist": {0: "batch", 1: "history"},
+            "u_fut": {0: "batch", 1: "horizon"},
+            "noise": {0: "batch", 1: "samples", 2: "horizon"},
+            "mean": {0: "batch", 1: "horizon"},
+            "samples": {0: "batch", 1: "samples", 2: "horizon"},
+        },
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    proto = onnx.load_from_string(buf.getvalue())
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def parity(graph: ForecastGraph, onnx_bytes: bytes, history: int, windows: list[tuple[np.ndarray, ...]] | None = None):
+    """Largest |ORT - torch| over several batch sizes, history lengths and horizons (normalised units)."""
+    m = graph.model
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    H = graph.max_horizon
+    cases = [
+        (1, history, H, 1),
+        (4, history, 1, 2),
+        (7, max(2, history // 2), max(1, H // 3), 5),
+        (3, 2 * history, H, 1),
+    ]
+    worst = 0.0
+    for i, (b, L, h, s) in enumerate(cases):
+        feeds = _example(b, L, h, s, (m.x_dim, m.u_dim, m.cfg.z_dim), seed=100 + i)
+        worst = max(worst, _compare(graph, sess, feeds))
+    for xh, uh, uf in windows or []:
+        noise = np.random.default_rng(0).standard_normal((len(xh), 2, uf.shape[1], m.cfg.z_dim)).astype(np.float32)
+        worst = max(worst, _compare(graph, sess, tuple(torch.from_numpy(a) for a in (xh, uh, uf, noise))))
+    return worst
+
+
+def _compare(graph: ForecastGraph, sess: ort.InferenceSession, feeds: tuple[torch.Tensor, ...]) -> float:
+    with torch.no_grad():
+        ref = [t.numpy() for t in graph(*feeds)]
+    got = sess.run(list(OUTPUTS), {n: t.numpy() for n, t in zip(INPUTS, feeds, strict=True)})
+    for r, g in zip(ref, got, strict=True):
+        if r.shape != g.shape:
+            raise ParityError(f"ONNX output shape {g.shape} differs from PyTorch {r.shape}")
+    return max(float(np.max(np.abs(r - g))) for r, g in zip(ref, got, strict=True))
+
+
+def export_version(
+    model: KoVAE,
+    card: dict[str, Any],
+    version_dir: Path,
+    windows: list[tuple[np.ndarray, ...]] | None = None,
+) -> dict[str, Any]:
+    """Export, check parity, then write model.onnx and the completed card atomically; returns the card.
+
+    On a parity failure nothing in ``version_dir`` is touched.
+    """
+    graph = ForecastGraph(model, card["max_horizon"], card["calibration"]["noise_scale"])
+    stability = stability_summary(graph.At.T.double().numpy(), card["sample_minutes"])
+    created = card.get("created_at") or datetime.now(UTC).isoformat(timespec="seconds")
+    metadata = {
+        "version": card["version"],
+        "created_at": created,
+        "data_hash": card["data"]["config_hash"],
+        "spectral_radius": repr(stability["spectral_radius"]),
+        "stability_margin": repr(stability["stability_margin"]),
+        "eigenvalues": json.dumps([[e["real"], e["imag"]] for e in stability["eigenvalues"]]),
+    }
+    onnx_bytes = to_onnx_bytes(graph, card["history"]["length"], metadata)
+    worst = parity(graph, onnx_bytes, card["history"]["length"], windows)
+    if not worst <= PARITY_TOL:
+        raise ParityError(f"ONNX Runtime differs from PyTorch by {worst:.3g} (> {PARITY_TOL:g}); nothing written")
+    version_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(version_dir / ONNX_FILE, onnx_bytes)
+    card = {
+        **card,
+        "created_at": created,
+        "operator": {
+            "form": "z[t+1] = A z[t] + B u[t+1] + c (+ noise_std * eps for samples), normalised units",
+            "A": graph.At.T.tolist(),
+            "B": graph.Bt.T.tolist(),
+            "c": graph.c.tolist(),
+            "noise_std": graph.noise_std.tolist(),
+        },
+        "stability": stability,
+        "onnx": {
+            "file": ONNX_FILE,
+            "sha256": sha256_file(version_dir / ONNX_FILE),
+            "opset": OPSET,
+            "inputs": list(INPUTS),
+            "outputs": list(OUTPUTS),
+            "parity_max_abs_error": worst,
+            "scalers": "outside_graph",
+        },
+    }
+    write_card(version_dir, card)
+    return card

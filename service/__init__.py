@@ -1,0 +1,1 @@
+"""The forecast service: FastAPI + ONNX Runtime. Imports no torch."""

@@ -1,0 +1,250 @@
+"""The FastAPI app: thin routes over the protocol codecs, the model registry and the metrics.
+
+Every client mistake becomes an RFC 9457 problem+json with the field named; nothing else reaches the client
+but a generic 500 problem (the stack trace stays in the log).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, SecretStr
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import metrics, protocol
+from service.logs import request_id_var, setup_logging
+from service.protocol import ForecastRequest, ForecastResponse, ProblemError
+from service.registry import ModelRegistry, ReloadError
+from service.settings import Settings, get_settings
+
+API_VERSION = "1.0.0"
+PROBLEM = "application/problem+json"
+log = logging.getLogger("kovae.app")
+ROUTES = {"/forecast", "/model", "/healthz", "/readyz", "/metrics", "/admin/reload", "/docs", "/openapi.json"}
+"""Route label values for metrics; anything else is 'other' so a scanner cannot explode label cardinality."""
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    model_version: str | None
+
+
+class ReloadResult(BaseModel):
+    model_version: str
+    changed: bool
+
+
+PROBLEM_SCHEMA = {
+    "description": "Problem details (RFC 9457)",
+    "content": {
+        PROBLEM: {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "type": {"type": "string"},
+                    "title": {"type": "string"},
+                    "status": {"type": "integer"},
+                    "detail": {"type": "string"},
+                    "instance": {"type": "string"},
+                    "request_id": {"type": "string"},
+                    "errors": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+                        },
+                    },
+                },
+            }
+        }
+    },
+}
+
+
+def problem(request: Request, status: int, title: str, detail: str = "", errors: list | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail or title}
+    body["instance"] = request.url.path
+    body["request_id"] = request_id_var.get()
+    if errors:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+def _key_ok(given: str | None, keys: list[SecretStr]) -> bool:
+    """Constant-time comparison against every configured key."""
+    if given is None:
+        return False
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(given.encode(), key.get_secret_value().encode())
+    return ok
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    setup_logging(settings.log_level)
+    registry = ModelRegistry(settings.model_store, settings.ort_threads)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await run_in_threadpool(registry.reload)
+        except ReloadError as exc:
+            log.error("no model at start-up: %s", exc)  # /readyz stays 503 until a reload succeeds
+        registry.start_polling(settings.poll_interval_s)
+        yield
+        registry.stop()
+
+    app = FastAPI(
+        title="kovae-forecast",
+        version=API_VERSION,
+        description="Multi-step forecasts of an activated-sludge plant (BSM1) from a stable Koopman VAE.",
+        lifespan=lifespan,
+    )
+    app.state.registry = registry
+    app.state.settings = settings
+
+    # ------------------------------------------------------------------ middleware and errors
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        rid = request.headers.get("x-request-id", "")
+        rid = rid if 0 < len(rid) <= 64 and rid.isprintable() else uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        start = time.perf_counter()
+        route = request.url.path if request.url.path in ROUTES else "other"
+        try:
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+                metrics.ERRORS.labels("body_too_large").inc()
+                response: Response = problem(
+                    request, 413, "Request body too large", f"limit is {settings.max_body_bytes} bytes"
+                )
+            else:
+                response = await call_next(request)
+        except Exception:
+            log.exception("unhandled error")
+            metrics.ERRORS.labels("internal").inc()
+            response = problem(request, 500, "Internal server error", "see the service log for this request id")
+        finally:
+            request_id_var.reset(token)
+        status_class = f"{response.status_code // 100}xx"
+        metrics.REQUESTS.labels(route, request.method, status_class).inc()
+        metrics.REQUEST_SECONDS.labels(route, status_class).observe(time.perf_counter() - start)
+        response.headers["x-request-id"] = rid
+        return response
+
+    @app.exception_handler(ProblemError)
+    async def on_problem(request: Request, exc: ProblemError) -> JSONResponse:
+        metrics.ERRORS.labels("invalid_request" if exc.status == 422 else f"http_{exc.status}").inc()
+        return problem(request, exc.status, exc.title, exc.detail, exc.errors)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": _loc(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        metrics.ERRORS.labels("invalid_request").inc()
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return problem(request, 422, "Invalid request body", detail, errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        metrics.ERRORS.labels(f"http_{exc.status_code}").inc()
+        return problem(request, exc.status_code, str(exc.detail), str(exc.detail))
+
+    # ------------------------------------------------------------------ auth
+
+    def forecast_auth(request: Request) -> None:
+        if settings.api_keys and not _key_ok(request.headers.get("x-api-key"), settings.api_keys):
+            raise ProblemError(401, "Missing or invalid API key", detail="send a valid X-API-Key header")
+
+    def admin_auth(request: Request) -> None:
+        if not settings.admin_api_keys:
+            raise ProblemError(403, "Admin endpoints are disabled", detail="set KOVAE_ADMIN_API_KEYS to enable them")
+        if not _key_ok(request.headers.get("x-api-key"), settings.admin_api_keys):
+            raise ProblemError(401, "Missing or invalid API key", detail="send a valid admin X-API-Key header")
+
+    def serving() -> Any:
+        rt = registry.runtime
+        if rt is None:
+            raise ProblemError(503, "No model loaded", detail="the service has no model yet; see /readyz")
+        return rt
+
+    errors_doc: dict[int | str, dict[str, Any]] = {code: PROBLEM_SCHEMA for code in (401, 413, 422, 503)}
+
+    # ------------------------------------------------------------------ routes
+
+    @app.post("/forecast", response_model=ForecastResponse, responses=errors_doc, dependencies=[Depends(forecast_auth)])
+    async def forecast(req: ForecastRequest) -> dict[str, Any]:
+        """Forecast every series in the body over `horizon` steps, in engineering units."""
+        rt = serving()  # one reference for the whole request, even if a reload swaps the model meanwhile
+        decoded = protocol.decode(req, rt, settings)
+        metrics.HORIZON.observe(decoded.horizon)
+        metrics.BATCH.observe(len(decoded.x_hist))
+        start = time.perf_counter()
+        results = await run_in_threadpool(protocol.run, rt, decoded)
+        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
+        return protocol.encode(rt, decoded, results)
+
+    @app.get("/model", responses={503: PROBLEM_SCHEMA})
+    async def model() -> dict[str, Any]:
+        """The served model's card: variables, units, limits, metrics, eigenvalues and stability."""
+        card = dict(serving().card)
+        card.pop("operator", None)  # large matrices; the eigenvalues summarise them
+        return card
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
+    async def readyz() -> JSONResponse:
+        """Ready when a model is loaded and warmed up."""
+        rt = registry.runtime
+        if rt is None:
+            return JSONResponse({"status": "not ready", "model_version": None}, status_code=503)
+        return JSONResponse({"status": "ready", "model_version": rt.version})
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text exposition."""
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.post(
+        "/admin/reload",
+        response_model=ReloadResult,
+        responses={**errors_doc, 403: PROBLEM_SCHEMA, 409: PROBLEM_SCHEMA},
+        dependencies=[Depends(admin_auth)],
+    )
+    async def admin_reload() -> dict[str, Any]:
+        """Load the version CURRENT points to (checksum and warm-up first); a broken one is refused."""
+        try:
+            version, changed = await run_in_threadpool(registry.reload, force=False)
+        except ReloadError as exc:
+            raise ProblemError(409, "Reload refused; the previous model keeps serving", detail=str(exc)) from None
+        return {"model_version": version, "changed": changed}
+
+    return app
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    """('body', 'series', 0, 'horizon') -> 'series[0].horizon'."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"

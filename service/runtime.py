@@ -1,0 +1,72 @@
+"""Runs one model version through ONNX Runtime in engineering units. No torch, no web framework.
+
+The card supplies the scalers and limits; this class only applies them. One session is shared by all
+requests (``InferenceSession.run`` is thread-safe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from export.card import read_card, scalers
+
+
+@dataclass(frozen=True)
+class Forecast:
+    mean: np.ndarray  # (batch, horizon, n_x), engineering units
+    samples: np.ndarray | None  # (batch, samples, horizon, n_x), engineering units
+
+
+class ModelRuntime:
+    def __init__(self, version_dir: Path, threads: int = 1) -> None:
+        self.version_dir = Path(version_dir)
+        self.card: dict[str, Any] = read_card(self.version_dir, verify=True)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads  # small matmuls: more threads cost more than they give
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            str(self.version_dir / self.card["onnx"]["file"]), opts, providers=["CPUExecutionProvider"]
+        )
+        self.x_mean, self.x_std, self.u_mean, self.u_std = scalers(self.card)
+        self.z_dim = int(self.card["model"]["z_dim"])
+        self.measurements = [v["name"] for v in self.card["variables"]["measurements"]]
+        self.controls = [v["name"] for v in self.card["variables"]["controls"]]
+
+    @property
+    def version(self) -> str:
+        return str(self.card["version"])
+
+    @property
+    def max_horizon(self) -> int:
+        return int(self.card["max_horizon"])
+
+    def predict(
+        self,
+        x_hist: np.ndarray,
+        u_hist: np.ndarray,
+        u_fut: np.ndarray,
+        n_samples: int = 0,
+        rng: np.random.Generator | None = None,
+    ) -> Forecast:
+        """Forecast from engineering-unit arrays: x_hist (B, L, n_x), u_hist (B, L, n_u), u_fut (B, H, n_u)."""
+        batch, horizon = u_fut.shape[0], u_fut.shape[1]
+        s = max(n_samples, 1)
+        noise = np.zeros((batch, s, horizon, self.z_dim), np.float32)
+        if n_samples > 0:
+            noise[:] = (rng or np.random.default_rng()).standard_normal(noise.shape, dtype=np.float32)
+        feeds = {
+            "x_hist": ((x_hist - self.x_mean) / self.x_std).astype(np.float32),
+            "u_hist": ((u_hist - self.u_mean) / self.u_std).astype(np.float32),
+            "u_fut": ((u_fut - self.u_mean) / self.u_std).astype(np.float32),
+            "noise": noise,
+        }
+        mean, samples = self.session.run(["mean", "samples"], feeds)
+        mean = mean * self.x_std + self.x_mean
+        return Forecast(mean, samples * self.x_std + self.x_mean if n_samples > 0 else None)

@@ -1,0 +1,33 @@
+"""All service settings in one place, read from ``KOVAE_*`` environment variables (or a .env file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KOVAE_", env_file=".env", extra="ignore")
+
+    model_store: Path = Field(Path("models"), description="model store folder holding CURRENT and versions")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    api_keys: list[SecretStr] = Field(default_factory=list, description="if set, /forecast needs one (X-API-Key)")
+    admin_api_keys: list[SecretStr] = Field(default_factory=list, description="needed for /admin/*; none: disabled")
+    max_series: int = 64
+    max_samples: int = 1000
+    default_samples: int = 200
+    max_quantiles: int = 9
+    max_body_bytes: int = 8_000_000
+    ort_threads: int = 1
+    poll_interval_s: float = Field(5.0, description="how often to check CURRENT for a new version; 0 disables")
+    log_level: str = "INFO"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

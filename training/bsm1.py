@@ -1,0 +1,246 @@
+"""BSM1 open-loop simulation with bsm2-python 0.0.16, and the package's known defects handled.
+
+Defects of bsm2-python 0.0.16 this module works around (each has a test in tests/test_bsm1.py):
+
+1. ``raininfluent.csv`` gives Q in 1000 m3/d (the dry file gives m3/d) and has malformed flow values such as
+   ``30.044.50``. :func:`load_influent` repairs them explicitly (and says so), or refuses.
+2. The recycle streams mixed into reactor 1 are those of the previous step, so after a change of ``qintr``
+   the lagged stream still carries the old flow and effluent flow can go negative. :class:`Plant` sets the
+   lagged stream's flow whenever it changes the recycle.
+3. With ``timestep`` given, ``simtime`` has one more entry than ``timesteps``: we loop over ``timesteps``.
+4. The PID class never integrates (proportional only) and carbon dosing into tank 2+ overwrites the
+   upstream tank's output in place. We therefore simulate open loop only and refuse carbon dosing.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MINUTES_PER_DAY = 1440
+STEP_DAYS = 1.0 / MINUTES_PER_DAY
+"""Integration step: 1 minute. Larger steps cost accuracy linearly (15 min: ~3 g N/m3 in tank-5 SNH)."""
+
+# Column indices of the 21 ASM1 stream components used by bsm2-python.
+SI, SS, XI, XS, XBH, XBA, XP, SO, SNO, SNH, SND, XND, SALK, TSS, Q, TEMP = range(16)
+I_XB, I_XP = 0.08, 0.06  # N content of biomass and of particulate products (BSM1 definitions)
+
+Q0 = 18446.0  # BSM1 average dry-weather influent flow, m3/d
+KLA_LIMITS = (0.0, 240.0)
+QINTR_LIMITS = (0.0, 5 * Q0)
+DEFAULT_CONTROLS = (240.0, 240.0, 84.0, 3 * Q0)  # KLa3, KLa4, KLa5 (1/d), Qintr (m3/d)
+
+INFLUENT_FILES = {
+    # name: (file shipped with bsm2-python, factor that converts its Q column to m3/d)
+    "dry": ("dryinfluent.csv", 1.0),
+    "rain": ("raininfluent.csv", 1000.0),
+    "bsm2": ("dyninfluent_bsm2.csv", 1.0),
+}
+
+
+class InfluentError(ValueError):
+    """An influent file is malformed beyond what we repair."""
+
+
+@dataclass(frozen=True)
+class Repair:
+    row: int  # 0-based row in the file
+    column: int
+    raw: str
+    value: float
+
+
+def parse_influent_rows(rows: list[list[str]], source: str, q_factor: float) -> tuple[np.ndarray, list[Repair]]:
+    """Parse influent CSV rows into an (n, 22) array with Q in m3/d, repairing doubled decimal points.
+
+    A field such as ``30.044.50`` (a thousands separator pasted into a decimal) is read as ``30.04450``, and
+    the repair is accepted only when the result lies within 15% of the mean of its valid neighbours.
+    Anything else that does not parse is refused with the row and column named.
+    """
+    repairs: list[Repair] = []
+    out = np.full((len(rows), 22), np.nan)
+    pending: list[tuple[int, int, str, float]] = []
+    for r, row in enumerate(rows):
+        if len(row) != 22:
+            raise InfluentError(f"{source}: row {r} has {len(row)} columns, expected 22")
+        for c, field in enumerate(row):
+            try:
+                out[r, c] = float(field)
+            except ValueError:
+                head, dot, tail = field.strip().partition(".")
+                candidate = head + dot + tail.replace(".", "")
+                try:
+                    value = float(candidate)
+                except ValueError:
+                    raise InfluentError(f"{source}: row {r} column {c}: cannot parse {field!r}") from None
+                pending.append((r, c, field, value))
+    for r, c, field, value in pending:
+        neighbours = [out[k, c] for k in (r - 2, r - 1, r + 1, r + 2) if 0 <= k < len(rows)]
+        neighbours = [v for v in neighbours if np.isfinite(v)]
+        if not neighbours or abs(value - np.mean(neighbours)) > 0.15 * abs(np.mean(neighbours)):
+            raise InfluentError(
+                f"{source}: row {r} column {c}: {field!r} repaired to {value} does not fit its neighbours "
+                f"{neighbours}; refusing to guess"
+            )
+        out[r, c] = value
+        repairs.append(Repair(r, c, field, value))
+        log.warning("%s: repaired row %d column %d: %r -> %g", source, r, c, field, value)
+    out[:, 1 + Q] *= q_factor
+    median_q = float(np.median(out[:, 1 + Q]))
+    if not 5_000 <= median_q <= 100_000:
+        raise InfluentError(f"{source}: median flow {median_q:.0f} m3/d is implausible; unit of Q is wrong")
+    if np.any(np.diff(out[:, 0]) <= 0):
+        raise InfluentError(f"{source}: time column is not strictly increasing")
+    return out, repairs
+
+
+def load_influent(name: str) -> tuple[np.ndarray, list[Repair]]:
+    """Load a shipped influent file by name ('dry', 'rain', 'bsm2') with Q in m3/d."""
+    if name not in INFLUENT_FILES:
+        raise InfluentError(f"unknown influent {name!r}; choose from {sorted(INFLUENT_FILES)}")
+    filename, q_factor = INFLUENT_FILES[name]
+    path = resources.files("bsm2_python") / "data" / filename
+    with path.open(encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    return parse_influent_rows(rows, filename, q_factor)
+
+
+def influent_window(data: np.ndarray, start_day: float, days: float) -> np.ndarray:
+    """Rows covering [start_day, start_day + days], time shifted to start at 0.
+
+    bsm2-python scans the whole influent array at every step, so a window keeps a 609-day file fast.
+    """
+    t = data[:, 0]
+    first = int(np.searchsorted(t, start_day, side="right")) - 1
+    last = int(np.searchsorted(t, start_day + days, side="left")) + 1
+    if first < 0 or last >= len(t) + 1 or t[min(last, len(t) - 1)] < start_day + days - 1e-9:
+        raise InfluentError(f"window {start_day}..{start_day + days} d is outside the influent ({t[0]}..{t[-1]} d)")
+    window = data[first : last + 1].copy()
+    window[:, 0] -= start_day
+    window[0, 0] = max(window[0, 0], 0.0)
+    return window
+
+
+def measurements_from_plant(plant: Plant, influent_row: np.ndarray) -> np.ndarray:
+    """The catalog's measurement vector (training.catalog.MEASUREMENTS order) from the plant's current streams."""
+    sim = plant.sim
+    eff = sim.ys_eff
+    tkn_eff = eff[SNH] + eff[SND] + eff[XND] + I_XB * (eff[XBH] + eff[XBA]) + I_XP * (eff[XP] + eff[XI])
+    return np.array(
+        [
+            influent_row[Q],
+            influent_row[SI:SO].sum(),  # SI..XP: total COD
+            influent_row[TSS],
+            influent_row[SNH],
+            sim.y_out2[SNO],
+            sim.y_out3[SO],
+            sim.y_out4[SO],
+            sim.y_out5[SO],
+            sim.y_out5[SNH],
+            sim.y_out5[TSS],
+            eff[SNH],
+            eff[SNO],
+            eff[TSS],
+            eff[SI:SO].sum(),
+            eff[SNO] + tkn_eff,
+            sim.sludge_height,
+        ]
+    )
+
+
+class Plant:
+    """BSM1 open loop at a 1-minute step, with the lagged-recycle defect fixed.
+
+    ``set_controls`` is the only way controls change, so the lagged recycle stream is always consistent.
+    """
+
+    def __init__(self, influent: np.ndarray) -> None:
+        from bsm2_python.bsm1_ol import BSM1OL  # imported here: slow (numba) and only needed to simulate
+
+        self.sim = BSM1OL(data_in=influent, timestep=STEP_DAYS, tempmodel=False)
+        reactors = (self.sim.reactor1, self.sim.reactor2, self.sim.reactor3, self.sim.reactor4, self.sim.reactor5)
+        if any(r.carb > 0 for r in reactors):
+            # bsm2-python 0.0.16 doses carbon by editing the upstream tank's output array in place.
+            raise ValueError("carbon dosing is not supported: bsm2-python 0.0.16 corrupts the upstream tank state")
+        # Defect 3: simtime has one entry more than there are steps.
+        self.n_steps = len(self.sim.timesteps)
+        self.i = 0
+        self.set_controls(np.array(DEFAULT_CONTROLS))
+
+    def set_controls(self, u: np.ndarray) -> None:
+        """Apply KLa3, KLa4, KLa5 (1/d) and Qintr (m3/d), clipped to plant limits."""
+        kla = np.clip(u[:3], *KLA_LIMITS)
+        qintr = float(np.clip(u[3], *QINTR_LIMITS))
+        self.sim.klas = np.array([0.0, 0.0, kla[0], kla[1], kla[2]])
+        self.sim.qintr = qintr
+        # Defect 2: reactor 1 mixes in the recycle stream of the previous step; give it the new flow now.
+        self.sim.y_out5_r[Q] = qintr
+
+    def step(self) -> np.ndarray:
+        """Advance one minute; returns the influent row used in that step."""
+        if self.i >= self.n_steps:
+            raise IndexError(f"simulation has only {self.n_steps} steps")
+        # BSM1OL.step(i, klas) would reset klas to defaults when none is given; pass ours explicitly.
+        self.sim.step(self.i, self.sim.klas)
+        self.i += 1
+        return self.sim.y_in_all[self.i - 1]
+
+
+def control_schedule(
+    n_steps: int,
+    rng: np.random.Generator,
+    ranges: list[tuple[float, float]],
+    hold_minutes: tuple[int, int],
+) -> np.ndarray:
+    """Random piecewise-constant moves at 1-minute resolution: (n_steps, n_controls), each held 1-8 h.
+
+    Each control moves on its own clock so their effects can be told apart.
+    """
+    out = np.empty((n_steps, len(ranges)))
+    for j, (lo, hi) in enumerate(ranges):
+        i = 0
+        while i < n_steps:
+            hold = int(rng.integers(hold_minutes[0], hold_minutes[1] + 1))
+            out[i : i + hold, j] = rng.uniform(lo, hi)
+            i += hold
+    return out
+
+
+def simulate(
+    influent: np.ndarray,
+    controls: np.ndarray,
+    sample_minutes: int = 15,
+    *,
+    stabilize: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run the plant under a 1-minute control schedule and sample it.
+
+    Returns (t_minutes, x, u): x is sampled at the end of every ``sample_minutes`` interval, u is the mean
+    control applied over that interval. Only whole intervals that fit the influent are simulated.
+    With ``stabilize`` the plant first settles (bsm2-python's own routine, ~30 s) under the first influent
+    row and default controls: the package's initial state is far from BSM1's steady state.
+    """
+    plant = Plant(influent)
+    if stabilize:
+        plant.sim.stabilize()
+    n_samples = min(plant.n_steps, len(controls)) // sample_minutes
+    t = np.arange(1, n_samples + 1) * sample_minutes
+    x = np.empty((n_samples, 16))
+    u = np.empty((n_samples, controls.shape[1]))
+    previous = None
+    for k in range(n_samples):
+        block = controls[k * sample_minutes : (k + 1) * sample_minutes]
+        for row in block:
+            if previous is None or np.any(row != previous):
+                plant.set_controls(row)
+                previous = row
+            influent_row = plant.step()
+        x[k] = measurements_from_plant(plant, influent_row)
+        u[k] = block.mean(axis=0)
+    return t, x, u

@@ -1,0 +1,214 @@
+"""Every knob of data generation, the model and training, in plain dataclasses.
+
+A run's configuration is a preset (``tiny`` or ``default``), optionally overlaid by a TOML file with
+``[data]``, ``[model]`` and ``[train]`` tables, then by ``section.field=value`` command-line overrides.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    cache_dir: str = "data_cache"
+    bsm2_windows: int = 14  # consecutive windows of the 609-day BSM2 influent
+    scenario_days: float = 14.0  # simulated length of each scenario (dry/rain files hold 14 days)
+    warmup_days: float = 2.0  # discarded at the start of every scenario
+    stabilize: bool = True  # start from bsm2-python's steady state for the scenario's first influent row
+    seed: int = 2024
+    kla_ranges: tuple[tuple[float, float], ...] = ((120.0, 240.0), (120.0, 240.0), (20.0, 200.0))
+    qintr_range: tuple[float, float] = (9223.0, 92230.0)
+    hold_hours: tuple[float, float] = (1.0, 8.0)
+    val_scenarios: tuple[str, ...] = ("bsm2-10", "bsm2-11")
+    test_scenarios: tuple[str, ...] = ("rain", "bsm2-12", "bsm2-13")
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    z_dim: int = 64
+    h_dim: int = 256
+    real_modes: int = 8  # z_dim - real_modes latent coordinates form 2x2 rotation-scaling blocks
+    rho_max: float = 0.999  # every eigenvalue of A has modulus <= rho_max, by construction
+    dropout: float = 0.1
+    layer_norm: bool = True
+    decoder_layers: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    history: int = 96  # 1 day at 15 minutes
+    horizon: int = 96  # maximum forecast horizon, also the longest rollout trained
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0
+    window_stride: int = 2  # stride between training windows
+    curriculum_epochs: int = 10  # rollout length grows from curriculum_start to horizon over these epochs
+    curriculum_start: int = 8
+    alpha: float = 1.0  # multi-step forecast loss
+    beta: float = 0.01  # KL of the posterior against the linear transition prior
+    gamma: float = 0.1  # eigenvalue penalty (the guarantee never depends on it)
+    eig_target: str = "<=1"  # or "==1"
+    lin_weight: float = 0.1  # rolled-out latent vs encoded latent over the horizon
+    rec_weight: float = 1.0
+    checkpoint_every: int = 10
+    seed: int = 0
+    threads: int = 2
+    quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+    calibration_samples: int = 64
+    max_eval_windows: int = 400  # held-out windows per scenario-set used in evaluation
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},
+    # Small and fast: CI and tests. Short scenarios, a small network, a few epochs.
+    "tiny": {
+        "data": {
+            "cache_dir": "data_cache/tiny",
+            "bsm2_windows": 3,
+            "scenario_days": 2.5,
+            "warmup_days": 0.5,
+            "stabilize": False,
+            "val_scenarios": ("bsm2-01",),
+            "test_scenarios": ("bsm2-02",),
+        },
+        "model": {"z_dim": 16, "h_dim": 32, "real_modes": 4, "dropout": 0.0},
+        "train": {
+            "history": 16,
+            "horizon": 16,
+            "epochs": 6,
+            "batch_size": 32,
+            "window_stride": 2,
+            "curriculum_epochs": 2,
+            "curriculum_start": 4,
+            "checkpoint_every": 2,
+            "calibration_samples": 32,
+            "max_eval_windows": 100,
+        },
+    },
+}
+
+
+def _coerce(value: Any, like: Any, where: str) -> Any:
+    """Convert a TOML or command-line value to the type of the field's default."""
+    if isinstance(like, bool):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return bool(value)
+    if isinstance(like, tuple):
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = [v for v in value.split(",") if v]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = like[0] if like else ""
+        return tuple(_coerce(v, inner, where) for v in value)
+    try:
+        if isinstance(like, int):
+            return int(value)
+        if isinstance(like, float):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    return str(value)
+
+
+def _apply(section: Any, values: dict[str, Any], name: str) -> Any:
+    known = {f.name: getattr(section, f.name) for f in fields(section)}
+    changes = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {name}.{key}; known: {', '.join(sorted(known))}")
+        changes[key] = _coerce(value, known[key], f"{name}.{key}")
+    return replace(section, **changes)
+
+
+def _merge(cfg: RunConfig, tables: dict[str, dict[str, Any]]) -> RunConfig:
+    for name, values in tables.items():
+        if name not in ("data", "model", "train"):
+            raise ConfigError(f"unknown config section [{name}]; use [data], [model] or [train]")
+        cfg = replace(cfg, **{name: _apply(getattr(cfg, name), values, name)})
+    return cfg
+
+
+def load_config(
+    preset: str = "default", path: str | Path | None = None, overrides: list[str] | None = None
+) -> RunConfig:
+    """Preset, then TOML file, then ``section.field=value`` overrides; validated."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    cfg = _merge(RunConfig(), PRESETS[preset])
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                cfg = _merge(cfg, tomllib.load(f))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+    for item in overrides or []:
+        key, eq, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not eq or not dot:
+            raise ConfigError(f"override {item!r} must look like section.field=value (e.g. train.epochs=5)")
+        cfg = _merge(cfg, {section: {name: value}})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    d, m, t = cfg.data, cfg.model, cfg.train
+    problems = []
+    if d.bsm2_windows < 0 or d.bsm2_windows * d.scenario_days > 609:
+        problems.append(f"data.bsm2_windows={d.bsm2_windows} x {d.scenario_days} d exceeds the 609-day BSM2 influent")
+    if not 0 < d.scenario_days <= 14:
+        problems.append("data.scenario_days must be in (0, 14] (the dry and rain influents hold 14 days)")
+    if not 0 <= d.warmup_days < d.scenario_days:
+        problems.append("data.warmup_days must be >= 0 and shorter than data.scenario_days")
+    if len(d.kla_ranges) != 3 or any(not 0 <= lo <= hi <= 240 for lo, hi in d.kla_ranges):
+        problems.append("data.kla_ranges must be three [lo, hi] pairs within [0, 240] 1/d")
+    if len(d.qintr_range) != 2 or not 0 <= d.qintr_range[0] <= d.qintr_range[1] <= 5 * 18446:
+        problems.append("data.qintr_range must be [lo, hi] within [0, 92230] m3/d")
+    if len(d.hold_hours) != 2 or not 0 < d.hold_hours[0] <= d.hold_hours[1]:
+        problems.append("data.hold_hours must be [lo, hi] with 0 < lo <= hi")
+    if d.workers < 1:
+        problems.append("data.workers must be >= 1")
+    if m.z_dim < 2 or m.real_modes < 0 or (m.z_dim - m.real_modes) % 2 or m.real_modes > m.z_dim:
+        problems.append("model.z_dim - model.real_modes must be a non-negative even number")
+    if not 0 < m.rho_max < 1:
+        problems.append("model.rho_max must be in (0, 1): with |lambda| = 1 a constant input grows without bound")
+    if t.history < 2 or t.horizon < 1 or t.epochs < 1 or t.batch_size < 1:
+        problems.append("train.history >= 2, train.horizon >= 1, train.epochs >= 1 and train.batch_size >= 1")
+    if t.eig_target not in ("<=1", "==1"):
+        problems.append("train.eig_target must be '<=1' or '==1'")
+    if any(not 0 < q < 1 for q in t.quantiles):
+        problems.append("train.quantiles must lie in (0, 1)")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -1,0 +1,161 @@
+"""The whole KoVAE forecaster in one file: encoder, stable Koopman operator, decoder, losses.
+
+KoVAE (Naiman et al., ICLR 2024) adapted to forecasting with control inputs:
+
+    q(z_t | x_<=t, u_<=t)   causal GRU encoder, a Gaussian per step
+    z[t+1] = A z[t] + B u[t+1] + c + s * eps     linear latent dynamics (the prior), A stable by construction
+    x[t]   = D(z[t])        pointwise MLP decoder, so all dynamics live in A and B
+
+u[t] is the mean control over the interval that ends at sample t, so u[t+1] drives the step t -> t+1.
+Everything here works in normalised units; the scalers live in the model card.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from training.config import ModelConfig, TrainConfig
+
+STEPS_PER_DAY = 96  # 15-minute samples
+
+
+class StableKoopman(nn.Module):
+    """z[t+1] = A z[t] + B u + c, with A in real modal form: every |eigenvalue| <= rho_max for any parameters.
+
+    A is block diagonal: 2x2 blocks r [[cos t, -sin t], [sin t, cos t]] with r = rho_max * sigmoid(a), then
+    real modes rho_max * tanh(b). Learned latent coordinates make this almost as general as a dense A (any
+    diagonalisable matrix is similar to this form), A is normal so ||A^k|| = rho^k (no transient growth), and
+    the eigenvalues are the parameters, so they are known without an eig call.
+    """
+
+    def __init__(self, z_dim: int, u_dim: int, real_modes: int, rho_max: float) -> None:
+        super().__init__()
+        self.z_dim, self.rho_max = z_dim, rho_max
+        n_pairs = (z_dim - real_modes) // 2
+        # Radii from 0.9 to 0.995 (time constants of 2.4 h to 2 days), some angles on the daily cycle's harmonics.
+        radii = torch.linspace(0.9, 0.995, n_pairs)
+        angles = torch.rand(n_pairs) * math.pi / 4
+        n_daily = min(n_pairs, 8)
+        angles[:n_daily] = 2 * math.pi * torch.arange(1, n_daily + 1) / STEPS_PER_DAY
+        radii[:n_daily] = 0.995
+        self.pair_logit = nn.Parameter(torch.logit(radii / rho_max))
+        self.pair_angle = nn.Parameter(angles)
+        self.real_atanh = nn.Parameter(torch.atanh(torch.linspace(0.5, 0.99, real_modes) / rho_max))
+        self.B = nn.Parameter(torch.randn(z_dim, u_dim) * 0.05)
+        self.c = nn.Parameter(torch.zeros(z_dim))
+        self.log_noise = nn.Parameter(torch.full((z_dim,), -1.0))  # prior transition noise scale (log)
+
+    def pair_radii(self) -> torch.Tensor:
+        return self.rho_max * torch.sigmoid(self.pair_logit)
+
+    def real_poles(self) -> torch.Tensor:
+        return self.rho_max * torch.tanh(self.real_atanh)
+
+    def matrix(self) -> torch.Tensor:
+        r, t = self.pair_radii(), self.pair_angle
+        cos, sin = r * torch.cos(t), r * torch.sin(t)
+        blocks = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # (n, 2, 2)
+        return torch.block_diag(*blocks, torch.diag(self.real_poles()))
+
+    def eigenvalues(self) -> np.ndarray:
+        """Analytic eigenvalues (complex128): r e^{+-it} for each block, then the real poles."""
+        with torch.no_grad():
+            r = self.pair_radii().double().numpy()
+            t = self.pair_angle.double().numpy()
+            poles = self.real_poles().double().numpy()
+        pairs = np.stack([r * np.exp(1j * t), r * np.exp(-1j * t)], 1).reshape(-1)
+        return np.concatenate([pairs, poles.astype(np.complex128)])
+
+    def moduli(self) -> torch.Tensor:
+        """|eigenvalue| as a differentiable tensor (each pair's radius counted twice)."""
+        r = self.pair_radii()
+        return torch.cat([r, r, self.real_poles().abs()])
+
+
+class KoVAE(nn.Module):
+    def __init__(self, x_dim: int, u_dim: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.x_dim, self.u_dim = x_dim, u_dim
+        self.encoder = nn.GRU(x_dim + u_dim, cfg.h_dim, batch_first=True)
+        self.enc_norm = nn.LayerNorm(cfg.h_dim) if cfg.layer_norm else nn.Identity()
+        self.enc_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.h_dim, 2 * cfg.z_dim))
+        self.koopman = StableKoopman(cfg.z_dim, u_dim, cfg.real_modes, cfg.rho_max)
+        layers: list[nn.Module] = []
+        width = cfg.z_dim
+        for _ in range(cfg.decoder_layers):
+            layers += [nn.Linear(width, cfg.h_dim)]
+            layers += [nn.LayerNorm(cfg.h_dim)] if cfg.layer_norm else []
+            layers += [nn.SiLU(), nn.Dropout(cfg.dropout)]
+            width = cfg.h_dim
+        layers.append(nn.Linear(width, x_dim))
+        self.decoder = nn.Sequential(*layers)
+
+    def encode(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-step posterior mean and log-variance, (batch, time, z) each; step t sees only steps <= t."""
+        h, _ = self.encoder(torch.cat([x, u], -1))
+        mu, logvar = self.enc_head(self.enc_norm(h)).chunk(2, -1)
+        return mu, logvar.clamp(-10.0, 5.0)
+
+    def rollout(self, z0: torch.Tensor, u_fut: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z[k] for k = 1..H under the future controls; optional standard-normal noise (batch, H, z)."""
+        A = self.koopman.matrix()
+        drive = u_fut @ self.koopman.B.T + self.koopman.c  # (batch, H, z)
+        if noise is not None:
+            drive = drive + noise * self.koopman.log_noise.exp()
+        z, out = z0, []
+        for k in range(u_fut.shape[1]):
+            z = z @ A.T + drive[:, k]
+            out.append(z)
+        return torch.stack(out, 1)
+
+    def forecast(
+        self, x_hist: torch.Tensor, u_hist: torch.Tensor, u_fut: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Normalised forecast (batch, H, x_dim) from the posterior mean at the last history step."""
+        mu, _ = self.encode(x_hist, u_hist)
+        return self.decoder(self.rollout(mu[:, -1], u_fut, noise))
+
+    def losses(
+        self, x_hist: torch.Tensor, u_hist: torch.Tensor, x_fut: torch.Tensor, u_fut: torch.Tensor, tcfg: TrainConfig
+    ) -> dict[str, torch.Tensor]:
+        """All loss terms for one batch; ``total`` is what training minimises.
+
+        pred: multi-step forecast error over the (curriculum) horizon, the term that makes this a forecaster.
+        rec: reconstruction of the history. kl: posterior vs the linear transition prior. lin: rolled-out
+        latents vs the encoder's latents of the true future. eig: spectral penalty (the guarantee is structural).
+        """
+        L = x_hist.shape[1]
+        if tcfg.lin_weight > 0:
+            mu, logvar = self.encode(torch.cat([x_hist, x_fut], 1), torch.cat([u_hist, u_fut], 1))
+        else:
+            mu, logvar = self.encode(x_hist, u_hist)
+        std = (0.5 * logvar).exp()
+        z = mu + std * torch.randn_like(std) if self.training else mu
+        zh = z[:, :L]
+        rec = F.mse_loss(self.decoder(zh), x_hist)
+
+        A, kp = self.koopman.matrix(), self.koopman
+        prior_mu = zh[:, :-1] @ A.T + u_hist[:, 1:] @ kp.B.T + kp.c
+        prior_logvar = 2 * kp.log_noise
+        kl = 0.5 * (
+            prior_logvar
+            - logvar[:, 1:L]
+            + (logvar[:, 1:L].exp() + (mu[:, 1:L] - prior_mu) ** 2) / prior_logvar.exp()
+            - 1
+        )
+        kl = kl.mean()  # per latent dimension, so beta does not scale with z_dim
+
+        z_roll = self.rollout(zh[:, -1], u_fut)
+        pred = F.mse_loss(self.decoder(z_roll), x_fut)
+        lin = F.mse_loss(z_roll, mu[:, L:]) if tcfg.lin_weight > 0 else torch.zeros(())
+
+        moduli = kp.moduli()
+        eig = F.relu(moduli - 1).pow(2).mean() if tcfg.eig_target == "<=1" else (moduli - 1).pow(2).mean()
+        total = tcfg.rec_weight * rec + tcfg.alpha * pred + tcfg.beta * kl + tcfg.gamma * eig + tcfg.lin_weight * lin
+        return {"total": total, "rec": rec, "pred": pred, "kl": kl, "lin": lin, "eig": eig}
