@@ -204,11 +204,9 @@ def encode(rt: ModelRuntime, d: DecodedRequest, forecasts: list[Forecast]) -> di
     st = rt.card["stability"]
     series = []
     for i, fc in enumerate(forecasts):
-        qs = (
-            {}
-            if fc.samples is None or not d.quantiles
-            else dict(zip(d.quantiles, np.quantile(fc.samples[0], d.quantiles, axis=0), strict=True))
-        )
+        qs: dict[float, np.ndarray] = {}
+        if fc.samples is not None and d.quantiles:
+            qs = dict(zip(d.quantiles, np.quantile(fc.samples[0], d.quantiles, axis=0), strict=True))
         per_var = {
             name: {
                 "mean": fc.mean[0, :, j].tolist(),

@@ -6,7 +6,7 @@ Defects of bsm2-python 0.0.16 this module works around (each has a test in tests
    ``30.044.50``. :func:`load_influent` repairs them explicitly (and says so), or refuses.
 2. The recycle streams mixed into reactor 1 are those of the previous step, so after a change of ``qintr``
    the lagged stream still carries the old flow and effluent flow can go negative. :class:`Plant` sets the
-   lagged stream's flow whenever it changes the recycle.
+   lagged streams' flows at start-up (internal recycle and return sludge) and whenever it changes the recycle.
 3. With ``timestep`` given, ``simtime`` has one more entry than ``timesteps``: we loop over ``timesteps``.
 4. The PID class never integrates (proportional only) and carbon dosing into tank 2+ overwrites the
    upstream tank's output in place. We therefore simulate open loop only and refuse carbon dosing.
@@ -154,6 +154,13 @@ def measurements_from_plant(plant: Plant, influent_row: np.ndarray) -> np.ndarra
     )
 
 
+def check_no_carbon_dosing(sim: object) -> None:
+    """bsm2-python 0.0.16 doses carbon by editing the upstream tank's output array in place: refuse it."""
+    reactors = [getattr(sim, f"reactor{i}") for i in range(1, 6)]
+    if any(r.carb > 0 for r in reactors):
+        raise ValueError("carbon dosing is not supported: bsm2-python 0.0.16 corrupts the upstream tank state")
+
+
 class Plant:
     """BSM1 open loop at a 1-minute step, with the lagged-recycle defect fixed.
 
@@ -164,13 +171,13 @@ class Plant:
         from bsm2_python.bsm1_ol import BSM1OL  # imported here: slow (numba) and only needed to simulate
 
         self.sim = BSM1OL(data_in=influent, timestep=STEP_DAYS, tempmodel=False)
-        reactors = (self.sim.reactor1, self.sim.reactor2, self.sim.reactor3, self.sim.reactor4, self.sim.reactor5)
-        if any(r.carb > 0 for r in reactors):
-            # bsm2-python 0.0.16 doses carbon by editing the upstream tank's output array in place.
-            raise ValueError("carbon dosing is not supported: bsm2-python 0.0.16 corrupts the upstream tank state")
+        check_no_carbon_dosing(self.sim)
         # Defect 3: simtime has one entry more than there are steps.
         self.n_steps = len(self.sim.timesteps)
         self.i = 0
+        # Defect 2 at start-up too: every stream starts as a copy of the first influent row, so the lagged
+        # return-sludge stream carries the influent flow instead of the settler's return flow.
+        self.sim.ys_out[Q] = self.sim.settler.q_r
         self.set_controls(np.array(DEFAULT_CONTROLS))
 
     def set_controls(self, u: np.ndarray) -> None:

@@ -39,7 +39,7 @@ class ModelConfig:
     real_modes: int = 8  # z_dim - real_modes latent coordinates form 2x2 rotation-scaling blocks
     rho_max: float = 0.999  # every eigenvalue of A has modulus <= rho_max, by construction
     dropout: float = 0.1
-    layer_norm: bool = True
+    layer_norm: bool = True  # on the encoder's GRU output
     decoder_layers: int = 2
 
 
@@ -47,27 +47,27 @@ class ModelConfig:
 class TrainConfig:
     history: int = 96  # 1 day at 15 minutes
     horizon: int = 96  # maximum forecast horizon, also the longest rollout trained
-    epochs: int = 40
+    epochs: int = 30
     batch_size: int = 64
     lr: float = 2e-3
     min_lr: float = 1e-4
     weight_decay: float = 1e-5
     grad_clip: float = 1.0
-    window_stride: int = 2  # stride between training windows
-    curriculum_epochs: int = 10  # rollout length grows from curriculum_start to horizon over these epochs
+    window_stride: int = 3  # stride between training windows
+    curriculum_epochs: int = 8  # rollout length grows from curriculum_start to horizon over these epochs
     curriculum_start: int = 8
     alpha: float = 1.0  # multi-step forecast loss
     beta: float = 0.01  # KL of the posterior against the linear transition prior
     gamma: float = 0.1  # eigenvalue penalty (the guarantee never depends on it)
     eig_target: str = "<=1"  # or "==1"
-    lin_weight: float = 0.1  # rolled-out latent vs encoded latent over the horizon
+    lin_weight: float = 0.0  # rolled-out vs encoded future latents; 0.1 drifted (val forecast MSE 0.49 vs 0.33)
     rec_weight: float = 1.0
     checkpoint_every: int = 10
     seed: int = 0
     threads: int = 2
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
-    calibration_samples: int = 64
-    max_eval_windows: int = 400  # held-out windows per scenario-set used in evaluation
+    calibration_samples: int = 32
+    max_eval_windows: int = 200  # at most this many validation/test windows per scenario
 
 
 @dataclass(frozen=True)
@@ -97,12 +97,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {
             "history": 16,
             "horizon": 16,
-            "epochs": 6,
+            "epochs": 20,
             "batch_size": 32,
             "window_stride": 2,
             "curriculum_epochs": 2,
             "curriculum_start": 4,
-            "checkpoint_every": 2,
+            "checkpoint_every": 5,
             "calibration_samples": 32,
             "max_eval_windows": 100,
         },

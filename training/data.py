@@ -23,7 +23,7 @@ from export.card import atomic_write
 from training.catalog import CONTROL_NAMES, MEASUREMENT_NAMES, SAMPLE_MINUTES, catalog_dict
 from training.config import ConfigError, DataConfig, load_config
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: lagged return-sludge flow set at start-up
 
 
 class DataError(ValueError):

@@ -86,12 +86,12 @@ class KoVAE(nn.Module):
         self.enc_norm = nn.LayerNorm(cfg.h_dim) if cfg.layer_norm else nn.Identity()
         self.enc_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.h_dim, 2 * cfg.z_dim))
         self.koopman = StableKoopman(cfg.z_dim, u_dim, cfg.real_modes, cfg.rho_max)
+        # No LayerNorm in the decoder: it would make x blind to the scale of z, so latents could drift in
+        # scale freely (inflating the KL) and forecast samples could not spread beyond a fixed width.
         layers: list[nn.Module] = []
         width = cfg.z_dim
         for _ in range(cfg.decoder_layers):
-            layers += [nn.Linear(width, cfg.h_dim)]
-            layers += [nn.LayerNorm(cfg.h_dim)] if cfg.layer_norm else []
-            layers += [nn.SiLU(), nn.Dropout(cfg.dropout)]
+            layers += [nn.Linear(width, cfg.h_dim), nn.SiLU(), nn.Dropout(cfg.dropout)]
             width = cfg.h_dim
         layers.append(nn.Linear(width, x_dim))
         self.decoder = nn.Sequential(*layers)
@@ -117,9 +117,16 @@ class KoVAE(nn.Module):
     def forecast(
         self, x_hist: torch.Tensor, u_hist: torch.Tensor, u_fut: torch.Tensor, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Normalised forecast (batch, H, x_dim) from the posterior mean at the last history step."""
+        """Normalised forecast from the posterior mean at the last history step: (batch, H, x_dim), or with
+        noise (batch, samples, H, z_dim) the forecast samples (batch, samples, H, x_dim)."""
         mu, _ = self.encode(x_hist, u_hist)
-        return self.decoder(self.rollout(mu[:, -1], u_fut, noise))
+        z0 = mu[:, -1]
+        if noise is None:
+            return self.decoder(self.rollout(z0, u_fut))
+        b, s = noise.shape[:2]
+        rep = z0.repeat_interleave(s, 0), u_fut.repeat_interleave(s, 0)
+        z = self.rollout(*rep, noise.reshape(b * s, *noise.shape[2:]))
+        return self.decoder(z).reshape(b, s, *u_fut.shape[1:2], -1)
 
     def losses(
         self, x_hist: torch.Tensor, u_hist: torch.Tensor, x_fut: torch.Tensor, u_fut: torch.Tensor, tcfg: TrainConfig
@@ -131,10 +138,7 @@ class KoVAE(nn.Module):
         latents vs the encoder's latents of the true future. eig: spectral penalty (the guarantee is structural).
         """
         L = x_hist.shape[1]
-        if tcfg.lin_weight > 0:
-            mu, logvar = self.encode(torch.cat([x_hist, x_fut], 1), torch.cat([u_hist, u_fut], 1))
-        else:
-            mu, logvar = self.encode(x_hist, u_hist)
+        mu, logvar = self.encode(x_hist, u_hist)
         std = (0.5 * logvar).exp()
         z = mu + std * torch.randn_like(std) if self.training else mu
         zh = z[:, :L]
@@ -153,7 +157,12 @@ class KoVAE(nn.Module):
 
         z_roll = self.rollout(zh[:, -1], u_fut)
         pred = F.mse_loss(self.decoder(z_roll), x_fut)
-        lin = F.mse_loss(z_roll, mu[:, L:]) if tcfg.lin_weight > 0 else torch.zeros(())
+        lin = torch.zeros(())
+        if tcfg.lin_weight > 0:
+            # Target: the encoder's latents of the true future, held fixed (half the cost of backprop through it).
+            with torch.no_grad():
+                mu_all, _ = self.encode(torch.cat([x_hist, x_fut], 1), torch.cat([u_hist, u_fut], 1))
+            lin = F.mse_loss(z_roll, mu_all[:, L:])
 
         moduli = kp.moduli()
         eig = F.relu(moduli - 1).pow(2).mean() if tcfg.eig_target == "<=1" else (moduli - 1).pow(2).mean()

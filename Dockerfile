@@ -1,0 +1,36 @@
+# kovae-forecast. Default target: the service (no torch). `--target train` gives an image that can retrain.
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY export ./export
+COPY training ./training
+RUN pip install --no-cache-dir --prefix=/install .
+
+FROM python:3.11-slim AS train
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY export ./export
+COPY training ./training
+# Versions are pinned in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[train]"
+COPY models ./models
+ENTRYPOINT ["python", "-m", "training.run"]
+
+FROM python:3.11-slim AS serve
+RUN useradd --create-home --uid 10001 kovae
+WORKDIR /app
+COPY --from=build /install /usr/local
+COPY --chown=10001:10001 models ./models
+ENV KOVAE_HOST=0.0.0.0 \
+    KOVAE_PORT=8000 \
+    KOVAE_MODEL_STORE=/app/models \
+    PYTHONUNBUFFERED=1
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
+CMD ["python", "-m", "service"]

@@ -1,0 +1,189 @@
+"""Load test of the real service on 127.0.0.1: fixed rate, then a ramp, with model reloads during the run.
+
+``python bench/service.py [--rate 100] [--seconds 60] [--ramp 150,200,300] [--ramp-seconds 10] [--workers 1]``
+
+Only 127.0.0.1 is ever targeted and every phase is bounded in time and request count. Prints p50/p95/p99
+latency, throughput and errors per phase, and the in-process overhead over a raw ONNX Runtime call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from export.store import POINTER, current_version
+from service.runtime import ModelRuntime
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def request_body(rt: ModelRuntime, horizon: int) -> dict:
+    rng = np.random.default_rng(0)
+    L = rt.card["history"]["length"]
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    x = rt.x_mean + 0.3 * rt.x_std * rng.standard_normal((L, len(rt.x_mean)))
+    u = rt.u_mean + 0.3 * rt.u_std * rng.standard_normal((L, len(rt.u_mean)))
+    return {
+        "horizon": horizon,
+        "series": [
+            {
+                "timestamps": [(t0 + timedelta(minutes=15 * k)).isoformat() for k in range(L)],
+                "measurements": {n: x[:, j].tolist() for j, n in enumerate(rt.measurements)},
+                "controls": {n: u[:, j].tolist() for j, n in enumerate(rt.controls)},
+                "hold_controls": True,
+            }
+        ],
+    }
+
+
+async def phase(client: httpx.AsyncClient, body: bytes, rate: float, seconds: float) -> tuple[np.ndarray, int, float]:
+    """Open-loop load: requests start on a fixed schedule whatever the latency; bounded by rate * seconds."""
+    n = int(rate * seconds)
+    latencies: list[float] = []
+    errors = 0
+
+    async def one() -> None:
+        nonlocal errors
+        start = time.perf_counter()
+        try:
+            r = await client.post("/forecast", content=body, headers={"content-type": "application/json"})
+            ok = r.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        latencies.append(time.perf_counter() - start)
+        errors += not ok
+
+    tasks = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    return np.array(latencies) * 1000, errors, time.perf_counter() - t0
+
+
+async def reloader(store: Path, versions: list[str], times: int, every: float, key: str, url: str) -> int:
+    """Flip CURRENT between versions and ask the server to reload; returns how many reloads succeeded."""
+    done = 0
+    async with httpx.AsyncClient(base_url=url, timeout=30) as admin:
+        for i in range(times):
+            await asyncio.sleep(every)
+            (store / POINTER).write_text(versions[(i + 1) % len(versions)] + "\n")
+            r = await admin.post("/admin/reload", headers={"x-api-key": key})
+            done += r.status_code == 200 and r.json()["changed"]
+    return done
+
+
+def report(name: str, ms: np.ndarray, errors: int, wall: float) -> None:
+    """One line per phase; compare its p50 with the raw ONNX Runtime line for the service's overhead."""
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    print(
+        f"{name:<14} n={len(ms):>6} p50 {p50:7.2f} ms  p95 {p95:7.2f} ms  p99 {p99:7.2f} ms  "
+        f"throughput {len(ms) / wall:7.1f}/s  errors {errors}"
+    )
+
+
+async def run(args: argparse.Namespace, url: str, store: Path, versions: list[str], rt: ModelRuntime) -> None:
+    body = json.dumps(request_body(rt, args.horizon)).encode()
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        await phase(client, body, 20, 2)  # warm up connections and the server
+        reloads = asyncio.create_task(reloader(store, versions, 3, args.seconds / 4, "bench-admin", url))
+        ms, errors, wall = await phase(client, body, args.rate, args.seconds)
+        report(f"fixed {args.rate:g}/s", ms, errors, wall)
+        print(f"{'':<14} reloads during the fixed phase: {await reloads} of 3 succeeded")
+        for rate in args.ramp:
+            ms, errors, wall = await phase(client, body, rate, args.ramp_seconds)
+            report(f"ramp {rate:g}/s", ms, errors, wall)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", default="models")
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--ramp", type=lambda s: [float(v) for v in s.split(",") if v], default=[150.0, 200.0, 300.0])
+    parser.add_argument("--ramp-seconds", type=float, default=10.0)
+    parser.add_argument("--horizon", type=int, default=96)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    if args.rate * args.seconds > 20_000 or any(r * args.ramp_seconds > 20_000 for r in args.ramp):
+        sys.exit("refusing: more than 20,000 requests in one phase")
+
+    # A private copy of the store with a second version, so reloads really swap models.
+    src = Path(args.store)
+    version = current_version(src)
+    tmp = Path(tempfile.mkdtemp(prefix="kovae-bench-"))
+    store = tmp / "models"
+    store.mkdir()
+    shutil.copytree(src / version, store / version)
+    shutil.copytree(src / version, store / f"{version}-b")
+    card = json.loads((store / f"{version}-b" / "card.json").read_text())
+    card["version"] = f"{version}-b"
+    (store / f"{version}-b" / "card.json").write_text(json.dumps(card))
+    (store / POINTER).write_text(version)
+
+    rt = ModelRuntime(store / version)
+    raw = request_body(rt, args.horizon)["series"][0]
+    x = np.stack([raw["measurements"][n] for n in rt.measurements], 1)[None]
+    u = np.stack([raw["controls"][n] for n in rt.controls], 1)[None]
+    uf = np.repeat(u[:, -1:], args.horizon, 1)
+    for _ in range(20):
+        rt.predict(x, u, uf)
+    raw_ms = []
+    for _ in range(300):
+        start = time.perf_counter()
+        rt.predict(x, u, uf)
+        raw_ms.append((time.perf_counter() - start) * 1000)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "KOVAE_MODEL_STORE": str(store),
+        "KOVAE_HOST": "127.0.0.1",
+        "KOVAE_PORT": str(port),
+        "KOVAE_WORKERS": str(args.workers),
+        "KOVAE_ADMIN_API_KEYS": '["bench-admin"]',
+        "KOVAE_POLL_INTERVAL_S": "1",
+        "KOVAE_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+    }
+    server = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        print(f"model {version}, horizon {args.horizon}, {args.workers} worker(s), server on {url}")
+        asyncio.run(run(args, url, store, [version, f"{version}-b"], rt))
+        med, p99 = np.median(raw_ms), np.percentile(raw_ms, 99)
+        print(f"raw ONNX Runtime predict (in-process, same request): median {med:.2f} ms, p99 {p99:.2f} ms")
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""``python -m export --version V [--store models]``: re-export a stored version's weights to ONNX.
+
+Rebuilds the KoVAE from the version's ``weights.pt`` and ``card.json``, checks parity, and rewrites
+``model.onnx`` and the card (with its new checksum) only if parity holds. ``training.run`` calls the same
+``export_version`` for every new version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from export.card import CardError, read_card
+from export.onnx_export import ParityError, export_version
+from training.config import ModelConfig
+from training.model import KoVAE
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", required=True, help="version folder name in the store")
+    parser.add_argument("--store", default="models", help="model store folder (default: models)")
+    args = parser.parse_args(argv)
+    version_dir = Path(args.store) / args.version
+    try:
+        card = read_card(version_dir, verify=False)
+    except CardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cfg = ModelConfig(**{k: v for k, v in card["model"].items() if k != "type"})
+    model = KoVAE(len(card["variables"]["measurements"]), len(card["variables"]["controls"]), cfg)
+    model.load_state_dict(torch.load(version_dir / "weights.pt", weights_only=True))
+    try:
+        card = export_version(model, card, version_dir)
+    except ParityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    st = card["stability"]
+    print(
+        f"exported {args.version}: parity {card['onnx']['parity_max_abs_error']:.2e}, spectral radius "
+        f"{st['spectral_radius']:.6f}, slowest decay {st['slowest_decay_hours']:.1f} h, "
+        f"sha256 {card['onnx']['sha256'][:12]}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

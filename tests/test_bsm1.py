@@ -1,0 +1,128 @@
+"""bsm2-python 0.0.16 defects and how training.bsm1 handles them, against the real simulator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training import bsm1
+
+
+def test_rain_influent_repairs_malformed_flows_and_converts_units() -> None:
+    data, repairs = bsm1.load_influent("rain")
+    assert [(r.row, r.column, r.raw) for r in repairs] == [
+        (997, 15, "30.044.50"),
+        (999, 15, "27.446.67"),
+        (1000, 15, "26.880.33"),
+    ]
+    q = data[:, 1 + bsm1.Q]
+    assert q[997] == pytest.approx(30044.5)  # 1000 m3/d -> m3/d
+    assert q[997] == pytest.approx((q[996] + q[998]) / 2, rel=0.01)
+    assert 15_000 < np.median(q) < 25_000
+    dry, dry_repairs = bsm1.load_influent("dry")
+    assert dry_repairs == []
+    assert np.median(dry[:, 1 + bsm1.Q]) == pytest.approx(np.median(q), rel=0.05)  # same units now
+
+
+def _rows(n: int = 6) -> list[list[str]]:
+    return [[str(i * 0.01), *["1"] * 14, "20.5", *["1"] * 6] for i in range(n)]
+
+
+def test_parse_refuses_what_it_cannot_repair() -> None:
+    rows = _rows()
+    rows[3][15] = "abc"
+    with pytest.raises(bsm1.InfluentError, match=r"row 3 column 15: cannot parse 'abc'"):
+        bsm1.parse_influent_rows(rows, "x.csv", 1000.0)
+    rows = _rows()
+    rows[3][15] = "90.1.2"  # repairs to 90.12, far from its neighbours (20.5)
+    with pytest.raises(bsm1.InfluentError, match="does not fit its neighbours"):
+        bsm1.parse_influent_rows(rows, "x.csv", 1000.0)
+    rows = _rows()
+    with pytest.raises(bsm1.InfluentError, match="unit of Q"):
+        bsm1.parse_influent_rows(rows, "x.csv", 1.0)  # 20.5 m3/d is no plant
+
+
+def test_influent_window_slices_and_shifts_time() -> None:
+    data, _ = bsm1.load_influent("bsm2")
+    w = bsm1.influent_window(data, 28.0, 1.0)
+    assert w[0, 0] == 0.0 and w[-1, 0] >= 1.0
+    assert len(w) < 200  # a window, not the 58k-row file the simulator would scan every step
+    with pytest.raises(bsm1.InfluentError, match="outside the influent"):
+        bsm1.influent_window(data, 600.0, 14.0)
+
+
+def _short_influent(days: float = 0.25) -> np.ndarray:
+    data, _ = bsm1.load_influent("dry")
+    return data[data[:, 0] <= days + 0.02]
+
+
+def test_upstream_lagged_recycle_defect_gives_negative_effluent_flow() -> None:
+    """Canary: raw bsm2-python 0.0.16 mixes the previous step's recycle flow into reactor 1."""
+    from bsm2_python.bsm1_ol import BSM1OL
+
+    sim = BSM1OL(data_in=_short_influent(), timestep=bsm1.STEP_DAYS, tempmodel=False)
+    klas = np.array([0, 0, 240, 240, 84.0])
+    for i in range(5):
+        sim.step(i, klas)
+    sim.qintr = 5 * bsm1.Q0  # raise the internal recycle without touching the lagged stream
+    sim.step(5, klas)
+    assert sim.ys_eff[bsm1.Q] < 0, "bsm2-python fixed the lagged recycle; revisit training.bsm1.Plant"
+
+
+def test_plant_keeps_effluent_flow_positive_across_recycle_moves() -> None:
+    plant = bsm1.Plant(_short_influent())
+    flows = []
+    for qintr in (5 * bsm1.Q0, 0.0, 3 * bsm1.Q0, 4.5 * bsm1.Q0):
+        plant.set_controls(np.array([240.0, 240.0, 84.0, qintr]))
+        for _ in range(3):
+            influent = plant.step()
+            flows.append(plant.sim.ys_eff[bsm1.Q])
+            # Mass balance of water: effluent = influent - waste sludge (385 m3/d), within the settler's lag.
+            assert plant.sim.ys_eff[bsm1.Q] == pytest.approx(influent[bsm1.Q] - 385.0, rel=0.05)
+    assert min(flows) > 0
+
+
+def test_step_count_follows_timesteps_not_simtime() -> None:
+    plant = bsm1.Plant(_short_influent(0.05))
+    assert plant.n_steps == len(plant.sim.simtime) - 1
+    for _ in range(plant.n_steps):
+        plant.step()
+    with pytest.raises(IndexError):
+        plant.step()
+
+
+def test_pid_class_does_not_integrate_so_we_stay_open_loop() -> None:
+    """Canary: PID.output with a constant error returns a constant (no integral action)."""
+    from bsm2_python.bsm2.aerationcontrol import PID
+
+    pid = PID(k=10.0, t_i=0.1, t_d=0.0, t_t=1.0, offset=0.0, min_value=-1e9, max_value=1e9, setpoint=2.0)
+    outputs = [pid.output(1.0, 1 / 1440) for _ in range(50)]
+    assert max(outputs) - min(outputs) < 1e-9, "PID now integrates; closed-loop classes may be usable"
+
+
+def test_carbon_dosing_corrupts_upstream_state_and_plant_refuses_it() -> None:
+    from bsm2_python.bsm2.asm1_bsm2 import carbonaddition
+
+    upstream = np.full(21, 10.0)
+    upstream[bsm1.Q] = 1000.0
+    before = upstream.copy()
+    carbonaddition(upstream, 2.0, 400000.0)
+    assert not np.array_equal(upstream, before), "carbonaddition no longer edits its input in place"
+
+    plant = bsm1.Plant(_short_influent(0.05))  # the check passes on the shipped configuration
+    plant.sim.reactor3.carb = 2.0
+    with pytest.raises(ValueError, match="carbon dosing"):
+        bsm1.check_no_carbon_dosing(plant.sim)
+
+
+def test_kla_step_changes_oxygen_in_that_reactor() -> None:
+    influent = _short_influent(0.3)
+    n = 6 * 60
+    low = np.tile([240.0, 240.0, 20.0, 3 * bsm1.Q0], (n, 1))
+    high = np.tile([240.0, 240.0, 220.0, 3 * bsm1.Q0], (n, 1))
+    _, x_low, _ = bsm1.simulate(influent, low)
+    _, x_high, _ = bsm1.simulate(influent, high)
+    so5 = 7  # SO_5 in training.catalog.MEASUREMENTS
+    assert x_high[-1, so5] - x_low[-1, so5] > 0.3  # g O2/m3, from the (oxygen-hungry) unstabilised start
+    assert np.all(x_high[4:, so5] > x_low[4:, so5])  # after the first hour, at every sample
+    assert x_low.shape == (n // 15, 16) and np.all(np.isfinite(x_low))

@@ -1,0 +1,139 @@
+"""The BSM1 dataset: real (short) simulations, cache, atomic writes, validation, splits and windows."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.card import atomic_write
+from training import data as D
+from training.catalog import CONTROL_NAMES, MEASUREMENT_NAMES
+from training.config import ConfigError, load_config
+
+
+def test_tiny_dataset_shapes_and_values(tiny_cfg, tiny_data) -> None:
+    ids = [sc.id for sc in D.scenarios(tiny_cfg.data)]
+    assert list(tiny_data) == ids == ["dry", "rain", "bsm2-00", "bsm2-01", "bsm2-02"]
+    expected = round((tiny_cfg.data.scenario_days - tiny_cfg.data.warmup_days) * 96)
+    for sd in tiny_data.values():
+        assert abs(len(sd.t_minutes) - expected) <= 1
+        assert sd.x.shape[1] == len(MEASUREMENT_NAMES) and sd.u.shape[1] == len(CONTROL_NAMES)
+        assert np.all(np.isfinite(sd.x)) and np.all(np.isfinite(sd.u))
+        assert np.all(np.diff(sd.t_minutes) == 15)
+        q_in = sd.x[:, 0]
+        assert np.all(q_in > 1000) and np.all(sd.x[:, 10:15] >= -1e-6)  # flows in m3/d; effluent >= 0
+        klas, qintr = sd.u[:, :3], sd.u[:, 3]
+        assert np.all((klas >= 0) & (klas <= 240)) and np.all((qintr >= 0) & (qintr <= 5 * 18446))
+        assert len(np.unique(np.round(klas[:, 2]))) > 3  # the excitation actually moves
+
+
+def test_manifest_records_config_versions_and_rows(tiny_cfg, tiny_data) -> None:
+    manifest = json.loads((Path(tiny_cfg.data.cache_dir) / "manifest.json").read_text())
+    assert manifest["config_hash"] == D.config_hash(tiny_cfg.data)
+    assert manifest["versions"]["bsm2-python"] == "0.0.16"
+    assert {k: v["rows"] for k, v in manifest["scenarios"].items()} == {
+        k: len(v.t_minutes) for k, v in tiny_data.items()
+    }
+
+
+def test_cache_is_reused(tiny_cfg, tiny_data) -> None:
+    paths = [D.scenario_path(tiny_cfg.data, sc) for sc in D.scenarios(tiny_cfg.data)]
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    again = D.generate(tiny_cfg.data, progress=False)
+    assert [p.stat().st_mtime_ns for p in paths] == stamps
+    assert np.array_equal(again["rain"].x, tiny_data["rain"].x)
+
+
+def test_simulation_is_deterministic_for_a_seed(tiny_cfg) -> None:
+    cfg = replace(tiny_cfg.data, scenario_days=0.3, warmup_days=0.05)
+    sc = D.scenarios(cfg)[2]  # bsm2-00
+    a, _ = D.simulate_scenario(cfg, sc)
+    b, _ = D.simulate_scenario(cfg, sc)
+    assert np.array_equal(a.x, b.x) and np.array_equal(a.u, b.u)
+    other = replace(sc, seed=sc.seed + 1)
+    c, _ = D.simulate_scenario(cfg, other)
+    assert not np.array_equal(a.u, c.u)
+
+
+def test_seeds_differ_per_scenario(tiny_cfg) -> None:
+    seeds = [sc.seed for sc in D.scenarios(tiny_cfg.data)]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_interrupted_write_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "scenario.npz"
+    atomic_write(target, b"old complete content")
+
+    def interrupted(src: str, dst: str) -> None:
+        raise KeyboardInterrupt  # the process is stopped between writing and renaming
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, b"new content that never lands")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old complete content"
+    assert [p.name for p in tmp_path.iterdir()] == ["scenario.npz"]
+
+
+def test_load_names_the_file_and_the_problem(tmp_path: Path, tiny_data) -> None:
+    sd = tiny_data["dry"]
+    good = tmp_path / "good.npz"
+    D.save_scenario(good, sd, [])
+    assert np.array_equal(D.load_scenario(good).x, sd.x)
+
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(D.DataError, match=r"broken\.npz: unreadable"):
+        D.load_scenario(broken)
+
+    nan = tmp_path / "nan.npz"
+    bad = D.ScenarioData(sd.id, sd.t_minutes, sd.x.copy(), sd.u, sd.seed)
+    bad.x[5, 3] = np.nan
+    D.save_scenario(nan, bad, [])
+    with pytest.raises(D.DataError, match=r"nan\.npz: x has non-finite values"):
+        D.load_scenario(nan)
+
+    short = tmp_path / "short.npz"
+    D.save_scenario(short, D.ScenarioData(sd.id, sd.t_minutes, sd.x[:, :5], sd.u, sd.seed), [])
+    with pytest.raises(D.DataError, match=r"short\.npz: shapes"):
+        D.load_scenario(short)
+
+
+def test_splits_are_disjoint_whole_scenarios(tiny_cfg) -> None:
+    s = D.splits(tiny_cfg.data)
+    assert not set(s["train"]) & set(s["val"]) and not set(s["train"]) & set(s["test"])
+    assert not set(s["val"]) & set(s["test"])
+    default = load_config("default").data
+    ds = D.splits(default)
+    assert "rain" in ds["test"] and "dry" in ds["train"]
+    assert set(ds["train"]) | set(ds["val"]) | set(ds["test"]) == {sc.id for sc in D.scenarios(default)}
+
+
+def test_windows_never_straddle_scenarios(tiny_data) -> None:
+    a, b = tiny_data["dry"], tiny_data["rain"]
+    w = D.make_windows([a, b], history=16, horizon=8, stride=1)
+    per = len(a.t_minutes) - 24 + 1
+    assert len(w.x_hist) == per + len(b.t_minutes) - 24 + 1
+    assert np.allclose(w.x_hist[per - 1, 0], a.x[per - 1]) and np.allclose(w.x_fut[per - 1, -1], a.x[-1])
+    assert np.allclose(w.x_hist[per, 0], b.x[0])
+    assert np.isnan(w.x_prev_day[0]).all()  # no day before the scenario's start
+
+
+def test_bad_configs_are_refused_with_a_clear_message(tiny_cache) -> None:
+    with pytest.raises(ConfigError, match=r"unknown setting data\.nope"):
+        load_config("tiny", overrides=["data.nope=1"])
+    with pytest.raises(ConfigError, match=r"data\.kla_ranges"):
+        load_config("tiny", overrides=["data.kla_ranges=[[0,300],[0,240],[0,240]]"])
+    with pytest.raises(ConfigError, match="exceeds the 609-day"):
+        load_config("default", overrides=["data.bsm2_windows=50"])
+    with pytest.raises(ConfigError, match=r"section\.field=value"):
+        load_config("tiny", overrides=["epochs=3"])
+    cfg = load_config("tiny", overrides=[f"data.cache_dir={tiny_cache}", 'data.test_scenarios=["bsm2-09"]'])
+    with pytest.raises(ConfigError, match="bsm2-09"):
+        D.splits(cfg.data)
+    assert D.main(["--preset", "tiny", 'data.val_scenarios=["dry"]', 'data.test_scenarios=["dry"]']) == 2

@@ -1,0 +1,124 @@
+"""Deployment: a real Prometheus scrapes the real service with the shipped config; the dashboard's queries
+parse and use only metrics the service exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, free_port
+from tests.test_service import make_body
+
+DEPLOY = ROOT / "deploy"
+
+
+def prometheus_binary(tmp_root: Path) -> str:
+    """Debian's prometheus: from PATH, else the package's binary unpacked from `apt-get download`."""
+    found = shutil.which("prometheus")
+    if found:
+        return found
+    target = ROOT / ".ci" / "cache" / "prometheus"
+    binary = target / "usr" / "bin" / "prometheus"
+    if not binary.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        dl = subprocess.run(["apt-get", "download", "prometheus"], cwd=target, capture_output=True, text=True)
+        debs = list(target.glob("prometheus_*.deb"))
+        if not debs:
+            pytest.fail(f"cannot get Debian's prometheus package: {dl.stderr[-500:]}")
+        subprocess.run(["dpkg", "-x", str(debs[0]), str(target)], check=True)
+    return str(binary)
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path, serve, trained_store):
+    store, _ = trained_store
+    service = serve(store)
+    config = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    assert '"kovae:8000"' in config
+    (tmp_path / "prometheus.yml").write_text(config.replace('"kovae:8000"', f'"127.0.0.1:{service.port}"'))
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            prometheus_binary(tmp_path),
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if api.get("/-/ready").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    yield service, api
+    api.close()
+    proc.terminate()
+    proc.wait(timeout=15)
+
+
+def query(api: httpx.Client, expr: str) -> dict:
+    r = api.get("/api/v1/query", params={"query": expr})
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
+    return body["data"]
+
+
+def wait_for(api: httpx.Client, expr: str, seconds: float = 60) -> list[dict]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = query(api, expr)["result"]
+        if result:
+            return result
+        time.sleep(0.5)
+    pytest.fail(f"Prometheus never saw {expr}")
+
+
+def test_prometheus_scrapes_requests_errors_and_latency(prometheus, trained_store) -> None:
+    from service.runtime import ModelRuntime
+
+    service, api = prometheus
+    store, version = trained_store
+    rt = ModelRuntime(store / version)
+    for seed in range(5):
+        assert service.client.post("/forecast", json=make_body(rt, seed=seed)).status_code == 200
+    assert service.client.post("/forecast", json={"horizon": -1}).status_code == 422
+
+    ok = wait_for(api, 'kovae_http_requests_total{route="/forecast",status_class="2xx"}')
+    assert ok[0]["metric"]["method"] == "POST" and ok[0]["metric"]["job"] == "kovae-forecast"
+    assert float(ok[0]["value"][1]) == 5
+    bad = wait_for(api, 'kovae_http_requests_total{route="/forecast",status_class="4xx"}')
+    assert float(bad[0]["value"][1]) == 1
+    errors = wait_for(api, "kovae_errors_total")
+    assert {e["metric"]["type"] for e in errors} == {"invalid_request"}
+    buckets = wait_for(api, 'kovae_http_request_duration_seconds_bucket{route="/forecast",status_class="2xx"}')
+    assert {"le", "route", "status_class"} <= set(buckets[0]["metric"])
+    info = wait_for(api, "kovae_model_info")
+    assert info[0]["metric"]["version"] == version
+
+
+def test_dashboard_queries_parse_and_use_only_exported_metrics(prometheus, trained_store) -> None:
+    service, api = prometheus
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "kovae.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    exported = set(re.findall(r"^# TYPE (\S+) ", service.client.get("/metrics").text, re.M))
+    for expr in exprs:
+        query(api, expr)  # Prometheus parses and evaluates it
+        for name in re.findall(r"\b(kovae_[a-z_]+)", expr):
+            base = re.sub(r"_(bucket|sum|count|total)$", "", name)
+            assert name in exported or base in exported, f"{expr}: {name} is not exported"
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for topic in ("request rate", "error", "latency", "inference", "batch", "horizon", "version", "spectral", "reload"):
+        assert topic in titles

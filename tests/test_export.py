@@ -1,0 +1,114 @@
+"""ONNX export: parity across dynamic shapes, metadata, checksums, eigenvalues, refusal on parity failure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export import onnx_export as E
+from export.card import CardError, read_card, stability_summary
+from service.runtime import ModelRuntime
+from tests.test_training import same_spectrum
+from training.config import ModelConfig
+from training.model import KoVAE
+
+
+def _load(store: Path, version: str) -> tuple[KoVAE, dict]:
+    card = read_card(store / version)
+    cfg = ModelConfig(**{k: v for k, v in card["model"].items() if k != "type"})
+    nx, nu = len(card["variables"]["measurements"]), len(card["variables"]["controls"])
+    model = KoVAE(nx, nu, cfg)
+    model.load_state_dict(torch.load(store / version / "weights.pt"))
+    return model.eval(), card
+
+
+@pytest.mark.parametrize(("batch", "history", "horizon", "samples"), [(1, 16, 16, 1), (5, 8, 3, 4), (64, 32, 16, 2)])
+def test_onnx_matches_torch_across_dynamic_shapes(trained_store, batch, history, horizon, samples) -> None:
+    store, version = trained_store
+    model, card = _load(store, version)
+    graph = E.ForecastGraph(model, card["max_horizon"], card["calibration"]["spread_scale"])
+    sess = ort.InferenceSession(str(store / version / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = E._example(batch, history, horizon, samples, (model.x_dim, model.u_dim, model.cfg.z_dim), seed=7)
+    with torch.no_grad():
+        mean, smp = (t.numpy() for t in graph(*feeds))
+        direct = model.forecast(*feeds[:3]).numpy()
+    got_mean, got_smp = sess.run(None, {n: t.numpy() for n, t in zip(E.INPUTS, feeds, strict=True)})
+    assert got_mean.shape == (batch, horizon, model.x_dim) and got_smp.shape == (batch, samples, horizon, model.x_dim)
+    assert np.max(np.abs(got_mean - mean)) < 1e-4
+    assert np.max(np.abs(got_mean - direct)) < 1e-4  # the frozen graph is the trained model
+    assert np.max(np.abs(got_smp - smp) / np.maximum(graph.spread.numpy(), 1)) < 1e-4
+
+
+def test_graph_axes_are_dynamic_and_free_of_eig(trained_store) -> None:
+    store, version = trained_store
+    proto = onnx.load(str(store / version / "model.onnx"))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert dims["x_hist"][:2] == ["batch", "history"] and dims["u_fut"][:2] == ["batch", "horizon"]
+    assert dims["noise"][:3] == ["batch", "samples", "horizon"]
+    ops = {n.op_type for n in proto.graph.node}
+    assert "GRU" in ops and "Loop" not in ops and not any("Eig" in op for op in ops)
+    onnx.checker.check_model(proto)
+
+
+def test_metadata_round_trips_through_onnxruntime(trained_store) -> None:
+    store, version = trained_store
+    card = read_card(store / version)
+    sess = ort.InferenceSession(str(store / version / "model.onnx"), providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert meta["version"] == card["version"] == version
+    assert meta["data_hash"] == card["data"]["config_hash"]
+    assert float(meta["spectral_radius"]) == card["stability"]["spectral_radius"]
+    eig = np.array(json.loads(meta["eigenvalues"]))
+    assert np.allclose(eig[:, 0], [e["real"] for e in card["stability"]["eigenvalues"]])
+
+
+def test_card_eigenvalues_match_numpy_and_the_model(trained_store) -> None:
+    store, version = trained_store
+    model, card = _load(store, version)
+    A = np.array(card["operator"]["A"])
+    numpy_eig = np.linalg.eigvals(A)
+    card_eig = np.array([e["real"] + 1j * e["imag"] for e in card["stability"]["eigenvalues"]])
+    assert same_spectrum(card_eig, numpy_eig, atol=1e-9)
+    assert same_spectrum(model.koopman.eigenvalues(), numpy_eig, atol=1e-6)
+    st = card["stability"]
+    assert st["spectral_radius"] == pytest.approx(np.abs(numpy_eig).max())
+    assert st["spectral_radius"] <= card["model"]["rho_max"] * (1 + 1e-6) and st["stable"]
+    assert st["stability_margin"] == pytest.approx(1 - st["spectral_radius"])
+    slowest = max(e["decay_hours"] for e in st["eigenvalues"])
+    assert st["slowest_decay_hours"] == pytest.approx(slowest)
+    assert slowest == pytest.approx(-0.25 / np.log(np.abs(numpy_eig).max()))
+
+
+def test_stability_summary_units() -> None:
+    r, period_steps = 0.99, 96  # one-day oscillation at 15-minute steps
+    lam = r * np.exp(2j * np.pi / period_steps)
+    A = np.array([[lam.real, -lam.imag], [lam.imag, lam.real]])
+    s = stability_summary(A, 15)
+    assert s["oscillation_periods_hours"] == [pytest.approx(24.0)]
+    assert s["eigenvalues"][0]["decay_hours"] == pytest.approx(-0.25 / np.log(0.99))
+
+
+def test_tampered_model_is_refused_on_load(store_copy) -> None:
+    store, version = store_copy
+    path = store / version / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CardError, match="does not match"):
+        ModelRuntime(store / version)
+
+
+def test_exporter_refuses_on_parity_failure_and_writes_nothing(trained_store, tmp_path, monkeypatch) -> None:
+    store, version = trained_store
+    model, card = _load(store, version)
+    monkeypatch.setattr(E, "PARITY_TOL", -1.0)  # no export can pass: stands in for a broken exporter
+    target = tmp_path / "v-new"
+    with pytest.raises(E.ParityError, match="differs from PyTorch by"):
+        E.export_version(model, card, target)
+    assert not target.exists()

@@ -1,0 +1,314 @@
+"""The forecast service, run for real (``python -m service`` on 127.0.0.1) with a real exported model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from export.store import POINTER, current_version
+from service.runtime import ModelRuntime
+from tests.conftest import clone_version
+
+ADMIN = {"x-api-key": "admin-secret"}
+
+
+def make_body(rt: ModelRuntime, n_series: int = 1, horizon: int = 8, seed: int = 0) -> dict:
+    """A realistic request: history values drawn around the card's scalers."""
+    rng = np.random.default_rng(seed)
+    L = rt.card["history"]["length"]
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    series = []
+    for i in range(n_series):
+        x = rt.x_mean + rt.x_std * 0.3 * rng.standard_normal((L, len(rt.x_mean)))
+        u = rt.u_mean + rt.u_std * 0.3 * rng.standard_normal((L, len(rt.u_mean)))
+        uf = rt.u_mean + rt.u_std * 0.3 * rng.standard_normal((horizon, len(rt.u_mean)))
+        series.append(
+            {
+                "id": f"plant-{i}",
+                "timestamps": [(t0 + timedelta(minutes=15 * k)).isoformat() for k in range(L)],
+                "measurements": {n: x[:, j].tolist() for j, n in enumerate(rt.measurements)},
+                "controls": {n: u[:, j].tolist() for j, n in enumerate(rt.controls)},
+                "future_controls": {n: uf[:, j].tolist() for j, n in enumerate(rt.controls)},
+            }
+        )
+    return {"series": series, "horizon": horizon}
+
+
+def arrays(body: dict, rt: ModelRuntime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    s = body["series"]
+    x = np.stack([np.stack([d["measurements"][n] for n in rt.measurements], 1) for d in s])
+    u = np.stack([np.stack([d["controls"][n] for n in rt.controls], 1) for d in s])
+    uf = np.stack([np.stack([d["future_controls"][n] for n in rt.controls], 1) for d in s])
+    return x, u, uf
+
+
+@pytest.fixture
+def server(serve, trained_store):
+    store, _ = trained_store
+    return serve(store, KOVAE_ADMIN_API_KEYS='["admin-secret"]')
+
+
+@pytest.fixture
+def rt(trained_store) -> ModelRuntime:
+    store, version = trained_store
+    return ModelRuntime(store / version)
+
+
+def problem_fields(r: httpx.Response) -> list[str]:
+    assert r.headers["content-type"].startswith("application/problem+json"), r.text
+    body = r.json()
+    assert {"type", "title", "status", "detail"} <= set(body) and body["status"] == r.status_code
+    assert "Traceback" not in r.text
+    return [e["field"] for e in body.get("errors", [])]
+
+
+def test_forecast_matches_a_direct_onnx_runtime_call(server, rt) -> None:
+    body = make_body(rt, n_series=3, horizon=12)
+    r = server.client.post("/forecast", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model_version"] == rt.version and out["stability"]["stable"] is True
+    assert out["stability"]["spectral_radius"] == rt.card["stability"]["spectral_radius"]
+    expected = rt.predict(*arrays(body, rt)).mean
+    for i, s in enumerate(out["series"]):
+        assert s["id"] == f"plant-{i}"
+        got = np.stack([s["forecast"][n]["mean"] for n in rt.measurements], 1)
+        assert np.allclose(got, expected[i], rtol=1e-5, atol=1e-6)
+        last = datetime.fromisoformat(body["series"][i]["timestamps"][-1])
+        assert [datetime.fromisoformat(t) for t in s["timestamps"]] == [
+            last + timedelta(minutes=15 * (k + 1)) for k in range(12)
+        ]
+
+
+def test_quantiles_and_hold_controls(server, rt) -> None:
+    body = make_body(rt, horizon=rt.max_horizon)
+    series = body["series"][0]
+    last = {n: [series["controls"][n][-1]] * rt.max_horizon for n in rt.controls}
+    explicit = server.client.post("/forecast", json={**body, "series": [{**series, "future_controls": last}]})
+    assert explicit.status_code == 200, explicit.text
+    del series["future_controls"]
+    series["hold_controls"] = True
+    r = server.client.post("/forecast", json={**body, "quantiles": [0.1, 0.5, 0.9], "samples": 64})
+    assert r.status_code == 200, r.text
+    fc = r.json()["series"][0]["forecast"]
+    for name in rt.measurements:
+        q = {k: np.array(v) for k, v in fc[name]["quantiles"].items()}
+        assert set(q) == {"0.1", "0.5", "0.9"} and len(q["0.5"]) == rt.max_horizon
+        assert np.all(q["0.1"] <= q["0.5"] + 1e-9) and np.all(q["0.5"] <= q["0.9"] + 1e-9)
+        assert np.any(q["0.9"] > q["0.1"])
+        assert fc[name]["mean"] == pytest.approx(explicit.json()["series"][0]["forecast"][name]["mean"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "field"),
+    [
+        (lambda b: b["series"][0]["measurements"].pop("SO_5"), 422, "series[0].measurements.SO_5"),
+        (lambda b: b["series"][0]["measurements"].update(SO_9=[1.0]), 422, "series[0].measurements.SO_9"),
+        (lambda b: b["series"][0]["controls"]["KLa_5"].pop(), 422, "series[0].controls.KLa_5"),
+        (lambda b: b["series"][0]["future_controls"]["Q_intr"].append(1.0), 422, "series[0].future_controls.Q_intr"),
+        (
+            lambda b: b["series"][0]["timestamps"].__setitem__(3, "2026-03-01T00:50:00+00:00"),
+            422,
+            "series[0].timestamps[3]",
+        ),
+        (lambda b: b["series"][0]["timestamps"].__setitem__(1, "not a time"), 422, "series[0].timestamps[1]"),
+        (lambda b: b.update(horizon=10_000), 422, "horizon"),
+        (lambda b: b.update(horizon=0), 422, "horizon"),
+        (lambda b: b.update(quantiles=[0.5, 1.5]), 422, "quantiles[1]"),
+        (lambda b: b.update(samples=10**6, quantiles=[0.5]), 422, "samples"),
+        (lambda b: b.update(series=b["series"] * 65), 422, "series"),
+        (lambda b: b.update(series=[]), 422, "series"),
+        (lambda b: b.update(extra=1), 422, "extra"),
+        (lambda b: b["series"][0].pop("future_controls"), 422, "series[0].future_controls"),
+    ],
+)
+def test_bad_requests_get_a_problem_naming_the_field(server, rt, mutate, status, field) -> None:
+    body = make_body(rt)
+    mutate(body)
+    r = server.client.post("/forecast", json=body)
+    assert r.status_code == status, r.text
+    assert field in problem_fields(r)
+
+
+def test_non_finite_values_malformed_json_and_huge_bodies(server, rt) -> None:
+    body = make_body(rt)
+    text = json.dumps(body).replace(str(body["series"][0]["measurements"]["SO_3"][2]), "NaN", 1)
+    r = server.client.post("/forecast", content=text, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "series[0].measurements.SO_3" in problem_fields(r)
+    r = server.client.post("/forecast", content=b'{"series": [', headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    problem_fields(r)
+    r = server.client.post("/forecast", content=b"x" * 9_000_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    problem_fields(r)
+    assert server.client.get("/no/such/route").status_code == 404
+
+
+def test_api_keys(serve, trained_store, rt) -> None:
+    store, _ = trained_store
+    s = serve(store, KOVAE_API_KEYS='["k1", "k2"]')
+    body = make_body(rt)
+    assert s.client.post("/forecast", json=body).status_code == 401
+    assert s.client.post("/forecast", json=body, headers={"x-api-key": "wrong"}).status_code == 401
+    assert s.client.post("/forecast", json=body, headers={"x-api-key": "k2"}).status_code == 200
+    r = s.client.post("/admin/reload", headers={"x-api-key": "k1"})
+    assert r.status_code == 403  # no admin keys configured: admin is disabled, forecast keys do not open it
+    problem_fields(r)
+    assert s.client.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_model_endpoint_reports_stability(server, rt) -> None:
+    card = server.client.get("/model").json()
+    assert card["version"] == rt.version
+    st = card["stability"]
+    assert (
+        st["stable"]
+        and 0 < st["spectral_radius"] < 1
+        and st["stability_margin"] == pytest.approx(1 - st["spectral_radius"])
+    )
+    assert {"real", "imag", "modulus", "decay_hours", "period_hours"} <= set(st["eigenvalues"][0])
+    assert [v["name"] for v in card["variables"]["measurements"]] == rt.measurements
+    assert card["variables"]["measurements"][0]["unit"] == "m3/d"
+    assert "operator" not in card
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_reload_success_and_refusal_of_a_corrupt_model(serve, store_copy, rt) -> None:
+    store, version = store_copy
+    s = serve(store, KOVAE_ADMIN_API_KEYS='["admin-secret"]')
+    assert s.client.post("/admin/reload").status_code == 401
+    assert s.client.post("/admin/reload", headers=ADMIN).json() == {"model_version": version, "changed": False}
+
+    clone_version(store, version, "v2")
+    (store / POINTER).write_text("v2\n")
+    r = s.client.post("/admin/reload", headers=ADMIN)
+    assert r.json() == {"model_version": "v2", "changed": True}
+    assert s.client.get("/readyz").json()["model_version"] == "v2"
+
+    clone_version(store, version, "v3-corrupt")
+    onnx_path = store / "v3-corrupt" / "model.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes()[:-10] + b"0123456789")
+    (store / POINTER).write_text("v3-corrupt\n")
+    r = s.client.post("/admin/reload", headers=ADMIN)
+    assert r.status_code == 409 and "v3-corrupt" in r.json()["detail"]
+    assert s.client.get("/readyz").json() == {"status": "ready", "model_version": "v2"}
+    assert s.client.post("/forecast", json=make_body(rt)).json()["model_version"] == "v2"
+    metrics = s.client.get("/metrics").text
+    assert _metric(metrics, 'kovae_model_reloads_total{outcome="failure"}') == 1
+    assert _metric(metrics, 'kovae_model_info{version="v2"}') == 1
+    assert _metric(metrics, f'kovae_model_info{{version="{version}"}}') == 0
+    assert "reload of v3-corrupt refused" in s.stop()
+
+
+def test_poller_picks_up_a_new_current_version(serve, store_copy) -> None:
+    import time
+
+    store, version = store_copy
+    s = serve(store, KOVAE_POLL_INTERVAL_S="0.2")
+    clone_version(store, version, "v-polled")
+    (store / POINTER).write_text("v-polled\n")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and s.client.get("/readyz").json()["model_version"] != "v-polled":
+        time.sleep(0.1)
+    assert s.client.get("/readyz").json()["model_version"] == "v-polled"
+
+
+def test_not_ready_until_a_model_arrives(serve, trained_store, tmp_path, rt) -> None:
+    store, version = trained_store
+    empty = tmp_path / "empty-store"
+    empty.mkdir()
+    s = serve(empty, KOVAE_ADMIN_API_KEYS='["admin-secret"]')
+    assert s.client.get("/healthz").status_code == 200
+    r = s.client.get("/readyz")
+    assert r.status_code == 503 and r.json()["model_version"] is None
+    r = s.client.post("/forecast", json=make_body(rt))
+    assert r.status_code == 503
+    problem_fields(r)
+    assert s.client.post("/admin/reload", headers=ADMIN).status_code == 409
+    shutil.copytree(store / version, empty / version)
+    (empty / POINTER).write_text(version)
+    assert s.client.post("/admin/reload", headers=ADMIN).status_code == 200
+    assert s.client.get("/readyz").status_code == 200
+    assert current_version(empty) == version
+
+
+def test_metrics_are_exposed_and_counted(server, rt) -> None:
+    before = server.client.get("/metrics").text
+    server.client.post("/forecast", json=make_body(rt, n_series=2, horizon=8))
+    server.client.post("/forecast", json={"horizon": 1})
+    text = server.client.get("/metrics").text
+    ok = 'kovae_http_requests_total{method="POST",route="/forecast",status_class="2xx"}'
+    bad = 'kovae_http_requests_total{method="POST",route="/forecast",status_class="4xx"}'
+    assert _metric(text, ok) == _metric(before, ok) + 1
+    assert _metric(text, bad) == _metric(before, bad) + 1
+    assert _metric(text, 'kovae_errors_total{type="invalid_request"}') >= 1
+    assert _metric(text, "kovae_forecast_batch_size_sum") >= 2
+    assert _metric(text, "kovae_inference_duration_seconds_count") >= 1
+    assert 'kovae_http_request_duration_seconds_bucket{le="0.01",route="/forecast",status_class="2xx"}' in text
+    assert _metric(text, "kovae_model_spectral_radius") == pytest.approx(rt.card["stability"]["spectral_radius"])
+
+
+def test_several_workers_share_metrics(serve, trained_store, rt, tmp_path) -> None:
+    store, _ = trained_store
+    s = serve(store, KOVAE_WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    for _ in range(6):
+        assert s.client.post("/forecast", json=make_body(rt)).status_code == 200
+    text = s.client.get("/metrics").text
+    assert _metric(text, 'kovae_http_requests_total{method="POST",route="/forecast",status_class="2xx"}') == 6
+
+
+def test_openapi_yaml_is_what_the_app_serves(server) -> None:
+    served = server.client.get("/openapi.json").json()
+    checked_in = json.loads((Path(__file__).parents[1] / "openapi.yaml").read_text())
+    assert checked_in == served, "run `python -m service.openapi` and commit openapi.yaml"
+    assert served["info"]["version"]
+
+
+def test_service_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, service.app, service.__main__; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_schemathesis_finds_no_server_errors(server) -> None:
+    """Property-based requests generated from the served OpenAPI spec: none may produce a 5xx."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{server.url}/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--max-examples",
+        "40",
+        "--workers",
+        "1",
+        "-H",
+        "x-api-key: admin-secret",
+        "--seed",
+        "1",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    import re
+
+    ran = re.search(r"(\d+) generated, \1 passed", out.stdout)
+    assert ran and int(ran.group(1)) >= 50, out.stdout[-2000:]

@@ -1,0 +1,155 @@
+"""The stable KoVAE and the retraining CLI: stability by construction, learning, resume, NaN guard, promotion."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.store import current_version, set_current
+from tests.conftest import clone_version
+from training import run as R
+from training.config import ModelConfig, TrainConfig
+from training.model import KoVAE, StableKoopman
+
+
+def test_spectral_radius_bounded_for_any_parameters() -> None:
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        k = StableKoopman(z_dim=12, u_dim=3, real_modes=4, rho_max=0.999)
+        with torch.no_grad():
+            for p in (k.pair_logit, k.pair_angle, k.real_atanh):
+                p.copy_(torch.randn(p.shape, generator=g) * (10.0 if trial % 2 else 1.0))
+        A = k.matrix().detach().double()
+        rho = torch.linalg.eigvals(A).abs().max().item()
+        assert rho <= 0.999 * (1 + 1e-6)  # rho_max is held in float32
+        assert same_spectrum(k.eigenvalues(), np.linalg.eigvals(A.numpy()), atol=1e-6)
+
+
+def same_spectrum(a: np.ndarray, b: np.ndarray, atol: float) -> bool:
+    """Equal as multisets of complex numbers (ordering of near-equal values may differ)."""
+    b = list(b)
+    for lam in a:
+        j = int(np.argmin(np.abs(np.array(b) - lam)))
+        if abs(b[j] - lam) > atol:
+            return False
+        b.pop(j)
+    return not b
+
+
+def test_free_rollout_of_10000_steps_stays_bounded() -> None:
+    torch.manual_seed(1)
+    k = StableKoopman(z_dim=16, u_dim=2, real_modes=4, rho_max=0.999)
+    with torch.no_grad():
+        k.pair_logit.fill_(20.0)  # every radius at rho_max, the worst case
+        k.real_atanh.fill_(20.0)
+        A, drive = k.matrix(), torch.ones(2) @ k.B.T + 1.0
+        z = torch.full((16,), 5.0)
+        bound = z.norm() + drive.norm() / (1 - 0.999)  # A is normal, so ||A^n|| = rho^n
+        peak = 0.0
+        for _ in range(10_000):
+            z = A @ z + drive
+            peak = max(peak, z.norm().item())
+    assert np.isfinite(peak) and peak <= bound.item() * 1.001
+
+
+def test_gradients_are_finite_and_loss_decreases_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0)
+    model = KoVAE(4, 2, cfg)
+    t = torch.linspace(0, 6, 40)
+    x = torch.stack([torch.sin(t + i) for i in range(4)], -1).repeat(8, 1, 1) + 0.01 * torch.randn(8, 40, 4)
+    u = torch.randn(8, 40, 2) * 0.1
+    tcfg = TrainConfig()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        losses = model.losses(x[:, :20], u[:, :20], x[:, 20:], u[:, 20:], tcfg)
+        opt.zero_grad()
+        losses["total"].backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        opt.step()
+        first = first if first is not None else {k: float(v) for k, v in losses.items()}
+    assert float(losses["pred"]) < 0.5 * first["pred"]
+    assert float(losses["total"]) < first["total"]
+
+
+def test_tiny_model_beats_persistence_on_held_out_scenarios(trained_store) -> None:
+    store, version = trained_store
+    metrics = json.loads((store / version / "metrics.json").read_text())
+    head = metrics["headline"]
+    for h in head["kovae"]:
+        assert head["kovae"][h]["nrmse_all"] < head["persistence"][h]["nrmse_all"]
+        assert head["kovae"][h]["skill_vs_persistence"] > 0
+    assert 0.6 < metrics["coverage_80_test"] < 0.95
+    assert current_version(store) == version
+    for name in ("card.json", "model.onnx", "weights.pt", "report.md", "loss.png", "log.csv", "metrics.json"):
+        assert (store / version / name).stat().st_size > 0
+
+
+@pytest.fixture
+def prepared(tiny_cfg, tiny_data):
+    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, epochs=4, checkpoint_every=2))
+    return cfg, R.prepare(cfg)
+
+
+def test_resume_continues_exactly(prepared, tmp_path: Path) -> None:
+    cfg, p = prepared
+    straight, log_a = R.train(cfg, p, tmp_path / "a")
+    R.train(cfg, p, tmp_path / "b", stop_after=2)  # "killed" after epoch 2 (checkpointed at 2)
+    resumed, log_b = R.train(cfg, p, tmp_path / "b", resume=True)
+    assert [r["train_loss"] for r in log_a] == [r["train_loss"] for r in log_b]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_nan_loss_rolls_back_and_halves_the_learning_rate(prepared, tmp_path: Path, capsys) -> None:
+    cfg, p = prepared
+    _, log = R.train(cfg, p, tmp_path / "nan", inject_nan_at=[3])
+    assert len(log) == cfg.train.epochs
+    assert log[2]["lr"] == pytest.approx(R.learning_rate(cfg, 2) / 2)  # epoch 3 redone at half the rate
+    assert "rolled back to epoch 2" in capsys.readouterr().err
+    with pytest.raises(R.TrainingFailed, match="NaN/inf 4 times"):
+        R.train(cfg, p, tmp_path / "nan2", inject_nan_at=[1, 1, 1, 1])
+
+
+def test_promotion_gate_keeps_the_better_model(store_copy, tiny_cfg, tiny_data, tmp_path: Path) -> None:
+    store, version = store_copy
+    p = R.prepare(tiny_cfg)
+    served = R.score_served(store, p, tiny_cfg.train.history)
+    assert served is not None and served[0] == version
+    metrics = json.loads((store / version / "metrics.json").read_text())
+    assert served[1] == pytest.approx(metrics["score"], rel=1e-3)  # ONNX re-evaluation agrees with training
+
+    worse = clone_version(store, version, "worse")
+    R.promote_if_better(store, "worse", served[1] * 1.5, p, tiny_cfg, force=False, never=False)
+    assert current_version(store) == version
+    R.promote_if_better(store, "worse", served[1] * 1.5, p, tiny_cfg, force=True, never=False)
+    assert current_version(store) == "worse"
+    set_current(store, version)
+    better = clone_version(store, version, "better")
+    R.promote_if_better(store, better, served[1] * 0.5, p, tiny_cfg, force=False, never=False)
+    assert current_version(store) == "better"
+    assert worse == "worse" and sorted(d.name for d in store.iterdir() if d.is_dir()) == ["better", version, "worse"]
+
+
+def test_promote_cli_and_rollback(store_copy) -> None:
+    from training.promote import main
+
+    store, version = store_copy
+    clone_version(store, version, "v2")
+    assert main(["v2", "--store", str(store)]) == 0
+    assert current_version(store) == "v2"
+    assert main([version, "--store", str(store)]) == 0  # rollback
+    assert current_version(store) == version
+    assert main(["nope", "--store", str(store)]) == 2
+    assert current_version(store) == version
+
+
+def test_cli_refuses_bad_overrides(capsys) -> None:
+    assert R.main(["--preset", "tiny", "train.epochs=zero"]) == 2
+    assert "train.epochs: expected a number" in capsys.readouterr().err
