@@ -1,19 +1,16 @@
 # kovae-forecast. Default target: the service (no torch). `--target train` gives an image that can retrain.
 
-FROM python:3.11-slim AS build
+FROM python:3.11-slim AS src
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY export ./export
 COPY training ./training
+
+FROM src AS build
 RUN pip install --no-cache-dir --prefix=/install .
 
-FROM python:3.11-slim AS train
-WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY service ./service
-COPY export ./export
-COPY training ./training
+FROM src AS train
 # Versions are pinned in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[train]"

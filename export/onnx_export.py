@@ -53,6 +53,9 @@ class ForecastGraph(nn.Module):
             self.register_buffer("noise_std", kp.log_noise.exp().clone())
             self.register_buffer("spread", torch.tensor(spread, dtype=torch.float32))
         self.max_horizon = max_horizon
+        # Eval mode for the wrapper too: torch.onnx.export restores the wrapper's mode afterwards, and a
+        # wrapper left in training mode would switch the model's dropout back on for the parity reference.
+        self.eval()
 
     def forward(
         self, x_hist: torch.Tensor, u_hist: torch.Tensor, u_fut: torch.Tensor, noise: torch.Tensor

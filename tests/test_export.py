@@ -45,6 +45,17 @@ def test_onnx_matches_torch_across_dynamic_shapes(trained_store, batch, history,
     assert np.max(np.abs(got_smp - smp) / np.maximum(graph.spread.numpy(), 1)) < 1e-4
 
 
+def test_parity_holds_with_dropout_in_the_model() -> None:
+    """The default model trains with dropout: export must run (and compare) it in eval mode."""
+    torch.manual_seed(0)
+    model = KoVAE(5, 2, ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.5))
+    model.train()
+    graph = E.ForecastGraph(model, 12, [1.0] * 5)
+    onnx_bytes = E.to_onnx_bytes(graph, 10, {})
+    assert E.parity(graph, onnx_bytes, 10) < 1e-4
+    assert not graph.training and not model.training
+
+
 def test_graph_axes_are_dynamic_and_free_of_eig(trained_store) -> None:
     store, version = trained_store
     proto = onnx.load(str(store / version / "model.onnx"))

@@ -568,7 +568,6 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
 
-    start = time.perf_counter()
     p = prepare(cfg)
     print(
         f"data: {len(p.train.x_hist)} train / {len(p.val.x_hist)} val / {len(p.test.x_hist)} test windows",
@@ -579,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    train_seconds = time.perf_counter() - start
+    train_seconds = sum(row["seconds"] for row in log)  # epoch times, also right after a --resume
     calib = calibrate(model, p, cfg)
     metrics, kept = evaluate_all(model, p, cfg, np.array(calib["spread_scale"]))
     metrics["training_seconds"] = train_seconds
