@@ -38,7 +38,7 @@ class ModelConfig:
     h_dim: int = 256
     real_modes: int = 8  # z_dim - real_modes latent coordinates form 2x2 rotation-scaling blocks
     rho_max: float = 0.999  # every eigenvalue of A has modulus <= rho_max, by construction
-    dropout: float = 0.1
+    dropout: float = 0.2
     layer_norm: bool = True  # on the encoder's GRU output
     decoder_layers: int = 2
 
@@ -47,11 +47,11 @@ class ModelConfig:
 class TrainConfig:
     history: int = 96  # 1 day at 15 minutes
     horizon: int = 96  # maximum forecast horizon, also the longest rollout trained
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 2e-3
     min_lr: float = 1e-4
-    weight_decay: float = 1e-5
+    weight_decay: float = 1e-2
     grad_clip: float = 1.0
     window_stride: int = 3  # stride between training windows
     curriculum_epochs: int = 8  # rollout length grows from curriculum_start to horizon over these epochs
