@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.onnx_export import load_model
 from export.store import current_version
 from service.runtime import ModelRuntime
-from training.config import ModelConfig
-from training.model import KoVAE
 
 
 def timed(fn, iters: int) -> np.ndarray:
@@ -38,11 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     version = args.version or current_version(Path(args.store))
     rt = ModelRuntime(Path(args.store) / version, threads=args.threads)
-    card = rt.card
-    cfg = ModelConfig(**{k: v for k, v in card["model"].items() if k != "type"})
-    model = KoVAE(len(rt.x_mean), len(rt.u_mean), cfg)
-    model.load_state_dict(torch.load(Path(args.store) / version / "weights.pt", weights_only=True))
-    model.eval()
+    model, card = load_model(Path(args.store) / version)
+    cfg = model.cfg
     torch.set_num_threads(args.threads)
     L, H = card["history"]["length"], card["max_horizon"]
     print(f"model {version}: history {L}, horizon {H}, threads {args.threads}")

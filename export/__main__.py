@@ -11,12 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from export.card import CardError, read_card
-from export.onnx_export import ParityError, export_version
-from training.config import ModelConfig
-from training.model import KoVAE
+from export.card import CardError
+from export.onnx_export import ParityError, export_version, load_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,13 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     version_dir = Path(args.store) / args.version
     try:
-        card = read_card(version_dir, verify=False)
+        model, card = load_model(version_dir, verify=False)  # re-export does not need the old checksum
     except CardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg = ModelConfig(**{k: v for k, v in card["model"].items() if k != "type"})
-    model = KoVAE(len(card["variables"]["measurements"]), len(card["variables"]["controls"]), cfg)
-    model.load_state_dict(torch.load(version_dir / "weights.pt", weights_only=True))
     try:
         card = export_version(model, card, version_dir)
     except ParityError as exc:

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from export.card import ONNX_FILE, atomic_write, sha256_file, stability_summary, write_card
-from training.model import KoVAE
+from export.card import ONNX_FILE, atomic_write, read_card, sha256_file, stability_summary, write_card
+from training.config import ModelConfig
+from training.model import KoVAE, calibrated_samples
 
 OPSET = 17  # runs on every onnxruntime 1.2x/1.3x
 PARITY_TOL = 1e-4
@@ -76,8 +77,16 @@ class ForecastGraph(nn.Module):
             samples.append(zs)
         mean = m.decoder(torch.stack(means, 1)[:, :horizon])
         raw = m.decoder(torch.stack(samples, 2)[:, :, :horizon])
-        sample = mean.unsqueeze(1) + self.spread * (raw - mean.unsqueeze(1))  # calibrated on validation
-        return mean, sample
+        return mean, calibrated_samples(mean, raw, self.spread)
+
+
+def load_model(version_dir: Path, *, verify: bool = True) -> tuple[KoVAE, dict[str, Any]]:
+    """Rebuild a stored version's KoVAE (eval mode) from its card and weights.pt; returns (model, card)."""
+    card = read_card(version_dir, verify=verify)
+    cfg = ModelConfig(**{k: v for k, v in card["model"].items() if k != "type"})
+    model = KoVAE(len(card["variables"]["measurements"]), len(card["variables"]["controls"]), cfg)
+    model.load_state_dict(torch.load(Path(version_dir) / "weights.pt", weights_only=True))
+    return model.eval(), card
 
 
 def _example(batch: int, history: int, horizon: int, samples: int, dims: tuple[int, int, int], seed: int = 0):

@@ -20,12 +20,7 @@ from training.model import KoVAE
 
 
 def _load(store: Path, version: str) -> tuple[KoVAE, dict]:
-    card = read_card(store / version)
-    cfg = ModelConfig(**{k: v for k, v in card["model"].items() if k != "type"})
-    nx, nu = len(card["variables"]["measurements"]), len(card["variables"]["controls"])
-    model = KoVAE(nx, nu, cfg)
-    model.load_state_dict(torch.load(store / version / "weights.pt"))
-    return model.eval(), card
+    return E.load_model(store / version)
 
 
 @pytest.mark.parametrize(("batch", "history", "horizon", "samples"), [(1, 16, 16, 1), (5, 8, 3, 4), (64, 32, 16, 2)])

@@ -24,6 +24,14 @@ from training.config import ModelConfig, TrainConfig
 STEPS_PER_DAY = 96  # 15-minute samples
 
 
+def calibrated_samples(mean: torch.Tensor, raw: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """Widen each sample's deviation from the mean forecast by a per-variable factor fitted on validation.
+
+    mean (batch, H, x), raw samples (batch, S, H, x), spread (x,). Used by evaluation and the ONNX graph alike.
+    """
+    return mean.unsqueeze(1) + spread * (raw - mean.unsqueeze(1))
+
+
 class StableKoopman(nn.Module):
     """z[t+1] = A z[t] + B u + c, with A in real modal form: every |eigenvalue| <= rho_max for any parameters.
 

@@ -30,7 +30,7 @@ from training import evaluate as ev
 from training.catalog import CONTROLS, MEASUREMENTS, SAMPLE_MINUTES, catalog_dict
 from training.config import ConfigError, RunConfig, load_config
 from training.data import Windows, config_hash, generate, make_windows, splits
-from training.model import KoVAE
+from training.model import KoVAE, calibrated_samples
 
 MAX_NAN_RETRIES = 3
 
@@ -299,7 +299,7 @@ def predict(model: KoVAE, p: Prepared, w: Windows, n_samples: int = 0, spread: n
                 eps = torch.randn(len(xh[sl]), n_samples, uf.shape[1], model.cfg.z_dim, generator=g)
                 raw = model.forecast(xh[sl], uh[sl], uf[sl], eps)
                 k = torch.ones(model.x_dim) if spread is None else torch.as_tensor(spread, dtype=torch.float32)
-                samples.append((mean.unsqueeze(1) + k * (raw - mean.unsqueeze(1))).numpy())
+                samples.append(calibrated_samples(mean, raw, k).numpy())
     mean = p.dx(np.concatenate(means))
     return mean, (p.dx(np.concatenate(samples)) if n_samples else None)
 
