@@ -46,9 +46,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for batch in (1, 64):
         xn = rng.standard_normal((batch, L, len(rt.x_mean))).astype(np.float32)
-        un = rng.standard_normal((batch, L, len(rt.u_mean))).astype(np.float32)
-        ufn = rng.standard_normal((batch, H, len(rt.u_mean))).astype(np.float32)
-        noise = np.zeros((batch, 1, H, cfg.z_dim), np.float32)
+        un = rng.standard_normal((batch, L, model.u_dim)).astype(np.float32)
+        ufn = rng.standard_normal((batch, H, model.u_dim)).astype(np.float32)
+        noise = np.zeros((batch, 0, H, cfg.z_dim), np.float32)  # mean only, like eager forecast()
         feeds = {"x_hist": xn, "u_hist": un, "u_fut": ufn, "noise": noise}
         ort_ms = timed(lambda f=feeds: rt.session.run(["mean"], f), args.iters)
         tx, tu, tuf = (torch.from_numpy(a) for a in (xn, un, ufn))

@@ -49,22 +49,78 @@ def request_body(rt: ModelRuntime, horizon: int) -> dict:
     }
 
 
-async def phase(client: httpx.AsyncClient, body: bytes, rate: float, seconds: float) -> tuple[np.ndarray, int, float]:
-    """Open-loop load: requests start on a fixed schedule whatever the latency; bounded by rate * seconds."""
+class KeepAliveClient:
+    """A minimal HTTP/1.1 client for one pre-encoded request, over a pool of keep-alive connections.
+
+    The load generator shares the 2 cores with the server, so it must be cheap: httpx spent more CPU per
+    request than the service's own parsing. This one writes prepared bytes and reads status and body only.
+    """
+
+    def __init__(self, port: int, request: bytes, max_connections: int = 256) -> None:
+        self.port, self.request, self.max_connections = port, request, max_connections
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.opened = 0
+
+    async def send(self) -> int:
+        """One request; returns the HTTP status, 0 on a connection failure, -1 if no connection was free.
+
+        A reused connection the server has closed meanwhile (keep-alive timeout) is retried once on a new
+        one, as HTTP clients do; only a fresh connection's failure counts as an error.
+        """
+        for attempt in range(2):
+            if self.idle and attempt == 0:
+                (reader, writer), reused = self.idle.pop(), True
+            elif self.opened < self.max_connections:
+                self.opened += 1
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                reused = False
+            else:
+                return -1
+            try:
+                writer.write(self.request)
+                status = int((await reader.readline()).split()[1])
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+                writer.close()
+                self.opened -= 1
+                if reused:
+                    continue
+                return 0
+            self.idle.append((reader, writer))
+            return status
+        return 0
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+
+
+def post_bytes(path: str, body: bytes) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+async def phase(client: KeepAliveClient, rate: float, seconds: float) -> tuple[np.ndarray, dict[int, int], float]:
+    """Open-loop load: requests start on a fixed schedule whatever the latency; bounded by rate * seconds.
+
+    Returns latencies (ms) of the requests sent, counts by status (0: connection failure, -1: not sent because
+    all connections were busy, i.e. the generator's limit, not the server's answer) and the wall time.
+    """
     n = int(rate * seconds)
     latencies: list[float] = []
-    errors = 0
+    statuses: dict[int, int] = {}
 
     async def one() -> None:
-        nonlocal errors
         start = time.perf_counter()
-        try:
-            r = await client.post("/forecast", content=body, headers={"content-type": "application/json"})
-            ok = r.status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        latencies.append(time.perf_counter() - start)
-        errors += not ok
+        status = await client.send()
+        statuses[status] = statuses.get(status, 0) + 1
+        if status != -1:
+            latencies.append(time.perf_counter() - start)
 
     tasks = []
     t0 = time.perf_counter()
@@ -74,7 +130,18 @@ async def phase(client: httpx.AsyncClient, body: bytes, rate: float, seconds: fl
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one()))
     await asyncio.gather(*tasks)
-    return np.array(latencies) * 1000, errors, time.perf_counter() - t0
+    return np.array(latencies) * 1000, statuses, time.perf_counter() - t0
+
+
+async def sequential(client: KeepAliveClient, n: int) -> tuple[np.ndarray, dict[int, int], float]:
+    """Closed loop, one request at a time: the service's own latency, without queueing."""
+    latencies, statuses, t0 = [], {}, time.perf_counter()
+    for _ in range(n):
+        start = time.perf_counter()
+        status = await client.send()
+        statuses[status] = statuses.get(status, 0) + 1
+        latencies.append(time.perf_counter() - start)
+    return np.array(latencies) * 1000, statuses, time.perf_counter() - t0
 
 
 async def reloader(store: Path, versions: list[str], times: int, every: float, key: str, url: str) -> int:
@@ -89,27 +156,36 @@ async def reloader(store: Path, versions: list[str], times: int, every: float, k
     return done
 
 
-def report(name: str, ms: np.ndarray, errors: int, wall: float) -> None:
-    """One line per phase; compare its p50 with the raw ONNX Runtime line for the service's overhead."""
-    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+def report(name: str, ms: np.ndarray, statuses: dict[int, int], wall: float) -> None:
+    """One line per phase; compare its p50 with the raw ONNX Runtime line for the service's overhead.
+
+    errors: any answer but 200, and connection failures. unsent: the generator ran out of connections.
+    """
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99]) if len(ms) else (np.nan,) * 3
+    errors = {k: v for k, v in statuses.items() if k not in (200, -1)}
     print(
         f"{name:<14} n={len(ms):>6} p50 {p50:7.2f} ms  p95 {p95:7.2f} ms  p99 {p99:7.2f} ms  "
-        f"throughput {len(ms) / wall:7.1f}/s  errors {errors}"
+        f"throughput {statuses.get(200, 0) / wall:7.1f}/s  errors {sum(errors.values())} {errors or ''}"
+        + (f"  unsent {statuses[-1]}" if statuses.get(-1) else "")
     )
 
 
-async def run(args: argparse.Namespace, url: str, store: Path, versions: list[str], rt: ModelRuntime) -> None:
+async def run(args: argparse.Namespace, port: int, store: Path, versions: list[str], rt: ModelRuntime) -> None:
     body = json.dumps(request_body(rt, args.horizon)).encode()
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        await phase(client, body, 20, 2)  # warm up connections and the server
+    client = KeepAliveClient(port, post_bytes("/forecast", body))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await phase(client, 20, 2)  # warm up connections and the server
+        report("one at a time", *await sequential(client, 300))
         reloads = asyncio.create_task(reloader(store, versions, 3, args.seconds / 4, "bench-admin", url))
-        ms, errors, wall = await phase(client, body, args.rate, args.seconds)
+        ms, errors, wall = await phase(client, args.rate, args.seconds)
         report(f"fixed {args.rate:g}/s", ms, errors, wall)
         print(f"{'':<14} reloads during the fixed phase: {await reloads} of 3 succeeded")
         for rate in args.ramp:
-            ms, errors, wall = await phase(client, body, rate, args.ramp_seconds)
+            ms, errors, wall = await phase(client, rate, args.ramp_seconds)
             report(f"ramp {rate:g}/s", ms, errors, wall)
+    finally:
+        client.close()
 
 
 def main() -> None:
@@ -143,12 +219,13 @@ def main() -> None:
     x = np.stack([raw["measurements"][n] for n in rt.measurements], 1)[None]
     u = np.stack([raw["controls"][n] for n in rt.controls], 1)[None]
     uf = np.repeat(u[:, -1:], args.horizon, 1)
+    clock = np.zeros(1)
     for _ in range(20):
-        rt.predict(x, u, uf)
+        rt.predict(x, u, uf, clock)
     raw_ms = []
     for _ in range(300):
         start = time.perf_counter()
-        rt.predict(x, u, uf)
+        rt.predict(x, u, uf, clock)
         raw_ms.append((time.perf_counter() - start) * 1000)
 
     with socket.socket() as s:
@@ -176,7 +253,7 @@ def main() -> None:
                 pass
             time.sleep(0.1)
         print(f"model {version}, horizon {args.horizon}, {args.workers} worker(s), server on {url}")
-        asyncio.run(run(args, url, store, [version, f"{version}-b"], rt))
+        asyncio.run(run(args, port, store, [version, f"{version}-b"], rt))
         med, p99 = np.median(raw_ms), np.percentile(raw_ms, 99)
         print(f"raw ONNX Runtime predict (in-process, same request): median {med:.2f} ms, p99 {p99:.2f} ms")
     finally:

@@ -18,7 +18,9 @@ import numpy as np
 
 CARD_FILE = "card.json"
 ONNX_FILE = "model.onnx"
-CARD_VERSION = 1
+CARD_VERSION = 2  # 2: variables.calendar (time-of-day inputs)
+READABLE_CARD_VERSIONS = (1, 2)  # 1 has no calendar inputs
+MINUTES_PER_DAY = 24 * 60
 
 
 class CardError(ValueError):
@@ -31,6 +33,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600: other users (a service account) must read it
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -97,8 +100,8 @@ def read_card(version_dir: Path, *, verify: bool = True) -> dict[str, Any]:
     for key in ("version", "variables", "scaling", "history", "max_horizon", "stability", "onnx"):
         if key not in card:
             raise CardError(f"{path}: missing field {key!r}")
-    if card.get("card_version") != CARD_VERSION:
-        raise CardError(f"{path}: card_version {card.get('card_version')} is not {CARD_VERSION}")
+    if card.get("card_version") not in READABLE_CARD_VERSIONS:
+        raise CardError(f"{path}: card_version {card.get('card_version')} is not one of {READABLE_CARD_VERSIONS}")
     if verify:
         onnx_path = Path(version_dir) / card["onnx"]["file"]
         if not onnx_path.exists():
@@ -119,3 +122,41 @@ def scalers(card: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         return np.array([v[key] for v in items], dtype=np.float32)
 
     return arr(m, "mean"), arr(m, "std"), arr(c, "mean"), arr(c, "std")
+
+
+def calendar_harmonics(card: dict[str, Any]) -> int:
+    """How many daily harmonics the model takes as known inputs (0 for cards written before they existed)."""
+    return int(card["variables"].get("calendar", {}).get("harmonics", 0))
+
+
+def calendar_card(harmonics: int) -> dict[str, Any]:
+    """The card's description of the time-of-day inputs that ``calendar_features`` computes."""
+    names = [f"{f}_{k}" for f in ("sin", "cos") for k in range(1, harmonics + 1)]
+    return {
+        "harmonics": harmonics,
+        "features": names,
+        "formula": "sin/cos(2 pi k minute_of_day / 1440), k = 1..harmonics, appended to the scaled controls",
+        "clock": "the wall-clock time in each timestamp's own UTC offset: send the plant's local time",
+    }
+
+
+def calendar_features(minutes: np.ndarray, harmonics: int) -> np.ndarray:
+    """Time-of-day inputs for clock times in minutes: shape (*minutes.shape, 2 * harmonics), float32.
+
+    The influent follows a daily cycle, so the time of day of every future step is a known input, like the
+    planned controls. Training and serving both call this, so the features cannot drift apart.
+    """
+    phase = 2 * np.pi * (np.asarray(minutes, dtype=np.float64) % MINUTES_PER_DAY) / MINUTES_PER_DAY
+    angles = phase[..., None] * np.arange(1, harmonics + 1)
+    return np.concatenate([np.sin(angles), np.cos(angles)], -1).astype(np.float32)
+
+
+def window_clock(last_minute: np.ndarray, history: int, horizon: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clock minutes of every history and future step, from the time of each window's last history sample.
+
+    last_minute (batch,) -> history (batch, history) ending at last_minute, future (batch, horizon) after it.
+    """
+    last = np.asarray(last_minute, dtype=np.float64)[:, None]
+    hist = last + step * np.arange(1 - history, 1)
+    fut = last + step * np.arange(1, horizon + 1)
+    return hist, fut

@@ -32,7 +32,10 @@ class SeriesIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(None, max_length=128, description="caller's label, echoed back")
-    timestamps: list[datetime] = Field(description="history sample times, oldest first, at the model's spacing")
+    timestamps: list[datetime] = Field(
+        description="history sample times, oldest first, at the model's spacing, in the plant's local time "
+        "(with its UTC offset; no offset means UTC): the time of day is a model input"
+    )
     measurements: dict[str, list[float]] = Field(description="one array per measured variable (catalog names)")
     controls: dict[str, list[float]] = Field(description="one array per control over the history")
     future_controls: dict[str, list[float]] | None = Field(
@@ -80,6 +83,7 @@ class DecodedRequest:
     u_hist: list[np.ndarray] = field(default_factory=list)
     u_fut: list[np.ndarray] = field(default_factory=list)  # per series (H, n_u)
     future_times: list[list[datetime]] = field(default_factory=list)
+    last_minute: list[float] = field(default_factory=list)  # clock time of each series' last history sample
     ids: list[str | None] = field(default_factory=list)
     horizon: int = 0
     quantiles: list[float] = field(default_factory=list)
@@ -176,6 +180,8 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
         out.u_hist.append(u)
         out.u_fut.append(uf)
         out.future_times.append([times[-1] + timedelta(minutes=step * (k + 1)) for k in range(H)])
+        last = times[-1]  # read in its own UTC offset: the plant's clock drives the daily cycle
+        out.last_minute.append(last.hour * 60 + last.minute + last.second / 60)
         out.ids.append(s.id)
     if errors:
         raise ProblemError(422, "Invalid forecast request", errors)
@@ -193,6 +199,7 @@ def run(rt: ModelRuntime, d: DecodedRequest) -> list[Forecast]:
             np.stack([d.x_hist[i] for i in idx]),
             np.stack([d.u_hist[i] for i in idx]),
             np.stack([d.u_fut[i] for i in idx]),
+            np.array([d.last_minute[i] for i in idx]),
             d.samples,
         )
         for j, i in enumerate(idx):

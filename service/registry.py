@@ -31,7 +31,7 @@ def warm_up(rt: ModelRuntime) -> None:
     L, H = rt.card["history"]["length"], rt.max_horizon
     x = np.broadcast_to(rt.x_mean, (1, L, len(rt.x_mean)))
     u = np.broadcast_to(rt.u_mean, (1, L, len(rt.u_mean)))
-    fc = rt.predict(x, u, u[:, :1].repeat(H, 1), n_samples=2)
+    fc = rt.predict(x, u, u[:, :1].repeat(H, 1), np.zeros(1), n_samples=2)
     if not (np.all(np.isfinite(fc.mean)) and fc.samples is not None and np.all(np.isfinite(fc.samples))):
         raise ReloadError(f"version {rt.version}: warm-up forecast is not finite")
 

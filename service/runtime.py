@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from export.card import read_card, scalers
+from export.card import calendar_features, calendar_harmonics, read_card, scalers, window_clock
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class ModelRuntime:
         self.z_dim = int(self.card["model"]["z_dim"])
         self.measurements = [v["name"] for v in self.card["variables"]["measurements"]]
         self.controls = [v["name"] for v in self.card["variables"]["controls"]]
+        self.harmonics = calendar_harmonics(self.card)
+        self.step_minutes = int(self.card["sample_minutes"])
 
     @property
     def version(self) -> str:
@@ -52,21 +54,33 @@ class ModelRuntime:
         x_hist: np.ndarray,
         u_hist: np.ndarray,
         u_fut: np.ndarray,
+        last_minute: np.ndarray,
         n_samples: int = 0,
         rng: np.random.Generator | None = None,
     ) -> Forecast:
-        """Forecast from engineering-unit arrays: x_hist (B, L, n_x), u_hist (B, L, n_u), u_fut (B, H, n_u)."""
+        """Forecast from engineering-unit arrays: x_hist (B, L, n_x), u_hist (B, L, n_u), u_fut (B, H, n_u).
+
+        last_minute (B,): clock time of each series' last history sample in minutes (time-of-day inputs).
+        """
         batch, horizon = u_fut.shape[0], u_fut.shape[1]
-        s = max(n_samples, 1)
-        noise = np.zeros((batch, s, horizon, self.z_dim), np.float32)
+        # No samples asked for: an empty noise tensor, and the graph's sample path costs nothing.
+        noise = np.zeros((batch, n_samples, horizon, self.z_dim), np.float32)
         if n_samples > 0:
             noise[:] = (rng or np.random.default_rng()).standard_normal(noise.shape, dtype=np.float32)
+        t_hist, t_fut = window_clock(last_minute, x_hist.shape[1], horizon, self.step_minutes)
         feeds = {
             "x_hist": ((x_hist - self.x_mean) / self.x_std).astype(np.float32),
-            "u_hist": ((u_hist - self.u_mean) / self.u_std).astype(np.float32),
-            "u_fut": ((u_fut - self.u_mean) / self.u_std).astype(np.float32),
+            "u_hist": self.known_inputs(u_hist, t_hist),
+            "u_fut": self.known_inputs(u_fut, t_fut),
             "noise": noise,
         }
         mean, samples = self.session.run(["mean", "samples"], feeds)
         mean = mean * self.x_std + self.x_mean
         return Forecast(mean, samples * self.x_std + self.x_mean if n_samples > 0 else None)
+
+    def known_inputs(self, u: np.ndarray, minutes: np.ndarray) -> np.ndarray:
+        """The graph's input rows: scaled controls, then the card's time-of-day features."""
+        scaled = ((u - self.u_mean) / self.u_std).astype(np.float32)
+        if not self.harmonics:
+            return scaled
+        return np.concatenate([scaled, calendar_features(minutes, self.harmonics)], -1)

@@ -25,6 +25,10 @@ def test_tiny_dataset_shapes_and_values(tiny_cfg, tiny_data) -> None:
         assert sd.x.shape[1] == len(MEASUREMENT_NAMES) and sd.u.shape[1] == len(CONTROL_NAMES)
         assert np.all(np.isfinite(sd.x)) and np.all(np.isfinite(sd.u))
         assert np.all(np.diff(sd.t_minutes) == 15)
+    # Times stay on the influent's clock (day 0 at midnight), so the time of day can be a model input.
+    for sc in D.scenarios(tiny_cfg.data):
+        first = (sc.start_day + tiny_cfg.data.warmup_days) * 1440 + 15
+        assert tiny_data[sc.id].t_minutes[0] == pytest.approx(first)
         q_in = sd.x[:, 0]
         assert np.all(q_in > 1000) and np.all(sd.x[:, 10:15] >= -1e-6)  # flows in m3/d; effluent >= 0
         klas, qintr = sd.u[:, :3], sd.u[:, 3]
@@ -122,6 +126,7 @@ def test_windows_never_straddle_scenarios(tiny_data) -> None:
     assert np.allclose(w.x_hist[per - 1, 0], a.x[per - 1]) and np.allclose(w.x_fut[per - 1, -1], a.x[-1])
     assert np.allclose(w.x_hist[per, 0], b.x[0])
     assert np.isnan(w.x_prev_day[0]).all()  # no day before the scenario's start
+    assert w.t_last[0] == a.t_minutes[15] and w.t_last[per] == b.t_minutes[15]
 
 
 def test_bad_configs_are_refused_with_a_clear_message(tiny_cache) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -40,12 +40,14 @@ def make_body(rt: ModelRuntime, n_series: int = 1, horizon: int = 8, seed: int =
     return {"series": series, "horizon": horizon}
 
 
-def arrays(body: dict, rt: ModelRuntime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def arrays(body: dict, rt: ModelRuntime) -> tuple[np.ndarray, ...]:
+    """The runtime's inputs for a request body, the clock time read straight from the last timestamp."""
     s = body["series"]
     x = np.stack([np.stack([d["measurements"][n] for n in rt.measurements], 1) for d in s])
     u = np.stack([np.stack([d["controls"][n] for n in rt.controls], 1) for d in s])
     uf = np.stack([np.stack([d["future_controls"][n] for n in rt.controls], 1) for d in s])
-    return x, u, uf
+    last = [datetime.fromisoformat(d["timestamps"][-1]) for d in s]
+    return x, u, uf, np.array([t.hour * 60 + t.minute for t in last])
 
 
 @pytest.fixture
@@ -84,6 +86,25 @@ def test_forecast_matches_a_direct_onnx_runtime_call(server, rt) -> None:
         assert [datetime.fromisoformat(t) for t in s["timestamps"]] == [
             last + timedelta(minutes=15 * (k + 1)) for k in range(12)
         ]
+
+
+def test_time_of_day_is_an_input_read_in_the_plant_clock(server, rt) -> None:
+    """Same history a day later: same forecast. Six hours later, or the same instants in another UTC
+    offset (another plant clock): another forecast, since the daily cycle follows the local time."""
+    assert rt.harmonics > 0
+
+    def forecast(shift: timedelta, tz: timezone = UTC) -> np.ndarray:
+        body = make_body(rt, horizon=8)
+        ts = body["series"][0]["timestamps"]
+        body["series"][0]["timestamps"] = [(datetime.fromisoformat(t) + shift).astimezone(tz).isoformat() for t in ts]
+        r = server.client.post("/forecast", json=body)
+        assert r.status_code == 200, r.text
+        return np.array(r.json()["series"][0]["forecast"]["Q_in"]["mean"])
+
+    base = forecast(timedelta(0))
+    assert np.allclose(forecast(timedelta(days=1)), base, rtol=1e-6)
+    assert not np.allclose(forecast(timedelta(hours=6)), base, rtol=1e-3)
+    assert not np.allclose(forecast(timedelta(0), timezone(timedelta(hours=6))), base, rtol=1e-3)
 
 
 def test_quantiles_and_hold_controls(server, rt) -> None:
@@ -146,6 +167,11 @@ def test_non_finite_values_malformed_json_and_huge_bodies(server, rt) -> None:
     problem_fields(r)
     r = server.client.post("/forecast", content=b"x" * 9_000_000, headers={"content-type": "application/json"})
     assert r.status_code == 413
+    problem_fields(r)
+    # Chunked, with no Content-Length to check up front: the limit holds on the bytes received.
+    chunks = (b"x" * 1_000_000 for _ in range(9))
+    r = server.client.post("/forecast", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "content-length" not in r.request.headers
     problem_fields(r)
     assert server.client.get("/no/such/route").status_code == 404
 
@@ -312,3 +338,26 @@ def test_schemathesis_finds_no_server_errors(server) -> None:
 
     ran = re.search(r"(\d+) generated, \1 passed", out.stdout)
     assert ran and int(ran.group(1)) >= 50, out.stdout[-2000:]
+
+
+def test_unexpected_errors_become_a_problem_without_internals() -> None:
+    """Whatever escapes a route: a 500 problem+json with the request id, no exception text, and a metric."""
+    import asyncio
+
+    from service import metrics
+    from service.app import ObserveMiddleware
+
+    async def broken_route(scope, receive, send) -> None:
+        raise RuntimeError("secret internal detail")
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=ObserveMiddleware(broken_route, max_body_bytes=100))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            return await client.get("/forecast", headers={"x-request-id": "req-42"})
+
+    before = metrics.ERRORS.labels("internal")._value.get()
+    r = asyncio.run(call())
+    assert r.status_code == 500 and r.headers["x-request-id"] == "req-42"
+    problem_fields(r)
+    assert "secret" not in r.text and r.json()["request_id"] == "req-42"
+    assert metrics.ERRORS.labels("internal")._value.get() == before + 1

@@ -97,6 +97,24 @@ def prepared(tiny_cfg, tiny_data):
     return cfg, R.prepare(cfg)
 
 
+def test_serving_feeds_the_model_what_training_fed_it(trained_store, prepared) -> None:
+    """Engineering-unit arrays through the service runtime (scalers and time-of-day inputs from the card)
+    give the forecast training evaluated: the two paths build the model's inputs the same way."""
+    from export.onnx_export import load_model
+    from service.runtime import ModelRuntime
+
+    store, version = trained_store
+    _, p = prepared
+    model, card = load_model(store / version)
+    assert card["variables"]["calendar"]["harmonics"] == p.harmonics > 0
+    w = p.test
+    torch_mean, _ = R.predict(model, p, w)
+    served = ModelRuntime(store / version).predict(w.x_hist, w.u_hist, w.u_fut, w.t_last).mean
+    assert np.max(np.abs(served - torch_mean) / p.x_std) < 1e-3
+    shifted = ModelRuntime(store / version).predict(w.x_hist, w.u_hist, w.u_fut, w.t_last + 360).mean
+    assert np.max(np.abs(shifted - torch_mean) / p.x_std) > 1e-2  # the clock matters
+
+
 def test_resume_continues_exactly(prepared, tmp_path: Path) -> None:
     cfg, p = prepared
     straight, log_a = R.train(cfg, p, tmp_path / "a")

@@ -23,7 +23,7 @@ from export.card import atomic_write
 from training.catalog import CONTROL_NAMES, MEASUREMENT_NAMES, SAMPLE_MINUTES, catalog_dict
 from training.config import ConfigError, DataConfig, load_config
 
-FORMAT_VERSION = 2  # 2: lagged return-sludge flow set at start-up
+FORMAT_VERSION = 3  # 2: lagged return-sludge flow set at start-up; 3: t_minutes on the influent clock
 
 
 class DataError(ValueError):
@@ -42,7 +42,7 @@ class Scenario:
 @dataclass
 class ScenarioData:
     id: str
-    t_minutes: np.ndarray  # (n,) minutes since the scenario's first kept sample
+    t_minutes: np.ndarray  # (n,) minutes on the influent's clock, whose day 0 starts at midnight
     x: np.ndarray  # (n, len(MEASUREMENTS))
     u: np.ndarray  # (n, len(CONTROLS))
     seed: int
@@ -92,7 +92,8 @@ def simulate_scenario(cfg: DataConfig, sc: Scenario) -> tuple[ScenarioData, list
     controls = bsm1.control_schedule(n_steps, rng, [*cfg.kla_ranges, cfg.qintr_range], hold)
     t, x, u = bsm1.simulate(influent, controls, SAMPLE_MINUTES, stabilize=cfg.stabilize)
     keep = t > cfg.warmup_days * bsm1.MINUTES_PER_DAY
-    t = t[keep] - t[keep][0]
+    # Keep the influent's clock (not minutes since the first sample): the time of day is a known input.
+    t = t[keep] + sc.start_day * bsm1.MINUTES_PER_DAY
     return ScenarioData(sc.id, t, x[keep], u[keep], sc.seed), [asdict(r) for r in repairs]
 
 
@@ -209,6 +210,7 @@ class Windows:
     x_fut: np.ndarray  # (N, H, nx)
     u_fut: np.ndarray  # (N, H, nu)
     x_prev_day: np.ndarray  # (N, H, nx): the same clock times one day earlier (seasonal naive), NaN if unknown
+    t_last: np.ndarray  # (N,) clock minutes of the last history sample (time-of-day inputs)
 
 
 def make_windows(
@@ -217,6 +219,7 @@ def make_windows(
     """Slide over each scenario separately, so no window straddles two scenarios."""
     day = 24 * 60 // SAMPLE_MINUTES
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("xh", "uh", "xf", "uf", "xd")}
+    t_last: list[float] = []
     for sd in data:
         n = len(sd.t_minutes)
         starts = np.arange(0, n - history - horizon + 1, stride)
@@ -233,9 +236,11 @@ def make_windows(
             ok = idx >= 0
             prev[ok] = sd.x[idx[ok]]
             parts["xd"].append(prev)
+            t_last.append(float(sd.t_minutes[e - 1]))
     if not parts["xh"]:
         raise DataError(f"no window of {history}+{horizon} steps fits the scenarios given")
-    return Windows(*(np.stack(parts[k]).astype(np.float32) for k in ("xh", "uh", "xf", "uf", "xd")))
+    arrays = (np.stack(parts[k]).astype(np.float32) for k in ("xh", "uh", "xf", "uf", "xd"))
+    return Windows(*arrays, np.array(t_last))
 
 
 def summary_table(data: dict[str, ScenarioData]) -> str:

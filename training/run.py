@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.card import CARD_VERSION, CardError, atomic_write
+from export.card import CARD_VERSION, CardError, atomic_write, calendar_card, calendar_features, window_clock
 from export.store import current_version, set_current
 from training import evaluate as ev
 from training.catalog import CONTROLS, MEASUREMENTS, SAMPLE_MINUTES, catalog_dict
@@ -49,13 +49,21 @@ class Prepared:
     test: Windows
     train_series: list[tuple[np.ndarray, np.ndarray]]  # whole normalised training scenarios (for ARX)
     data_hash: str
+    harmonics: int  # time-of-day inputs (model.calendar_harmonics)
     split_ids: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def nx(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.x_mean) / self.x_std).astype(np.float32)
 
-    def nu(self, u: np.ndarray) -> np.ndarray:
-        return ((u - self.u_mean) / self.u_std).astype(np.float32)
+    def nu(self, u: np.ndarray, minutes: np.ndarray) -> np.ndarray:
+        """The model's known inputs: scaled controls, then time-of-day features of the same steps."""
+        scaled = ((u - self.u_mean) / self.u_std).astype(np.float32)
+        return np.concatenate([scaled, calendar_features(minutes, self.harmonics)], -1)
+
+    def inputs(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
+        """Known inputs over each window's history and future."""
+        t_hist, t_fut = window_clock(w.t_last, w.u_hist.shape[1], w.u_fut.shape[1], SAMPLE_MINUTES)
+        return self.nu(w.u_hist, t_hist), self.nu(w.u_fut, t_fut)
 
     def dx(self, x: np.ndarray) -> np.ndarray:
         return x * self.x_std + self.x_mean
@@ -73,7 +81,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     u_std = np.maximum(u_all.std(0), 1e-3 * np.maximum(np.abs(u_mean), 1e-3))
     t = cfg.train
     H = t.horizon
-    return Prepared(
+    p = Prepared(
         x_mean,
         x_std,
         u_mean,
@@ -81,14 +89,19 @@ def prepare(cfg: RunConfig) -> Prepared:
         make_windows(train, t.history, H, t.window_stride),
         make_windows([data[i] for i in ids["val"]], t.history, H, max(1, H // 8), t.max_eval_windows),
         make_windows([data[i] for i in ids["test"]], t.history, H, max(1, H // 8), t.max_eval_windows),
-        [(((d.x - x_mean) / x_std), ((d.u - u_mean) / u_std)) for d in train],
+        [],
         config_hash(cfg.data),
+        cfg.model.calendar_harmonics,
         ids,
     )
+    p.train_series = [(p.nx(d.x), p.nu(d.u, d.t_minutes)) for d in train]
+    return p
 
 
 def tensors(p: Prepared, w: Windows) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.from_numpy(a) for a in (p.nx(w.x_hist), p.nu(w.u_hist), p.nx(w.x_fut), p.nu(w.u_fut)))
+    """(x_hist, u_hist, x_fut, u_fut) normalised, the u's with their time-of-day columns."""
+    u_hist, u_fut = p.inputs(w)
+    return tuple(torch.from_numpy(a) for a in (p.nx(w.x_hist), u_hist, p.nx(w.x_fut), u_fut))
 
 
 # ----------------------------------------------------------------------------- training
@@ -153,7 +166,7 @@ def train(
     t = cfg.train
     torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
-    model = KoVAE(len(MEASUREMENTS), len(CONTROLS), cfg.model)
+    model = KoVAE(len(MEASUREMENTS), len(CONTROLS) + 2 * cfg.model.calendar_harmonics, cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     train_data, val_data = tensors(p, p.train), tensors(p, p.val)
     ckpt_dir = run_dir / "checkpoints"
@@ -344,12 +357,13 @@ def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, spread: np.ndarray) 
     names = tuple(v.name for v in MEASUREMENTS)
     mean, samples = predict(model, p, w, cfg.train.calibration_samples, spread, seed=2)
     arx = {lags: ev.ARX(lags).fit(p.train_series) for lags in (1, 4)}
+    u_fut = p.inputs(w)[1]  # the baselines get the same known inputs as the KoVAE
     forecasts = {
         "kovae": mean,
         "persistence": ev.persistence(w),
         "seasonal_naive": ev.seasonal_naive(w),
-        "dmdc": p.dx(arx[1].forecast(p.nx(w.x_hist), p.nu(w.u_fut))),
-        "arx4": p.dx(arx[4].forecast(p.nx(w.x_hist), p.nu(w.u_fut))),
+        "dmdc": p.dx(arx[1].forecast(p.nx(w.x_hist), u_fut)),
+        "arx4": p.dx(arx[4].forecast(p.nx(w.x_hist), u_fut)),
     }
     tables = {k: ev.error_table(v, w.x_fut) for k, v in forecasts.items()}
     top5 = top5_indices(p)
@@ -488,6 +502,7 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
         "variables": {
             "measurements": with_scalers(cat["measurements"], p.x_mean, p.x_std),
             "controls": with_scalers(cat["controls"], p.u_mean, p.u_std),
+            "calendar": calendar_card(p.harmonics),
             "control_timing": "a control value at time t is the mean applied over the interval ending at t",
         },
         "scaling": {"kind": "zscore", "where": "outside_graph", "formula": "(value - mean) / std"},
@@ -519,7 +534,7 @@ def score_served(store: Path, p: Prepared, candidate_history: int) -> tuple[str,
     H = w.x_fut.shape[1]
     if rt.card["history"]["min"] > L or rt.max_horizon < H:
         raise CardError(f"served version {version} cannot forecast these windows; compare by hand or use --force")
-    mean = rt.predict(w.x_hist[:, -L:], w.u_hist[:, -L:], w.u_fut).mean
+    mean = rt.predict(w.x_hist[:, -L:], w.u_hist[:, -L:], w.u_fut, w.t_last).mean
     ref = ev.error_table(ev.persistence(w), w.x_fut)
     table = ev.error_table(mean, w.x_fut)
     return version, ev.headline_score(ev.headline(table, ref, p.x_std, top5_indices(p)))
@@ -597,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         card = build_card(version, cfg, p, metrics, calib, train_seconds)
         w = p.test
-        sample = [(p.nx(w.x_hist[:8]), p.nu(w.u_hist[:8]), p.nu(w.u_fut[:8]))]
+        u_hist, u_fut = p.inputs(w)
+        sample = [(p.nx(w.x_hist[:8]), u_hist[:8], u_fut[:8])]
         export_version(model, card, staging, sample)
         torch.save(model.state_dict(), staging / "weights.pt")
         atomic_write(staging / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
