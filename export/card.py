@@ -11,6 +11,8 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,10 @@ import numpy as np
 
 CARD_FILE = "card.json"
 ONNX_FILE = "model.onnx"
-CARD_VERSION = 2  # 2: variables.calendar (time-of-day inputs)
+CARD_VERSION = 2  # 2: variables.calendar (clock inputs)
 READABLE_CARD_VERSIONS = (1, 2)  # 1 has no calendar inputs
 MINUTES_PER_DAY = 24 * 60
+MINUTES_PER_WEEK = 7 * MINUTES_PER_DAY
 
 
 class CardError(ValueError):
@@ -124,31 +127,54 @@ def scalers(card: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return arr(m, "mean"), arr(m, "std"), arr(c, "mean"), arr(c, "std")
 
 
-def calendar_harmonics(card: dict[str, Any]) -> int:
-    """How many daily harmonics the model takes as known inputs (0 for cards written before they existed)."""
-    return int(card["variables"].get("calendar", {}).get("harmonics", 0))
+@dataclass(frozen=True)
+class Calendar:
+    """Known inputs read off the clock: sin/cos harmonics of the day and of the week.
 
-
-def calendar_card(harmonics: int) -> dict[str, Any]:
-    """The card's description of the time-of-day inputs that ``calendar_features`` computes."""
-    names = [f"{f}_{k}" for f in ("sin", "cos") for k in range(1, harmonics + 1)]
-    return {
-        "harmonics": harmonics,
-        "features": names,
-        "formula": "sin/cos(2 pi k minute_of_day / 1440), k = 1..harmonics, appended to the scaled controls",
-        "clock": "the wall-clock time in each timestamp's own UTC offset: send the plant's local time",
-    }
-
-
-def calendar_features(minutes: np.ndarray, harmonics: int) -> np.ndarray:
-    """Time-of-day inputs for clock times in minutes: shape (*minutes.shape, 2 * harmonics), float32.
-
-    The influent follows a daily cycle, so the time of day of every future step is a known input, like the
-    planned controls. Training and serving both call this, so the features cannot drift apart.
+    The influent follows a daily and a weekly cycle (weekend flows are ~15% lower), so the time of every
+    future step is a known input, like the planned controls. Clock times are minutes since Monday 00:00, local
+    time. Training and serving both compute the features here, so they cannot drift apart.
     """
-    phase = 2 * np.pi * (np.asarray(minutes, dtype=np.float64) % MINUTES_PER_DAY) / MINUTES_PER_DAY
-    angles = phase[..., None] * np.arange(1, harmonics + 1)
-    return np.concatenate([np.sin(angles), np.cos(angles)], -1).astype(np.float32)
+
+    daily: int = 0
+    weekly: int = 0
+
+    @property
+    def size(self) -> int:
+        return 2 * (self.daily + self.weekly)
+
+    def features(self, minutes: np.ndarray) -> np.ndarray:
+        """(*minutes.shape, size) float32: day sin 1..n, day cos 1..n, then the same for the week."""
+        minutes = np.asarray(minutes, dtype=np.float64)
+        parts = []
+        for harmonics, period in ((self.daily, MINUTES_PER_DAY), (self.weekly, MINUTES_PER_WEEK)):
+            angles = (2 * np.pi * (minutes % period) / period)[..., None] * np.arange(1, harmonics + 1)
+            parts += [np.sin(angles), np.cos(angles)]
+        return np.concatenate(parts, -1).astype(np.float32)
+
+    def to_card(self) -> dict[str, Any]:
+        periods = (("day", self.daily), ("week", self.weekly))
+        names = [f"{p}_{f}_{k}" for p, n in periods for f in ("sin", "cos") for k in range(1, n + 1)]
+        return {
+            "daily_harmonics": self.daily,
+            "weekly_harmonics": self.weekly,
+            "features": names,
+            "formula": "sin/cos(2 pi k m / P), m = minutes since Monday 00:00 mod P, P = 1 day and 1 week",
+            "clock": "the wall-clock time in each timestamp's own UTC offset: send the plant's local time",
+            "where": "appended to the scaled controls, in this order",
+        }
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any]) -> Calendar:
+        """The card's calendar; none for cards written before it existed (card_version 1)."""
+        cal = card["variables"].get("calendar", {})
+        daily = cal.get("daily_harmonics", cal.get("harmonics", 0))  # "harmonics": early version-2 cards (daily only)
+        return cls(int(daily), int(cal.get("weekly_harmonics", 0)))
+
+
+def minutes_since_monday(t: datetime) -> float:
+    """Clock position of a timestamp in its own UTC offset, the calendar's input."""
+    return t.weekday() * MINUTES_PER_DAY + t.hour * 60 + t.minute + t.second / 60
 
 
 def window_clock(last_minute: np.ndarray, history: int, horizon: int, step: int) -> tuple[np.ndarray, np.ndarray]:

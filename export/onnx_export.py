@@ -2,7 +2,7 @@
 
 Graph inputs (all normalised, float32):
     x_hist (batch, history, n_x), u_hist (batch, history, n_u), u_fut (batch, horizon, n_u),
-    where the n_u columns are the scaled controls then the card's time-of-day features,
+    where the n_u columns are the scaled controls then the card's calendar features,
     noise (batch, samples, horizon, z_dim) standard normal, for forecast samples.
 Graph outputs: mean (batch, horizon, n_x) and samples (batch, samples, horizon, n_x).
 
@@ -29,8 +29,8 @@ from torch.nn import functional as F
 
 from export.card import (
     ONNX_FILE,
+    Calendar,
     atomic_write,
-    calendar_harmonics,
     read_card,
     sha256_file,
     stability_summary,
@@ -115,7 +115,7 @@ def load_model(version_dir: Path, *, verify: bool = True) -> tuple[KoVAE, dict[s
     """Rebuild a stored version's KoVAE (eval mode) from its card and weights.pt; returns (model, card)."""
     card = read_card(version_dir, verify=verify)
     cfg = ModelConfig(**{k: v for k, v in card["model"].items() if k != "type"})
-    n_u = len(card["variables"]["controls"]) + 2 * calendar_harmonics(card)
+    n_u = len(card["variables"]["controls"]) + Calendar.from_card(card).size
     model = KoVAE(len(card["variables"]["measurements"]), n_u, cfg)
     model.load_state_dict(torch.load(Path(version_dir) / "weights.pt", weights_only=True))
     return model.eval(), card

@@ -32,7 +32,7 @@ from service.protocol import ForecastRequest, ForecastResponse, ProblemError
 from service.registry import ModelRegistry, ReloadError
 from service.settings import Settings, get_settings
 
-API_VERSION = "1.1.0"  # 1.1: the time of day of the timestamps is a model input
+API_VERSION = "1.1.0"  # 1.1: the time of day and week of the timestamps are model inputs
 PROBLEM = "application/problem+json"
 log = logging.getLogger("kovae.app")
 ROUTES = {"/forecast", "/model", "/healthz", "/readyz", "/metrics", "/admin/reload", "/docs", "/openapi.json"}

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from export.card import minutes_since_monday
 from service.runtime import Forecast, ModelRuntime
 from service.settings import Settings
 
@@ -34,7 +35,7 @@ class SeriesIn(BaseModel):
     id: str | None = Field(None, max_length=128, description="caller's label, echoed back")
     timestamps: list[datetime] = Field(
         description="history sample times, oldest first, at the model's spacing, in the plant's local time "
-        "(with its UTC offset; no offset means UTC): the time of day is a model input"
+        "(with its UTC offset; no offset means UTC): the time of day and week are model inputs"
     )
     measurements: dict[str, list[float]] = Field(description="one array per measured variable (catalog names)")
     controls: dict[str, list[float]] = Field(description="one array per control over the history")
@@ -83,7 +84,7 @@ class DecodedRequest:
     u_hist: list[np.ndarray] = field(default_factory=list)
     u_fut: list[np.ndarray] = field(default_factory=list)  # per series (H, n_u)
     future_times: list[list[datetime]] = field(default_factory=list)
-    last_minute: list[float] = field(default_factory=list)  # clock time of each series' last history sample
+    last_minute: list[float] = field(default_factory=list)  # each series' last history time, minutes since Monday
     ids: list[str | None] = field(default_factory=list)
     horizon: int = 0
     quantiles: list[float] = field(default_factory=list)
@@ -180,8 +181,7 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
         out.u_hist.append(u)
         out.u_fut.append(uf)
         out.future_times.append([times[-1] + timedelta(minutes=step * (k + 1)) for k in range(H)])
-        last = times[-1]  # read in its own UTC offset: the plant's clock drives the daily cycle
-        out.last_minute.append(last.hour * 60 + last.minute + last.second / 60)
+        out.last_minute.append(minutes_since_monday(times[-1]))  # its own UTC offset: the plant's clock
         out.ids.append(s.id)
     if errors:
         raise ProblemError(422, "Invalid forecast request", errors)

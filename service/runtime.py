@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from export.card import calendar_features, calendar_harmonics, read_card, scalers, window_clock
+from export.card import Calendar, read_card, scalers, window_clock
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class ModelRuntime:
         self.z_dim = int(self.card["model"]["z_dim"])
         self.measurements = [v["name"] for v in self.card["variables"]["measurements"]]
         self.controls = [v["name"] for v in self.card["variables"]["controls"]]
-        self.harmonics = calendar_harmonics(self.card)
+        self.calendar = Calendar.from_card(self.card)
         self.step_minutes = int(self.card["sample_minutes"])
 
     @property
@@ -60,7 +60,7 @@ class ModelRuntime:
     ) -> Forecast:
         """Forecast from engineering-unit arrays: x_hist (B, L, n_x), u_hist (B, L, n_u), u_fut (B, H, n_u).
 
-        last_minute (B,): clock time of each series' last history sample in minutes (time-of-day inputs).
+        last_minute (B,): each series' last history sample in minutes since Monday 00:00 (calendar inputs).
         """
         batch, horizon = u_fut.shape[0], u_fut.shape[1]
         # No samples asked for: an empty noise tensor, and the graph's sample path costs nothing.
@@ -79,8 +79,8 @@ class ModelRuntime:
         return Forecast(mean, samples * self.x_std + self.x_mean if n_samples > 0 else None)
 
     def known_inputs(self, u: np.ndarray, minutes: np.ndarray) -> np.ndarray:
-        """The graph's input rows: scaled controls, then the card's time-of-day features."""
+        """The graph's input rows: scaled controls, then the card's calendar features."""
         scaled = ((u - self.u_mean) / self.u_std).astype(np.float32)
-        if not self.harmonics:
+        if not self.calendar.size:
             return scaled
-        return np.concatenate([scaled, calendar_features(minutes, self.harmonics)], -1)
+        return np.concatenate([scaled, self.calendar.features(minutes)], -1)

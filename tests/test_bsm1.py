@@ -126,3 +126,18 @@ def test_kla_step_changes_oxygen_in_that_reactor() -> None:
     assert x_high[-1, so5] - x_low[-1, so5] > 0.3  # g O2/m3, from the (oxygen-hungry) unstabilised start
     assert np.all(x_high[4:, so5] > x_low[4:, so5])  # after the first hour, at every sample
     assert x_low.shape == (n // 15, 16) and np.all(np.isfinite(x_low))
+
+
+@pytest.mark.parametrize("name", ["dry", "bsm2"])
+def test_influent_clock_starts_on_a_monday_at_midnight(name: str) -> None:
+    """The calendar inputs assume influent day 0 is a Monday starting at midnight: check both cycles."""
+    data, _ = bsm1.load_influent(name)
+    t, q = data[:, 0], data[:, 1 + bsm1.Q]
+    days = min(int(t[-1]), 448)
+    day = np.floor(t).astype(int)
+    daily = np.array([q[day == d].mean() for d in range(days)])
+    by_weekday = [daily[d::7].mean() for d in range(7)]
+    assert set(np.argsort(by_weekday)[:2]) == {5, 6}  # Saturday and Sunday have the lowest flows
+    hour = ((t % 1) * 24).astype(int)
+    by_hour = [q[hour == h].mean() for h in range(24)]
+    assert int(np.argmin(by_hour)) in range(2, 7) and int(np.argmax(by_hour)) in range(8, 12)  # night low, morning peak

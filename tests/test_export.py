@@ -120,3 +120,20 @@ def test_exporter_refuses_on_parity_failure_and_writes_nothing(trained_store, tm
     with pytest.raises(E.ParityError, match="differs from PyTorch by"):
         E.export_version(model, card, target)
     assert not target.exists()
+
+
+def test_calendar_contract_reads_every_card_version_and_repeats_weekly() -> None:
+    from export.card import Calendar
+
+    def card(calendar: dict | None) -> dict:
+        return {"variables": {} if calendar is None else {"calendar": calendar}}
+
+    assert Calendar.from_card(card(None)) == Calendar(0, 0)  # card_version 1: no clock inputs
+    assert Calendar.from_card(card({"harmonics": 2})) == Calendar(2, 0)  # early version 2: daily only
+    cal = Calendar(2, 2)
+    assert Calendar.from_card(card(cal.to_card())) == cal and len(cal.to_card()["features"]) == cal.size == 8
+    minutes = np.arange(0, 7 * 1440, 15.0)
+    f = cal.features(minutes)
+    assert f.shape == (len(minutes), 8) and np.allclose(cal.features(minutes + 7 * 1440), f, atol=1e-5)
+    day = 1440 // 15
+    assert np.allclose(f[day:, :4], f[:-day, :4], atol=1e-5) and not np.allclose(f[day:, 4:], f[:-day, 4:])

@@ -47,7 +47,7 @@ def arrays(body: dict, rt: ModelRuntime) -> tuple[np.ndarray, ...]:
     u = np.stack([np.stack([d["controls"][n] for n in rt.controls], 1) for d in s])
     uf = np.stack([np.stack([d["future_controls"][n] for n in rt.controls], 1) for d in s])
     last = [datetime.fromisoformat(d["timestamps"][-1]) for d in s]
-    return x, u, uf, np.array([t.hour * 60 + t.minute for t in last])
+    return x, u, uf, np.array([t.weekday() * 1440 + t.hour * 60 + t.minute for t in last])
 
 
 @pytest.fixture
@@ -88,10 +88,14 @@ def test_forecast_matches_a_direct_onnx_runtime_call(server, rt) -> None:
         ]
 
 
-def test_time_of_day_is_an_input_read_in_the_plant_clock(server, rt) -> None:
-    """Same history a day later: same forecast. Six hours later, or the same instants in another UTC
-    offset (another plant clock): another forecast, since the daily cycle follows the local time."""
-    assert rt.harmonics > 0
+def test_time_of_day_and_week_are_inputs_read_in_the_plant_clock(serve) -> None:
+    """Same history a week later: same forecast. Six hours or a day later, or the same instants in another
+    UTC offset (another plant clock): another forecast, since the cycles follow the local time.
+    Runs on the committed default model (the tiny one has no weekly inputs)."""
+    store = Path(__file__).resolve().parents[1] / "models"
+    server = serve(store)
+    rt = ModelRuntime(store / current_version(store))
+    assert rt.calendar.daily > 0 and rt.calendar.weekly > 0
 
     def forecast(shift: timedelta, tz: timezone = UTC) -> np.ndarray:
         body = make_body(rt, horizon=8)
@@ -102,8 +106,9 @@ def test_time_of_day_is_an_input_read_in_the_plant_clock(server, rt) -> None:
         return np.array(r.json()["series"][0]["forecast"]["Q_in"]["mean"])
 
     base = forecast(timedelta(0))
-    assert np.allclose(forecast(timedelta(days=1)), base, rtol=1e-6)
+    assert np.allclose(forecast(timedelta(days=7)), base, rtol=1e-6)
     assert not np.allclose(forecast(timedelta(hours=6)), base, rtol=1e-3)
+    assert not np.allclose(forecast(timedelta(days=1)), base, rtol=1e-3)
     assert not np.allclose(forecast(timedelta(0), timezone(timedelta(hours=6))), base, rtol=1e-3)
 
 

@@ -98,15 +98,16 @@ def prepared(tiny_cfg, tiny_data):
 
 
 def test_serving_feeds_the_model_what_training_fed_it(trained_store, prepared) -> None:
-    """Engineering-unit arrays through the service runtime (scalers and time-of-day inputs from the card)
+    """Engineering-unit arrays through the service runtime (scalers and calendar inputs from the card)
     give the forecast training evaluated: the two paths build the model's inputs the same way."""
+    from export.card import Calendar
     from export.onnx_export import load_model
     from service.runtime import ModelRuntime
 
     store, version = trained_store
     _, p = prepared
     model, card = load_model(store / version)
-    assert card["variables"]["calendar"]["harmonics"] == p.harmonics > 0
+    assert Calendar.from_card(card) == p.calendar and p.calendar.size == 4  # tiny: daily harmonics only
     w = p.test
     torch_mean, _ = R.predict(model, p, w)
     served = ModelRuntime(store / version).predict(w.x_hist, w.u_hist, w.u_fut, w.t_last).mean

@@ -41,14 +41,15 @@ class ModelConfig:
     dropout: float = 0.2
     layer_norm: bool = True  # on the encoder's GRU output
     decoder_layers: int = 2
-    calendar_harmonics: int = 2  # time-of-day sin/cos pairs appended to the controls as known inputs (0: none)
+    calendar_daily: int = 2  # sin/cos harmonics of the time of day, known inputs beside the controls (0: none)
+    calendar_weekly: int = 2  # sin/cos harmonics of the time of week (weekend flows are lower)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     history: int = 96  # 1 day at 15 minutes
     horizon: int = 96  # maximum forecast horizon, also the longest rollout trained
-    epochs: int = 30  # the best-on-validation epoch is kept (epoch 18 in the committed run)
+    epochs: int = 30  # the best-on-validation epoch is kept (epoch 15 in the committed run)
     batch_size: int = 64
     lr: float = 2e-3
     min_lr: float = 1e-4
@@ -94,7 +95,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "val_scenarios": ("bsm2-01",),
             "test_scenarios": ("bsm2-02",),
         },
-        "model": {"z_dim": 16, "h_dim": 32, "real_modes": 4, "dropout": 0.0},
+        # No weekly inputs: 2.5-day scenarios cannot teach a weekly cycle (with them the tiny model lost to
+        # persistence on its held-out scenario).
+        "model": {"z_dim": 16, "h_dim": 32, "real_modes": 4, "dropout": 0.0, "calendar_weekly": 0},
         "train": {
             "history": 16,
             "horizon": 16,
@@ -203,8 +206,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append("data.workers must be >= 1")
     if m.z_dim < 2 or m.real_modes < 0 or (m.z_dim - m.real_modes) % 2 or m.real_modes > m.z_dim:
         problems.append("model.z_dim - model.real_modes must be a non-negative even number")
-    if not 0 <= m.calendar_harmonics <= 12:
-        problems.append("model.calendar_harmonics must be in 0..12")
+    if not (0 <= m.calendar_daily <= 12 and 0 <= m.calendar_weekly <= 12):
+        problems.append("model.calendar_daily and model.calendar_weekly must be in 0..12")
     if not 0 < m.rho_max < 1:
         problems.append("model.rho_max must be in (0, 1): with |lambda| = 1 a constant input grows without bound")
     if t.history < 2 or t.horizon < 1 or t.epochs < 1 or t.batch_size < 1:

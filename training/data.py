@@ -42,7 +42,7 @@ class Scenario:
 @dataclass
 class ScenarioData:
     id: str
-    t_minutes: np.ndarray  # (n,) minutes on the influent's clock, whose day 0 starts at midnight
+    t_minutes: np.ndarray  # (n,) minutes on the influent's clock: day 0 starts at midnight, on a Monday
     x: np.ndarray  # (n, len(MEASUREMENTS))
     u: np.ndarray  # (n, len(CONTROLS))
     seed: int
@@ -92,7 +92,8 @@ def simulate_scenario(cfg: DataConfig, sc: Scenario) -> tuple[ScenarioData, list
     controls = bsm1.control_schedule(n_steps, rng, [*cfg.kla_ranges, cfg.qintr_range], hold)
     t, x, u = bsm1.simulate(influent, controls, SAMPLE_MINUTES, stabilize=cfg.stabilize)
     keep = t > cfg.warmup_days * bsm1.MINUTES_PER_DAY
-    # Keep the influent's clock (not minutes since the first sample): the time of day is a known input.
+    # Keep the influent's clock (not minutes since the first sample): day 0 is a Monday at midnight
+    # (weekend flows are lowest on days 5 and 6), and the time of day and week are known inputs.
     t = t[keep] + sc.start_day * bsm1.MINUTES_PER_DAY
     return ScenarioData(sc.id, t, x[keep], u[keep], sc.seed), [asdict(r) for r in repairs]
 
@@ -210,7 +211,7 @@ class Windows:
     x_fut: np.ndarray  # (N, H, nx)
     u_fut: np.ndarray  # (N, H, nu)
     x_prev_day: np.ndarray  # (N, H, nx): the same clock times one day earlier (seasonal naive), NaN if unknown
-    t_last: np.ndarray  # (N,) clock minutes of the last history sample (time-of-day inputs)
+    t_last: np.ndarray  # (N,) clock minutes of the last history sample (calendar inputs)
 
 
 def make_windows(

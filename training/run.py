@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.card import CARD_VERSION, CardError, atomic_write, calendar_card, calendar_features, window_clock
+from export.card import CARD_VERSION, Calendar, CardError, atomic_write, window_clock
 from export.store import current_version, set_current
 from training import evaluate as ev
 from training.catalog import CONTROLS, MEASUREMENTS, SAMPLE_MINUTES, catalog_dict
@@ -49,16 +49,16 @@ class Prepared:
     test: Windows
     train_series: list[tuple[np.ndarray, np.ndarray]]  # whole normalised training scenarios (for ARX)
     data_hash: str
-    harmonics: int  # time-of-day inputs (model.calendar_harmonics)
+    calendar: Calendar  # clock inputs (model.calendar_daily, model.calendar_weekly)
     split_ids: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def nx(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.x_mean) / self.x_std).astype(np.float32)
 
     def nu(self, u: np.ndarray, minutes: np.ndarray) -> np.ndarray:
-        """The model's known inputs: scaled controls, then time-of-day features of the same steps."""
+        """The model's known inputs: scaled controls, then calendar features of the same steps."""
         scaled = ((u - self.u_mean) / self.u_std).astype(np.float32)
-        return np.concatenate([scaled, calendar_features(minutes, self.harmonics)], -1)
+        return np.concatenate([scaled, self.calendar.features(minutes)], -1)
 
     def inputs(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
         """Known inputs over each window's history and future."""
@@ -91,7 +91,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         make_windows([data[i] for i in ids["test"]], t.history, H, max(1, H // 8), t.max_eval_windows),
         [],
         config_hash(cfg.data),
-        cfg.model.calendar_harmonics,
+        Calendar(cfg.model.calendar_daily, cfg.model.calendar_weekly),
         ids,
     )
     p.train_series = [(p.nx(d.x), p.nu(d.u, d.t_minutes)) for d in train]
@@ -99,7 +99,7 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 
 def tensors(p: Prepared, w: Windows) -> tuple[torch.Tensor, ...]:
-    """(x_hist, u_hist, x_fut, u_fut) normalised, the u's with their time-of-day columns."""
+    """(x_hist, u_hist, x_fut, u_fut) normalised, the u's with their calendar columns."""
     u_hist, u_fut = p.inputs(w)
     return tuple(torch.from_numpy(a) for a in (p.nx(w.x_hist), u_hist, p.nx(w.x_fut), u_fut))
 
@@ -166,7 +166,8 @@ def train(
     t = cfg.train
     torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
-    model = KoVAE(len(MEASUREMENTS), len(CONTROLS) + 2 * cfg.model.calendar_harmonics, cfg.model)
+    calendar = Calendar(cfg.model.calendar_daily, cfg.model.calendar_weekly)
+    model = KoVAE(len(MEASUREMENTS), len(CONTROLS) + calendar.size, cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     train_data, val_data = tensors(p, p.train), tensors(p, p.val)
     ckpt_dir = run_dir / "checkpoints"
@@ -502,7 +503,7 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
         "variables": {
             "measurements": with_scalers(cat["measurements"], p.x_mean, p.x_std),
             "controls": with_scalers(cat["controls"], p.u_mean, p.u_std),
-            "calendar": calendar_card(p.harmonics),
+            "calendar": p.calendar.to_card(),
             "control_timing": "a control value at time t is the mean applied over the interval ending at t",
         },
         "scaling": {"kind": "zscore", "where": "outside_graph", "formula": "(value - mean) / std"},
@@ -534,7 +535,11 @@ def score_served(store: Path, p: Prepared, candidate_history: int) -> tuple[str,
     H = w.x_fut.shape[1]
     if rt.card["history"]["min"] > L or rt.max_horizon < H:
         raise CardError(f"served version {version} cannot forecast these windows; compare by hand or use --force")
-    mean = rt.predict(w.x_hist[:, -L:], w.u_hist[:, -L:], w.u_fut, w.t_last).mean
+    try:
+        mean = rt.predict(w.x_hist[:, -L:], w.u_hist[:, -L:], w.u_fut, w.t_last).mean
+    except Exception as exc:  # e.g. ONNX Runtime refusing the inputs of a model with other known inputs
+        why = f"served version {version} failed on these windows ({exc}); compare by hand or use --force"
+        raise CardError(why) from None
     ref = ev.error_table(ev.persistence(w), w.x_fut)
     table = ev.error_table(mean, w.x_fut)
     return version, ev.headline_score(ev.headline(table, ref, p.x_std, top5_indices(p)))
