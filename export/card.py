@@ -172,6 +172,18 @@ class Calendar:
         return cls(int(daily), int(cal.get("weekly_harmonics", 0)))
 
 
+def known_inputs(
+    u: np.ndarray, minutes: np.ndarray, card_scalers: tuple[np.ndarray, np.ndarray], calendar: Calendar
+) -> np.ndarray:
+    """The graph's known-input rows (..., n_u): z-scored controls, then the calendar features of the same steps.
+
+    Training, export and the service all build the model's u this way. ``card_scalers`` is (u_mean, u_std).
+    """
+    u_mean, u_std = card_scalers
+    scaled = ((u - u_mean) / u_std).astype(np.float32)
+    return np.concatenate([scaled, calendar.features(minutes)], -1)
+
+
 def minutes_since_monday(t: datetime) -> float:
     """Clock position of a timestamp in its own UTC offset, the calendar's input."""
     return t.weekday() * MINUTES_PER_DAY + t.hour * 60 + t.minute + t.second / 60

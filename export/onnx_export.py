@@ -6,10 +6,10 @@ Graph inputs (all normalised, float32):
     noise (batch, samples, horizon, z_dim) standard normal, for forecast samples.
 Graph outputs: mean (batch, horizon, n_x) and samples (batch, samples, horizon, n_x).
 
-A, B, c, the noise scale and the per-variable spread calibration are folded into constants. The rollout is
-unrolled to the card's maximum horizon as plain MatMul/Add and sliced to the requested horizon, so the horizon
-stays dynamic and the graph has no loop and no eigen-decomposition. Scalers stay outside the graph (the card
-holds them).
+B, c, the modes of A (radii, angles, real poles), the noise scale and the per-variable spread calibration are
+folded into constants. The rollout covers the card's maximum horizon as one Toeplitz product per mode (see
+ForecastGraph) and is sliced to the requested horizon, so the horizon stays dynamic and the graph has no loop
+and no eigen-decomposition. Scalers stay outside the graph (the card holds them).
 """
 
 from __future__ import annotations

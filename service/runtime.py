@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from export.card import Calendar, read_card, scalers, window_clock
+from export.card import Calendar, known_inputs, read_card, scalers, window_clock
 
 
 @dataclass(frozen=True)
@@ -70,17 +70,10 @@ class ModelRuntime:
         t_hist, t_fut = window_clock(last_minute, x_hist.shape[1], horizon, self.step_minutes)
         feeds = {
             "x_hist": ((x_hist - self.x_mean) / self.x_std).astype(np.float32),
-            "u_hist": self.known_inputs(u_hist, t_hist),
-            "u_fut": self.known_inputs(u_fut, t_fut),
+            "u_hist": known_inputs(u_hist, t_hist, (self.u_mean, self.u_std), self.calendar),
+            "u_fut": known_inputs(u_fut, t_fut, (self.u_mean, self.u_std), self.calendar),
             "noise": noise,
         }
         mean, samples = self.session.run(["mean", "samples"], feeds)
         mean = mean * self.x_std + self.x_mean
         return Forecast(mean, samples * self.x_std + self.x_mean if n_samples > 0 else None)
-
-    def known_inputs(self, u: np.ndarray, minutes: np.ndarray) -> np.ndarray:
-        """The graph's input rows: scaled controls, then the card's calendar features."""
-        scaled = ((u - self.u_mean) / self.u_std).astype(np.float32)
-        if not self.calendar.size:
-            return scaled
-        return np.concatenate([scaled, self.calendar.features(minutes)], -1)

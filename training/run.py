@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.card import CARD_VERSION, Calendar, CardError, atomic_write, window_clock
+from export.card import CARD_VERSION, Calendar, CardError, atomic_write, known_inputs, window_clock
 from export.store import current_version, set_current
 from training import evaluate as ev
 from training.catalog import CONTROLS, MEASUREMENTS, SAMPLE_MINUTES, catalog_dict
@@ -57,8 +57,7 @@ class Prepared:
 
     def nu(self, u: np.ndarray, minutes: np.ndarray) -> np.ndarray:
         """The model's known inputs: scaled controls, then calendar features of the same steps."""
-        scaled = ((u - self.u_mean) / self.u_std).astype(np.float32)
-        return np.concatenate([scaled, self.calendar.features(minutes)], -1)
+        return known_inputs(u, minutes, (self.u_mean, self.u_std), self.calendar)
 
     def inputs(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
         """Known inputs over each window's history and future."""
@@ -81,7 +80,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     u_std = np.maximum(u_all.std(0), 1e-3 * np.maximum(np.abs(u_mean), 1e-3))
     t = cfg.train
     H = t.horizon
-    p = Prepared(
+    calendar = Calendar(cfg.model.calendar_daily, cfg.model.calendar_weekly)
+    return Prepared(
         x_mean,
         x_std,
         u_mean,
@@ -89,13 +89,11 @@ def prepare(cfg: RunConfig) -> Prepared:
         make_windows(train, t.history, H, t.window_stride),
         make_windows([data[i] for i in ids["val"]], t.history, H, max(1, H // 8), t.max_eval_windows),
         make_windows([data[i] for i in ids["test"]], t.history, H, max(1, H // 8), t.max_eval_windows),
-        [],
+        [(((d.x - x_mean) / x_std), known_inputs(d.u, d.t_minutes, (u_mean, u_std), calendar)) for d in train],
         config_hash(cfg.data),
-        Calendar(cfg.model.calendar_daily, cfg.model.calendar_weekly),
+        calendar,
         ids,
     )
-    p.train_series = [(p.nx(d.x), p.nu(d.u, d.t_minutes)) for d in train]
-    return p
 
 
 def tensors(p: Prepared, w: Windows) -> tuple[torch.Tensor, ...]:
@@ -166,8 +164,7 @@ def train(
     t = cfg.train
     torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
-    calendar = Calendar(cfg.model.calendar_daily, cfg.model.calendar_weekly)
-    model = KoVAE(len(MEASUREMENTS), len(CONTROLS) + calendar.size, cfg.model)
+    model = KoVAE(len(MEASUREMENTS), len(CONTROLS) + p.calendar.size, cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     train_data, val_data = tensors(p, p.train), tensors(p, p.val)
     ckpt_dir = run_dir / "checkpoints"
