@@ -6,16 +6,18 @@ Graph inputs (all normalised, float32):
     noise (batch, samples, horizon, z_dim) standard normal, for forecast samples.
 Graph outputs: mean (batch, horizon, n_x) and samples (batch, samples, horizon, n_x).
 
-B, c, the modes of A (radii, angles, real poles), the noise scale and the per-variable spread calibration are
-folded into constants. The rollout covers the card's maximum horizon as one Toeplitz product per mode (see
-ForecastGraph) and is sliced to the requested horizon, so the horizon stays dynamic and the graph has no loop
-and no eigen-decomposition. Scalers stay outside the graph (the card holds them).
+B, c, the modes of A (radii, angles, real poles), the noise scale, the per-variable fading of the decoder's
+miss at the last history step and the per-variable spread calibration are folded into constants. The rollout
+covers the card's maximum horizon as one Toeplitz product per mode (see ForecastGraph) and is sliced to the
+requested horizon, so the horizon stays dynamic and the graph has no loop and no eigen-decomposition.
+Scalers stay outside the graph (the card holds them).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,9 +59,13 @@ class ForecastGraph(nn.Module):
     lambda = r e^{i theta}, each real mode as a real pole q, and the whole horizon is one causal Toeplitz
     product per mode: z[k] = sum_{j<=k} lambda^(k-j) d[j], with d[0] = z0. The Toeplitz matrices are built
     from r, theta and q inside the graph (ONNX Runtime folds them once at load), so the file stays small.
+    Every decoded trajectory then gets the decoder's miss at the last history step, times g^k per variable
+    (calibration.residual_decay; zeros for a card without it).
     """
 
-    def __init__(self, model: KoVAE, max_horizon: int, spread: list[float]) -> None:
+    def __init__(
+        self, model: KoVAE, max_horizon: int, spread: list[float], residual_decay: list[float] | None = None
+    ) -> None:
         super().__init__()
         self.model = model.eval()
         kp = model.koopman
@@ -69,6 +75,11 @@ class ForecastGraph(nn.Module):
             self.register_buffer("c", kp.c.clone())
             self.register_buffer("noise_std", kp.log_noise.exp().clone())
             self.register_buffer("spread", torch.tensor(spread, dtype=torch.float32))
+            decay = torch.zeros(model.x_dim) if residual_decay is None else torch.tensor(residual_decay)
+            self.register_buffer("residual_decay", decay.float())
+            # g^k for k = 1..Hmax, per variable: how much of the decoder's miss at the last step each step keeps.
+            steps = torch.arange(1, max_horizon + 1, dtype=torch.float32)[:, None]
+            self.register_buffer("residual_powers", self.residual_decay**steps)  # (Hmax, x)
             self.register_buffer("radii", kp.pair_radii().clone()[:, None, None])  # (pairs, 1, 1)
             self.register_buffer("angles", kp.pair_angle.clone()[:, None, None])
             self.register_buffer("poles", kp.real_poles().clone()[:, None, None])  # (real modes, 1, 1)
@@ -106,8 +117,9 @@ class ForecastGraph(nn.Module):
         z0s = z0.unsqueeze(1) + torch.zeros_like(noise[:, :, 0])  # (B, S, z); S = 0 skips the samples
         z_dim, flat = z0.shape[1], (-1, self.max_horizon, z0.shape[1])
         zs = self.rollout(z0s.reshape(-1, z_dim), sample_drive.reshape(flat)).reshape(noise.shape[0], -1, *flat[1:])
-        mean = m.decoder(self.rollout(z0, drive)[:, :horizon])
-        raw = m.decoder(zs[:, :, :horizon])
+        corr = (x_hist[:, -1] - m.decoder(z0)).unsqueeze(1) * self.residual_powers[:horizon]  # (B, h, x)
+        mean = m.decoder(self.rollout(z0, drive)[:, :horizon]) + corr
+        raw = m.decoder(zs[:, :, :horizon]) + corr.unsqueeze(1)
         return mean, calibrated_samples(mean, raw, self.spread)
 
 
@@ -197,6 +209,16 @@ def _compare(graph: ForecastGraph, sess: ort.InferenceSession, feeds: tuple[torc
     return max(float(np.max(np.abs(ref[0] - got[0]))), float(np.max(np.abs(ref[1] - got[1]) / k, initial=0.0)))
 
 
+def residual_summary(decay: list[float], card: dict[str, Any]) -> dict[str, Any]:
+    """How long each variable's measured offset from the decoder persists in a forecast (half-life, hours)."""
+    hours = card["sample_minutes"] / 60
+    names = [v["name"] for v in card["variables"]["measurements"]]
+    half_life = {
+        n: (math.log(0.5) / math.log(g) * hours if 0 < g < 1 else 0.0) for n, g in zip(names, decay, strict=True)
+    }
+    return {"residual_decay_max": max(decay), "residual_half_life_hours": half_life}
+
+
 def export_version(
     model: KoVAE,
     card: dict[str, Any],
@@ -207,7 +229,8 @@ def export_version(
 
     On a parity failure nothing in ``version_dir`` is touched.
     """
-    graph = ForecastGraph(model, card["max_horizon"], card["calibration"]["spread_scale"])
+    calib = card["calibration"]
+    graph = ForecastGraph(model, card["max_horizon"], calib["spread_scale"], calib.get("residual_decay"))
     stability = stability_summary(graph.At.T.double().numpy(), card["sample_minutes"])
     created = card.get("created_at") or datetime.now(UTC).isoformat(timespec="seconds")
     metadata = {
@@ -228,13 +251,14 @@ def export_version(
         **card,
         "created_at": created,
         "operator": {
-            "form": "z[t+1] = A z[t] + B u[t+1] + c (+ noise_std * eps for samples), normalised units",
+            "form": "z[t+1] = A z[t] + B u[t+1] + c (+ noise_std * eps for samples), normalised units; "
+            "forecast x[t+k] = D(z[t+k]) + g^k (x[t] - D(z[t])) with g = calibration.residual_decay per variable",
             "A": graph.At.T.tolist(),
             "B": graph.Bt.T.tolist(),
             "c": graph.c.tolist(),
             "noise_std": graph.noise_std.tolist(),
         },
-        "stability": stability,
+        "stability": {**stability, **residual_summary(calib.get("residual_decay", [0.0] * model.x_dim), card)},
         "onnx": {
             "file": ONNX_FILE,
             "sha256": sha256_file(version_dir / ONNX_FILE),

@@ -29,12 +29,13 @@ def _load(store: Path, version: str) -> tuple[KoVAE, dict]:
 def test_onnx_matches_torch_across_dynamic_shapes(trained_store, batch, history, horizon, samples) -> None:
     store, version = trained_store
     model, card = _load(store, version)
-    graph = E.ForecastGraph(model, card["max_horizon"], card["calibration"]["spread_scale"])
+    calib = card["calibration"]
+    graph = E.ForecastGraph(model, card["max_horizon"], calib["spread_scale"], calib["residual_decay"])
     sess = ort.InferenceSession(str(store / version / "model.onnx"), providers=["CPUExecutionProvider"])
     feeds = E._example(batch, history, horizon, samples, (model.x_dim, model.u_dim, model.cfg.z_dim), seed=7)
     with torch.no_grad():
         mean, smp = (t.numpy() for t in graph(*feeds))
-        direct = model.forecast(*feeds[:3]).numpy()
+        direct = model.forecast(*feeds[:3], residual_decay=torch.tensor(calib["residual_decay"])).numpy()
     got_mean, got_smp = sess.run(None, {n: t.numpy() for n, t in zip(E.INPUTS, feeds, strict=True)})
     assert got_mean.shape == (batch, horizon, model.x_dim) and got_smp.shape == (batch, samples, horizon, model.x_dim)
     assert np.max(np.abs(got_mean - mean)) < 1e-4
@@ -88,6 +89,11 @@ def test_card_eigenvalues_match_numpy_and_the_model(trained_store) -> None:
     assert st["spectral_radius"] == pytest.approx(np.abs(numpy_eig).max())
     assert st["spectral_radius"] <= card["model"]["rho_max"] * (1 + 1e-6) and st["stable"]
     assert st["stability_margin"] == pytest.approx(1 - st["spectral_radius"])
+    decay = card["calibration"]["residual_decay"]
+    assert st["residual_decay_max"] == pytest.approx(max(decay)) and min(decay) >= 0
+    assert st["residual_decay_max"] <= card["model"]["rho_max"] * (1 + 1e-6)
+    for g, half_life in zip(decay, st["residual_half_life_hours"].values(), strict=True):
+        assert (g ** (half_life * 4) if g > 0 else 0.5) == pytest.approx(0.5)  # 4 samples per hour
     slowest = max(e["decay_hours"] for e in st["eigenvalues"])
     assert st["slowest_decay_hours"] == pytest.approx(slowest)
     assert slowest == pytest.approx(-0.25 / np.log(np.abs(numpy_eig).max()))

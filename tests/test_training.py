@@ -57,6 +57,24 @@ def test_free_rollout_of_10000_steps_stays_bounded() -> None:
     assert np.isfinite(peak) and peak <= bound.item() * 1.001
 
 
+def test_residual_fading_is_recovered_and_bounded() -> None:
+    """The calibration finds the fading factor that explains the forecast errors, never one above rho_max,
+    and none (g = 0) where the decoder's miss says nothing about the future."""
+    rng = np.random.default_rng(0)
+    miss = rng.standard_normal((500, 3))
+    k = np.arange(1, 97)[None, :, None]
+    g_true = np.array([0.9, 0.99, 0.9999])
+    err = -(g_true**k) * miss[:, None] + 0.01 * rng.standard_normal((500, 96, 3))
+    g = R.best_residual_decay(err, miss, rho_max=0.999)
+    assert g[:2] == pytest.approx(g_true[:2], abs=2e-3) and g[2] == pytest.approx(0.999)
+    unrelated = R.best_residual_decay(rng.standard_normal((500, 96, 3)), miss, rho_max=0.999)
+    assert np.all(unrelated < 0.5)
+    model = KoVAE(3, 2, ModelConfig(z_dim=8, h_dim=16, real_modes=2)).eval()
+    with torch.no_grad():
+        corr = model.correction(torch.ones(1, 3), torch.zeros(1, 8), torch.tensor(g, dtype=torch.float32), 10_000)
+    assert torch.all(corr[0, -1].abs() <= corr[0, 0].abs())  # it fades
+
+
 def test_gradients_are_finite_and_loss_decreases_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0)
@@ -109,7 +127,7 @@ def test_serving_feeds_the_model_what_training_fed_it(trained_store, prepared) -
     model, card = load_model(store / version)
     assert Calendar.from_card(card) == p.calendar and p.calendar.size == 4  # tiny: daily harmonics only
     w = p.test
-    torch_mean, _ = R.predict(model, p, w)
+    torch_mean, _ = R.predict(model, p, w, calib=card["calibration"])
     served = ModelRuntime(store / version).predict(w.x_hist, w.u_hist, w.u_fut, w.t_last).mean
     assert np.max(np.abs(served - torch_mean) / p.x_std) < 1e-3
     shifted = ModelRuntime(store / version).predict(w.x_hist, w.u_hist, w.u_fut, w.t_last + 360).mean
@@ -124,6 +142,19 @@ def test_resume_continues_exactly(prepared, tmp_path: Path) -> None:
     assert [r["train_loss"] for r in log_a] == [r["train_loss"] for r in log_b]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_weight_decay_spares_the_operator_spectrum() -> None:
+    """Decay would pull every radius towards rho_max / 2: only weight matrices are decayed."""
+    model = KoVAE(3, 2, ModelConfig(z_dim=6, h_dim=8, real_modes=2))
+    opt = R.make_optimizer(model, TrainConfig(weight_decay=0.5, lr=0.1))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for v in model.parameters():
+        v.grad = torch.zeros_like(v)
+    opt.step()  # zero gradients: only decay moves a parameter
+    for name, value in model.named_parameters():
+        moved = not torch.equal(value, before[name])
+        assert moved == (value.ndim >= 2), name
 
 
 def test_nan_loss_rolls_back_and_halves_the_learning_rate(prepared, tmp_path: Path, capsys) -> None:
@@ -172,3 +203,29 @@ def test_promote_cli_and_rollback(store_copy) -> None:
 def test_cli_refuses_bad_overrides(capsys) -> None:
     assert R.main(["--preset", "tiny", "train.epochs=zero"]) == 2
     assert "train.epochs: expected a number" in capsys.readouterr().err
+
+
+def test_accuracy_bench_reproduces_the_stored_metrics_through_onnx(trained_store) -> None:
+    """bench/accuracy.py rebuilds the held-out windows from the card alone and scores them with ONNX Runtime:
+    its overall row must give the figures training stored (computed with PyTorch)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    store, version = trained_store
+    out = subprocess.run(
+        [sys.executable, "bench/accuracy.py", "--store", str(store), "--samples", "8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    stored = json.loads((store / version / "metrics.json").read_text())
+    for h, want in stored["headline"]["kovae"].items():
+        row = next(r.split() for r in out.splitlines() if r.split()[:3] == ["all", str(stored["test_windows"]), h])
+        assert float(row[3].rstrip("%")) == pytest.approx(100 * want["rel_rmse_top5"], abs=0.06)
+        assert float(row[4]) == pytest.approx(want["nrmse_all"], abs=6e-4)
+        assert float(row[5].rstrip("%")) == pytest.approx(100 * want["skill_vs_persistence"], abs=0.06)
+    assert out.count("met  ") + out.count("NOT MET") == 3  # rel. RMSE, skill at the one tiny horizon, coverage

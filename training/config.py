@@ -187,6 +187,13 @@ def load_config(
     return cfg
 
 
+def config_from_dict(tables: dict[str, dict[str, Any]]) -> RunConfig:
+    """A run's configuration as stored in a model card (``training.config``) or ``config.json``."""
+    cfg = _merge(RunConfig(), tables)
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: RunConfig) -> None:
     d, m, t = cfg.data, cfg.model, cfg.train
     problems = []

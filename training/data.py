@@ -244,6 +244,12 @@ def make_windows(
     return Windows(*arrays, np.array(t_last))
 
 
+def heldout_windows(data: list[ScenarioData], history: int, horizon: int, max_windows: int) -> Windows:
+    """Validation and test windows: a forecast every horizon / 8 steps (3 h for a 24-h horizon), capped per
+    scenario. Training's evaluation and ``bench/accuracy.py`` both cut them here, so they score the same windows."""
+    return make_windows(data, history, horizon, max(1, horizon // 8), max_windows)
+
+
 def summary_table(data: dict[str, ScenarioData]) -> str:
     """Rows, per-variable ranges and NaN counts over all scenarios."""
     x = np.concatenate([d.x for d in data.values()])

@@ -6,6 +6,12 @@ KoVAE (Naiman et al., ICLR 2024) adapted to forecasting with control inputs:
     z[t+1] = A z[t] + B u[t+1] + c + s * eps     linear latent dynamics (the prior), A stable by construction
     x[t]   = D(z[t])        pointwise MLP decoder, so all dynamics live in A and B
 
+A served forecast from the last history step t also carries the decoder's miss at t, fading per variable:
+x[t+k] = D(z[t+k]) + g^k (x[t] - D(z[t])), with each g in [0, rho_max] fitted on validation after training
+(see training.run.calibrate). Slow variables (sludge mass) keep their measured level instead of the decoder's
+approximation of it; noisy ones (influent) drop the miss quickly. It is one more stable linear mode per
+variable, so the forecast dynamics stay stable by construction.
+
 u[t] is the mean control over the interval that ends at sample t, so u[t+1] drives the step t -> t+1.
 Everything here works in normalised units; the scalers live in the model card.
 """
@@ -110,6 +116,12 @@ class KoVAE(nn.Module):
         mu, logvar = self.enc_head(self.enc_norm(h)).chunk(2, -1)
         return mu, logvar.clamp(-10.0, 5.0)
 
+    def correction(self, x_last: torch.Tensor, z_last: torch.Tensor, decay: torch.Tensor, horizon: int) -> torch.Tensor:
+        """g^k (x[t] - D(z[t])) for k = 1..horizon, (batch, horizon, x): the decoder's miss at the last history
+        step, fading with the per-variable factors g = ``decay`` (x,)."""
+        steps = torch.arange(1, horizon + 1, dtype=x_last.dtype)[:, None]
+        return (x_last - self.decoder(z_last)).unsqueeze(1) * decay**steps
+
     def rollout(self, z0: torch.Tensor, u_fut: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """z[k] for k = 1..H under the future controls; optional standard-normal noise (batch, H, z)."""
         A = self.koopman.matrix()
@@ -123,18 +135,26 @@ class KoVAE(nn.Module):
         return torch.stack(out, 1)
 
     def forecast(
-        self, x_hist: torch.Tensor, u_hist: torch.Tensor, u_fut: torch.Tensor, noise: torch.Tensor | None = None
+        self,
+        x_hist: torch.Tensor,
+        u_hist: torch.Tensor,
+        u_fut: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        residual_decay: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Normalised forecast from the posterior mean at the last history step: (batch, H, x_dim), or with
-        noise (batch, samples, H, z_dim) the forecast samples (batch, samples, H, x_dim)."""
+        noise (batch, samples, H, z_dim) the forecast samples (batch, samples, H, x_dim). ``residual_decay``
+        (x_dim,) adds the fading decoder's miss at the last step (none: the latent forecast alone)."""
         mu, _ = self.encode(x_hist, u_hist)
         z0 = mu[:, -1]
+        decay = torch.zeros(self.x_dim) if residual_decay is None else residual_decay
+        corr = self.correction(x_hist[:, -1], z0, decay, u_fut.shape[1])
         if noise is None:
-            return self.decoder(self.rollout(z0, u_fut))
+            return self.decoder(self.rollout(z0, u_fut)) + corr
         b, s = noise.shape[:2]
         rep = z0.repeat_interleave(s, 0), u_fut.repeat_interleave(s, 0)
         z = self.rollout(*rep, noise.reshape(b * s, *noise.shape[2:]))
-        return self.decoder(z).reshape(b, s, *u_fut.shape[1:2], -1)
+        return self.decoder(z).reshape(b, s, *u_fut.shape[1:2], -1) + corr.unsqueeze(1)
 
     def losses(
         self, x_hist: torch.Tensor, u_hist: torch.Tensor, x_fut: torch.Tensor, u_fut: torch.Tensor, tcfg: TrainConfig

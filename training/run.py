@@ -28,8 +28,8 @@ from export.card import CARD_VERSION, Calendar, CardError, atomic_write, known_i
 from export.store import current_version, set_current
 from training import evaluate as ev
 from training.catalog import CONTROLS, MEASUREMENTS, SAMPLE_MINUTES, catalog_dict
-from training.config import ConfigError, RunConfig, load_config
-from training.data import Windows, config_hash, generate, make_windows, splits
+from training.config import ConfigError, RunConfig, TrainConfig, load_config
+from training.data import Windows, config_hash, generate, heldout_windows, make_windows, splits
 from training.model import KoVAE, calibrated_samples
 
 MAX_NAN_RETRIES = 3
@@ -87,8 +87,8 @@ def prepare(cfg: RunConfig) -> Prepared:
         u_mean,
         u_std,
         make_windows(train, t.history, H, t.window_stride),
-        make_windows([data[i] for i in ids["val"]], t.history, H, max(1, H // 8), t.max_eval_windows),
-        make_windows([data[i] for i in ids["test"]], t.history, H, max(1, H // 8), t.max_eval_windows),
+        heldout_windows([data[i] for i in ids["val"]], t.history, H, t.max_eval_windows),
+        heldout_windows([data[i] for i in ids["test"]], t.history, H, t.max_eval_windows),
         [(((d.x - x_mean) / x_std), known_inputs(d.u, d.t_minutes, (u_mean, u_std), calendar)) for d in train],
         config_hash(cfg.data),
         calendar,
@@ -145,6 +145,20 @@ class TrainingFailed(RuntimeError):
     pass
 
 
+def make_optimizer(model: KoVAE, t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW that decays only weight matrices (as nanoGPT does).
+
+    Decay on the operator's spectrum parameters would pull every radius towards rho_max / 2 and every angle
+    towards 0, a bias against the slow modes the plant has; biases, norms and noise scales are not weights either.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=t.lr)
+
+
 def train(
     cfg: RunConfig,
     p: Prepared,
@@ -165,7 +179,7 @@ def train(
     torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
     model = KoVAE(len(MEASUREMENTS), len(CONTROLS) + p.calendar.size, cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    opt = make_optimizer(model, t)
     train_data, val_data = tensors(p, p.train), tensors(p, p.val)
     ckpt_dir = run_dir / "checkpoints"
     last_ckpt, best_ckpt = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
@@ -293,36 +307,72 @@ def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def predict(model: KoVAE, p: Prepared, w: Windows, n_samples: int = 0, spread: np.ndarray | None = None, seed: int = 0):
+def predict(
+    model: KoVAE,
+    p: Prepared,
+    w: Windows,
+    n_samples: int = 0,
+    calib: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """KoVAE mean forecast (and samples) in engineering units for a set of windows.
 
-    ``spread`` (per variable) widens each sample's deviation from the mean: the calibration the graph applies.
+    ``calib`` is the calibration the graph applies: ``residual_decay`` fades the decoder's miss at the last
+    history step into the forecast, and ``spread_scale`` widens each sample's deviation from the mean.
     """
     xh, uh, _, uf = tensors(p, w)
+    calib = calib or {}
+    decay = torch.as_tensor(calib.get("residual_decay", np.zeros(model.x_dim)), dtype=torch.float32)
+    spread = torch.as_tensor(calib.get("spread_scale", np.ones(model.x_dim)), dtype=torch.float32)
     means, samples = [], []
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for s in range(0, len(xh), 256):
             sl = slice(s, s + 256)
-            mean = model.forecast(xh[sl], uh[sl], uf[sl])
+            mean = model.forecast(xh[sl], uh[sl], uf[sl], residual_decay=decay)
             means.append(mean.numpy())
             if n_samples:
                 eps = torch.randn(len(xh[sl]), n_samples, uf.shape[1], model.cfg.z_dim, generator=g)
-                raw = model.forecast(xh[sl], uh[sl], uf[sl], eps)
-                k = torch.ones(model.x_dim) if spread is None else torch.as_tensor(spread, dtype=torch.float32)
-                samples.append(calibrated_samples(mean, raw, k).numpy())
+                raw = model.forecast(xh[sl], uh[sl], uf[sl], eps, residual_decay=decay)
+                samples.append(calibrated_samples(mean, raw, spread).numpy())
     mean = p.dx(np.concatenate(means))
     return mean, (p.dx(np.concatenate(samples)) if n_samples else None)
 
 
+def fit_residual_decay(model: KoVAE, p: Prepared, w: Windows) -> np.ndarray:
+    """Per variable, the fading factor g in [0, rho_max] of the decoder's miss at the last history step that
+    minimises the validation MSE of the mean forecast over the horizon.
+
+    For each variable the MSE is a polynomial in the powers g^k, so a fine grid of half-lives costs one matmul.
+    """
+    xh, uh, xf, uf = tensors(p, w)
+    with torch.no_grad():
+        latent = model.forecast(xh, uh, uf).numpy().astype(np.float64)  # (N, H, x), no correction
+        miss = (xh[:, -1] - model.decoder(model.encode(xh, uh)[0][:, -1])).numpy().astype(np.float64)  # (N, x)
+    return best_residual_decay(latent - xf.numpy(), miss, model.cfg.rho_max)
+
+
+def best_residual_decay(err: np.ndarray, miss: np.ndarray, rho_max: float) -> np.ndarray:
+    """argmin over g of mean((err + g^k miss)^2) per variable; err (N, H, x), miss (N, x), g in [0, rho_max]."""
+    a = np.mean(err * miss[:, None], 0)  # (H, x)
+    b = np.mean(miss**2, 0)  # (x,)
+    # Candidate g: 0 (no correction), then half-lives from 6 minutes to 3 weeks, capped at rho_max.
+    grid = np.concatenate([[0.0], np.minimum(0.5 ** (1 / np.geomspace(0.4, 2000, 400)), rho_max)])
+    powers = grid[:, None] ** np.arange(1, err.shape[1] + 1)[None]  # (G, H)
+    gain = 2 * powers @ a + (powers**2).sum(1, keepdims=True) * b  # (G, x): change of the summed MSE
+    return grid[np.argmin(gain, 0)]
+
+
 def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
-    """Per-variable spread factors that make the 80% sample interval cover 80% of validation truth.
+    """Fitted on validation after training: the residual fading, then the spread of the forecast samples.
 
     The prior noise gives the shape of the forecast distribution; its width, after the decoder, is not
-    trustworthy, so each variable's sample deviations from the mean are scaled (bisection, log scale).
+    trustworthy, so each variable's sample deviations from the mean are scaled (bisection, log scale) until
+    the 80% sample interval covers 80% of validation truth.
     """
     w = p.val
-    mean, raw = predict(model, p, w, cfg.train.calibration_samples, seed=1)
+    decay = fit_residual_decay(model, p, w)
+    mean, raw = predict(model, p, w, cfg.train.calibration_samples, {"residual_decay": decay.tolist()}, seed=1)
     dev = raw - mean[:, None]
     spread = np.ones(model.x_dim)
     for j in range(model.x_dim):
@@ -337,7 +387,9 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
         spread[j] = 2 ** ((lo + hi) / 2)
     calibrated = mean[:, None] + spread * dev
     return {
-        "method": "per-variable scaling of sample deviations from the mean, fitted on validation",
+        "method": "per-variable fading of the decoder's miss at the last step (least squares over a grid), then "
+        "per-variable scaling of sample deviations from the mean; both fitted on validation",
+        "residual_decay": decay.tolist(),
         "spread_scale": spread.tolist(),
         "val_coverage_80": ev.interval_coverage(calibrated, w.x_fut),
     }
@@ -349,11 +401,11 @@ def top5_indices(p: Prepared) -> list[int]:
     return [int(i) for i in np.argsort(-train_var)[:5]]
 
 
-def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, spread: np.ndarray) -> tuple[dict[str, Any], dict]:
+def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any]) -> tuple[dict[str, Any], dict]:
     """Every model on the held-out windows; returns (metrics, forecasts kept for plots)."""
     w = p.test
     names = tuple(v.name for v in MEASUREMENTS)
-    mean, samples = predict(model, p, w, cfg.train.calibration_samples, spread, seed=2)
+    mean, samples = predict(model, p, w, cfg.train.calibration_samples, calib, seed=2)
     arx = {lags: ev.ARX(lags).fit(p.train_series) for lags in (1, 4)}
     u_fut = p.inputs(w)[1]  # the baselines get the same known inputs as the KoVAE
     forecasts = {
@@ -597,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     train_seconds = sum(row["seconds"] for row in log)  # epoch times, also right after a --resume
     calib = calibrate(model, p, cfg)
-    metrics, kept = evaluate_all(model, p, cfg, np.array(calib["spread_scale"]))
+    metrics, kept = evaluate_all(model, p, cfg, calib)
     metrics["training_seconds"] = train_seconds
     metrics["calibration"] = calib
     metrics["log"] = log

@@ -1,0 +1,125 @@
+"""Held-out accuracy of a stored model against the product's targets, through ONNX Runtime (no torch).
+
+``python bench/accuracy.py [--store models] [--version V] [--samples 32]``
+
+Rebuilds the version's held-out windows from its own card (data config, splits, history, horizon), runs them
+through the service's runtime, and prints per test scenario and overall: relative RMSE over the card's top-5
+variables, mean NRMSE and skill vs persistence at 5 h and 24 h, and the 80% interval coverage. Then it splits
+the 5-h error between the influent (a disturbance the plant does not control) and the plant's own variables,
+and says which targets are met. The data come from the cache, or are simulated if missing (about 25 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from export.card import read_card, scalers
+from export.store import current_version
+from service.runtime import ModelRuntime
+from training import evaluate as ev
+from training.config import config_from_dict
+from training.data import Windows, generate, heldout_windows
+
+TARGET_REL_RMSE_H20 = 0.05  # mean relative RMSE over the top-5 variance variables at 5 h
+TARGET_SKILL = 0.50  # skill vs persistence at 5 h and at 24 h
+TARGET_COVERAGE = (0.75, 0.85)  # of the 80% interval
+
+
+def score(rt: ModelRuntime, w: Windows, x_std: np.ndarray, top5: list[int], samples: int) -> dict:
+    """Headline figures, coverage and per-variable relative RMSE by horizon for one set of windows."""
+    fc = rt.predict(w.x_hist, w.u_hist, w.u_fut, w.t_last, samples, np.random.default_rng(0))
+    table = ev.error_table(fc.mean, w.x_fut)
+    ref = ev.error_table(ev.persistence(w), w.x_fut)
+    head = ev.headline(table, ref, x_std, top5)
+    rel = table["rmse"] / np.maximum(table["mean_abs_true"], 1e-9)
+    coverage = ev.interval_coverage(fc.samples, w.x_fut) if fc.samples is not None else float("nan")
+    still = ref["rmse"] < 0.01 * x_std  # (H, nx): persistence is nearly exact, so skill's ratio explodes
+    return {"headline": head, "coverage": coverage, "rel": rel, "still": still, "windows": len(w.x_hist)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", default="models")
+    parser.add_argument("--version", help="default: the served version (models/CURRENT)")
+    parser.add_argument("--samples", type=int, default=32, help="forecast samples for the interval coverage")
+    args = parser.parse_args()
+    version = args.version or current_version(Path(args.store))
+    if version is None:
+        raise SystemExit(f"no version given and none is current in {args.store}")
+    vdir = Path(args.store) / version
+    card = read_card(vdir)
+    cfg = config_from_dict(card["training"]["config"])
+    rt = ModelRuntime(vdir)
+    x_std = scalers(card)[1]
+    names = rt.measurements
+    top5 = [names.index(n) for n in card["metrics"]["top5_variables"]]
+    influent = [i for i, v in enumerate(card["variables"]["measurements"]) if v["description"].startswith("influent")]
+    plant = [i for i in range(len(names)) if i not in influent]
+    data = generate(cfg.data, progress=False)
+    t = cfg.train
+    cut = {sc: heldout_windows([data[sc]], t.history, t.horizon, t.max_eval_windows) for sc in cfg.data.test_scenarios}
+    everything = heldout_windows([data[sc] for sc in cfg.data.test_scenarios], t.history, t.horizon, t.max_eval_windows)
+    results = {sc: score(rt, w, x_std, top5, args.samples) for sc, w in cut.items()}
+    results["all"] = overall = score(rt, everything, x_std, top5, args.samples)
+
+    horizons = list(overall["headline"])
+    print(f"model {version}; top-5 variables {', '.join(card['metrics']['top5_variables'])}")
+    print(f"{'scenario':<10} {'windows':>7} {'h':>3} {'relRMSE top5':>12} {'NRMSE':>6} {'skill':>6} {'cover80':>7}")
+    for sc, r in results.items():
+        for h in horizons:
+            v = r["headline"][h]
+            print(
+                f"{sc:<10} {r['windows']:>7} {h:>3} {100 * v['rel_rmse_top5']:>11.1f}% {v['nrmse_all']:>6.3f} "
+                f"{100 * v['skill_vs_persistence']:>5.1f}% {100 * r['coverage']:>6.1f}%"
+            )
+
+    for sc, r in results.items():
+        quiet = [names[i] for i in np.flatnonzero(r["still"].any(0))]
+        if quiet:
+            print(
+                f"  note: skill is a mean of per-variable ratios to persistence; in {sc} these hardly move "
+                f"(persistence RMSE < 1% of the training std) and their ratios dominate it: {', '.join(quiet)}"
+            )
+
+    h0 = int(horizons[0])
+    print(f"\nrelative RMSE at step {h0}, influent (disturbance) vs plant variables:")
+    for sc, r in results.items():
+        rel = r["rel"][h0 - 1]
+        worst = max(plant, key=lambda i: rel[i])
+        print(
+            f"{sc:<10} influent {100 * rel[influent].mean():5.1f}%  plant {100 * np.median(rel[plant]):5.1f}% "
+            f"(median; worst {names[worst]} {100 * rel[worst]:.0f}%)  top-5: "
+            + ", ".join(f"{names[i]} {100 * rel[i]:.1f}%" for i in top5)
+        )
+
+    head = overall["headline"]
+    checks = [
+        (
+            f"rel. RMSE top-5 at {horizons[0]} < {100 * TARGET_REL_RMSE_H20:.0f}%",
+            head[horizons[0]]["rel_rmse_top5"],
+            head[horizons[0]]["rel_rmse_top5"] < TARGET_REL_RMSE_H20,
+        ),
+        *[
+            (
+                f"skill at {h} >= {100 * TARGET_SKILL:.0f}%",
+                head[h]["skill_vs_persistence"],
+                head[h]["skill_vs_persistence"] >= TARGET_SKILL,
+            )
+            for h in horizons
+        ],
+        (
+            "80% interval coverage in 75-85%",
+            overall["coverage"],
+            TARGET_COVERAGE[0] <= overall["coverage"] <= TARGET_COVERAGE[1],
+        ),
+    ]
+    print("\ntargets (all held-out windows):")
+    for what, value, met in checks:
+        print(f"  {'met    ' if met else 'NOT MET'}  {what}: {100 * value:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
