@@ -60,7 +60,7 @@ class ForecastGraph(nn.Module):
     product per mode: z[k] = sum_{j<=k} lambda^(k-j) d[j], with d[0] = z0. The Toeplitz matrices are built
     from r, theta and q inside the graph (ONNX Runtime folds them once at load), so the file stays small.
     Every decoded trajectory then gets the decoder's miss at the last history step, times g^k per variable
-    (calibration.residual_decay; zeros for a card without it).
+    (calibration.residual_decay; a card without it has no such term), by the model's own ``correction``.
     """
 
     def __init__(
@@ -75,11 +75,8 @@ class ForecastGraph(nn.Module):
             self.register_buffer("c", kp.c.clone())
             self.register_buffer("noise_std", kp.log_noise.exp().clone())
             self.register_buffer("spread", torch.tensor(spread, dtype=torch.float32))
-            decay = torch.zeros(model.x_dim) if residual_decay is None else torch.tensor(residual_decay)
-            self.register_buffer("residual_decay", decay.float())
-            # g^k for k = 1..Hmax, per variable: how much of the decoder's miss at the last step each step keeps.
-            steps = torch.arange(1, max_horizon + 1, dtype=torch.float32)[:, None]
-            self.register_buffer("residual_powers", self.residual_decay**steps)  # (Hmax, x)
+            decay = None if residual_decay is None else torch.tensor(residual_decay, dtype=torch.float32)
+            self.register_buffer("residual_decay", decay)  # None: a card from before the residual fading
             self.register_buffer("radii", kp.pair_radii().clone()[:, None, None])  # (pairs, 1, 1)
             self.register_buffer("angles", kp.pair_angle.clone()[:, None, None])
             self.register_buffer("poles", kp.real_poles().clone()[:, None, None])  # (real modes, 1, 1)
@@ -117,9 +114,11 @@ class ForecastGraph(nn.Module):
         z0s = z0.unsqueeze(1) + torch.zeros_like(noise[:, :, 0])  # (B, S, z); S = 0 skips the samples
         z_dim, flat = z0.shape[1], (-1, self.max_horizon, z0.shape[1])
         zs = self.rollout(z0s.reshape(-1, z_dim), sample_drive.reshape(flat)).reshape(noise.shape[0], -1, *flat[1:])
-        corr = (x_hist[:, -1] - m.decoder(z0)).unsqueeze(1) * self.residual_powers[:horizon]  # (B, h, x)
-        mean = m.decoder(self.rollout(z0, drive)[:, :horizon]) + corr
-        raw = m.decoder(zs[:, :, :horizon]) + corr.unsqueeze(1)
+        mean = m.decoder(self.rollout(z0, drive)[:, :horizon])
+        raw = m.decoder(zs[:, :, :horizon])
+        if self.residual_decay is not None:
+            corr = m.correction(x_hist[:, -1], z0, self.residual_decay, horizon)  # (B, h, x)
+            mean, raw = mean + corr, raw + corr.unsqueeze(1)
         return mean, calibrated_samples(mean, raw, self.spread)
 
 

@@ -147,14 +147,17 @@ class KoVAE(nn.Module):
         (x_dim,) adds the fading decoder's miss at the last step (none: the latent forecast alone)."""
         mu, _ = self.encode(x_hist, u_hist)
         z0 = mu[:, -1]
-        decay = torch.zeros(self.x_dim) if residual_decay is None else residual_decay
-        corr = self.correction(x_hist[:, -1], z0, decay, u_fut.shape[1])
         if noise is None:
-            return self.decoder(self.rollout(z0, u_fut)) + corr
-        b, s = noise.shape[:2]
-        rep = z0.repeat_interleave(s, 0), u_fut.repeat_interleave(s, 0)
-        z = self.rollout(*rep, noise.reshape(b * s, *noise.shape[2:]))
-        return self.decoder(z).reshape(b, s, *u_fut.shape[1:2], -1) + corr.unsqueeze(1)
+            out = self.decoder(self.rollout(z0, u_fut))
+        else:
+            b, s = noise.shape[:2]
+            rep = z0.repeat_interleave(s, 0), u_fut.repeat_interleave(s, 0)
+            z = self.rollout(*rep, noise.reshape(b * s, *noise.shape[2:]))
+            out = self.decoder(z).reshape(b, s, *u_fut.shape[1:2], -1)
+        if residual_decay is None:
+            return out
+        corr = self.correction(x_hist[:, -1], z0, residual_decay, u_fut.shape[1])
+        return out + (corr if noise is None else corr.unsqueeze(1))
 
     def losses(
         self, x_hist: torch.Tensor, u_hist: torch.Tensor, x_fut: torch.Tensor, u_fut: torch.Tensor, tcfg: TrainConfig

@@ -322,7 +322,8 @@ def predict(
     """
     xh, uh, _, uf = tensors(p, w)
     calib = calib or {}
-    decay = torch.as_tensor(calib.get("residual_decay", np.zeros(model.x_dim)), dtype=torch.float32)
+    decay = calib.get("residual_decay")
+    decay = None if decay is None else torch.as_tensor(decay, dtype=torch.float32)
     spread = torch.as_tensor(calib.get("spread_scale", np.ones(model.x_dim)), dtype=torch.float32)
     means, samples = [], []
     g = torch.Generator().manual_seed(seed)
@@ -347,8 +348,9 @@ def fit_residual_decay(model: KoVAE, p: Prepared, w: Windows) -> np.ndarray:
     """
     xh, uh, xf, uf = tensors(p, w)
     with torch.no_grad():
-        latent = model.forecast(xh, uh, uf).numpy().astype(np.float64)  # (N, H, x), no correction
-        miss = (xh[:, -1] - model.decoder(model.encode(xh, uh)[0][:, -1])).numpy().astype(np.float64)  # (N, x)
+        z0 = model.encode(xh, uh)[0][:, -1]  # encoded once for both
+        latent = model.decoder(model.rollout(z0, uf)).numpy().astype(np.float64)  # (N, H, x), no correction
+        miss = (xh[:, -1] - model.decoder(z0)).numpy().astype(np.float64)  # (N, x)
     return best_residual_decay(latent - xf.numpy(), miss, model.cfg.rho_max)
 
 
