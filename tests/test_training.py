@@ -75,6 +75,34 @@ def test_residual_fading_is_recovered_and_bounded() -> None:
     assert torch.all(corr[0, -1].abs() <= corr[0, 0].abs())  # it fades
 
 
+def test_direct_ridge_reaches_the_best_possible_error_of_a_known_process() -> None:
+    """The influent-floor forecaster on a daily cycle plus AR(1) noise: the best any forecaster can do h steps
+    ahead is the innovation spread sigma * sqrt(sum_{k<h} phi^2k); the ridge must reach it, and not beat it."""
+    from export.card import Calendar
+    from training.evaluate import DirectRidge
+
+    rng = np.random.default_rng(0)
+    phi, sigma, n = 0.97, 0.1, 30 * 96
+
+    def series() -> tuple[np.ndarray, np.ndarray]:
+        minutes = 15.0 * np.arange(n)
+        noise = np.zeros(n)
+        for t in range(1, n):
+            noise[t] = phi * noise[t - 1] + sigma * rng.standard_normal()
+        x = np.stack([np.sin(2 * np.pi * minutes / 1440) + noise, rng.standard_normal(n)], 1)
+        return x, minutes
+
+    model = DirectRidge([0], lags=8, calendar=Calendar(daily=1, weekly=0), ridge=1e-8)
+    model.fit([series(), series()], (1, 20))
+    x, minutes = series()
+    last = np.arange(7, n - 20)
+    x_hist = np.stack([x[i - 7 : i + 1] for i in last])
+    for h in (1, 20):
+        rmse = np.sqrt(np.mean((model.forecast(x_hist, minutes[last], h)[:, 0] - x[last + h, 0]) ** 2))
+        best = sigma * np.sqrt(np.sum(phi ** (2 * np.arange(h))))
+        assert rmse == pytest.approx(best, rel=0.06)
+
+
 def test_gradients_are_finite_and_loss_decreases_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0)
@@ -229,3 +257,27 @@ def test_accuracy_bench_reproduces_the_stored_metrics_through_onnx(trained_store
         assert float(row[4]) == pytest.approx(want["nrmse_all"], abs=6e-4)
         assert float(row[5].rstrip("%")) == pytest.approx(100 * want["skill_vs_persistence"], abs=0.06)
     assert out.count("met  ") + out.count("NOT MET") == 3  # rel. RMSE, skill at the one tiny horizon, coverage
+
+
+def test_influent_oracle_bench_feeds_the_true_future_influent(prepared) -> None:
+    """bench/influent_oracle.py appends the influent of each future step to the known inputs: a one-lag ARX
+    given them forecasts the influent almost exactly, and far better than the same ARX without them."""
+    import importlib.util
+
+    from tests.conftest import ROOT
+    from training.evaluate import ARX
+
+    spec = importlib.util.spec_from_file_location("influent_oracle", ROOT / "bench" / "influent_oracle.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def influent_error(p: R.Prepared) -> float:
+        w = p.test
+        pred = ARX(1).fit(p.train_series).forecast(p.nx(w.x_hist), p.inputs(w)[1])
+        return float(np.sqrt(np.mean((pred - p.nx(w.x_fut))[..., bench.INFLUENT] ** 2)))
+
+    _, p = prepared
+    known = bench.influent_known(p)
+    assert known.inputs(known.test)[1].shape[-1] == p.inputs(p.test)[1].shape[-1] + len(bench.INFLUENT)
+    assert influent_error(known) < 0.05 < 0.3 < influent_error(p)

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from export.card import Calendar
+from training.catalog import SAMPLE_MINUTES
 from training.data import Windows
 
 HEADLINE_HORIZONS = (20, 96)  # 5 h and 24 h at 15-minute steps
@@ -68,6 +70,41 @@ class ARX:
             out.append(nxt)
             lags = [nxt, *lags[:-1]]
         return np.stack(out, 1)
+
+
+class DirectRidge:
+    """Direct ridge forecast of some variables ``h`` steps ahead from their own last ``lags`` values and the
+    clock at the target time, in normalised units; one least-squares fit per horizon.
+
+    It sees neither the plant nor the controls. Fitted on the influent, it estimates how far the influent can be
+    told from its own past, which bounds what any forecaster not given the future influent can do.
+    """
+
+    def __init__(self, columns: list[int], lags: int, calendar: Calendar, ridge: float = 1e-2) -> None:
+        self.columns, self.lags, self.calendar, self.ridge = columns, lags, calendar, ridge
+        self.W: dict[int, np.ndarray] = {}
+
+    def _features(self, x_lags: np.ndarray, target_minutes: np.ndarray) -> np.ndarray:
+        """x_lags (N, lags, nx) normalised, oldest first; target_minutes (N,) clock of the forecast step."""
+        own = x_lags[:, :, self.columns].reshape(len(x_lags), -1)
+        return np.concatenate([own, self.calendar.features(target_minutes), np.ones((len(own), 1))], 1)
+
+    def fit(self, series: list[tuple[np.ndarray, np.ndarray]], horizons: tuple[int, ...]) -> DirectRidge:
+        """Fit on whole normalised scenarios [(x (n, nx), clock minutes (n,)), ...]; ridge is per sample."""
+        for h in horizons:
+            feats, targets = [], []
+            for x, minutes in series:
+                last = np.arange(self.lags - 1, len(x) - h)  # index of each window's last history sample
+                x_lags = np.lib.stride_tricks.sliding_window_view(x, self.lags, axis=0)[last - self.lags + 1]
+                feats.append(self._features(np.moveaxis(x_lags, -1, 1), minutes[last] + h * SAMPLE_MINUTES))
+                targets.append(x[last + h][:, self.columns])
+            F, Y = np.concatenate(feats), np.concatenate(targets)
+            self.W[h] = np.linalg.solve(F.T @ F + self.ridge * len(F) * np.eye(F.shape[1]), F.T @ Y)
+        return self
+
+    def forecast(self, x_hist: np.ndarray, t_last: np.ndarray, h: int) -> np.ndarray:
+        """(N, len(columns)) normalised forecasts of step h after each window's last history sample."""
+        return self._features(x_hist[:, -self.lags :], t_last + h * SAMPLE_MINUTES) @ self.W[h]
 
 
 def error_table(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:

@@ -178,9 +178,9 @@ def train(
     t = cfg.train
     torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
-    model = KoVAE(len(MEASUREMENTS), len(CONTROLS) + p.calendar.size, cfg.model)
-    opt = make_optimizer(model, t)
     train_data, val_data = tensors(p, p.train), tensors(p, p.val)
+    model = KoVAE(len(MEASUREMENTS), train_data[1].shape[-1], cfg.model)  # as wide as the known inputs it is fed
+    opt = make_optimizer(model, t)
     ckpt_dir = run_dir / "checkpoints"
     last_ckpt, best_ckpt = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     log_path = run_dir / "log.csv"

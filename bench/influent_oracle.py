@@ -1,0 +1,87 @@
+"""How much of the forecast error is the influent's? Train with the true future influent as a known input.
+
+``python bench/influent_oracle.py [--preset default] [section.field=value ...]``  (about 10 min on 2 cores)
+
+The served model, like any forecaster of this plant, must guess the influent (flow and load) over the horizon
+from its past. This experiment trains the same KoVAE, same preset and seed, but appends the true influent of
+every history and future step (normalised, the catalog's influent variables) to the known inputs, then scores
+it on the same held-out windows. The gap between the two is what the influent's unpredictability costs; what
+is left is the error of the plant model itself. The result is printed, never stored or served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from export.card import read_card
+from export.store import current_version
+from training import run as R
+from training.catalog import MEASUREMENTS
+from training.config import load_config
+from training.data import Windows
+
+INFLUENT = [i for i, v in enumerate(MEASUREMENTS) if v.description.startswith("influent")]
+
+
+class InfluentKnown(R.Prepared):
+    """The run's data, with the true influent appended to the known inputs of every window and series."""
+
+    def inputs(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
+        u_hist, u_fut = super().inputs(w)
+        return (
+            np.concatenate([u_hist, self.nx(w.x_hist)[..., INFLUENT]], -1),
+            np.concatenate([u_fut, self.nx(w.x_fut)[..., INFLUENT]], -1),
+        )
+
+
+def influent_known(p: R.Prepared) -> InfluentKnown:
+    q = InfluentKnown(**{f.name: getattr(p, f.name) for f in fields(p)})
+    q.train_series = [(x, np.concatenate([u, x[:, INFLUENT]], 1)) for x, u in p.train_series]  # for the ARX
+    return q
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--store", default="models", help="the served model's figures are read from here")
+    parser.add_argument("overrides", nargs="*", help="section.field=value, as for python -m training.run")
+    args = parser.parse_args()
+    cfg = load_config(args.preset, None, args.overrides)
+    p = influent_known(R.prepare(cfg))
+    with tempfile.TemporaryDirectory() as run_dir:
+        model, _ = R.train(cfg, p, Path(run_dir))
+    calib = R.calibrate(model, p, cfg)
+    metrics, _ = R.evaluate_all(model, p, cfg, calib)
+    print(f"\nwith the true future influent as a known input ({', '.join(MEASUREMENTS[i].name for i in INFLUENT)}):")
+    R._print_headline(metrics, calib)
+    print()
+    plant_skill(metrics, "influent known")
+    served = current_version(Path(args.store))
+    if served is not None:
+        vdir = Path(args.store) / served
+        same = read_card(vdir)["training"]["config"] == json.loads(json.dumps(cfg.to_dict()))
+        print(f"\nserved model {served}, influent guessed from its past ({'same' if same else 'another'} config):")
+        stored = json.loads((vdir / "metrics.json").read_text())
+        for h, v in stored["headline"]["kovae"].items():
+            rel, skill = 100 * v["rel_rmse_top5"], 100 * v["skill_vs_persistence"]
+            print(f"kovae {h:>3} rel. RMSE top-5 {rel:.2f}%  skill {skill:.1f}%")
+        plant_skill(stored, "served")
+
+
+def plant_skill(metrics: dict, label: str) -> None:
+    """Skill vs persistence of the plant's own variables alone: the influent, known or guessed, left out."""
+    plant = [i for i in range(len(MEASUREMENTS)) if i not in INFLUENT]
+    rmse, ref = (np.array(metrics["rmse_by_horizon"][k]) for k in ("kovae", "persistence"))
+    for h in metrics["headline"]["kovae"]:
+        skill = 1 - rmse[int(h) - 1] / np.maximum(ref[int(h) - 1], 1e-12)
+        print(f"{label}, h{h}: mean skill of the plant variables alone {100 * skill[plant].mean():.1f}%")
+
+
+if __name__ == "__main__":
+    main()
