@@ -22,6 +22,7 @@ from export.card import Calendar, read_card, scalers
 from export.store import current_version
 from service.runtime import ModelRuntime
 from training import evaluate as ev
+from training.catalog import influent_positions
 from training.config import config_from_dict
 from training.data import ScenarioData, Windows, generate, heldout_windows, splits
 
@@ -37,7 +38,7 @@ def score(rt: ModelRuntime, w: Windows, x_std: np.ndarray, top5: list[int], samp
     table = ev.error_table(fc.mean, w.x_fut)
     ref = ev.error_table(ev.persistence(w), w.x_fut)
     head = ev.headline(table, ref, x_std, top5)
-    rel = table["rmse"] / np.maximum(table["mean_abs_true"], 1e-9)
+    rel = ev.relative_rmse(table)
     coverage = ev.interval_coverage(fc.samples, w.x_fut) if fc.samples is not None else float("nan")
     still = ref["rmse"] < 0.01 * x_std  # (H, nx): persistence is nearly exact, so skill's ratio explodes
     return {"headline": head, "coverage": coverage, "rel": rel, "still": still, "windows": len(w.x_hist)}
@@ -63,8 +64,7 @@ def influent_floor(
 
     def rel(f: ev.DirectRidge, w: Windows, h: int) -> np.ndarray:
         pred = f.forecast((w.x_hist - mean) / std, w.t_last, h) * std[influent] + mean[influent]
-        true = w.x_fut[:, h - 1, influent]
-        return np.sqrt(np.mean((pred - true) ** 2, 0)) / np.mean(np.abs(true), 0)
+        return ev.relative_rmse(ev.error_table(pred[:, None], w.x_fut[:, h - 1 : h, influent]))[0]
 
     out = {}
     for h in horizons:
@@ -89,7 +89,7 @@ def main() -> None:
     x_std = scalers(card)[1]
     names = rt.measurements
     top5 = [names.index(n) for n in card["metrics"]["top5_variables"]]
-    influent = [i for i, v in enumerate(card["variables"]["measurements"]) if v["description"].startswith("influent")]
+    influent = influent_positions([v["description"] for v in card["variables"]["measurements"]])
     plant = [i for i in range(len(names)) if i not in influent]
     data = generate(cfg.data, progress=False)
     t = cfg.train
@@ -132,8 +132,7 @@ def main() -> None:
     val = heldout_windows([data[sc] for sc in ids["val"]], t.history, t.horizon, t.max_eval_windows)
     steps = (1, *(int(h) for h in horizons))  # one step ahead: the sample-to-sample noise
     floor = influent_floor(data, ids, val, everything, influent, scalers(card)[:2], t.history, steps)
-    pers = ev.error_table(ev.persistence(everything), everything.x_fut)
-    pers_rel = pers["rmse"] / np.maximum(pers["mean_abs_true"], 1e-9)
+    pers_rel = ev.relative_rmse(ev.error_table(ev.persistence(everything), everything.x_fut))
     print(
         "\ninfluent from its own past (direct ridge on the last day and the clock, fitted on the training "
         "scenarios), relative RMSE on all held-out windows:"

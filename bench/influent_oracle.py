@@ -14,19 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
 from export.card import read_card
 from export.store import current_version
+from training import evaluate as ev
 from training import run as R
-from training.catalog import MEASUREMENTS
+from training.catalog import MEASUREMENTS, influent_positions
 from training.config import load_config
 from training.data import Windows
 
-INFLUENT = [i for i, v in enumerate(MEASUREMENTS) if v.description.startswith("influent")]
+INFLUENT = influent_positions([v.description for v in MEASUREMENTS])
 
 
 class InfluentKnown(R.Prepared):
@@ -41,9 +41,8 @@ class InfluentKnown(R.Prepared):
 
 
 def influent_known(p: R.Prepared) -> InfluentKnown:
-    q = InfluentKnown(**{f.name: getattr(p, f.name) for f in fields(p)})
-    q.train_series = [(x, np.concatenate([u, x[:, INFLUENT]], 1)) for x, u in p.train_series]  # for the ARX
-    return q
+    series = [(x, np.concatenate([u, x[:, INFLUENT]], 1)) for x, u in p.train_series]  # for the ARX
+    return InfluentKnown(**{**vars(p), "train_series": series})
 
 
 def main() -> None:
@@ -79,8 +78,8 @@ def plant_skill(metrics: dict, label: str) -> None:
     plant = [i for i in range(len(MEASUREMENTS)) if i not in INFLUENT]
     rmse, ref = (np.array(metrics["rmse_by_horizon"][k]) for k in ("kovae", "persistence"))
     for h in metrics["headline"]["kovae"]:
-        skill = 1 - rmse[int(h) - 1] / np.maximum(ref[int(h) - 1], 1e-12)
-        print(f"{label}, h{h}: mean skill of the plant variables alone {100 * skill[plant].mean():.1f}%")
+        skill = ev.skill(rmse[int(h) - 1], ref[int(h) - 1])[plant].mean()
+        print(f"{label}, h{h}: mean skill of the plant variables alone {100 * skill:.1f}%")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,12 @@ MEASUREMENT_NAMES = tuple(v.name for v in MEASUREMENTS)
 CONTROL_NAMES = tuple(v.name for v in CONTROLS)
 
 
+def influent_positions(descriptions: list[str]) -> list[int]:
+    """Positions of the influent measurements (a disturbance the plant does not control) among measurements
+    described as in this catalog; benches split the error by it, reading the descriptions from a card or here."""
+    return [i for i, d in enumerate(descriptions) if d.startswith("influent")]
+
+
 def catalog_dict() -> dict[str, object]:
     """The catalog as plain JSON-ready data (stored in data files and the model card)."""
     return {

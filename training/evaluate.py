@@ -113,6 +113,16 @@ def error_table(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
     return {"rmse": np.sqrt(np.mean(err**2, axis=0)), "mean_abs_true": np.mean(np.abs(true), axis=0)}
 
 
+def relative_rmse(table: dict[str, np.ndarray]) -> np.ndarray:
+    """RMSE / mean |true| per horizon step and variable (H, nx): the figure the plant team quotes."""
+    return table["rmse"] / np.maximum(table["mean_abs_true"], 1e-9)
+
+
+def skill(rmse: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """1 - RMSE / the reference's RMSE (persistence), elementwise: 0 is no better than it, 1 is exact."""
+    return 1 - rmse / np.maximum(reference, 1e-12)
+
+
 def headline(
     table: dict[str, np.ndarray],
     reference: dict[str, np.ndarray],
@@ -123,11 +133,11 @@ def headline(
     out = {}
     for h in headline_horizons(table["rmse"].shape[0]):
         rmse, ref = table["rmse"][h - 1], reference["rmse"][h - 1]
-        rel = rmse / np.maximum(table["mean_abs_true"][h - 1], 1e-9)
+        rel = relative_rmse(table)[h - 1]
         out[str(h)] = {
             "rel_rmse_top5": float(np.mean(rel[top5])),
             "nrmse_all": float(np.mean(rmse / x_std)),
-            "skill_vs_persistence": float(np.mean(1 - rmse / np.maximum(ref, 1e-12))),
+            "skill_vs_persistence": float(np.mean(skill(rmse, ref))),
         }
     return out
 
@@ -146,8 +156,7 @@ def interval_coverage(samples: np.ndarray, true: np.ndarray, lo: float = 0.1, hi
 def per_variable(
     table: dict[str, np.ndarray], x_std: np.ndarray, names: tuple[str, ...], h: int
 ) -> list[dict[str, Any]]:
-    rmse = table["rmse"][h - 1]
-    rel = rmse / np.maximum(table["mean_abs_true"][h - 1], 1e-9)
+    rmse, rel = table["rmse"][h - 1], relative_rmse(table)[h - 1]
     return [
         {"variable": n, "rmse": float(r), "rel_rmse": float(q), "nrmse": float(r / s)}
         for n, r, q, s in zip(names, rmse, rel, x_std, strict=True)
