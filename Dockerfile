@@ -4,6 +4,7 @@ FROM python:3.11-slim AS src
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
+COPY modelcard ./modelcard
 COPY export ./export
 COPY training ./training
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.card import Calendar, read_card, scalers
-from export.store import current_version
-from service.runtime import ModelRuntime
+from modelcard.card import Calendar, read_card, scalers
+from modelcard.runtime import ModelRuntime
+from modelcard.store import current_version
 from training import evaluate as ev
 from training.catalog import influent_positions
 from training.config import config_from_dict

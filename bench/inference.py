@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from export.onnx_export import load_model
-from export.store import current_version
-from service.runtime import ModelRuntime
+from modelcard.runtime import ModelRuntime
+from modelcard.store import current_version
 
 
 def timed(fn, iters: int) -> np.ndarray:

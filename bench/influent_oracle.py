@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from export.card import read_card
-from export.store import current_version
+from modelcard.card import read_card
+from modelcard.store import current_version
+from training import calibrate as calibration
 from training import evaluate as ev
-from training import run as R
+from training import loop, report
+from training import prepare as preparation
 from training.catalog import MEASUREMENTS, influent_positions
 from training.config import load_config
 from training.data import Windows
@@ -29,7 +31,7 @@ from training.data import Windows
 INFLUENT = influent_positions([v.description for v in MEASUREMENTS])
 
 
-class InfluentKnown(R.Prepared):
+class InfluentKnown(preparation.Prepared):
     """The run's data, with the true influent appended to the known inputs of every window and series."""
 
     def inputs(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +42,7 @@ class InfluentKnown(R.Prepared):
         )
 
 
-def influent_known(p: R.Prepared) -> InfluentKnown:
+def influent_known(p: preparation.Prepared) -> InfluentKnown:
     series = [(x, np.concatenate([u, x[:, INFLUENT]], 1)) for x, u in p.train_series]  # for the ARX
     return InfluentKnown(**{**vars(p), "train_series": series})
 
@@ -52,13 +54,13 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="section.field=value, as for python -m training.run")
     args = parser.parse_args()
     cfg = load_config(args.preset, None, args.overrides)
-    p = influent_known(R.prepare(cfg))
+    p = influent_known(preparation.prepare(cfg))
     with tempfile.TemporaryDirectory() as run_dir:
-        model, _ = R.train(cfg, p, Path(run_dir))
-    calib = R.calibrate(model, p, cfg)
-    metrics, _ = R.evaluate_all(model, p, cfg, calib)
+        model, _ = loop.train(cfg, p, Path(run_dir))
+    calib = calibration.calibrate(model, p, cfg)
+    metrics, _ = report.evaluate_all(model, p, cfg, calib)
     print(f"\nwith the true future influent as a known input ({', '.join(MEASUREMENTS[i].name for i in INFLUENT)}):")
-    R._print_headline(metrics, calib)
+    report.print_headline(metrics, calib)
     print()
     plant_skill(metrics, "influent known")
     served = current_version(Path(args.store))

@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from export.store import POINTER, current_version
-from service.runtime import ModelRuntime
+from modelcard.runtime import ModelRuntime
+from modelcard.store import POINTER, current_version
 
 ROOT = Path(__file__).resolve().parents[1]
 

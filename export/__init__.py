@@ -1,1 +1,1 @@
-"""ONNX export and the model-card contract. `export.card` and `export.store` import no torch (the service uses them)."""
+"""The ONNX exporter (torch): writes a version's model.onnx with parity checks and completes its card."""

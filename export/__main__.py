@@ -11,8 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from export.card import CardError
-from export.onnx_export import ParityError, export_version, load_model
+from modelcard.card import CardError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", required=True, help="version folder name in the store")
     parser.add_argument("--store", default="models", help="model store folder (default: models)")
     args = parser.parse_args(argv)
+    from export.onnx_export import ParityError, export_version, load_model  # torch: after --help
+
     version_dir = Path(args.store) / args.version
     try:
         model, card = load_model(version_dir, verify=False)  # re-export does not need the old checksum

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from export.card import (
+from modelcard.card import (
     ONNX_FILE,
     Calendar,
     atomic_write,

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from export.card import minutes_since_monday
-from service.runtime import Forecast, ModelRuntime
+from modelcard.card import minutes_since_monday
+from modelcard.runtime import Forecast, ModelRuntime
 from service.settings import Settings
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from export.card import CardError
-from export.store import current_version
+from modelcard.card import CardError
+from modelcard.runtime import ModelRuntime
+from modelcard.store import current_version
 from service import metrics
-from service.runtime import ModelRuntime
 
 log = logging.getLogger("kovae.registry")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.card import atomic_write
+from modelcard.card import atomic_write
 from training import data as D
 from training.catalog import CONTROL_NAMES, MEASUREMENT_NAMES
 from training.config import ConfigError, load_config

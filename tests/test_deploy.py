@@ -86,7 +86,7 @@ def wait_for(api: httpx.Client, expr: str, seconds: float = 60) -> list[dict]:
 
 
 def test_prometheus_scrapes_requests_errors_and_latency(prometheus, trained_store) -> None:
-    from service.runtime import ModelRuntime
+    from modelcard.runtime import ModelRuntime
 
     service, api = prometheus
     store, version = trained_store

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from export import onnx_export as E
-from export.card import CardError, read_card, stability_summary
-from service.runtime import ModelRuntime
+from modelcard.card import CardError, read_card, stability_summary
+from modelcard.runtime import ModelRuntime
 from tests.test_training import same_spectrum
 from training.config import ModelConfig
 from training.model import KoVAE
@@ -129,7 +129,7 @@ def test_exporter_refuses_on_parity_failure_and_writes_nothing(trained_store, tm
 
 
 def test_calendar_contract_reads_every_card_version_and_repeats_weekly() -> None:
-    from export.card import Calendar
+    from modelcard.card import Calendar
 
     def card(calendar: dict | None) -> dict:
         return {"variables": {} if calendar is None else {"calendar": calendar}}

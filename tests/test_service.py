@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from export.store import POINTER, current_version
-from service.runtime import ModelRuntime
+from modelcard.runtime import ModelRuntime
+from modelcard.store import POINTER, current_version
 from tests.conftest import clone_version
 
 ADMIN = {"x-api-key": "admin-secret"}

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from export.store import current_version, set_current
+from modelcard.store import current_version, set_current
 from tests.conftest import clone_version
-from training import run as R
+from training import calibrate as calibration
+from training import loop, publish, run
+from training import prepare as preparation
 from training.config import ModelConfig, TrainConfig
 from training.model import KoVAE, StableKoopman
 
@@ -65,9 +67,9 @@ def test_residual_fading_is_recovered_and_bounded() -> None:
     k = np.arange(1, 97)[None, :, None]
     g_true = np.array([0.9, 0.99, 0.9999])
     err = -(g_true**k) * miss[:, None] + 0.01 * rng.standard_normal((500, 96, 3))
-    g = R.best_residual_decay(err, miss, rho_max=0.999)
+    g = calibration.best_residual_decay(err, miss, rho_max=0.999)
     assert g[:2] == pytest.approx(g_true[:2], abs=2e-3) and g[2] == pytest.approx(0.999)
-    unrelated = R.best_residual_decay(rng.standard_normal((500, 96, 3)), miss, rho_max=0.999)
+    unrelated = calibration.best_residual_decay(rng.standard_normal((500, 96, 3)), miss, rho_max=0.999)
     assert np.all(unrelated < 0.5)
     model = KoVAE(3, 2, ModelConfig(z_dim=8, h_dim=16, real_modes=2)).eval()
     with torch.no_grad():
@@ -78,7 +80,7 @@ def test_residual_fading_is_recovered_and_bounded() -> None:
 def test_direct_ridge_reaches_the_best_possible_error_of_a_known_process() -> None:
     """The influent-floor forecaster on a daily cycle plus AR(1) noise: the best any forecaster can do h steps
     ahead is the innovation spread sigma * sqrt(sum_{k<h} phi^2k); the ridge must reach it, and not beat it."""
-    from export.card import Calendar
+    from modelcard.card import Calendar
     from training.evaluate import DirectRidge
 
     rng = np.random.default_rng(0)
@@ -140,22 +142,22 @@ def test_tiny_model_beats_persistence_on_held_out_scenarios(trained_store) -> No
 @pytest.fixture
 def prepared(tiny_cfg, tiny_data):
     cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, epochs=4, checkpoint_every=2))
-    return cfg, R.prepare(cfg)
+    return cfg, preparation.prepare(cfg)
 
 
 def test_serving_feeds_the_model_what_training_fed_it(trained_store, prepared) -> None:
     """Engineering-unit arrays through the service runtime (scalers and calendar inputs from the card)
     give the forecast training evaluated: the two paths build the model's inputs the same way."""
-    from export.card import Calendar
     from export.onnx_export import load_model
-    from service.runtime import ModelRuntime
+    from modelcard.card import Calendar
+    from modelcard.runtime import ModelRuntime
 
     store, version = trained_store
     _, p = prepared
     model, card = load_model(store / version)
     assert Calendar.from_card(card) == p.calendar and p.calendar.size == 4  # tiny: daily harmonics only
     w = p.test
-    torch_mean, _ = R.predict(model, p, w, calib=card["calibration"])
+    torch_mean, _ = calibration.predict(model, p, w, calib=card["calibration"])
     served = ModelRuntime(store / version).predict(w.x_hist, w.u_hist, w.u_fut, w.t_last).mean
     assert np.max(np.abs(served - torch_mean) / p.x_std) < 1e-3
     shifted = ModelRuntime(store / version).predict(w.x_hist, w.u_hist, w.u_fut, w.t_last + 360).mean
@@ -164,9 +166,9 @@ def test_serving_feeds_the_model_what_training_fed_it(trained_store, prepared) -
 
 def test_resume_continues_exactly(prepared, tmp_path: Path) -> None:
     cfg, p = prepared
-    straight, log_a = R.train(cfg, p, tmp_path / "a")
-    R.train(cfg, p, tmp_path / "b", stop_after=2)  # "killed" after epoch 2 (checkpointed at 2)
-    resumed, log_b = R.train(cfg, p, tmp_path / "b", resume=True)
+    straight, log_a = loop.train(cfg, p, tmp_path / "a")
+    loop.train(cfg, p, tmp_path / "b", stop_after=2)  # "killed" after epoch 2 (checkpointed at 2)
+    resumed, log_b = loop.train(cfg, p, tmp_path / "b", resume=True)
     assert [r["train_loss"] for r in log_a] == [r["train_loss"] for r in log_b]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -175,7 +177,7 @@ def test_resume_continues_exactly(prepared, tmp_path: Path) -> None:
 def test_weight_decay_spares_the_operator_spectrum() -> None:
     """Decay would pull every radius towards rho_max / 2: only weight matrices are decayed."""
     model = KoVAE(3, 2, ModelConfig(z_dim=6, h_dim=8, real_modes=2))
-    opt = R.make_optimizer(model, TrainConfig(weight_decay=0.5, lr=0.1))
+    opt = loop.make_optimizer(model, TrainConfig(weight_decay=0.5, lr=0.1))
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     for v in model.parameters():
         v.grad = torch.zeros_like(v)
@@ -187,30 +189,30 @@ def test_weight_decay_spares_the_operator_spectrum() -> None:
 
 def test_nan_loss_rolls_back_and_halves_the_learning_rate(prepared, tmp_path: Path, capsys) -> None:
     cfg, p = prepared
-    _, log = R.train(cfg, p, tmp_path / "nan", inject_nan_at=[3])
+    _, log = loop.train(cfg, p, tmp_path / "nan", inject_nan_at=[3])
     assert len(log) == cfg.train.epochs
-    assert log[2]["lr"] == pytest.approx(R.learning_rate(cfg, 2) / 2)  # epoch 3 redone at half the rate
+    assert log[2]["lr"] == pytest.approx(loop.learning_rate(cfg, 2) / 2)  # epoch 3 redone at half the rate
     assert "rolled back to epoch 2" in capsys.readouterr().err
-    with pytest.raises(R.TrainingFailed, match="NaN/inf 4 times"):
-        R.train(cfg, p, tmp_path / "nan2", inject_nan_at=[1, 1, 1, 1])
+    with pytest.raises(loop.TrainingFailed, match="NaN/inf 4 times"):
+        loop.train(cfg, p, tmp_path / "nan2", inject_nan_at=[1, 1, 1, 1])
 
 
 def test_promotion_gate_keeps_the_better_model(store_copy, tiny_cfg, tiny_data, tmp_path: Path) -> None:
     store, version = store_copy
-    p = R.prepare(tiny_cfg)
-    served = R.score_served(store, p, tiny_cfg.train.history)
+    p = preparation.prepare(tiny_cfg)
+    served = publish.score_served(store, p, tiny_cfg.train.history)
     assert served is not None and served[0] == version
     metrics = json.loads((store / version / "metrics.json").read_text())
     assert served[1] == pytest.approx(metrics["score"], rel=1e-3)  # ONNX re-evaluation agrees with training
 
     worse = clone_version(store, version, "worse")
-    R.promote_if_better(store, "worse", served[1] * 1.5, p, tiny_cfg, force=False, never=False)
+    publish.promote_if_better(store, "worse", served[1] * 1.5, p, tiny_cfg, force=False, never=False)
     assert current_version(store) == version
-    R.promote_if_better(store, "worse", served[1] * 1.5, p, tiny_cfg, force=True, never=False)
+    publish.promote_if_better(store, "worse", served[1] * 1.5, p, tiny_cfg, force=True, never=False)
     assert current_version(store) == "worse"
     set_current(store, version)
     better = clone_version(store, version, "better")
-    R.promote_if_better(store, better, served[1] * 0.5, p, tiny_cfg, force=False, never=False)
+    publish.promote_if_better(store, better, served[1] * 0.5, p, tiny_cfg, force=False, never=False)
     assert current_version(store) == "better"
     assert worse == "worse" and sorted(d.name for d in store.iterdir() if d.is_dir()) == ["better", version, "worse"]
 
@@ -229,7 +231,7 @@ def test_promote_cli_and_rollback(store_copy) -> None:
 
 
 def test_cli_refuses_bad_overrides(capsys) -> None:
-    assert R.main(["--preset", "tiny", "train.epochs=zero"]) == 2
+    assert run.main(["--preset", "tiny", "train.epochs=zero"]) == 2
     assert "train.epochs: expected a number" in capsys.readouterr().err
 
 
@@ -272,7 +274,7 @@ def test_influent_oracle_bench_feeds_the_true_future_influent(prepared) -> None:
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
 
-    def influent_error(p: R.Prepared) -> float:
+    def influent_error(p: preparation.Prepared) -> float:
         w = p.test
         pred = ARX(1).fit(p.train_series).forecast(p.nx(w.x_hist), p.inputs(w)[1])
         return float(np.sqrt(np.mean((pred - p.nx(w.x_fut))[..., bench.INFLUENT] ** 2)))

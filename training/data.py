@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.card import atomic_write
+from modelcard.card import atomic_write
 from training.catalog import CONTROL_NAMES, MEASUREMENT_NAMES, SAMPLE_MINUTES, catalog_dict
 from training.config import ConfigError, DataConfig, load_config
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from export.card import Calendar
+from modelcard.card import Calendar
 from training.catalog import SAMPLE_MINUTES
 from training.data import Windows
 

@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from export.card import CardError
-from export.store import current_version, list_versions, set_current
+from modelcard.card import CardError
+from modelcard.store import current_version, list_versions, set_current
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from export.card import Calendar, known_inputs, read_card, scalers, window_clock
+from modelcard.card import Calendar, known_inputs, read_card, scalers, window_clock
 
 
 @dataclass(frozen=True)

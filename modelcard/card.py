@@ -1,4 +1,4 @@
-"""The model card: the one contract between training, export and serving (no torch here).
+"""The model card: the one contract between training, export and serving (numpy only: no torch, no web).
 
 Training writes it once; export adds the ONNX facts; the service only reads it. Variable names, units,
 scalers, history and horizon limits and the operator's eigenvalues are never re-derived elsewhere.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from export.card import CardError, atomic_write, read_card
+from modelcard.card import CardError, atomic_write, read_card
 
 POINTER = "CURRENT"
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

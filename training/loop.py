@@ -1,0 +1,221 @@
+"""Stage 2 of a run: the training loop, read top to bottom like nanoGPT's train.py.
+
+Multi-step forecast loss with a rollout curriculum, cosine learning rate, AdamW on matrices only, checkpoints
+every N epochs and for the best validation forecast loss, exact resume, and a NaN/inf guard that rolls back
+to the last checkpoint with a halved learning rate.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelcard.card import atomic_write
+from training.catalog import MEASUREMENTS
+from training.config import RunConfig, TrainConfig
+from training.model import KoVAE
+from training.prepare import Prepared, tensors
+
+MAX_NAN_RETRIES = 3
+
+
+def rollout_length(cfg: RunConfig, epoch: int) -> int:
+    """Curriculum: the trained rollout grows linearly from curriculum_start to the full horizon."""
+    t = cfg.train
+    if t.curriculum_epochs <= 0 or epoch >= t.curriculum_epochs:
+        return t.horizon
+    frac = epoch / t.curriculum_epochs
+    return round(t.curriculum_start + frac * (t.horizon - t.curriculum_start))
+
+
+def learning_rate(cfg: RunConfig, epoch: int) -> float:
+    """Cosine decay from lr to min_lr over the run."""
+    t = cfg.train
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * epoch / max(1, t.epochs)))
+
+
+def evaluate_loss(model: KoVAE, data: tuple[torch.Tensor, ...], cfg: RunConfig, batch: int = 256) -> dict[str, float]:
+    """Mean loss terms over a dataset in eval mode (posterior means, no dropout), full horizon."""
+    model.eval()
+    sums: dict[str, float] = {}
+    n = len(data[0])
+    with torch.no_grad():
+        for s in range(0, n, batch):
+            parts = model.losses(*(d[s : s + batch] for d in data), cfg.train)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(data[0][s : s + batch])
+    return {k: v / n for k, v in sums.items()}
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+def make_optimizer(model: KoVAE, t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW that decays only weight matrices (as nanoGPT does).
+
+    Decay on the operator's spectrum parameters would pull every radius towards rho_max / 2 and every angle
+    towards 0, a bias against the slow modes the plant has; biases, norms and noise scales are not weights either.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=t.lr)
+
+
+def train(
+    cfg: RunConfig,
+    p: Prepared,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    inject_nan_at: list[int] | None = None,
+    stop_after: int | None = None,
+) -> tuple[KoVAE, list[dict[str, float]]]:
+    """The training loop. Checkpoints every N epochs and the best on validation; ``resume`` continues exactly.
+
+    A non-finite loss rolls back to the last good checkpoint and halves the learning rate (up to 3 times).
+    Test hooks: ``inject_nan_at`` lists epochs whose first batch is made NaN (each entry fires once);
+    ``stop_after`` ends the session after that epoch as if the process had been killed.
+    """
+    inject = list(inject_nan_at or [])
+    t = cfg.train
+    torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed)
+    train_data, val_data = tensors(p, p.train), tensors(p, p.val)
+    model = KoVAE(len(MEASUREMENTS), train_data[1].shape[-1], cfg.model)  # as wide as the known inputs it is fed
+    opt = make_optimizer(model, t)
+    ckpt_dir = run_dir / "checkpoints"
+    last_ckpt, best_ckpt = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    log_path = run_dir / "log.csv"
+    state = {"epoch": 0, "best_val": math.inf, "lr_scale": 1.0, "nan_retries": 0, "log": []}
+    gen = torch.Generator().manual_seed(t.seed)
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            **state,
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "gen": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "config": cfg.to_dict(),
+        }
+
+    def restore(ck: dict[str, Any]) -> None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["gen"])
+        torch.set_rng_state(ck["torch_rng"])
+        state.update({k: ck[k] for k in ("epoch", "best_val", "lr_scale", "nan_retries", "log")})
+
+    if resume:
+        if not last_ckpt.exists():
+            raise TrainingFailed(f"--resume: no checkpoint at {last_ckpt}")
+        restore(torch.load(last_ckpt, weights_only=False))
+        print(f"resumed from {last_ckpt} at epoch {state['epoch']}", file=sys.stderr)
+    else:
+        save_checkpoint(last_ckpt, snapshot())
+
+    n = len(train_data[0])
+    while state["epoch"] < t.epochs:
+        epoch = state["epoch"]
+        lr = learning_rate(cfg, epoch) * state["lr_scale"]
+        for g in opt.param_groups:
+            g["lr"] = lr
+        R = rollout_length(cfg, epoch)
+        model.train()
+        start, total, seen, bad = time.perf_counter(), 0.0, 0, False
+        order = torch.randperm(n, generator=gen)
+        n_batches = math.ceil(n / t.batch_size)
+        for b in range(n_batches):
+            idx = order[b * t.batch_size : (b + 1) * t.batch_size]
+            xh, uh, xf, uf = (d[idx] for d in train_data)
+            loss = model.losses(xh, uh, xf[:, :R], uf[:, :R], t)["total"]
+            if b == 0 and epoch in inject:
+                inject.remove(epoch)
+                loss = loss * float("nan")
+            if not torch.isfinite(loss):
+                bad = True
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            _progress(epoch, b + 1, n_batches, total / max(seen, 1))
+        if bad:
+            state["nan_retries"] += 1
+            if state["nan_retries"] > MAX_NAN_RETRIES:
+                raise TrainingFailed(
+                    f"loss became NaN/inf {state['nan_retries']} times (last at epoch {epoch}); "
+                    "lower train.lr or check the data"
+                )
+            retries, scale = state["nan_retries"], state["lr_scale"] / 2
+            restore(torch.load(last_ckpt, weights_only=False))
+            state.update(nan_retries=retries, lr_scale=scale)
+            print(
+                f"\nnon-finite loss at epoch {epoch}: rolled back to epoch {state['epoch']}, "
+                f"learning rate x{scale:g} (retry {retries}/{MAX_NAN_RETRIES})",
+                file=sys.stderr,
+            )
+            continue
+        val = evaluate_loss(model, val_data, cfg)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(seen, 1),
+            "val_loss": val["total"],
+            "val_forecast_mse": val["pred"],
+            "val_rec_mse": val["rec"],
+            "rollout": R,
+            "lr": lr,
+            "seconds": time.perf_counter() - start,
+        }
+        state["log"].append(row)
+        state["epoch"] = epoch + 1
+        print(
+            f"\repoch {row['epoch']:3d}/{t.epochs} train {row['train_loss']:.4f} val {row['val_loss']:.4f} "
+            f"forecast {row['val_forecast_mse']:.4f} rollout {R} lr {lr:.2e} {row['seconds']:.1f}s",
+            file=sys.stderr,
+        )
+        _write_log(log_path, state["log"])
+        if val["pred"] < state["best_val"]:
+            state["best_val"] = val["pred"]
+            save_checkpoint(best_ckpt, snapshot())
+        if state["epoch"] % t.checkpoint_every == 0 or state["epoch"] == t.epochs:
+            save_checkpoint(last_ckpt, snapshot())
+        if stop_after is not None and state["epoch"] >= stop_after:
+            break
+    best = torch.load(best_ckpt, weights_only=False)
+    model.load_state_dict(best["model"])
+    model.eval()
+    return model, state["log"]
+
+
+def _progress(epoch: int, done: int, total: int, loss: float) -> None:
+    if sys.stderr.isatty():
+        bar = "#" * int(30 * done / total)
+        print(f"\repoch {epoch + 1:3d} [{bar:<30}] {done}/{total} loss {loss:.4f}", end="", file=sys.stderr)
+
+
+def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, buf.getvalue().encode())

@@ -1,0 +1,142 @@
+"""Stage 5 of a run: the model card, the new version in the store, and the promotion gate.
+
+A version is built in a staging folder and renamed into the store, so it appears whole or not at all. It
+becomes current only if its held-out score beats the served version re-scored through ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from modelcard.card import CARD_VERSION, CardError, atomic_write
+from modelcard.runtime import ModelRuntime
+from modelcard.store import current_version, set_current
+from training import evaluate as ev
+from training.catalog import CONTROLS, MEASUREMENTS, SAMPLE_MINUTES, catalog_dict
+from training.config import RunConfig
+from training.model import KoVAE
+from training.prepare import Prepared
+from training.report import top5_indices
+
+
+def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: dict, seconds: float) -> dict:
+    cat = catalog_dict()
+
+    def with_scalers(items: list[dict], mean: np.ndarray, std: np.ndarray) -> list[dict]:
+        return [{**v, "mean": float(m), "std": float(s)} for v, m, s in zip(items, mean, std, strict=True)]
+
+    L = cfg.train.history
+    return {
+        "card_version": CARD_VERSION,
+        "version": version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "sample_minutes": SAMPLE_MINUTES,
+        "variables": {
+            "measurements": with_scalers(cat["measurements"], p.x_mean, p.x_std),
+            "controls": with_scalers(cat["controls"], p.u_mean, p.u_std),
+            "calendar": p.calendar.to_card(),
+            "control_timing": "a control value at time t is the mean applied over the interval ending at t",
+        },
+        "scaling": {"kind": "zscore", "where": "outside_graph", "formula": "(value - mean) / std"},
+        "history": {"length": L, "min": max(2, L // 2), "max": 2 * L},
+        "max_horizon": cfg.train.horizon,
+        "model": {"type": "KoVAE", **cfg.model.__dict__},
+        "calibration": calib,
+        "metrics": {
+            k: metrics[k] for k in ("headline", "score", "coverage_80_test", "top5_variables", "test_scenarios")
+        },
+        "data": {"config_hash": p.data_hash, "splits": {k: list(v) for k, v in p.split_ids.items()}},
+        "training": {"seconds": seconds, "epochs": cfg.train.epochs, "config": cfg.to_dict()},
+    }
+
+
+def score_served(store: Path, p: Prepared, candidate_history: int) -> tuple[str, float] | None:
+    """Re-evaluate the currently served version on this run's held-out windows through ONNX Runtime."""
+    version = current_version(store)
+    if version is None:
+        return None
+    rt = ModelRuntime(store / version)
+    names = [v.name for v in MEASUREMENTS]
+    if rt.measurements != names or rt.controls != [v.name for v in CONTROLS]:
+        raise CardError(f"served version {version} has other variables; compare by hand or use --force")
+    w = p.test
+    L = min(candidate_history, rt.card["history"]["max"])
+    H = w.x_fut.shape[1]
+    if rt.card["history"]["min"] > L or rt.max_horizon < H:
+        raise CardError(f"served version {version} cannot forecast these windows; compare by hand or use --force")
+    try:
+        mean = rt.predict(w.x_hist[:, -L:], w.u_hist[:, -L:], w.u_fut, w.t_last).mean
+    except Exception as exc:  # e.g. ONNX Runtime refusing the inputs of a model with other known inputs
+        why = f"served version {version} failed on these windows ({exc}); compare by hand or use --force"
+        raise CardError(why) from None
+    ref = ev.error_table(ev.persistence(w), w.x_fut)
+    table = ev.error_table(mean, w.x_fut)
+    return version, ev.headline_score(ev.headline(table, ref, p.x_std, top5_indices(p)))
+
+
+def promote_if_better(
+    store: Path, version: str, score: float, p: Prepared, cfg: RunConfig, *, force: bool, never: bool
+) -> int:
+    """The promotion gate: the candidate becomes current only if its held-out score beats the served one's."""
+    if never:
+        print(f"not promoted (--no-promote); current stays {current_version(store)}", file=sys.stderr)
+        return 0
+    try:
+        served = score_served(store, p, cfg.train.history)
+    except CardError as exc:
+        if not force:
+            print(f"not promoted: {exc}", file=sys.stderr)
+            return 0
+        served = None
+    if served is None or force or score < served[1]:
+        set_current(store, version)
+        why = "forced" if force else ("no model was served" if served is None else f"{score:.4f} < {served[1]:.4f}")
+        print(f"promoted {version} to current ({why})", file=sys.stderr)
+    else:
+        print(
+            f"not promoted: score {score:.4f} does not beat served {served[0]} ({served[1]:.4f}) on the same "
+            "held-out windows; use --force to promote anyway",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def store_version(
+    store: Path,
+    version: str,
+    model: KoVAE,
+    card: dict[str, Any],
+    p: Prepared,
+    cfg: RunConfig,
+    run_dir: Path,
+    files: list[str],
+) -> None:
+    """Export ONNX (parity-checked) and copy the run's outputs into ``store/version``, via a staging folder.
+
+    Raises ``export.onnx_export.ParityError`` (and writes nothing into the store) when ONNX and PyTorch differ.
+    """
+    from export.onnx_export import export_version  # torch exporter; imported when a version is written
+
+    staging = store / f".tmp-{version}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        w = p.test
+        u_hist, u_fut = p.inputs(w)
+        sample = [(p.nx(w.x_hist[:8]), u_hist[:8], u_fut[:8])]
+        export_version(model, card, staging, sample)
+        torch.save(model.state_dict(), staging / "weights.pt")
+        atomic_write(staging / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+        for name in files:
+            shutil.copy2(run_dir / name, staging / name)
+        staging.rename(store / version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
