@@ -30,12 +30,15 @@ from modelcard.store import POINTER, current_version
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def request_body(rt: ModelRuntime, horizon: int) -> dict:
-    rng = np.random.default_rng(0)
+def request_body(rt: ModelRuntime, horizon: int, seed: int = 0) -> dict:
+    """One series of plausible history (around the card's scalers, inside the training range), controls held."""
+    rng = np.random.default_rng(seed)
     L = rt.card["history"]["length"]
     t0 = datetime(2026, 3, 1, tzinfo=UTC)
     x = rt.x_mean + 0.3 * rt.x_std * rng.standard_normal((L, len(rt.x_mean)))
     u = rt.u_mean + 0.3 * rt.u_std * rng.standard_normal((L, len(rt.u_mean)))
+    if rt.x_range is not None and rt.u_range is not None:
+        x, u = np.clip(x, *rt.x_range), np.clip(u, *rt.u_range)
     return {
         "horizon": horizon,
         "series": [
@@ -188,6 +191,50 @@ async def run(args: argparse.Namespace, port: int, store: Path, versions: list[s
         client.close()
 
 
+def private_store(src: Path) -> tuple[Path, Path, str]:
+    """A private copy of the store's current version plus a twin named ``<version>-b``, so that reloads really
+    swap models; returns (temp folder to remove, store, version)."""
+    version = current_version(src)
+    tmp = Path(tempfile.mkdtemp(prefix="kovae-bench-"))
+    store = tmp / "models"
+    store.mkdir()
+    shutil.copytree(src / version, store / version)
+    shutil.copytree(src / version, store / f"{version}-b")
+    card = json.loads((store / f"{version}-b" / "card.json").read_text())
+    card["version"] = f"{version}-b"
+    (store / f"{version}-b" / "card.json").write_text(json.dumps(card))
+    (store / POINTER).write_text(version)
+    return tmp, store, version
+
+
+def start_server(store: Path, **env: str) -> tuple[subprocess.Popen, int]:
+    """``python -m service`` on a free port of 127.0.0.1 (admin key "bench-admin"), once /readyz answers 200."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    full_env = {
+        **os.environ,
+        "KOVAE_MODEL_STORE": str(store),
+        "KOVAE_HOST": "127.0.0.1",
+        "KOVAE_PORT": str(port),
+        "KOVAE_ADMIN_API_KEYS": '["bench-admin"]',
+        "KOVAE_POLL_INTERVAL_S": "1",
+        "KOVAE_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+        **env,
+    }
+    server = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=full_env, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return server, port
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    server.terminate()
+    raise RuntimeError("the service did not become ready in 30 s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default="models")
@@ -201,19 +248,7 @@ def main() -> None:
     if args.rate * args.seconds > 20_000 or any(r * args.ramp_seconds > 20_000 for r in args.ramp):
         sys.exit("refusing: more than 20,000 requests in one phase")
 
-    # A private copy of the store with a second version, so reloads really swap models.
-    src = Path(args.store)
-    version = current_version(src)
-    tmp = Path(tempfile.mkdtemp(prefix="kovae-bench-"))
-    store = tmp / "models"
-    store.mkdir()
-    shutil.copytree(src / version, store / version)
-    shutil.copytree(src / version, store / f"{version}-b")
-    card = json.loads((store / f"{version}-b" / "card.json").read_text())
-    card["version"] = f"{version}-b"
-    (store / f"{version}-b" / "card.json").write_text(json.dumps(card))
-    (store / POINTER).write_text(version)
-
+    tmp, store, version = private_store(Path(args.store))
     rt = ModelRuntime(store / version)
     raw = request_body(rt, args.horizon)["series"][0]
     x = np.stack([raw["measurements"][n] for n in rt.measurements], 1)[None]
@@ -228,30 +263,9 @@ def main() -> None:
         rt.predict(x, u, uf, clock)
         raw_ms.append((time.perf_counter() - start) * 1000)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "KOVAE_MODEL_STORE": str(store),
-        "KOVAE_HOST": "127.0.0.1",
-        "KOVAE_PORT": str(port),
-        "KOVAE_WORKERS": str(args.workers),
-        "KOVAE_ADMIN_API_KEYS": '["bench-admin"]',
-        "KOVAE_POLL_INTERVAL_S": "1",
-        "KOVAE_LOG_LEVEL": "WARNING",
-        "PYTHONPATH": str(ROOT),
-    }
-    server = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    server, port = start_server(store, KOVAE_WORKERS=str(args.workers))
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
         print(f"model {version}, horizon {args.horizon}, {args.workers} worker(s), server on {url}")
         asyncio.run(run(args, port, store, [version, f"{version}-b"], rt))
         med, p99 = np.median(raw_ms), np.percentile(raw_ms, 99)

@@ -20,8 +20,8 @@ import numpy as np
 
 CARD_FILE = "card.json"
 ONNX_FILE = "model.onnx"
-CARD_VERSION = 2  # 2: variables.calendar (clock inputs)
-READABLE_CARD_VERSIONS = (1, 2)  # 1 has no calendar inputs
+CARD_VERSION = 3  # 2: variables.calendar (clock inputs); 3: per-variable bounds and training_range
+READABLE_CARD_VERSIONS = (1, 2, 3)  # 1 has no calendar inputs; 1-2 have no bounds (then nothing is refused)
 MINUTES_PER_DAY = 24 * 60
 MINUTES_PER_WEEK = 7 * MINUTES_PER_DAY
 
@@ -30,8 +30,17 @@ class CardError(ValueError):
     """A model card or its ONNX file is missing, malformed or does not match its checksum."""
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable: fsync the folder itself (POSIX)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write beside the target and rename, so a reader never sees half a file."""
+    """Write beside the target, fsync, rename, fsync the folder: a reader (or a crash) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -44,6 +53,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def sha256_file(path: Path) -> str:
@@ -92,29 +102,46 @@ def write_card(version_dir: Path, card: dict[str, Any]) -> None:
 
 
 def read_card(version_dir: Path, *, verify: bool = True) -> dict[str, Any]:
-    """Read a version's card; with ``verify`` also check model.onnx against the stored SHA-256."""
-    path = Path(version_dir) / CARD_FILE
+    """Read a version's card; with ``verify`` also check model.onnx against the stored SHA-256.
+
+    Messages name files as ``<version>/<file>``, never by absolute path: they reach API clients.
+    """
+    version_dir = Path(version_dir)
+    where = f"{version_dir.name}/{CARD_FILE}"
     try:
-        card = json.loads(path.read_text())
+        card = json.loads((version_dir / CARD_FILE).read_text())
     except FileNotFoundError:
-        raise CardError(f"{path}: no model card") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CardError(f"{path}: unreadable ({exc})") from None
+        raise CardError(f"{where}: no model card") from None
+    except (OSError, ValueError) as exc:
+        raise CardError(f"{where}: unreadable ({type(exc).__name__})") from None
+    if not isinstance(card, dict):
+        raise CardError(f"{where}: not a JSON object")
     for key in ("version", "variables", "scaling", "history", "max_horizon", "stability", "onnx"):
         if key not in card:
-            raise CardError(f"{path}: missing field {key!r}")
+            raise CardError(f"{where}: missing field {key!r}")
     if card.get("card_version") not in READABLE_CARD_VERSIONS:
-        raise CardError(f"{path}: card_version {card.get('card_version')} is not one of {READABLE_CARD_VERSIONS}")
+        raise CardError(f"{where}: card_version {card.get('card_version')} is not one of {READABLE_CARD_VERSIONS}")
     if verify:
-        onnx_path = Path(version_dir) / card["onnx"]["file"]
-        if not onnx_path.exists():
-            raise CardError(f"{onnx_path}: missing")
-        actual = sha256_file(onnx_path)
-        if actual != card["onnx"]["sha256"]:
-            raise CardError(
-                f"{onnx_path}: SHA-256 {actual[:12]}... does not match the card's {card['onnx']['sha256'][:12]}..."
-            )
+        onnx_bytes(version_dir, card)
     return card
+
+
+def onnx_bytes(version_dir: Path, card: dict[str, Any]) -> bytes:
+    """The version's ONNX file, read once and checked against the card's SHA-256.
+
+    The caller loads these very bytes (not the path again), so what runs is what was verified.
+    """
+    name = f"{Path(version_dir).name}/{card['onnx']['file']}"
+    try:
+        data = (Path(version_dir) / card["onnx"]["file"]).read_bytes()
+    except FileNotFoundError:
+        raise CardError(f"{name}: missing") from None
+    except OSError as exc:
+        raise CardError(f"{name}: unreadable ({type(exc).__name__})") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != card["onnx"]["sha256"]:
+        raise CardError(f"{name}: SHA-256 {actual[:12]}... does not match the card's {card['onnx']['sha256'][:12]}...")
+    return data
 
 
 def scalers(card: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -125,6 +152,27 @@ def scalers(card: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         return np.array([v[key] for v in items], dtype=np.float32)
 
     return arr(m, "mean"), arr(m, "std"), arr(c, "mean"), arr(c, "std")
+
+
+def bounds(card: dict[str, Any], role: str) -> tuple[np.ndarray, np.ndarray]:
+    """Physical (min, max) per variable of ``role`` ("measurements" or "controls"), float64, catalog order.
+
+    Cards before version 3 carry none: then (-inf, inf), and only non-finite values are refused.
+    """
+    items = card["variables"][role]
+    lo = np.array([v.get("bounds", {}).get("min", -np.inf) for v in items], dtype=np.float64)
+    hi = np.array([v.get("bounds", {}).get("max", np.inf) for v in items], dtype=np.float64)
+    return lo, hi
+
+
+def training_range(card: dict[str, Any], role: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(min, max) seen in the training data per variable of ``role``; None for cards that do not record it."""
+    items = card["variables"][role]
+    if not all("training_range" in v for v in items):
+        return None
+    lo = np.array([v["training_range"]["min"] for v in items], dtype=np.float64)
+    hi = np.array([v["training_range"]["max"] for v in items], dtype=np.float64)
+    return lo, hi
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Runs one model version through ONNX Runtime in engineering units. No torch, no web framework.
 
 The card supplies the scalers and limits; this class only applies them. One session is shared by all
-requests (``InferenceSession.run`` is thread-safe).
+requests (``InferenceSession.run`` is thread-safe). The session is built from the very bytes whose SHA-256
+was checked against the card, and without ONNX Runtime's memory arena, so that the memory of one large
+request goes back to the system instead of staying reserved for the life of the process.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from modelcard.card import Calendar, known_inputs, read_card, scalers, window_clock
+from modelcard.card import Calendar, bounds, known_inputs, onnx_bytes, read_card, scalers, training_range, window_clock
 
 
 @dataclass(frozen=True)
@@ -25,21 +27,24 @@ class Forecast:
 class ModelRuntime:
     def __init__(self, version_dir: Path, threads: int = 1) -> None:
         self.version_dir = Path(version_dir)
-        self.card: dict[str, Any] = read_card(self.version_dir, verify=True)
+        self.card: dict[str, Any] = read_card(self.version_dir, verify=False)
+        model = onnx_bytes(self.version_dir, self.card)  # checked against the card's SHA-256
         opts = ort.SessionOptions()
+        opts.enable_cpu_mem_arena = False  # an arena keeps a large request's peak memory for ever
         opts.intra_op_num_threads = threads  # small matmuls: more threads cost more than they give
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(
-            str(self.version_dir / self.card["onnx"]["file"]), opts, providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         self.x_mean, self.x_std, self.u_mean, self.u_std = scalers(self.card)
         self.z_dim = int(self.card["model"]["z_dim"])
         self.measurements = [v["name"] for v in self.card["variables"]["measurements"]]
         self.controls = [v["name"] for v in self.card["variables"]["controls"]]
         self.calendar = Calendar.from_card(self.card)
         self.step_minutes = int(self.card["sample_minutes"])
+        self.x_bounds, self.u_bounds = bounds(self.card, "measurements"), bounds(self.card, "controls")
+        self.x_range, self.u_range = training_range(self.card, "measurements"), training_range(self.card, "controls")
+        self.units = {v["name"]: v["unit"] for v in self.card["variables"]["measurements"]}
 
     @property
     def version(self) -> str:

@@ -1,37 +1,88 @@
 """The versioned model store: ``models/<version>/`` folders and a ``CURRENT`` pointer file.
 
-Versions are never modified once written; promotion and rollback only rewrite the pointer, atomically.
+A version's weights and ONNX graph are never changed once written (``python -m export`` may re-export a
+version's graph from those weights, and rewrites its card with the new checksum). Promotion and rollback only
+rewrite the pointer, atomically. Every name read from CURRENT is checked against the version pattern and
+resolved inside the store, so the pointer cannot send a reader elsewhere.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import time
 from pathlib import Path
 
-from modelcard.card import CardError, atomic_write, read_card
+from modelcard.card import CARD_FILE, CardError, atomic_write, read_card
 
 POINTER = "CURRENT"
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+STAGING_PREFIX = ".tmp-"
+"""A version being written lives in ``.tmp-<version>`` until it is renamed into place."""
+
+
+def check_version_name(version: str) -> str:
+    if not VERSION_RE.match(version) or ".." in version:
+        raise CardError(f"{version[:80]!r} is not a version name (letters, digits, '.', '_', '-'; at most 64)")
+    return version
+
+
+def version_dir(store: Path, version: str) -> Path:
+    """The folder of ``version``, which must be a valid name and lie inside the store (no links out of it)."""
+    check_version_name(version)
+    root = Path(store).resolve()
+    path = (root / version).resolve()
+    if path.parent != root:
+        raise CardError(f"version {version!r} resolves outside the model store")
+    return path
 
 
 def current_version(store: Path) -> str | None:
+    """The version CURRENT names; None if there is no pointer. Raises CardError for a name that is no version."""
     try:
         name = (Path(store) / POINTER).read_text().strip()
     except FileNotFoundError:
         return None
-    return name or None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CardError(f"{POINTER} is unreadable ({type(exc).__name__})") from None
+    return check_version_name(name) if name else None
 
 
 def list_versions(store: Path) -> list[str]:
+    """Complete versions only: a folder with a valid name and a card (never a staging folder)."""
     store = Path(store)
     if not store.is_dir():
         return []
-    return sorted(p.name for p in store.iterdir() if p.is_dir() and (p / "card.json").exists())
+    return sorted(
+        p.name for p in store.iterdir() if p.is_dir() and VERSION_RE.match(p.name) and (p / CARD_FILE).exists()
+    )
 
 
 def set_current(store: Path, version: str) -> None:
-    """Point CURRENT at a version after checking its card and ONNX checksum."""
-    if not VERSION_RE.match(version):
-        raise CardError(f"invalid version name {version!r}")
-    read_card(Path(store) / version, verify=True)
+    """Point CURRENT at a version after checking its name, card and ONNX checksum."""
+    read_card(version_dir(store, version), verify=True)
     atomic_write(Path(store) / POINTER, (version + "\n").encode())
+
+
+def remove_stale(store: Path, older_than_s: float = 3600.0) -> list[str]:
+    """Delete what crashed writers left behind: ``.CURRENT.*.tmp`` files and ``.tmp-<version>`` staging folders
+    older than ``older_than_s`` (a live writer's are seconds old). Returns the names removed."""
+    store = Path(store)
+    if not store.is_dir():
+        return []
+    cutoff, removed = time.time() - older_than_s, []
+    for p in store.iterdir():
+        stale_pointer = p.name.startswith(f".{POINTER}.") and p.name.endswith(".tmp")
+        if not (stale_pointer or p.name.startswith(STAGING_PREFIX)):
+            continue
+        try:
+            if p.lstat().st_mtime > cutoff:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p.name)
+        except FileNotFoundError:
+            continue
+    return sorted(removed)

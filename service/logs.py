@@ -9,6 +9,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+EXTRA_FIELDS = ("event", "method", "path", "status", "duration_ms")
 
 
 class JsonFormatter(logging.Formatter):
@@ -20,17 +21,22 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": request_id_var.get(),
         }
-        if hasattr(record, "event"):
-            entry["event"] = record.event
+        for key in EXTRA_FIELDS:
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
 def setup_logging(level: str = "INFO") -> None:
+    """Every line the service writes is one JSON object: its own loggers and uvicorn's (whose plain-text access
+    lines are replaced by the service's own, which carry the request id, status and duration)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("kovae")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    for name in ("kovae", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level.upper())
+        logger.propagate = False
+    logging.getLogger("uvicorn.access").disabled = True

@@ -1,9 +1,15 @@
 """Prometheus metrics of the service. Works with several uvicorn workers via prometheus-client's
-multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set (``python -m service`` sets it up)."""
+multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set (``python -m service`` sets it up).
+
+The model gauges count live workers only (``livemax``): the files of a worker that died are dropped when the
+page is rendered, so a restarted worker's old version does not linger at 1. Counters keep every worker's counts.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -27,19 +33,37 @@ HORIZON = Histogram(
     "kovae_forecast_horizon_steps", "Requested forecast horizon", buckets=(1, 4, 8, 16, 24, 48, 96, 192)
 )
 BATCH = Histogram("kovae_forecast_batch_size", "Series per forecast request", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-MODEL_INFO = Gauge("kovae_model_info", "Loaded model version (1 = loaded)", ["version"], multiprocess_mode="max")
+MODEL_INFO = Gauge("kovae_model_info", "Loaded model version (1 = loaded)", ["version"], multiprocess_mode="livemax")
 SPECTRAL_RADIUS = Gauge(
-    "kovae_model_spectral_radius", "Spectral radius of the loaded operator A", multiprocess_mode="max"
+    "kovae_model_spectral_radius", "Spectral radius of the loaded operator A", multiprocess_mode="livemax"
 )
 LAST_LOADED = Gauge(
-    "kovae_model_last_loaded_timestamp_seconds", "Unix time the model was last loaded", multiprocess_mode="max"
+    "kovae_model_last_loaded_timestamp_seconds", "Unix time the model was last loaded", multiprocess_mode="livemax"
 )
 RELOADS = Counter("kovae_model_reloads_total", "Model reload attempts by outcome", ["outcome"])
+CANCELLED = Counter("kovae_forecasts_cancelled_total", "Forecasts stopped because the client went away")
+LIVE_FILE = re.compile(r"^gauge_live\w+?_(\d+)\.db$")
+
+
+def _drop_dead_workers(folder: str) -> None:
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        m = LIVE_FILE.match(path.name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, folder)
+        except PermissionError:
+            pass
 
 
 def exposition() -> tuple[bytes, str]:
     """The metrics page: aggregated over worker processes in multiprocess mode."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        _drop_dead_workers(folder)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

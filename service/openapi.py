@@ -1,7 +1,8 @@
-"""Write the app's OpenAPI document to openapi.yaml: ``python -m service.openapi``.
+"""Write the app's OpenAPI document to openapi.json: ``python -m service.openapi [FILE]``.
 
-The file is JSON, which is valid YAML 1.2, so no YAML library is needed; a test keeps it equal to what the
-running app serves.
+The document states the served model's limits (history length, horizon, variables and physical bounds), so it
+is written for the model the store's CURRENT names (``KOVAE_MODEL_STORE``, default ``models``); a test keeps
+it equal to what a server of the committed default model serves.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from service.settings import Settings
 
 
 def spec() -> dict:
-    return create_app(Settings(poll_interval_s=0)).openapi()
+    app = create_app(Settings(poll_interval_s=0))
+    app.state.registry.reload()
+    return app.openapi()
 
 
 def main() -> int:
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "openapi.yaml")
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "openapi.json")
     target.write_text(json.dumps(spec(), indent=2) + "\n")
     print(f"wrote {target}")
     return 0

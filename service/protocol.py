@@ -1,12 +1,16 @@
 """The /forecast protocol: request and response models, and the codecs between JSON and arrays.
 
 Kept apart from the runtime (which only sees arrays) and from the web layer (which only routes). Every check
-that needs the model's limits reads them from the model card.
+that needs the model's limits reads them from the model card: history and horizon limits, variable names,
+physical bounds (a value outside them is refused) and the training range (a value outside it is answered,
+with a warning). The work of one request is planned here as pieces small enough to keep memory bounded and
+to let other requests through between them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
@@ -16,8 +20,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelcard.card import minutes_since_monday
-from modelcard.runtime import Forecast, ModelRuntime
+from modelcard.runtime import ModelRuntime
 from service.settings import Settings
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class ProblemError(Exception):
@@ -29,13 +35,19 @@ class ProblemError(Exception):
         self.detail = detail or "; ".join(f"{e['field']}: {e['message']}" for e in self.errors) or title
 
 
+# Strict: "20" is no integer and true or "1.5" no number; an ISO 8601 string is still a datetime in JSON.
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class SeriesIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     id: str | None = Field(None, max_length=128, description="caller's label, echoed back")
     timestamps: list[datetime] = Field(
+        min_length=1,
         description="history sample times, oldest first, at the model's spacing, in the plant's local time "
-        "(with its UTC offset; no offset means UTC): the time of day and week are model inputs"
+        "(with its UTC offset; no offset means UTC): the time of day and week are model inputs. "
+        "GET /model gives the history limits (history.min, history.max); the served schema states them too",
     )
     measurements: dict[str, list[float]] = Field(description="one array per measured variable (catalog names)")
     controls: dict[str, list[float]] = Field(description="one array per control over the history")
@@ -46,23 +58,52 @@ class SeriesIn(BaseModel):
 
 
 class ForecastRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     series: list[SeriesIn] = Field(min_length=1, description="one or more plant series, run as one batch")
     horizon: int = Field(ge=1, description="forecast steps; at most the model's max_horizon")
     quantiles: list[float] = Field(default_factory=list, description="e.g. [0.1, 0.5, 0.9]; empty: mean only")
-    samples: int | None = Field(None, ge=1, description="forecast samples used for the quantiles")
+    samples: int | None = Field(
+        None, ge=1, description="forecast samples drawn for the quantiles (used only when quantiles are asked for)"
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="seed of the sample draws: the same request and seed give the same answer"
+    )
 
 
 class VariableForecast(BaseModel):
+    unit: str
     mean: list[float]
     quantiles: dict[str, list[float]] = Field(default_factory=dict)
+
+
+class InputWarning(BaseModel):
+    field: str
+    variable: str
+    message: str
+    training_min: float
+    training_max: float
+    value: float = Field(description="the value furthest outside the training range")
+    beyond: float = Field(description="how far outside, as a fraction of the training range's width")
+
+
+class Clipped(BaseModel):
+    variable: str
+    output: str = Field(description="'mean' or 'quantiles.<q>'")
+    values: int = Field(description="forecast values set to the physical bound")
+    bound: str = Field(description="'min' or 'max'")
 
 
 class SeriesOut(BaseModel):
     id: str | None
     timestamps: list[datetime]
     forecast: dict[str, VariableForecast]
+    warnings: list[InputWarning] = Field(
+        default_factory=list, description="inputs inside the physical bounds but outside the training range"
+    )
+    clipped: list[Clipped] = Field(
+        default_factory=list, description="forecast values held at a physical bound (e.g. a concentration at 0)"
+    )
 
 
 class StabilityOut(BaseModel):
@@ -86,43 +127,110 @@ class DecodedRequest:
     future_times: list[list[datetime]] = field(default_factory=list)
     last_minute: list[float] = field(default_factory=list)  # each series' last history time, minutes since Monday
     ids: list[str | None] = field(default_factory=list)
+    warnings: list[list[dict[str, Any]]] = field(default_factory=list)  # per series
     horizon: int = 0
     quantiles: list[float] = field(default_factory=list)
-    samples: int = 0
+    samples: int = 0  # 0 when no quantiles are asked for: samples are drawn only to give quantiles
+    seed: int | None = None
+
+    @property
+    def work(self) -> int:
+        """Series x samples x horizon: what one request costs in sample steps (the mean counts as one sample)."""
+        return len(self.x_hist) * max(self.samples, 1) * self.horizon
 
 
-def _array(values: list[float], where: str, length: int, errors: list[dict[str, str]]) -> np.ndarray | None:
-    if len(values) != length:
-        errors.append({"field": where, "message": f"has {len(values)} values, expected {length}"})
-        return None
-    arr = np.asarray(values, dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(arr))
-    if bad.size:
-        errors.append({"field": where, "message": f"non-finite value at index {int(bad[0])}"})
-        return None
-    return arr
+@dataclass
+class SeriesResult:
+    mean: np.ndarray  # (H, n_x), engineering units
+    quantiles: np.ndarray | None  # (Q, H, n_x)
+
+
+def quantile_key(q: float) -> str:
+    """The shortest text that reads back as the same float: 0.1 -> "0.1", 0.1234567 -> "0.1234567"."""
+    return repr(float(q))
 
 
 def _named(
-    given: dict[str, list[float]], names: list[str], where: str, length: int, errors: list[dict[str, str]]
+    given: dict[str, list[float]],
+    names: list[str],
+    where: str,
+    length: int,
+    limits: tuple[np.ndarray, np.ndarray],
+    units: list[str],
+    errors: list[dict[str, str]],
 ) -> np.ndarray | None:
+    """One (length, len(names)) array from named arrays, each checked for length, finiteness and ``limits``;
+    a problem names the variable and the first index at fault."""
     for name in sorted(set(given) - set(names)):
         errors.append({"field": f"{where}.{name}", "message": f"unknown variable; expected {', '.join(names)}"})
-    cols = []
+    before = len(errors)
     for name in names:
         if name not in given:
             errors.append({"field": f"{where}.{name}", "message": "missing"})
-            continue
-        cols.append(_array(given[name], f"{where}.{name}", length, errors))
-    if len(cols) != len(names) or any(c is None for c in cols):
+        elif len(given[name]) != length:
+            errors.append({"field": f"{where}.{name}", "message": f"has {len(given[name])} values, expected {length}"})
+    if len(errors) > before:
         return None
-    return np.stack(cols, 1)
+    arr = np.array([given[name] for name in names], dtype=np.float64).T  # (length, n)
+    finite = np.abs(arr) <= FLOAT32_MAX  # also False for NaN; beyond float32 the model cannot take it
+    inside = (arr >= limits[0]) & (arr <= limits[1])
+    if finite.all() and inside.all():
+        return arr
+    for j in np.flatnonzero(~(finite & inside).all(0)):
+        name, col = names[j], arr[:, j]
+        if not finite[:, j].all():
+            k = int(np.argmin(finite[:, j]))
+            errors.append({"field": f"{where}.{name}[{k}]", "message": f"{given[name][k]} is not a finite number"})
+            continue
+        k, lo, hi = int(np.argmin(inside[:, j])), limits[0][j], limits[1][j]
+        side = f"below the physical minimum {lo:g}" if col[k] < lo else f"above the physical maximum {hi:g}"
+        n_out = int(np.sum(~inside[:, j]))
+        more = f" ({n_out} values outside [{lo:g}, {hi:g}])" if n_out > 1 else ""
+        errors.append({"field": f"{where}.{name}[{k}]", "message": f"{col[k]:g} {units[j]} is {side}{more}"})
+    return None
 
 
-def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> DecodedRequest:
-    """Check a request against the model card and settings and turn it into arrays; collects every problem."""
-    card, errors = rt.card, []
-    hist_min, hist_max, step = card["history"]["min"], card["history"]["max"], card["sample_minutes"]
+def input_limits(
+    physical: tuple[np.ndarray, np.ndarray], seen: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """What an input may hold: the physical bounds, widened to any value the model was trained on (a simulator's
+    -0.01 g N/m3 of ammonium, like a sensor's zero offset, was data, not a fault)."""
+    if seen is None:
+        return physical
+    return np.minimum(physical[0], seen[0]), np.maximum(physical[1], seen[1])
+
+
+def _range_warnings(
+    arr: np.ndarray, names: list[str], where: str, seen: tuple[np.ndarray, np.ndarray] | None
+) -> list[dict[str, Any]]:
+    """A warning per variable with values outside the training range (inside the physical bounds)."""
+    if seen is None:
+        return []
+    out = []
+    vmins, vmaxs = arr.min(0), arr.max(0)
+    for j in np.flatnonzero((vmins < seen[0]) | (vmaxs > seen[1])):
+        name, lo, hi = names[j], float(seen[0][j]), float(seen[1][j])
+        vmin, vmax = float(vmins[j]), float(vmaxs[j])
+        below, above = lo - vmin, vmax - hi
+        value = vmin if below >= above else vmax
+        beyond = max(below, above) / max(hi - lo, 1e-12)
+        out.append(
+            {
+                "field": f"{where}.{name}",
+                "variable": name,
+                "message": f"{value:g} is outside the training range [{lo:g}, {hi:g}] by {100 * beyond:.0f}% of "
+                "its width: the forecast is an extrapolation",
+                "training_min": lo,
+                "training_max": hi,
+                "value": value,
+                "beyond": beyond,
+            }
+        )
+    return out
+
+
+def _check_request(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> list[dict[str, str]]:
+    errors = []
     if req.horizon > rt.max_horizon:
         errors.append(
             {"field": "horizon", "message": f"{req.horizon} exceeds the model's max_horizon {rt.max_horizon}"}
@@ -133,16 +241,41 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
         )
     if len(req.quantiles) > settings.max_quantiles:
         errors.append({"field": "quantiles", "message": f"at most {settings.max_quantiles} quantiles"})
+    seen: dict[str, int] = {}
     for i, q in enumerate(req.quantiles):
         if not (math.isfinite(q) and 0 < q < 1):
             errors.append({"field": f"quantiles[{i}]", "message": f"{q} is not strictly between 0 and 1"})
-    samples = req.samples or (settings.default_samples if req.quantiles else 0)
+        elif quantile_key(q) in seen:
+            errors.append({"field": f"quantiles[{i}]", "message": f"repeats quantiles[{seen[quantile_key(q)]}]"})
+        seen.setdefault(quantile_key(q), i)
+    samples = (req.samples or settings.default_samples) if req.quantiles else 0
     if samples > settings.max_samples:
         errors.append({"field": "samples", "message": f"{samples} exceeds the limit {settings.max_samples}"})
+    work = len(req.series) * max(samples, 1) * req.horizon
+    if work > settings.max_work:
+        errors.append(
+            {
+                "field": "samples" if samples else "series",
+                "message": f"series x samples x horizon = {len(req.series)} x {max(samples, 1)} x {req.horizon} = "
+                f"{work} exceeds the limit {settings.max_work} per request: send fewer samples or series, "
+                "or split the request",
+            }
+        )
+    return errors
+
+
+def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> DecodedRequest:
+    """Check a request against the model card and settings and turn it into arrays; collects every problem."""
+    errors = _check_request(req, rt, settings)
     if errors:
         raise ProblemError(422, "Invalid forecast request", errors)
-
-    out = DecodedRequest(horizon=req.horizon, quantiles=sorted(set(req.quantiles)), samples=samples)
+    card = rt.card
+    hist_min, hist_max, step = card["history"]["min"], card["history"]["max"], card["sample_minutes"]
+    x_units = [rt.units[n] for n in rt.measurements]
+    u_units = [v["unit"] for v in card["variables"]["controls"]]
+    x_limits, u_limits = input_limits(rt.x_bounds, rt.x_range), input_limits(rt.u_bounds, rt.u_range)
+    samples = (req.samples or settings.default_samples) if req.quantiles else 0
+    out = DecodedRequest(horizon=req.horizon, quantiles=sorted(req.quantiles), samples=samples, seed=req.seed)
     H = req.horizon
     for i, s in enumerate(req.series):
         where = f"series[{i}]"
@@ -161,8 +294,15 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
                     "message": f"not {step} minutes after the previous timestamp",
                 }
             )
-        x = _named(s.measurements, rt.measurements, f"{where}.measurements", L, errors)
-        u = _named(s.controls, rt.controls, f"{where}.controls", L, errors)
+        try:
+            future = [times[-1] + timedelta(minutes=step * (k + 1)) for k in range(H)]
+        except OverflowError:
+            errors.append(
+                {"field": f"{where}.timestamps[{L - 1}]", "message": f"{H} steps after it lie beyond the year 9999"}
+            )
+            continue
+        x = _named(s.measurements, rt.measurements, f"{where}.measurements", L, x_limits, x_units, errors)
+        u = _named(s.controls, rt.controls, f"{where}.controls", L, u_limits, u_units, errors)
         if s.hold_controls and s.future_controls is not None:
             errors.append(
                 {"field": f"{where}.future_controls", "message": "give future_controls or hold_controls, not both"}
@@ -174,54 +314,116 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
             errors.append({"field": f"{where}.future_controls", "message": "missing (or set hold_controls: true)"})
             continue
         else:
-            uf = _named(s.future_controls, rt.controls, f"{where}.future_controls", H, errors)
+            fc = f"{where}.future_controls"
+            uf = _named(s.future_controls, rt.controls, fc, H, u_limits, u_units, errors)
         if x is None or u is None or uf is None:
             continue
         out.x_hist.append(x)
         out.u_hist.append(u)
         out.u_fut.append(uf)
-        out.future_times.append([times[-1] + timedelta(minutes=step * (k + 1)) for k in range(H)])
+        out.future_times.append(future)
         out.last_minute.append(minutes_since_monday(times[-1]))  # its own UTC offset: the plant's clock
         out.ids.append(s.id)
+        out.warnings.append(
+            _range_warnings(x, rt.measurements, f"{where}.measurements", rt.x_range)
+            + _range_warnings(u, rt.controls, f"{where}.controls", rt.u_range)
+            + (_range_warnings(uf, rt.controls, f"{where}.future_controls", rt.u_range) if not s.hold_controls else [])
+        )
     if errors:
         raise ProblemError(422, "Invalid forecast request", errors)
     return out
 
 
-def run(rt: ModelRuntime, d: DecodedRequest) -> list[Forecast]:
-    """One ONNX call per distinct history length (usually exactly one), results in request order."""
-    results: list[Forecast | None] = [None] * len(d.x_hist)
+# ----------------------------------------------------------------------------- running the model
+
+
+def plan(d: DecodedRequest, chunk_work: int) -> list[list[int]]:
+    """Series indices per piece of work: series of one history length, together at most ``chunk_work``
+    sample steps (a single series with more samples is one piece, its samples drawn in chunks)."""
+    per_series = max(d.samples, 1) * d.horizon
+    group = max(1, chunk_work // per_series)
     by_length: dict[int, list[int]] = {}
     for i, x in enumerate(d.x_hist):
         by_length.setdefault(len(x), []).append(i)
-    for idx in by_length.values():
-        fc = rt.predict(
-            np.stack([d.x_hist[i] for i in idx]),
-            np.stack([d.u_hist[i] for i in idx]),
-            np.stack([d.u_fut[i] for i in idx]),
-            np.array([d.last_minute[i] for i in idx]),
-            d.samples,
-        )
-        for j, i in enumerate(idx):
-            results[i] = Forecast(fc.mean[j : j + 1], None if fc.samples is None else fc.samples[j : j + 1])
-    return [r for r in results if r is not None]
+    return [idx[k : k + group] for idx in by_length.values() for k in range(0, len(idx), group)]
 
 
-def encode(rt: ModelRuntime, d: DecodedRequest, forecasts: list[Forecast]) -> dict[str, Any]:
+def run_piece(
+    rt: ModelRuntime, d: DecodedRequest, series: list[int], rng: np.random.Generator, chunk_work: int
+) -> dict[int, SeriesResult]:
+    """Mean and quantiles of some series. Samples are drawn ``chunk_work`` sample steps at a time and
+    reduced to quantiles here, so memory stays bounded whatever the request asked for."""
+    x = np.stack([d.x_hist[i] for i in series])
+    u = np.stack([d.u_hist[i] for i in series])
+    uf = np.stack([d.u_fut[i] for i in series])
+    last = np.array([d.last_minute[i] for i in series])
+    if d.samples == 0:
+        mean = rt.predict(x, u, uf, last).mean
+        return {i: SeriesResult(mean[j], None) for j, i in enumerate(series)}
+    per_call = max(1, chunk_work // (len(series) * d.horizon))
+    mean, drawn = None, []
+    for start in range(0, d.samples, per_call):
+        fc = rt.predict(x, u, uf, last, min(per_call, d.samples - start), rng)
+        mean = fc.mean if mean is None else mean
+        drawn.append(fc.samples)
+    samples = np.concatenate(drawn, 1)  # (series, samples, H, n_x)
+    qs = np.quantile(samples, d.quantiles, axis=1)  # (Q, series, H, n_x)
+    return {i: SeriesResult(mean[j], qs[:, j]) for j, i in enumerate(series)}
+
+
+def pieces(rt: ModelRuntime, d: DecodedRequest, chunk_work: int) -> Iterator[Any]:
+    """Zero-argument callables, one per piece, to be run in order (results: series index -> SeriesResult)."""
+    rng = np.random.default_rng(d.seed)
+    for series in plan(d, chunk_work):
+        yield lambda series=series: run_piece(rt, d, series, rng, chunk_work)
+
+
+# ----------------------------------------------------------------------------- response
+
+
+def _clip(values: np.ndarray, lo: float, hi: float, name: str, output: str, notes: list[dict[str, Any]]) -> list:
+    low, high = int(np.sum(values < lo)), int(np.sum(values > hi))
+    if low:
+        notes.append({"variable": name, "output": output, "values": low, "bound": "min"})
+    if high:
+        notes.append({"variable": name, "output": output, "values": high, "bound": "max"})
+    return np.clip(values, lo, hi).tolist()
+
+
+def encode(rt: ModelRuntime, d: DecodedRequest, results: dict[int, SeriesResult]) -> dict[str, Any]:
+    """The response body. Forecasts are held within the physical bounds (and the series says where); a forecast
+    that is not finite is refused rather than sent as NaN or Infinity, which strict JSON parsers reject."""
     st = rt.card["stability"]
-    series = []
-    for i, fc in enumerate(forecasts):
-        qs: dict[float, np.ndarray] = {}
-        if fc.samples is not None and d.quantiles:
-            qs = dict(zip(d.quantiles, np.quantile(fc.samples[0], d.quantiles, axis=0), strict=True))
-        per_var = {
-            name: {
-                "mean": fc.mean[0, :, j].tolist(),
-                "quantiles": {f"{q:g}": v[:, j].tolist() for q, v in qs.items()},
+    lo, hi = rt.x_bounds
+    series, errors = [], []
+    for i in range(len(d.x_hist)):
+        res = results[i]
+        if not (np.all(np.isfinite(res.mean)) and (res.quantiles is None or np.all(np.isfinite(res.quantiles)))):
+            errors.append(
+                {"field": f"series[{i}]", "message": "the forecast is not finite for these inputs: check the history"}
+            )
+            continue
+        clipped: list[dict[str, Any]] = []
+        per_var = {}
+        for j, name in enumerate(rt.measurements):
+            qs = {}
+            if res.quantiles is not None:
+                for q, values in zip(d.quantiles, res.quantiles[:, :, j], strict=True):
+                    key = quantile_key(q)
+                    qs[key] = _clip(values, lo[j], hi[j], name, f"quantiles.{key}", clipped)
+            mean = _clip(res.mean[:, j], lo[j], hi[j], name, "mean", clipped)
+            per_var[name] = {"unit": rt.units[name], "mean": mean, "quantiles": qs}
+        series.append(
+            {
+                "id": d.ids[i],
+                "timestamps": d.future_times[i],
+                "forecast": per_var,
+                "warnings": d.warnings[i],
+                "clipped": clipped,
             }
-            for j, name in enumerate(rt.measurements)
-        }
-        series.append({"id": d.ids[i], "timestamps": d.future_times[i], "forecast": per_var})
+        )
+    if errors:
+        raise ProblemError(422, "No finite forecast", errors)
     return {
         "model_version": rt.version,
         "stability": {k: st[k] for k in ("spectral_radius", "stability_margin", "stable")},

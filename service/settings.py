@@ -13,18 +13,30 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KOVAE_", env_file=".env", extra="ignore")
 
     model_store: Path = Field(Path("models"), description="model store folder holding CURRENT and versions")
+    runtime_dir: Path | None = Field(
+        None, description="folder shared by the workers of one server (set by `python -m service` for workers > 1)"
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
     api_keys: list[SecretStr] = Field(default_factory=list, description="if set, /forecast needs one (X-API-Key)")
     admin_api_keys: list[SecretStr] = Field(default_factory=list, description="needed for /admin/*; none: disabled")
+    protect_info: bool = Field(False, description="also require an API key (X-API-Key) for /model and /metrics")
     max_series: int = 64
     max_samples: int = 1000
-    default_samples: int = 200
+    default_samples: int = Field(200, description="samples drawn for quantiles when a request gives none")
     max_quantiles: int = 9
+    max_work: int = Field(
+        1_500_000, description="most series x samples x horizon one request may ask for (422 above it)"
+    )
+    chunk_work: int = Field(
+        8192, description="sample steps per ONNX call of a large request: bounds its memory, lets others through"
+    )
     max_body_bytes: int = 8_000_000
     ort_threads: int = 1
     poll_interval_s: float = Field(5.0, description="how often to check CURRENT for a new version; 0 disables")
+    header_timeout_s: float = Field(10.0, description="close a connection that has not sent its headers by then")
+    keep_alive_s: float = Field(5.0, description="close an idle keep-alive connection after this long")
     log_level: str = "INFO"
 
 

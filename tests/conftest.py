@@ -128,3 +128,19 @@ def serve() -> Iterator:
     yield start
     for s in servers:
         s.stop()
+
+
+@pytest.fixture
+def server(serve, trained_store):
+    """A real server of the tiny model, with an admin key."""
+    store, _ = trained_store
+    return serve(store, KOVAE_ADMIN_API_KEYS='["admin-secret"]')
+
+
+@pytest.fixture
+def rt(trained_store):
+    """The tiny model through ONNX Runtime, as the service runs it."""
+    from modelcard.runtime import ModelRuntime
+
+    store, version = trained_store
+    return ModelRuntime(store / version)

@@ -27,8 +27,9 @@ def test_tiny_dataset_shapes_and_values(tiny_cfg, tiny_data) -> None:
         assert np.all(np.diff(sd.t_minutes) == 15)
     # Times stay on the influent's clock (day 0 at midnight), so the time of day can be a model input.
     for sc in D.scenarios(tiny_cfg.data):
+        sd = tiny_data[sc.id]  # every scenario, not the last one of the loop above
         first = (sc.start_day + tiny_cfg.data.warmup_days) * 1440 + 15
-        assert tiny_data[sc.id].t_minutes[0] == pytest.approx(first)
+        assert sd.t_minutes[0] == pytest.approx(first)
         q_in = sd.x[:, 0]
         assert np.all(q_in > 1000) and np.all(sd.x[:, 10:15] >= -1e-6)  # flows in m3/d; effluent >= 0
         klas, qintr = sd.u[:, :3], sd.u[:, 3]

@@ -130,6 +130,7 @@ def test_tiny_model_beats_persistence_on_held_out_scenarios(trained_store) -> No
     store, version = trained_store
     metrics = json.loads((store / version / "metrics.json").read_text())
     head = metrics["headline"]
+    assert head["kovae"] and set(head["kovae"]) == set(head["persistence"])  # the loop below must run
     for h in head["kovae"]:
         assert head["kovae"][h]["nrmse_all"] < head["persistence"][h]["nrmse_all"]
         assert head["kovae"][h]["skill_vs_persistence"] > 0

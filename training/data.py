@@ -74,7 +74,7 @@ def scenario_key(cfg: DataConfig, sc: Scenario) -> str:
         "qintr_range": cfg.qintr_range,
         "hold_hours": cfg.hold_hours,
         "sample_minutes": SAMPLE_MINUTES,
-        "catalog": catalog_dict(),
+        "catalog": catalog_dict(bounds=False),
         "versions": package_versions(),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -105,7 +105,13 @@ def scenario_path(cfg: DataConfig, sc: Scenario) -> Path:
 def save_scenario(path: Path, sd: ScenarioData, repairs: list[dict[str, object]]) -> None:
     import io
 
-    meta = {"format": FORMAT_VERSION, "scenario": sd.id, "seed": sd.seed, "catalog": catalog_dict(), "repairs": repairs}
+    meta = {
+        "format": FORMAT_VERSION,
+        "scenario": sd.id,
+        "seed": sd.seed,
+        "catalog": catalog_dict(bounds=False),
+        "repairs": repairs,
+    }
     buf = io.BytesIO()
     np.savez_compressed(buf, t_minutes=sd.t_minutes, x=sd.x, u=sd.u, meta=np.array(json.dumps(meta)))
     atomic_write(path, buf.getvalue())
@@ -120,7 +126,7 @@ def load_scenario(path: Path) -> ScenarioData:
         raise DataError(f"{path}: missing") from None
     except Exception as exc:  # zip, key or JSON errors all mean a corrupt file
         raise DataError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
-    if meta.get("catalog") != catalog_dict():
+    if meta.get("catalog") != catalog_dict(bounds=False):
         raise DataError(f"{path}: catalog does not match training.catalog (regenerate the cache)")
     n = len(t)
     if x.shape != (n, len(MEASUREMENT_NAMES)) or u.shape != (n, len(CONTROL_NAMES)):

@@ -29,6 +29,8 @@ class Prepared:
     data_hash: str
     calendar: Calendar  # clock inputs (model.calendar_daily, model.calendar_weekly)
     split_ids: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    x_range: tuple[np.ndarray, np.ndarray] | None = None  # (min, max) over the training scenarios
+    u_range: tuple[np.ndarray, np.ndarray] | None = None
 
     def nx(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.x_mean) / self.x_std).astype(np.float32)
@@ -71,6 +73,8 @@ def prepare(cfg: RunConfig) -> Prepared:
         config_hash(cfg.data),
         calendar,
         ids,
+        (x_all.min(0), x_all.max(0)),
+        (u_all.min(0), u_all.max(0)),
     )
 
 

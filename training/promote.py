@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from modelcard.card import CardError
-from modelcard.store import current_version, list_versions, set_current
+from modelcard.store import current_version, list_versions, remove_stale, set_current
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", default="models", help="model store folder (default: models)")
     args = parser.parse_args(argv)
     store = Path(args.store)
-    current = current_version(store)
+    for name in remove_stale(store):
+        print(f"removed {name} (left by an interrupted write)", file=sys.stderr)
+    try:
+        current = current_version(store)
+    except CardError as exc:
+        print(f"warning: {exc}", file=sys.stderr)
+        current = None
     if args.version is None:
         for v in list_versions(store):
             print(("* " if v == current else "  ") + v)

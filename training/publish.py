@@ -7,6 +7,7 @@ becomes current only if its held-out score beats the served version re-scored th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from datetime import UTC, datetime
@@ -16,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelcard.card import CARD_VERSION, CardError, atomic_write
+from modelcard.card import CARD_VERSION, CardError, atomic_write, fsync_dir
 from modelcard.runtime import ModelRuntime
-from modelcard.store import current_version, set_current
+from modelcard.store import STAGING_PREFIX, current_version, remove_stale, set_current, version_dir
 from training import evaluate as ev
 from training.catalog import CONTROLS, MEASUREMENTS, SAMPLE_MINUTES, catalog_dict
 from training.config import RunConfig
@@ -27,12 +28,21 @@ from training.prepare import Prepared
 from training.report import top5_indices
 
 
+def card_variables(
+    items: list[dict], mean: np.ndarray, std: np.ndarray, seen: tuple[np.ndarray, np.ndarray] | None
+) -> list[dict]:
+    """Catalog entries (name, unit, description, physical bounds) with the scalers and the training range."""
+    out = []
+    for j, v in enumerate(items):
+        entry = {**v, "mean": float(mean[j]), "std": float(std[j])}
+        if seen is not None:
+            entry["training_range"] = {"min": float(seen[0][j]), "max": float(seen[1][j])}
+        out.append(entry)
+    return out
+
+
 def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: dict, seconds: float) -> dict:
     cat = catalog_dict()
-
-    def with_scalers(items: list[dict], mean: np.ndarray, std: np.ndarray) -> list[dict]:
-        return [{**v, "mean": float(m), "std": float(s)} for v, m, s in zip(items, mean, std, strict=True)]
-
     L = cfg.train.history
     return {
         "card_version": CARD_VERSION,
@@ -40,8 +50,8 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "sample_minutes": SAMPLE_MINUTES,
         "variables": {
-            "measurements": with_scalers(cat["measurements"], p.x_mean, p.x_std),
-            "controls": with_scalers(cat["controls"], p.u_mean, p.u_std),
+            "measurements": card_variables(cat["measurements"], p.x_mean, p.x_std, p.x_range),
+            "controls": card_variables(cat["controls"], p.u_mean, p.u_std, p.u_range),
             "calendar": p.calendar.to_card(),
             "control_timing": "a control value at time t is the mean applied over the interval ending at t",
         },
@@ -63,7 +73,7 @@ def score_served(store: Path, p: Prepared, candidate_history: int) -> tuple[str,
     version = current_version(store)
     if version is None:
         return None
-    rt = ModelRuntime(store / version)
+    rt = ModelRuntime(version_dir(store, version))
     names = [v.name for v in MEASUREMENTS]
     if rt.measurements != names or rt.controls != [v.name for v in CONTROLS]:
         raise CardError(f"served version {version} has other variables; compare by hand or use --force")
@@ -125,7 +135,8 @@ def store_version(
     """
     from export.onnx_export import export_version  # torch exporter; imported when a version is written
 
-    staging = store / f".tmp-{version}"
+    remove_stale(store)  # what crashed runs left behind
+    staging = store / f"{STAGING_PREFIX}{version}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         w = p.test
@@ -136,7 +147,12 @@ def store_version(
         atomic_write(staging / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
         for name in files:
             shutil.copy2(run_dir / name, staging / name)
+        for path in staging.iterdir():  # durable before it is visible under its name
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(staging)
         staging.rename(store / version)
+        fsync_dir(store)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

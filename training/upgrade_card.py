@@ -1,0 +1,59 @@
+"""Bring a stored version's card up to card_version 3: ``python -m training.upgrade_card --version V``.
+
+Version 3 adds, per variable, the physical bounds (from the catalog) and the training range (min and max over
+the version's own training scenarios, regenerated from its stored config and checked against the card's data
+hash). The ONNX graph and weights are untouched, so the checksum in the card still holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from modelcard.card import CARD_VERSION, read_card, write_card
+from modelcard.store import version_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.upgrade_card", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", required=True, help="version folder name in the store")
+    parser.add_argument("--store", default="models", help="model store folder (default: models)")
+    args = parser.parse_args(argv)
+
+    import numpy as np
+
+    from training.catalog import catalog_dict
+    from training.config import config_from_dict
+    from training.data import config_hash, generate, splits
+    from training.publish import card_variables
+
+    folder = version_dir(Path(args.store), args.version)
+    card = read_card(folder, verify=True)
+    cfg = config_from_dict(json.loads((folder / "config.json").read_text()))
+    if config_hash(cfg.data) != card["data"]["config_hash"]:
+        print(f"error: the data this code generates for {args.version} differ from what it was trained on")
+        return 1
+    data = generate(cfg.data)
+    train = [data[i] for i in splits(cfg.data)["train"]]
+    x_all, u_all = np.concatenate([d.x for d in train]), np.concatenate([d.u for d in train])
+    cat, var = catalog_dict(), card["variables"]
+    for role, arr, items in (("measurements", x_all, cat["measurements"]), ("controls", u_all, cat["controls"])):
+        if [v["name"] for v in items] != [v["name"] for v in var[role]]:
+            print(f"error: {args.version} has other {role} than the catalog", file=sys.stderr)
+            return 1
+        mean = np.array([v["mean"] for v in var[role]])
+        std = np.array([v["std"] for v in var[role]])
+        if not np.allclose(mean, arr.mean(0), rtol=1e-6):
+            print(f"error: the regenerated {role} do not match the card's scalers", file=sys.stderr)
+            return 1
+        var[role] = card_variables(items, mean, std, (arr.min(0), arr.max(0)))
+    card["card_version"] = CARD_VERSION
+    write_card(folder, card)
+    print(f"{args.version}: card_version {CARD_VERSION}, physical bounds and training range added")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
