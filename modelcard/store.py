@@ -1,22 +1,25 @@
 """The versioned model store: ``models/<version>/`` folders and a ``CURRENT`` pointer file.
 
-A version's weights and ONNX graph are never changed once written (``python -m export`` may re-export a
-version's graph from those weights, and rewrites its card with the new checksum). Promotion and rollback only
-rewrite the pointer, atomically. Every name read from CURRENT is checked against the version pattern and
+A version is added whole (``add_version``) and its weights never change (``python -m export`` may re-export a
+version's graph from those weights, rewriting ``model.onnx`` and the card's checksum in place). Promotion and
+rollback only rewrite the pointer, atomically. Every name read from CURRENT is checked against the version pattern and
 resolved inside the store, so the pointer cannot send a reader elsewhere.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
 from pathlib import Path
 
-from modelcard.card import CARD_FILE, CardError, atomic_write, read_card
+from modelcard.card import CARD_FILE, CardError, atomic_write, fsync_dir, read_card
 
 POINTER = "CURRENT"
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+GATE_FILE = "gate.json"
+"""The promotion gate's verdict on a version (written by training.publish, listed by training.promote)."""
 STAGING_PREFIX = ".tmp-"
 """A version being written lives in ``.tmp-<version>`` until it is renamed into place."""
 
@@ -86,3 +89,33 @@ def remove_stale(store: Path, older_than_s: float = 3600.0) -> list[str]:
         except FileNotFoundError:
             continue
     return sorted(removed)
+
+
+def add_version(store: Path, source: Path) -> str:
+    """Copy a complete version folder (card and verified ONNX) into the store under its card's name, through a
+    staging folder that is fsync'd and then renamed: the version appears whole or not at all. Never overwrites."""
+    source = Path(source)
+    card = read_card(source, verify=True)
+    version = check_version_name(str(card["version"]))
+    if source.name != version:
+        raise CardError(f"{source.name}/{CARD_FILE} names version {version!r}, not its folder's")
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    target = version_dir(store, version)
+    if target.exists():
+        raise CardError(f"version {version} is already in the store; versions are never overwritten")
+    staging = store / f"{STAGING_PREFIX}{version}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(source, staging)
+        for path in staging.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(staging)
+        staging.rename(target)
+        fsync_dir(store)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return version

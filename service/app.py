@@ -34,7 +34,7 @@ from service import metrics, protocol
 from service.logs import request_id_var, setup_logging
 from service.protocol import ForecastRequest, ForecastResponse, ProblemError
 from service.registry import ModelRegistry, ReloadError
-from service.settings import Settings, get_settings
+from service.settings import Settings, find_store, get_settings
 
 API_VERSION = "1.2.0"  # 1.1: time of day and week are inputs; 1.2: bounds, warnings, clipping, units, seed
 PROBLEM = "application/problem+json"
@@ -243,7 +243,9 @@ class ObserveMiddleware:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     setup_logging(settings.log_level)
-    registry = ModelRegistry(settings.model_store, settings.ort_threads, settings.runtime_dir)
+    store, found_by = find_store(settings.model_store)
+    log.info("model store: %s (%s)", store.resolve(), found_by, extra={"event": "model_store"})
+    registry = ModelRegistry(store, settings.ort_threads, settings.runtime_dir)
     # Two inference lanes per worker, one thread each: ONNX Runtime stays on warm caches, the event loop is never
     # blocked, and a request small enough for one ONNX call never queues behind a large one's pieces.
     inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -276,6 +278,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(ProblemError)
     async def on_problem(request: Request, exc: ProblemError) -> JSONResponse:
         metrics.ERRORS.labels("invalid_request" if exc.status == 422 else f"http_{exc.status}").inc()
+        log.info("%d %s: %s", exc.status, exc.title, exc.detail[:1000], extra={"event": "refused"})
         return problem(request, exc.status, exc.title, exc.detail, exc.errors)
 
     @app.exception_handler(RequestValidationError)
@@ -283,6 +286,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         errors = [{"field": _loc(e["loc"]), "message": e["msg"]} for e in exc.errors()]
         metrics.ERRORS.labels("invalid_request").inc()
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        log.info("422 Invalid request body: %s", detail[:1000], extra={"event": "refused"})
         return problem(request, 422, "Invalid request body", detail, errors)
 
     @app.exception_handler(StarletteHTTPException)

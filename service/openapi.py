@@ -7,8 +7,8 @@ it equal to what a server of the committed default model serves.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from service.app import create_app
@@ -21,8 +21,10 @@ def spec() -> dict:
     return app.openapi()
 
 
-def main() -> int:
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "openapi.json")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.openapi", description=__doc__.splitlines()[0])
+    parser.add_argument("target", nargs="?", default="openapi.json", help="file to write (default: openapi.json)")
+    target = Path(parser.parse_args(argv).target)
     target.write_text(json.dumps(spec(), indent=2) + "\n")
     print(f"wrote {target}")
     return 0

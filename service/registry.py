@@ -119,7 +119,13 @@ class ModelRegistry:
                 metrics.RELOADS.labels("failure").inc()
                 reason = self._describe(exc)
                 self.refused, self._refused_state = {"version": version, "reason": reason}, state
-                log.error("reload of %s refused: %s", version, reason, extra={"event": "reload_failed"})
+                log.error(
+                    "reload of %s refused: %s (store %s)",
+                    version,
+                    reason,
+                    self.store.resolve(),
+                    extra={"event": "reload_failed"},
+                )
                 self._write_worker_state()
                 raise ReloadError(f"version {version} refused: {reason}") from None
             self.runtime, self.refused, self._refused_state = rt, None, None

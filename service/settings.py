@@ -12,7 +12,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KOVAE_", env_file=".env", extra="ignore")
 
-    model_store: Path = Field(Path("models"), description="model store folder holding CURRENT and versions")
+    model_store: Path | None = Field(
+        None,
+        description="model store folder holding CURRENT and the versions; unset: ./models if it holds CURRENT, "
+        "else the models folder of the source tree the service runs from (the committed default model)",
+    )
     runtime_dir: Path | None = Field(
         None, description="folder shared by the workers of one server (set by `python -m service` for workers > 1)"
     )
@@ -38,6 +42,19 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, description="close a connection that has not sent its headers by then")
     keep_alive_s: float = Field(5.0, description="close an idle keep-alive connection after this long")
     log_level: str = "INFO"
+
+
+def find_store(configured: Path | None) -> tuple[Path, str]:
+    """The model store and how it was found: the setting, else ./models, else the project's own models/."""
+    if configured is not None:
+        return Path(configured), "KOVAE_MODEL_STORE"
+    here = Path("models")
+    if (here / "CURRENT").exists():
+        return here, "./models"
+    project = Path(__file__).resolve().parents[1] / "models"
+    if (project / "CURRENT").exists():
+        return project, "the project's models folder"
+    return here, "default ./models (no CURRENT found there or in the project's models folder)"
 
 
 @lru_cache

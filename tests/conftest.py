@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,12 +79,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, store: Path, **env: str) -> None:
+    def __init__(self, store: Path | None, cwd: Path = ROOT, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
-            **os.environ,
-            "KOVAE_MODEL_STORE": str(store),
+            **{k: v for k, v in os.environ.items() if k != "KOVAE_MODEL_STORE"},
+            **({"KOVAE_MODEL_STORE": str(store)} if store is not None else {}),
             "KOVAE_HOST": "127.0.0.1",
             "KOVAE_PORT": str(self.port),
             "KOVAE_POLL_INTERVAL_S": "0",
@@ -91,13 +92,18 @@ class Server:
             **env,
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "service"], cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
+        # Drain the log as it comes: a server writing a line per request into a full pipe would block.
+        self.output: list[bytes] = []
+        self.reader = threading.Thread(target=lambda: self.output.extend(iter(self.proc.stdout.readline, b"")))
+        self.reader.start()
         self.client = httpx.Client(base_url=self.url, timeout=30)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read().decode()[-2000:]}")
+                self.reader.join(timeout=5)
+                raise RuntimeError(f"server exited: {b''.join(self.output).decode()[-2000:]}")
             try:
                 if self.client.get("/healthz").status_code == 200:
                     return
@@ -106,14 +112,16 @@ class Server:
         raise RuntimeError("server did not start in 60 s")
 
     def stop(self) -> str:
+        """Stop the server; returns everything it logged."""
         self.client.close()
         self.proc.terminate()
         try:
-            out, _ = self.proc.communicate(timeout=15)
+            self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
-        return out.decode()
+            self.proc.wait()
+        self.reader.join(timeout=5)
+        return b"".join(self.output).decode()
 
 
 @pytest.fixture
@@ -121,7 +129,7 @@ def serve() -> Iterator:
     """Start real servers (``python -m service``) on 127.0.0.1; all are stopped at the end of the test."""
     servers: list[Server] = []
 
-    def start(store: Path, **env: str) -> Server:
+    def start(store: Path | None, **env: str) -> Server:
         servers.append(Server(store, **env))
         return servers[-1]
 

@@ -141,3 +141,14 @@ def test_influent_clock_starts_on_a_monday_at_midnight(name: str) -> None:
     hour = ((t % 1) * 24).astype(int)
     by_hour = [q[hour == h].mean() for h in range(24)]
     assert int(np.argmin(by_hour)) in range(2, 7) and int(np.argmax(by_hour)) in range(8, 12)  # night low, morning peak
+
+
+def test_influent_repairs_are_reported_once() -> None:
+    """bsm2-python adds handlers to the root logger on import; with them each repair printed twice."""
+    import subprocess
+    import sys
+
+    code = "from training import bsm1; bsm1.import_bsm1ol(); bsm1.load_influent('rain')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if "repaired row 997" in line]
+    assert len(lines) == 1, out.stdout + out.stderr

@@ -44,3 +44,14 @@ def test_contract_imports_without_torch_or_web_framework() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["training.run", "training.data", "training.promote", "export", "service.openapi"])
+def test_help_imports_neither_torch_nor_the_simulator(module: str) -> None:
+    """`--help` answers at once: torch and bsm2-python (numba) take seconds to import, so they load after it."""
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "usage:" in out.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time")}
+    assert not {"torch", "bsm2_python", "matplotlib"} & imported

@@ -296,6 +296,38 @@ def test_openapi_json_is_what_the_app_serves(serve) -> None:
     assert served["info"]["version"]
 
 
+def test_the_service_finds_the_committed_model_from_any_folder(tmp_path) -> None:
+    """No KOVAE_MODEL_STORE and another working folder: the project's own models/ is served, and the log says
+    which store was used."""
+    from tests.conftest import Server
+
+    s = Server(None, cwd=tmp_path)
+    try:
+        ready = s.client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["model_version"] == current_version(ROOT / "models")
+    finally:
+        log = s.stop()
+    assert f"model store: {ROOT / 'models'} (the project's models folder)" in log
+
+
+def test_every_log_line_is_json_with_the_request_id(serve, trained_store, rt) -> None:
+    store, _ = trained_store
+    s = serve(store)
+    assert s.client.post("/forecast", json=make_body(rt), headers={"x-request-id": "ok-1"}).status_code == 200
+    assert s.client.post("/forecast", json={"horizon": 1}, headers={"x-request-id": "bad-1"}).status_code == 422
+    lines = [json.loads(line) for line in s.stop().splitlines() if line.strip()]  # every line parses
+    access = {e["request_id"]: e for e in lines if e.get("event") == "request"}
+    assert {k: access["ok-1"][k] for k in ("method", "path", "status")} == {
+        "method": "POST",
+        "path": "/forecast",
+        "status": 200,
+    }
+    assert access["bad-1"]["status"] == 422 and access["bad-1"]["duration_ms"] > 0
+    refused = [e for e in lines if e.get("event") == "refused" and e["request_id"] == "bad-1"]
+    assert refused and "series" in refused[0]["message"]
+    assert any(e["logger"].startswith("uvicorn") for e in lines)  # uvicorn's own lines are JSON too
+
+
 def test_service_imports_no_torch() -> None:
     import subprocess
     import sys

@@ -206,19 +206,33 @@ def test_promotion_gate_keeps_the_better_model(store_copy, tiny_cfg, tiny_data, 
     metrics = json.loads((store / version / "metrics.json").read_text())
     assert served[1] == pytest.approx(metrics["score"], rel=1e-3)  # ONNX re-evaluation agrees with training
 
-    worse = clone_version(store, version, "worse")
-    publish.promote_if_better(store, "worse", served[1] * 1.5, p, tiny_cfg, force=False, never=False)
+    def candidate(name: str) -> Path:
+        """A version exported into a run folder, as training.run leaves it for the gate."""
+        clone_version(store, version, name)
+        target = tmp_path / "runs" / name / "export" / name
+        target.parent.mkdir(parents=True)
+        (store / name).rename(target)
+        return target
+
+    worse = candidate("worse")
+    publish.promote_if_better(store, worse, served[1] * 1.5, p, tiny_cfg, force=False, never=False)
     assert current_version(store) == version
-    publish.promote_if_better(store, "worse", served[1] * 1.5, p, tiny_cfg, force=True, never=False)
+    assert (worse / "model.onnx").exists() and not (store / "worse").exists()  # the store is left alone
+    assert json.loads((worse / "gate.json").read_text())["passed"] is False
+    publish.promote_if_better(store, worse, served[1] * 1.5, p, tiny_cfg, force=True, never=False)
     assert current_version(store) == "worse"
     set_current(store, version)
-    better = clone_version(store, version, "better")
+    better = candidate("better")
     publish.promote_if_better(store, better, served[1] * 0.5, p, tiny_cfg, force=False, never=False)
     assert current_version(store) == "better"
-    assert worse == "worse" and sorted(d.name for d in store.iterdir() if d.is_dir()) == ["better", version, "worse"]
+    assert json.loads((store / "better" / "gate.json").read_text())["passed"] is True
+    assert sorted(d.name for d in store.iterdir() if d.is_dir()) == ["better", version, "worse"]
+    kept = candidate("kept")
+    publish.promote_if_better(store, kept, served[1] * 0.1, p, tiny_cfg, force=False, never=True)
+    assert current_version(store) == "better" and (store / "kept" / "card.json").exists()
 
 
-def test_promote_cli_and_rollback(store_copy) -> None:
+def test_promote_cli_and_rollback(store_copy, tmp_path: Path, capsys) -> None:
     from training.promote import main
 
     store, version = store_copy
@@ -229,6 +243,14 @@ def test_promote_cli_and_rollback(store_copy) -> None:
     assert current_version(store) == version
     assert main(["nope", "--store", str(store)]) == 2
     assert current_version(store) == version
+    clone_version(store, version, "v3")
+    (store / "v3").rename(tmp_path / "v3")
+    assert main(["--add", str(tmp_path / "v3"), "--promote", "--store", str(store)]) == 0
+    assert current_version(store) == "v3"
+    assert main(["--add", str(tmp_path / "v3"), "--store", str(store)]) == 2  # never overwritten
+    assert main(["--store", str(store)]) == 0
+    listing = capsys.readouterr().out
+    assert "* v3  score " in listing and f"  {version}  score " in listing
 
 
 def test_cli_refuses_bad_overrides(capsys) -> None:

@@ -161,6 +161,18 @@ def check_no_carbon_dosing(sim: object) -> None:
         raise ValueError("carbon dosing is not supported: bsm2-python 0.0.16 corrupts the upstream tank state")
 
 
+def import_bsm1ol() -> type:
+    """bsm2-python's BSM1OL, imported without the two handlers bsm2-python adds to the root logger on import
+    (with them, every warning of ours printed twice)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from bsm2_python.bsm1_ol import BSM1OL  # slow (numba) and only needed to simulate
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return BSM1OL
+
+
 class Plant:
     """BSM1 open loop at a 1-minute step, with the lagged-recycle defect fixed.
 
@@ -168,9 +180,7 @@ class Plant:
     """
 
     def __init__(self, influent: np.ndarray) -> None:
-        from bsm2_python.bsm1_ol import BSM1OL  # imported here: slow (numba) and only needed to simulate
-
-        self.sim = BSM1OL(data_in=influent, timestep=STEP_DAYS, tempmodel=False)
+        self.sim = import_bsm1ol()(data_in=influent, timestep=STEP_DAYS, tempmodel=False)
         check_no_carbon_dosing(self.sim)
         # Defect 3: simtime has one entry more than there are steps.
         self.n_steps = len(self.sim.timesteps)

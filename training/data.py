@@ -218,6 +218,7 @@ class Windows:
     u_fut: np.ndarray  # (N, H, nu)
     x_prev_day: np.ndarray  # (N, H, nx): the same clock times one day earlier (seasonal naive), NaN if unknown
     t_last: np.ndarray  # (N,) clock minutes of the last history sample (calendar inputs)
+    scenario: np.ndarray  # (N,) id of the scenario each window was cut from
 
 
 def make_windows(
@@ -227,6 +228,7 @@ def make_windows(
     day = 24 * 60 // SAMPLE_MINUTES
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("xh", "uh", "xf", "uf", "xd")}
     t_last: list[float] = []
+    ids: list[str] = []
     for sd in data:
         n = len(sd.t_minutes)
         starts = np.arange(0, n - history - horizon + 1, stride)
@@ -244,10 +246,11 @@ def make_windows(
             prev[ok] = sd.x[idx[ok]]
             parts["xd"].append(prev)
             t_last.append(float(sd.t_minutes[e - 1]))
+            ids.append(sd.id)
     if not parts["xh"]:
         raise DataError(f"no window of {history}+{horizon} steps fits the scenarios given")
     arrays = (np.stack(parts[k]).astype(np.float32) for k in ("xh", "uh", "xf", "uf", "xd"))
-    return Windows(*arrays, np.array(t_last))
+    return Windows(*arrays, np.array(t_last), np.array(ids))
 
 
 def heldout_windows(data: list[ScenarioData], history: int, horizon: int, max_windows: int) -> Windows:

@@ -1,13 +1,13 @@
-"""Stage 5 of a run: the model card, the new version in the store, and the promotion gate.
+"""Stage 5 of a run: the model card, the exported version, and the promotion gate.
 
-A version is built in a staging folder and renamed into the store, so it appears whole or not at all. It
-becomes current only if its held-out score beats the served version re-scored through ONNX Runtime.
+The version is exported into the run folder first. It enters the store (copied whole through a staging folder)
+and becomes current only if its held-out score beats the served version re-scored through ONNX Runtime, so
+runs that are not promoted never litter the served store.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from datetime import UTC, datetime
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelcard.card import CARD_VERSION, CardError, atomic_write, fsync_dir
+from modelcard.card import CARD_VERSION, CardError, atomic_write
 from modelcard.runtime import ModelRuntime
-from modelcard.store import STAGING_PREFIX, current_version, remove_stale, set_current, version_dir
+from modelcard.store import GATE_FILE, add_version, current_version, set_current, version_dir
 from training import evaluate as ev
 from training.catalog import CONTROLS, MEASUREMENTS, SAMPLE_MINUTES, catalog_dict
 from training.config import RunConfig
@@ -93,66 +93,79 @@ def score_served(store: Path, p: Prepared, candidate_history: int) -> tuple[str,
 
 
 def promote_if_better(
-    store: Path, version: str, score: float, p: Prepared, cfg: RunConfig, *, force: bool, never: bool
+    store: Path, candidate: Path, score: float, p: Prepared, cfg: RunConfig, *, force: bool, never: bool
 ) -> int:
-    """The promotion gate: the candidate becomes current only if its held-out score beats the served one's."""
-    if never:
-        print(f"not promoted (--no-promote); current stays {current_version(store)}", file=sys.stderr)
-        return 0
+    """The promotion gate. The candidate version (a folder outside the store) enters the store and becomes
+    current only if its held-out score beats the served one's re-scored on the same windows (or ``force``);
+    ``never`` stores it without promoting. Otherwise it stays where it is, and the store is left alone.
+    The verdict is written into the version as ``gate.json`` (``python -m training.promote`` lists it)."""
+    version = candidate.name
     try:
         served = score_served(store, p, cfg.train.history)
+        problem = None
     except CardError as exc:
-        if not force:
-            print(f"not promoted: {exc}", file=sys.stderr)
-            return 0
-        served = None
-    if served is None or force or score < served[1]:
+        served, problem = None, str(exc)
+    passed = problem is None and (served is None or score < served[1])
+    if problem is not None:
+        why = f"not comparable with the served model: {problem}"
+    elif served is None:
+        why = "no model was served"
+    else:
+        verdict = "<" if score < served[1] else ">="
+        why = f"score {score:.4f} {verdict} served {served[0]}'s {served[1]:.4f} on the same held-out windows"
+    gate = {
+        "score": score,
+        "served_version": served[0] if served else None,
+        "served_score": served[1] if served else None,
+        "passed": passed,
+        "forced": force and not passed,
+        "why": why,
+        "rule": "mean NRMSE at the headline horizons on the held-out windows, lower is better",
+    }
+    atomic_write(candidate / GATE_FILE, json.dumps(gate, indent=1).encode())
+    if never or passed or force:
+        add_version(store, candidate)
+        shutil.rmtree(candidate)
+    if never:
+        print(f"stored {version} in {store}, not promoted (--no-promote; gate: {why})", file=sys.stderr)
+    elif passed or force:
         set_current(store, version)
-        why = "forced" if force else ("no model was served" if served is None else f"{score:.4f} < {served[1]:.4f}")
-        print(f"promoted {version} to current ({why})", file=sys.stderr)
+        print(f"stored {version} in {store} and promoted it ({'forced; ' if force else ''}{why})", file=sys.stderr)
     else:
         print(
-            f"not promoted: score {score:.4f} does not beat served {served[0]} ({served[1]:.4f}) on the same "
-            "held-out windows; use --force to promote anyway",
+            f"not promoted ({why}); the store is unchanged. The version is in {candidate}: "
+            f"`python -m training.promote --add {candidate}` stores it, --force would have promoted it",
             file=sys.stderr,
         )
     return 0
 
 
-def store_version(
-    store: Path,
+def export_candidate(
+    run_dir: Path,
     version: str,
     model: KoVAE,
     card: dict[str, Any],
     p: Prepared,
     cfg: RunConfig,
-    run_dir: Path,
     files: list[str],
-) -> None:
-    """Export ONNX (parity-checked) and copy the run's outputs into ``store/version``, via a staging folder.
-
-    Raises ``export.onnx_export.ParityError`` (and writes nothing into the store) when ONNX and PyTorch differ.
-    """
+) -> Path:
+    """Export ONNX (parity-checked) and the run's outputs into ``run_dir/export/<version>``, a complete version
+    folder that the gate may add to the store. Raises ``export.onnx_export.ParityError`` when ONNX and PyTorch
+    differ (nothing is left behind)."""
     from export.onnx_export import export_version  # torch exporter; imported when a version is written
 
-    remove_stale(store)  # what crashed runs left behind
-    staging = store / f"{STAGING_PREFIX}{version}"
-    shutil.rmtree(staging, ignore_errors=True)
+    candidate = run_dir / "export" / version
+    shutil.rmtree(candidate, ignore_errors=True)
     try:
         w = p.test
         u_hist, u_fut = p.inputs(w)
         sample = [(p.nx(w.x_hist[:8]), u_hist[:8], u_fut[:8])]
-        export_version(model, card, staging, sample)
-        torch.save(model.state_dict(), staging / "weights.pt")
-        atomic_write(staging / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+        export_version(model, card, candidate, sample)
+        torch.save(model.state_dict(), candidate / "weights.pt")
+        atomic_write(candidate / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
         for name in files:
-            shutil.copy2(run_dir / name, staging / name)
-        for path in staging.iterdir():  # durable before it is visible under its name
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(staging)
-        staging.rename(store / version)
-        fsync_dir(store)
+            shutil.copy2(run_dir / name, candidate / name)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(candidate, ignore_errors=True)
         raise
+    return candidate

@@ -9,7 +9,7 @@ import numpy as np
 
 from training import evaluate as ev
 from training.calibrate import predict
-from training.catalog import MEASUREMENTS
+from training.catalog import MEASUREMENTS, SAMPLE_MINUTES
 from training.config import RunConfig
 from training.model import KoVAE
 from training.prepare import Prepared
@@ -56,6 +56,28 @@ def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any
 # ----------------------------------------------------------------------------- reports
 
 
+def kept_epoch(log: list[dict[str, float]]) -> dict[str, float]:
+    """The epoch whose weights the run keeps: the first with the lowest validation forecast loss (training.loop)."""
+    return min(log, key=lambda r: r["val_forecast_mse"])
+
+
+def plant_time(minutes: float) -> str:
+    """Clock minutes on the influent's calendar (day 0 is a Monday) as 'day 12 (Fri) 06:15'."""
+    day, rest = divmod(round(float(minutes)), 24 * 60)
+    weekday = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")[day % 7]
+    return f"day {day} ({weekday}) {rest // 60:02d}:{rest % 60:02d}"
+
+
+def example_windows(w: Any, per_scenario: int = 1) -> list[int]:
+    """Windows to draw: for each held-out scenario (each regime), the one where the truth moves most."""
+    picks = []
+    for sid in dict.fromkeys(w.scenario.tolist()):
+        idx = np.flatnonzero(w.scenario == sid)
+        spread = np.nanstd(w.x_fut[idx] / np.maximum(np.nanstd(w.x_fut, (0, 1)), 1e-9), axis=1).mean(1)
+        picks += [int(i) for i in idx[np.argsort(-spread)[:per_scenario]]]
+    return picks
+
+
 def write_plots(
     run_dir: Path, log: list[dict[str, float]], metrics: dict[str, Any], kept: dict, x_std: np.ndarray
 ) -> list[str]:
@@ -65,27 +87,33 @@ def write_plots(
     import matplotlib.pyplot as plt
 
     files = []
+    best = kept_epoch(log)
     fig, ax = plt.subplots(figsize=(7, 4))
     ep = [r["epoch"] for r in log]
     for key in ("train_loss", "val_loss", "val_forecast_mse"):
         ax.plot(ep, [r[key] for r in log], label=key)
+    ax.axvline(best["epoch"], color="k", ls=":", lw=1)
+    ax.plot([best["epoch"]], [best["val_forecast_mse"]], "k*", ms=12, label=f"kept: epoch {best['epoch']}")
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.legend()
-    ax.set_title("KoVAE training")
+    ax.set_title("KoVAE training (weights kept from the best validation forecast loss)")
     fig.tight_layout()
     fig.savefig(run_dir / "loss.png", dpi=90)
     files.append("loss.png")
     plt.close(fig)
 
-    names = [v.name for v in MEASUREMENTS]
+    step_h = SAMPLE_MINUTES / 60
     fig, ax = plt.subplots(figsize=(7, 4))
     for model_name, rmse in metrics["rmse_by_horizon"].items():
         r = np.array(rmse)
-        ax.plot(np.arange(1, len(r) + 1), np.mean(r / x_std, 1), label=model_name)
-    ax.set_xlabel("horizon step (15 min)")
+        hours = step_h * np.arange(1, len(r) + 1)
+        style = {"color": "C0", "lw": 3, "zorder": 5} if model_name == "kovae" else {"lw": 1, "ls": "--", "alpha": 0.8}
+        ax.plot(hours, np.mean(r / x_std, 1), label="KoVAE" if model_name == "kovae" else model_name, **style)
+    ax.set_xlabel("lead time [h]")
     ax.set_ylabel("mean NRMSE over variables")
     ax.set_yscale("log")
+    ax.set_title("Held-out error against lead time")
     ax.legend()
     fig.tight_layout()
     fig.savefig(run_dir / "error_vs_horizon.png", dpi=90)
@@ -93,25 +121,65 @@ def write_plots(
     plt.close(fig)
 
     w, fc, smp = kept["windows"], kept["forecasts"], kept["samples"]
-    i = len(w.x_hist) // 2
-    keys = [names.index(k) for k in ("Q_in", "SO_5", "SNH_5", "SNO_2", "SNH_eff", "TN_eff")]
-    fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.0 * len(keys)), sharex=True)
+    names = [v.name for v in MEASUREMENTS]
+    keys = [names.index(k) for k in ("Q_in", "SO_5", "SNH_5", "SNO_2", "SNH_eff", "TN_eff") if k in names]
+    picks = example_windows(w)
     L, H = w.x_hist.shape[1], w.x_fut.shape[1]
-    for ax, j in zip(axes, keys, strict=True):
-        ax.plot(np.arange(L), w.x_hist[i, :, j], color="k", lw=1)
-        ax.plot(np.arange(L, L + H), w.x_fut[i, :, j], color="k", lw=1, ls="--", label="truth")
-        ax.plot(np.arange(L, L + H), fc["kovae"][i, :, j], color="C0", label="KoVAE")
-        lo, hi = np.quantile(smp[i, :, :, j], [0.1, 0.9], axis=0)
-        ax.fill_between(np.arange(L, L + H), lo, hi, color="C0", alpha=0.2, label="80% interval")
-        ax.plot(np.arange(L, L + H), fc["persistence"][i, :, j], color="C3", lw=0.8, label="persistence")
-        ax.set_ylabel(f"{names[j]}\n[{MEASUREMENTS[j].unit}]", fontsize=8)
-    axes[0].legend(fontsize=7, ncol=4)
-    axes[-1].set_xlabel("step (15 min)")
-    fig.tight_layout()
+    hist_h, fut_h = step_h * np.arange(1 - L, 1), step_h * np.arange(1, H + 1)
+    width = max(6.5, 4.2 * len(picks))
+    fig, axes = plt.subplots(len(keys), len(picks), figsize=(width, 1.9 * len(keys)), squeeze=False)
+    for col, i in enumerate(picks):
+        for row, j in enumerate(keys):
+            ax = axes[row, col]
+            var = MEASUREMENTS[j]
+            lo, hi = np.quantile(smp[i, :, :, j], [0.1, 0.9], axis=0)
+            ax.fill_between(
+                fut_h,
+                np.clip(lo, var.min, var.max),
+                np.clip(hi, var.min, var.max),
+                color="C0",
+                alpha=0.25,
+                label="80% interval",
+            )
+            ax.plot(hist_h, w.x_hist[i, :, j], color="k", lw=1, label="history")
+            ax.plot(fut_h, w.x_fut[i, :, j], color="k", lw=1, ls="--", label="truth")
+            ax.plot(fut_h, np.clip(fc["kovae"][i, :, j], var.min, var.max), color="C0", lw=2, label="KoVAE mean")
+            ax.plot(fut_h, fc["persistence"][i, :, j], color="C3", lw=0.8, label="persistence")
+            ax.axvline(0, color="0.5", lw=0.5)
+            ax.tick_params(labelsize=7)
+            if col == 0:
+                ax.set_ylabel(f"{var.name} [{var.unit}]", fontsize=8)
+            if row == 0:
+                ax.set_title(f"{w.scenario[i]}, forecast from {plant_time(w.t_last[i])}", fontsize=8)
+            if row == len(keys) - 1:
+                ax.set_xlabel("hours from the forecast start", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    ncol = len(labels) if width > 10 else 3
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if ncol < len(labels) else 0.035, 1, 1))
     fig.savefig(run_dir / "forecast_examples.png", dpi=80)
     files.append("forecast_examples.png")
     plt.close(fig)
     return files
+
+
+def losses_in_words(metrics: dict[str, Any], step_minutes: int = SAMPLE_MINUTES) -> list[str]:
+    """Sentences naming every baseline that beats the KoVAE (mean NRMSE at a headline horizon), or saying none."""
+    head = metrics["headline"]
+    lines = []
+    for h, kovae in head["kovae"].items():
+        lead = f"{int(h) * step_minutes / 60:g} h"
+        better = {
+            name: by_h[h]["nrmse_all"]
+            for name, by_h in head.items()
+            if name != "kovae" and by_h[h]["nrmse_all"] < kovae["nrmse_all"]
+        }
+        if better:
+            who = ", ".join(f"{name} ({v:.3f})" for name, v in sorted(better.items(), key=lambda kv: kv[1]))
+            lines.append(f"- **At {lead} the KoVAE loses** (mean NRMSE {kovae['nrmse_all']:.3f}) to: {who}.")
+        else:
+            lines.append(f"- At {lead} the KoVAE (mean NRMSE {kovae['nrmse_all']:.3f}) beats every baseline.")
+    return lines
 
 
 def report_markdown(version: str, metrics: dict[str, Any], calib: dict[str, Any], seconds: float) -> str:
@@ -120,6 +188,8 @@ def report_markdown(version: str, metrics: dict[str, Any], calib: dict[str, Any]
         "",
         f"Held-out scenarios: {', '.join(metrics['test_scenarios'])} ({metrics['test_windows']} windows). "
         f"Training took {seconds / 60:.1f} min.",
+        "",
+        f"Weights kept from epoch {metrics['kept_epoch']} (the lowest validation forecast loss).",
         "",
         f"Top-5 variables ({metrics['top5_rule']}): {', '.join(metrics['top5_variables'])}.",
         "",
@@ -132,6 +202,7 @@ def report_markdown(version: str, metrics: dict[str, Any], calib: dict[str, Any]
                 f"| {model_name} | {h} | {100 * v['rel_rmse_top5']:.2f}% | {v['nrmse_all']:.3f} | "
                 f"{100 * v['skill_vs_persistence']:.1f}% |"
             )
+    lines += ["", "Against the baselines:", "", *losses_in_words(metrics)]
     lines += [
         "",
         f"80% interval coverage: validation {100 * calib['val_coverage_80']:.1f}% (calibrated there), "
@@ -167,3 +238,6 @@ def print_headline(metrics: dict[str, Any], calib: dict[str, Any]) -> None:
         f"80% interval coverage: val {100 * calib['val_coverage_80']:.1f}%, "
         f"test {100 * metrics['coverage_80_test']:.1f}%"
     )
+    if "kept_epoch" in metrics:
+        print(f"weights kept from epoch {metrics['kept_epoch']} (lowest validation forecast loss)")
+    print("\n".join(line.replace("**", "") for line in losses_in_words(metrics)))

@@ -6,8 +6,8 @@ Read this file first: it is the whole run, one stage per module.
 2. ``training.loop``: train with the multi-step forecast loss (checkpoints, resume, NaN guard).
 3. ``training.calibrate``: fit the residual fading and the interval width on validation.
 4. ``training.report``: evaluate against baselines on the held-out scenarios; metrics, plots and report.md.
-5. ``training.publish``: export to ONNX into a new version of the model store, and promote it only if it
-   beats the version being served (or with --force).
+5. ``training.publish``: export to ONNX into ``<run dir>/export/<version>``; the version enters the model store
+   and becomes current only if it beats the version being served (or with --force; --no-promote stores it only).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", help="where checkpoints and logs go (default: runs/<version>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     parser.add_argument("--force", action="store_true", help="promote even if it does not beat the served model")
-    parser.add_argument("--no-promote", action="store_true", help="store the version but never promote it")
+    parser.add_argument("--no-promote", action="store_true", help="add the version to the store but never promote it")
     parser.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.epochs=5 model.z_dim=32")
     return parser.parse_args(argv)
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import splits
     from training.loop import TrainingFailed, train
     from training.prepare import prepare
-    from training.publish import build_card, promote_if_better, store_version
-    from training.report import evaluate_all, print_headline, report_markdown, write_plots
+    from training.publish import build_card, export_candidate, promote_if_better
+    from training.report import evaluate_all, kept_epoch, print_headline, report_markdown, write_plots
 
     try:
         splits(cfg.data)
@@ -105,20 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibrate(model, p, cfg)
     # 4. evaluation and report
     metrics, kept = evaluate_all(model, p, cfg, calib)
-    metrics.update(training_seconds=train_seconds, calibration=calib, log=log)
+    metrics.update(training_seconds=train_seconds, calibration=calib, log=log, kept_epoch=kept_epoch(log)["epoch"])
     atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=1).encode())
     plots = write_plots(run_dir, log, metrics, kept, p.x_std)
     atomic_write(run_dir / "report.md", report_markdown(version, metrics, calib, train_seconds).encode())
     print_headline(metrics, calib)
     # 5. export, store, promotion gate
     card = build_card(version, cfg, p, metrics, calib, train_seconds)
+    outputs = ["metrics.json", "report.md", "log.csv", *plots]
     try:
-        store_version(store, version, model, card, p, cfg, run_dir, ["metrics.json", "report.md", "log.csv", *plots])
+        candidate = export_candidate(run_dir, version, model, card, p, cfg, outputs)
     except ParityError as exc:
         print(f"error: export refused: {exc}", file=sys.stderr)
         return 1
-    print(f"stored version {version} in {store}/{version}", file=sys.stderr)
-    return promote_if_better(store, version, metrics["score"], p, cfg, force=args.force, never=args.no_promote)
+    print(f"exported version {version} to {candidate}", file=sys.stderr)
+    return promote_if_better(store, candidate, metrics["score"], p, cfg, force=args.force, never=args.no_promote)
 
 
 if __name__ == "__main__":
