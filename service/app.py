@@ -25,7 +25,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, SecretStr, ValidationError
-from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -345,11 +344,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         lane = inference if decoded.work <= settings.chunk_work else bulk
-        results: dict[int, protocol.SeriesResult] = {}
+        parts: dict[int, bytes] = {}
         try:
             for piece in protocol.pieces(rt, decoded, settings.chunk_work):
-                results.update(await loop.run_in_executor(lane, piece))
-                if lane is bulk and len(results) < len(decoded.x_hist) and await request.is_disconnected():
+                parts.update(await loop.run_in_executor(lane, piece))
+                if lane is bulk and len(parts) < len(decoded.x_hist) and await request.is_disconnected():
                     metrics.CANCELLED.inc()
                     log.info("client went away: forecast stopped", extra={"event": "forecast_cancelled"})
                     return Response(status_code=499)
@@ -357,11 +356,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if lane is bulk:
                 loop.run_in_executor(bulk, release_memory)
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
-        # Serialised by pydantic-core in one call: FastAPI's response_model path (validate, then
+        # Each series was serialised by pydantic-core in its piece: FastAPI's response_model path (validate, then
         # jsonable_encoder over ~1,600 floats) cost several milliseconds. The shape is ForecastResponse's.
-        # A large answer is encoded on its lane, not on the event loop.
-        encode = lambda: to_json(protocol.encode(rt, decoded, results))  # noqa: E731
-        payload = encode() if lane is inference else await loop.run_in_executor(bulk, encode)
+        payload = protocol.envelope(rt, decoded, [parts[i] for i in range(len(decoded.x_hist))])
         return Response(payload, media_type="application/json")
 
     @app.get("/model", responses={401: PROBLEM_SCHEMA, 503: PROBLEM_SCHEMA}, dependencies=[Depends(info_auth)])

@@ -28,7 +28,9 @@ REQUEST_SECONDS = Histogram(
     "kovae_http_request_duration_seconds", "HTTP request latency", ["route", "status_class"], buckets=LATENCY_BUCKETS
 )
 ERRORS = Counter("kovae_errors_total", "Requests that ended in an error, by type", ["type"])
-INFERENCE_SECONDS = Histogram("kovae_inference_duration_seconds", "ONNX Runtime call latency", buckets=LATENCY_BUCKETS)
+INFERENCE_SECONDS = Histogram(
+    "kovae_inference_duration_seconds", "Forecast computation: ONNX Runtime calls and encoding", buckets=LATENCY_BUCKETS
+)
 HORIZON = Histogram(
     "kovae_forecast_horizon_steps", "Requested forecast horizon", buckets=(1, 4, 8, 16, 24, 48, 96, 192)
 )

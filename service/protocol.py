@@ -10,7 +10,7 @@ to let other requests through between them.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import to_json
 
 from modelcard.card import minutes_since_monday
 from modelcard.runtime import ModelRuntime
@@ -371,11 +372,17 @@ def run_piece(
     return {i: SeriesResult(mean[j], qs[:, j]) for j, i in enumerate(series)}
 
 
-def pieces(rt: ModelRuntime, d: DecodedRequest, chunk_work: int) -> Iterator[Any]:
-    """Zero-argument callables, one per piece, to be run in order (results: series index -> SeriesResult)."""
+def pieces(rt: ModelRuntime, d: DecodedRequest, chunk_work: int) -> Iterator[Callable[[], dict[int, bytes]]]:
+    """Zero-argument callables, one per piece, to be run in order: each forecasts its series and returns their
+    JSON (series index -> bytes), so that no single step of a large request holds the interpreter for long."""
     rng = np.random.default_rng(d.seed)
     for series in plan(d, chunk_work):
-        yield lambda series=series: run_piece(rt, d, series, rng, chunk_work)
+
+        def piece(series: list[int] = series) -> dict[int, bytes]:
+            results = run_piece(rt, d, series, rng, chunk_work)
+            return {i: to_json(encode_series(rt, d, i, res)) for i, res in results.items()}
+
+        yield piece
 
 
 # ----------------------------------------------------------------------------- response
@@ -390,43 +397,39 @@ def _clip(values: np.ndarray, lo: float, hi: float, name: str, output: str, note
     return np.clip(values, lo, hi).tolist()
 
 
-def encode(rt: ModelRuntime, d: DecodedRequest, results: dict[int, SeriesResult]) -> dict[str, Any]:
-    """The response body. Forecasts are held within the physical bounds (and the series says where); a forecast
-    that is not finite is refused rather than sent as NaN or Infinity, which strict JSON parsers reject."""
-    st = rt.card["stability"]
+def encode_series(rt: ModelRuntime, d: DecodedRequest, i: int, res: SeriesResult) -> dict[str, Any]:
+    """One series of the response. Forecasts are held within the physical bounds (and the series says where);
+    a forecast that is not finite is refused rather than sent as NaN or Infinity, which strict JSON parsers
+    reject."""
+    if not (np.all(np.isfinite(res.mean)) and (res.quantiles is None or np.all(np.isfinite(res.quantiles)))):
+        msg = "the forecast is not finite for these inputs: check the history"
+        raise ProblemError(422, "No finite forecast", [{"field": f"series[{i}]", "message": msg}])
     lo, hi = rt.x_bounds
-    series, errors = [], []
-    for i in range(len(d.x_hist)):
-        res = results[i]
-        if not (np.all(np.isfinite(res.mean)) and (res.quantiles is None or np.all(np.isfinite(res.quantiles)))):
-            errors.append(
-                {"field": f"series[{i}]", "message": "the forecast is not finite for these inputs: check the history"}
-            )
-            continue
-        clipped: list[dict[str, Any]] = []
-        per_var = {}
-        for j, name in enumerate(rt.measurements):
-            qs = {}
-            if res.quantiles is not None:
-                for q, values in zip(d.quantiles, res.quantiles[:, :, j], strict=True):
-                    key = quantile_key(q)
-                    qs[key] = _clip(values, lo[j], hi[j], name, f"quantiles.{key}", clipped)
-            mean = _clip(res.mean[:, j], lo[j], hi[j], name, "mean", clipped)
-            per_var[name] = {"unit": rt.units[name], "mean": mean, "quantiles": qs}
-        series.append(
-            {
-                "id": d.ids[i],
-                "timestamps": d.future_times[i],
-                "forecast": per_var,
-                "warnings": d.warnings[i],
-                "clipped": clipped,
-            }
-        )
-    if errors:
-        raise ProblemError(422, "No finite forecast", errors)
+    clipped: list[dict[str, Any]] = []
+    per_var = {}
+    for j, name in enumerate(rt.measurements):
+        qs = {}
+        if res.quantiles is not None:
+            for q, values in zip(d.quantiles, res.quantiles[:, :, j], strict=True):
+                key = quantile_key(q)
+                qs[key] = _clip(values, lo[j], hi[j], name, f"quantiles.{key}", clipped)
+        mean = _clip(res.mean[:, j], lo[j], hi[j], name, "mean", clipped)
+        per_var[name] = {"unit": rt.units[name], "mean": mean, "quantiles": qs}
     return {
+        "id": d.ids[i],
+        "timestamps": d.future_times[i],
+        "forecast": per_var,
+        "warnings": d.warnings[i],
+        "clipped": clipped,
+    }
+
+
+def envelope(rt: ModelRuntime, d: DecodedRequest, series_json: list[bytes]) -> bytes:
+    """The response body (ForecastResponse's shape) around the series already serialised, in request order."""
+    st = rt.card["stability"]
+    head = {
         "model_version": rt.version,
         "stability": {k: st[k] for k in ("spectral_radius", "stability_margin", "stable")},
         "horizon": d.horizon,
-        "series": series,
     }
+    return to_json(head)[:-1] + b',"series":[' + b",".join(series_json) + b"]}"
