@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 from modelcard.runtime import ModelRuntime
-from modelcard.store import POINTER, current_version
+from modelcard.store import POINTER, current_version, set_current
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,14 +148,16 @@ async def sequential(client: KeepAliveClient, n: int) -> tuple[np.ndarray, dict[
 
 
 async def reloader(store: Path, versions: list[str], times: int, every: float, key: str, url: str) -> int:
-    """Flip CURRENT between versions and ask the server to reload; returns how many reloads succeeded."""
+    """Flip CURRENT between versions (atomically, as training.promote does) and ask the server to reload;
+    returns how many swaps took: the server serves the new version (the poller may have been first)."""
     done = 0
     async with httpx.AsyncClient(base_url=url, timeout=30) as admin:
         for i in range(times):
             await asyncio.sleep(every)
-            (store / POINTER).write_text(versions[(i + 1) % len(versions)] + "\n")
+            target = versions[(i + 1) % len(versions)]
+            set_current(store, target)
             r = await admin.post("/admin/reload", headers={"x-api-key": key})
-            done += r.status_code == 200 and r.json()["changed"]
+            done += r.status_code == 200 and r.json()["model_version"] == target
     return done
 
 
