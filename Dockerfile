@@ -30,5 +30,5 @@ ENV KOVAE_HOST=0.0.0.0 \
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('KOVAE_PORT', '8000'), timeout=2)"]
 CMD ["python", "-m", "service"]

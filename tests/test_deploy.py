@@ -122,3 +122,46 @@ def test_dashboard_queries_parse_and_use_only_exported_metrics(prometheus, train
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("request rate", "error", "latency", "inference", "batch", "horizon", "version", "spectral", "reload"):
         assert topic in titles
+
+
+K8S = DEPLOY / "k8s"
+
+
+def test_kubernetes_manifests_validate_against_the_schemas() -> None:
+    """Every manifest validates strictly (unknown fields refused) against the Kubernetes schemas, and the
+    kustomization lists them all."""
+    import sys
+
+    import yaml
+
+    manifests = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert set(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]) == set(manifests)
+    exe = Path(sys.executable).with_name("kubernetes-validate")
+    out = subprocess.run([str(exe), "--strict", *manifests], cwd=K8S, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("passed for resource") == len(manifests)
+    kinds = {yaml.safe_load((K8S / m).read_text())["kind"] for m in manifests}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
+
+
+def test_kubernetes_deployment_matches_the_service_and_the_image() -> None:
+    """The manifest's port, probes, scrape annotations and user agree with the service and the Dockerfile."""
+    import yaml
+
+    deployment = yaml.safe_load((K8S / "deployment.yaml").read_text())
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    port = container["ports"][0]["containerPort"]
+    assert env["KOVAE_PORT"] == str(port) == pod["metadata"]["annotations"]["prometheus.io/port"]
+    assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[env["KOVAE_MODEL_STORE"]]["readOnly"] is True
+    uid = re.search(r"useradd .*--uid (\d+)", (ROOT / "Dockerfile").read_text()).group(1)
+    assert pod["spec"]["securityContext"]["runAsUser"] == int(uid)
+    limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+    assert limits["memory"] and requests["memory"] and requests["cpu"]
+    service = yaml.safe_load((K8S / "service.yaml").read_text())
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
