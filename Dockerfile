@@ -1,22 +1,15 @@
-# kovae-forecast. Default target: the service (no torch). `--target train` gives an image that can retrain.
+# kovae-forecast, the service: slim, no torch, non-root, HEALTHCHECK on whatever KOVAE_PORT is.
+# The training image is Dockerfile.train. Base: python:3.11-slim (deploy/docker/base-image.sh builds a stand-in
+# where no registry is reachable).
 
-FROM python:3.11-slim AS src
+FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY modelcard ./modelcard
 COPY export ./export
 COPY training ./training
-
-FROM src AS build
 RUN pip install --no-cache-dir --prefix=/install .
-
-FROM src AS train
-# Versions are pinned in pyproject.toml.
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[train]"
-COPY models ./models
-ENTRYPOINT ["python", "-m", "training.run"]
 
 FROM python:3.11-slim AS serve
 RUN useradd --create-home --uid 10001 kovae
