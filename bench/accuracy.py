@@ -25,11 +25,24 @@ from training import evaluate as ev
 from training.catalog import influent_positions
 from training.config import config_from_dict
 from training.data import ScenarioData, Windows, generate, heldout_windows, splits
+from training.executor import run_all
 
 TARGET_REL_RMSE_H20 = 0.05  # mean relative RMSE over the top-5 variance variables at 5 h
 TARGET_SKILL = 0.50  # skill vs persistence at 5 h and at 24 h
 TARGET_COVERAGE = (0.75, 0.85)  # of the 80% interval
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)  # candidate ridge strengths of the influent forecaster, chosen on validation
+
+
+def score_version(task: tuple[Path, Windows, np.ndarray, list[int], int]) -> dict:
+    """``score`` for a version folder: one held-out scenario's evaluation as a task a Dask worker can run (the
+    worker opens the version itself; it must see the same model store)."""
+    vdir, w, x_std, top5, samples = task
+    return score(ModelRuntime(vdir), w, x_std, top5, samples)
+
+
+def _scored(item: tuple[str, tuple]) -> tuple[str, dict]:
+    scenario, task = item
+    return scenario, score_version(task)
 
 
 def score(rt: ModelRuntime, w: Windows, x_std: np.ndarray, top5: list[int], samples: int) -> dict:
@@ -78,6 +91,9 @@ def main() -> None:
     parser.add_argument("--store", default="models")
     parser.add_argument("--version", help="default: the served version (models/CURRENT)")
     parser.add_argument("--samples", type=int, default=32, help="forecast samples for the interval coverage")
+    parser.add_argument(
+        "--executor", default="local", help='"local", or "tcp://HOST:PORT" to score each held-out scenario on Dask'
+    )
     args = parser.parse_args()
     version = args.version or current_version(Path(args.store))
     if version is None:
@@ -95,7 +111,10 @@ def main() -> None:
     t = cfg.train
     cut = {sc: heldout_windows([data[sc]], t.history, t.horizon, t.max_eval_windows) for sc in cfg.data.test_scenarios}
     everything = heldout_windows([data[sc] for sc in cfg.data.test_scenarios], t.history, t.horizon, t.max_eval_windows)
-    results = {sc: score(rt, w, x_std, top5, args.samples) for sc, w in cut.items()}
+    # One task per held-out scenario (its regime), on this machine or on a Dask cluster; then all pooled.
+    tasks = [(sc, (vdir.resolve(), w, x_std, top5, args.samples)) for sc, w in cut.items()]
+    scored = dict(run_all(_scored, tasks, args.executor))
+    results = {sc: scored[sc] for sc in cut}
     results["all"] = overall = score(rt, everything, x_std, top5, args.samples)
 
     horizons = list(overall["headline"])

@@ -29,7 +29,8 @@ class DataConfig:
     hold_hours: tuple[float, float] = (1.0, 8.0)
     val_scenarios: tuple[str, ...] = ("bsm2-10", "bsm2-11")
     test_scenarios: tuple[str, ...] = ("rain", "bsm2-12", "bsm2-13")
-    workers: int = 2
+    workers: int = 2  # local processes (data.executor = "local")
+    executor: str = "local"  # or "tcp://HOST:PORT": a Dask scheduler runs the simulations (training.executor)
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append("data.hold_hours must be [lo, hi] with 0 < lo <= hi")
     if d.workers < 1:
         problems.append("data.workers must be >= 1")
+    if d.executor != "local" and not d.executor.startswith("tcp://"):
+        problems.append('data.executor must be "local" or a Dask scheduler address "tcp://HOST:PORT"')
     if m.z_dim < 2 or m.real_modes < 0 or (m.z_dim - m.real_modes) % 2 or m.real_modes > m.z_dim:
         problems.append("model.z_dim - model.real_modes must be a non-negative even number")
     if not (0 <= m.calendar_daily <= 12 and 0 <= m.calendar_weekly <= 12):

@@ -12,7 +12,6 @@ import json
 import sys
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from modelcard.card import atomic_write
 from training.catalog import CONTROL_NAMES, MEASUREMENT_NAMES, SAMPLE_MINUTES, catalog_dict
 from training.config import ConfigError, DataConfig, load_config
+from training.executor import is_cluster, run_all
 
 FORMAT_VERSION = 3  # 2: lagged return-sludge flow set at start-up; 3: t_minutes on the influent clock
 
@@ -139,34 +139,28 @@ def load_scenario(path: Path) -> ScenarioData:
     return ScenarioData(meta["scenario"], t, x, u, int(meta["seed"]))
 
 
-def _generate_one(cfg: DataConfig, sc: Scenario) -> tuple[str, int, float]:
+def _simulate(task: tuple[DataConfig, Scenario]) -> tuple[ScenarioData, list[dict[str, object]], float]:
+    """One scenario, anywhere (a local process or a Dask worker): the data come back, the caller writes them."""
+    cfg, sc = task
     start = time.perf_counter()
     sd, repairs = simulate_scenario(cfg, sc)
-    save_scenario(scenario_path(cfg, sc), sd, repairs)
-    return sc.id, len(sd.t_minutes), time.perf_counter() - start
+    return sd, repairs, time.perf_counter() - start
 
 
 def generate(cfg: DataConfig, *, progress: bool = True) -> dict[str, ScenarioData]:
-    """Simulate every scenario not yet cached (one process per scenario), then load and validate all."""
+    """Simulate every scenario not yet cached (``data.executor``: local processes or a Dask cluster), write each
+    as it arrives, then load and validate all."""
     todo = [sc for sc in scenarios(cfg) if not scenario_path(cfg, sc).exists()]
     if todo:
-        done = 0
+        where = cfg.executor if is_cluster(cfg.executor) else f"{cfg.workers} local worker(s)"
         if progress:
-            print(f"simulating {len(todo)} scenario(s) with {cfg.workers} worker(s)...", file=sys.stderr)
-        if cfg.workers == 1:
-            results = (_generate_one(cfg, sc) for sc in todo)
-            for sid, n, secs in results:
-                done += 1
-                if progress:
-                    print(f"  [{done}/{len(todo)}] {sid}: {n} samples in {secs:.1f} s", file=sys.stderr)
-        else:
-            with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
-                futures = [pool.submit(_generate_one, cfg, sc) for sc in todo]
-                for fut in as_completed(futures):
-                    sid, n, secs = fut.result()
-                    done += 1
-                    if progress:
-                        print(f"  [{done}/{len(todo)}] {sid}: {n} samples in {secs:.1f} s", file=sys.stderr)
+            print(f"simulating {len(todo)} scenario(s) on {where}...", file=sys.stderr)
+        by_id = {sc.id: sc for sc in todo}
+        results = run_all(_simulate, [(cfg, sc) for sc in todo], cfg.executor, cfg.workers)
+        for done, (sd, repairs, secs) in enumerate(results, 1):
+            save_scenario(scenario_path(cfg, by_id[sd.id]), sd, repairs)
+            if progress:
+                print(f"  [{done}/{len(todo)}] {sd.id}: {len(sd.t_minutes)} samples in {secs:.1f} s", file=sys.stderr)
     data = {sc.id: load_scenario(scenario_path(cfg, sc)) for sc in scenarios(cfg)}
     write_manifest(cfg, data)
     return data
