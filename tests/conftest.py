@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -70,6 +70,16 @@ def clone_version(store: Path, version: str, name: str) -> str:
     card["version"] = name
     (store / name / "card.json").write_text(json.dumps(card))
     return name
+
+
+def wait_for(predicate: Callable[[], object], seconds: float = 20.0) -> bool:
+    """Poll ``predicate`` until it is true or ``seconds`` pass; returns its last value as a bool."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
 
 
 def free_port() -> int:

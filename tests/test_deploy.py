@@ -8,6 +8,8 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -36,36 +38,45 @@ def prometheus_binary(tmp_root: Path) -> str:
     return str(binary)
 
 
+@contextmanager
+def running_prometheus(folder: Path, config: str) -> Iterator[httpx.Client]:
+    """A real Prometheus with ``config`` on a free port of 127.0.0.1, ready; yields a client of its API."""
+    (folder / "prometheus.yml").write_text(config)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            prometheus_binary(folder),
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if api.get("/-/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield api
+    finally:
+        api.close()
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
 @pytest.fixture
 def prometheus(tmp_path: Path, serve, trained_store):
     store, _ = trained_store
     service = serve(store)
     config = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
     assert '"kovae:8000"' in config
-    (tmp_path / "prometheus.yml").write_text(config.replace('"kovae:8000"', f'"127.0.0.1:{service.port}"'))
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            prometheus_binary(tmp_path),
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if api.get("/-/ready").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    yield service, api
-    api.close()
-    proc.terminate()
-    proc.wait(timeout=15)
+    with running_prometheus(tmp_path, config.replace('"kovae:8000"', f'"127.0.0.1:{service.port}"')) as api:
+        yield service, api
 
 
 def query(api: httpx.Client, expr: str) -> dict:

@@ -24,7 +24,7 @@ from modelcard.runtime import ModelRuntime
 from modelcard.store import POINTER, current_version, list_versions, remove_stale, set_current, version_dir
 from service.protocol import ForecastRequest, decode
 from service.settings import Settings
-from tests.conftest import clone_version
+from tests.conftest import clone_version, wait_for
 from tests.test_service import ADMIN, _metric, make_body, problem_fields
 
 
@@ -35,15 +35,6 @@ def strict_json(text: str) -> object:
         raise ValueError(f"non-JSON constant {token}")
 
     return json.loads(text, parse_constant=refuse)
-
-
-def wait_for(predicate, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def truncated_clone(store: Path, version: str, name: str) -> str:

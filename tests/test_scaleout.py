@@ -4,6 +4,7 @@ killed mid-run is routed around (its failed requests are counted and bounded).""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -16,8 +17,8 @@ import pytest
 
 from modelcard.runtime import ModelRuntime
 from modelcard.store import set_current
-from tests.conftest import clone_version, free_port
-from tests.test_deploy import prometheus_binary, query
+from tests.conftest import clone_version, free_port, wait_for
+from tests.test_deploy import DEPLOY, query, running_prometheus
 from tests.test_service import make_body
 
 HAPROXY_CFG = """
@@ -43,15 +44,6 @@ backend replicas
 """
 
 
-def wait_until(predicate, seconds: float = 30) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
-
-
 def haproxy_binary() -> str:
     """Debian's haproxy: from PATH, else installed with apt-get (these machines run as root; .ci/run does it)."""
     if shutil.which("haproxy") is None:
@@ -72,7 +64,7 @@ def cluster(serve, store_copy, tmp_path: Path):
     (tmp_path / "haproxy.cfg").write_text(HAPROXY_CFG.format(port=port, servers=servers))
     proxy = subprocess.Popen([haproxy, "-f", str(tmp_path / "haproxy.cfg")], stderr=subprocess.DEVNULL)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15)
-    assert wait_until(lambda: _ok(client, "/readyz"))
+    assert wait_for(lambda: _ok(client, "/readyz"))
     yield store, version, replicas, client
     client.close()
     proxy.terminate()
@@ -107,24 +99,12 @@ def test_promotion_and_a_killed_replica_behind_haproxy(cluster, tmp_path: Path) 
                     outcomes.append((time.monotonic(), 0, ""))
 
     # Prometheus scrapes every replica.
-    prom_port = free_port()
     targets = ", ".join(f'"127.0.0.1:{r.port}"' for r in replicas)
-    (tmp_path / "prometheus.yml").write_text(
+    config = (
         "global: {scrape_interval: 1s}\nscrape_configs:\n"
         f"  - job_name: kovae-forecast\n    static_configs: [{{targets: [{targets}]}}]\n"
     )
-    prom = subprocess.Popen(
-        [
-            prometheus_binary(tmp_path),
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    api = httpx.Client(base_url=f"http://127.0.0.1:{prom_port}", timeout=10)
-    try:
+    with running_prometheus(tmp_path, config) as api:
         worker = threading.Thread(target=load)
         worker.start()
         time.sleep(3)
@@ -132,7 +112,7 @@ def test_promotion_and_a_killed_replica_behind_haproxy(cluster, tmp_path: Path) 
         new = clone_version(store, version, "v-next")
         set_current(store, new)
         promoted_at = time.monotonic()
-        assert wait_until(lambda: all(r.client.get("/readyz").json()["model_version"] == new for r in replicas), 10)
+        assert wait_for(lambda: all(r.client.get("/readyz").json()["model_version"] == new for r in replicas), 10)
         switched_at = time.monotonic()
         time.sleep(2)
         # 2. One replica killed: HAProxy routes around it.
@@ -141,14 +121,14 @@ def test_promotion_and_a_killed_replica_behind_haproxy(cluster, tmp_path: Path) 
         killed_at = time.monotonic()
         worker.join(timeout=60)
         stop.set()
-        # 3. Prometheus saw all three replicas, and a dashboard query aggregates them.
-        assert wait_until(lambda: len(query(api, 'up{job="kovae-forecast"}')["result"]) == 3, 20)
+        # 3. Prometheus saw all three replicas, and the dashboard's queries aggregate them.
+        assert wait_for(lambda: len(query(api, 'up{job="kovae-forecast"}')["result"]) == 3, 20)
         total = query(api, 'sum(kovae_http_requests_total{route="/forecast"})')["result"]
-        by_version = query(api, "sum by (version) (kovae_model_info)")["result"]
-    finally:
-        api.close()
-        prom.terminate()
-        prom.wait(timeout=10)
+        panels = json.loads((DEPLOY / "grafana" / "dashboards" / "kovae.json").read_text())["panels"]
+        rate_expr = next(p["targets"][0]["expr"] for p in panels if p["title"] == "Request rate by route")
+        rate = {r["metric"]["route"]: float(r["value"][1]) for r in query(api, rate_expr)["result"]}
+        version_expr = next(p["targets"][0]["expr"] for p in panels if p["title"].startswith("Model version"))
+        by_version = query(api, version_expr)["result"]
 
     before_kill = [o for o in outcomes if o[0] < killed_at]
     after_kill = [o for o in outcomes if o[0] >= killed_at]
@@ -162,5 +142,6 @@ def test_promotion_and_a_killed_replica_behind_haproxy(cluster, tmp_path: Path) 
     assert failed_before == 0
     assert len(after_kill) > 50 and failed_after <= 2  # only requests in flight on the killed replica may fail
     assert {o[2] for o in after_kill if o[1] == 200} == {new}
-    assert float(total[0]["value"][1]) > 100
-    assert {v["metric"].get("version") for v in by_version} >= {new}
+    assert float(total[0]["value"][1]) > 100  # the three replicas' counters, summed
+    assert rate["/forecast"] > 5  # the dashboard's request-rate panel, over all replicas
+    assert {v["metric"]["version"]: float(v["value"][1]) for v in by_version}[new] == 1
