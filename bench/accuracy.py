@@ -33,11 +33,11 @@ TARGET_COVERAGE = (0.75, 0.85)  # of the 80% interval
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)  # candidate ridge strengths of the influent forecaster, chosen on validation
 
 
-def score_version(task: tuple[Path, Windows, np.ndarray, list[int], int]) -> dict:
+def score_version(task: tuple[Path, Windows, np.ndarray, list[int], int, np.ndarray, list[int]]) -> dict:
     """``score`` for a version folder: one held-out scenario's evaluation as a task a Dask worker can run (the
     worker opens the version itself; it must see the same model store)."""
-    vdir, w, x_std, top5, samples = task
-    return score(ModelRuntime(vdir), w, x_std, top5, samples)
+    vdir, *rest = task
+    return score(ModelRuntime(vdir), *rest)
 
 
 def _scored(item: tuple[str, tuple]) -> tuple[str, dict]:
@@ -45,8 +45,17 @@ def _scored(item: tuple[str, tuple]) -> tuple[str, dict]:
     return scenario, score_version(task)
 
 
-def score(rt: ModelRuntime, w: Windows, x_std: np.ndarray, top5: list[int], samples: int) -> dict:
-    """Headline figures, coverage and per-variable relative RMSE by horizon for one set of windows."""
+def score(
+    rt: ModelRuntime,
+    w: Windows,
+    x_std: np.ndarray,
+    top5: list[int],
+    samples: int,
+    scale: np.ndarray,
+    plant: list[int],
+) -> dict:
+    """Headline figures, coverage, per-variable relative RMSE by horizon, and the pooled skill against the better
+    of persistence and seasonal naive (all variables, and the plant's own) for one set of windows."""
     fc = rt.predict(w.x_hist, w.u_hist, w.u_fut, w.t_last, samples, np.random.default_rng(0))
     table = ev.error_table(fc.mean, w.x_fut)
     ref = ev.error_table(ev.persistence(w), w.x_fut)
@@ -54,7 +63,21 @@ def score(rt: ModelRuntime, w: Windows, x_std: np.ndarray, top5: list[int], samp
     rel = ev.relative_rmse(table)
     coverage = ev.interval_coverage(fc.samples, w.x_fut) if fc.samples is not None else float("nan")
     still = ref["rmse"] < 0.01 * x_std  # (H, nx): persistence is nearly exact, so skill's ratio explodes
-    return {"headline": head, "coverage": coverage, "rel": rel, "still": still, "windows": len(w.x_hist)}
+    naive = [ev.persistence(w), ev.seasonal_naive(w)]
+    pooled = {
+        "all": ev.pooled_skill(fc.mean, naive, w.x_fut, scale),
+        "plant": ev.pooled_skill(
+            fc.mean[..., plant], [f[..., plant] for f in naive], w.x_fut[..., plant], scale[plant]
+        ),
+    }
+    return {
+        "headline": head,
+        "coverage": coverage,
+        "rel": rel,
+        "still": still,
+        "pooled": pooled,
+        "windows": len(w.x_hist),
+    }
 
 
 def influent_floor(
@@ -112,10 +135,12 @@ def main() -> None:
     cut = {sc: heldout_windows([data[sc]], t.history, t.horizon, t.max_eval_windows) for sc in cfg.data.test_scenarios}
     everything = heldout_windows([data[sc] for sc in cfg.data.test_scenarios], t.history, t.horizon, t.max_eval_windows)
     # One task per held-out scenario (its regime), on this machine or on a Dask cluster; then all pooled.
-    tasks = [(sc, (vdir.resolve(), w, x_std, top5, args.samples)) for sc, w in cut.items()]
+    # The pooled skill's fixed scale per variable: its std over all test scenarios.
+    scale = np.maximum(np.concatenate([data[sc].x for sc in cfg.data.test_scenarios]).std(0), 1e-12)
+    tasks = [(sc, (vdir.resolve(), w, x_std, top5, args.samples, scale, plant)) for sc, w in cut.items()]
     scored = dict(run_all(_scored, tasks, args.executor))
     results = {sc: scored[sc] for sc in cut}
-    results["all"] = overall = score(rt, everything, x_std, top5, args.samples)
+    results["all"] = overall = score(rt, everything, x_std, top5, args.samples, scale, plant)
 
     horizons = list(overall["headline"])
     print(f"model {version}; top-5 variables {', '.join(card['metrics']['top5_variables'])}")
@@ -135,6 +160,19 @@ def main() -> None:
                 f"  note: skill is a mean of per-variable ratios to persistence; in {sc} these hardly move "
                 f"(persistence RMSE < 1% of the training std) and their ratios dominate it: {', '.join(quiet)}"
             )
+
+    steps = [s for s in ev.POOLED_SKILL_STEPS if s <= t.horizon]
+    lead = [f"{s * 15 / 60:g} h" for s in steps]
+    print(
+        "\npooled skill, 1 - sqrt(NMSE / NMSE_ref), against the better of persistence and seasonal naive at each"
+        "\nstep (NMSE: mean over variables of MSE / std^2, std over all test scenarios); < 0: worse than naive"
+    )
+    head = [f"{'all ' + x:>10}" for x in lead] + [f"{'plant ' + x:>12}" for x in lead]
+    print(f"{'scenario':<10} " + " ".join(head))
+    for sc, r in results.items():
+        cells = [f"{r['pooled']['all'][s - 1]:>10.3f}" for s in steps]
+        cells += [f"{r['pooled']['plant'][s - 1]:>12.3f}" for s in steps]
+        print(f"{sc:<10} " + " ".join(cells))
 
     h0 = int(horizons[0])
     print(f"\nrelative RMSE at step {h0}, influent (disturbance) vs plant variables:")

@@ -306,3 +306,27 @@ def test_influent_oracle_bench_feeds_the_true_future_influent(prepared) -> None:
     known = bench.influent_known(p)
     assert known.inputs(known.test)[1].shape[-1] == p.inputs(p.test)[1].shape[-1] + len(bench.INFLUENT)
     assert influent_error(known) < 0.05 < 0.3 < influent_error(p)
+
+
+def test_pooled_skill_has_the_known_answer_and_a_still_variable_cannot_dominate_it() -> None:
+    from training.evaluate import pooled_skill, skill
+
+    rng = np.random.default_rng(0)
+    n, H, nx = 4000, 3, 4
+    true = rng.standard_normal((n, H, nx))
+    scale = np.ones(nx)
+    ref = true + rng.standard_normal((n, H, nx))  # error variance 1
+    worse = true + 2 * rng.standard_normal((n, H, nx))  # error variance 4: not the better reference
+    model = true + 0.5 * rng.standard_normal((n, H, nx))  # error variance 1/4: skill 1 - sqrt(1/4) = 0.5
+    assert pooled_skill(model, [ref, worse], true, scale) == pytest.approx(np.full(H, 0.5), abs=0.03)
+    assert pooled_skill(ref, [ref, worse], true, scale) == pytest.approx(np.zeros(H))
+    # A variable that hardly moves (SNO_2 at 0.0005 g N/m3): persistence is almost exact there, so a mean of
+    # per-variable ratios explodes on an absolute error of 0.02, while the pooled skill barely notices it.
+    true[..., 3] = 5e-4
+    ref[..., 3] = 5e-4 + 1e-9
+    model[..., 3] = 5e-4 + 0.02
+    scale = np.array([1.0, 1.0, 1.0, 0.5])  # its std over all test scenarios, where it does move
+    pooled = pooled_skill(model, [ref], true, scale)
+    assert np.all(pooled > 0.45)
+    rmse = lambda f: np.sqrt(np.mean((f - true) ** 2, axis=0))  # noqa: E731
+    assert np.mean(skill(rmse(model), rmse(ref)), axis=-1).max() < -1e5  # the metric that breaks

@@ -123,6 +123,26 @@ def skill(rmse: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return 1 - rmse / np.maximum(reference, 1e-12)
 
 
+POOLED_SKILL_STEPS = (1, 20, 96)  # 15 min, 5 h and 24 h at 15-minute steps
+
+
+def nmse_by_step(pred: np.ndarray, true: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(H,): at each horizon step, the mean over variables of MSE_v / scale_v^2 (scale fixed per variable)."""
+    mse = np.mean((pred - true) ** 2, axis=0)  # (H, nx), over windows
+    return np.mean(mse / scale**2, axis=-1)
+
+
+def pooled_skill(pred: np.ndarray, references: list[np.ndarray], true: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(H,): 1 - sqrt(NMSE_model / NMSE_ref), with NMSE_ref the better of the reference forecasts at each step.
+
+    Unlike a mean of per-variable ratios to persistence, the errors are summed over variables before the ratio,
+    each in units of a fixed scale (e.g. its std over all test scenarios): a variable that hardly moves adds
+    almost nothing to either side and cannot dominate. Positive: better than every naive reference.
+    """
+    ref = np.min([nmse_by_step(r, true, scale) for r in references], axis=0)
+    return 1.0 - np.sqrt(nmse_by_step(pred, true, scale) / np.maximum(ref, 1e-300))
+
+
 def headline(
     table: dict[str, np.ndarray],
     reference: dict[str, np.ndarray],
