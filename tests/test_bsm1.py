@@ -152,3 +152,37 @@ def test_influent_repairs_are_reported_once() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     lines = [line for line in (out.stdout + out.stderr).splitlines() if "repaired row 997" in line]
     assert len(lines) == 1, out.stdout + out.stderr
+
+
+def test_pi_saturates_without_winding_up() -> None:
+    """An unreachable setpoint holds the output at its limit; once the error reverses, the output leaves the
+    limit within a few steps instead of unwinding a huge integral."""
+    pi = bsm1.PI(kp=10.0, ti_days=0.01, tt_days=0.005, lo=0.0, hi=100.0, bias=50.0)
+    outs = [pi.step(setpoint=10.0, measured=0.0) for _ in range(2000)]
+    assert outs[-1] == 100.0 and abs(pi.integral) < 1.0
+    after = [pi.step(setpoint=0.0, measured=10.0) for _ in range(5)]
+    assert after[-1] < 100.0
+    no_guard = bsm1.PI(kp=10.0, ti_days=0.01, tt_days=1e9, lo=0.0, hi=100.0, bias=50.0)
+    for _ in range(2000):
+        no_guard.step(setpoint=10.0, measured=0.0)
+    assert abs(no_guard.integral) > 10 * abs(pi.integral)  # what the back-calculation prevents
+
+
+@pytest.mark.slow
+def test_do_and_nitrate_loops_follow_a_setpoint_step() -> None:
+    """One day of dry weather under the BSM1 benchmark's two PI loops, with setpoint steps at noon: dissolved
+    oxygen in reactor 5 reaches its new setpoint within 1 hour, nitrate in reactor 2 within 4 hours."""
+    data, _ = bsm1.load_influent("dry")
+    n = 1440
+    sp_do = np.where(np.arange(n) < 720, 2.0, 1.0)
+    sp_no = np.where(np.arange(n) < 720, 1.0, 2.0)
+    controls = np.tile(np.array(bsm1.DEFAULT_CONTROLS), (n, 1))
+    loops = [bsm1.do_loop(sp_do), bsm1.nitrate_loop(sp_no)]
+    t, x, u = bsm1.simulate(data, controls, 15, stabilize=True, loops=loops)
+    hours = t / 60
+    so5, sno2 = x[:, 7], x[:, 4]
+    assert abs(so5[(hours > 8) & (hours <= 12)].mean() - 2.0) < 0.1
+    assert np.all(np.abs(so5[(hours > 13) & (hours <= 24)] - 1.0) < 0.1)  # within 1 h of the step
+    assert abs(sno2[(hours > 16) & (hours <= 24)].mean() - 2.0) < 0.15  # within 4 h of the step
+    assert u[:, 2].std() > 5 and u[:, 3].std() > 1000  # the applied KLa5 and Qintr are what u records
+    assert np.all((u[:, 2] >= 0) & (u[:, 2] <= bsm1.KLA_LIMITS[1]))

@@ -1,4 +1,4 @@
-"""BSM1 open-loop simulation with bsm2-python 0.0.16, and the package's known defects handled.
+"""BSM1 simulation with bsm2-python 0.0.16, open loop or under our own PI loops, with its defects handled.
 
 Defects of bsm2-python 0.0.16 this module works around (each has a test in tests/test_bsm1.py):
 
@@ -9,13 +9,14 @@ Defects of bsm2-python 0.0.16 this module works around (each has a test in tests
    lagged streams' flows at start-up (internal recycle and return sludge) and whenever it changes the recycle.
 3. With ``timestep`` given, ``simtime`` has one more entry than ``timesteps``: we loop over ``timesteps``.
 4. The PID class never integrates (proportional only) and carbon dosing into tank 2+ overwrites the
-   upstream tank's output in place. We therefore simulate open loop only and refuse carbon dosing.
+   upstream tank's output in place. We refuse carbon dosing and close loops with our own :class:`PI`.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -229,12 +230,64 @@ def control_schedule(
     return out
 
 
+@dataclass
+class PI:
+    """A discrete PI controller with output limits and back-calculation anti-windup, as in the BSM1 benchmark's
+    control strategy (bsm2-python's PID class never integrates, so it is not used).
+
+    u = clip(bias + kp * (e + integral / ti)), with the integral corrected by (u_applied - u_raw) / tt.
+    ``kp`` carries the sign: negative where more output lowers the measured value.
+    """
+
+    kp: float
+    ti_days: float
+    tt_days: float
+    lo: float
+    hi: float
+    bias: float
+    integral: float = 0.0
+
+    def step(self, setpoint: float, measured: float, dt_days: float = STEP_DAYS) -> float:
+        error = setpoint - measured
+        raw = self.bias + self.kp * (error + self.integral / self.ti_days)
+        out = float(np.clip(raw, self.lo, self.hi))
+        # d(integral)/dt = error + (out - raw) / (kp * tt): the integral stops winding up at the limits.
+        self.integral += dt_days * (error + (out - raw) / (self.kp * self.tt_days / self.ti_days))
+        return out
+
+
+@dataclass
+class FeedbackLoop:
+    """One control loop of the plant: ``control`` (index into KLa3, KLa4, KLa5, Qintr) follows ``pi``'s output
+    so that the measurement ``measure(plant)`` follows ``setpoint`` (one value per minute)."""
+
+    control: int
+    measure: Callable[[Plant], float]
+    pi: PI
+    setpoint: np.ndarray
+
+
+def do_loop(setpoint: np.ndarray, kla_max: float = KLA_LIMITS[1]) -> FeedbackLoop:
+    """Dissolved oxygen in reactor 5 through KLa5, with the BSM1 benchmark's tuning (K = 25 1/d per g O2/m3,
+    Ti = 0.002 d, Tt = 0.001 d)."""
+    return FeedbackLoop(2, lambda p: float(p.sim.y_out5[SO]), PI(25.0, 0.002, 0.001, 0.0, kla_max, 84.0), setpoint)
+
+
+def nitrate_loop(setpoint: np.ndarray) -> FeedbackLoop:
+    """Nitrate in reactor 2 through the internal recycle Qintr, with the BSM1 benchmark's tuning
+    (K = 10,000 m3/d per g N/m3, Ti = 0.025 d, Tt = 0.015 d)."""
+    return FeedbackLoop(
+        3, lambda p: float(p.sim.y_out2[SNO]), PI(10_000.0, 0.025, 0.015, *QINTR_LIMITS, 3 * Q0), setpoint
+    )
+
+
 def simulate(
     influent: np.ndarray,
     controls: np.ndarray,
     sample_minutes: int = 15,
     *,
     stabilize: bool = False,
+    loops: list[FeedbackLoop] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run the plant under a 1-minute control schedule and sample it.
 
@@ -242,10 +295,14 @@ def simulate(
     control applied over that interval. Only whole intervals that fit the influent are simulated.
     With ``stabilize`` the plant first settles (bsm2-python's own routine, ~30 s) under the first influent
     row and default controls: the package's initial state is far from BSM1's steady state.
+    ``loops`` close feedback loops: each minute, a loop's controller reads its measurement (an ideal sensor)
+    and replaces its control's scheduled value; u records what was applied.
     """
     plant = Plant(influent)
     if stabilize:
         plant.sim.stabilize()
+    if loops:
+        controls = controls.copy()
     n_samples = min(plant.n_steps, len(controls)) // sample_minutes
     t = np.arange(1, n_samples + 1) * sample_minutes
     x = np.empty((n_samples, 16))
@@ -253,10 +310,12 @@ def simulate(
     previous = None
     for k in range(n_samples):
         block = controls[k * sample_minutes : (k + 1) * sample_minutes]
-        for row in block:
+        for i, row in enumerate(block):
+            for loop in loops or ():
+                row[loop.control] = loop.pi.step(loop.setpoint[k * sample_minutes + i], loop.measure(plant))
             if previous is None or np.any(row != previous):
                 plant.set_controls(row)
-                previous = row
+                previous = row.copy()
             influent_row = plant.step()
         x[k] = measurements_from_plant(plant, influent_row)
         u[k] = block.mean(axis=0)
