@@ -186,3 +186,33 @@ def test_do_and_nitrate_loops_follow_a_setpoint_step() -> None:
     assert abs(sno2[(hours > 16) & (hours <= 24)].mean() - 2.0) < 0.15  # within 4 h of the step
     assert u[:, 2].std() > 5 and u[:, 3].std() > 1000  # the applied KLa5 and Qintr are what u records
     assert np.all((u[:, 2] >= 0) & (u[:, 2] <= bsm1.KLA_LIMITS[1]))
+
+
+def test_a_storm_raises_flow_dilutes_solubles_and_flushes_particulates() -> None:
+    data, _ = bsm1.load_influent("dry")
+    storm = bsm1.Storm(start_day=2.0, hours=12.0, peak_factor=3.0, flush_factor=2.0, flush_hours=2.0)
+    wet = bsm1.add_storm(data, storm)
+    t = data[:, 0]
+    q, q_wet = data[:, 1 + bsm1.Q], wet[:, 1 + bsm1.Q]
+    during = (t > 2.0) & (t < 2.5)
+    outside = (t < 2.0) | (t > 2.5)
+    assert np.allclose(wet[outside], data[outside])  # nothing changes outside the event
+    assert (q_wet[during] / q[during]).max() == pytest.approx(3.0, rel=0.01)  # the peak, at mid-event
+    assert np.all(q_wet[during] >= q[during])
+    for c in bsm1.SOLUBLE:  # dissolved load conserved, concentration diluted
+        assert np.allclose(wet[:, 1 + c] * q_wet, data[:, 1 + c] * q)
+    assert np.all(wet[during, 1 + bsm1.SNH] <= data[during, 1 + bsm1.SNH])
+    tss_load, tss_load_wet = data[:, 1 + bsm1.TSS] * q, wet[:, 1 + bsm1.TSS] * q_wet
+    front = (t > 2.0) & (t < 2.0 + 1 / 24)
+    assert np.all(tss_load_wet[front] > 1.5 * tss_load[front])  # first flush
+    assert np.allclose(wet[:, 1 + bsm1.TEMP], data[:, 1 + bsm1.TEMP])
+    tail = (t > 2.35) & (t < 2.45)
+    assert np.all(wet[tail, 1 + bsm1.TSS] < data[tail, 1 + bsm1.TSS])  # diluted once the flush has passed
+
+
+def test_random_storms_are_seeded_and_varied() -> None:
+    a = bsm1.random_storms(28.0, np.random.default_rng(7), per_week=1.5)
+    b = bsm1.random_storms(28.0, np.random.default_rng(7), per_week=1.5)
+    assert a == b and len(a) >= 2
+    assert len({round(s.hours, 3) for s in a}) == len(a) and all(1.5 <= s.peak_factor <= 4.0 for s in a)
+    assert all(0 <= s.start_day <= 28 for s in a) and [s.start_day for s in a] == sorted(s.start_day for s in a)

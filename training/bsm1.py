@@ -230,6 +230,63 @@ def control_schedule(
     return out
 
 
+SOLUBLE = (SI, SS, SO, SNO, SNH, SND, SALK)
+"""Dissolved components: rain water carries none of them, so a storm dilutes them (their load is unchanged)."""
+PARTICULATE = (XI, XS, XBH, XBA, XP, XND, TSS)
+"""Particulate components: the sewer's deposits are flushed out at the front of a storm, then diluted."""
+
+
+@dataclass(frozen=True)
+class Storm:
+    """A rain event on top of dry-weather sewage: extra flow rising and falling over ``hours``, peaking at
+    ``peak_factor`` times the dry flow, with a first flush multiplying the particulate load by ``flush_factor``
+    at the front and fading with a time constant of ``flush_hours``."""
+
+    start_day: float
+    hours: float
+    peak_factor: float
+    flush_factor: float = 1.0
+    flush_hours: float = 2.0
+
+
+def add_storm(influent: np.ndarray, storm: Storm) -> np.ndarray:
+    """The influent (rows: time in days, then the 21 stream components) with a storm added.
+
+    Flow is multiplied by 1 + (peak - 1) sin^2 over the event. Dissolved concentrations are divided by the same
+    ratio, so their load (concentration x flow) is conserved; particulate concentrations follow the first-flush
+    load. Temperature and the other columns are unchanged.
+    """
+    out = influent.copy()
+    days = (out[:, 0] - storm.start_day) / (storm.hours / 24)
+    inside = (days >= 0) & (days <= 1)
+    ratio = 1 + (storm.peak_factor - 1) * np.where(inside, np.sin(np.pi * np.clip(days, 0, 1)) ** 2, 0.0)
+    since = np.maximum(out[:, 0] - storm.start_day, 0) * 24  # hours
+    flush = 1 + (storm.flush_factor - 1) * np.where(inside, np.exp(-since / storm.flush_hours), 0.0)
+    out[:, 1 + Q] *= ratio
+    for c in SOLUBLE:
+        out[:, 1 + c] /= ratio
+    for c in PARTICULATE:
+        out[:, 1 + c] *= flush / ratio
+    return out
+
+
+def random_storms(
+    days: float,
+    rng: np.random.Generator,
+    per_week: float = 1.0,
+    hours: tuple[float, float] = (3.0, 36.0),
+    peak: tuple[float, float] = (1.5, 4.0),
+    flush: tuple[float, float] = (1.0, 3.0),
+) -> list[Storm]:
+    """Seeded storms of varied size, duration and timing over ``days`` (Poisson count, uniform start times)."""
+    n = int(rng.poisson(per_week * days / 7))
+    starts = np.sort(rng.uniform(0, days, n))
+    return [
+        Storm(float(s), float(rng.uniform(*hours)), float(rng.uniform(*peak)), float(rng.uniform(*flush)))
+        for s in starts
+    ]
+
+
 @dataclass
 class PI:
     """A discrete PI controller with output limits and back-calculation anti-windup, as in the BSM1 benchmark's
