@@ -19,14 +19,18 @@ from service.settings import get_settings
 
 def main() -> None:
     settings = get_settings()
-    shared: Path | None = None
-    if settings.workers > 1 and settings.runtime_dir is None:
-        shared = Path(tempfile.mkdtemp(prefix="kovae-"))
-        os.environ["KOVAE_RUNTIME_DIR"] = str(shared)
+    shared: Path | None = None  # created here, so removed here
+    if settings.workers > 1:
+        runtime = settings.runtime_dir
+        if runtime is None:
+            runtime = shared = Path(tempfile.mkdtemp(prefix="kovae-"))
+            os.environ["KOVAE_RUNTIME_DIR"] = str(shared)
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Several workers share metrics through files (prometheus-client multiprocess mode).
-            (shared / "metrics").mkdir()
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared / "metrics")
+            (runtime / "metrics").mkdir(parents=True, exist_ok=True)
+            for stale in (runtime / "metrics").glob("*.db"):  # a previous server's counters
+                stale.unlink()
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(runtime / "metrics")
     try:
         uvicorn.run(
             "service.app:create_app",
