@@ -40,6 +40,15 @@ def version_dir(store: Path, version: str) -> Path:
     return path
 
 
+def check_card_names_folder(folder: Path, card: dict) -> str:
+    """The card's version, which must be its folder's name: a copied folder whose card was not renamed would
+    otherwise be served, listed and compared under another version's name."""
+    version = str(card["version"])
+    if Path(folder).name != version:
+        raise CardError(f"{Path(folder).name}/{CARD_FILE} names version {version!r}, not its folder's")
+    return version
+
+
 def current_version(store: Path) -> str | None:
     """The version CURRENT names; None if there is no pointer. Raises CardError for a name that is no version."""
     try:
@@ -95,10 +104,7 @@ def add_version(store: Path, source: Path) -> str:
     """Copy a complete version folder (card and verified ONNX) into the store under its card's name, through a
     staging folder that is fsync'd and then renamed: the version appears whole or not at all. Never overwrites."""
     source = Path(source)
-    card = read_card(source, verify=True)
-    version = check_version_name(str(card["version"]))
-    if source.name != version:
-        raise CardError(f"{source.name}/{CARD_FILE} names version {version!r}, not its folder's")
+    version = check_version_name(check_card_names_folder(source, read_card(source, verify=True)))
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     target = version_dir(store, version)

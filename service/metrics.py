@@ -47,18 +47,22 @@ CANCELLED = Counter("kovae_forecasts_cancelled_total", "Forecasts stopped becaus
 LIVE_FILE = re.compile(r"^gauge_live\w+?_(\d+)\.db$")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a worker process still runs (the files of dead workers are dropped: metrics, reload state)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    return True
+
+
 def _drop_dead_workers(folder: str) -> None:
     for path in Path(folder).glob("gauge_live*_*.db"):
         m = LIVE_FILE.match(path.name)
-        if m is None:
-            continue
-        pid = int(m.group(1))
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            multiprocess.mark_process_dead(pid, folder)
-        except PermissionError:
-            pass
+        if m is not None and not pid_alive(int(m.group(1))):
+            multiprocess.mark_process_dead(int(m.group(1)), folder)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -230,6 +230,11 @@ def _range_warnings(
     return out
 
 
+def requested_samples(req: ForecastRequest, settings: Settings) -> int:
+    """Samples to draw: the request's (or the default) when it asks for quantiles, else none."""
+    return (req.samples or settings.default_samples) if req.quantiles else 0
+
+
 def _check_request(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> list[dict[str, str]]:
     errors = []
     if req.horizon > rt.max_horizon:
@@ -249,7 +254,7 @@ def _check_request(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -
         elif quantile_key(q) in seen:
             errors.append({"field": f"quantiles[{i}]", "message": f"repeats quantiles[{seen[quantile_key(q)]}]"})
         seen.setdefault(quantile_key(q), i)
-    samples = (req.samples or settings.default_samples) if req.quantiles else 0
+    samples = requested_samples(req, settings)
     if samples > settings.max_samples:
         errors.append({"field": "samples", "message": f"{samples} exceeds the limit {settings.max_samples}"})
     work = len(req.series) * max(samples, 1) * req.horizon
@@ -275,7 +280,7 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
     x_units = [rt.units[n] for n in rt.measurements]
     u_units = [v["unit"] for v in card["variables"]["controls"]]
     x_limits, u_limits = input_limits(rt.x_bounds, rt.x_range), input_limits(rt.u_bounds, rt.u_range)
-    samples = (req.samples or settings.default_samples) if req.quantiles else 0
+    samples = requested_samples(req, settings)
     out = DecodedRequest(horizon=req.horizon, quantiles=sorted(req.quantiles), samples=samples, seed=req.seed)
     H = req.horizon
     for i, s in enumerate(req.series):

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from modelcard.card import CARD_FILE, CardError, atomic_write
+from modelcard.card import CARD_FILE, ONNX_FILE, CardError, atomic_write
 from modelcard.runtime import ModelRuntime
-from modelcard.store import POINTER, current_version, version_dir
+from modelcard.store import POINTER, check_card_names_folder, current_version, version_dir
 from service import metrics
 
 log = logging.getLogger("kovae.registry")
@@ -46,16 +46,6 @@ def warm_up(rt: ModelRuntime) -> None:
     fc = rt.predict(x, u, u[:, :1].repeat(H, 1), np.zeros(1), n_samples=2)
     if not (np.all(np.isfinite(fc.mean)) and fc.samples is not None and np.all(np.isfinite(fc.samples))):
         raise ReloadError(f"version {rt.version}: warm-up forecast is not finite")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ModelRegistry:
@@ -85,7 +75,7 @@ class ModelRegistry:
         files = []
         try:
             folder = version_dir(self.store, raw.decode().strip())
-            for name in (CARD_FILE, "model.onnx"):
+            for name in (CARD_FILE, ONNX_FILE):
                 st = (folder / name).stat()
                 files.append((st.st_mtime_ns, st.st_size))
         except (CardError, OSError, UnicodeDecodeError):
@@ -103,17 +93,16 @@ class ModelRegistry:
         """Load CURRENT if it changed (or ``force``); returns (serving version, changed). Raises ReloadError."""
         with self._lock:
             state = self._state()
-            version = "?"
+            version = "?"  # named in the refusal if CURRENT cannot be read
             try:
-                version = current_version(self.store) or "?"
+                version = current_version(self.store) or version
                 if version == "?":
                     raise ReloadError(f"no {POINTER} version in the model store")
                 old = self.runtime
                 if old is not None and old.version == version and not force:
                     return version, False
                 rt = ModelRuntime(version_dir(self.store, version), self.threads)
-                if rt.version != version:
-                    raise CardError(f"{version}/{CARD_FILE} names version {rt.version!r}, not its folder's {version!r}")
+                check_card_names_folder(self.store / version, rt.card)  # the name CURRENT gives, not a link's target
                 warm_up(rt)
             except Exception as exc:  # ONNX Runtime raises its own types: every failure is a refusal
                 metrics.RELOADS.labels("failure").inc()
@@ -232,7 +221,7 @@ class ModelRegistry:
         for path in (self.runtime_dir / WORKERS_DIR).glob("*.json"):
             try:
                 pid = int(path.stem)
-                if not _pid_alive(pid):
+                if not metrics.pid_alive(pid):
                     path.unlink(missing_ok=True)
                     continue
                 state = json.loads(path.read_text())

@@ -20,12 +20,11 @@ import numpy as np
 import pytest
 
 from modelcard.card import CardError, read_card
-from modelcard.runtime import ModelRuntime
 from modelcard.store import POINTER, current_version, list_versions, remove_stale, set_current, version_dir
 from service.protocol import ForecastRequest, decode
 from service.settings import Settings
 from tests.conftest import clone_version, wait_for
-from tests.test_service import ADMIN, _metric, make_body, problem_fields
+from tests.test_service import ADMIN, _metric, arrays, make_body, problem_fields
 
 
 def strict_json(text: str) -> object:
@@ -226,15 +225,9 @@ def test_forecasts_stay_within_physical_bounds_and_say_where_they_were_held(serv
             assert lo <= min(values) and max(values) <= hi, name
     assert out["clipped"], "some lower quantile of a zero concentration must have been held at 0"
     assert all(c["bound"] in ("min", "max") and c["values"] > 0 for c in out["clipped"])
-    raw = rt.predict(*_arrays(body, rt)).mean[0]
+    raw = rt.predict(*arrays(body, rt)).mean[0]
     clipped_means = {c["variable"] for c in out["clipped"] if c["output"] == "mean"}
     assert clipped_means == {n for j, n in enumerate(rt.measurements) if np.any(raw[:, j] < rt.x_bounds[0][j])}
-
-
-def _arrays(body: dict, rt: ModelRuntime) -> tuple[np.ndarray, ...]:
-    from tests.test_service import arrays
-
-    return arrays(body, rt)
 
 
 def test_every_answer_is_strict_json(server, rt) -> None:

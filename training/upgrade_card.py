@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from training.catalog import catalog_dict
     from training.config import config_from_dict
-    from training.data import config_hash, generate, splits
+    from training.data import config_hash
+    from training.prepare import prepare
     from training.publish import card_variables
 
     folder = version_dir(Path(args.store), args.version)
@@ -35,20 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     if config_hash(cfg.data) != card["data"]["config_hash"]:
         print(f"error: the data this code generates for {args.version} differ from what it was trained on")
         return 1
-    data = generate(cfg.data)
-    train = [data[i] for i in splits(cfg.data)["train"]]
-    x_all, u_all = np.concatenate([d.x for d in train]), np.concatenate([d.u for d in train])
+    p = prepare(cfg)  # scalers and training range, exactly as training computes them
     cat, var = catalog_dict(), card["variables"]
-    for role, arr, items in (("measurements", x_all, cat["measurements"]), ("controls", u_all, cat["controls"])):
-        if [v["name"] for v in items] != [v["name"] for v in var[role]]:
+    for role, fitted, seen in (("measurements", p.x_mean, p.x_range), ("controls", p.u_mean, p.u_range)):
+        if [v["name"] for v in cat[role]] != [v["name"] for v in var[role]]:
             print(f"error: {args.version} has other {role} than the catalog", file=sys.stderr)
             return 1
         mean = np.array([v["mean"] for v in var[role]])
         std = np.array([v["std"] for v in var[role]])
-        if not np.allclose(mean, arr.mean(0), rtol=1e-6):
+        if not np.allclose(mean, fitted, rtol=1e-6):
             print(f"error: the regenerated {role} do not match the card's scalers", file=sys.stderr)
             return 1
-        var[role] = card_variables(items, mean, std, (arr.min(0), arr.max(0)))
+        var[role] = card_variables(cat[role], mean, std, seen)
     card["card_version"] = CARD_VERSION
     write_card(folder, card)
     print(f"{args.version}: card_version {CARD_VERSION}, physical bounds and training range added")
