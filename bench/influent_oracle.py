@@ -24,11 +24,12 @@ from training import calibrate as calibration
 from training import evaluate as ev
 from training import loop, report
 from training import prepare as preparation
-from training.catalog import MEASUREMENTS, influent_positions
+from training.catalog import BSM1
 from training.config import load_config
 from training.data import Windows
 
-INFLUENT = influent_positions([v.description for v in MEASUREMENTS])
+MEASUREMENTS = BSM1.targets
+INFLUENT = [i for i, v in enumerate(MEASUREMENTS) if v.role == "disturbance"]
 
 
 class InfluentKnown(preparation.Prepared):

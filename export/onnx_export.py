@@ -61,7 +61,8 @@ class ForecastGraph(nn.Module):
     product per mode: z[k] = sum_{j<=k} lambda^(k-j) d[j], with d[0] = z0. The Toeplitz matrices are built
     from r, theta and q inside the graph (ONNX Runtime folds them once at load), so the file stays small.
     Every decoded trajectory then gets the decoder's miss at the last history step, times g^k per variable
-    (calibration.residual_decay; a card without it has no such term), by the model's own ``correction``.
+    (calibration.residual_decay; a card without it has no such term), by the model's own ``correction``, and
+    the blend with the same time a day earlier (the model's ``seasonal``).
     """
 
     def __init__(
@@ -119,7 +120,7 @@ class ForecastGraph(nn.Module):
         raw = m.decoder(zs[:, :, :horizon])
         if self.residual_decay is not None:
             corr = m.correction(x_hist[:, -1], z0, self.residual_decay, horizon)  # (B, h, x)
-            mean, raw = mean + corr, raw + corr.unsqueeze(1)
+            mean, raw = m.seasonal(x_hist, mean + corr), m.seasonal(x_hist, raw + corr.unsqueeze(1))
         return mean, calibrated_samples(mean, raw, self.spread)
 
 
@@ -218,12 +219,30 @@ def _compare(graph: ForecastGraph, sess: ort.InferenceSession, feeds: tuple[torc
     return max(float(np.max(np.abs(ref[0] - got[0]))), float(np.max(np.abs(ref[1] - got[1]) / k, initial=0.0)))
 
 
+def naive_blend_summary(model: KoVAE, card: dict[str, Any]) -> dict[str, Any]:
+    """The learned weights of the two naive forecasts in the forecast, per variable at 15 min, 5 h and 24 h
+    (0: the model alone, 1: the naive forecast alone)."""
+    names = [v["name"] for v in card["variables"]["measurements"]]
+    with torch.no_grad():
+        seasonal = torch.sigmoid(model.seasonal_logit).numpy()
+        persistence = torch.sigmoid(model.persistence_logit).numpy()
+    steps = [s for s in (1, 20, 96) if s <= card["max_horizon"]]
+    out: dict[str, Any] = {"seasonal_steps": model.cfg.seasonal_steps, "steps": steps}
+    for key, w in (("seasonal", seasonal), ("persistence", persistence)):
+        out[key] = {n: [round(float(w[min(s, len(w)) - 1, j]), 4) for s in steps] for j, n in enumerate(names)}
+    if model.cfg.seasonal_steps <= 0:
+        out["seasonal"] = {}
+    return out
+
+
 def residual_summary(decay: list[float], card: dict[str, Any]) -> dict[str, Any]:
     """How long each variable's measured offset from the decoder persists in a forecast (half-life, hours)."""
     hours = card["sample_minutes"] / 60
     names = [v["name"] for v in card["variables"]["measurements"]]
+    # g = 0: gone at once; g = 1 (float32 rounding of a g near 1): never fades, written as null.
     half_life = {
-        n: (math.log(0.5) / math.log(g) * hours if 0 < g < 1 else 0.0) for n, g in zip(names, decay, strict=True)
+        n: (math.log(0.5) / math.log(g) * hours if 0 < g < 1 else (0.0 if g <= 0 else None))
+        for n, g in zip(names, decay, strict=True)
     }
     return {"residual_decay_max": max(decay), "residual_half_life_hours": half_life}
 
@@ -261,7 +280,9 @@ def export_version(
         "created_at": created,
         "operator": {
             "form": "z[t+1] = A z[t] + B u[t+1] + c (+ noise_std * eps for samples), normalised units; "
-            "forecast x[t+k] = D(z[t+k]) + g^k (x[t] - D(z[t])) with g = calibration.residual_decay per variable",
+            "forecast x[t+k] = D(z[t+k]) + g^k (x[t] - D(z[t])) with g = calibration.residual_decay per variable, "
+            "then blended with the same time a day earlier and with the last measured value (naive_blend)",
+            "naive_blend": naive_blend_summary(model, card),
             "A": graph.At.T.tolist(),
             "B": graph.Bt.T.tolist(),
             "c": graph.c.tolist(),

@@ -42,6 +42,8 @@ class ModelRuntime:
         self.controls = [v["name"] for v in self.card["variables"]["controls"]]
         self.calendar = Calendar.from_card(self.card)
         self.step_minutes = int(self.card["sample_minutes"])
+        # Share of each history input that may be missing (null); cards from before gaps were trained: none.
+        self.max_missing_share = float(self.card["history"].get("max_missing_share", 0.0))
         self.x_bounds, self.u_bounds = bounds(self.card, "measurements"), bounds(self.card, "controls")
         self.x_range, self.u_range = training_range(self.card, "measurements"), training_range(self.card, "controls")
         self.units = {v["name"]: v["unit"] for v in self.card["variables"]["measurements"]}

@@ -50,8 +50,13 @@ class SeriesIn(BaseModel):
         "(with its UTC offset; no offset means UTC): the time of day and week are model inputs. "
         "GET /model gives the history limits (history.min, history.max); the served schema states them too",
     )
-    measurements: dict[str, list[float]] = Field(description="one array per measured variable (catalog names)")
-    controls: dict[str, list[float]] = Field(description="one array per control over the history")
+    measurements: dict[str, list[float | None]] = Field(
+        description="one array per measured variable (catalog names); null marks a missing sample (a sensor gap), "
+        "up to the model's limit (GET /model: history.max_missing_share per variable)"
+    )
+    controls: dict[str, list[float | None]] = Field(
+        description="one array per control over the history; null marks a missing sample, as for measurements"
+    )
     future_controls: dict[str, list[float]] | None = Field(
         None, description="planned control per future step (horizon values each); omit with hold_controls"
     )
@@ -105,6 +110,9 @@ class SeriesOut(BaseModel):
     clipped: list[Clipped] = Field(
         default_factory=list, description="forecast values held at a physical bound (e.g. a concentration at 0)"
     )
+    gaps: dict[str, int] = Field(
+        default_factory=dict, description="history inputs that had missing samples (null), with how many"
+    )
 
 
 class StabilityOut(BaseModel):
@@ -129,6 +137,7 @@ class DecodedRequest:
     last_minute: list[float] = field(default_factory=list)  # each series' last history time, minutes since Monday
     ids: list[str | None] = field(default_factory=list)
     warnings: list[list[dict[str, Any]]] = field(default_factory=list)  # per series
+    gaps: list[dict[str, int]] = field(default_factory=list)  # per series: input name -> missing samples
     horizon: int = 0
     quantiles: list[float] = field(default_factory=list)
     samples: int = 0  # 0 when no quantiles are asked for: samples are drawn only to give quantiles
@@ -152,16 +161,18 @@ def quantile_key(q: float) -> str:
 
 
 def _named(
-    given: dict[str, list[float]],
+    given: dict[str, list[float | None]],
     names: list[str],
     where: str,
     length: int,
     limits: tuple[np.ndarray, np.ndarray],
     units: list[str],
     errors: list[dict[str, str]],
+    max_missing: float = 0.0,
 ) -> np.ndarray | None:
     """One (length, len(names)) array from named arrays, each checked for length, finiteness and ``limits``;
-    a problem names the variable and the first index at fault."""
+    a problem names the variable and the first index at fault. null is a missing sample (NaN), allowed up to
+    ``max_missing`` of each variable's values (0: none, future controls)."""
     for name in sorted(set(given) - set(names)):
         errors.append({"field": f"{where}.{name}", "message": f"unknown variable; expected {', '.join(names)}"})
     before = len(errors)
@@ -172,10 +183,21 @@ def _named(
             errors.append({"field": f"{where}.{name}", "message": f"has {len(given[name])} values, expected {length}"})
     if len(errors) > before:
         return None
-    arr = np.array([given[name] for name in names], dtype=np.float64).T  # (length, n)
-    finite = np.abs(arr) <= FLOAT32_MAX  # also False for NaN; beyond float32 the model cannot take it
-    inside = (arr >= limits[0]) & (arr <= limits[1])
-    if finite.all() and inside.all():
+    arr = np.array([[np.nan if v is None else v for v in given[name]] for name in names], dtype=np.float64).T
+    gap = np.isnan(arr)  # only null becomes NaN: strict JSON has no NaN literal
+    allowed = int(max_missing * length)
+    for j in np.flatnonzero(gap.sum(0) > allowed):
+        n_gap = int(gap[:, j].sum())
+        limit = f"at most {allowed} ({100 * max_missing:.0f}%)" if allowed else "none"
+        errors.append(
+            {
+                "field": f"{where}.{names[j]}",
+                "message": f"{n_gap} of {length} values missing (null); the model takes {limit}",
+            }
+        )
+    finite = gap | (np.abs(arr) <= FLOAT32_MAX)  # beyond float32 the model cannot take it
+    inside = gap | ((arr >= limits[0]) & (arr <= limits[1]))
+    if finite.all() and inside.all() and len(errors) == before:
         return arr
     for j in np.flatnonzero(~(finite & inside).all(0)):
         name, col = names[j], arr[:, j]
@@ -189,6 +211,19 @@ def _named(
         more = f" ({n_out} values outside [{lo:g}, {hi:g}])" if n_out > 1 else ""
         errors.append({"field": f"{where}.{name}[{k}]", "message": f"{col[k]:g} {units[j]} is {side}{more}"})
     return None
+
+
+def gap_counts(arr: np.ndarray, names: list[str]) -> dict[str, int]:
+    """Input name -> missing samples, for the inputs with any."""
+    counts = np.isnan(arr).sum(0)
+    return {names[j]: int(counts[j]) for j in np.flatnonzero(counts)}
+
+
+def last_values(arr: np.ndarray) -> np.ndarray:
+    """(n,): each column's last value that is not missing (what holding a control means after a gap)."""
+    seen = ~np.isnan(arr)
+    last = arr.shape[0] - 1 - np.argmax(seen[::-1], axis=0)
+    return arr[last, np.arange(arr.shape[1])]
 
 
 def input_limits(
@@ -208,7 +243,9 @@ def _range_warnings(
     if seen is None:
         return []
     out = []
-    vmins, vmaxs = arr.min(0), arr.max(0)
+    if np.isnan(arr).all(0).any():
+        arr = np.where(np.isnan(arr).all(0), seen[0], arr)  # a variable with no value: nothing to warn about
+    vmins, vmaxs = np.nanmin(arr, 0), np.nanmax(arr, 0)
     for j in np.flatnonzero((vmins < seen[0]) | (vmaxs > seen[1])):
         name, lo, hi = names[j], float(seen[0][j]), float(seen[1][j])
         vmin, vmax = float(vmins[j]), float(vmaxs[j])
@@ -307,15 +344,16 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
                 {"field": f"{where}.timestamps[{L - 1}]", "message": f"{H} steps after it lie beyond the year 9999"}
             )
             continue
-        x = _named(s.measurements, rt.measurements, f"{where}.measurements", L, x_limits, x_units, errors)
-        u = _named(s.controls, rt.controls, f"{where}.controls", L, u_limits, u_units, errors)
+        gaps_allowed = rt.max_missing_share
+        x = _named(s.measurements, rt.measurements, f"{where}.measurements", L, x_limits, x_units, errors, gaps_allowed)
+        u = _named(s.controls, rt.controls, f"{where}.controls", L, u_limits, u_units, errors, gaps_allowed)
         if s.hold_controls and s.future_controls is not None:
             errors.append(
                 {"field": f"{where}.future_controls", "message": "give future_controls or hold_controls, not both"}
             )
             continue
         if s.hold_controls:
-            uf = None if u is None else np.repeat(u[-1:], H, 0)
+            uf = None if u is None else np.repeat(last_values(u)[None], H, 0)
         elif s.future_controls is None:
             errors.append({"field": f"{where}.future_controls", "message": "missing (or set hold_controls: true)"})
             continue
@@ -330,6 +368,7 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
         out.future_times.append(future)
         out.last_minute.append(minutes_since_monday(times[-1]))  # its own UTC offset: the plant's clock
         out.ids.append(s.id)
+        out.gaps.append({**gap_counts(x, rt.measurements), **gap_counts(u, rt.controls)})
         out.warnings.append(
             _range_warnings(x, rt.measurements, f"{where}.measurements", rt.x_range)
             + _range_warnings(u, rt.controls, f"{where}.controls", rt.u_range)
@@ -426,6 +465,7 @@ def encode_series(rt: ModelRuntime, d: DecodedRequest, i: int, res: SeriesResult
         "forecast": per_var,
         "warnings": d.warnings[i],
         "clipped": clipped,
+        "gaps": d.gaps[i],
     }
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from training import bsm1
+from training.catalog import BSM1
 
 
 def test_rain_influent_repairs_malformed_flows_and_converts_units() -> None:
@@ -125,7 +126,7 @@ def test_kla_step_changes_oxygen_in_that_reactor() -> None:
     so5 = 7  # SO_5 in training.catalog.MEASUREMENTS
     assert x_high[-1, so5] - x_low[-1, so5] > 0.3  # g O2/m3, from the (oxygen-hungry) unstabilised start
     assert np.all(x_high[4:, so5] > x_low[4:, so5])  # after the first hour, at every sample
-    assert x_low.shape == (n // 15, 16) and np.all(np.isfinite(x_low))
+    assert x_low.shape == (n // 15, len(BSM1.targets)) and np.all(np.isfinite(x_low))
 
 
 @pytest.mark.parametrize("name", ["dry", "bsm2"])
@@ -216,3 +217,48 @@ def test_random_storms_are_seeded_and_varied() -> None:
     assert a == b and len(a) >= 2
     assert len({round(s.hours, 3) for s in a}) == len(a) and all(1.5 <= s.peak_factor <= 4.0 for s in a)
     assert all(0 <= s.start_day <= 28 for s in a) and [s.start_day for s in a] == sorted(s.start_day for s in a)
+
+
+def test_design_load_scaling_brings_bsm2_to_bsm1_design_and_keeps_its_dynamics() -> None:
+    """BSM2's raw influent carries 1.8 times BSM1's particulate load; scaled, its mean flow and flow-weighted
+    concentrations equal the dry (design) influent's, while its daily pattern and temperature are untouched."""
+    raw, _ = bsm1.load_influent("bsm2")
+    dry, _ = bsm1.load_influent("dry")
+    f = bsm1.design_load_factors(raw, dry)
+    scaled = raw * f
+    q, q_dry = scaled[:, 1 + bsm1.Q], dry[:, 1 + bsm1.Q]
+    assert q.mean() == pytest.approx(q_dry.mean())
+    for c in bsm1.DESIGN_COMPONENTS:
+        want = (dry[:, 1 + c] * q_dry).sum() / q_dry.sum()
+        assert (scaled[:, 1 + c] * q).sum() / q.sum() == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert f[1 + bsm1.XS] < 0.6 and f[0] == 1.0 and f[1 + bsm1.TEMP] == 1.0
+    assert np.allclose(np.corrcoef(raw[:2000, 1 + bsm1.Q], q[:2000])[0, 1], 1.0)
+
+
+def test_overload_multiplies_concentrations_inside_the_episode_only() -> None:
+    data, _ = bsm1.load_influent("dry")
+    out = bsm1.add_overload(data, start_day=3.0, hours=12.0, factor=1.5)
+    t = data[:, 0]
+    inside = (t >= 3.0) & (t <= 3.5)
+    assert np.allclose(out[~inside], data[~inside])
+    assert np.allclose(out[inside, 1 + bsm1.SNH], 1.5 * data[inside, 1 + bsm1.SNH])
+    assert np.allclose(out[:, 1 + bsm1.Q], data[:, 1 + bsm1.Q]) and np.allclose(out[:, 1 + bsm1.TEMP], 15.0)
+
+
+def test_seasonal_wastage_lengthens_sludge_age_in_the_cold() -> None:
+    assert bsm1.seasonal_wastage(19.0) == 385.0 and bsm1.seasonal_wastage(9.5) == 140.0
+    assert 140.0 < bsm1.seasonal_wastage(13.0) < bsm1.seasonal_wastage(16.0) < 385.0
+
+
+def test_actuator_cap_limits_a_loop_without_winding_it_up() -> None:
+    """A blower that cannot deliver (KLa capped at 30 for 2 hours) holds KLa5 at the cap although the DO loop
+    asks for more; afterwards DO is back at its setpoint within an hour."""
+    data, _ = bsm1.load_influent("dry")
+    n = 8 * 60
+    controls = np.tile(np.array(bsm1.DEFAULT_CONTROLS), (n, 1))
+    caps = np.full((n, 4), np.nan)
+    caps[120:240, :3] = 30.0
+    t, x, u = bsm1.simulate(data, controls, 15, loops=[bsm1.do_loop(np.full(n, 2.0))], caps=caps)
+    during = (t > 120) & (t <= 240)
+    assert np.all(u[during, :3] <= 30.0 + 1e-9) and x[during, 7].min() < 1.0  # DO collapses
+    assert abs(x[(t > 300), 7].mean() - 2.0) < 0.1

@@ -46,6 +46,37 @@ def test_manifest_records_config_versions_and_rows(tiny_cfg, tiny_data) -> None:
     }
 
 
+def test_regime_labels_survive_caching(tmp_path: Path, tiny_cfg, tiny_data) -> None:
+    manifest = json.loads((Path(tiny_cfg.data.cache_dir) / "manifest.json").read_text())
+    for sc in D.scenarios(tiny_cfg.data):
+        assert tiny_data[sc.id].regime == sc.regime and tiny_data[sc.id].group == sc.group
+        assert manifest["scenarios"][sc.id]["regime"] == sc.regime
+    assert {sd.regime for sd in tiny_data.values()} == {"normal", "storm"}
+    # Loaded back from a file, and a file whose regime is not one of ours is refused by name.
+    path = tmp_path / "storm.npz"
+    D.save_scenario(path, tiny_data["bsm2-01"], [])
+    assert D.load_scenario(path).regime == "storm"
+    D.save_scenario(path, replace(tiny_data["bsm2-01"], regime="flood"), [])
+    with pytest.raises(D.DataError, match=r"storm\.npz: regime 'flood'"):
+        D.load_scenario(path)
+
+
+def test_storm_and_stress_scenarios_apply_their_episodes(tiny_cfg) -> None:
+    """A storm scenario's influent carries extra flow; a stress scenario's KLa stays under the blower's cap."""
+    cfg = replace(tiny_cfg.data, scenario_days=1.0, warmup_days=0.05, storms_per_week=30.0)
+    base = D.scenarios(cfg)[2]  # bsm2-00, normal
+    normal, _ = D.simulate_scenario(cfg, base)
+    storm, notes = D.simulate_scenario(cfg, replace(base, regime="storm"))
+    assert any(n["kind"] == "storm" for n in notes)
+    assert storm.x[:, 0].max() > 1.3 * normal.x[:, 0].max()  # Q_in
+    cfg = replace(cfg, warmup_days=0.0)
+    stress, notes = D.simulate_scenario(cfg, replace(base, regime="stress"))
+    low = next(n for n in notes if n["kind"] == "low_aeration")
+    minutes = stress.t_minutes - base.start_day * 1440
+    inside = (minutes > low["start_day"] * 1440 + 15) & (minutes <= (low["start_day"] * 1440 + low["hours"] * 60))
+    assert inside.sum() > 0 and np.all(stress.u[inside, :3] <= low["kla_cap"] + 1e-9)
+
+
 def test_cache_is_reused(tiny_cfg, tiny_data) -> None:
     paths = [D.scenario_path(tiny_cfg.data, sc) for sc in D.scenarios(tiny_cfg.data)]
     stamps = [p.stat().st_mtime_ns for p in paths]
@@ -97,14 +128,14 @@ def test_load_names_the_file_and_the_problem(tmp_path: Path, tiny_data) -> None:
         D.load_scenario(broken)
 
     nan = tmp_path / "nan.npz"
-    bad = D.ScenarioData(sd.id, sd.t_minutes, sd.x.copy(), sd.u, sd.seed)
+    bad = replace(sd, x=sd.x.copy())
     bad.x[5, 3] = np.nan
     D.save_scenario(nan, bad, [])
     with pytest.raises(D.DataError, match=r"nan\.npz: x has non-finite values"):
         D.load_scenario(nan)
 
     short = tmp_path / "short.npz"
-    D.save_scenario(short, D.ScenarioData(sd.id, sd.t_minutes, sd.x[:, :5], sd.u, sd.seed), [])
+    D.save_scenario(short, replace(sd, x=sd.x[:, :5]), [])
     with pytest.raises(D.DataError, match=r"short\.npz: shapes"):
         D.load_scenario(short)
 
@@ -115,7 +146,15 @@ def test_splits_are_disjoint_whole_scenarios(tiny_cfg) -> None:
     assert not set(s["val"]) & set(s["test"])
     default = load_config("default").data
     ds = D.splits(default)
-    assert "rain" in ds["test"] and "dry" in ds["train"]
+    by_id = {sc.id: sc for sc in D.scenarios(default)}
+    # Every regime the product is judged on is held out: normal dry operation, rain or storm, a later period.
+    assert {by_id[i].group for i in ds["test"]} == {"normal", "storm", "later"}
+    assert "rain" in ds["test"] and "dry" in ds["test"]
+    # A later period comes after every training window; stress is in training (a minority) and validation.
+    last_train = max(by_id[i].start_day for i in ds["train"])
+    assert all(by_id[i].start_day > last_train for i in ds["test"] if by_id[i].group == "later")
+    shares = {g: sum(by_id[i].regime == g for i in ds["train"]) / len(ds["train"]) for g in D.REGIMES}
+    assert shares["normal"] > 0.5 and 0 < shares["stress"] < shares["storm"] < shares["normal"]
     assert set(ds["train"]) | set(ds["val"]) | set(ds["test"]) == {sc.id for sc in D.scenarios(default)}
 
 
@@ -135,8 +174,12 @@ def test_bad_configs_are_refused_with_a_clear_message(tiny_cache) -> None:
         load_config("tiny", overrides=["data.nope=1"])
     with pytest.raises(ConfigError, match=r"data\.kla_ranges"):
         load_config("tiny", overrides=["data.kla_ranges=[[0,300],[0,240],[0,240]]"])
-    with pytest.raises(ConfigError, match="exceeds the 609-day"):
+    with pytest.raises(ConfigError, match="beyond BSM2's 609 days"):
         load_config("default", overrides=["data.bsm2_windows=50"])
+    with pytest.raises(ConfigError, match=r"data\.later_windows must come after"):
+        load_config("default", overrides=["data.later_windows=[5]"])
+    with pytest.raises(ConfigError, match=r"data\.regime_cycle"):
+        load_config("tiny", overrides=['data.regime_cycle=["normal","flood"]'])
     with pytest.raises(ConfigError, match=r"section\.field=value"):
         load_config("tiny", overrides=["epochs=3"])
     cfg = load_config("tiny", overrides=[f"data.cache_dir={tiny_cache}", 'data.test_scenarios=["bsm2-09"]'])

@@ -395,3 +395,45 @@ def test_unexpected_errors_become_a_problem_without_internals() -> None:
     problem_fields(r)
     assert "secret" not in r.text and r.json()["request_id"] == "req-42"
     assert metrics.ERRORS.labels("internal")._value.get() == before + 1
+
+
+def test_sensor_gaps_in_the_history_are_forecast_through_up_to_the_cards_limit(server, rt) -> None:
+    """null marks a missing sample: a sensor down for the last steps and a control missing at the end still get
+    a forecast, and the response says which inputs had gaps. Holding controls holds the last value before a gap.
+    Beyond the card's share (history.max_missing_share): a 422 naming the variable and how much is missing."""
+    share = rt.max_missing_share
+    assert share == 0.5
+    body = make_body(rt, horizon=4)
+    s = body["series"][0]
+    L = len(s["timestamps"])
+    sensor, control = rt.measurements[-1], rt.controls[0]
+    s["measurements"][sensor][-L // 8 :] = [None] * (L // 8)
+    s["controls"][control][-1] = None
+    del s["future_controls"]
+    s["hold_controls"] = True
+    r = server.client.post("/forecast", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()["series"][0]
+    assert out["gaps"] == {sensor: L // 8, control: 1}
+    assert all(np.isfinite(v["mean"]).all() for v in out["forecast"].values())
+    # Held controls: the last value before the gap, as if it had been sent for the future.
+    explicit = json.loads(json.dumps(body))
+    held = s["controls"][control][-2]
+    explicit["series"][0]["hold_controls"] = False
+    explicit["series"][0]["future_controls"] = {
+        n: [held if n == control else s["controls"][n][-1]] * 4 for n in rt.controls
+    }
+    again = server.client.post("/forecast", json=explicit)
+    assert again.json()["series"][0]["forecast"] == out["forecast"]
+
+    too_many = int(share * L) + 1
+    fresh = make_body(rt, horizon=4)["series"][0]["measurements"][sensor]
+    s["measurements"][sensor] = [None] * too_many + fresh[too_many:]
+    r = server.client.post("/forecast", json=body)
+    assert r.status_code == 422
+    err = next(e for e in r.json()["errors"] if e["field"] == f"series[0].measurements.{sensor}")
+    assert f"{too_many} of {L} values missing" in err["message"] and f"at most {int(share * L)}" in err["message"]
+    body["series"][0]["hold_controls"] = False
+    body["series"][0]["future_controls"] = {n: [None] * 4 for n in rt.controls}  # the plan must be complete
+    r = server.client.post("/forecast", json=body)
+    assert r.status_code == 422 and "future_controls" in r.text

@@ -128,6 +128,29 @@ def influent_window(data: np.ndarray, start_day: float, days: float) -> np.ndarr
     return window
 
 
+DESIGN_COMPONENTS = (SI, SS, XI, XS, XBH, XBA, XP, SO, SNO, SNH, SND, XND, SALK, TSS)
+
+
+def design_load_factors(influent: np.ndarray, design: np.ndarray) -> np.ndarray:
+    """Per column (flow and each component), the factor that brings ``influent``'s mean flow and flow-weighted
+    mean concentrations to those of ``design``; time, temperature and unlisted columns keep factor 1.
+
+    BSM2's influent is raw sewage for a larger plant with a primary clarifier (flow 21,022 m3/d, particulate
+    COD 1.8 times BSM1's design); fed to BSM1 unchanged it overloads the plant and stops nitrification.
+    """
+    factors = np.ones(influent.shape[1])
+    q_in, q_design = influent[:, 1 + Q], design[:, 1 + Q]
+    factors[1 + Q] = q_design.mean() / q_in.mean()
+    for c in DESIGN_COMPONENTS:
+        mean_in = (influent[:, 1 + c] * q_in).sum() / q_in.sum()
+        mean_design = (design[:, 1 + c] * q_design).sum() / q_design.sum()
+        factors[1 + c] = mean_design / mean_in if mean_in > 0 else 1.0
+    return factors
+
+
+N_MEASUREMENTS = 17  # the length of measurements_from_plant's vector
+
+
 def measurements_from_plant(plant: Plant, influent_row: np.ndarray) -> np.ndarray:
     """The catalog's measurement vector (training.catalog.MEASUREMENTS order) from the plant's current streams."""
     sim = plant.sim
@@ -151,6 +174,7 @@ def measurements_from_plant(plant: Plant, influent_row: np.ndarray) -> np.ndarra
             eff[SI:SO].sum(),
             eff[SNO] + tkn_eff,
             sim.sludge_height,
+            sim.y_out5[TEMP],
         ]
     )
 
@@ -180,8 +204,8 @@ class Plant:
     ``set_controls`` is the only way controls change, so the lagged recycle stream is always consistent.
     """
 
-    def __init__(self, influent: np.ndarray) -> None:
-        self.sim = import_bsm1ol()(data_in=influent, timestep=STEP_DAYS, tempmodel=False)
+    def __init__(self, influent: np.ndarray, *, tempmodel: bool = True) -> None:
+        self.sim = import_bsm1ol()(data_in=influent, timestep=STEP_DAYS, tempmodel=tempmodel)
         check_no_carbon_dosing(self.sim)
         # Defect 3: simtime has one entry more than there are steps.
         self.n_steps = len(self.sim.timesteps)
@@ -287,6 +311,27 @@ def random_storms(
     ]
 
 
+def add_overload(influent: np.ndarray, start_day: float, hours: float, factor: float) -> np.ndarray:
+    """An overload episode (a septage or industrial discharge): every concentration but temperature multiplied
+    by ``factor`` over [start_day, start_day + hours / 24]; flow unchanged, so the load rises by ``factor``."""
+    out = influent.copy()
+    inside = (out[:, 0] >= start_day) & (out[:, 0] <= start_day + hours / 24)
+    for c in (*SOLUBLE, *PARTICULATE):
+        out[inside, 1 + c] *= factor
+    return out
+
+
+def seasonal_wastage(
+    temperature: float, flows: tuple[float, float] = (140.0, 385.0), temperatures: tuple[float, float] = (11.0, 18.0)
+) -> float:
+    """Excess-sludge flow (m3/d) an operator runs at a given water temperature: ``flows[1]`` (BSM1's 385) at
+    ``temperatures[1]`` and above, ``flows[0]`` at ``temperatures[0]`` and below, linear between. A lower
+    wastage means an older sludge, so nitrifiers survive the winter: with 385 m3/d all year the plant stopped
+    nitrifying on BSM2's 10 C weeks (SNH_eff 20-23 g N/m3 under DO control at 2 g O2/m3)."""
+    frac = float(np.clip((temperature - temperatures[0]) / (temperatures[1] - temperatures[0]), 0.0, 1.0))
+    return flows[0] + frac * (flows[1] - flows[0])
+
+
 @dataclass
 class PI:
     """A discrete PI controller with output limits and back-calculation anti-windup, as in the BSM1 benchmark's
@@ -304,10 +349,12 @@ class PI:
     bias: float
     integral: float = 0.0
 
-    def step(self, setpoint: float, measured: float, dt_days: float = STEP_DAYS) -> float:
+    def step(self, setpoint: float, measured: float, dt_days: float = STEP_DAYS, hi: float | None = None) -> float:
+        """One step; ``hi`` lowers the upper limit for this step (an actuator that cannot deliver, e.g. a
+        blower failure), and anti-windup sees it like any other limit."""
         error = setpoint - measured
         raw = self.bias + self.kp * (error + self.integral / self.ti_days)
-        out = float(np.clip(raw, self.lo, self.hi))
+        out = float(np.clip(raw, self.lo, self.hi if hi is None else min(hi, self.hi)))
         # d(integral)/dt = error + (out - raw) / (kp * tt): the integral stops winding up at the limits.
         self.integral += dt_days * (error + (out - raw) / (self.kp * self.tt_days / self.ti_days))
         return out
@@ -322,6 +369,7 @@ class FeedbackLoop:
     measure: Callable[[Plant], float]
     pi: PI
     setpoint: np.ndarray
+    dither: np.ndarray | None = None  # per minute, added to the controller's output (excitation), then clipped
 
 
 def do_loop(setpoint: np.ndarray, kla_max: float = KLA_LIMITS[1]) -> FeedbackLoop:
@@ -345,6 +393,9 @@ def simulate(
     *,
     stabilize: bool = False,
     loops: list[FeedbackLoop] | None = None,
+    caps: np.ndarray | None = None,
+    wastage: float | None = None,
+    tempmodel: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run the plant under a 1-minute control schedule and sample it.
 
@@ -353,23 +404,34 @@ def simulate(
     With ``stabilize`` the plant first settles (bsm2-python's own routine, ~30 s) under the first influent
     row and default controls: the package's initial state is far from BSM1's steady state.
     ``loops`` close feedback loops: each minute, a loop's controller reads its measurement (an ideal sensor)
-    and replaces its control's scheduled value; u records what was applied.
+    and replaces its control's scheduled value; u records what was applied. ``caps`` (one row per minute, one
+    column per control, NaN: none) limit what the actuators can deliver, loops included. ``wastage`` sets the
+    excess-sludge flow (m3/d; BSM1: 385), the operator's lever on sludge age.
     """
-    plant = Plant(influent)
+    plant = Plant(influent, tempmodel=tempmodel)
+    if wastage is not None:
+        plant.sim.settler.q_w = float(wastage)
     if stabilize:
         plant.sim.stabilize()
-    if loops:
+    if loops or caps is not None:
         controls = controls.copy()
+    if caps is not None:
+        controls = np.fmin(controls, caps[: len(controls)])
     n_samples = min(plant.n_steps, len(controls)) // sample_minutes
     t = np.arange(1, n_samples + 1) * sample_minutes
-    x = np.empty((n_samples, 16))
+    x = np.empty((n_samples, N_MEASUREMENTS))
     u = np.empty((n_samples, controls.shape[1]))
     previous = None
     for k in range(n_samples):
         block = controls[k * sample_minutes : (k + 1) * sample_minutes]
         for i, row in enumerate(block):
+            minute = k * sample_minutes + i
             for loop in loops or ():
-                row[loop.control] = loop.pi.step(loop.setpoint[k * sample_minutes + i], loop.measure(plant))
+                cap = None if caps is None or np.isnan(caps[minute, loop.control]) else caps[minute, loop.control]
+                out = loop.pi.step(loop.setpoint[minute], loop.measure(plant), hi=cap)
+                if loop.dither is not None:
+                    out = float(np.clip(out + loop.dither[minute], loop.pi.lo, loop.pi.hi if cap is None else cap))
+                row[loop.control] = out
             if previous is None or np.any(row != previous):
                 plant.set_controls(row)
                 previous = row.copy()

@@ -1,6 +1,6 @@
 """Stage 3 of a run: forecasts in engineering units, and the calibration fitted on validation after training.
 
-Both calibration steps (residual fading, interval width) are applied inside the ONNX graph as constants.
+Both (residual fading, interval width) are applied inside the ONNX graph as constants.
 """
 
 from __future__ import annotations
@@ -50,40 +50,16 @@ def predict(
     return mean, (p.dx(np.concatenate(samples)) if n_samples else None)
 
 
-def fit_residual_decay(model: KoVAE, p: Prepared, w: Windows) -> np.ndarray:
-    """Per variable, the fading factor g in [0, rho_max] of the decoder's miss at the last history step that
-    minimises the validation MSE of the mean forecast over the horizon.
-
-    For each variable the MSE is a polynomial in the powers g^k, so a fine grid of half-lives costs one matmul.
-    """
-    xh, uh, xf, uf = tensors(p, w)
-    with torch.no_grad():
-        z0 = model.encode(xh, uh)[0][:, -1]  # encoded once for both
-        latent = model.decoder(model.rollout(z0, uf)).numpy().astype(np.float64)  # (N, H, x), no correction
-        miss = (xh[:, -1] - model.decoder(z0)).numpy().astype(np.float64)  # (N, x)
-    return best_residual_decay(latent - xf.numpy(), miss, model.cfg.rho_max)
-
-
-def best_residual_decay(err: np.ndarray, miss: np.ndarray, rho_max: float) -> np.ndarray:
-    """argmin over g of mean((err + g^k miss)^2) per variable; err (N, H, x), miss (N, x), g in [0, rho_max]."""
-    a = np.mean(err * miss[:, None], 0)  # (H, x)
-    b = np.mean(miss**2, 0)  # (x,)
-    # Candidate g: 0 (no correction), then half-lives from 6 minutes to 3 weeks, capped at rho_max.
-    grid = np.concatenate([[0.0], np.minimum(0.5 ** (1 / np.geomspace(0.4, 2000, 400)), rho_max)])
-    powers = grid[:, None] ** np.arange(1, err.shape[1] + 1)[None]  # (G, H)
-    gain = 2 * powers @ a + (powers**2).sum(1, keepdims=True) * b  # (G, x): change of the summed MSE
-    return grid[np.argmin(gain, 0)]
-
-
 def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
-    """Fitted on validation after training: the residual fading, then the spread of the forecast samples.
+    """The residual fading learned in training, then the spread of the forecast samples fitted on validation.
 
     The prior noise gives the shape of the forecast distribution; its width, after the decoder, is not
     trustworthy, so each variable's sample deviations from the mean are scaled (bisection, log scale) until
     the 80% sample interval covers 80% of validation truth.
     """
     w = p.val
-    decay = fit_residual_decay(model, p, w)
+    with torch.no_grad():
+        decay = model.residual_decay().double().numpy()
     mean, raw = predict(model, p, w, cfg.train.calibration_samples, {"residual_decay": decay.tolist()}, seed=1)
     dev = raw - mean[:, None]
     spread = np.ones(model.x_dim)
@@ -99,8 +75,8 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
         spread[j] = 2 ** ((lo + hi) / 2)
     calibrated = mean[:, None] + spread * dev
     return {
-        "method": "per-variable fading of the decoder's miss at the last step (least squares over a grid), then "
-        "per-variable scaling of sample deviations from the mean; both fitted on validation",
+        "method": "per-variable fading of the decoder's miss at the last step (learned in training), then "
+        "per-variable scaling of sample deviations from the mean (fitted on validation)",
         "residual_decay": decay.tolist(),
         "spread_scale": spread.tolist(),
         "val_coverage_80": ev.interval_coverage(calibrated, w.x_fut),

@@ -1,15 +1,30 @@
-"""The variable catalog: names, units and meaning of every measured and manipulated series.
+"""Plant catalogs: the variables a model sees, read from a TOML file (``training/catalogs/bsm1.toml`` is ours).
 
-This is the one place the plant's variables are defined. Training copies it into the model card, and
-export and the service read it from there, never from here.
+A catalog names every series of a plant: name, source column, unit, description, role, physical bounds and the
+longest gap an import may bridge. Training copies it into the model card, and export and the service read it
+from there, never from here. Roles:
+
+- ``measurement``: a plant state, forecast (effluent ammonium, dissolved oxygen, ...);
+- ``disturbance``: measured but not controlled, forecast too (the influent);
+- ``control``: a planned input; the caller sends its future values.
+
+The forecast targets x are the measurements and disturbances in file order; the controls u follow.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tomllib
+import zoneinfo
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
 
-SAMPLE_MINUTES = 15
-"""Sampling period of every series, in minutes."""
+ROLES = ("measurement", "disturbance", "control")
+BSM1_CATALOG = Path(__file__).with_name("catalogs") / "bsm1.toml"
+
+
+class CatalogError(ValueError):
+    """A catalog file is missing, malformed or inconsistent; the message names the file and the entry."""
 
 
 @dataclass(frozen=True)
@@ -19,63 +34,167 @@ class Variable:
     description: str
     min: float  # physical bounds: a value outside them is a sensor or unit fault, never plant behaviour
     max: float
+    role: str = "measurement"
+    column: str = ""  # the column of a historian export ("": the name)
+    max_gap_minutes: float = 0.0  # an import bridges gaps up to this long by linear interpolation
+
+    @property
+    def source_column(self) -> str:
+        return self.column or self.name
 
 
-MEASUREMENTS: tuple[Variable, ...] = (
-    Variable("Q_in", "m3/d", "influent flow rate", 0, 250_000),
-    Variable("COD_in", "g COD/m3", "influent total COD", 0, 10_000),
-    Variable("TSS_in", "g SS/m3", "influent total suspended solids", 0, 10_000),
-    Variable("SNH_in", "g N/m3", "influent ammonium", 0, 500),
-    Variable("SNO_2", "g N/m3", "nitrate in reactor 2 (anoxic)", 0, 100),
-    Variable("SO_3", "g O2/m3", "dissolved oxygen in reactor 3", 0, 20),
-    Variable("SO_4", "g O2/m3", "dissolved oxygen in reactor 4", 0, 20),
-    Variable("SO_5", "g O2/m3", "dissolved oxygen in reactor 5", 0, 20),
-    Variable("SNH_5", "g N/m3", "ammonium in reactor 5", 0, 500),
-    Variable("TSS_5", "g SS/m3", "suspended solids in reactor 5", 0, 30_000),
-    Variable("SNH_eff", "g N/m3", "effluent ammonium", 0, 500),
-    Variable("SNO_eff", "g N/m3", "effluent nitrate", 0, 100),
-    Variable("TSS_eff", "g SS/m3", "effluent suspended solids", 0, 10_000),
-    Variable("COD_eff", "g COD/m3", "effluent total COD", 0, 10_000),
-    Variable("TN_eff", "g N/m3", "effluent total nitrogen (SNO + Kjeldahl N)", 0, 500),
-    Variable("blanket", "m", "sludge blanket height in the settler", 0, 5),
-)
-"""Forecast targets x, measured at each sample time. Bounds: concentrations and flows are never negative;
-the upper limits are far beyond any operation (dissolved oxygen above saturation, KLa above the BSM1 aerators'
-360 1/d, the internal recycle above 5 x the design flow; the blanket: bsm2-python's estimate reaches 4.01 m in
-the 4 m settler, so 5 m)."""
+@dataclass(frozen=True)
+class Catalog:
+    name: str
+    sample_minutes: int
+    timezone: str  # IANA name: how an import reads timestamps without a UTC offset
+    variables: tuple[Variable, ...]
 
-CONTROLS: tuple[Variable, ...] = (
-    Variable("KLa_3", "1/d", "oxygen transfer coefficient of reactor 3", 0, 360),
-    Variable("KLa_4", "1/d", "oxygen transfer coefficient of reactor 4", 0, 360),
-    Variable("KLa_5", "1/d", "oxygen transfer coefficient of reactor 5", 0, 360),
-    Variable("Q_intr", "m3/d", "internal recycle flow from reactor 5 to reactor 1", 0, 92_230),
-)
-"""Manipulated inputs u. The value at sample time t is the mean applied over the interval ending at t."""
+    @property
+    def targets(self) -> tuple[Variable, ...]:
+        """Forecast targets x: measurements and disturbances, in file order."""
+        return tuple(v for v in self.variables if v.role != "control")
 
-MEASUREMENT_NAMES = tuple(v.name for v in MEASUREMENTS)
-CONTROL_NAMES = tuple(v.name for v in CONTROLS)
+    @property
+    def controls(self) -> tuple[Variable, ...]:
+        return tuple(v for v in self.variables if v.role == "control")
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.targets)
+
+    @property
+    def control_names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.controls)
+
+    @property
+    def steps_per_day(self) -> int:
+        return 24 * 60 // self.sample_minutes
+
+    def plant_positions(self) -> list[int]:
+        """Positions among the targets of the plant's own states (role measurement), the influent left out."""
+        return [i for i, v in enumerate(self.targets) if v.role == "measurement"]
+
+    def to_dict(self, *, bounds: bool = True) -> dict[str, Any]:
+        """JSON-ready: stored in model cards and data manifests."""
+        return {
+            "name": self.name,
+            "sample_minutes": self.sample_minutes,
+            "timezone": self.timezone,
+            "measurements": [variable_dict(v, bounds=bounds) for v in self.targets],
+            "controls": [variable_dict(v, bounds=bounds) for v in self.controls],
+        }
+
+    def data_dict(self) -> dict[str, Any]:
+        """What determines a data file's columns (names, units, meaning, period): stored in every cached
+        scenario and part of its cache key. Roles and bounds are left out: they do not change the data."""
+        plain = [{"name": v.name, "unit": v.unit, "description": v.description} for v in self.targets]
+        return {
+            "sample_minutes": self.sample_minutes,
+            "measurements": plain,
+            "controls": [{"name": v.name, "unit": v.unit, "description": v.description} for v in self.controls],
+        }
 
 
-def influent_positions(descriptions: list[str]) -> list[int]:
-    """Positions of the influent measurements (a disturbance the plant does not control) among measurements
-    described as in this catalog; benches split the error by it, reading the descriptions from a card or here."""
-    return [i for i, d in enumerate(descriptions) if d.startswith("influent")]
-
-
-def variable_dict(v: Variable, *, bounds: bool = True) -> dict[str, object]:
-    out: dict[str, object] = {"name": v.name, "unit": v.unit, "description": v.description}
+def variable_dict(v: Variable, *, bounds: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": v.name, "unit": v.unit, "description": v.description, "role": v.role}
+    if v.column and v.column != v.name:
+        out["column"] = v.column
     if bounds:
         out["bounds"] = {"min": v.min, "max": v.max}
+        out["max_gap_minutes"] = v.max_gap_minutes
     return out
 
 
-def catalog_dict(*, bounds: bool = True) -> dict[str, object]:
-    """The catalog as plain JSON-ready data (stored in the model card, and without bounds in data files).
+def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
+    """A catalog from TOML (``[[variables]]`` with ``role``) or from a card/manifest (``measurements`` and
+    ``controls`` lists); every problem names ``source`` and the entry."""
+    known = {f.name for f in fields(Variable)}
+    if "variables" in data:
+        entries = list(data["variables"])
+    else:
+        entries = [{"role": "measurement", **v} for v in data.get("measurements", [])]
+        entries += [{**v, "role": "control"} for v in data.get("controls", [])]
+    variables = []
+    for i, entry in enumerate(entries):
+        entry = dict(entry)
+        if isinstance(entry.get("bounds"), dict):
+            entry.update(min=entry["bounds"].get("min"), max=entry["bounds"].get("max"))
+            entry.pop("bounds")
+        where = f"{source}: variable {i + 1} ({entry.get('name', '?')})"
+        unknown = set(entry) - known
+        if unknown:
+            raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        missing = [k for k in ("name", "unit", "description", "min", "max") if k not in entry]
+        if missing:
+            raise CatalogError(f"{where}: missing {', '.join(missing)}")
+        try:
+            v = Variable(
+                name=str(entry["name"]),
+                unit=str(entry["unit"]),
+                description=str(entry["description"]),
+                min=float(entry["min"]),
+                max=float(entry["max"]),
+                role=str(entry.get("role", "measurement")),
+                column=str(entry.get("column", "")),
+                max_gap_minutes=float(entry.get("max_gap_minutes", 0.0)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise CatalogError(f"{where}: {exc}") from None
+        if v.role not in ROLES:
+            raise CatalogError(f"{where}: role {v.role!r} is not one of {', '.join(ROLES)}")
+        if not v.min < v.max:
+            raise CatalogError(f"{where}: min {v.min} must be below max {v.max}")
+        if v.max_gap_minutes < 0:
+            raise CatalogError(f"{where}: max_gap_minutes must be >= 0")
+        if not v.name.replace("_", "").isalnum():
+            raise CatalogError(f"{where}: a name has letters, digits and underscores only")
+        variables.append(v)
+    cat = Catalog(
+        name=str(data.get("name", "plant")),
+        sample_minutes=int(data.get("sample_minutes", 0)),
+        timezone=str(data.get("timezone", "UTC")),
+        variables=tuple(variables),
+    )
+    if cat.sample_minutes <= 0 or (24 * 60) % cat.sample_minutes:
+        raise CatalogError(f"{source}: sample_minutes must divide a day (1440 minutes), got {cat.sample_minutes}")
+    try:
+        zoneinfo.ZoneInfo(cat.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise CatalogError(f"{source}: unknown time zone {cat.timezone!r} (an IANA name, e.g. Europe/Berlin)") from None
+    names = [v.name for v in variables]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    columns = [v.source_column for v in variables]
+    twice += sorted({f"column {c}" for c in columns if columns.count(c) > 1})
+    if twice:
+        raise CatalogError(f"{source}: named twice: {', '.join(twice)}")
+    if not cat.targets or not cat.controls:
+        raise CatalogError(f"{source}: needs at least one measurement or disturbance and one control")
+    return cat
 
-    Data files and their cache keys leave the bounds out: they do not change what is simulated.
-    """
-    return {
-        "sample_minutes": SAMPLE_MINUTES,
-        "measurements": [variable_dict(v, bounds=bounds) for v in MEASUREMENTS],
-        "controls": [variable_dict(v, bounds=bounds) for v in CONTROLS],
-    }
+
+def load_catalog(path: str | Path | None = None) -> Catalog:
+    """A catalog file (TOML); none: the built-in BSM1 catalog."""
+    path = Path(path) if path else BSM1_CATALOG
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise CatalogError(f"cannot read catalog {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"{path}: not valid TOML ({exc})") from None
+    return catalog_from_dict(data, str(path))
+
+
+BSM1 = load_catalog(BSM1_CATALOG)
+"""The simulated plant's catalog; only the BSM1 source (training.bsm1, training.data's simulator) uses it."""
+SAMPLE_MINUTES = BSM1.sample_minutes
+MEASUREMENTS = BSM1.targets
+CONTROLS = BSM1.controls
+MEASUREMENT_NAMES = BSM1.target_names
+CONTROL_NAMES = BSM1.control_names
+
+
+def catalog_dict(*, bounds: bool = True) -> dict[str, Any]:
+    """The BSM1 catalog as plain data: ``bounds=False`` is its data identity (``Catalog.data_dict``)."""
+    return BSM1.to_dict() if bounds else BSM1.data_dict()

@@ -18,17 +18,41 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
+    # "bsm1": the simulated plant (everything below); "historian": a folder written by
+    # `python -m training.data import` (data.cache_dir), with the catalog it was imported with.
+    source: str = "bsm1"
+    catalog: str = ""  # a plant catalog (TOML); "": the built-in BSM1 catalog
+    max_missing: float = 0.5  # a window with more of any variable's history missing is dropped
     cache_dir: str = "data_cache"
     bsm2_windows: int = 32  # consecutive windows of the 609-day BSM2 influent (days 0-448)
     scenario_days: float = 14.0  # simulated length of each scenario (dry/rain files hold 14 days)
     warmup_days: float = 2.0  # discarded at the start of every scenario
     stabilize: bool = True  # start from bsm2-python's steady state for the scenario's first influent row
     seed: int = 2024
-    kla_ranges: tuple[tuple[float, float], ...] = ((120.0, 240.0), (120.0, 240.0), (20.0, 200.0))
-    qintr_range: tuple[float, float] = (9223.0, 92230.0)
-    hold_hours: tuple[float, float] = (1.0, 8.0)
-    val_scenarios: tuple[str, ...] = ("bsm2-10", "bsm2-11")
-    test_scenarios: tuple[str, ...] = ("rain", "bsm2-12", "bsm2-13")
+    # How the plant is run (training.data.simulate_scenario): DO in reactor 5 (through KLa5) and nitrate in
+    # reactor 2 (through Qintr) follow moving setpoints under PI control, with excitation on the loop outputs;
+    # KLa3 and KLa4 move open loop.
+    do_setpoints: tuple[float, float] = (1.0, 3.0)  # g O2/m3, each held setpoint_hours
+    no_setpoints: tuple[float, float] = (0.5, 2.0)  # g N/m3
+    setpoint_hours: tuple[float, float] = (4.0, 24.0)
+    kla_ranges: tuple[tuple[float, float], ...] = ((180.0, 240.0), (180.0, 240.0))  # KLa3, KLa4 (1/d)
+    hold_hours: tuple[float, float] = (2.0, 12.0)  # each open-loop KLa level is held this long
+    dither_share: float = 0.3  # share of the time the loop outputs carry a random offset (excitation)
+    dither_kla: float = 40.0  # 1/d, largest offset on KLa5
+    dither_qintr: float = 15_000.0  # m3/d, largest offset on Qintr
+    dither_minutes: tuple[float, float] = (15.0, 120.0)
+    # The operator's sludge age: wastage flow (m3/d) from cold to warm, set per scenario from its mean water
+    # temperature between wastage_temperatures (degC); training.bsm1.seasonal_wastage.
+    wastage: tuple[float, float] = (140.0, 385.0)
+    wastage_temperatures: tuple[float, float] = (11.0, 18.0)
+    design_load: bool = True  # scale BSM2's influent to BSM1's design load (training.bsm1.design_load_factors)
+    # Regimes: BSM2 window w runs regime_cycle[w % len(regime_cycle)]: normal operation, added storms, or stress
+    # (a low-aeration and an overload episode). dry is normal, rain is storm.
+    regime_cycle: tuple[str, ...] = ("normal", "storm", "normal", "stress", "normal", "normal", "storm", "normal")
+    storms_per_week: float = 2.0
+    later_windows: tuple[int, ...] = (36, 40)  # BSM2 windows after every training window: "later" test scenarios
+    val_scenarios: tuple[str, ...] = ("bsm2-09", "bsm2-10", "bsm2-11")  # storm, normal, stress
+    test_scenarios: tuple[str, ...] = ("dry", "bsm2-12", "rain", "bsm2-14", "bsm2-36", "bsm2-40")
     workers: int = 2  # local processes (data.executor = "local")
     executor: str = "local"  # or "tcp://HOST:PORT": a Dask scheduler runs the simulations (training.executor)
 
@@ -44,6 +68,7 @@ class ModelConfig:
     decoder_layers: int = 2
     calendar_daily: int = 2  # sin/cos harmonics of the time of day, known inputs beside the controls (0: none)
     calendar_weekly: int = 2  # sin/cos harmonics of the time of week (weekend flows are lower)
+    seasonal_steps: int = 96  # samples per day: the forecast carries the decoder's miss one day earlier (0: none)
 
 
 @dataclass(frozen=True)
@@ -60,11 +85,13 @@ class TrainConfig:
     curriculum_epochs: int = 8  # rollout length grows from curriculum_start to horizon over these epochs
     curriculum_start: int = 8
     alpha: float = 1.0  # multi-step forecast loss
+    step_weight_power: float = 1.0  # horizon step k weighted by persistence's error at k to the power -this
     beta: float = 0.01  # KL of the posterior against the linear transition prior
     gamma: float = 0.1  # eigenvalue penalty (the guarantee never depends on it)
     eig_target: str = "<=1"  # or "==1"
     lin_weight: float = 0.0  # rolled-out vs encoded future latents; 0.1 drifted (val forecast MSE 0.49 vs 0.33)
     rec_weight: float = 1.0
+    gap_share: float = 0.3  # share of training windows given an artificial sensor gap in their history
     checkpoint_every: int = 10
     seed: int = 0
     threads: int = 2
@@ -93,12 +120,20 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "scenario_days": 2.5,
             "warmup_days": 0.5,
             "stabilize": False,
+            "later_windows": (),
             "val_scenarios": ("bsm2-01",),
             "test_scenarios": ("bsm2-02",),
         },
         # No weekly inputs: 2.5-day scenarios cannot teach a weekly cycle (with them the tiny model lost to
         # persistence on its held-out scenario).
-        "model": {"z_dim": 16, "h_dim": 32, "real_modes": 4, "dropout": 0.0, "calendar_weekly": 0},
+        "model": {
+            "z_dim": 16,
+            "h_dim": 32,
+            "real_modes": 4,
+            "dropout": 0.0,
+            "calendar_weekly": 0,
+            "seasonal_steps": 16,
+        },
         "train": {
             "history": 16,
             "horizon": 16,
@@ -198,18 +233,34 @@ def config_from_dict(tables: dict[str, dict[str, Any]]) -> RunConfig:
 def validate(cfg: RunConfig) -> None:
     d, m, t = cfg.data, cfg.model, cfg.train
     problems = []
-    if d.bsm2_windows < 0 or d.bsm2_windows * d.scenario_days > 609:
-        problems.append(f"data.bsm2_windows={d.bsm2_windows} x {d.scenario_days} d exceeds the 609-day BSM2 influent")
     if not 0 < d.scenario_days <= 14:
         problems.append("data.scenario_days must be in (0, 14] (the dry and rain influents hold 14 days)")
     if not 0 <= d.warmup_days < d.scenario_days:
         problems.append("data.warmup_days must be >= 0 and shorter than data.scenario_days")
-    if len(d.kla_ranges) != 3 or any(not 0 <= lo <= hi <= 240 for lo, hi in d.kla_ranges):
-        problems.append("data.kla_ranges must be three [lo, hi] pairs within [0, 240] 1/d")
-    if len(d.qintr_range) != 2 or not 0 <= d.qintr_range[0] <= d.qintr_range[1] <= 5 * 18446:
-        problems.append("data.qintr_range must be [lo, hi] within [0, 92230] m3/d")
-    if len(d.hold_hours) != 2 or not 0 < d.hold_hours[0] <= d.hold_hours[1]:
-        problems.append("data.hold_hours must be [lo, hi] with 0 < lo <= hi")
+    if len(d.kla_ranges) != 2 or any(not 0 <= lo <= hi <= 240 for lo, hi in d.kla_ranges):
+        problems.append("data.kla_ranges must be two [lo, hi] pairs (KLa3, KLa4) within [0, 240] 1/d")
+    names = ("do_setpoints", "no_setpoints", "setpoint_hours", "hold_hours", "dither_minutes", "wastage")
+    for name in (*names, "wastage_temperatures"):
+        pair = getattr(d, name)
+        strict = name == "wastage_temperatures"  # a division by hi - lo
+        if len(pair) != 2 or not 0 < pair[0] <= pair[1] or (strict and pair[0] == pair[1]):
+            problems.append(f"data.{name} must be [lo, hi] with 0 < lo {'<' if strict else '<='} hi")
+    if not 0 <= d.dither_share <= 1:
+        problems.append("data.dither_share must be in [0, 1]")
+    unknown = set(d.regime_cycle) - {"normal", "storm", "stress"}
+    if not d.regime_cycle or unknown:
+        problems.append(f"data.regime_cycle must list normal, storm or stress (unknown: {sorted(unknown)})")
+    last_day = max([d.bsm2_windows - 1, *d.later_windows], default=0) * d.scenario_days + d.scenario_days
+    if d.bsm2_windows < 0 or last_day > 609:
+        problems.append(f"data.bsm2_windows and data.later_windows reach day {last_day:g}, beyond BSM2's 609 days")
+    if any(w < d.bsm2_windows for w in d.later_windows):
+        problems.append("data.later_windows must come after the training windows (index >= data.bsm2_windows)")
+    if d.source not in ("bsm1", "historian"):
+        problems.append('data.source must be "bsm1" (simulate) or "historian" (an imported folder)')
+    if not 0 <= d.max_missing < 1:
+        problems.append("data.max_missing must be in [0, 1)")
+    if not 0 <= t.gap_share <= 1:
+        problems.append("train.gap_share must be in [0, 1]")
     if d.workers < 1:
         problems.append("data.workers must be >= 1")
     if d.executor != "local" and not d.executor.startswith("tcp://"):

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from modelcard.card import Calendar
-from training.catalog import SAMPLE_MINUTES
 from training.data import Windows
 
 HEADLINE_HORIZONS = (20, 96)  # 5 h and 24 h at 15-minute steps
@@ -22,9 +21,27 @@ def headline_horizons(max_horizon: int) -> tuple[int, ...]:
     return tuple(h for h in HEADLINE_HORIZONS if h <= max_horizon) or (max_horizon,)
 
 
+def last_observed(x_hist: np.ndarray) -> np.ndarray:
+    """(N, nx): each variable's last value that is not missing in the history (NaN if none)."""
+    seen = ~np.isnan(x_hist)
+    last = x_hist.shape[1] - 1 - np.argmax(seen[:, ::-1], axis=1)  # (N, nx) index of the last seen step
+    out = np.take_along_axis(x_hist, last[:, None], axis=1)[:, 0]
+    return np.where(seen.any(1), out, np.nan)
+
+
+def forward_filled(x: np.ndarray) -> np.ndarray:
+    """(N, L, nx) normalised histories with each gap holding the last value before it (0, the mean, before
+    any): what a linear baseline can be fed."""
+    out = x.copy()
+    for k in range(1, out.shape[1]):
+        gap = np.isnan(out[:, k])
+        out[:, k][gap] = out[:, k - 1][gap]
+    return np.nan_to_num(out, nan=0.0)
+
+
 def persistence(w: Windows) -> np.ndarray:
-    """Last observed value, held over the horizon."""
-    return np.repeat(w.x_hist[:, -1:], w.x_fut.shape[1], axis=1)
+    """Last observed value, held over the horizon (a sensor gap at the end: its last value before the gap)."""
+    return np.repeat(last_observed(w.x_hist)[:, None], w.x_fut.shape[1], axis=1)
 
 
 def seasonal_naive(w: Windows) -> np.ndarray:
@@ -57,11 +74,14 @@ class ARX:
             feats.append(self._features(lagged, u[p:]))
             targets.append(x[p:])
         F_, Y = np.concatenate(feats), np.concatenate(targets)
+        complete = np.isfinite(F_).all(1) & np.isfinite(Y).all(1)  # imported data: rows with a gap are left out
+        F_, Y = F_[complete], Y[complete]
         self.W = np.linalg.solve(F_.T @ F_ + self.ridge * np.eye(F_.shape[1]), F_.T @ Y)
         return self
 
     def forecast(self, x_hist: np.ndarray, u_fut: np.ndarray) -> np.ndarray:
         assert self.W is not None, "fit first"
+        x_hist = forward_filled(x_hist)
         lags = list(np.moveaxis(x_hist[:, -self.lags :][:, ::-1], 1, 0))  # newest first
         out = []
         for k in range(u_fut.shape[1]):
@@ -80,8 +100,11 @@ class DirectRidge:
     told from its own past, which bounds what any forecaster not given the future influent can do.
     """
 
-    def __init__(self, columns: list[int], lags: int, calendar: Calendar, ridge: float = 1e-2) -> None:
+    def __init__(
+        self, columns: list[int], lags: int, calendar: Calendar, ridge: float = 1e-2, sample_minutes: int = 15
+    ) -> None:
         self.columns, self.lags, self.calendar, self.ridge = columns, lags, calendar, ridge
+        self.sample_minutes = sample_minutes
         self.W: dict[int, np.ndarray] = {}
 
     def _features(self, x_lags: np.ndarray, target_minutes: np.ndarray) -> np.ndarray:
@@ -96,21 +119,31 @@ class DirectRidge:
             for x, minutes in series:
                 last = np.arange(self.lags - 1, len(x) - h)  # index of each window's last history sample
                 x_lags = np.lib.stride_tricks.sliding_window_view(x, self.lags, axis=0)[last - self.lags + 1]
-                feats.append(self._features(np.moveaxis(x_lags, -1, 1), minutes[last] + h * SAMPLE_MINUTES))
+                feats.append(self._features(np.moveaxis(x_lags, -1, 1), minutes[last] + h * self.sample_minutes))
                 targets.append(x[last + h][:, self.columns])
             F, Y = np.concatenate(feats), np.concatenate(targets)
+            complete = np.isfinite(F).all(1) & np.isfinite(Y).all(1)
+            F, Y = F[complete], Y[complete]
             self.W[h] = np.linalg.solve(F.T @ F + self.ridge * len(F) * np.eye(F.shape[1]), F.T @ Y)
         return self
 
     def forecast(self, x_hist: np.ndarray, t_last: np.ndarray, h: int) -> np.ndarray:
         """(N, len(columns)) normalised forecasts of step h after each window's last history sample."""
-        return self._features(x_hist[:, -self.lags :], t_last + h * SAMPLE_MINUTES) @ self.W[h]
+        return self._features(x_hist[:, -self.lags :], t_last + h * self.sample_minutes) @ self.W[h]
 
 
 def error_table(pred: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
-    """Per horizon step and variable: rmse (H, nx) and mean |true| (H, nx)."""
+    """Per horizon step and variable: rmse (H, nx) and mean |true| (H, nx), over the windows where the truth
+    was measured (imported data have gaps)."""
     err = pred.astype(np.float64) - true.astype(np.float64)
-    return {"rmse": np.sqrt(np.mean(err**2, axis=0)), "mean_abs_true": np.mean(np.abs(true), axis=0)}
+    with np.errstate(invalid="ignore"):
+        return {"rmse": np.sqrt(_nanmean(err**2)), "mean_abs_true": _nanmean(np.abs(true.astype(np.float64)))}
+
+
+def _nanmean(a: np.ndarray, axis: int | tuple[int, ...] = 0) -> np.ndarray:
+    """Mean over what is not NaN; 0 where nothing is (no warning)."""
+    seen = ~np.isnan(a)
+    return np.where(seen, a, 0.0).sum(axis) / np.maximum(seen.sum(axis), 1)
 
 
 def relative_rmse(table: dict[str, np.ndarray]) -> np.ndarray:
@@ -126,9 +159,14 @@ def skill(rmse: np.ndarray, reference: np.ndarray) -> np.ndarray:
 POOLED_SKILL_STEPS = (1, 20, 96)  # 15 min, 5 h and 24 h at 15-minute steps
 
 
+def pooled_steps(horizon: int) -> list[int]:
+    """The pooled-skill steps a model reaches; a short-horizon model (tests) is judged at its longest too."""
+    return sorted({s for s in POOLED_SKILL_STEPS if s <= horizon} | {horizon})
+
+
 def nmse_by_step(pred: np.ndarray, true: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """(H,): at each horizon step, the mean over variables of MSE_v / scale_v^2 (scale fixed per variable)."""
-    mse = np.mean((pred - true) ** 2, axis=0)  # (H, nx), over windows
+    mse = _nanmean((pred.astype(np.float64) - true) ** 2)  # (H, nx), over windows where the truth was measured
     return np.mean(mse / scale**2, axis=-1)
 
 
@@ -141,6 +179,61 @@ def pooled_skill(pred: np.ndarray, references: list[np.ndarray], true: np.ndarra
     """
     ref = np.min([nmse_by_step(r, true, scale) for r in references], axis=0)
     return 1.0 - np.sqrt(nmse_by_step(pred, true, scale) / np.maximum(ref, 1e-300))
+
+
+def regime_table(
+    mean: np.ndarray,
+    samples: np.ndarray | None,
+    w: Windows,
+    groups: dict[str, str],
+    scale: np.ndarray,
+    plant: list[int],
+) -> dict[str, dict[str, Any]]:
+    """Per evaluation group (the regime of each window's scenario, "later" for a later period) and over all
+    windows ("all"): pooled skill at POOLED_SKILL_STEPS for all variables and for the plant's own (the influent
+    left out), and the 80% interval coverage. ``groups`` maps scenario id to group; ``scale`` is fixed per
+    variable (its std over all test scenarios), so every group is measured in the same units."""
+    by_window = np.array([groups[s] for s in w.scenario])
+    steps = pooled_steps(w.x_fut.shape[1])
+    out: dict[str, dict[str, Any]] = {}
+    for group in [*dict.fromkeys(by_window.tolist()), "all"]:
+        k = np.ones(len(by_window), bool) if group == "all" else by_window == group
+        naive = [persistence(w)[k], seasonal_naive(w)[k]]
+        pooled_all = pooled_skill(mean[k], naive, w.x_fut[k], scale)
+        pooled_plant = pooled_skill(
+            mean[k][..., plant], [f[..., plant] for f in naive], w.x_fut[k][..., plant], scale[plant]
+        )
+        out[group] = {
+            "windows": int(k.sum()),
+            "pooled_skill_all": {str(s): float(pooled_all[s - 1]) for s in steps},
+            "pooled_skill_plant": {str(s): float(pooled_plant[s - 1]) for s in steps},
+            "coverage_80": interval_coverage(samples[k], w.x_fut[k]) if samples is not None else None,
+        }
+    return out
+
+
+def regime_lines(regimes: dict[str, dict[str, Any]], sample_minutes: int, *, markdown: bool = False) -> list[str]:
+    """The per-regime table: windows, pooled skill (all and plant variables) at each step, 80% coverage."""
+    steps = list(next(iter(regimes.values()))["pooled_skill_all"])
+    lead = [f"{int(s) * sample_minutes / 60:g} h" for s in steps]
+    head = ["regime", "windows", *[f"all {x}" for x in lead], *[f"plant {x}" for x in lead], "cover80"]
+    rows = []
+    for group, r in regimes.items():
+        cover = "-" if r["coverage_80"] is None else f"{100 * r['coverage_80']:.1f}%"
+        cells = [f"{r['pooled_skill_all'][s]:.3f}" for s in steps] + [
+            f"{r['pooled_skill_plant'][s]:.3f}" for s in steps
+        ]
+        rows.append([group, str(r["windows"]), *cells, cover])
+    if markdown:
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return [" ".join(f"{c:>10}" for c in head)] + [" ".join(f"{c:>10}" for c in r) for r in rows]
+
+
+def gate_score(regimes: dict[str, dict[str, Any]]) -> float:
+    """The promotion gate's score, higher is better: the worst group's pooled skill (all variables) averaged
+    over the pooled-skill steps, so a model cannot buy its average with one regime's failure."""
+    groups = [g for g in regimes if g != "all"] or ["all"]
+    return float(min(np.mean(list(regimes[g]["pooled_skill_all"].values())) for g in groups))
 
 
 def headline(
@@ -162,15 +255,11 @@ def headline(
     return out
 
 
-def headline_score(h: dict[str, dict[str, float]]) -> float:
-    """One number to rank models by (lower is better): mean NRMSE over the headline horizons."""
-    return float(np.mean([v["nrmse_all"] for v in h.values()]))
-
-
 def interval_coverage(samples: np.ndarray, true: np.ndarray, lo: float = 0.1, hi: float = 0.9) -> float:
-    """Fraction of true values inside the [lo, hi] sample quantiles; samples (N, S, H, nx)."""
+    """Fraction of (measured) true values inside the [lo, hi] sample quantiles; samples (N, S, H, nx)."""
     q_lo, q_hi = np.quantile(samples, [lo, hi], axis=1)
-    return float(np.mean((true >= q_lo) & (true <= q_hi)))
+    seen = ~np.isnan(true)
+    return float(np.mean(((true >= q_lo) & (true <= q_hi))[seen]))
 
 
 def per_variable(

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from modelcard.card import atomic_write
-from training.catalog import MEASUREMENTS
 from training.config import RunConfig, TrainConfig
 from training.model import KoVAE
 from training.prepare import Prepared, tensors
@@ -41,14 +40,45 @@ def learning_rate(cfg: RunConfig, epoch: int) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * epoch / max(1, t.epochs)))
 
 
-def evaluate_loss(model: KoVAE, data: tuple[torch.Tensor, ...], cfg: RunConfig, batch: int = 256) -> dict[str, float]:
+def step_weights(x_hist: torch.Tensor, x_fut: torch.Tensor, power: float) -> torch.Tensor:
+    """(H,) weights of the horizon steps in the forecast loss: persistence's mean squared error at each step
+    (normalised units, over the given windows) to the power -``power``, scaled to mean 1. 0: equal weights."""
+    ref = ((x_fut - x_hist[:, -1:]) ** 2).mean((0, 2)).clamp_min(1e-6)
+    w = ref ** (-power)
+    return w / w.mean()
+
+
+def with_sensor_gaps(
+    x_hist: torch.Tensor, u_hist: torch.Tensor, n_controls: int, share: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of a batch's histories where a ``share`` of the windows lost one sensor (a measurement or a
+    control, never a calendar input) for a while: 1 step to half the history, and in a third of them up to the
+    last step, the case a forecast request meets most. The model learns to forecast through gaps."""
+    B, L, nx = x_hist.shape
+    hit = torch.rand(B, generator=gen) < share
+    if not hit.any():
+        return x_hist, u_hist
+    x_hist, u_hist = x_hist.clone(), u_hist.clone()
+    for b in torch.nonzero(hit).flatten().tolist():
+        var = int(torch.randint(nx + n_controls, (1,), generator=gen))
+        length = int(torch.randint(1, max(2, L // 2 + 1), (1,), generator=gen))
+        at_end = torch.rand(1, generator=gen).item() < 1 / 3
+        end = L if at_end else int(torch.randint(length, L + 1, (1,), generator=gen))
+        target, col = (x_hist, var) if var < nx else (u_hist, var - nx)
+        target[b, end - length : end, col] = float("nan")
+    return x_hist, u_hist
+
+
+def evaluate_loss(
+    model: KoVAE, data: tuple[torch.Tensor, ...], cfg: RunConfig, weights: torch.Tensor, batch: int = 256
+) -> dict[str, float]:
     """Mean loss terms over a dataset in eval mode (posterior means, no dropout), full horizon."""
     model.eval()
     sums: dict[str, float] = {}
     n = len(data[0])
     with torch.no_grad():
         for s in range(0, n, batch):
-            parts = model.losses(*(d[s : s + batch] for d in data), cfg.train)
+            parts = model.losses(*(d[s : s + batch] for d in data), cfg.train, weights)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(data[0][s : s + batch])
     return {k: v / n for k, v in sums.items()}
@@ -98,7 +128,8 @@ def train(
     torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
     train_data, val_data = tensors(p, p.train), tensors(p, p.val)
-    model = KoVAE(len(MEASUREMENTS), train_data[1].shape[-1], cfg.model)  # as wide as the known inputs it is fed
+    model = KoVAE(len(p.catalog.targets), train_data[1].shape[-1], cfg.model)  # as wide as its known inputs
+    weights = step_weights(train_data[0], train_data[2], t.step_weight_power)
     opt = make_optimizer(model, t)
     ckpt_dir = run_dir / "checkpoints"
     last_ckpt, best_ckpt = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
@@ -145,7 +176,8 @@ def train(
         for b in range(n_batches):
             idx = order[b * t.batch_size : (b + 1) * t.batch_size]
             xh, uh, xf, uf = (d[idx] for d in train_data)
-            loss = model.losses(xh, uh, xf[:, :R], uf[:, :R], t)["total"]
+            xh, uh = with_sensor_gaps(xh, uh, len(p.catalog.controls), t.gap_share, gen)
+            loss = model.losses(xh, uh, xf[:, :R], uf[:, :R], t, weights)["total"]
             if b == 0 and epoch in inject:
                 inject.remove(epoch)
                 loss = loss * float("nan")
@@ -175,7 +207,7 @@ def train(
                 file=sys.stderr,
             )
             continue
-        val = evaluate_loss(model, val_data, cfg)
+        val = evaluate_loss(model, val_data, cfg, weights)
         row = {
             "epoch": epoch + 1,
             "train_loss": total / max(seen, 1),

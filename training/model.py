@@ -6,11 +6,26 @@ KoVAE (Naiman et al., ICLR 2024) adapted to forecasting with control inputs:
     z[t+1] = A z[t] + B u[t+1] + c + s * eps     linear latent dynamics (the prior), A stable by construction
     x[t]   = D(z[t])        pointwise MLP decoder, so all dynamics live in A and B
 
-A served forecast from the last history step t also carries the decoder's miss at t, fading per variable:
-x[t+k] = D(z[t+k]) + g^k (x[t] - D(z[t])), with each g in [0, rho_max] fitted on validation after training
-(see training.run.calibrate). Slow variables (sludge mass) keep their measured level instead of the decoder's
-approximation of it; noisy ones (influent) drop the miss quickly. It is one more stable linear mode per
-variable, so the forecast dynamics stay stable by construction.
+A forecast from the last history step t also carries the decoder's miss at t, fading per variable:
+x[t+k] = D(z[t+k]) + g^k (x[t] - D(z[t])), with each g = sigmoid(a) in (0, 1) learned with everything else, so
+the forecast starts from the measured state. Slow variables (sludge mass, temperature) keep their measured level
+instead of the decoder's approximation of it; noisy ones (influent) drop the miss quickly. The miss is a constant
+times g^k, not fed back, so it can never grow.
+
+Then each step is blended, per variable and lead time, with the two naive forecasts the product is judged
+against: x[t+k] <- x[t+k] + s[k, v] (x[t+k-P] - x[t+k]) (the same time one day earlier, P samples per day,
+``model.seasonal_steps``), then + q[k, v] (x[t] - x[t+k]) (the last measured value), s and q = sigmoid(.) in
+(0, 1) learned. Where the plant repeats its day (the influent's daily cycle) the forecast leans on yesterday;
+where a variable moves in ways the latent state does not explain (the blanket's jumps), on its last value. Both
+read the history only, so stability is untouched.
+
+The training objective is the multi-step forecast error of exactly that forecast, each horizon step weighted by
+the inverse of persistence's error there (to a power, ``train.step_weight_power``): without it the first steps,
+where the naive forecast is hardest to beat, hardly count next to the 24-h errors.
+
+Missing values (NaN) in the history are allowed: the encoder sees each input set to 0 (its training mean) next
+to a mask that says it is missing, the fading and day-earlier misses skip what was not measured, and every loss
+counts only what was measured.
 
 u[t] is the mean control over the interval that ends at sample t, so u[t+1] drives the step t -> t+1.
 Everything here works in normalised units; the scalers live in the model card.
@@ -36,6 +51,21 @@ def calibrated_samples(mean: torch.Tensor, raw: torch.Tensor, spread: torch.Tens
     mean (batch, H, x), raw samples (batch, S, H, x), spread (x,). Used by evaluation and the ONNX graph alike.
     """
     return mean.unsqueeze(1) + spread * (raw - mean.unsqueeze(1))
+
+
+def last_measured(x_hist: torch.Tensor) -> torch.Tensor:
+    """(batch, x): each variable's last value in the history that is not missing (NaN where none is)."""
+    seen = ~torch.isnan(x_hist)
+    steps = torch.arange(1, x_hist.shape[1] + 1, dtype=x_hist.dtype)[:, None]
+    last = (seen.to(x_hist.dtype) * steps).argmax(1, keepdim=True)  # (batch, 1, x): index of the last seen step
+    value = torch.gather(x_hist, 1, last).squeeze(1)
+    return torch.where(seen.any(1), value, torch.full_like(value, float("nan")))
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the target values that were measured (NaN: missing, left out)."""
+    seen = torch.isfinite(target)
+    return (torch.where(seen, pred - torch.nan_to_num(target), 0.0) ** 2).sum() / seen.sum().clamp(min=1)
 
 
 class StableKoopman(nn.Module):
@@ -96,7 +126,7 @@ class KoVAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.x_dim, self.u_dim = x_dim, u_dim
-        self.encoder = nn.GRU(x_dim + u_dim, cfg.h_dim, batch_first=True)
+        self.encoder = nn.GRU(2 * (x_dim + u_dim), cfg.h_dim, batch_first=True)  # values and missingness masks
         self.enc_norm = nn.LayerNorm(cfg.h_dim) if cfg.layer_norm else nn.Identity()
         self.enc_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.h_dim, 2 * cfg.z_dim))
         self.koopman = StableKoopman(cfg.z_dim, u_dim, cfg.real_modes, cfg.rho_max)
@@ -109,10 +139,22 @@ class KoVAE(nn.Module):
             width = cfg.h_dim
         layers.append(nn.Linear(width, x_dim))
         self.decoder = nn.Sequential(*layers)
+        # Fading of the decoder's miss at the last history step, per variable: g = sigmoid(a) in (0, 1).
+        self.decay_logit = nn.Parameter(torch.full((x_dim,), 2.0))
+        # Blends towards the same time a day earlier and towards the last value, per lead time and variable.
+        self.seasonal_logit = nn.Parameter(torch.full((max(cfg.seasonal_steps, 1), x_dim), -3.0))
+        self.persistence_logit = nn.Parameter(torch.full((STEPS_PER_DAY, x_dim), -3.0))
+
+    def residual_decay(self) -> torch.Tensor:
+        """g per variable, (x,): every value in (0, 1) for any parameter value."""
+        return torch.sigmoid(self.decay_logit)
 
     def encode(self, x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-step posterior mean and log-variance, (batch, time, z) each; step t sees only steps <= t."""
-        h, _ = self.encoder(torch.cat([x, u], -1))
+        """Per-step posterior mean and log-variance, (batch, time, z) each; step t sees only steps <= t.
+        NaN in x or u means missing: the encoder gets 0 there and a mask of 1."""
+        mx, mu = torch.isnan(x), torch.isnan(u)
+        inputs = [torch.where(mx, 0.0, x), mx.to(x.dtype), torch.where(mu, 0.0, u), mu.to(u.dtype)]
+        h, _ = self.encoder(torch.cat(inputs, -1))
         mu, logvar = self.enc_head(self.enc_norm(h)).chunk(2, -1)
         return mu, logvar.clamp(-10.0, 5.0)
 
@@ -120,7 +162,27 @@ class KoVAE(nn.Module):
         """g^k (x[t] - D(z[t])) for k = 1..horizon, (batch, horizon, x): the decoder's miss at the last history
         step, fading with the per-variable factors g = ``decay`` (x,)."""
         steps = torch.arange(1, horizon + 1, dtype=x_last.dtype)[:, None]
-        return (x_last - self.decoder(z_last)).unsqueeze(1) * decay**steps
+        miss = torch.nan_to_num(x_last - self.decoder(z_last), nan=0.0)  # not measured: nothing to carry
+        return miss.unsqueeze(1) * decay**steps
+
+    def seasonal(self, x_hist: torch.Tensor, forecast: torch.Tensor) -> torch.Tensor:
+        """The forecast (batch, [samples,] H, x) blended with the two naive forecasts: + s[k] (x[t+k-P] - forecast)
+        where that sample is in the history (not before it, k <= P, P > 0), then + q[k] (x_last - forecast) with
+        x_last each variable's last measured value. A missing sample leaves the forecast as it is."""
+        P, horizon, L = self.cfg.seasonal_steps, forecast.shape[-2], x_hist.shape[1]
+        k = torch.arange(1, horizon + 1)
+        samples = forecast.dim() == 4
+        if P > 0:
+            idx = k + (L - 1 - P)  # history index of step t+k-P
+            valid = ((idx >= 0) & (k <= P)).to(x_hist.dtype)[:, None]
+            weight = torch.sigmoid(self.seasonal_logit)[(k - 1).clamp(max=P - 1)] * valid  # (H, x)
+            yesterday = x_hist[:, idx.clamp(0, L - 1)]
+            yesterday = yesterday.unsqueeze(1) if samples else yesterday
+            forecast = forecast + weight * torch.nan_to_num(yesterday - forecast, nan=0.0)
+        last = last_measured(x_hist).unsqueeze(-2)  # (batch, 1, x)
+        last = last.unsqueeze(1) if samples else last
+        q = torch.sigmoid(self.persistence_logit)[(k - 1).clamp(max=self.persistence_logit.shape[0] - 1)]
+        return forecast + q * torch.nan_to_num(last - forecast, nan=0.0)
 
     def rollout(self, z0: torch.Tensor, u_fut: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """z[k] for k = 1..H under the future controls; optional standard-normal noise (batch, H, z)."""
@@ -144,7 +206,8 @@ class KoVAE(nn.Module):
     ) -> torch.Tensor:
         """Normalised forecast from the posterior mean at the last history step: (batch, H, x_dim), or with
         noise (batch, samples, H, z_dim) the forecast samples (batch, samples, H, x_dim). ``residual_decay``
-        (x_dim,) adds the fading decoder's miss at the last step (none: the latent forecast alone)."""
+        (x_dim,) adds the fading decoder's miss at the last step, then blends with the day before (none: the latent
+        forecast alone)."""
         mu, _ = self.encode(x_hist, u_hist)
         z0 = mu[:, -1]
         if noise is None:
@@ -157,14 +220,22 @@ class KoVAE(nn.Module):
         if residual_decay is None:
             return out
         corr = self.correction(x_hist[:, -1], z0, residual_decay, u_fut.shape[1])
-        return out + (corr if noise is None else corr.unsqueeze(1))
+        return self.seasonal(x_hist, out + (corr if noise is None else corr.unsqueeze(1)))
 
     def losses(
-        self, x_hist: torch.Tensor, u_hist: torch.Tensor, x_fut: torch.Tensor, u_fut: torch.Tensor, tcfg: TrainConfig
+        self,
+        x_hist: torch.Tensor,
+        u_hist: torch.Tensor,
+        x_fut: torch.Tensor,
+        u_fut: torch.Tensor,
+        tcfg: TrainConfig,
+        step_weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """All loss terms for one batch; ``total`` is what training minimises.
 
-        pred: multi-step forecast error over the (curriculum) horizon, the term that makes this a forecaster.
+        pred: multi-step forecast error of the served forecast (latent rollout plus the fading miss) over the
+        (curriculum) horizon, each step weighted by ``step_weights`` (H,) (none: equally), the term that makes this
+        a forecaster.
         rec: reconstruction of the history. kl: posterior vs the linear transition prior. lin: rolled-out
         latents vs the encoder's latents of the true future. eig: spectral penalty (the guarantee is structural).
         """
@@ -173,10 +244,11 @@ class KoVAE(nn.Module):
         std = (0.5 * logvar).exp()
         z = mu + std * torch.randn_like(std) if self.training else mu
         zh = z[:, :L]
-        rec = F.mse_loss(self.decoder(zh), x_hist)
+        rec_hist = self.decoder(zh)
+        rec = masked_mse(rec_hist, x_hist)
 
         A, kp = self.koopman.matrix(), self.koopman
-        prior_mu = zh[:, :-1] @ A.T + u_hist[:, 1:] @ kp.B.T + kp.c
+        prior_mu = zh[:, :-1] @ A.T + torch.nan_to_num(u_hist[:, 1:]) @ kp.B.T + kp.c  # missing: the mean
         prior_logvar = 2 * kp.log_noise
         kl = 0.5 * (
             prior_logvar
@@ -187,7 +259,14 @@ class KoVAE(nn.Module):
         kl = kl.mean()  # per latent dimension, so beta does not scale with z_dim
 
         z_roll = self.rollout(zh[:, -1], u_fut)
-        pred = F.mse_loss(self.decoder(z_roll), x_fut)
+        R = u_fut.shape[1]
+        forecast = self.decoder(z_roll) + self.correction(x_hist[:, -1], zh[:, -1], self.residual_decay(), R)
+        forecast = self.seasonal(x_hist, forecast)
+        seen = torch.isfinite(x_fut)
+        err = torch.where(seen, forecast - torch.nan_to_num(x_fut), 0.0) ** 2
+        per_step = err.sum((0, 2)) / seen.sum((0, 2)).clamp(min=1)  # (R,): mean over what was measured
+        weights = torch.ones(R) if step_weights is None else step_weights[:R]
+        pred = (per_step * weights).sum() / weights.sum()
         lin = torch.zeros(())
         if tcfg.lin_weight > 0:
             # Target: the encoder's latents of the true future, held fixed (half the cost of backprop through it).

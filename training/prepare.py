@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from modelcard.card import Calendar, known_inputs, window_clock
-from training.catalog import SAMPLE_MINUTES
+from training.catalog import BSM1, Catalog
 from training.config import RunConfig
-from training.data import Windows, config_hash, generate, heldout_windows, make_windows, splits
+from training.data import Windows, heldout_windows, load_data, make_windows
 
 
 @dataclass
@@ -31,6 +31,11 @@ class Prepared:
     split_ids: dict[str, tuple[str, ...]] = field(default_factory=dict)
     x_range: tuple[np.ndarray, np.ndarray] | None = None  # (min, max) over the training scenarios
     u_range: tuple[np.ndarray, np.ndarray] | None = None
+    groups: dict[str, str] = field(default_factory=dict)  # scenario id -> evaluation group (regime or "later")
+    test_scale: np.ndarray | None = None  # per variable, its std over all test scenarios (pooled skill's scale)
+    catalog: Catalog = BSM1
+    missing: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> variable -> missing share
+    dropped: dict[str, int] = field(default_factory=dict)  # split -> windows dropped for missing data
 
     def nx(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.x_mean) / self.x_std).astype(np.float32)
@@ -41,7 +46,7 @@ class Prepared:
 
     def inputs(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
         """Known inputs over each window's history and future."""
-        t_hist, t_fut = window_clock(w.t_last, w.u_hist.shape[1], w.u_fut.shape[1], SAMPLE_MINUTES)
+        t_hist, t_fut = window_clock(w.t_last, w.u_hist.shape[1], w.u_fut.shape[1], self.catalog.sample_minutes)
         return self.nu(w.u_hist, t_hist), self.nu(w.u_fut, t_fut)
 
     def dx(self, x: np.ndarray) -> np.ndarray:
@@ -49,32 +54,57 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
-    data = generate(cfg.data)
-    ids = splits(cfg.data)
+    catalog, data, ids, data_hash = load_data(cfg)
     train = [data[i] for i in ids["train"]]
     x_all = np.concatenate([d.x for d in train])
     u_all = np.concatenate([d.u for d in train])
-    x_mean, u_mean = x_all.mean(0), u_all.mean(0)
+    x_mean, u_mean = np.nanmean(x_all, 0), np.nanmean(u_all, 0)
     # Floor the std so a near-constant series cannot blow up its normalised values.
-    x_std = np.maximum(x_all.std(0), 1e-3 * np.maximum(np.abs(x_mean), 1e-3))
-    u_std = np.maximum(u_all.std(0), 1e-3 * np.maximum(np.abs(u_mean), 1e-3))
+    x_std = np.maximum(np.nanstd(x_all, 0), 1e-3 * np.maximum(np.abs(x_mean), 1e-3))
+    u_std = np.maximum(np.nanstd(u_all, 0), 1e-3 * np.maximum(np.abs(u_mean), 1e-3))
+    test_x = np.concatenate([data[i].x for i in ids["test"]])
     t = cfg.train
-    H = t.horizon
+    H, day = t.horizon, catalog.steps_per_day
     calendar = Calendar(cfg.model.calendar_daily, cfg.model.calendar_weekly)
+    windows = {
+        "train": make_windows(
+            train, t.history, H, t.window_stride, steps_per_day=day, max_missing=cfg.data.max_missing
+        ),
+        **{
+            k: heldout_windows([data[i] for i in ids[k]], t.history, H, t.max_eval_windows, day)
+            for k in ("val", "test")
+        },
+    }
+    names = [*catalog.target_names, *catalog.control_names]
+    missing = {
+        k: dict(
+            zip(
+                names,
+                np.isnan(np.concatenate([np.concatenate([d.x, d.u], 1) for d in part])).mean(0).tolist(),
+                strict=True,
+            )
+        )
+        for k, part in ((k, [data[i] for i in ids[k]]) for k in ("train", "val", "test"))
+    }
     return Prepared(
         x_mean,
         x_std,
         u_mean,
         u_std,
-        make_windows(train, t.history, H, t.window_stride),
-        heldout_windows([data[i] for i in ids["val"]], t.history, H, t.max_eval_windows),
-        heldout_windows([data[i] for i in ids["test"]], t.history, H, t.max_eval_windows),
+        windows["train"],
+        windows["val"],
+        windows["test"],
         [(((d.x - x_mean) / x_std), known_inputs(d.u, d.t_minutes, (u_mean, u_std), calendar)) for d in train],
-        config_hash(cfg.data),
+        data_hash,
         calendar,
         ids,
-        (x_all.min(0), x_all.max(0)),
-        (u_all.min(0), u_all.max(0)),
+        (np.nanmin(x_all, 0), np.nanmax(x_all, 0)),
+        (np.nanmin(u_all, 0), np.nanmax(u_all, 0)),
+        {sid: d.group for sid, d in data.items()},
+        np.maximum(np.nanstd(test_x, 0), 1e-12),
+        catalog,
+        missing,
+        {k: w.dropped for k, w in windows.items()},
     )
 
 

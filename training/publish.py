@@ -21,11 +21,10 @@ from modelcard.card import CARD_VERSION, CardError, atomic_write
 from modelcard.runtime import ModelRuntime
 from modelcard.store import GATE_FILE, add_version, current_version, set_current, version_dir
 from training import evaluate as ev
-from training.catalog import CONTROLS, MEASUREMENTS, SAMPLE_MINUTES, catalog_dict
 from training.config import RunConfig
 from training.model import KoVAE
 from training.prepare import Prepared
-from training.report import top5_indices
+from training.report import GATE_RULE
 
 
 def card_variables(
@@ -42,13 +41,14 @@ def card_variables(
 
 
 def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: dict, seconds: float) -> dict:
-    cat = catalog_dict()
+    cat = p.catalog.to_dict()
     L = cfg.train.history
     return {
         "card_version": CARD_VERSION,
         "version": version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "sample_minutes": SAMPLE_MINUTES,
+        "sample_minutes": p.catalog.sample_minutes,
+        "catalog": {"name": p.catalog.name, "timezone": p.catalog.timezone},
         "variables": {
             "measurements": card_variables(cat["measurements"], p.x_mean, p.x_std, p.x_range),
             "controls": card_variables(cat["controls"], p.u_mean, p.u_std, p.u_range),
@@ -56,12 +56,21 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
             "control_timing": "a control value at time t is the mean applied over the interval ending at t",
         },
         "scaling": {"kind": "zscore", "where": "outside_graph", "formula": "(value - mean) / std"},
-        "history": {"length": L, "min": max(2, L // 2), "max": 2 * L},
+        "history": {"length": L, "min": max(2, L // 2), "max": 2 * L, "max_missing_share": cfg.data.max_missing},
         "max_horizon": cfg.train.horizon,
         "model": {"type": "KoVAE", **cfg.model.__dict__},
         "calibration": calib,
         "metrics": {
-            k: metrics[k] for k in ("headline", "score", "coverage_80_test", "top5_variables", "test_scenarios")
+            k: metrics[k]
+            for k in (
+                "headline",
+                "regimes",
+                "score",
+                "score_rule",
+                "coverage_80_test",
+                "top5_variables",
+                "test_scenarios",
+            )
         },
         "data": {"config_hash": p.data_hash, "splits": {k: list(v) for k, v in p.split_ids.items()}},
         "training": {"seconds": seconds, "epochs": cfg.train.epochs, "config": cfg.to_dict()},
@@ -74,8 +83,7 @@ def score_served(store: Path, p: Prepared, candidate_history: int) -> tuple[str,
     if version is None:
         return None
     rt = ModelRuntime(version_dir(store, version))
-    names = [v.name for v in MEASUREMENTS]
-    if rt.measurements != names or rt.controls != [v.name for v in CONTROLS]:
+    if rt.measurements != list(p.catalog.target_names) or rt.controls != list(p.catalog.control_names):
         raise CardError(f"served version {version} has other variables; compare by hand or use --force")
     w = p.test
     L = min(candidate_history, rt.card["history"]["max"])
@@ -87,9 +95,7 @@ def score_served(store: Path, p: Prepared, candidate_history: int) -> tuple[str,
     except Exception as exc:  # e.g. ONNX Runtime refusing the inputs of a model with other known inputs
         why = f"served version {version} failed on these windows ({exc}); compare by hand or use --force"
         raise CardError(why) from None
-    ref = ev.error_table(ev.persistence(w), w.x_fut)
-    table = ev.error_table(mean, w.x_fut)
-    return version, ev.headline_score(ev.headline(table, ref, p.x_std, top5_indices(p)))
+    return version, ev.gate_score(ev.regime_table(mean, None, w, p.groups, p.test_scale, p.catalog.plant_positions()))
 
 
 def promote_if_better(
@@ -105,13 +111,13 @@ def promote_if_better(
         problem = None
     except CardError as exc:
         served, problem = None, str(exc)
-    passed = problem is None and (served is None or score < served[1])
+    passed = problem is None and (served is None or score > served[1])
     if problem is not None:
         why = f"not comparable with the served model: {problem}"
     elif served is None:
         why = "no model was served"
     else:
-        verdict = "<" if score < served[1] else ">="
+        verdict = ">" if score > served[1] else "<="
         why = f"score {score:.4f} {verdict} served {served[0]}'s {served[1]:.4f} on the same held-out windows"
     gate = {
         "score": score,
@@ -120,7 +126,7 @@ def promote_if_better(
         "passed": passed,
         "forced": force and not passed,
         "why": why,
-        "rule": "mean NRMSE at the headline horizons on the held-out windows, lower is better",
+        "rule": GATE_RULE,
     }
     atomic_write(candidate / GATE_FILE, json.dumps(gate, indent=1).encode())
     if never or passed or force:

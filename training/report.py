@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,9 @@ import numpy as np
 
 from training import evaluate as ev
 from training.calibrate import predict
-from training.catalog import MEASUREMENTS, SAMPLE_MINUTES
+from training.catalog import Catalog
 from training.config import RunConfig
+from training.data import Windows
 from training.model import KoVAE
 from training.prepare import Prepared
 
@@ -21,10 +23,16 @@ def top5_indices(p: Prepared) -> list[int]:
     return [int(i) for i in np.argsort(-train_var)[:5]]
 
 
+GATE_RULE = (
+    "worst held-out regime's pooled skill (all variables; against the better of persistence and seasonal naive) "
+    "averaged over 15 min, 5 h and 24 h; higher is better"
+)
+
+
 def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any]) -> tuple[dict[str, Any], dict]:
     """Every model on the held-out windows; returns (metrics, forecasts kept for plots)."""
     w = p.test
-    names = tuple(v.name for v in MEASUREMENTS)
+    names = p.catalog.target_names
     mean, samples = predict(model, p, w, cfg.train.calibration_samples, calib, seed=2)
     arx = {lags: ev.ARX(lags).fit(p.train_series) for lags in (1, 4)}
     u_fut = p.inputs(w)[1]  # the baselines get the same known inputs as the KoVAE
@@ -49,11 +57,42 @@ def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any
         },
         "rmse_by_horizon": {k: t["rmse"].tolist() for k, t in tables.items()},
     }
-    metrics["score"] = ev.headline_score(metrics["headline"]["kovae"])
+    metrics["regimes"] = ev.regime_table(mean, samples, w, p.groups, p.test_scale, p.catalog.plant_positions())
+    metrics["missing"] = p.missing
+    metrics["dropped_windows"] = p.dropped
+    metrics["history_gaps"] = gap_scores(model, p, calib)
+    metrics["score"] = ev.gate_score(metrics["regimes"])
+    metrics["score_rule"] = GATE_RULE
     return metrics, {"forecasts": forecasts, "samples": samples, "windows": w}
 
 
 # ----------------------------------------------------------------------------- reports
+
+
+def with_gap(w: Windows, case: str, sample_minutes: int, seed: int = 0) -> Windows:
+    """The windows with one randomly chosen measured variable missing in each history: over its last 2 hours
+    ("last_2h", the sensor is down right now) or over a quarter of the history somewhere ("quarter")."""
+    rng = np.random.default_rng(seed)
+    x = w.x_hist.copy()
+    N, L, nx = x.shape
+    n = min(L // 2, round(120 / sample_minutes)) if case == "last_2h" else L // 4
+    for i, j in enumerate(rng.integers(0, nx, N)):
+        end = L if case == "last_2h" else int(rng.integers(n, L + 1))
+        x[i, end - n : end, j] = np.nan
+    return replace(w, x_hist=x)
+
+
+def gap_scores(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Pooled skill (all variables, all held-out windows) with sensor gaps in the history: none, one sensor's
+    last 2 hours, a quarter of one sensor's history. The naive references see the same gaps (persistence holds
+    the last value before the gap)."""
+    out = {}
+    for case in ("none", "last_2h", "quarter"):
+        w = p.test if case == "none" else with_gap(p.test, case, p.catalog.sample_minutes)
+        mean, _ = predict(model, p, w, 0, calib)
+        table = ev.regime_table(mean, None, w, {k: "all" for k in p.groups}, p.test_scale, p.catalog.plant_positions())
+        out[case] = table["all"]["pooled_skill_all"]
+    return out
 
 
 def kept_epoch(log: list[dict[str, float]]) -> dict[str, float]:
@@ -78,8 +117,17 @@ def example_windows(w: Any, per_scenario: int = 1) -> list[int]:
     return picks
 
 
+def plot_variables(p: Prepared, w: Any, count: int = 6) -> list[int]:
+    """What the example plot shows: the first disturbance (the influent's flow, where the catalog has one),
+    then the plant measurements that move most on the held-out windows (in units of their training std)."""
+    moving = np.nanstd(w.x_fut, axis=(0, 1)) / p.x_std
+    plant = sorted(p.catalog.plant_positions(), key=lambda i: -moving[i])
+    first = [i for i, v in enumerate(p.catalog.targets) if v.role == "disturbance"][:1]
+    return (first + plant)[:count]
+
+
 def write_plots(
-    run_dir: Path, log: list[dict[str, float]], metrics: dict[str, Any], kept: dict, x_std: np.ndarray
+    run_dir: Path, log: list[dict[str, float]], metrics: dict[str, Any], kept: dict, p: Prepared
 ) -> list[str]:
     import matplotlib
 
@@ -103,7 +151,7 @@ def write_plots(
     files.append("loss.png")
     plt.close(fig)
 
-    step_h = SAMPLE_MINUTES / 60
+    x_std, step_h = p.x_std, p.catalog.sample_minutes / 60
     fig, ax = plt.subplots(figsize=(7, 4))
     for model_name, rmse in metrics["rmse_by_horizon"].items():
         r = np.array(rmse)
@@ -121,8 +169,7 @@ def write_plots(
     plt.close(fig)
 
     w, fc, smp = kept["windows"], kept["forecasts"], kept["samples"]
-    names = [v.name for v in MEASUREMENTS]
-    keys = [names.index(k) for k in ("Q_in", "SO_5", "SNH_5", "SNO_2", "SNH_eff", "TN_eff") if k in names]
+    keys = plot_variables(p, w)
     picks = example_windows(w)
     L, H = w.x_hist.shape[1], w.x_fut.shape[1]
     hist_h, fut_h = step_h * np.arange(1 - L, 1), step_h * np.arange(1, H + 1)
@@ -131,7 +178,7 @@ def write_plots(
     for col, i in enumerate(picks):
         for row, j in enumerate(keys):
             ax = axes[row, col]
-            var = MEASUREMENTS[j]
+            var = p.catalog.targets[j]
             lo, hi = np.quantile(smp[i, :, :, j], [0.1, 0.9], axis=0)
             ax.fill_between(
                 fut_h,
@@ -163,7 +210,7 @@ def write_plots(
     return files
 
 
-def losses_in_words(metrics: dict[str, Any], step_minutes: int = SAMPLE_MINUTES) -> list[str]:
+def losses_in_words(metrics: dict[str, Any], step_minutes: int) -> list[str]:
     """Sentences naming every baseline that beats the KoVAE (mean NRMSE at a headline horizon), or saying none."""
     head = metrics["headline"]
     lines = []
@@ -182,7 +229,10 @@ def losses_in_words(metrics: dict[str, Any], step_minutes: int = SAMPLE_MINUTES)
     return lines
 
 
-def report_markdown(version: str, metrics: dict[str, Any], calib: dict[str, Any], seconds: float) -> str:
+def report_markdown(
+    version: str, metrics: dict[str, Any], calib: dict[str, Any], seconds: float, catalog: Catalog
+) -> str:
+    step = catalog.sample_minutes
     lines = [
         f"# KoVAE forecast report: {version}",
         "",
@@ -202,7 +252,14 @@ def report_markdown(version: str, metrics: dict[str, Any], calib: dict[str, Any]
                 f"| {model_name} | {h} | {100 * v['rel_rmse_top5']:.2f}% | {v['nrmse_all']:.3f} | "
                 f"{100 * v['skill_vs_persistence']:.1f}% |"
             )
-    lines += ["", "Against the baselines:", "", *losses_in_words(metrics)]
+    lines += ["", "Against the baselines:", "", *losses_in_words(metrics, step)]
+    lines += [
+        "",
+        f"Per regime, pooled skill against the better naive forecast (gate score {metrics['score']:.3f}: "
+        f"{metrics['score_rule']}):",
+        "",
+        *ev.regime_lines(metrics["regimes"], step, markdown=True),
+    ]
     lines += [
         "",
         f"80% interval coverage: validation {100 * calib['val_coverage_80']:.1f}% (calibrated there), "
@@ -214,18 +271,40 @@ def report_markdown(version: str, metrics: dict[str, Any], calib: dict[str, Any]
         "|---|---|---|---|",
     ]
     last_h = max(metrics["per_variable"], key=int)
-    units = {v.name: v.unit for v in MEASUREMENTS}
+    units = {v.name: v.unit for v in catalog.targets}
     for row in metrics["per_variable"][last_h]:
         lines.append(
             f"| {row['variable']} | {row['rmse']:.4g} {units[row['variable']]} | {100 * row['rel_rmse']:.1f}% | "
             f"{row['nrmse']:.3f} |"
         )
+    gaps = metrics.get("history_gaps", {})
+    if gaps:
+        steps = list(next(iter(gaps.values())))
+        lines += [
+            "",
+            "Pooled skill (all variables) with sensor gaps in the history (one measured variable per window):",
+            "",
+        ]
+        lines += [
+            "| history | " + " | ".join(f"{int(s) * step / 60:g} h" for s in steps) + " |",
+            "|---|" + "---|" * len(steps),
+        ]
+        names = {"none": "complete", "last_2h": "last 2 h missing", "quarter": "a quarter missing"}
+        lines += [f"| {names[c]} | " + " | ".join(f"{v:.3f}" for v in r.values()) + " |" for c, r in gaps.items()]
+    missing = metrics.get("missing", {})
+    if any(share > 0 for split in missing.values() for share in split.values()):
+        lines += ["", "Missing data (share of samples, after the import's bridging):", ""]
+        lines += ["| variable | " + " | ".join(missing) + " |", "|---|" + "---|" * len(missing)]
+        for name in next(iter(missing.values())):
+            lines.append(f"| {name} | " + " | ".join(f"{100 * missing[k][name]:.1f}%" for k in missing) + " |")
+        dropped = metrics.get("dropped_windows", {})
+        lines += ["", "Windows dropped for missing data: " + ", ".join(f"{k} {v}" for k, v in dropped.items()) + "."]
     lines += ["", "![loss](loss.png)", "", "![error vs horizon](error_vs_horizon.png)", ""]
     lines += ["![examples](forecast_examples.png)", ""]
     return "\n".join(lines)
 
 
-def print_headline(metrics: dict[str, Any], calib: dict[str, Any]) -> None:
+def print_headline(metrics: dict[str, Any], calib: dict[str, Any], catalog: Catalog) -> None:
     print("\nheld-out headline (lower is better except skill):")
     print(f"{'model':<15} {'h':>3} {'relRMSE top5':>13} {'NRMSE':>7} {'skill':>7}")
     for name, by_h in metrics["headline"].items():
@@ -240,4 +319,13 @@ def print_headline(metrics: dict[str, Any], calib: dict[str, Any]) -> None:
     )
     if "kept_epoch" in metrics:
         print(f"weights kept from epoch {metrics['kept_epoch']} (lowest validation forecast loss)")
-    print("\n".join(line.replace("**", "") for line in losses_in_words(metrics)))
+    print("\n".join(line.replace("**", "") for line in losses_in_words(metrics, catalog.sample_minutes)))
+    print("\npooled skill per regime, 1 - sqrt(NMSE / NMSE of the better naive forecast); < 0: worse than naive")
+    print("\n".join(ev.regime_lines(metrics["regimes"], catalog.sample_minutes)))
+    print(f"gate score {metrics['score']:.4f} ({metrics['score_rule']})")
+    gaps = metrics.get("history_gaps", {})
+    if gaps:
+        print(
+            "pooled skill (all) with one sensor's last 2 h / a quarter of its history missing: "
+            + "; ".join(f"{case} " + "/".join(f"{v:.3f}" for v in r.values()) for case, r in gaps.items())
+        )

@@ -43,6 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     parser.add_argument("--force", action="store_true", help="promote even if it does not beat the served model")
     parser.add_argument("--no-promote", action="store_true", help="add the version to the store but never promote it")
+    parser.add_argument("--catalog", help="the plant's catalog (TOML); default: the built-in BSM1 catalog")
+    parser.add_argument(
+        "--data", help="a folder written by `python -m training.data import` (default: simulate BSM1 scenarios)"
+    )
     parser.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.epochs=5 model.z_dim=32")
     return parser.parse_args(argv)
@@ -50,8 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.catalog:
+        overrides.append(f"data.catalog={args.catalog}")
+    if args.data:
+        overrides += ["data.source=historian", f"data.cache_dir={args.data}"]
     try:
-        cfg = load_config(args.preset, args.config, args.overrides)
+        cfg = load_config(args.preset, args.config, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -73,25 +82,28 @@ def main(argv: list[str] | None = None) -> int:
     from export.onnx_export import ParityError
     from modelcard.card import atomic_write
     from training.calibrate import calibrate
-    from training.data import splits
+    from training.catalog import CatalogError
+    from training.data import DataError, splits
     from training.loop import TrainingFailed, train
     from training.prepare import prepare
     from training.publish import build_card, export_candidate, promote_if_better
     from training.report import evaluate_all, kept_epoch, print_headline, report_markdown, write_plots
 
     try:
-        splits(cfg.data)
-    except ConfigError as exc:
+        if cfg.data.source == "bsm1":
+            splits(cfg.data)
+        p = prepare(cfg)  # 1. data
+    except (ConfigError, CatalogError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
 
-    # 1. data
-    p = prepare(cfg)
+    dropped = ", ".join(f"{k} {v}" for k, v in p.dropped.items() if v)
     print(
-        f"data: {len(p.train.x_hist)} train / {len(p.val.x_hist)} val / {len(p.test.x_hist)} test windows",
+        f"data ({p.catalog.name}): {len(p.train.x_hist)} train / {len(p.val.x_hist)} val / {len(p.test.x_hist)} test "
+        f"windows" + (f" (dropped for missing data: {dropped})" if dropped else ""),
         file=sys.stderr,
     )
     # 2. training
@@ -107,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics, kept = evaluate_all(model, p, cfg, calib)
     metrics.update(training_seconds=train_seconds, calibration=calib, log=log, kept_epoch=kept_epoch(log)["epoch"])
     atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=1).encode())
-    plots = write_plots(run_dir, log, metrics, kept, p.x_std)
-    atomic_write(run_dir / "report.md", report_markdown(version, metrics, calib, train_seconds).encode())
-    print_headline(metrics, calib)
+    plots = write_plots(run_dir, log, metrics, kept, p)
+    atomic_write(run_dir / "report.md", report_markdown(version, metrics, calib, train_seconds, p.catalog).encode())
+    print_headline(metrics, calib, p.catalog)
     # 5. export, store, promotion gate
     card = build_card(version, cfg, p, metrics, calib, train_seconds)
     outputs = ["metrics.json", "report.md", "log.csv", *plots]
