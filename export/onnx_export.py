@@ -45,6 +45,7 @@ from training.model import KoVAE, calibrated_samples
 OPSET = 17  # runs on every onnxruntime 1.2x/1.3x
 PARITY_TOL = 1e-4
 INPUTS = ("x_hist", "u_hist", "u_fut", "noise")
+PLANS_FILE = "plans.onnx"
 OUTPUTS = ("mean", "samples")
 
 
@@ -66,10 +67,17 @@ class ForecastGraph(nn.Module):
     """
 
     def __init__(
-        self, model: KoVAE, max_horizon: int, spread: list[float], residual_decay: list[float] | None = None
+        self,
+        model: KoVAE,
+        max_horizon: int,
+        spread: list[float],
+        residual_decay: list[float] | None = None,
+        *,
+        plans: bool = False,
     ) -> None:
         super().__init__()
         self.model = model.eval()
+        self.plans = plans  # one history (batch 1) under many plans: the batch of u_fut
         kp = model.koopman
         with torch.no_grad():
             self.register_buffer("At", kp.matrix().T.contiguous().clone())  # for the card; the graph uses modes
@@ -109,6 +117,9 @@ class ForecastGraph(nn.Module):
         m = self.model
         mu, _ = m.encode(x_hist, u_hist)
         z0 = mu[:, -1]  # (B, z)
+        if self.plans:  # the encoder ran once on the one history; every plan starts from its state
+            z0 = z0.expand(u_fut.shape[0], -1)
+            x_hist = x_hist.expand(u_fut.shape[0], -1, -1)
         horizon = u_fut.shape[1]
         pad = self.max_horizon - horizon
         drive = F.pad(u_fut, (0, 0, 0, pad)) @ self.Bt + self.c  # (B, Hmax, z)
@@ -149,6 +160,10 @@ def to_onnx_bytes(graph: ForecastGraph, history: int, metadata: dict[str, str]) 
     """Legacy (TorchScript) exporter: the dynamo exporter froze dynamic lengths of GRUs and rollouts."""
     m = graph.model
     example = _example(2, history, max(2, graph.max_horizon // 2), 3, (m.x_dim, m.u_dim, m.cfg.z_dim))
+    batch = {0: "batch"}
+    if graph.plans:  # x_hist and u_hist: one history; u_fut and noise: one row per plan
+        example = (example[0][:1], example[1][:1], example[2], example[3])
+        batch = {}
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # Known and handled, so not printed on every export: the TorchScript exporter is deprecated (kept: the
@@ -166,8 +181,8 @@ def to_onnx_bytes(graph: ForecastGraph, history: int, metadata: dict[str, str]) 
             input_names=list(INPUTS),
             output_names=list(OUTPUTS),
             dynamic_axes={
-                "x_hist": {0: "batch", 1: "history"},
-                "u_hist": {0: "batch", 1: "history"},
+                "x_hist": {**batch, 1: "history"},
+                "u_hist": {**batch, 1: "history"},
                 "u_fut": {0: "batch", 1: "horizon"},
                 "noise": {0: "batch", 1: "samples", 2: "horizon"},
                 "mean": {0: "batch", 1: "horizon"},
@@ -204,6 +219,26 @@ def parity(graph: ForecastGraph, onnx_bytes: bytes, history: int, windows: list[
     for xh, uh, uf in windows or []:
         noise = np.random.default_rng(0).standard_normal((len(xh), 2, uf.shape[1], m.cfg.z_dim)).astype(np.float32)
         worst = max(worst, _compare(graph, sess, tuple(torch.from_numpy(a) for a in (xh, uh, uf, noise))))
+    return worst
+
+
+def plans_parity(graph: ForecastGraph, plans_bytes: bytes, history: int) -> float:
+    """Largest |ORT plans graph - torch| where torch runs the ordinary graph on the history repeated per plan."""
+    m = graph.model
+    sess = ort.InferenceSession(plans_bytes, providers=["CPUExecutionProvider"])
+    H, worst = graph.max_horizon, 0.0
+    for i, (n_plans, h, s) in enumerate([(1, H, 2), (5, max(1, H // 3), 0), (9, H, 1)]):
+        x, u, uf, noise = _example(n_plans, history, h, s, (m.x_dim, m.u_dim, m.cfg.z_dim), seed=200 + i)
+        x, u = x[:1], u[:1]
+        with torch.no_grad():
+            ref = [t.numpy() for t in graph(x.expand(n_plans, -1, -1), u.expand(n_plans, -1, -1), uf, noise)]
+        got = sess.run(
+            list(OUTPUTS), {"x_hist": x.numpy(), "u_hist": u.numpy(), "u_fut": uf.numpy(), "noise": noise.numpy()}
+        )
+        k = np.maximum(graph.spread.numpy(), 1.0)
+        worst = max(
+            worst, float(np.max(np.abs(ref[0] - got[0]))), float(np.max(np.abs(ref[1] - got[1]) / k, initial=0.0))
+        )
     return worst
 
 
@@ -273,8 +308,16 @@ def export_version(
     worst = parity(graph, onnx_bytes, card["history"]["length"], windows)
     if not worst <= PARITY_TOL:
         raise ParityError(f"ONNX Runtime differs from PyTorch by {worst:.3g} (> {PARITY_TOL:g}); nothing written")
+    plans_graph = ForecastGraph(
+        model, card["max_horizon"], calib["spread_scale"], calib.get("residual_decay"), plans=True
+    )
+    plans_bytes = to_onnx_bytes(plans_graph, card["history"]["length"], metadata)
+    plans_worst = plans_parity(graph, plans_bytes, card["history"]["length"])
+    if not plans_worst <= PARITY_TOL:
+        raise ParityError(f"the plans graph differs from PyTorch by {plans_worst:.3g}; nothing written")
     version_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(version_dir / ONNX_FILE, onnx_bytes)
+    atomic_write(version_dir / PLANS_FILE, plans_bytes)
     card = {
         **card,
         "created_at": created,
@@ -297,6 +340,11 @@ def export_version(
             "outputs": list(OUTPUTS),
             "parity_max_abs_error": worst,
             "scalers": "outside_graph",
+            # The same model for one history under many control plans (x_hist, u_hist: batch 1; u_fut, noise:
+            # one row per plan): the encoder runs once.
+            "plans_file": PLANS_FILE,
+            "plans_sha256": sha256_file(version_dir / PLANS_FILE),
+            "plans_parity_max_abs_error": plans_worst,
         },
     }
     write_card(version_dir, card)

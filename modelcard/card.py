@@ -126,21 +126,21 @@ def read_card(version_dir: Path, *, verify: bool = True) -> dict[str, Any]:
     return card
 
 
-def onnx_bytes(version_dir: Path, card: dict[str, Any]) -> bytes:
-    """The version's ONNX file, read once and checked against the card's SHA-256.
-
-    The caller loads these very bytes (not the path again), so what runs is what was verified.
+def onnx_bytes(version_dir: Path, card: dict[str, Any], which: str = "") -> bytes:
+    """The version's ONNX file (``which="plans"``: its plans graph), read once and checked against the card's
+    SHA-256. The caller loads these very bytes (not the path again), so what runs is what was verified.
     """
-    name = f"{Path(version_dir).name}/{card['onnx']['file']}"
+    file_key, sha_key = (f"{which}_file", f"{which}_sha256") if which else ("file", "sha256")
+    name = f"{Path(version_dir).name}/{card['onnx'][file_key]}"
     try:
-        data = (Path(version_dir) / card["onnx"]["file"]).read_bytes()
+        data = (Path(version_dir) / card["onnx"][file_key]).read_bytes()
     except FileNotFoundError:
         raise CardError(f"{name}: missing") from None
     except OSError as exc:
         raise CardError(f"{name}: unreadable ({type(exc).__name__})") from None
     actual = hashlib.sha256(data).hexdigest()
-    if actual != card["onnx"]["sha256"]:
-        raise CardError(f"{name}: SHA-256 {actual[:12]}... does not match the card's {card['onnx']['sha256'][:12]}...")
+    if actual != card["onnx"][sha_key]:
+        raise CardError(f"{name}: SHA-256 {actual[:12]}... does not match the card's {card['onnx'][sha_key][:12]}...")
     return data
 
 

@@ -36,6 +36,11 @@ class ModelRuntime:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        # One history under many control plans, the encoder run once (versions exported before it: none).
+        self.plans_session = None
+        if "plans_file" in self.card["onnx"]:
+            plans = onnx_bytes(self.version_dir, self.card, "plans")
+            self.plans_session = ort.InferenceSession(plans, opts, providers=["CPUExecutionProvider"])
         self.x_mean, self.x_std, self.u_mean, self.u_std = scalers(self.card)
         self.z_dim = int(self.card["model"]["z_dim"])
         self.measurements = [v["name"] for v in self.card["variables"]["measurements"]]
@@ -81,6 +86,35 @@ class ModelRuntime:
             "u_fut": known_inputs(u_fut, t_fut, (self.u_mean, self.u_std), self.calendar),
             "noise": noise,
         }
-        mean, samples = self.session.run(["mean", "samples"], feeds)
+        return self._run(self.session, feeds, n_samples)
+
+    def _run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], n_samples: int) -> Forecast:
+        mean, samples = session.run(["mean", "samples"], feeds)
         mean = mean * self.x_std + self.x_mean
         return Forecast(mean, samples * self.x_std + self.x_mean if n_samples > 0 else None)
+
+    def predict_plans(
+        self,
+        x_hist: np.ndarray,
+        u_hist: np.ndarray,
+        plans: np.ndarray,
+        last_minute: float,
+        n_samples: int = 0,
+        rng: np.random.Generator | None = None,
+    ) -> Forecast:
+        """One history, x_hist (L, n_x) and u_hist (L, n_u), under each of ``plans`` (P, H, n_u): the encoder
+        runs once. Returns (P, H, n_x) means (and samples), as ``predict`` would for the history repeated."""
+        if self.plans_session is None:
+            raise ValueError(f"version {self.version} has no plans graph (re-export it: python -m export)")
+        n_plans, horizon = plans.shape[0], plans.shape[1]
+        noise = np.zeros((n_plans, n_samples, horizon, self.z_dim), np.float32)
+        if n_samples > 0:
+            noise[:] = (rng or np.random.default_rng()).standard_normal(noise.shape, dtype=np.float32)
+        t_hist, t_fut = window_clock(np.array([last_minute]), x_hist.shape[0], horizon, self.step_minutes)
+        feeds = {
+            "x_hist": ((x_hist[None] - self.x_mean) / self.x_std).astype(np.float32),
+            "u_hist": known_inputs(u_hist[None], t_hist, (self.u_mean, self.u_std), self.calendar),
+            "u_fut": known_inputs(plans, np.repeat(t_fut, n_plans, 0), (self.u_mean, self.u_std), self.calendar),
+            "noise": noise,
+        }
+        return self._run(self.plans_session, feeds, n_samples)

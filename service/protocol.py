@@ -40,6 +40,13 @@ class ProblemError(Exception):
 STRICT = ConfigDict(extra="forbid", strict=True)
 
 
+class PlanIn(BaseModel):
+    model_config = STRICT
+
+    name: str = Field(min_length=1, max_length=128, description="the plan's label, unique within the series")
+    future_controls: dict[str, list[float]] = Field(description="planned control per future step (horizon values)")
+
+
 class SeriesIn(BaseModel):
     model_config = STRICT
 
@@ -61,6 +68,12 @@ class SeriesIn(BaseModel):
         None, description="planned control per future step (horizon values each); omit with hold_controls"
     )
     hold_controls: bool = Field(False, description="hold the last history control values over the horizon")
+    plans: list[PlanIn] | None = Field(
+        None,
+        description="instead of future_controls or hold_controls: candidate control plans for this one history "
+        "(e.g. an MPC's or an operator's options); the history is encoded once and each plan rolled out. The "
+        "series then answers with plans in the same order",
+    )
 
 
 class ForecastRequest(BaseModel):
@@ -113,6 +126,21 @@ class SeriesOut(BaseModel):
     gaps: dict[str, int] = Field(
         default_factory=dict, description="history inputs that had missing samples (null), with how many"
     )
+    plans: list[PlanOut] | None = Field(None, description="when the series sent plans: one per plan, in order")
+
+
+class PlanSummary(BaseModel):
+    mean: float = Field(description="mean of the forecast mean over the horizon")
+    min: float
+    max: float
+    final: float = Field(description="the forecast mean at the last step")
+
+
+class PlanOut(BaseModel):
+    name: str
+    forecast: dict[str, VariableForecast]
+    summary: dict[str, PlanSummary] = Field(description="per variable, over the horizon: what plans are compared by")
+    clipped: list[Clipped] = Field(default_factory=list)
 
 
 class StabilityOut(BaseModel):
@@ -132,12 +160,13 @@ class ForecastResponse(BaseModel):
 class DecodedRequest:
     x_hist: list[np.ndarray] = field(default_factory=list)  # per series (L_i, n_x)
     u_hist: list[np.ndarray] = field(default_factory=list)
-    u_fut: list[np.ndarray] = field(default_factory=list)  # per series (H, n_u)
+    u_fut: list[np.ndarray] = field(default_factory=list)  # per series (H, n_u), or (plans, H, n_u) with plans
     future_times: list[list[datetime]] = field(default_factory=list)
     last_minute: list[float] = field(default_factory=list)  # each series' last history time, minutes since Monday
     ids: list[str | None] = field(default_factory=list)
     warnings: list[list[dict[str, Any]]] = field(default_factory=list)  # per series
     gaps: list[dict[str, int]] = field(default_factory=list)  # per series: input name -> missing samples
+    plan_names: list[list[str] | None] = field(default_factory=list)  # per series: its plans' names, or None
     horizon: int = 0
     quantiles: list[float] = field(default_factory=list)
     samples: int = 0  # 0 when no quantiles are asked for: samples are drawn only to give quantiles
@@ -145,14 +174,15 @@ class DecodedRequest:
 
     @property
     def work(self) -> int:
-        """Series x samples x horizon: what one request costs in sample steps (the mean counts as one sample)."""
-        return len(self.x_hist) * max(self.samples, 1) * self.horizon
+        """Forecasts x samples x horizon: what one request costs in sample steps (the mean counts as one sample;
+        a series with plans counts one forecast per plan)."""
+        return sum(len(u) if u.ndim == 3 else 1 for u in self.u_fut) * max(self.samples, 1) * self.horizon
 
 
 @dataclass
 class SeriesResult:
-    mean: np.ndarray  # (H, n_x), engineering units
-    quantiles: np.ndarray | None  # (Q, H, n_x)
+    mean: np.ndarray  # (H, n_x), engineering units; (plans, H, n_x) for a series with plans
+    quantiles: np.ndarray | None  # (Q, H, n_x); (Q, plans, H, n_x)
 
 
 def quantile_key(q: float) -> str:
@@ -294,14 +324,20 @@ def _check_request(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -
     samples = requested_samples(req, settings)
     if samples > settings.max_samples:
         errors.append({"field": "samples", "message": f"{samples} exceeds the limit {settings.max_samples}"})
-    work = len(req.series) * max(samples, 1) * req.horizon
+    for i, s in enumerate(req.series):
+        if s.plans is not None and len(s.plans) > settings.max_plans:
+            errors.append(
+                {"field": f"series[{i}].plans", "message": f"{len(s.plans)} plans exceed {settings.max_plans}"}
+            )
+    forecasts = sum(len(s.plans) if s.plans else 1 for s in req.series)
+    work = forecasts * max(samples, 1) * req.horizon
     if work > settings.max_work:
         errors.append(
             {
                 "field": "samples" if samples else "series",
-                "message": f"series x samples x horizon = {len(req.series)} x {max(samples, 1)} x {req.horizon} = "
-                f"{work} exceeds the limit {settings.max_work} per request: send fewer samples or series, "
-                "or split the request",
+                "message": f"forecasts x samples x horizon = {forecasts} x {max(samples, 1)} x {req.horizon} = "
+                f"{work} exceeds the limit {settings.max_work} per request (a series counts one forecast per plan): "
+                "send fewer samples, series or plans, or split the request",
             }
         )
     return errors
@@ -347,12 +383,27 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
         gaps_allowed = rt.max_missing_share
         x = _named(s.measurements, rt.measurements, f"{where}.measurements", L, x_limits, x_units, errors, gaps_allowed)
         u = _named(s.controls, rt.controls, f"{where}.controls", L, u_limits, u_units, errors, gaps_allowed)
-        if s.hold_controls and s.future_controls is not None:
+        if sum((s.hold_controls, s.future_controls is not None, s.plans is not None)) > 1:
             errors.append(
-                {"field": f"{where}.future_controls", "message": "give future_controls or hold_controls, not both"}
+                {"field": f"{where}.future_controls", "message": "give one of future_controls, hold_controls, plans"}
             )
             continue
-        if s.hold_controls:
+        names = None
+        if s.plans is not None:
+            names = [p.name for p in s.plans]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if not s.plans or twice:
+                msg = f"plan names repeat: {', '.join(twice)}" if twice else "no plans given"
+                errors.append({"field": f"{where}.plans", "message": msg})
+                continue
+            per_plan = [
+                _named(
+                    p.future_controls, rt.controls, f"{where}.plans[{k}].future_controls", H, u_limits, u_units, errors
+                )
+                for k, p in enumerate(s.plans)
+            ]
+            uf = None if any(a is None for a in per_plan) else np.stack(per_plan)
+        elif s.hold_controls:
             uf = None if u is None else np.repeat(last_values(u)[None], H, 0)
         elif s.future_controls is None:
             errors.append({"field": f"{where}.future_controls", "message": "missing (or set hold_controls: true)"})
@@ -369,10 +420,15 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
         out.last_minute.append(minutes_since_monday(times[-1]))  # its own UTC offset: the plant's clock
         out.ids.append(s.id)
         out.gaps.append({**gap_counts(x, rt.measurements), **gap_counts(u, rt.controls)})
+        out.plan_names.append(names)
         out.warnings.append(
             _range_warnings(x, rt.measurements, f"{where}.measurements", rt.x_range)
             + _range_warnings(u, rt.controls, f"{where}.controls", rt.u_range)
-            + (_range_warnings(uf, rt.controls, f"{where}.future_controls", rt.u_range) if not s.hold_controls else [])
+            + (
+                _range_warnings(uf.reshape(-1, uf.shape[-1]), rt.controls, f"{where}.future_controls", rt.u_range)
+                if not s.hold_controls
+                else []
+            )
         )
     if errors:
         raise ProblemError(422, "Invalid forecast request", errors)
@@ -384,13 +440,18 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
 
 def plan(d: DecodedRequest, chunk_work: int) -> list[list[int]]:
     """Series indices per piece of work: series of one history length, together at most ``chunk_work``
-    sample steps (a single series with more samples is one piece, its samples drawn in chunks)."""
+    sample steps (a single series with more samples is one piece, its samples drawn in chunks). A series with
+    plans is a piece of its own."""
     per_series = max(d.samples, 1) * d.horizon
     group = max(1, chunk_work // per_series)
     by_length: dict[int, list[int]] = {}
+    alone = []
     for i, x in enumerate(d.x_hist):
-        by_length.setdefault(len(x), []).append(i)
-    return [idx[k : k + group] for idx in by_length.values() for k in range(0, len(idx), group)]
+        if d.plan_names[i] is not None:
+            alone.append([i])
+        else:
+            by_length.setdefault(len(x), []).append(i)
+    return [idx[k : k + group] for idx in by_length.values() for k in range(0, len(idx), group)] + alone
 
 
 def run_piece(
@@ -398,6 +459,8 @@ def run_piece(
 ) -> dict[int, SeriesResult]:
     """Mean and quantiles of some series. Samples are drawn ``chunk_work`` sample steps at a time and
     reduced to quantiles here, so memory stays bounded whatever the request asked for."""
+    if d.plan_names[series[0]] is not None:
+        return {series[0]: run_plans(rt, d, series[0], rng, chunk_work)}
     x = np.stack([d.x_hist[i] for i in series])
     u = np.stack([d.u_hist[i] for i in series])
     uf = np.stack([d.u_fut[i] for i in series])
@@ -414,6 +477,21 @@ def run_piece(
     samples = np.concatenate(drawn, 1)  # (series, samples, H, n_x)
     qs = np.quantile(samples, d.quantiles, axis=1)  # (Q, series, H, n_x)
     return {i: SeriesResult(mean[j], qs[:, j]) for j, i in enumerate(series)}
+
+
+def run_plans(rt: ModelRuntime, d: DecodedRequest, i: int, rng: np.random.Generator, chunk_work: int) -> SeriesResult:
+    """One history under its plans: the encoder runs once per call, over as many plans as ``chunk_work`` allows."""
+    plans = d.u_fut[i]
+    per_call = max(1, chunk_work // (max(d.samples, 1) * d.horizon))
+    means, quantiles = [], []
+    for start in range(0, len(plans), per_call):
+        fc = rt.predict_plans(
+            d.x_hist[i], d.u_hist[i], plans[start : start + per_call], d.last_minute[i], d.samples, rng
+        )
+        means.append(fc.mean)
+        if fc.samples is not None:
+            quantiles.append(np.quantile(fc.samples, d.quantiles, axis=1))  # (Q, plans, H, n_x)
+    return SeriesResult(np.concatenate(means), np.concatenate(quantiles, 1) if quantiles else None)
 
 
 def pieces(rt: ModelRuntime, d: DecodedRequest, chunk_work: int) -> Iterator[Callable[[], dict[int, bytes]]]:
@@ -441,32 +519,55 @@ def _clip(values: np.ndarray, lo: float, hi: float, name: str, output: str, note
     return np.clip(values, lo, hi).tolist()
 
 
-def encode_series(rt: ModelRuntime, d: DecodedRequest, i: int, res: SeriesResult) -> dict[str, Any]:
-    """One series of the response. Forecasts are held within the physical bounds (and the series says where);
-    a forecast that is not finite is refused rather than sent as NaN or Infinity, which strict JSON parsers
-    reject."""
-    if not (np.all(np.isfinite(res.mean)) and (res.quantiles is None or np.all(np.isfinite(res.quantiles)))):
-        msg = "the forecast is not finite for these inputs: check the history"
-        raise ProblemError(422, "No finite forecast", [{"field": f"series[{i}]", "message": msg}])
+def encode_forecast(
+    rt: ModelRuntime, d: DecodedRequest, mean: np.ndarray, quantiles: np.ndarray | None, clipped: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Per variable: unit, mean and quantiles (H values each), held within the physical bounds (noted in
+    ``clipped``)."""
     lo, hi = rt.x_bounds
-    clipped: list[dict[str, Any]] = []
     per_var = {}
     for j, name in enumerate(rt.measurements):
         qs = {}
-        if res.quantiles is not None:
-            for q, values in zip(d.quantiles, res.quantiles[:, :, j], strict=True):
+        if quantiles is not None:
+            for q, values in zip(d.quantiles, quantiles[:, :, j], strict=True):
                 key = quantile_key(q)
                 qs[key] = _clip(values, lo[j], hi[j], name, f"quantiles.{key}", clipped)
-        mean = _clip(res.mean[:, j], lo[j], hi[j], name, "mean", clipped)
-        per_var[name] = {"unit": rt.units[name], "mean": mean, "quantiles": qs}
-    return {
-        "id": d.ids[i],
-        "timestamps": d.future_times[i],
-        "forecast": per_var,
-        "warnings": d.warnings[i],
-        "clipped": clipped,
-        "gaps": d.gaps[i],
-    }
+        per_var[name] = {
+            "unit": rt.units[name],
+            "mean": _clip(mean[:, j], lo[j], hi[j], name, "mean", clipped),
+            "quantiles": qs,
+        }
+    return per_var
+
+
+def encode_series(rt: ModelRuntime, d: DecodedRequest, i: int, res: SeriesResult) -> dict[str, Any]:
+    """One series of the response. Forecasts are held within the physical bounds (and the series says where);
+    a forecast that is not finite is refused rather than sent as NaN or Infinity, which strict JSON parsers
+    reject. A series with plans answers one forecast and summary per plan."""
+    if not (np.all(np.isfinite(res.mean)) and (res.quantiles is None or np.all(np.isfinite(res.quantiles)))):
+        msg = "the forecast is not finite for these inputs: check the history"
+        raise ProblemError(422, "No finite forecast", [{"field": f"series[{i}]", "message": msg}])
+    out: dict[str, Any] = {"id": d.ids[i], "timestamps": d.future_times[i], "forecast": {}, "clipped": []}
+    names = d.plan_names[i]
+    if names is None:
+        out["forecast"] = encode_forecast(rt, d, res.mean, res.quantiles, out["clipped"])
+    else:
+        out["plans"] = []
+        for k, name in enumerate(names):
+            clipped: list[dict[str, Any]] = []
+            qs = None if res.quantiles is None else res.quantiles[:, k]
+            forecast = encode_forecast(rt, d, res.mean[k], qs, clipped)
+            summary = {
+                var: {
+                    "mean": float(np.mean(f["mean"])),
+                    "min": min(f["mean"]),
+                    "max": max(f["mean"]),
+                    "final": f["mean"][-1],
+                }
+                for var, f in forecast.items()
+            }
+            out["plans"].append({"name": name, "forecast": forecast, "summary": summary, "clipped": clipped})
+    return {**out, "warnings": d.warnings[i], "gaps": d.gaps[i]}
 
 
 def envelope(rt: ModelRuntime, d: DecodedRequest, series_json: list[bytes]) -> bytes:

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     admin_api_keys: list[SecretStr] = Field(default_factory=list, description="needed for /admin/*; none: disabled")
     protect_info: bool = Field(False, description="also require an API key (X-API-Key) for /model and /metrics")
     max_series: int = 64
+    max_plans: int = Field(1000, ge=1, description="most control plans in one series")
     max_samples: int = 1000
     default_samples: int = Field(200, description="samples drawn for quantiles when a request gives none")
     max_quantiles: int = 9

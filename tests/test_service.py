@@ -437,3 +437,49 @@ def test_sensor_gaps_in_the_history_are_forecast_through_up_to_the_cards_limit(s
     body["series"][0]["future_controls"] = {n: [None] * 4 for n in rt.controls}  # the plan must be complete
     r = server.client.post("/forecast", json=body)
     assert r.status_code == 422 and "future_controls" in r.text
+
+
+def test_plans_roll_one_history_out_under_many_control_plans(serve, trained_store, rt) -> None:
+    """A series with plans answers one forecast per plan, in order, each the forecast the same history would
+    get with that plan as its future_controls, with a summary per variable. Mixing plans with future_controls,
+    repeated names and more plans than the limit are refused; the work bound counts every plan."""
+    store, _ = trained_store
+    server = serve(store, KOVAE_MAX_PLANS="3", KOVAE_MAX_WORK="100")
+    H = 4
+    body = make_body(rt, horizon=H)
+    series = body["series"][0]
+    first = series.pop("future_controls")
+    second = {n: [v * 0.9 for v in values] for n, values in first.items()}
+    series["plans"] = [{"name": "as planned", "future_controls": first}, {"name": "less", "future_controls": second}]
+    r = server.client.post("/forecast", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()["series"][0]
+    assert [p["name"] for p in out["plans"]] == ["as planned", "less"] and out["forecast"] == {}
+    for plan, controls in zip(out["plans"], (first, second), strict=True):
+        single = json.loads(json.dumps(body))
+        single["series"][0].pop("plans")
+        single["series"][0]["future_controls"] = controls
+        alone = server.client.post("/forecast", json=single).json()["series"][0]["forecast"]
+        for name, f in plan["forecast"].items():
+            assert np.allclose(f["mean"], alone[name]["mean"], rtol=1e-5, atol=1e-6)
+            summary = plan["summary"][name]
+            assert summary["mean"] == pytest.approx(np.mean(f["mean"])) and summary["final"] == f["mean"][-1]
+            assert summary["min"] <= summary["mean"] <= summary["max"]
+    assert out["plans"][0]["forecast"] != out["plans"][1]["forecast"]  # the plans differ, so do the forecasts
+
+    def refused(change: dict, field: str) -> str:
+        bad = json.loads(json.dumps(body))
+        bad["series"][0].update(change)
+        r = server.client.post("/forecast", json=bad)
+        assert r.status_code == 422, r.text
+        return next(e["message"] for e in r.json()["errors"] if e["field"] == field)
+
+    assert "one of" in refused({"future_controls": first}, "series[0].future_controls")
+    assert "repeat: less" in refused(
+        {"plans": [{"name": "less", "future_controls": first}, {"name": "less", "future_controls": second}]},
+        "series[0].plans",
+    )
+    many = [{"name": f"p{k}", "future_controls": first} for k in range(4)]
+    assert "4 plans exceed 3" in refused({"plans": many}, "series[0].plans")
+    r = server.client.post("/forecast", json={**body, "quantiles": [0.5], "samples": 20})  # 2 plans x 20 x 4 > 100
+    assert r.status_code == 422 and "forecasts x samples x horizon = 2 x 20 x 4" in r.text

@@ -151,7 +151,16 @@ def test_tiny_model_beats_persistence_on_held_out_scenarios(trained_store) -> No
         assert head["kovae"][h]["skill_vs_persistence"] > 0
     assert 0.6 < metrics["coverage_80_test"] < 0.95
     assert current_version(store) == version
-    for name in ("card.json", "model.onnx", "weights.pt", "report.md", "loss.png", "log.csv", "metrics.json"):
+    for name in (
+        "card.json",
+        "model.onnx",
+        "plans.onnx",
+        "weights.pt",
+        "report.md",
+        "loss.png",
+        "log.csv",
+        "metrics.json",
+    ):
         assert (store / version / name).stat().st_size > 0
 
 
