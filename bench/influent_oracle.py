@@ -35,8 +35,8 @@ INFLUENT = [i for i, v in enumerate(MEASUREMENTS) if v.role == "disturbance"]
 class InfluentKnown(preparation.Prepared):
     """The run's data, with the true influent appended to the known inputs of every window and series."""
 
-    def inputs(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
-        u_hist, u_fut = super().inputs(w)
+    def inputs(self, w: Windows, forecast: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        u_hist, u_fut = super().inputs(w, forecast)
         return (
             np.concatenate([u_hist, self.nx(w.x_hist)[..., INFLUENT]], -1),
             np.concatenate([u_fut, self.nx(w.x_fut)[..., INFLUENT]], -1),
@@ -54,7 +54,9 @@ def main() -> None:
     parser.add_argument("--store", default="models", help="the served model's figures are read from here")
     parser.add_argument("overrides", nargs="*", help="section.field=value, as for python -m training.run")
     args = parser.parse_args()
-    cfg = load_config(args.preset, None, args.overrides)
+    # The model's own disturbance inputs off: this bench appends the true influent itself, as it always did
+    # (the served model's "perfect" influent forecast figures are in its report).
+    cfg = load_config(args.preset, None, [*args.overrides, "model.disturbance_inputs=false"])
     p = influent_known(preparation.prepare(cfg))
     with tempfile.TemporaryDirectory() as run_dir:
         model, _ = loop.train(cfg, p, Path(run_dir))

@@ -139,7 +139,8 @@ def load_model(version_dir: Path, *, verify: bool = True) -> tuple[KoVAE, dict[s
     """Rebuild a stored version's KoVAE (eval mode) from its card and weights.pt; returns (model, card)."""
     card = read_card(version_dir, verify=verify)
     cfg = ModelConfig(**{k: v for k, v in card["model"].items() if k != "type"})
-    n_u = len(card["variables"]["controls"]) + Calendar.from_card(card).size
+    n_d = len(card["variables"].get("disturbance_inputs", {}).get("variables", []))
+    n_u = len(card["variables"]["controls"]) + Calendar.from_card(card).size + 2 * n_d
     model = KoVAE(len(card["variables"]["measurements"]), n_u, cfg)
     model.load_state_dict(torch.load(Path(version_dir) / "weights.pt", weights_only=True))
     return model.eval(), card

@@ -221,15 +221,31 @@ class Calendar:
 
 
 def known_inputs(
-    u: np.ndarray, minutes: np.ndarray, card_scalers: tuple[np.ndarray, np.ndarray], calendar: Calendar
+    u: np.ndarray,
+    minutes: np.ndarray,
+    card_scalers: tuple[np.ndarray, np.ndarray],
+    calendar: Calendar,
+    disturbances: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The graph's known-input rows (..., n_u): z-scored controls, then the calendar features of the same steps.
+    """The graph's known-input rows (..., n_u): z-scored controls, the calendar features of the same steps, then
+    (models with disturbance inputs) ``disturbance_columns(disturbances)``.
 
     Training, export and the service all build the model's u this way. ``card_scalers`` is (u_mean, u_std).
     """
     u_mean, u_std = card_scalers
     scaled = ((u - u_mean) / u_std).astype(np.float32)
-    return np.concatenate([scaled, calendar.features(minutes)], -1)
+    parts = [scaled, calendar.features(minutes)]
+    if disturbances is not None:
+        parts.append(disturbance_columns(disturbances))
+    return np.concatenate(parts, -1)
+
+
+def disturbance_columns(values: np.ndarray) -> np.ndarray:
+    """(..., 2 n_d) known-input columns for the disturbances (influent) from their z-scored values (..., n_d),
+    NaN where not known: the value (0 when not known), then a flag (1 = known). In the history they are the
+    measured values; in the future an influent forecast the caller sends, or nothing."""
+    known = np.isfinite(values)
+    return np.concatenate([np.where(known, values, 0.0), known], -1).astype(np.float32)
 
 
 def minutes_since_monday(t: datetime) -> float:

@@ -52,6 +52,10 @@ class ModelRuntime:
         self.x_bounds, self.u_bounds = bounds(self.card, "measurements"), bounds(self.card, "controls")
         self.x_range, self.u_range = training_range(self.card, "measurements"), training_range(self.card, "controls")
         self.units = {v["name"]: v["unit"] for v in self.card["variables"]["measurements"]}
+        # Disturbances (the influent) the model takes as known inputs: measured in the history, and over the
+        # horizon whatever forecast the caller has (models without them: none).
+        names = self.card["variables"].get("disturbance_inputs", {}).get("variables", [])
+        self.disturbances = [self.measurements.index(n) for n in names]
 
     @property
     def version(self) -> str:
@@ -69,10 +73,12 @@ class ModelRuntime:
         last_minute: np.ndarray,
         n_samples: int = 0,
         rng: np.random.Generator | None = None,
+        d_fut: np.ndarray | None = None,
     ) -> Forecast:
         """Forecast from engineering-unit arrays: x_hist (B, L, n_x), u_hist (B, L, n_u), u_fut (B, H, n_u).
 
         last_minute (B,): each series' last history sample in minutes since Monday 00:00 (calendar inputs).
+        d_fut (B, H, n_d): a forecast of the disturbances (``self.disturbances``), NaN where there is none.
         """
         batch, horizon = u_fut.shape[0], u_fut.shape[1]
         # No samples asked for: an empty noise tensor, and the graph's sample path costs nothing.
@@ -80,13 +86,25 @@ class ModelRuntime:
         if n_samples > 0:
             noise[:] = (rng or np.random.default_rng()).standard_normal(noise.shape, dtype=np.float32)
         t_hist, t_fut = window_clock(last_minute, x_hist.shape[1], horizon, self.step_minutes)
+        d_hist, d_fut = self._disturbances(x_hist, d_fut, batch, horizon)
         feeds = {
             "x_hist": ((x_hist - self.x_mean) / self.x_std).astype(np.float32),
-            "u_hist": known_inputs(u_hist, t_hist, (self.u_mean, self.u_std), self.calendar),
-            "u_fut": known_inputs(u_fut, t_fut, (self.u_mean, self.u_std), self.calendar),
+            "u_hist": known_inputs(u_hist, t_hist, (self.u_mean, self.u_std), self.calendar, d_hist),
+            "u_fut": known_inputs(u_fut, t_fut, (self.u_mean, self.u_std), self.calendar, d_fut),
             "noise": noise,
         }
         return self._run(self.session, feeds, n_samples)
+
+    def _disturbances(
+        self, x_hist: np.ndarray, d_fut: np.ndarray | None, batch: int, horizon: int
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The disturbances' z-scored values over the history (measured) and the horizon (given, else NaN)."""
+        if not self.disturbances:
+            return None, None
+        d = self.disturbances
+        hist = (x_hist[..., d] - self.x_mean[d]) / self.x_std[d]
+        fut = np.full((batch, horizon, len(d)), np.nan) if d_fut is None else (d_fut - self.x_mean[d]) / self.x_std[d]
+        return hist, fut
 
     def _run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], n_samples: int) -> Forecast:
         mean, samples = session.run(["mean", "samples"], feeds)
@@ -101,9 +119,11 @@ class ModelRuntime:
         last_minute: float,
         n_samples: int = 0,
         rng: np.random.Generator | None = None,
+        d_fut: np.ndarray | None = None,
     ) -> Forecast:
         """One history, x_hist (L, n_x) and u_hist (L, n_u), under each of ``plans`` (P, H, n_u): the encoder
-        runs once. Returns (P, H, n_x) means (and samples), as ``predict`` would for the history repeated."""
+        runs once. Returns (P, H, n_x) means (and samples), as ``predict`` would for the history repeated.
+        d_fut (H, n_d): a disturbance forecast shared by every plan, NaN where there is none."""
         if self.plans_session is None:
             raise ValueError(f"version {self.version} has no plans graph (re-export it: python -m export)")
         n_plans, horizon = plans.shape[0], plans.shape[1]
@@ -111,10 +131,13 @@ class ModelRuntime:
         if n_samples > 0:
             noise[:] = (rng or np.random.default_rng()).standard_normal(noise.shape, dtype=np.float32)
         t_hist, t_fut = window_clock(np.array([last_minute]), x_hist.shape[0], horizon, self.step_minutes)
+        d_hist, d_one = self._disturbances(x_hist[None], None if d_fut is None else d_fut[None], 1, horizon)
+        d_all = None if d_one is None else np.repeat(d_one, n_plans, 0)
+        scal = (self.u_mean, self.u_std)
         feeds = {
             "x_hist": ((x_hist[None] - self.x_mean) / self.x_std).astype(np.float32),
-            "u_hist": known_inputs(u_hist[None], t_hist, (self.u_mean, self.u_std), self.calendar),
-            "u_fut": known_inputs(plans, np.repeat(t_fut, n_plans, 0), (self.u_mean, self.u_std), self.calendar),
+            "u_hist": known_inputs(u_hist[None], t_hist, scal, self.calendar, d_hist),
+            "u_fut": known_inputs(plans, np.repeat(t_fut, n_plans, 0), scal, self.calendar, d_all),
             "noise": noise,
         }
         return self._run(self.plans_session, feeds, n_samples)

@@ -68,6 +68,12 @@ class SeriesIn(BaseModel):
         None, description="planned control per future step (horizon values each); omit with hold_controls"
     )
     hold_controls: bool = Field(False, description="hold the last history control values over the horizon")
+    future_disturbances: dict[str, list[float]] | None = Field(
+        None,
+        description="optional forecast of disturbance variables (the influent: GET /model, "
+        "variables.disturbance_inputs) over the horizon, horizon values each, e.g. from a sewer model or rain "
+        "radar; any subset of them. Without it the model forecasts the influent itself",
+    )
     plans: list[PlanIn] | None = Field(
         None,
         description="instead of future_controls or hold_controls: candidate control plans for this one history "
@@ -167,6 +173,7 @@ class DecodedRequest:
     warnings: list[list[dict[str, Any]]] = field(default_factory=list)  # per series
     gaps: list[dict[str, int]] = field(default_factory=list)  # per series: input name -> missing samples
     plan_names: list[list[str] | None] = field(default_factory=list)  # per series: its plans' names, or None
+    d_fut: list[np.ndarray] = field(default_factory=list)  # per series (H, n_d) disturbance forecast, NaN: none
     horizon: int = 0
     quantiles: list[float] = field(default_factory=list)
     samples: int = 0  # 0 when no quantiles are asked for: samples are drawn only to give quantiles
@@ -214,7 +221,8 @@ def _named(
     if len(errors) > before:
         return None
     arr = np.array([[np.nan if v is None else v for v in given[name]] for name in names], dtype=np.float64).T
-    gap = np.isnan(arr)  # only null becomes NaN: strict JSON has no NaN literal
+    gap = np.array([[v is None for v in given[name]] for name in names], dtype=bool).T.reshape(arr.shape)
+    # Only null is a gap: a NaN literal (some JSON writers emit it) is refused below as not finite.
     allowed = int(max_missing * length)
     for j in np.flatnonzero(gap.sum(0) > allowed):
         n_gap = int(gap[:, j].sum())
@@ -241,6 +249,33 @@ def _named(
         more = f" ({n_out} values outside [{lo:g}, {hi:g}])" if n_out > 1 else ""
         errors.append({"field": f"{where}.{name}[{k}]", "message": f"{col[k]:g} {units[j]} is {side}{more}"})
     return None
+
+
+def _disturbance_forecast(
+    given: dict[str, list[float]] | None, rt: ModelRuntime, where: str, horizon: int, errors: list[dict[str, str]]
+) -> np.ndarray | None:
+    """(H, n_d) from a series' future_disturbances, NaN for the disturbances it does not give; None on error."""
+    names = [rt.measurements[i] for i in rt.disturbances]
+    out = np.full((horizon, len(names)), np.nan)
+    if not given:
+        return out
+    if not names:
+        errors.append({"field": where, "message": f"model {rt.version} takes no disturbance forecast"})
+        return None
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        errors.append(
+            {"field": f"{where}.{unknown[0]}", "message": f"not a disturbance input; expected {', '.join(names)}"}
+        )
+        return None
+    sent = [n for n in names if n in given]
+    idx = [rt.disturbances[names.index(n)] for n in sent]
+    limits = (rt.x_bounds[0][idx], rt.x_bounds[1][idx])
+    arr = _named(given, sent, where, horizon, limits, [rt.units[n] for n in sent], errors)
+    if arr is None:
+        return None
+    out[:, [names.index(n) for n in sent]] = arr
+    return out
 
 
 def gap_counts(arr: np.ndarray, names: list[str]) -> dict[str, int]:
@@ -411,7 +446,8 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
         else:
             fc = f"{where}.future_controls"
             uf = _named(s.future_controls, rt.controls, fc, H, u_limits, u_units, errors)
-        if x is None or u is None or uf is None:
+        d_fut = _disturbance_forecast(s.future_disturbances, rt, f"{where}.future_disturbances", H, errors)
+        if x is None or u is None or uf is None or d_fut is None:
             continue
         out.x_hist.append(x)
         out.u_hist.append(u)
@@ -421,6 +457,7 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
         out.ids.append(s.id)
         out.gaps.append({**gap_counts(x, rt.measurements), **gap_counts(u, rt.controls)})
         out.plan_names.append(names)
+        out.d_fut.append(d_fut)
         out.warnings.append(
             _range_warnings(x, rt.measurements, f"{where}.measurements", rt.x_range)
             + _range_warnings(u, rt.controls, f"{where}.controls", rt.u_range)
@@ -465,13 +502,14 @@ def run_piece(
     u = np.stack([d.u_hist[i] for i in series])
     uf = np.stack([d.u_fut[i] for i in series])
     last = np.array([d.last_minute[i] for i in series])
+    df = np.stack([d.d_fut[i] for i in series])
     if d.samples == 0:
-        mean = rt.predict(x, u, uf, last).mean
+        mean = rt.predict(x, u, uf, last, d_fut=df).mean
         return {i: SeriesResult(mean[j], None) for j, i in enumerate(series)}
     per_call = max(1, chunk_work // (len(series) * d.horizon))
     mean, drawn = None, []
     for start in range(0, d.samples, per_call):
-        fc = rt.predict(x, u, uf, last, min(per_call, d.samples - start), rng)
+        fc = rt.predict(x, u, uf, last, min(per_call, d.samples - start), rng, d_fut=df)
         mean = fc.mean if mean is None else mean
         drawn.append(fc.samples)
     samples = np.concatenate(drawn, 1)  # (series, samples, H, n_x)

@@ -483,3 +483,34 @@ def test_plans_roll_one_history_out_under_many_control_plans(serve, trained_stor
     assert "4 plans exceed 3" in refused({"plans": many}, "series[0].plans")
     r = server.client.post("/forecast", json={**body, "quantiles": [0.5], "samples": 20})  # 2 plans x 20 x 4 > 100
     assert r.status_code == 422 and "forecasts x samples x horizon = 2 x 20 x 4" in r.text
+
+
+def test_an_influent_forecast_is_an_optional_known_input(server, rt) -> None:
+    """future_disturbances carries a forecast of any of the card's disturbance inputs (the influent): the model
+    takes it (another forecast than without it, the same as the runtime gives for it), and a variable that is
+    not a disturbance input, a wrong length or a value outside the physical bounds is refused by name."""
+    names = rt.card["variables"]["disturbance_inputs"]["variables"]
+    assert names == ["Q_in", "COD_in", "TSS_in", "SNH_in"]
+    H = 4
+    body = make_body(rt, horizon=H)
+    without = server.client.post("/forecast", json=body).json()["series"][0]["forecast"]
+    q = float(rt.x_mean[0] * 1.5)
+    body["series"][0]["future_disturbances"] = {"Q_in": [q] * H}
+    r = server.client.post("/forecast", json=body)
+    assert r.status_code == 200, r.text
+    given = r.json()["series"][0]["forecast"]
+    assert not np.allclose(given["SNH_eff"]["mean"], without["SNH_eff"]["mean"], rtol=1e-6)
+    x, u, uf, last = arrays(body, rt)
+    d_fut = np.full((1, H, len(names)), np.nan)
+    d_fut[0, :, 0] = q
+    direct = rt.predict(x, u, uf, last, d_fut=d_fut).mean[0]
+    assert np.allclose(given["SNH_eff"]["mean"], direct[:, rt.measurements.index("SNH_eff")], rtol=1e-5)
+    for change, field, words in (
+        ({"SO_5": [1.0] * H}, "series[0].future_disturbances.SO_5", "not a disturbance input"),
+        ({"Q_in": [q] * (H + 1)}, "series[0].future_disturbances.Q_in", "expected 4"),
+        ({"Q_in": [-5.0] * H}, "series[0].future_disturbances.Q_in[0]", "below the physical minimum"),
+    ):
+        body["series"][0]["future_disturbances"] = change
+        r = server.client.post("/forecast", json=body)
+        assert r.status_code == 422
+        assert any(e["field"] == field and words in e["message"] for e in r.json()["errors"]), r.text

@@ -335,7 +335,8 @@ def test_influent_oracle_bench_feeds_the_true_future_influent(prepared) -> None:
         pred = ARX(1).fit(p.train_series).forecast(p.nx(w.x_hist), p.inputs(w)[1])
         return float(np.sqrt(np.mean((pred - p.nx(w.x_fut))[..., bench.INFLUENT] ** 2)))
 
-    _, p = prepared
+    cfg, _ = prepared
+    p = preparation.prepare(replace(cfg, model=replace(cfg.model, disturbance_inputs=False)))  # as the bench runs
     known = bench.influent_known(p)
     assert known.inputs(known.test)[1].shape[-1] == p.inputs(p.test)[1].shape[-1] + len(bench.INFLUENT)
     assert influent_error(known) < 0.05 < 0.3 < influent_error(p)

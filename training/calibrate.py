@@ -24,13 +24,15 @@ def predict(
     n_samples: int = 0,
     calib: dict[str, Any] | None = None,
     seed: int = 0,
+    forecast: str = "none",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """KoVAE mean forecast (and samples) in engineering units for a set of windows.
 
+    ``forecast`` is what the model is told of the future disturbances (training.prepare.tensors).
     ``calib`` is the calibration the graph applies: ``residual_decay`` fades the decoder's miss at the last
     history step into the forecast, and ``spread_scale`` widens each sample's deviation from the mean.
     """
-    xh, uh, _, uf = tensors(p, w)
+    xh, uh, _, uf = tensors(p, w, forecast, seed)
     calib = calib or {}
     decay = calib.get("residual_decay")
     decay = None if decay is None else torch.as_tensor(decay, dtype=torch.float32)

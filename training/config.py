@@ -68,6 +68,7 @@ class ModelConfig:
     decoder_layers: int = 2
     calendar_daily: int = 2  # sin/cos harmonics of the time of day, known inputs beside the controls (0: none)
     calendar_weekly: int = 2  # sin/cos harmonics of the time of week (weekend flows are lower)
+    disturbance_inputs: bool = True  # the disturbances (influent) as known inputs: measured, and forecast if given
     seasonal_steps: int = 96  # samples per day: the forecast carries the decoder's miss one day earlier (0: none)
 
 
@@ -92,6 +93,8 @@ class TrainConfig:
     lin_weight: float = 0.0  # rolled-out vs encoded future latents; 0.1 drifted (val forecast MSE 0.49 vs 0.33)
     rec_weight: float = 1.0
     gap_share: float = 0.3  # share of training windows given an artificial sensor gap in their history
+    forecast_share: float = 0.5  # share of training windows given a (noisy) forecast of the future disturbances
+    forecast_noise: float = 0.3  # its error at the horizon's end (training std units), growing as sqrt(lead time)
     checkpoint_every: int = 10
     seed: int = 0
     threads: int = 2
@@ -261,6 +264,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append("data.max_missing must be in [0, 1)")
     if not 0 <= t.gap_share <= 1:
         problems.append("train.gap_share must be in [0, 1]")
+    if not 0 <= t.forecast_share <= 1 or t.forecast_noise < 0:
+        problems.append("train.forecast_share must be in [0, 1] and train.forecast_noise >= 0")
     if d.workers < 1:
         problems.append("data.workers must be >= 1")
     if d.executor != "local" and not d.executor.startswith("tcp://"):

@@ -20,7 +20,7 @@ import torch
 from modelcard.card import atomic_write
 from training.config import RunConfig, TrainConfig
 from training.model import KoVAE
-from training.prepare import Prepared, tensors
+from training.prepare import Prepared, disturbance_forecast, tensors
 
 MAX_NAN_RETRIES = 3
 
@@ -67,6 +67,25 @@ def with_sensor_gaps(
         target, col = (x_hist, var) if var < nx else (u_hist, var - nx)
         target[b, end - length : end, col] = float("nan")
     return x_hist, u_hist
+
+
+def with_disturbance_forecasts(
+    u_fut: torch.Tensor, x_fut: torch.Tensor, p: Prepared, share: float, noise: float, gen: torch.Generator
+) -> torch.Tensor:
+    """A copy of a batch's future known inputs where a ``share`` of the windows carry a noisy forecast of the
+    disturbances (flag 1); the others keep "unknown" (0, flag 0). One model learns to use a forecast and to do
+    without."""
+    d = p.disturbances
+    hit = torch.rand(len(u_fut), generator=gen) < share
+    if not d or not hit.any():
+        return u_fut
+    fc = disturbance_forecast(x_fut[hit], d, noise, gen)
+    known = torch.isfinite(fc)
+    a = p.known_offset()
+    u_fut = u_fut.clone()
+    u_fut[hit, :, a : a + len(d)] = torch.where(known, fc, 0.0)
+    u_fut[hit, :, a + len(d) : a + 2 * len(d)] = known.to(u_fut.dtype)
+    return u_fut
 
 
 def evaluate_loss(
@@ -177,6 +196,7 @@ def train(
             idx = order[b * t.batch_size : (b + 1) * t.batch_size]
             xh, uh, xf, uf = (d[idx] for d in train_data)
             xh, uh = with_sensor_gaps(xh, uh, len(p.catalog.controls), t.gap_share, gen)
+            uf = with_disturbance_forecasts(uf, xf, p, t.forecast_share, t.forecast_noise, gen)
             loss = model.losses(xh, uh, xf[:, :R], uf[:, :R], t, weights)["total"]
             if b == 0 and epoch in inject:
                 inject.remove(epoch)

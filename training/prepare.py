@@ -34,20 +34,32 @@ class Prepared:
     groups: dict[str, str] = field(default_factory=dict)  # scenario id -> evaluation group (regime or "later")
     test_scale: np.ndarray | None = None  # per variable, its std over all test scenarios (pooled skill's scale)
     catalog: Catalog = BSM1
+    disturbances: list[int] = field(default_factory=list)  # target positions taken as known inputs (influent)
+    forecast_noise: float = 0.3  # the error of a "noisy" disturbance forecast at the horizon (train.forecast_noise)
     missing: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> variable -> missing share
     dropped: dict[str, int] = field(default_factory=dict)  # split -> windows dropped for missing data
 
     def nx(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.x_mean) / self.x_std).astype(np.float32)
 
-    def nu(self, u: np.ndarray, minutes: np.ndarray) -> np.ndarray:
-        """The model's known inputs: scaled controls, then calendar features of the same steps."""
-        return known_inputs(u, minutes, (self.u_mean, self.u_std), self.calendar)
+    def nu(self, u: np.ndarray, minutes: np.ndarray, disturbances: np.ndarray | None = None) -> np.ndarray:
+        """The model's known inputs: scaled controls, calendar features of the same steps, then the disturbance
+        columns (z-scored values, NaN where unknown) when the model takes them."""
+        d = disturbances if self.disturbances else None
+        return known_inputs(u, minutes, (self.u_mean, self.u_std), self.calendar, d)
 
-    def inputs(self, w: Windows) -> tuple[np.ndarray, np.ndarray]:
-        """Known inputs over each window's history and future."""
+    def inputs(self, w: Windows, forecast: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Known inputs over each window's history (the disturbances as measured) and future (``forecast`` of
+        the disturbances, (N, H, n_d) z-scored; none: unknown)."""
         t_hist, t_fut = window_clock(w.t_last, w.u_hist.shape[1], w.u_fut.shape[1], self.catalog.sample_minutes)
-        return self.nu(w.u_hist, t_hist), self.nu(w.u_fut, t_fut)
+        d = self.disturbances
+        d_hist = self.nx(w.x_hist)[..., d]
+        d_fut = np.full((*w.u_fut.shape[:2], len(d)), np.nan) if forecast is None else forecast
+        return self.nu(w.u_hist, t_hist, d_hist), self.nu(w.u_fut, t_fut, d_fut)
+
+    def known_offset(self) -> int:
+        """Where the disturbance columns start in the known inputs (after the controls and the calendar)."""
+        return len(self.u_mean) + self.calendar.size
 
     def dx(self, x: np.ndarray) -> np.ndarray:
         return x * self.x_std + self.x_mean
@@ -103,12 +115,32 @@ def prepare(cfg: RunConfig) -> Prepared:
         {sid: d.group for sid, d in data.items()},
         np.maximum(np.nanstd(test_x, 0), 1e-12),
         catalog,
+        [i for i, v in enumerate(catalog.targets) if v.role == "disturbance"] if cfg.model.disturbance_inputs else [],
+        t.forecast_noise,
         missing,
         {k: w.dropped for k, w in windows.items()},
     )
 
 
-def tensors(p: Prepared, w: Windows) -> tuple[torch.Tensor, ...]:
-    """(x_hist, u_hist, x_fut, u_fut) normalised, the u's with their calendar columns."""
-    u_hist, u_fut = p.inputs(w)
-    return tuple(torch.from_numpy(a) for a in (p.nx(w.x_hist), u_hist, p.nx(w.x_fut), u_fut))
+def disturbance_forecast(
+    x_fut: torch.Tensor, disturbances: list[int], noise: float, gen: torch.Generator
+) -> torch.Tensor:
+    """A forecast of the disturbances (z-scored, (B, H, n_d)): the truth plus an error whose std grows as
+    sqrt(k / H) to ``noise`` at the horizon's end, as a sewer model's or a weather service's would."""
+    truth = x_fut[..., disturbances]
+    H = truth.shape[1]
+    growth = (torch.arange(1, H + 1, dtype=truth.dtype) / H).sqrt()[:, None]
+    return truth + noise * growth * torch.randn(truth.shape, generator=gen)
+
+
+def tensors(p: Prepared, w: Windows, forecast: str = "none", seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """(x_hist, u_hist, x_fut, u_fut) normalised, the u's with their calendar (and disturbance) columns.
+    ``forecast``: what the model is told of the future disturbances, "none", "noisy" (train.forecast_noise's
+    kind, seeded) or "perfect" (the truth)."""
+    x_fut = torch.from_numpy(p.nx(w.x_fut))
+    fc = None
+    if forecast != "none" and p.disturbances:
+        noise = 0.0 if forecast == "perfect" else p.forecast_noise
+        fc = disturbance_forecast(x_fut, p.disturbances, noise, torch.Generator().manual_seed(seed)).numpy()
+    u_hist, u_fut = p.inputs(w, fc)
+    return torch.from_numpy(p.nx(w.x_hist)), torch.from_numpy(u_hist), x_fut, torch.from_numpy(u_fut)

@@ -53,6 +53,22 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
             "measurements": card_variables(cat["measurements"], p.x_mean, p.x_std, p.x_range),
             "controls": card_variables(cat["controls"], p.u_mean, p.u_std, p.u_range),
             "calendar": p.calendar.to_card(),
+            **(
+                {
+                    "disturbance_inputs": {
+                        "variables": [p.catalog.targets[i].name for i in p.disturbances],
+                        "columns": "after the calendar: each one's z-scored value (0 when unknown), then a flag per "
+                        "variable (1 = known); the history carries the measured values, the horizon a forecast "
+                        "when the caller gives one",
+                        "trained_with": {
+                            "share": cfg.train.forecast_share,
+                            "noise_at_horizon": cfg.train.forecast_noise,
+                        },
+                    }
+                }
+                if p.disturbances
+                else {}
+            ),
             "control_timing": "a control value at time t is the mean applied over the interval ending at t",
         },
         "scaling": {"kind": "zscore", "where": "outside_graph", "formula": "(value - mean) / std"},

@@ -35,7 +35,7 @@ def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any
     names = p.catalog.target_names
     mean, samples = predict(model, p, w, cfg.train.calibration_samples, calib, seed=2)
     arx = {lags: ev.ARX(lags).fit(p.train_series) for lags in (1, 4)}
-    u_fut = p.inputs(w)[1]  # the baselines get the same known inputs as the KoVAE
+    u_fut = p.inputs(w)[1][..., : p.known_offset()]  # the baselines get the controls and the clock, as the KoVAE
     forecasts = {
         "kovae": mean,
         "persistence": ev.persistence(w),
@@ -61,6 +61,8 @@ def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any
     metrics["missing"] = p.missing
     metrics["dropped_windows"] = p.dropped
     metrics["history_gaps"] = gap_scores(model, p, calib)
+    if p.disturbances:
+        metrics["influent_forecast"] = forecast_scores(model, p, calib, metrics["regimes"])
     metrics["score"] = ev.gate_score(metrics["regimes"])
     metrics["score_rule"] = GATE_RULE
     return metrics, {"forecasts": forecasts, "samples": samples, "windows": w}
@@ -92,6 +94,18 @@ def gap_scores(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[str, di
         mean, _ = predict(model, p, w, 0, calib)
         table = ev.regime_table(mean, None, w, {k: "all" for k in p.groups}, p.test_scale, p.catalog.plant_positions())
         out[case] = table["all"]["pooled_skill_all"]
+    return out
+
+
+def forecast_scores(
+    model: KoVAE, p: Prepared, calib: dict[str, Any], without: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per regime, pooled skill with no forecast of the disturbances (the served default), a noisy one (the error
+    training adds: train.forecast_noise at the horizon, growing as sqrt(lead time)) and a perfect one."""
+    out = {"none": without}
+    for mode in ("noisy", "perfect"):
+        mean, _ = predict(model, p, p.test, 0, calib, seed=3, forecast=mode)
+        out[mode] = ev.regime_table(mean, None, p.test, p.groups, p.test_scale, p.catalog.plant_positions())
     return out
 
 
@@ -291,6 +305,18 @@ def report_markdown(
         ]
         names = {"none": "complete", "last_2h": "last 2 h missing", "quarter": "a quarter missing"}
         lines += [f"| {names[c]} | " + " | ".join(f"{v:.3f}" for v in r.values()) + " |" for c, r in gaps.items()]
+    forecasts = metrics.get("influent_forecast", {})
+    if forecasts:
+        steps = list(next(iter(forecasts["none"].values()))["pooled_skill_all"])
+        lead = [f"{int(s) * step / 60:g} h" for s in steps]
+        lines += ["", "Pooled skill with a forecast of the disturbances (influent) given as known inputs:", ""]
+        head = ["regime", "influent forecast", *[f"all {x}" for x in lead], *[f"plant {x}" for x in lead]]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for group in forecasts["none"]:
+            for mode, table in forecasts.items():
+                r = table[group]
+                cells = [f"{v:.3f}" for v in [*r["pooled_skill_all"].values(), *r["pooled_skill_plant"].values()]]
+                lines.append(f"| {group} | {mode} | " + " | ".join(cells) + " |")
     missing = metrics.get("missing", {})
     if any(share > 0 for split in missing.values() for share in split.values()):
         lines += ["", "Missing data (share of samples, after the import's bridging):", ""]
@@ -323,6 +349,12 @@ def print_headline(metrics: dict[str, Any], calib: dict[str, Any], catalog: Cata
     print("\npooled skill per regime, 1 - sqrt(NMSE / NMSE of the better naive forecast); < 0: worse than naive")
     print("\n".join(ev.regime_lines(metrics["regimes"], catalog.sample_minutes)))
     print(f"gate score {metrics['score']:.4f} ({metrics['score_rule']})")
+    for mode, table in metrics.get("influent_forecast", {}).items():
+        if mode != "none":
+            cells = "; ".join(
+                f"{g} " + "/".join(f"{v:.3f}" for v in r["pooled_skill_all"].values()) for g, r in table.items()
+            )
+            print(f"pooled skill (all) with a {mode} influent forecast: {cells}")
     gaps = metrics.get("history_gaps", {})
     if gaps:
         print(
