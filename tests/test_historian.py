@@ -215,6 +215,11 @@ def test_masked_losses_ignore_what_was_not_measured() -> None:
     per_step = torch.where(seen, served - torch.nan_to_num(x_fut), 0.0).pow(2).sum((0, 2)) / seen.sum((0, 2))
     assert float(losses["pred"]) == pytest.approx(float(per_step.mean()), rel=1e-5)
     assert torch.isfinite(served).all()
+    # The horizon-step weights come from persistence's error on the training windows: gaps are left out.
+    from training.loop import step_weights
+
+    weights = step_weights(x_hist, x_fut, power=1.0)
+    assert torch.isfinite(weights).all() and weights.mean() == pytest.approx(1.0)
 
 
 def test_sensor_gap_augmentation_spares_the_calendar() -> None:

@@ -42,8 +42,9 @@ def learning_rate(cfg: RunConfig, epoch: int) -> float:
 
 def step_weights(x_hist: torch.Tensor, x_fut: torch.Tensor, power: float) -> torch.Tensor:
     """(H,) weights of the horizon steps in the forecast loss: persistence's mean squared error at each step
-    (normalised units, over the given windows) to the power -``power``, scaled to mean 1. 0: equal weights."""
-    ref = ((x_fut - x_hist[:, -1:]) ** 2).mean((0, 2)).clamp_min(1e-6)
+    (normalised units, over the given windows, what was measured) to the power -``power``, scaled to mean 1.
+    0: equal weights."""
+    ref = ((x_fut - x_hist[:, -1:]) ** 2).nanmean((0, 2)).nan_to_num(1.0).clamp_min(1e-6)  # gaps: left out
     w = ref ** (-power)
     return w / w.mean()
 
