@@ -396,3 +396,26 @@ def test_served_accuracy_with_a_sensor_down_is_what_the_report_states(trained_st
     table = ev.regime_table(mean, None, w, {k: "all" for k in p.groups}, p.test_scale, p.catalog.plant_positions())
     stated = metrics["history_gaps"]["last_2h"]
     assert table["all"]["pooled_skill_all"] == pytest.approx(stated, abs=2e-3)
+
+
+def test_naive_blends_are_refitted_only_where_held_out_validation_says_so(trained_store, tiny_cfg) -> None:
+    """The blend weights towards the naive forecasts are refitted on validation at the lead times where refits
+    on either half beat the learned weights on the other half; elsewhere the learned weights stay. At the
+    refitted steps the validation error does not grow."""
+    from export.onnx_export import load_model
+    from training import evaluate as ev
+
+    store, version = trained_store
+    model, card = load_model(store / version)
+    p = preparation.prepare(tiny_cfg)
+    calib = {"residual_decay": card["calibration"]["residual_decay"]}
+    before_s, before_q = model.seasonal_logit.data.clone(), model.persistence_logit.data.clone()
+    before = ev.nmse_by_step(calibration.predict(model, p, p.val, 0, calib)[0], p.val.x_fut, p.x_std)
+    steps = calibration.fit_naive_blends(model, p, calib)["refitted_steps"]
+    after = ev.nmse_by_step(calibration.predict(model, p, p.val, 0, calib)[0], p.val.x_fut, p.x_std)
+    changed = [k + 1 for k in range(before_q.shape[0]) if not torch.equal(before_q[k], model.persistence_logit[k])]
+    assert steps and set(changed) <= set(steps)
+    kept = [k for k in range(before_s.shape[0]) if k + 1 not in steps]
+    assert torch.equal(before_s[kept], model.seasonal_logit.data[kept])
+    idx = np.array(steps) - 1
+    assert np.all(after[idx] <= before[idx] * 1.001)
