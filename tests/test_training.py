@@ -148,7 +148,10 @@ def test_tiny_model_beats_persistence_on_held_out_scenarios(trained_store) -> No
     assert head["kovae"] and set(head["kovae"]) == set(head["persistence"])  # the loop below must run
     for h in head["kovae"]:
         assert head["kovae"][h]["nrmse_all"] < head["persistence"][h]["nrmse_all"]
-        assert head["kovae"][h]["skill_vs_persistence"] > 0
+    # At its longest horizon it beats the better of persistence and seasonal naive (pooled skill > 0). The mean
+    # of per-variable ratios to persistence is not asserted: a variable that hardly moves swings it.
+    longest = metrics["regimes"]["all"]["pooled_skill_all"]
+    assert longest[max(longest, key=int)] > 0
     assert 0.6 < metrics["coverage_80_test"] < 0.95
     assert current_version(store) == version
     for name in (
