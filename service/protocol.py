@@ -523,9 +523,8 @@ def run_plans(rt: ModelRuntime, d: DecodedRequest, i: int, rng: np.random.Genera
     per_call = max(1, chunk_work // (max(d.samples, 1) * d.horizon))
     means, quantiles = [], []
     for start in range(0, len(plans), per_call):
-        fc = rt.predict_plans(
-            d.x_hist[i], d.u_hist[i], plans[start : start + per_call], d.last_minute[i], d.samples, rng
-        )
+        chunk = plans[start : start + per_call]
+        fc = rt.predict_plans(d.x_hist[i], d.u_hist[i], chunk, d.last_minute[i], d.samples, rng, d.d_fut[i])
         means.append(fc.mean)
         if fc.samples is not None:
             quantiles.append(np.quantile(fc.samples, d.quantiles, axis=1))  # (Q, plans, H, n_x)

@@ -467,6 +467,18 @@ def test_plans_roll_one_history_out_under_many_control_plans(serve, trained_stor
             assert summary["min"] <= summary["mean"] <= summary["max"]
     assert out["plans"][0]["forecast"] != out["plans"][1]["forecast"]  # the plans differ, so do the forecasts
 
+    # An influent forecast reaches every plan, as it reaches a series with future_controls.
+    influent = {"Q_in": [float(rt.x_mean[0] * 1.5)] * H}
+    with_influent = json.loads(json.dumps(body))
+    with_influent["series"][0]["future_disturbances"] = influent
+    planned = server.client.post("/forecast", json=with_influent).json()["series"][0]["plans"][0]["forecast"]
+    single = json.loads(json.dumps(with_influent))
+    single["series"][0].pop("plans")
+    single["series"][0]["future_controls"] = first
+    alone = server.client.post("/forecast", json=single).json()["series"][0]["forecast"]
+    assert np.allclose(planned["SNH_eff"]["mean"], alone["SNH_eff"]["mean"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(planned["SNH_eff"]["mean"], out["plans"][0]["forecast"]["SNH_eff"]["mean"], rtol=1e-6)
+
     def refused(change: dict, field: str) -> str:
         bad = json.loads(json.dumps(body))
         bad["series"][0].update(change)
