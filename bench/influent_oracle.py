@@ -29,7 +29,7 @@ from training.config import load_config
 from training.data import Windows
 
 MEASUREMENTS = BSM1.targets
-INFLUENT = [i for i, v in enumerate(MEASUREMENTS) if v.role == "disturbance"]
+INFLUENT = BSM1.disturbance_positions()
 
 
 class InfluentKnown(preparation.Prepared):

@@ -248,6 +248,15 @@ def disturbance_columns(values: np.ndarray) -> np.ndarray:
     return np.concatenate([np.where(known, values, 0.0), known], -1).astype(np.float32)
 
 
+def last_observed(x: np.ndarray) -> np.ndarray:
+    """(..., L, n) -> (..., n): each variable's last value that is not missing (NaN) over the L steps, NaN where
+    none is. Persistence after a sensor gap, and what holding a control means after one."""
+    seen = ~np.isnan(x)
+    last = x.shape[-2] - 1 - np.argmax(seen[..., ::-1, :], axis=-2)  # index of the last seen step
+    value = np.take_along_axis(x, last[..., None, :], axis=-2)[..., 0, :]
+    return np.where(seen.any(-2), value, np.nan)
+
+
 def minutes_since_monday(t: datetime) -> float:
     """Clock position of a timestamp in its own UTC offset, the calendar's input."""
     return t.weekday() * MINUTES_PER_DAY + t.hour * 60 + t.minute + t.second / 60

@@ -81,10 +81,7 @@ class ModelRuntime:
         d_fut (B, H, n_d): a forecast of the disturbances (``self.disturbances``), NaN where there is none.
         """
         batch, horizon = u_fut.shape[0], u_fut.shape[1]
-        # No samples asked for: an empty noise tensor, and the graph's sample path costs nothing.
-        noise = np.zeros((batch, n_samples, horizon, self.z_dim), np.float32)
-        if n_samples > 0:
-            noise[:] = (rng or np.random.default_rng()).standard_normal(noise.shape, dtype=np.float32)
+        noise = self._noise(batch, n_samples, horizon, rng)
         t_hist, t_fut = window_clock(last_minute, x_hist.shape[1], horizon, self.step_minutes)
         d_hist, d_fut = self._disturbances(x_hist, d_fut, batch, horizon)
         feeds = {
@@ -94,6 +91,14 @@ class ModelRuntime:
             "noise": noise,
         }
         return self._run(self.session, feeds, n_samples)
+
+    def _noise(self, batch: int, n_samples: int, horizon: int, rng: np.random.Generator | None) -> np.ndarray:
+        """Standard-normal draws for the samples; none asked for: an empty tensor, and the graph's sample path
+        costs nothing."""
+        noise = np.zeros((batch, n_samples, horizon, self.z_dim), np.float32)
+        if n_samples > 0:
+            noise[:] = (rng or np.random.default_rng()).standard_normal(noise.shape, dtype=np.float32)
+        return noise
 
     def _disturbances(
         self, x_hist: np.ndarray, d_fut: np.ndarray | None, batch: int, horizon: int
@@ -127,9 +132,7 @@ class ModelRuntime:
         if self.plans_session is None:
             raise ValueError(f"version {self.version} has no plans graph (re-export it: python -m export)")
         n_plans, horizon = plans.shape[0], plans.shape[1]
-        noise = np.zeros((n_plans, n_samples, horizon, self.z_dim), np.float32)
-        if n_samples > 0:
-            noise[:] = (rng or np.random.default_rng()).standard_normal(noise.shape, dtype=np.float32)
+        noise = self._noise(n_plans, n_samples, horizon, rng)
         t_hist, t_fut = window_clock(np.array([last_minute]), x_hist.shape[0], horizon, self.step_minutes)
         d_hist, d_one = self._disturbances(x_hist[None], None if d_fut is None else d_fut[None], 1, horizon)
         d_all = None if d_one is None else np.repeat(d_one, n_plans, 0)

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import to_json
 
-from modelcard.card import minutes_since_monday
+from modelcard.card import last_observed, minutes_since_monday
 from modelcard.runtime import ModelRuntime
 from service.settings import Settings
 
@@ -284,13 +284,6 @@ def gap_counts(arr: np.ndarray, names: list[str]) -> dict[str, int]:
     return {names[j]: int(counts[j]) for j in np.flatnonzero(counts)}
 
 
-def last_values(arr: np.ndarray) -> np.ndarray:
-    """(n,): each column's last value that is not missing (what holding a control means after a gap)."""
-    seen = ~np.isnan(arr)
-    last = arr.shape[0] - 1 - np.argmax(seen[::-1], axis=0)
-    return arr[last, np.arange(arr.shape[1])]
-
-
 def input_limits(
     physical: tuple[np.ndarray, np.ndarray], seen: tuple[np.ndarray, np.ndarray] | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -439,7 +432,7 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
             ]
             uf = None if any(a is None for a in per_plan) else np.stack(per_plan)
         elif s.hold_controls:
-            uf = None if u is None else np.repeat(last_values(u)[None], H, 0)
+            uf = None if u is None else np.repeat(last_observed(u)[None], H, 0)
         elif s.future_controls is None:
             errors.append({"field": f"{where}.future_controls", "message": "missing (or set hold_controls: true)"})
             continue

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelcard.card import last_observed
 from training import evaluate as ev
 from training.config import RunConfig
 from training.data import Windows
@@ -61,7 +62,7 @@ def naive_forecasts(w: Windows, season: int) -> tuple[np.ndarray, np.ndarray]:
     idx = k + L - 1 - season
     yesterday = w.x_hist[:, np.clip(idx, 0, L - 1)].astype(np.float64)
     yesterday[:, (idx < 0) | (k > season)] = np.nan
-    return yesterday, np.repeat(ev.last_observed(w.x_hist)[:, None], H, 1).astype(np.float64)
+    return yesterday, np.repeat(last_observed(w.x_hist)[:, None], H, 1).astype(np.float64)
 
 
 def fit_naive_blends(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[str, Any]:

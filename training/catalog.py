@@ -71,6 +71,10 @@ class Catalog:
     def steps_per_day(self) -> int:
         return 24 * 60 // self.sample_minutes
 
+    def disturbance_positions(self) -> list[int]:
+        """Positions among the targets of the disturbances (role disturbance: the influent)."""
+        return [i for i, v in enumerate(self.targets) if v.role == "disturbance"]
+
     def plant_positions(self) -> list[int]:
         """Positions among the targets of the plant's own states (role measurement), the influent left out."""
         return [i for i, v in enumerate(self.targets) if v.role == "measurement"]

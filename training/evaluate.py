@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from modelcard.card import Calendar
+from modelcard.card import Calendar, last_observed
 from training.data import Windows
 
 HEADLINE_HORIZONS = (20, 96)  # 5 h and 24 h at 15-minute steps
@@ -19,14 +19,6 @@ HEADLINE_HORIZONS = (20, 96)  # 5 h and 24 h at 15-minute steps
 def headline_horizons(max_horizon: int) -> tuple[int, ...]:
     """The headline horizons a model reaches; a short-horizon model (tests) is judged at its longest."""
     return tuple(h for h in HEADLINE_HORIZONS if h <= max_horizon) or (max_horizon,)
-
-
-def last_observed(x_hist: np.ndarray) -> np.ndarray:
-    """(N, nx): each variable's last value that is not missing in the history (NaN if none)."""
-    seen = ~np.isnan(x_hist)
-    last = x_hist.shape[1] - 1 - np.argmax(seen[:, ::-1], axis=1)  # (N, nx) index of the last seen step
-    out = np.take_along_axis(x_hist, last[:, None], axis=1)[:, 0]
-    return np.where(seen.any(1), out, np.nan)
 
 
 def forward_filled(x: np.ndarray) -> np.ndarray:

@@ -178,10 +178,10 @@ def resample(table: Table, catalog: Catalog) -> tuple[np.ndarray, np.ndarray, np
         with np.errstate(invalid="ignore", divide="ignore"):
             out[:, j] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
         missing_before = int(np.isnan(out[:, j]).sum())
-        bridged = bridge(out[:, j], int(v.max_gap_minutes // catalog.sample_minutes))
+        bridge(out[:, j], int(v.max_gap_minutes // catalog.sample_minutes))
         report[v.name] = {
             "missing_share": float(np.isnan(out[:, j]).mean()),
-            "bridged_samples": missing_before - int(np.isnan(out[:, j]).sum()) if bridged else 0,
+            "bridged_samples": missing_before - int(np.isnan(out[:, j]).sum()),
         }
     # Clock minutes of each grid point in the plant's local time: the UTC offset of the export's own record in
     # (or last before) that interval, so the plant's clock is what its historian wrote.
@@ -192,18 +192,11 @@ def resample(table: Table, catalog: Catalog) -> tuple[np.ndarray, np.ndarray, np
     return grid, clock, out, report
 
 
-def bridge(col: np.ndarray, max_steps: int) -> bool:
-    """Linear interpolation, in place, across interior gaps of at most ``max_steps`` samples; True if any."""
-    if max_steps <= 0:
-        return False
-    nan = np.isnan(col)
-    idx = np.flatnonzero(~nan)
-    done = False
-    for a, b in pairwise(idx):
+def bridge(col: np.ndarray, max_steps: int) -> None:
+    """Linear interpolation, in place, across interior gaps of at most ``max_steps`` samples."""
+    for a, b in pairwise(np.flatnonzero(~np.isnan(col))):
         if 1 < b - a <= max_steps + 1:
             col[a + 1 : b] = np.interp(np.arange(a + 1, b), [a, b], [col[a], col[b]])
-            done = True
-    return done
 
 
 def split_blocks(n: int, shares: tuple[float, float], gap: int) -> dict[str, slice]:
@@ -236,10 +229,9 @@ def import_table(
 
     table = read_table(source, catalog)
     grid, clock, values, report = resample(table, catalog)
-    ids = [v.name for v in catalog.targets], [v.name for v in catalog.controls]
     pos = {v.name: j for j, v in enumerate(catalog.variables)}
-    x = values[:, [pos[n] for n in ids[0]]]
-    u = values[:, [pos[n] for n in ids[1]]]
+    x = values[:, [pos[n] for n in catalog.target_names]]
+    u = values[:, [pos[n] for n in catalog.control_names]]
     blocks = split_blocks(len(grid), shares, history + horizon)
     out_dir.mkdir(parents=True, exist_ok=True)
     scenarios, digest = {}, hashlib.sha256()

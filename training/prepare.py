@@ -88,16 +88,12 @@ def prepare(cfg: RunConfig) -> Prepared:
         },
     }
     names = [*catalog.target_names, *catalog.control_names]
-    missing = {
-        k: dict(
-            zip(
-                names,
-                np.isnan(np.concatenate([np.concatenate([d.x, d.u], 1) for d in part])).mean(0).tolist(),
-                strict=True,
-            )
-        )
-        for k, part in ((k, [data[i] for i in ids[k]]) for k in ("train", "val", "test"))
-    }
+
+    def missing_share(ids_: tuple[str, ...]) -> dict[str, float]:
+        both = np.concatenate([np.concatenate([data[i].x, data[i].u], 1) for i in ids_])
+        return dict(zip(names, np.isnan(both).mean(0).tolist(), strict=True))
+
+    missing = {k: missing_share(ids[k]) for k in ("train", "val", "test")}
     return Prepared(
         x_mean,
         x_std,
@@ -115,7 +111,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         {sid: d.group for sid, d in data.items()},
         np.maximum(np.nanstd(test_x, 0), 1e-12),
         catalog,
-        [i for i, v in enumerate(catalog.targets) if v.role == "disturbance"] if cfg.model.disturbance_inputs else [],
+        catalog.disturbance_positions() if cfg.model.disturbance_inputs else [],
         t.forecast_noise,
         missing,
         {k: w.dropped for k, w in windows.items()},

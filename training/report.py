@@ -60,7 +60,7 @@ def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any
     metrics["regimes"] = ev.regime_table(mean, samples, w, p.groups, p.test_scale, p.catalog.plant_positions())
     metrics["missing"] = p.missing
     metrics["dropped_windows"] = p.dropped
-    metrics["history_gaps"] = gap_scores(model, p, calib)
+    metrics["history_gaps"] = gap_scores(model, p, calib, metrics["regimes"])
     if p.disturbances:
         metrics["influent_forecast"] = forecast_scores(model, p, calib, metrics["regimes"])
     metrics["score"] = ev.gate_score(metrics["regimes"])
@@ -84,13 +84,15 @@ def with_gap(w: Windows, case: str, sample_minutes: int, seed: int = 0) -> Windo
     return replace(w, x_hist=x)
 
 
-def gap_scores(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Pooled skill (all variables, all held-out windows) with sensor gaps in the history: none, one sensor's
-    last 2 hours, a quarter of one sensor's history. The naive references see the same gaps (persistence holds
-    the last value before the gap)."""
-    out = {}
-    for case in ("none", "last_2h", "quarter"):
-        w = p.test if case == "none" else with_gap(p.test, case, p.catalog.sample_minutes)
+def gap_scores(
+    model: KoVAE, p: Prepared, calib: dict[str, Any], complete: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """Pooled skill (all variables, all held-out windows) with sensor gaps in the history: none (``complete``,
+    the regime table already scored), one sensor's last 2 hours, a quarter of one sensor's history. The naive
+    references see the same gaps (persistence holds the last value before the gap)."""
+    out = {"none": complete["all"]["pooled_skill_all"]}
+    for case in ("last_2h", "quarter"):
+        w = with_gap(p.test, case, p.catalog.sample_minutes)
         mean, _ = predict(model, p, w, 0, calib)
         table = ev.regime_table(mean, None, w, {k: "all" for k in p.groups}, p.test_scale, p.catalog.plant_positions())
         out[case] = table["all"]["pooled_skill_all"]
@@ -136,7 +138,7 @@ def plot_variables(p: Prepared, w: Any, count: int = 6) -> list[int]:
     then the plant measurements that move most on the held-out windows (in units of their training std)."""
     moving = np.nanstd(w.x_fut, axis=(0, 1)) / p.x_std
     plant = sorted(p.catalog.plant_positions(), key=lambda i: -moving[i])
-    first = [i for i, v in enumerate(p.catalog.targets) if v.role == "disturbance"][:1]
+    first = p.catalog.disturbance_positions()[:1]
     return (first + plant)[:count]
 
 
