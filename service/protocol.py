@@ -80,6 +80,11 @@ class SeriesIn(BaseModel):
         "(e.g. an MPC's or an operator's options); the history is encoded once and each plan rolled out. The "
         "series then answers with plans in the same order",
     )
+    plan_forecasts: bool = Field(
+        True,
+        description="with plans, false: each plan answers its summary only, no forecast (1,000 plans of 96 steps: "
+        "about 2 MB instead of 32 MB); ask again with the chosen plan for its forecast",
+    )
 
 
 class ForecastRequest(BaseModel):
@@ -144,7 +149,7 @@ class PlanSummary(BaseModel):
 
 class PlanOut(BaseModel):
     name: str
-    forecast: dict[str, VariableForecast]
+    forecast: dict[str, VariableForecast] = Field(description="as a series' forecast; empty with plan_forecasts false")
     summary: dict[str, PlanSummary] = Field(description="per variable, over the horizon: what plans are compared by")
     clipped: list[Clipped] = Field(default_factory=list)
 
@@ -173,6 +178,7 @@ class DecodedRequest:
     warnings: list[list[dict[str, Any]]] = field(default_factory=list)  # per series
     gaps: list[dict[str, int]] = field(default_factory=list)  # per series: input name -> missing samples
     plan_names: list[list[str] | None] = field(default_factory=list)  # per series: its plans' names, or None
+    plan_forecasts: list[bool] = field(default_factory=list)  # per series: answer each plan's forecast too
     d_fut: list[np.ndarray] = field(default_factory=list)  # per series (H, n_d) disturbance forecast, NaN: none
     horizon: int = 0
     quantiles: list[float] = field(default_factory=list)
@@ -450,6 +456,7 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
         out.ids.append(s.id)
         out.gaps.append({**gap_counts(x, rt.measurements), **gap_counts(u, rt.controls)})
         out.plan_names.append(names)
+        out.plan_forecasts.append(s.plan_forecasts)
         out.d_fut.append(d_fut)
         out.warnings.append(
             _range_warnings(x, rt.measurements, f"{where}.measurements", rt.x_range)
@@ -511,9 +518,11 @@ def run_piece(
 
 
 def run_plans(rt: ModelRuntime, d: DecodedRequest, i: int, rng: np.random.Generator, chunk_work: int) -> SeriesResult:
-    """One history under its plans: the encoder runs once per call, over as many plans as ``chunk_work`` allows."""
+    """One history under its plans: the encoder runs once per call."""
     plans = d.u_fut[i]
-    per_call = max(1, chunk_work // (max(d.samples, 1) * d.horizon))
+    # Means of all plans in one call (the runtime decodes them step by step, in little memory); with samples,
+    # as many plans as chunk_work allows.
+    per_call = len(plans) if d.samples == 0 else max(1, chunk_work // (d.samples * d.horizon))
     means, quantiles = [], []
     for start in range(0, len(plans), per_call):
         chunk = plans[start : start + per_call]
@@ -540,34 +549,54 @@ def pieces(rt: ModelRuntime, d: DecodedRequest, chunk_work: int) -> Iterator[Cal
 # ----------------------------------------------------------------------------- response
 
 
-def _clip(values: np.ndarray, lo: float, hi: float, name: str, output: str, notes: list[dict[str, Any]]) -> list:
-    low, high = int(np.sum(values < lo)), int(np.sum(values > hi))
-    if low:
-        notes.append({"variable": name, "output": output, "values": low, "bound": "min"})
-    if high:
-        notes.append({"variable": name, "output": output, "values": high, "bound": "max"})
-    return np.clip(values, lo, hi).tolist()
-
-
-def encode_forecast(
-    rt: ModelRuntime, d: DecodedRequest, mean: np.ndarray, quantiles: np.ndarray | None, clipped: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """Per variable: unit, mean and quantiles (H values each), held within the physical bounds (noted in
-    ``clipped``)."""
+def encode_forecasts(
+    rt: ModelRuntime, d: DecodedRequest, mean: np.ndarray, quantiles: np.ndarray | None, values: bool = True
+) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Per forecast in ``mean`` (F, H, n_x) (quantiles (Q, F, H, n_x)): per variable its unit, mean and
+    quantiles (H values each) held within the physical bounds (``values`` false: none, {}), and notes of what
+    was clipped. One pass over all F at once: a series with 1,000 plans has 17,000 variable forecasts."""
     lo, hi = rt.x_bounds
-    per_var = {}
-    for j, name in enumerate(rt.measurements):
-        qs = {}
-        if quantiles is not None:
-            for q, values in zip(d.quantiles, quantiles[:, :, j], strict=True):
-                key = quantile_key(q)
-                qs[key] = _clip(values, lo[j], hi[j], name, f"quantiles.{key}", clipped)
-        per_var[name] = {
-            "unit": rt.units[name],
-            "mean": _clip(mean[:, j], lo[j], hi[j], name, "mean", clipped),
-            "quantiles": qs,
+    keys = [quantile_key(q) for q in d.quantiles] if quantiles is not None else []
+    outputs = [(f"quantiles.{k}", v) for k, v in zip(keys, quantiles if quantiles is not None else [], strict=True)]
+    outputs.append(("mean", mean))  # the notes' order: each variable's quantiles, then its mean
+    counts = np.stack([np.stack([(v < lo).sum(1), (v > hi).sum(1)], -1) for _, v in outputs], 2)  # (F, n_x, O, 2)
+    lists = [np.clip(v, lo, hi).transpose(0, 2, 1).tolist() if values else [] for _, v in outputs]  # [o][f][var]
+    encoded = []
+    for f in range(len(mean)):
+        clipped = (
+            [
+                {
+                    "variable": name,
+                    "output": outputs[o][0],
+                    "values": int(counts[f, j, o, b]),
+                    "bound": ("min", "max")[b],
+                }
+                for j, name in enumerate(rt.measurements)
+                for o, b in zip(*np.nonzero(counts[f, j]), strict=True)
+            ]
+            if counts[f].any()
+            else []
+        )
+        per_var = {
+            name: {
+                "unit": rt.units[name],
+                "mean": lists[-1][f][j],
+                "quantiles": {k: lists[o][f][j] for o, k in enumerate(keys)},
+            }
+            for j, name in enumerate(rt.measurements)
+            if values
         }
-    return per_var
+        encoded.append((per_var, clipped))
+    return encoded
+
+
+def plan_summaries(rt: ModelRuntime, mean: np.ndarray) -> list[dict[str, dict[str, float]]]:
+    """Per plan, per variable over the horizon of the clipped mean (P, H, n_x): mean, min, max and final value,
+    what plans are compared by."""
+    m = np.clip(mean, *rt.x_bounds)
+    stats = np.stack([m.mean(1), m.min(1), m.max(1), m[:, -1]], -1).tolist()  # [plan][var][stat]
+    keys = ("mean", "min", "max", "final")
+    return [{name: dict(zip(keys, row[j], strict=True)) for j, name in enumerate(rt.measurements)} for row in stats]
 
 
 def encode_series(rt: ModelRuntime, d: DecodedRequest, i: int, res: SeriesResult) -> dict[str, Any]:
@@ -580,23 +609,14 @@ def encode_series(rt: ModelRuntime, d: DecodedRequest, i: int, res: SeriesResult
     out: dict[str, Any] = {"id": d.ids[i], "timestamps": d.future_times[i], "forecast": {}, "clipped": []}
     names = d.plan_names[i]
     if names is None:
-        out["forecast"] = encode_forecast(rt, d, res.mean, res.quantiles, out["clipped"])
+        qs = None if res.quantiles is None else res.quantiles[:, None]
+        out["forecast"], out["clipped"] = encode_forecasts(rt, d, res.mean[None], qs)[0]
     else:
-        out["plans"] = []
-        for k, name in enumerate(names):
-            clipped: list[dict[str, Any]] = []
-            qs = None if res.quantiles is None else res.quantiles[:, k]
-            forecast = encode_forecast(rt, d, res.mean[k], qs, clipped)
-            summary = {
-                var: {
-                    "mean": float(np.mean(f["mean"])),
-                    "min": min(f["mean"]),
-                    "max": max(f["mean"]),
-                    "final": f["mean"][-1],
-                }
-                for var, f in forecast.items()
-            }
-            out["plans"].append({"name": name, "forecast": forecast, "summary": summary, "clipped": clipped})
+        forecasts = encode_forecasts(rt, d, res.mean, res.quantiles, values=d.plan_forecasts[i])
+        out["plans"] = [
+            {"name": name, "forecast": forecast, "summary": summary, "clipped": clipped}
+            for name, (forecast, clipped), summary in zip(names, forecasts, plan_summaries(rt, res.mean), strict=True)
+        ]
     return {**out, "warnings": d.warnings[i], "gaps": d.gaps[i]}
 
 

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from modelcard.runtime import ModelRuntime
+from modelcard.runtime import SAMPLE_ROWS, ModelRuntime
 from modelcard.store import POINTER, current_version
 from tests.conftest import ROOT, clone_version
 
@@ -439,6 +439,25 @@ def test_sensor_gaps_in_the_history_are_forecast_through_up_to_the_cards_limit(s
     assert r.status_code == 422 and "future_controls" in r.text
 
 
+def test_many_plans_run_in_chunks_each_as_its_own_series(rt) -> None:
+    """Plans with samples run SAMPLE_ROWS trajectories at a time: every plan's mean and samples are what the
+    ordinary graph gives the history repeated, in order, with the same noise (without samples: one run)."""
+    rng = np.random.default_rng(3)
+    L, H, n = rt.card["history"]["length"], 6, SAMPLE_ROWS + 45
+    x = rt.x_mean + 0.2 * rt.x_std * rng.standard_normal((L, len(rt.x_mean)))
+    u = rt.u_mean + 0.2 * rt.u_std * rng.standard_normal((L, len(rt.u_mean)))
+    plans = rt.u_mean + 0.3 * rt.u_std * rng.standard_normal((n, H, len(rt.u_mean)))
+    for samples in (0, 3):
+        got = rt.predict_plans(x, u, plans, 600.0, samples, np.random.default_rng(7))
+        xs, us = np.repeat(x[None], n, 0), np.repeat(u[None], n, 0)
+        want = rt.predict(xs, us, plans, np.full(n, 600.0), samples, np.random.default_rng(7))
+        assert got.mean.shape == (n, H, len(rt.x_mean))
+        assert np.allclose(got.mean, want.mean, rtol=1e-5, atol=1e-5 * rt.x_std)
+        if samples:
+            assert got.samples.shape == want.samples.shape
+            assert np.allclose(got.samples, want.samples, rtol=1e-5, atol=1e-5 * rt.x_std)
+
+
 def test_plans_roll_one_history_out_under_many_control_plans(serve, trained_store, rt) -> None:
     """A series with plans answers one forecast per plan, in order, each the forecast the same history would
     get with that plan as its future_controls, with a summary per variable. Mixing plans with future_controls,
@@ -478,6 +497,13 @@ def test_plans_roll_one_history_out_under_many_control_plans(serve, trained_stor
     alone = server.client.post("/forecast", json=single).json()["series"][0]["forecast"]
     assert np.allclose(planned["SNH_eff"]["mean"], alone["SNH_eff"]["mean"], rtol=1e-5, atol=1e-6)
     assert not np.allclose(planned["SNH_eff"]["mean"], out["plans"][0]["forecast"]["SNH_eff"]["mean"], rtol=1e-6)
+
+    # Summaries only: the same summaries and clip notes, no forecasts.
+    brief = json.loads(json.dumps(body))
+    brief["series"][0]["plan_forecasts"] = False
+    short = server.client.post("/forecast", json=brief).json()["series"][0]["plans"]
+    assert [p["forecast"] for p in short] == [{}, {}]
+    assert [(p["summary"], p["clipped"]) for p in short] == [(p["summary"], p["clipped"]) for p in out["plans"]]
 
     def refused(change: dict, field: str) -> str:
         bad = json.loads(json.dumps(body))

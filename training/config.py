@@ -66,6 +66,7 @@ class ModelConfig:
     dropout: float = 0.2
     layer_norm: bool = True  # on the encoder's GRU output
     decoder_layers: int = 2
+    decoder_dim: int = 0  # hidden width of the decoder (0: h_dim, as in cards written before it)
     calendar_daily: int = 2  # sin/cos harmonics of the time of day, known inputs beside the controls (0: none)
     calendar_weekly: int = 2  # sin/cos harmonics of the time of week (weekend flows are lower)
     disturbance_inputs: bool = True  # the disturbances (influent) as known inputs: measured, and forecast if given

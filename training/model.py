@@ -133,10 +133,10 @@ class KoVAE(nn.Module):
         # No LayerNorm in the decoder: it would make x blind to the scale of z, so latents could drift in
         # scale freely (inflating the KL) and forecast samples could not spread beyond a fixed width.
         layers: list[nn.Module] = []
-        width = cfg.z_dim
+        width, hidden = cfg.z_dim, cfg.decoder_dim or cfg.h_dim
         for _ in range(cfg.decoder_layers):
-            layers += [nn.Linear(width, cfg.h_dim), nn.SiLU(), nn.Dropout(cfg.dropout)]
-            width = cfg.h_dim
+            layers += [nn.Linear(width, hidden), nn.SiLU(), nn.Dropout(cfg.dropout)]
+            width = hidden
         layers.append(nn.Linear(width, x_dim))
         self.decoder = nn.Sequential(*layers)
         # Fading of the decoder's miss at the last history step, per variable: g = sigmoid(a) in (0, 1).
@@ -178,11 +178,14 @@ class KoVAE(nn.Module):
             weight = torch.sigmoid(self.seasonal_logit)[(k - 1).clamp(max=P - 1)] * valid  # (H, x)
             yesterday = x_hist[:, idx.clamp(0, L - 1)]
             yesterday = yesterday.unsqueeze(1) if samples else yesterday
-            forecast = forecast + weight * torch.nan_to_num(yesterday - forecast, nan=0.0)
+            # Missing values are masked on the history's side, which may be one row for many plans (export).
+            seen = ~torch.isnan(yesterday)
+            forecast = forecast + weight * seen * (torch.where(seen, yesterday, 0.0) - forecast)
         last = last_measured(x_hist).unsqueeze(-2)  # (batch, 1, x)
         last = last.unsqueeze(1) if samples else last
         q = torch.sigmoid(self.persistence_logit)[(k - 1).clamp(max=self.persistence_logit.shape[0] - 1)]
-        return forecast + q * torch.nan_to_num(last - forecast, nan=0.0)
+        seen = ~torch.isnan(last)
+        return forecast + q * seen * (torch.where(seen, last, 0.0) - forecast)
 
     def rollout(self, z0: torch.Tensor, u_fut: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """z[k] for k = 1..H under the future controls; optional standard-normal noise (batch, H, z)."""
