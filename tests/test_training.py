@@ -401,6 +401,19 @@ def test_served_accuracy_with_a_sensor_down_is_what_the_report_states(trained_st
     assert table["all"]["pooled_skill_all"] == pytest.approx(stated, abs=2e-3)
 
 
+def test_blend_weights_fit_one_weight_where_the_naive_forecasts_coincide() -> None:
+    """Where the day-earlier and the last value are the same regressor (a day ahead) the least squares is
+    singular: the weight towards the last value is fitted alone. Elsewhere both weights come back exactly."""
+    rng = np.random.default_rng(0)
+    A, B = rng.standard_normal((500, 2, 3)), rng.standard_normal((500, 2, 3))
+    A[:, 1] = B[:, 1]  # step 2: the two naive forecasts coincide
+    T = 0.3 * A + 0.6 * B
+    T[:, 1] = 0.7 * B[:, 1]
+    s, q = calibration.blend_weights(A, B, T)
+    assert np.allclose(q[0], 0.6) and np.allclose(s[0], 0.3 / (1 - 0.6))
+    assert np.allclose(q[1], 0.7) and np.allclose(s[1], 0.0)
+
+
 def test_naive_blends_are_refitted_only_where_held_out_validation_says_so(trained_store, tiny_cfg) -> None:
     """The blend weights towards the naive forecasts are refitted on validation at the lead times where refits
     on either half beat the learned weights on the other half; elsewhere the learned weights stay. At the
@@ -412,6 +425,9 @@ def test_naive_blends_are_refitted_only_where_held_out_validation_says_so(traine
     model, card = load_model(store / version)
     p = preparation.prepare(tiny_cfg)
     calib = {"residual_decay": card["calibration"]["residual_decay"]}
+    with torch.no_grad():  # the weights training starts from (the stored ones are refitted already)
+        model.seasonal_logit.fill_(-3.0)
+        model.persistence_logit.fill_(-3.0)
     before_s, before_q = model.seasonal_logit.data.clone(), model.persistence_logit.data.clone()
     before = ev.nmse_by_step(calibration.predict(model, p, p.val, 0, calib)[0], p.val.x_fut, p.x_std)
     steps = calibration.fit_naive_blends(model, p, calib)["refitted_steps"]

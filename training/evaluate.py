@@ -175,7 +175,7 @@ def pooled_skill(pred: np.ndarray, references: list[np.ndarray], true: np.ndarra
 
 def regime_table(
     mean: np.ndarray,
-    samples: np.ndarray | None,
+    band: np.ndarray | None,
     w: Windows,
     groups: dict[str, str],
     scale: np.ndarray,
@@ -183,8 +183,9 @@ def regime_table(
 ) -> dict[str, dict[str, Any]]:
     """Per evaluation group (the regime of each window's scenario, "later" for a later period) and over all
     windows ("all"): pooled skill at POOLED_SKILL_STEPS for all variables and for the plant's own (the influent
-    left out), and the 80% interval coverage. ``groups`` maps scenario id to group; ``scale`` is fixed per
-    variable (its std over all test scenarios), so every group is measured in the same units."""
+    left out), and the 80% interval coverage (``band``: ``sample_band``). ``groups`` maps scenario id to group;
+    ``scale`` is fixed per variable (its std over all test scenarios), so every group is measured in the same
+    units."""
     by_window = np.array([groups[s] for s in w.scenario])
     steps = pooled_steps(w.x_fut.shape[1])
     out: dict[str, dict[str, Any]] = {}
@@ -199,7 +200,7 @@ def regime_table(
             "windows": int(k.sum()),
             "pooled_skill_all": {str(s): float(pooled_all[s - 1]) for s in steps},
             "pooled_skill_plant": {str(s): float(pooled_plant[s - 1]) for s in steps},
-            "coverage_80": interval_coverage(samples[k], w.x_fut[k]) if samples is not None else None,
+            "coverage_80": interval_coverage(band[k], w.x_fut[k]) if band is not None else None,
         }
     return out
 
@@ -247,11 +248,18 @@ def headline(
     return out
 
 
-def interval_coverage(samples: np.ndarray, true: np.ndarray, lo: float = 0.1, hi: float = 0.9) -> float:
-    """Fraction of (measured) true values inside the [lo, hi] sample quantiles; samples (N, S, H, nx)."""
-    q_lo, q_hi = np.quantile(samples, [lo, hi], axis=1)
+INTERVAL = (0.1, 0.9)  # the 80% interval whose coverage is reported
+
+
+def sample_band(samples: np.ndarray) -> np.ndarray:
+    """(N, 2, H, nx): the INTERVAL quantiles of forecast samples (N, S, H, nx), all that scoring keeps of them."""
+    return np.moveaxis(np.quantile(samples, INTERVAL, axis=1), 0, 1)
+
+
+def interval_coverage(band: np.ndarray, true: np.ndarray) -> float:
+    """Fraction of (measured) true values inside the band (N, 2, H, nx) of ``sample_band``."""
     seen = ~np.isnan(true)
-    return float(np.mean(((true >= q_lo) & (true <= q_hi))[seen]))
+    return float(np.mean(((true >= band[:, 0]) & (true <= band[:, 1]))[seen]))
 
 
 def per_variable(

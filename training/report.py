@@ -33,7 +33,7 @@ def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any
     """Every model on the held-out windows; returns (metrics, forecasts kept for plots)."""
     w = p.test
     names = p.catalog.target_names
-    mean, samples = predict(model, p, w, cfg.train.calibration_samples, calib, seed=2)
+    mean, band = predict(model, p, w, cfg.train.calibration_samples, calib, seed=2)
     arx = {lags: ev.ARX(lags).fit(p.train_series) for lags in (1, 4)}
     u_fut = p.inputs(w)[1][..., : p.known_offset()]  # the baselines get the controls and the clock, as the KoVAE
     forecasts = {
@@ -51,13 +51,13 @@ def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any
         "top5_variables": [names[i] for i in top5],
         "top5_rule": "five highest variances in engineering units on the training scenarios",
         "headline": {k: ev.headline(t, tables["persistence"], p.x_std, top5) for k, t in tables.items()},
-        "coverage_80_test": ev.interval_coverage(samples, w.x_fut),
+        "coverage_80_test": ev.interval_coverage(band, w.x_fut),
         "per_variable": {
             str(h): ev.per_variable(tables["kovae"], p.x_std, names, h) for h in ev.headline_horizons(cfg.train.horizon)
         },
         "rmse_by_horizon": {k: t["rmse"].tolist() for k, t in tables.items()},
     }
-    metrics["regimes"] = ev.regime_table(mean, samples, w, p.groups, p.test_scale, p.catalog.plant_positions())
+    metrics["regimes"] = ev.regime_table(mean, band, w, p.groups, p.test_scale, p.catalog.plant_positions())
     metrics["missing"] = p.missing
     metrics["dropped_windows"] = p.dropped
     metrics["history_gaps"] = gap_scores(model, p, calib, metrics["regimes"])
@@ -65,7 +65,7 @@ def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any
         metrics["influent_forecast"] = forecast_scores(model, p, calib, metrics["regimes"])
     metrics["score"] = ev.gate_score(metrics["regimes"])
     metrics["score_rule"] = GATE_RULE
-    return metrics, {"forecasts": forecasts, "samples": samples, "windows": w}
+    return metrics, {"forecasts": forecasts, "band": band, "windows": w}
 
 
 # ----------------------------------------------------------------------------- reports
@@ -184,7 +184,7 @@ def write_plots(
     files.append("error_vs_horizon.png")
     plt.close(fig)
 
-    w, fc, smp = kept["windows"], kept["forecasts"], kept["samples"]
+    w, fc, band = kept["windows"], kept["forecasts"], kept["band"]
     keys = plot_variables(p, w)
     picks = example_windows(w)
     L, H = w.x_hist.shape[1], w.x_fut.shape[1]
@@ -195,7 +195,7 @@ def write_plots(
         for row, j in enumerate(keys):
             ax = axes[row, col]
             var = p.catalog.targets[j]
-            lo, hi = np.quantile(smp[i, :, :, j], [0.1, 0.9], axis=0)
+            lo, hi = band[i, :, :, j]
             ax.fill_between(
                 fut_h,
                 np.clip(lo, var.min, var.max),
