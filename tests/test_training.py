@@ -438,3 +438,31 @@ def test_naive_blends_are_refitted_only_where_held_out_validation_says_so(traine
     assert torch.equal(before_s[kept], model.seasonal_logit.data[kept])
     idx = np.array(steps) - 1
     assert np.all(after[idx] <= before[idx] * 1.001)
+
+
+def test_residual_fading_chosen_on_validation_is_no_worse_than_the_learned_one(trained_store, tiny_cfg) -> None:
+    """Per variable, the fading calibration picks gives validation errors (before the blends) no larger than the
+    learned one, and each g stays in (0, 1)."""
+    from export.onnx_export import load_model
+
+    store, version = trained_store
+    model, _ = load_model(store / version)
+    p = preparation.prepare(tiny_cfg)
+    chosen = calibration.fit_residual_decay(model, p)
+    assert chosen.shape == (model.x_dim,) and np.all((chosen > 0) & (chosen < 1))
+    with torch.no_grad():
+        learned = model.residual_decay().double().numpy()
+
+    def errors(g: np.ndarray) -> np.ndarray:
+        with calibration.blends_off(model):
+            mean = calibration.predict(model, p, p.val, 0, {"residual_decay": g.tolist()})[0]
+        return np.nanmean(((mean - p.val.x_fut) / p.x_std) ** 2, axis=(0, 1))
+
+    assert np.all(errors(chosen) <= errors(learned) + 1e-12)
+    assert np.any(chosen != learned)  # the tiny model too is better served by another fading somewhere
+
+
+def test_decoder_width_is_its_own_setting_and_old_cards_keep_h_dim() -> None:
+    widths = lambda m: [layer.out_features for layer in m.decoder if isinstance(layer, torch.nn.Linear)]  # noqa: E731
+    assert widths(KoVAE(5, 3, ModelConfig(z_dim=8, h_dim=32, real_modes=2, decoder_dim=16))) == [16, 16, 5]
+    assert widths(KoVAE(5, 3, ModelConfig(z_dim=8, h_dim=32, real_modes=2))) == [32, 32, 5]  # decoder_dim 0

@@ -7,10 +7,11 @@ KoVAE (Naiman et al., ICLR 2024) adapted to forecasting with control inputs:
     x[t]   = D(z[t])        pointwise MLP decoder, so all dynamics live in A and B
 
 A forecast from the last history step t also carries the decoder's miss at t, fading per variable:
-x[t+k] = D(z[t+k]) + g^k (x[t] - D(z[t])), with each g = sigmoid(a) in (0, 1) learned with everything else, so
-the forecast starts from the measured state. Slow variables (sludge mass, temperature) keep their measured level
-instead of the decoder's approximation of it; noisy ones (influent) drop the miss quickly. The miss is a constant
-times g^k, not fed back, so it can never grow.
+x[t+k] = D(z[t+k]) + g^k (x[t] - D(z[t])), with each g = sigmoid(a) in (0, 1) learned with everything else (and
+chosen again per variable on validation, training.calibrate), so the forecast starts from the measured state.
+Slow variables (sludge mass, temperature) keep their measured level instead of the decoder's approximation of
+it; noisy ones (influent) drop the miss quickly. The miss is a constant times g^k, not fed back, so it can never
+grow.
 
 Then each step is blended, per variable and lead time, with the two naive forecasts the product is judged
 against: x[t+k] <- x[t+k] + s[k, v] (x[t+k-P] - x[t+k]) (the same time one day earlier, P samples per day,
