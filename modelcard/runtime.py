@@ -4,8 +4,8 @@ The card supplies the scalers and limits; this class only applies them. One sess
 requests (``InferenceSession.run`` is thread-safe). The session is built from the very bytes whose SHA-256
 was checked against the card, and without ONNX Runtime's memory arena, so that the memory of one large
 request goes back to the system instead of staying reserved for the life of the process. The plans session
-is the exception: its requests are bounded (KOVAE_MAX_PLANS, samples in chunks), and 1,000 plans keep about
-90 MB reserved, for a third of their time.
+is the exception: its requests are bounded (KOVAE_MAX_PLANS, samples in chunks); 1,000 plans keep about 90 MB
+reserved, and reusing it saves them about a third of their time.
 """
 
 from __future__ import annotations

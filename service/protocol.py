@@ -577,15 +577,18 @@ def encode_forecasts(
             if counts[f].any()
             else []
         )
-        per_var = {
-            name: {
-                "unit": rt.units[name],
-                "mean": lists[-1][f][j],
-                "quantiles": {k: lists[o][f][j] for o, k in enumerate(keys)},
+        per_var = (
+            {
+                name: {
+                    "unit": rt.units[name],
+                    "mean": lists[-1][f][j],
+                    "quantiles": {k: lists[o][f][j] for o, k in enumerate(keys)},
+                }
+                for j, name in enumerate(rt.measurements)
             }
-            for j, name in enumerate(rt.measurements)
             if values
-        }
+            else {}
+        )
         encoded.append((per_var, clipped))
     return encoded
 
