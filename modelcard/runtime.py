@@ -55,6 +55,8 @@ class ModelRuntime:
         self.controls = [v["name"] for v in self.card["variables"]["controls"]]
         self.calendar = Calendar.from_card(self.card)
         self.step_minutes = int(self.card["sample_minutes"])
+        # The samples per forecast its interval width was fitted for (cards before it were fitted with 32).
+        self.calibration_samples = int(self.card["calibration"].get("samples", 32))
         # Share of each history input that may be missing (null); cards from before gaps were trained: none.
         self.max_missing_share = float(self.card["history"].get("max_missing_share", 0.0))
         self.x_bounds, self.u_bounds = bounds(self.card, "measurements"), bounds(self.card, "controls")

@@ -94,7 +94,10 @@ class ForecastRequest(BaseModel):
     horizon: int = Field(ge=1, description="forecast steps; at most the model's max_horizon")
     quantiles: list[float] = Field(default_factory=list, description="e.g. [0.1, 0.5, 0.9]; empty: mean only")
     samples: int | None = Field(
-        None, ge=1, description="forecast samples drawn for the quantiles (used only when quantiles are asked for)"
+        None,
+        ge=1,
+        description="forecast samples drawn for the quantiles (used only when quantiles are asked for); omitted: "
+        "the count the model's intervals were fitted for (GET /model: calibration.samples)",
     )
     seed: int | None = Field(
         None, ge=0, le=2**63 - 1, description="seed of the sample draws: the same request and seed give the same answer"
@@ -331,9 +334,10 @@ def _range_warnings(
     return out
 
 
-def requested_samples(req: ForecastRequest, settings: Settings) -> int:
-    """Samples to draw: the request's (or the default) when it asks for quantiles, else none."""
-    return (req.samples or settings.default_samples) if req.quantiles else 0
+def requested_samples(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> int:
+    """Samples to draw when the request asks for quantiles (else none): its own count, else the setting's, else
+    the count the model's interval width was fitted for (fewer samples give narrower 10-90% ranges)."""
+    return (req.samples or settings.default_samples or rt.calibration_samples) if req.quantiles else 0
 
 
 def _check_request(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> list[dict[str, str]]:
@@ -355,7 +359,7 @@ def _check_request(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -
         elif quantile_key(q) in seen:
             errors.append({"field": f"quantiles[{i}]", "message": f"repeats quantiles[{seen[quantile_key(q)]}]"})
         seen.setdefault(quantile_key(q), i)
-    samples = requested_samples(req, settings)
+    samples = requested_samples(req, rt, settings)
     if samples > settings.max_samples:
         errors.append({"field": "samples", "message": f"{samples} exceeds the limit {settings.max_samples}"})
     for i, s in enumerate(req.series):
@@ -387,7 +391,7 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
     x_units = [rt.units[n] for n in rt.measurements]
     u_units = [v["unit"] for v in card["variables"]["controls"]]
     x_limits, u_limits = input_limits(rt.x_bounds, rt.x_range), input_limits(rt.u_bounds, rt.u_range)
-    samples = requested_samples(req, settings)
+    samples = requested_samples(req, rt, settings)
     out = DecodedRequest(horizon=req.horizon, quantiles=sorted(req.quantiles), samples=samples, seed=req.seed)
     H = req.horizon
     for i, s in enumerate(req.series):

@@ -29,7 +29,12 @@ class Settings(BaseSettings):
     max_series: int = 64
     max_plans: int = Field(1000, ge=1, description="most control plans in one series")
     max_samples: int = 1000
-    default_samples: int = Field(200, description="samples drawn for quantiles when a request gives none")
+    default_samples: int | None = Field(
+        None,
+        ge=1,
+        description="samples drawn for quantiles when a request gives none; none: the count the served model's "
+        "intervals were fitted for (its card's calibration.samples)",
+    )
     max_quantiles: int = 9
     max_work: int = Field(
         1_500_000, description="most series x samples x horizon one request may ask for (422 above it)"

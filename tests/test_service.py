@@ -439,6 +439,26 @@ def test_sensor_gaps_in_the_history_are_forecast_through_up_to_the_cards_limit(s
     assert r.status_code == 422 and "future_controls" in r.text
 
 
+def test_quantiles_without_samples_draw_what_the_intervals_were_fitted_for(serve, trained_store, rt) -> None:
+    """No samples in the request: the card's calibration.samples are drawn (the width was fitted for that
+    many), or KOVAE_DEFAULT_SAMPLES where it is set."""
+    store, _ = trained_store
+    body = {**make_body(rt, horizon=4), "quantiles": [0.1, 0.9], "seed": 5}
+
+    def quantiles(server, samples: int | None) -> dict:
+        req = body if samples is None else {**body, "samples": samples}
+        r = server.client.post("/forecast", json=req)
+        assert r.status_code == 200, r.text
+        return r.json()["series"][0]["forecast"]["SNH_eff"]["quantiles"]
+
+    fitted = rt.calibration_samples
+    assert fitted == rt.card["calibration"]["samples"]
+    server = serve(store)
+    assert quantiles(server, None) == quantiles(server, fitted) != quantiles(server, fitted + 5)
+    other = serve(store, KOVAE_DEFAULT_SAMPLES="7")
+    assert quantiles(other, None) == quantiles(other, 7) != quantiles(other, fitted)
+
+
 def test_many_plans_run_in_chunks_each_as_its_own_series(rt) -> None:
     """Plans with samples run SAMPLE_ROWS trajectories at a time: every plan's mean and samples are what the
     ordinary graph gives the history repeated, in order, with the same noise (without samples: one run)."""
