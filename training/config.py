@@ -100,8 +100,8 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
-    # Samples per forecast when the interval width is fitted and scored: the service's default (KOVAE_DEFAULT_SAMPLES),
-    # since the 10-90% range of fewer samples covers less (32 instead of 200: about 2 points).
+    # Samples per forecast when the interval width is fitted and scored, written into the card (calibration.samples),
+    # and what the service draws when a request gives no count: the 10-90% range of fewer samples covers less.
     calibration_samples: int = 200
     max_eval_windows: int = 200  # at most this many validation/test windows per scenario
 
