@@ -128,7 +128,7 @@ def main() -> None:
     card = read_card(vdir)
     cfg = config_from_dict(card["training"]["config"])
     rt = ModelRuntime(vdir)
-    samples = args.samples or int(card["calibration"].get("samples", 32))  # cards before it: fitted with 32
+    samples = args.samples or rt.calibration_samples
     x_std = scalers(card)[1]
     names = rt.measurements
     top5 = [names.index(n) for n in card["metrics"]["top5_variables"]]
