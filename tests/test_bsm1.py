@@ -57,6 +57,36 @@ def _short_influent(days: float = 0.25) -> np.ndarray:
     return data[data[:, 0] <= days + 0.02]
 
 
+def test_blanket_estimate_stays_in_the_layer_it_is_in() -> None:
+    """Defect 5: bsm2-python's own settler output, on a washout profile (a clear layer between denser ones),
+    puts the blanket hundreds of metres up a 4 m settler; blanket_height keeps it in its layer, leaves a
+    monotone profile's estimate as it is, and calls a settler full of sludge full."""
+    from bsm2_python.bsm2.settler1d_bsm2 import get_output
+
+    plant = bsm1.Plant(bsm1.influent_window(bsm1.load_influent("dry")[0], 0.0, 0.05))
+    st = plant.sim.settler
+    n, height, threshold = int(st.layer[1]), float(st.dim[1]), float(st.sedpar[6])
+
+    def estimate(tss: np.ndarray) -> float:
+        state = np.ones(12 * n)
+        state[7 * n : 8 * n] = tss  # TSS per layer, top first
+        return get_output(state, plant.sim.ys_in, n, st.tempmodel, st.q_r, st.q_w, st.dim, st.asm1par, st.sedpar)[3]
+
+    washout = np.full(n, 6000.0)
+    washout[:5] = [3200.0, 3100.0, 3050.0, 2900.0, 3051.0]  # layer 3 clear: 6 whole layers of sludge below it
+    raw = estimate(washout)
+    assert raw > 100 * height
+    assert bsm1.blanket_height(washout, threshold, height, raw) == pytest.approx(7 * height / n)  # its top
+    monotone = np.array([15.0, 22.0, 37.0, 84.0, 405.0, 405.0, 406.0, 406.0, 4500.0, 7800.0])
+    raw = estimate(monotone)
+    assert 0.4 < raw < 1.2 and bsm1.blanket_height(monotone, threshold, height, raw) == raw
+    assert bsm1.blanket_height(np.full(n, 5000.0), threshold, height, estimate(np.full(n, 5000.0))) == height
+    # The measurement the data hold is the bounded one.
+    plant.sim.ys_tss_internal, plant.sim.sludge_height = washout, estimate(washout)
+    blanket = bsm1.measurements_from_plant(plant, plant.sim.y_in_all[0])[BSM1.target_names.index("blanket")]
+    assert blanket == pytest.approx(7 * height / n)
+
+
 def test_upstream_lagged_recycle_defect_gives_negative_effluent_flow() -> None:
     """Canary: raw bsm2-python 0.0.16 mixes the previous step's recycle flow into reactor 1."""
     from bsm2_python.bsm1_ol import BSM1OL
@@ -209,6 +239,22 @@ def test_a_storm_raises_flow_dilutes_solubles_and_flushes_particulates() -> None
     assert np.allclose(wet[:, 1 + bsm1.TEMP], data[:, 1 + bsm1.TEMP])
     tail = (t > 2.35) & (t < 2.45)
     assert np.all(wet[tail, 1 + bsm1.TSS] < data[tail, 1 + bsm1.TSS])  # diluted once the flush has passed
+
+
+def test_inlet_capacity_overflows_the_peak_of_overlapping_storms() -> None:
+    """Two storms on top of each other multiply their peaks; the plant's inlet passes at most its capacity, the
+    rest overflows upstream with the same composition, and flows below the capacity are untouched."""
+    data, _ = bsm1.load_influent("dry")
+    both = data
+    for start in (2.0, 2.05):
+        both = bsm1.add_storm(both, bsm1.Storm(start, 12.0, 4.0, 2.0, 2.0))
+    q = both[:, 1 + bsm1.Q]
+    assert q.max() > 10 * bsm1.Q0
+    capped = bsm1.cap_inflow(both, 5 * bsm1.Q0)
+    q_cap = capped[:, 1 + bsm1.Q]
+    assert q_cap.max() == pytest.approx(5 * bsm1.Q0)
+    assert np.array_equal(q_cap[q <= 5 * bsm1.Q0], q[q <= 5 * bsm1.Q0])
+    assert np.array_equal(np.delete(capped, 1 + bsm1.Q, axis=1), np.delete(both, 1 + bsm1.Q, axis=1))
 
 
 def test_random_storms_are_seeded_and_varied() -> None:

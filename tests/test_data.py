@@ -69,6 +69,9 @@ def test_storm_and_stress_scenarios_apply_their_episodes(tiny_cfg) -> None:
     storm, notes = D.simulate_scenario(cfg, replace(base, regime="storm"))
     assert any(n["kind"] == "storm" for n in notes)
     assert storm.x[:, 0].max() > 1.3 * normal.x[:, 0].max()  # Q_in
+    inlet = 1.1 * normal.x[:, 0].max()  # the plant's inlet passes no more; the rest overflows upstream
+    capped, _ = D.simulate_scenario(replace(cfg, max_inflow=inlet), replace(base, regime="storm"))
+    assert capped.x[:, 0].max() == pytest.approx(inlet)
     cfg = replace(cfg, warmup_days=0.0)
     stress, notes = D.simulate_scenario(cfg, replace(base, regime="stress"))
     low = next(n for n in notes if n["kind"] == "low_aeration")
@@ -133,6 +136,13 @@ def test_load_names_the_file_and_the_problem(tmp_path: Path, tiny_data) -> None:
     D.save_scenario(nan, bad, [])
     with pytest.raises(D.DataError, match=r"nan\.npz: x has non-finite values"):
         D.load_scenario(nan)
+
+    washout = tmp_path / "washout.npz"
+    bad = replace(sd, x=sd.x.copy())
+    bad.x[7, MEASUREMENT_NAMES.index("blanket")] = 2425.19  # bsm2-python's blanket estimate once (defect 5)
+    D.save_scenario(washout, bad, [])
+    with pytest.raises(D.DataError, match=r"washout\.npz: blanket is 2425.19 m at row 7, outside its physical bounds"):
+        D.load_scenario(washout)
 
     short = tmp_path / "short.npz"
     D.save_scenario(short, replace(sd, x=sd.x[:, :5]), [])

@@ -10,6 +10,10 @@ Defects of bsm2-python 0.0.16 this module works around (each has a test in tests
 3. With ``timestep`` given, ``simtime`` has one more entry than ``timesteps``: we loop over ``timesteps``.
 4. The PID class never integrates (proportional only) and carbon dosing into tank 2+ overwrites the
    upstream tank's output in place. We refuse carbon dosing and close loops with our own :class:`PI`.
+5. The sludge blanket estimate (``sludge_height``) interpolates within the layer the blanket is in by a ratio
+   of layer concentrations whose denominator can vanish: in a storm's washout it gave 2,425 m in the 4 m
+   settler, and the default model of 2026-11-25 trained with a blanket scaler of 6.5 m (its normal range is
+   0.4-2 m). :func:`blanket_height` keeps the estimate within that layer.
 """
 
 from __future__ import annotations
@@ -151,6 +155,22 @@ def design_load_factors(influent: np.ndarray, design: np.ndarray) -> np.ndarray:
 N_MEASUREMENTS = 17  # the length of measurements_from_plant's vector
 
 
+def blanket_height(tss_layers: np.ndarray, threshold: float, height: float, estimate: float) -> float:
+    """Defect 5: bsm2-python's blanket ``estimate`` (m) kept within the layer the blanket is in.
+
+    ``tss_layers`` is the settler's TSS per layer, top first; the blanket is the top of the sludge zone: the
+    layers below the lowest one under ``threshold`` (g SS/m3). bsm2-python interpolates within the layer above
+    them and can leave it (a vanishing denominator); a settler whose every layer holds sludge is full.
+    """
+    n = len(tss_layers)
+    layer = height / n
+    clear = np.flatnonzero(np.asarray(tss_layers) < threshold)
+    level = n - 1 - int(clear.max()) if clear.size else n  # whole layers of sludge
+    if level == n:
+        return float(height)
+    return float(np.clip(estimate, level * layer, (level + 1) * layer))
+
+
 def measurements_from_plant(plant: Plant, influent_row: np.ndarray) -> np.ndarray:
     """The catalog's measurement vector (training.catalog.MEASUREMENTS order) from the plant's current streams."""
     sim = plant.sim
@@ -173,7 +193,7 @@ def measurements_from_plant(plant: Plant, influent_row: np.ndarray) -> np.ndarra
             eff[TSS],
             eff[SI:SO].sum(),
             eff[SNO] + tkn_eff,
-            sim.sludge_height,
+            blanket_height(sim.ys_tss_internal, sim.settler.sedpar[6], sim.settler.dim[1], sim.sludge_height),
             sim.y_out5[TEMP],
         ]
     )
@@ -318,6 +338,16 @@ def add_overload(influent: np.ndarray, start_day: float, hours: float, factor: f
     inside = (out[:, 0] >= start_day) & (out[:, 0] <= start_day + hours / 24)
     for c in (*SOLUBLE, *PARTICULATE):
         out[inside, 1 + c] *= factor
+    return out
+
+
+def cap_inflow(influent: np.ndarray, capacity: float) -> np.ndarray:
+    """The influent the plant receives when its inlet passes at most ``capacity`` m3/d: flow above it overflows
+    upstream (a combined sewer overflow or a storm tank) with the same composition, so concentrations are kept
+    and only the load above the capacity leaves. Without it, two overlapping storms on a rainy BSM2 day once sent
+    272,000 m3/d (15 times the design flow) to the plant."""
+    out = influent.copy()
+    out[:, 1 + Q] = np.minimum(out[:, 1 + Q], capacity)
     return out
 
 

@@ -50,6 +50,7 @@ class DataConfig:
     # (a low-aeration and an overload episode). dry is normal, rain is storm.
     regime_cycle: tuple[str, ...] = ("normal", "storm", "normal", "stress", "normal", "normal", "storm", "normal")
     storms_per_week: float = 2.0
+    max_inflow: float = 92_230.0  # m3/d the plant's inlet passes (5 x BSM1's design flow); more overflows upstream
     later_windows: tuple[int, ...] = (36, 40)  # BSM2 windows after every training window: "later" test scenarios
     val_scenarios: tuple[str, ...] = ("bsm2-09", "bsm2-10", "bsm2-11")  # storm, normal, stress
     test_scenarios: tuple[str, ...] = ("dry", "bsm2-12", "rain", "bsm2-14", "bsm2-36", "bsm2-40")
@@ -251,6 +252,8 @@ def validate(cfg: RunConfig) -> None:
         strict = name == "wastage_temperatures"  # a division by hi - lo
         if len(pair) != 2 or not 0 < pair[0] <= pair[1] or (strict and pair[0] == pair[1]):
             problems.append(f"data.{name} must be [lo, hi] with 0 < lo {'<' if strict else '<='} hi")
+    if d.max_inflow <= 0:
+        problems.append("data.max_inflow must be > 0 m3/d")
     if not 0 <= d.dither_share <= 1:
         problems.append("data.dither_share must be in [0, 1]")
     unknown = set(d.regime_cycle) - {"normal", "storm", "stress"}

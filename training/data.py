@@ -24,7 +24,9 @@ from training.catalog import BSM1, SAMPLE_MINUTES, Catalog, load_catalog
 from training.config import ConfigError, DataConfig, RunConfig, load_config
 from training.executor import is_cluster, run_all
 
-FORMAT_VERSION = 4  # 2: lagged return-sludge flow set at start-up; 3: t_minutes on the influent clock; 4: regimes
+# 2: lagged return-sludge flow set at start-up; 3: t_minutes on the influent clock; 4: regimes; 5: the blanket kept
+# in the settler (training.bsm1.blanket_height)
+FORMAT_VERSION = 5
 
 
 class DataError(ValueError):
@@ -144,6 +146,7 @@ def simulate_scenario(cfg: DataConfig, sc: Scenario) -> tuple[ScenarioData, list
         for storm in bsm1.random_storms(sc.days, rng, cfg.storms_per_week):
             influent = bsm1.add_storm(influent, storm)
             episodes.append({"kind": "storm", **asdict(storm)})
+    influent = bsm1.cap_inflow(influent, cfg.max_inflow)
     caps = np.full((n, 4), np.nan)
     if sc.regime == "stress":
         start, hours, factor = rng.uniform(cfg.warmup_days, sc.days - 1), rng.uniform(12, 48), rng.uniform(1.4, 2.0)
@@ -224,6 +227,14 @@ def load_scenario(path: Path, catalog: Catalog = BSM1) -> ScenarioData:
         bad = np.isinf(arr) if imported and name != "t_minutes" else ~np.isfinite(arr)
         if np.any(bad):
             raise DataError(f"{path}: {name} has non-finite values")
+    for arr, variables in ((x, catalog.targets), (u, catalog.controls)):
+        for j, v in enumerate(variables):
+            out = np.flatnonzero((arr[:, j] < v.min) | (arr[:, j] > v.max))  # NaN (a gap) is neither
+            if out.size:
+                raise DataError(
+                    f"{path}: {v.name} is {arr[out[0], j]:g} {v.unit} at row {out[0]}, outside its physical bounds "
+                    f"[{v.min:g}, {v.max:g}] ({out.size} value(s) in all; a simulator defect, regenerate the cache)"
+                )
     step = catalog.sample_minutes
     allowed = (step, step - 60, step + 60) if imported else (step,)
     if n > 1 and not np.all(np.isin(np.round(np.diff(t), 6), allowed)):
