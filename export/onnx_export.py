@@ -103,10 +103,11 @@ class ForecastGraph(nn.Module):
             out.append(z)
         return out
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """The model's decoder on the rows of a 2-D view of z (B, ..., z_dim) -> (B, ..., x_dim). The second
-        axis is reshaped as -1: it may be 0 (no samples), and ONNX reads a 0 in a shape as "keep that dim"."""
-        rows = self.model.decoder(z.reshape(-1, z.shape[-1]))
+    def decode(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The model's decoder on the rows of 2-D views of z (B, ..., z_dim) and the known inputs of the same steps
+        u (B, ..., n_u) -> (B, ..., x_dim). The second axis is reshaped as -1: it may be 0 (no samples), and ONNX
+        reads a 0 in a shape as "keep that dim"."""
+        rows = self.model.decode(z.reshape(-1, z.shape[-1]), u.reshape(-1, u.shape[-1]), complete=True)
         return rows.reshape(z.shape[0], -1, *z.shape[2:-1], self.model.x_dim)
 
     def forward(
@@ -128,24 +129,34 @@ class ForecastGraph(nn.Module):
         rows = torch.cat([z0 + torch.zeros_like(u_fut[:, 0, :1]), starts.reshape(-1, z_dim)])  # (n + n*S, z)
         drive = torch.cat([u @ self.Bt + self.c, us @ self.Bt + self.c + eps * self.noise_std], 1)
         steps = self.rollout(rows, drive)
+        # (Hmax, n + n*S, n_u): each row's known inputs, for the decoder. Never NaN: a NaN future input would
+        # already have made the drive NaN, so the decoder builds no missing-value mask for them.
+        u_rows = torch.cat([u, us], 1)
         if self.plans:  # decoded step by step: each step's (plans, hidden) stays in cache
-            x = torch.stack([m.decoder(z) for z in steps], 1)[:, :horizon]  # (n + n*S, h, x)
+            x = [m.decode(z, u_rows[k], complete=True) for k, z in enumerate(steps)]
+            x = torch.stack(x, 1)[:, :horizon]  # (n + n*S, h, x)
         else:
-            x = self.decode(torch.stack(steps)[:horizon]).transpose(0, 1)  # (n + n*S, h, x)
+            x = self.decode(torch.stack(steps)[:horizon], u_rows[:horizon]).transpose(0, 1)  # (n + n*S, h, x)
         mean, raw = x[:n], x[n:].reshape(n, -1, horizon, m.x_dim)  # (n, h, x), (n, S, h, x)
         if self.residual_decay is not None:
-            corr = m.correction(x_hist[:, -1], z0, self.residual_decay, horizon)  # (B, h, x)
+            corr = m.correction(x_hist[:, -1], z0, u_hist[:, -1], self.residual_decay, horizon)  # (B, h, x)
             mean, raw = m.seasonal(x_hist, mean + corr), m.seasonal(x_hist, raw + corr.unsqueeze(1))
         return mean, calibrated_samples(mean, raw, self.spread)
+
+
+def model_config(card: dict[str, Any]) -> ModelConfig:
+    """The model settings a card was trained with. Cards written before the decoder read the controls do not
+    name decoder_controls: they decode z alone."""
+    return ModelConfig(**{"decoder_controls": False, **{k: v for k, v in card["model"].items() if k != "type"}})
 
 
 def load_model(version_dir: Path, *, verify: bool = True) -> tuple[KoVAE, dict[str, Any]]:
     """Rebuild a stored version's KoVAE (eval mode) from its card and weights.pt; returns (model, card)."""
     card = read_card(version_dir, verify=verify)
-    cfg = ModelConfig(**{k: v for k, v in card["model"].items() if k != "type"})
+    cfg = model_config(card)
     n_d = len(card["variables"].get("disturbance_inputs", {}).get("variables", []))
     n_u = len(card["variables"]["controls"]) + Calendar.from_card(card).size + 2 * n_d
-    model = KoVAE(len(card["variables"]["measurements"]), n_u, cfg)
+    model = KoVAE(len(card["variables"]["measurements"]), n_u, cfg, len(card["variables"]["controls"]))
     model.load_state_dict(torch.load(Path(version_dir) / "weights.pt", weights_only=True))
     return model.eval(), card
 

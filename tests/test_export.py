@@ -161,3 +161,31 @@ def test_calendar_contract_reads_every_card_version_and_repeats_weekly() -> None
     assert f.shape == (len(minutes), 8) and np.allclose(cal.features(minutes + 7 * 1440), f, atol=1e-5)
     day = 1440 // 15
     assert np.allclose(f[day:, :4], f[:-day, :4], atol=1e-5) and not np.allclose(f[day:, 4:], f[:-day, 4:])
+
+
+@pytest.mark.parametrize("fed", [False, True])
+def test_decoder_reads_the_controls_of_each_step_in_both_graphs(fed: bool) -> None:
+    """model.decoder_controls: x[t] = D(z[t], u_c[t]). With B = 0 the latent path ignores the controls, so a
+    forecast can move with a planned control only through the decoder; both exported graphs must agree with
+    the model, and the calendar column (not a control) must not reach the decoder."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, seasonal_steps=6, decoder_controls=fed)
+    model = KoVAE(4, 3, cfg, n_controls=2).eval()  # u: 2 controls, then 1 calendar column
+    with torch.no_grad():
+        model.koopman.B.zero_()
+    graph = E.ForecastGraph(model, 12, [1.0] * 4, [0.9] * 4)
+    assert E.parity(graph, E.to_onnx_bytes(graph, 10, {}), 10) < 1e-4
+    plans = E.ForecastGraph(model, 12, [1.0] * 4, [0.9] * 4, plans=True)
+    assert E.plans_parity(graph, E.to_onnx_bytes(plans, 10, {}), 10) < 1e-4
+    x, u, uf, noise = E._example(1, 10, 12, 0, (4, 3, 8), seed=5)
+    moved, clock = uf.clone(), uf.clone()
+    moved[:, 4, 0] += 1.0  # one control, at one step
+    clock[:, 4, 2] += 1.0  # the calendar column
+    with torch.no_grad():
+        base, step, cal = (graph(x, u, f, noise)[0] for f in (uf, moved, clock))
+    changed = (step - base).abs().amax(-1)[0]
+    assert torch.equal(cal, base)
+    if fed:
+        assert changed[4] > 1e-4 and torch.all(changed[torch.arange(12) != 4] == 0)
+    else:
+        assert torch.all(changed == 0)

@@ -68,7 +68,7 @@ def test_residual_fading_is_bounded_for_any_parameters_and_fades() -> None:
             model.decay_logit.fill_(value)
             g = model.residual_decay()
             assert torch.all(g >= 0) and torch.all(g <= 1)
-        corr = model.correction(torch.ones(1, 3), torch.zeros(1, 8), model.residual_decay(), 10_000)
+        corr = model.correction(torch.ones(1, 3), torch.zeros(1, 8), torch.zeros(1, 2), model.residual_decay(), 10_000)
     assert torch.all(corr[0, -1].abs() <= corr[0, 0].abs())  # it fades
 
 
@@ -464,5 +464,21 @@ def test_residual_fading_chosen_on_validation_is_no_worse_than_the_learned_one(t
 
 def test_decoder_width_is_its_own_setting_and_old_cards_keep_h_dim() -> None:
     widths = lambda m: [layer.out_features for layer in m.decoder if isinstance(layer, torch.nn.Linear)]  # noqa: E731
-    assert widths(KoVAE(5, 3, ModelConfig(z_dim=8, h_dim=32, real_modes=2, decoder_dim=16))) == [16, 16, 5]
-    assert widths(KoVAE(5, 3, ModelConfig(z_dim=8, h_dim=32, real_modes=2))) == [32, 32, 5]  # decoder_dim 0
+    two = {"z_dim": 8, "h_dim": 32, "real_modes": 2, "decoder_layers": 2}
+    assert widths(KoVAE(5, 3, ModelConfig(**two, decoder_dim=16))) == [16, 16, 5]
+    assert widths(KoVAE(5, 3, ModelConfig(**two))) == [32, 32, 5]  # decoder_dim 0
+
+
+def test_default_decoder_reads_z_and_the_controls_and_old_cards_z_alone() -> None:
+    """The default decoder has one hidden layer over z and the step's controls (2 of the 3 known inputs here);
+    a card from before decoder_controls rebuilds a decoder over z alone, so its weights still load."""
+    from export.onnx_export import model_config
+
+    model = KoVAE(5, 3, ModelConfig(z_dim=8, h_dim=32, real_modes=2), n_controls=2)
+    assert (model.decoder[0].in_features, model.decoder[0].out_features) == (8 + 2, 32)
+    assert [m.out_features for m in model.decoder if isinstance(m, torch.nn.Linear)] == [32, 5]
+    card_model = {"type": "KoVAE", **ModelConfig(z_dim=8, h_dim=32, real_modes=2).__dict__}
+    assert model_config({"model": card_model}).decoder_controls
+    del card_model["decoder_controls"]  # a card written before it
+    legacy = KoVAE(5, 3, model_config({"model": card_model}), n_controls=2)
+    assert legacy.decoder[0].in_features == 8

@@ -66,8 +66,11 @@ class ModelConfig:
     rho_max: float = 0.999  # every eigenvalue of A has modulus <= rho_max, by construction
     dropout: float = 0.2
     layer_norm: bool = True  # on the encoder's GRU output
-    decoder_layers: int = 2
+    # The decoder: one hidden layer reading z and the same step's controls, x = D(z, u_c) (training.model). Two
+    # layers scored a gate of 0.301 against 0.291, at 4 times the decoder's work (1,000 plans: 172 ms, not 100).
+    decoder_layers: int = 1
     decoder_dim: int = 0  # hidden width of the decoder (0: h_dim, as in cards written before it)
+    decoder_controls: bool = True  # cards written before it: false (export.onnx_export.load_model)
     calendar_daily: int = 2  # sin/cos harmonics of the time of day, known inputs beside the controls (0: none)
     calendar_weekly: int = 2  # sin/cos harmonics of the time of week (weekend flows are lower)
     disturbance_inputs: bool = True  # the disturbances (influent) as known inputs: measured, and forecast if given

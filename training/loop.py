@@ -148,7 +148,8 @@ def train(
     torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
     train_data, val_data = tensors(p, p.train), tensors(p, p.val)
-    model = KoVAE(len(p.catalog.targets), train_data[1].shape[-1], cfg.model)  # as wide as its known inputs
+    # As wide as its known inputs, which start with the catalog's controls.
+    model = KoVAE(len(p.catalog.targets), train_data[1].shape[-1], cfg.model, len(p.catalog.controls))
     weights = step_weights(train_data[0], train_data[2], t.step_weight_power)
     opt = make_optimizer(model, t)
     ckpt_dir = run_dir / "checkpoints"

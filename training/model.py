@@ -4,7 +4,13 @@ KoVAE (Naiman et al., ICLR 2024) adapted to forecasting with control inputs:
 
     q(z_t | x_<=t, u_<=t)   causal GRU encoder, a Gaussian per step
     z[t+1] = A z[t] + B u[t+1] + c + s * eps     linear latent dynamics (the prior), A stable by construction
-    x[t]   = D(z[t])        pointwise MLP decoder, so all dynamics live in A and B
+    x[t]   = D(z[t], u_c[t]) pointwise MLP decoder, so all dynamics live in A and B
+
+u_c[t] are the controls of the same step (``model.decoder_controls``; none: D(z[t]) alone), the state-space
+model's feedthrough y = g(z, u): dissolved oxygen and the anoxic nitrate settle within minutes of a change in
+KLa or the internal recycle, so at 15-minute samples they are a static, nonlinear function of the control and
+the slowly moving load (oxygen transfer is KLa (S_sat - S_O)), which the decoder can represent and a latent state
+linear in u cannot. The dynamics stay in A and B.
 
 A forecast from the last history step t also carries the decoder's miss at t, fading per variable:
 x[t+k] = D(z[t+k]) + g^k (x[t] - D(z[t])), with each g = sigmoid(a) in (0, 1) learned with everything else (and
@@ -123,10 +129,13 @@ class StableKoopman(nn.Module):
 
 
 class KoVAE(nn.Module):
-    def __init__(self, x_dim: int, u_dim: int, cfg: ModelConfig) -> None:
+    def __init__(self, x_dim: int, u_dim: int, cfg: ModelConfig, n_controls: int = 0) -> None:
+        """``n_controls``: how many leading columns of u are the plant's controls (the rest: calendar and
+        disturbance columns); with ``cfg.decoder_controls`` they feed the decoder too."""
         super().__init__()
         self.cfg = cfg
         self.x_dim, self.u_dim = x_dim, u_dim
+        self.n_fed = n_controls if cfg.decoder_controls else 0  # u columns the decoder reads
         self.encoder = nn.GRU(2 * (x_dim + u_dim), cfg.h_dim, batch_first=True)  # values and missingness masks
         self.enc_norm = nn.LayerNorm(cfg.h_dim) if cfg.layer_norm else nn.Identity()
         self.enc_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.h_dim, 2 * cfg.z_dim))
@@ -134,7 +143,7 @@ class KoVAE(nn.Module):
         # No LayerNorm in the decoder: it would make x blind to the scale of z, so latents could drift in
         # scale freely (inflating the KL) and forecast samples could not spread beyond a fixed width.
         layers: list[nn.Module] = []
-        width, hidden = cfg.z_dim, cfg.decoder_dim or cfg.h_dim
+        width, hidden = cfg.z_dim + self.n_fed, cfg.decoder_dim or cfg.h_dim
         for _ in range(cfg.decoder_layers):
             layers += [nn.Linear(width, hidden), nn.SiLU(), nn.Dropout(cfg.dropout)]
             width = hidden
@@ -145,6 +154,17 @@ class KoVAE(nn.Module):
         # Blends towards the same time a day earlier and towards the last value, per lead time and variable.
         self.seasonal_logit = nn.Parameter(torch.full((max(cfg.seasonal_steps, 1), x_dim), -3.0))
         self.persistence_logit = nn.Parameter(torch.full((STEPS_PER_DAY, x_dim), -3.0))
+
+    def decode(self, z: torch.Tensor, u: torch.Tensor, *, complete: bool = False) -> torch.Tensor:
+        """x = D(z, u_c), pointwise: z (..., z_dim) and u (..., u_dim) of the same steps; u_c its first n_fed
+        columns (the controls), a missing one (NaN, a history gap) read as 0, its training mean. ``complete``:
+        the caller knows u has no NaN (planned controls), so no mask is built (the plans graph decodes per step)."""
+        if not self.n_fed:
+            return self.decoder(z)
+        controls = u[..., : self.n_fed]
+        if not complete:
+            controls = torch.where(torch.isnan(controls), 0.0, controls)
+        return self.decoder(torch.cat([z, controls], -1))
 
     def residual_decay(self) -> torch.Tensor:
         """g per variable, (x,): every value in (0, 1) for any parameter value."""
@@ -159,11 +179,13 @@ class KoVAE(nn.Module):
         mu, logvar = self.enc_head(self.enc_norm(h)).chunk(2, -1)
         return mu, logvar.clamp(-10.0, 5.0)
 
-    def correction(self, x_last: torch.Tensor, z_last: torch.Tensor, decay: torch.Tensor, horizon: int) -> torch.Tensor:
-        """g^k (x[t] - D(z[t])) for k = 1..horizon, (batch, horizon, x): the decoder's miss at the last history
-        step, fading with the per-variable factors g = ``decay`` (x,)."""
+    def correction(
+        self, x_last: torch.Tensor, z_last: torch.Tensor, u_last: torch.Tensor, decay: torch.Tensor, horizon: int
+    ) -> torch.Tensor:
+        """g^k (x[t] - D(z[t], u[t])) for k = 1..horizon, (batch, horizon, x): the decoder's miss at the last
+        history step, fading with the per-variable factors g = ``decay`` (x,)."""
         steps = torch.arange(1, horizon + 1, dtype=x_last.dtype)[:, None]
-        miss = torch.nan_to_num(x_last - self.decoder(z_last), nan=0.0)  # not measured: nothing to carry
+        miss = torch.nan_to_num(x_last - self.decode(z_last, u_last), nan=0.0)  # not measured: nothing to carry
         return miss.unsqueeze(1) * decay**steps
 
     def seasonal(self, x_hist: torch.Tensor, forecast: torch.Tensor) -> torch.Tensor:
@@ -215,15 +237,15 @@ class KoVAE(nn.Module):
         mu, _ = self.encode(x_hist, u_hist)
         z0 = mu[:, -1]
         if noise is None:
-            out = self.decoder(self.rollout(z0, u_fut))
+            out = self.decode(self.rollout(z0, u_fut), u_fut)
         else:
             b, s = noise.shape[:2]
             rep = z0.repeat_interleave(s, 0), u_fut.repeat_interleave(s, 0)
             z = self.rollout(*rep, noise.reshape(b * s, *noise.shape[2:]))
-            out = self.decoder(z).reshape(b, s, *u_fut.shape[1:2], -1)
+            out = self.decode(z, rep[1]).reshape(b, s, *u_fut.shape[1:2], -1)
         if residual_decay is None:
             return out
-        corr = self.correction(x_hist[:, -1], z0, residual_decay, u_fut.shape[1])
+        corr = self.correction(x_hist[:, -1], z0, u_hist[:, -1], residual_decay, u_fut.shape[1])
         return self.seasonal(x_hist, out + (corr if noise is None else corr.unsqueeze(1)))
 
     def losses(
@@ -248,7 +270,7 @@ class KoVAE(nn.Module):
         std = (0.5 * logvar).exp()
         z = mu + std * torch.randn_like(std) if self.training else mu
         zh = z[:, :L]
-        rec_hist = self.decoder(zh)
+        rec_hist = self.decode(zh, u_hist)
         rec = masked_mse(rec_hist, x_hist)
 
         A, kp = self.koopman.matrix(), self.koopman
@@ -264,7 +286,8 @@ class KoVAE(nn.Module):
 
         z_roll = self.rollout(zh[:, -1], u_fut)
         R = u_fut.shape[1]
-        forecast = self.decoder(z_roll) + self.correction(x_hist[:, -1], zh[:, -1], self.residual_decay(), R)
+        forecast = self.decode(z_roll, u_fut)
+        forecast = forecast + self.correction(x_hist[:, -1], zh[:, -1], u_hist[:, -1], self.residual_decay(), R)
         forecast = self.seasonal(x_hist, forecast)
         seen = torch.isfinite(x_fut)
         err = torch.where(seen, forecast - torch.nan_to_num(x_fut), 0.0) ** 2
