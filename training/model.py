@@ -10,11 +10,12 @@ u_c[t] are the controls of the same step (``model.decoder_controls``; none: D(z[
 model's feedthrough y = g(z, u): dissolved oxygen and the anoxic nitrate settle within minutes of a change in
 KLa or the internal recycle, so at 15-minute samples they are a static, nonlinear function of the control and
 the slowly moving load (oxygen transfer is KLa (S_sat - S_O)), which the decoder can represent and a latent state
-linear in u cannot. The dynamics stay in A and B.
+linear in u can only approximate. The dynamics stay in A and B.
 
 A forecast from the last history step t also carries the decoder's miss at t, fading per variable:
-x[t+k] = D(z[t+k]) + g^k (x[t] - D(z[t])), with each g = sigmoid(a) in (0, 1) learned with everything else (and
-chosen again per variable on validation, training.calibrate), so the forecast starts from the measured state.
+x[t+k] = D(z[t+k], u_c[t+k]) + g^k (x[t] - D(z[t], u_c[t])), with each g = sigmoid(a) in (0, 1) learned with
+everything else (and chosen again per variable on validation, training.calibrate), so the forecast starts from the
+measured state.
 Slow variables (sludge mass, temperature) keep their measured level instead of the decoder's approximation of
 it; noisy ones (influent) drop the miss quickly. The miss is a constant times g^k, not fed back, so it can never
 grow.
