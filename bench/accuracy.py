@@ -110,6 +110,47 @@ def influent_floor(
     return out
 
 
+def plant_breakdown(
+    rt: ModelRuntime,
+    w: Windows,
+    mean: np.ndarray,
+    groups: dict[str, str],
+    scale: np.ndarray,
+    plant: list[int],
+    step: int,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per regime, each plant variable's NMSE at ``step`` (its MSE / scale^2): the model's, the model's given the
+    true future influent (a perfect forecast of the disturbances), and the naive forecast's (the one with the
+    lower mean, as the pooled skill takes it). The plant's pooled skill at ``step`` is 1 - sqrt(mean model NMSE /
+    mean naive NMSE) over these rows, so they say which variables hold it back and whether knowing the influent
+    would release them."""
+    chunks = range(0, len(w.x_hist), 256)
+    known = np.concatenate(
+        [
+            rt.predict(
+                w.x_hist[i : i + 256],
+                w.u_hist[i : i + 256],
+                w.u_fut[i : i + 256],
+                w.t_last[i : i + 256],
+                d_fut=w.x_fut[i : i + 256, :, rt.disturbances],
+            ).mean
+            for i in chunks
+        ]
+    )
+    by_window = np.array([groups[s] for s in w.scenario])
+    out = {}
+    for group in dict.fromkeys(by_window.tolist()):
+        k = by_window == group
+        truth = w.x_fut[k, step - 1][:, plant]
+
+        def nmse(pred: np.ndarray, truth: np.ndarray = truth) -> np.ndarray:
+            return np.nanmean((pred[:, step - 1][:, plant] - truth) ** 2, 0) / scale[plant] ** 2
+
+        naive = min((nmse(ev.persistence(w)[k]), nmse(ev.seasonal_naive(w)[k])), key=np.mean)  # as the skill's
+        out[group] = {"model": nmse(mean[k]), "true influent": nmse(known[k]), "naive": naive}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default="models")
@@ -175,6 +216,21 @@ def main() -> None:
     print("\n".join(ev.regime_lines(regimes, card["sample_minutes"])))
 
     h0 = int(horizons[0])
+    breakdown = plant_breakdown(rt, everything, overall["mean"], groups, scale, plant, h0)
+    print(
+        f"\nplant variables at step {h0}, NMSE (MSE / std^2, as in the pooled skill): the model, the model given the "
+        "true future influent, the naive forecast; last row: the plant's pooled skill, 1 - sqrt(mean / naive mean)"
+    )
+    keys = ("model", "true influent", "naive")
+    print(f"{'variable':<9} " + " ".join(f"{g + ' model/true infl./naive':>32}" for g in breakdown))
+    rows = [(names[i], [[b[key][row] for key in keys] for b in breakdown.values()]) for row, i in enumerate(plant)]
+    rows.append(("mean", [[b[key].mean() for key in keys] for b in breakdown.values()]))
+    rows.append(
+        ("skill", [[1 - np.sqrt(b[key].mean() / b["naive"].mean()) for key in keys] for b in breakdown.values()])
+    )
+    for label, cells in rows:
+        print(f"{label:<9} " + " ".join(f"{' '.join(f'{v:>9.3f}' for v in c):>32}" for c in cells))
+
     print(f"\nrelative RMSE at step {h0}, influent (disturbance) vs plant variables:")
     for sc, r in results.items():
         rel = r["rel"][h0 - 1]

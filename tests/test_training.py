@@ -316,6 +316,13 @@ def test_accuracy_bench_reproduces_the_stored_metrics_through_onnx(trained_store
         row = next(r.split() for r in out.splitlines() if r.split()[:2] == [group, str(want["windows"])])
         cells = [*want["pooled_skill_all"].values(), *want["pooled_skill_plant"].values()]
         assert [float(c) for c in row[2 : 2 + len(cells)]] == pytest.approx(cells, abs=2e-3)
+    # The per-variable breakdown of the plant's error adds up to the plant's pooled skill at the headline step.
+    step = next(iter(stored["headline"]["kovae"]))
+    model_skill, with_influent, naive = (
+        float(c) for c in next(r.split() for r in out.splitlines() if r.startswith("skill "))[1:]
+    )
+    assert model_skill == pytest.approx(regimes["normal"]["pooled_skill_plant"][step], abs=2e-3)
+    assert naive == 0.0 and np.isfinite(with_influent)
     # rel. RMSE and skill at the one tiny horizon; pooled skill at 15 min and coverage for the one regime
     assert out.count("met  ") + out.count("NOT MET") == 4
 
