@@ -352,6 +352,38 @@ def test_influent_oracle_bench_feeds_the_true_future_influent(prepared) -> None:
     assert influent_error(known) < 0.05 < 0.3 < influent_error(p)
 
 
+def test_setpoint_oracle_bench_adds_the_setpoints_the_loops_followed(prepared, tiny_data) -> None:
+    """bench/setpoint_oracle.py adds each loop's setpoint to the controls, drawn again from the scenario's seed
+    (training.data.operation): the simulated DO follows its setpoint wherever the loop is not saturated, which a
+    setpoint drawn in another order would not, and everything else the run prepares is unchanged."""
+    import importlib.util
+
+    from tests.conftest import ROOT
+    from training.bsm1 import KLA_LIMITS
+
+    spec = importlib.util.spec_from_file_location("setpoint_oracle", ROOT / "bench" / "setpoint_oracle.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    cfg, p = prepared
+    known = bench.setpoints_known(cfg)
+    names = known.catalog.control_names
+    assert names == (*p.catalog.control_names, *(v.name for v in bench.SETPOINTS))
+    assert known.inputs(known.test)[1].shape[-1] == p.inputs(p.test)[1].shape[-1] + 2
+    np.testing.assert_array_equal(known.test.x_fut, p.test.x_fut)
+    np.testing.assert_array_equal(known.test.u_fut[..., : len(p.u_mean)], p.test.u_fut)
+    for sid, d in tiny_data.items():
+        sc = next(s for s in bench.scenarios(cfg.data) if s.id == sid)
+        setpoints = bench.loop_setpoints(cfg.data, sc, d.t_minutes)
+        assert np.all((setpoints[:, 0] >= cfg.data.do_setpoints[0]) & (setpoints[:, 0] <= cfg.data.do_setpoints[1]))
+        # Where KLa5 is below its limit the loop holds the oxygen at its setpoint (another scenario's setpoints
+        # miss it by 0.4-1.5 g O2/m3 here).
+        oxygen = d.x[:, p.catalog.target_names.index("SO_5")]
+        held = d.u[:, p.catalog.control_names.index("KLa_5")] < 0.95 * KLA_LIMITS[1]
+        assert held.mean() > 0.3 and np.median(np.abs(oxygen - setpoints[:, 0])[held]) < 0.2, sid
+
+
 def test_pooled_skill_has_the_known_answer_and_a_still_variable_cannot_dominate_it() -> None:
     from training.evaluate import pooled_skill, skill
 

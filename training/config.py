@@ -29,7 +29,7 @@ class DataConfig:
     warmup_days: float = 2.0  # discarded at the start of every scenario
     stabilize: bool = True  # start from bsm2-python's steady state for the scenario's first influent row
     seed: int = 2024
-    # How the plant is run (training.data.simulate_scenario): DO in reactor 5 (through KLa5) and nitrate in
+    # How the plant is run (training.data.operation): DO in reactor 5 (through KLa5) and nitrate in
     # reactor 2 (through Qintr) follow moving setpoints under PI control, with excitation on the loop outputs;
     # KLa3 and KLa4 move open loop.
     do_setpoints: tuple[float, float] = (1.0, 3.0)  # g O2/m3, each held setpoint_hours

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from modelcard.card import atomic_write
 from training.catalog import BSM1, SAMPLE_MINUTES, Catalog, load_catalog
 from training.config import ConfigError, DataConfig, RunConfig, load_config
 from training.executor import is_cluster, run_all
+
+if TYPE_CHECKING:
+    from training.bsm1 import FeedbackLoop
 
 # 2: lagged return-sludge flow set at start-up; 3: t_minutes on the influent clock; 4: regimes; 5: the blanket kept
 # in the settler (training.bsm1.blanket_height)
@@ -125,14 +129,25 @@ def bsm2_design_influent(start_day: float, days: float, scale: bool) -> tuple[np
     return bsm1.influent_window(data, start_day, days), repairs
 
 
-def simulate_scenario(cfg: DataConfig, sc: Scenario) -> tuple[ScenarioData, list[dict[str, object]]]:
-    """Simulate one scenario the way the plant is run, then drop the warm-up.
+@dataclass
+class Operation:
+    """How one scenario's plant is run, drawn from its seed before anything is simulated: the influent (with its
+    storms and overload), the scheduled controls, the feedback loops (their setpoints and excitation), the
+    actuator caps of a low-aeration episode and the operator's sludge wastage."""
 
-    DO in reactor 5 and nitrate in reactor 2 follow moving setpoints under PI control (with excitation on the
-    loop outputs), KLa3 and KLa4 move open loop, and the operator sets the sludge wastage for the season. Storm
-    scenarios add seeded storms to the influent; stress scenarios an overload and a low-aeration episode.
-    u records the controls actually applied.
-    """
+    influent: np.ndarray
+    controls: np.ndarray  # (minutes, controls) the open-loop schedule; the loops replace their own column
+    loops: list[FeedbackLoop]
+    caps: np.ndarray  # (minutes, controls), NaN: no cap
+    wastage: float
+    notes: list[dict[str, object]]  # influent repairs and episodes, for the scenario file
+
+
+def operation(cfg: DataConfig, sc: Scenario) -> Operation:
+    """Draw how the scenario's plant is run. DO in reactor 5 and nitrate in reactor 2 follow moving setpoints
+    under PI control (with excitation on the loop outputs), KLa3 and KLa4 move open loop, and the operator sets
+    the sludge wastage for the season. Storm scenarios add seeded storms to the influent; stress scenarios an
+    overload and a low-aeration episode. The same scenario always draws the same operation."""
     from training import bsm1
 
     if sc.influent == "bsm2":
@@ -172,15 +187,41 @@ def simulate_scenario(cfg: DataConfig, sc: Scenario) -> tuple[ScenarioData, list
         controls[:, j] = piecewise(n, rng, hold, lambda lo=lo, hi=hi: rng.uniform(lo, hi))
     temperature = float(np.mean(influent[:, 1 + bsm1.TEMP]))
     wastage = bsm1.seasonal_wastage(temperature, cfg.wastage, cfg.wastage_temperatures)
+    notes = [asdict(r) for r in repairs] + episodes + [{"kind": "wastage", "m3_per_day": wastage}]
+    return Operation(influent, controls, [do, no], caps, wastage, notes)
+
+
+def simulate_scenario(cfg: DataConfig, sc: Scenario) -> tuple[ScenarioData, list[dict[str, object]]]:
+    """Simulate one scenario the way the plant is run (``operation``), then drop the warm-up. u records the
+    controls actually applied."""
+    from training import bsm1
+
+    op = operation(cfg, sc)
     t, x, u = bsm1.simulate(
-        influent, controls, SAMPLE_MINUTES, stabilize=cfg.stabilize, loops=[do, no], caps=caps, wastage=wastage
+        op.influent,
+        op.controls,
+        SAMPLE_MINUTES,
+        stabilize=cfg.stabilize,
+        loops=op.loops,
+        caps=op.caps,
+        wastage=op.wastage,
     )
     keep = t > cfg.warmup_days * bsm1.MINUTES_PER_DAY
     # Keep the influent's clock (not minutes since the first sample): day 0 is a Monday at midnight
     # (weekend flows are lowest on days 5 and 6), and the time of day and week are known inputs.
     t = t[keep] + sc.start_day * bsm1.MINUTES_PER_DAY
-    notes = [asdict(r) for r in repairs] + episodes + [{"kind": "wastage", "m3_per_day": wastage}]
-    return ScenarioData(sc.id, t, x[keep], u[keep], sc.seed, sc.regime, sc.group), notes
+    return ScenarioData(sc.id, t, x[keep], u[keep], sc.seed, sc.regime, sc.group), op.notes
+
+
+def loop_setpoints(cfg: DataConfig, sc: Scenario, t_minutes: np.ndarray) -> np.ndarray:
+    """(len(t_minutes), loops): each feedback loop's setpoint at the scenario's samples, as the mean over the
+    sample's interval (the way u records the controls). Simulated data do not store them; this draws the
+    scenario's operation again, which is cheap next to simulating it."""
+    from training import bsm1
+
+    per_minute = np.stack([loop.setpoint for loop in operation(cfg, sc).loops], 1)
+    minutes = np.round(t_minutes - sc.start_day * bsm1.MINUTES_PER_DAY).astype(int)  # each interval's end
+    return np.stack([per_minute[m - SAMPLE_MINUTES : m].mean(0) for m in minutes])
 
 
 def scenario_path(cfg: DataConfig, sc: Scenario) -> Path:

@@ -13,7 +13,7 @@ import torch
 from modelcard.card import Calendar, known_inputs, window_clock
 from training.catalog import BSM1, Catalog
 from training.config import RunConfig
-from training.data import Windows, heldout_windows, load_data, make_windows
+from training.data import ScenarioData, Windows, heldout_windows, load_data, make_windows
 
 
 @dataclass
@@ -66,7 +66,14 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
-    catalog, data, ids, data_hash = load_data(cfg)
+    return prepare_data(cfg, *load_data(cfg))
+
+
+def prepare_data(
+    cfg: RunConfig, catalog: Catalog, data: dict[str, ScenarioData], ids: dict[str, tuple[str, ...]], data_hash: str
+) -> Prepared:
+    """``prepare`` on data already loaded (``training.data.load_data``'s four results): experiments that change the
+    data (bench/setpoint_oracle.py adds inputs) prepare them the same way."""
     train = [data[i] for i in ids["train"]]
     x_all = np.concatenate([d.x for d in train])
     u_all = np.concatenate([d.u for d in train])
