@@ -15,6 +15,7 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from training import evaluate as ev
 from training import loop, report
 from training import prepare as preparation
 from training.catalog import BSM1
-from training.config import load_config
+from training.config import RunConfig, load_config
 from training.data import Windows
 
 MEASUREMENTS = BSM1.targets
@@ -42,28 +43,43 @@ class InfluentKnown(preparation.Prepared):
             np.concatenate([u_fut, self.nx(w.x_fut)[..., INFLUENT]], -1),
         )
 
+    def known_offset(self) -> int:
+        """The baselines' known inputs end here (training.report): with the true influent, as the ARX was fitted."""
+        return super().known_offset() + len(INFLUENT)
+
 
 def influent_known(p: preparation.Prepared) -> InfluentKnown:
     series = [(x, np.concatenate([u, x[:, INFLUENT]], 1)) for x, u in p.train_series]  # for the ARX
     return InfluentKnown(**{**vars(p), "train_series": series})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def oracle_args(doc: str) -> argparse.Namespace:
+    """The oracle benches' command line: the preset, the store whose served model they compare with, overrides."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default")
     parser.add_argument("--store", default="models", help="the served model's figures are read from here")
     parser.add_argument("overrides", nargs="*", help="section.field=value, as for python -m training.run")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def train_and_score(cfg: RunConfig, p: preparation.Prepared) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train, calibrate and score on the held-out windows as ``python -m training.run`` does, in a temporary
+    folder: (metrics, calibration). Nothing is stored or exported."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        model, _ = loop.train(cfg, p, Path(run_dir))
+    calib = calibration.calibrate(model, p, cfg)
+    return report.evaluate_all(model, p, cfg, calib)[0], calib
+
+
+def main() -> None:
+    args = oracle_args(__doc__)
     # The model's own disturbance inputs off: this bench appends the true influent itself, as it always did
     # (the served model's "perfect" influent forecast figures are in its report).
     cfg = load_config(args.preset, None, [*args.overrides, "model.disturbance_inputs=false"])
     p = influent_known(preparation.prepare(cfg))
-    with tempfile.TemporaryDirectory() as run_dir:
-        model, _ = loop.train(cfg, p, Path(run_dir))
-    calib = calibration.calibrate(model, p, cfg)
-    metrics, _ = report.evaluate_all(model, p, cfg, calib)
+    metrics, calib = train_and_score(cfg, p)
     print(f"\nwith the true future influent as a known input ({', '.join(MEASUREMENTS[i].name for i in INFLUENT)}):")
-    report.print_headline(metrics, calib)
+    report.print_headline(metrics, calib, p.catalog)
     print()
     plant_skill(metrics, "influent known")
     served = current_version(Path(args.store))

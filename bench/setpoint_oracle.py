@@ -13,19 +13,20 @@ printed, never stored or served.
 
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.influent_oracle import oracle_args, train_and_score
 from modelcard.store import current_version
-from training import calibrate as calibration
 from training import evaluate as ev
-from training import loop, report
 from training import prepare as preparation
+from training import report
 from training.catalog import Catalog, Variable
 from training.config import RunConfig, load_config
 from training.data import ScenarioData, load_data, loop_setpoints, scenarios
@@ -51,17 +52,10 @@ def setpoints_known(cfg: RunConfig) -> preparation.Prepared:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="default")
-    parser.add_argument("--store", default="models", help="the served model's figures are read from here")
-    parser.add_argument("overrides", nargs="*", help="section.field=value, as for python -m training.run")
-    args = parser.parse_args()
+    args = oracle_args(__doc__)
     cfg = load_config(args.preset, None, args.overrides)
     p = setpoints_known(cfg)
-    with tempfile.TemporaryDirectory() as run_dir:
-        model, _ = loop.train(cfg, p, Path(run_dir))
-    calib = calibration.calibrate(model, p, cfg)
-    metrics, _ = report.evaluate_all(model, p, cfg, calib)
+    metrics, calib = train_and_score(cfg, p)
     print(f"\nwith the loops' setpoints as known inputs ({', '.join(v.name for v in SETPOINTS)}):")
     report.print_headline(metrics, calib, p.catalog)
     served = current_version(Path(args.store))

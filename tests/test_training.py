@@ -352,6 +352,29 @@ def test_influent_oracle_bench_feeds_the_true_future_influent(prepared) -> None:
     assert influent_error(known) < 0.05 < 0.3 < influent_error(p)
 
 
+@pytest.mark.parametrize(
+    ("bench", "says"),
+    [("influent_oracle", "with the true future influent as a known input"), ("setpoint_oracle", "setpoints as known")],
+)
+def test_oracle_benches_train_score_and_print_on_the_tiny_preset(bench: str, says: str, tiny_cfg, tiny_data) -> None:
+    """Each oracle bench runs to its end (the influent one once crashed after its training: the baselines were
+    fitted with the influent and scored without it) and prints the per-regime table of the model it trained."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, f"bench/{bench}.py", "--preset", "tiny", f"data.cache_dir={tiny_cfg.data.cache_dir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert says in out.stdout and "gate score" in out.stdout
+
+
 def test_setpoint_oracle_bench_adds_the_setpoints_the_loops_followed(prepared, tiny_data) -> None:
     """bench/setpoint_oracle.py adds each loop's setpoint to the controls, drawn again from the scenario's seed
     (training.data.operation): the simulated DO follows its setpoint wherever the loop is not saturated, which a
