@@ -124,30 +124,28 @@ def plant_breakdown(
     lower mean, as the pooled skill takes it). The plant's pooled skill at ``step`` is 1 - sqrt(mean model NMSE /
     mean naive NMSE) over these rows, so they say which variables hold it back and whether knowing the influent
     would release them."""
-    chunks = range(0, len(w.x_hist), 256)
+    chunks = [slice(i, i + 256) for i in range(0, len(w.x_hist), 256)]
     known = np.concatenate(
         [
-            rt.predict(
-                w.x_hist[i : i + 256],
-                w.u_hist[i : i + 256],
-                w.u_fut[i : i + 256],
-                w.t_last[i : i + 256],
-                d_fut=w.x_fut[i : i + 256, :, rt.disturbances],
-            ).mean
-            for i in chunks
+            rt.predict(w.x_hist[c], w.u_hist[c], w.u_fut[c], w.t_last[c], d_fut=w.x_fut[c][..., rt.disturbances]).mean
+            for c in chunks
         ]
     )
+    forecasts = {
+        "model": mean,
+        "true influent": known,
+        "persistence": ev.persistence(w),
+        "seasonal": ev.seasonal_naive(w),
+    }
+    truth = w.x_fut[:, step - 1][:, plant]
+    errors = {name: (f[:, step - 1][:, plant] - truth) ** 2 / scale[plant] ** 2 for name, f in forecasts.items()}
     by_window = np.array([groups[s] for s in w.scenario])
     out = {}
     for group in dict.fromkeys(by_window.tolist()):
         k = by_window == group
-        truth = w.x_fut[k, step - 1][:, plant]
-
-        def nmse(pred: np.ndarray, truth: np.ndarray = truth) -> np.ndarray:
-            return np.nanmean((pred[:, step - 1][:, plant] - truth) ** 2, 0) / scale[plant] ** 2
-
-        naive = min((nmse(ev.persistence(w)[k]), nmse(ev.seasonal_naive(w)[k])), key=np.mean)  # as the skill's
-        out[group] = {"model": nmse(mean[k]), "true influent": nmse(known[k]), "naive": naive}
+        nmse = {name: np.nanmean(e[k], 0) for name, e in errors.items()}
+        naive = min(nmse.pop("persistence"), nmse.pop("seasonal"), key=np.mean)  # as the pooled skill takes it
+        out[group] = {**nmse, "naive": naive}
     return out
 
 

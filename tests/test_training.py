@@ -383,6 +383,7 @@ def test_setpoint_oracle_bench_adds_the_setpoints_the_loops_followed(prepared, t
 
     from tests.conftest import ROOT
     from training.bsm1 import KLA_LIMITS
+    from training.data import loop_setpoints, scenarios
 
     spec = importlib.util.spec_from_file_location("setpoint_oracle", ROOT / "bench" / "setpoint_oracle.py")
     assert spec is not None and spec.loader is not None
@@ -397,8 +398,8 @@ def test_setpoint_oracle_bench_adds_the_setpoints_the_loops_followed(prepared, t
     np.testing.assert_array_equal(known.test.x_fut, p.test.x_fut)
     np.testing.assert_array_equal(known.test.u_fut[..., : len(p.u_mean)], p.test.u_fut)
     for sid, d in tiny_data.items():
-        sc = next(s for s in bench.scenarios(cfg.data) if s.id == sid)
-        setpoints = bench.loop_setpoints(cfg.data, sc, d.t_minutes)
+        sc = next(s for s in scenarios(cfg.data) if s.id == sid)
+        setpoints = loop_setpoints(cfg.data, sc, d.t_minutes)
         assert np.all((setpoints[:, 0] >= cfg.data.do_setpoints[0]) & (setpoints[:, 0] <= cfg.data.do_setpoints[1]))
         # Where KLa5 is below its limit the loop holds the oxygen at its setpoint (another scenario's setpoints
         # miss it by 0.4-1.5 g O2/m3 here).
