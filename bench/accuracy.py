@@ -6,6 +6,7 @@ Rebuilds the version's held-out windows from its own card (data config, splits, 
 through the service's runtime, and prints per test scenario and overall: relative RMSE over the card's top-5
 variables, mean NRMSE and skill vs persistence at 5 h and 24 h, and the 80% interval coverage. Then it splits
 the 5-h error between the influent (a disturbance the plant does not control) and the plant's own variables,
+and (models that take them) scores the same windows again with the loops' setpoints sent, history and plan,
 measures how far the influent can be forecast from its own past at all (a direct ridge regression, next to
 persistence and the model), and says which targets are met. The data come from the cache, or are simulated
 if missing (about 25 min).
@@ -52,16 +53,17 @@ def score(
     x_std: np.ndarray,
     top5: list[int],
     samples: int,
+    setpoints: bool = False,
 ) -> dict:
     """Headline figures, coverage, per-variable relative RMSE by horizon, and the forecasts (mean and the band of
-    the samples), for a set of windows; a few windows at a time, so the samples never fill memory."""
+    the samples), for a set of windows; a few windows at a time, so the samples never fill memory. ``setpoints``:
+    the loops' setpoints are sent (history and plan)."""
     rng, step = np.random.default_rng(0), max(1, 4096 // max(samples, 1))
-    parts = [
-        rt.predict(
-            w.x_hist[i : i + step], w.u_hist[i : i + step], w.u_fut[i : i + step], w.t_last[i : i + step], samples, rng
-        )
-        for i in range(0, len(w.x_hist), step)
-    ]
+    parts = []
+    for i in range(0, len(w.x_hist), step):
+        c = slice(i, i + step)
+        sent = {"s_hist": w.s_hist[c], "s_fut": w.s_fut[c]} if setpoints else {}
+        parts.append(rt.predict(w.x_hist[c], w.u_hist[c], w.u_fut[c], w.t_last[c], samples, rng, **sent))
     mean = np.concatenate([f.mean for f in parts])
     band = np.concatenate([ev.sample_band(f.samples) for f in parts]) if samples else None
     table = ev.error_table(mean, w.x_fut)
@@ -120,23 +122,24 @@ def plant_breakdown(
     step: int,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per regime, each plant variable's NMSE at ``step`` (its MSE / scale^2): the model's, the model's given the
-    true future influent (a perfect forecast of the disturbances), and the naive forecast's (the one with the
-    lower mean, as the pooled skill takes it). The plant's pooled skill at ``step`` is 1 - sqrt(mean model NMSE /
-    mean naive NMSE) over these rows, so they say which variables hold it back and whether knowing the influent
-    would release them."""
+    loops' setpoints (models that take them), the model's given the true future influent (a perfect forecast of
+    the disturbances), and the naive forecast's (the one with the lower mean, as the pooled skill takes it). The
+    plant's pooled skill at ``step`` is 1 - sqrt(mean model NMSE / mean naive NMSE) over these rows, so they say
+    which variables hold it back and whether knowing the setpoints or the influent would release them."""
     chunks = [slice(i, i + 256) for i in range(0, len(w.x_hist), 256)]
-    known = np.concatenate(
-        [
-            rt.predict(w.x_hist[c], w.u_hist[c], w.u_fut[c], w.t_last[c], d_fut=w.x_fut[c][..., rt.disturbances]).mean
+
+    def predict(**given: np.ndarray) -> np.ndarray:
+        fcs = [
+            rt.predict(w.x_hist[c], w.u_hist[c], w.u_fut[c], w.t_last[c], **{k: v[c] for k, v in given.items()}).mean
             for c in chunks
         ]
-    )
-    forecasts = {
-        "model": mean,
-        "true influent": known,
-        "persistence": ev.persistence(w),
-        "seasonal": ev.seasonal_naive(w),
-    }
+        return np.concatenate(fcs)
+
+    forecasts = {"model": mean}
+    if rt.setpoints:
+        forecasts["setpoints"] = predict(s_hist=w.s_hist, s_fut=w.s_fut)
+    forecasts["true influent"] = predict(d_fut=w.x_fut[..., rt.disturbances])
+    forecasts["persistence"], forecasts["seasonal"] = ev.persistence(w), ev.seasonal_naive(w)
     truth = w.x_fut[:, step - 1][:, plant]
     errors = {name: (f[:, step - 1][:, plant] - truth) ** 2 / scale[plant] ** 2 for name, f in forecasts.items()}
     by_window = np.array([groups[s] for s in w.scenario])
@@ -212,22 +215,33 @@ def main() -> None:
         "\nat each step (NMSE: mean over variables of MSE / std^2, std over all test scenarios); < 0: worse than naive"
     )
     print("\n".join(ev.regime_lines(regimes, card["sample_minutes"])))
+    conditions = {"": regimes}
+    if rt.setpoints:
+        sent = score(rt, everything, x_std, top5, samples, setpoints=True)
+        conditions["with setpoints "] = ev.regime_table(sent["mean"], sent["band"], everything, groups, scale, plant)
+        print(f"\nthe same with the loops' setpoints sent, history and plan ({', '.join(rt.setpoints)}):")
+        print("\n".join(ev.regime_lines(conditions["with setpoints "], card["sample_minutes"])))
 
     h0 = int(horizons[0])
     breakdown = plant_breakdown(rt, everything, overall["mean"], groups, scale, plant, h0)
+    keys = tuple(next(iter(breakdown.values())))  # model, (setpoints,) true influent, naive
     print(
-        f"\nplant variables at step {h0}, NMSE (MSE / std^2, as in the pooled skill): the model, the model given the "
-        "true future influent, the naive forecast; last row: the plant's pooled skill, 1 - sqrt(mean / naive mean)"
+        f"\nplant variables at step {h0}, NMSE (MSE / std^2, as in the pooled skill): the model, "
+        + ("the model given the loops' setpoints, " if "setpoints" in keys else "")
+        + "the model given the true future influent, the naive forecast; last row: the plant's pooled skill, "
+        "1 - sqrt(mean / naive mean)"
     )
-    keys = ("model", "true influent", "naive")
-    print(f"{'variable':<9} " + " ".join(f"{g + ' model/true infl./naive':>32}" for g in breakdown))
+    short = {"model": "model", "setpoints": "setp.", "true influent": "true infl.", "naive": "naive"}
+    label = "/".join(short[k] for k in keys)
+    width = 10 * len(keys) + 2
+    print(f"{'variable':<9} " + " ".join(f"{g + ' ' + label:>{width}}" for g in breakdown))
     rows = [(names[i], [[b[key][row] for key in keys] for b in breakdown.values()]) for row, i in enumerate(plant)]
     rows.append(("mean", [[b[key].mean() for key in keys] for b in breakdown.values()]))
     rows.append(
         ("skill", [[1 - np.sqrt(b[key].mean() / b["naive"].mean()) for key in keys] for b in breakdown.values()])
     )
-    for label, cells in rows:
-        print(f"{label:<9} " + " ".join(f"{' '.join(f'{v:>9.3f}' for v in c):>32}" for c in cells))
+    for name, cells in rows:
+        print(f"{name:<9} " + " ".join(f"{' '.join(f'{v:>9.3f}' for v in c):>{width}}" for c in cells))
 
     print(f"\nrelative RMSE at step {h0}, influent (disturbance) vs plant variables:")
     for sc, r in results.items():
@@ -278,19 +292,22 @@ def main() -> None:
             for h in horizons
         ],
     ]
-    for group, r in regimes.items():
-        if group == "all":
-            continue
-        for step, target in TARGET_POOLED.items():
-            if step in r["pooled_skill_all"]:
-                value = r["pooled_skill_all"][step]
-                checks.append((f"{group}: pooled skill at step {step} >= {target}", value, value >= target))
-        for step, target in TARGET_POOLED_PLANT.items():
-            if step in r["pooled_skill_plant"]:
-                value = r["pooled_skill_plant"][step]
-                checks.append((f"{group}: plant pooled skill at step {step} >= {target}", value, value >= target))
-        cover = r["coverage_80"]
-        checks.append((f"{group}: 80% coverage in 75-85%", cover, TARGET_COVERAGE[0] <= cover <= TARGET_COVERAGE[1]))
+    for how, table in conditions.items():
+        for group, r in table.items():
+            if group == "all":
+                continue
+            label = f"{how}{group}"
+            for step, target in TARGET_POOLED.items():
+                if step in r["pooled_skill_all"]:
+                    value = r["pooled_skill_all"][step]
+                    checks.append((f"{label}: pooled skill at step {step} >= {target}", value, value >= target))
+            for step, target in TARGET_POOLED_PLANT.items():
+                if step in r["pooled_skill_plant"]:
+                    value = r["pooled_skill_plant"][step]
+                    checks.append((f"{label}: plant pooled skill at step {step} >= {target}", value, value >= target))
+            cover = r["coverage_80"]
+            within = TARGET_COVERAGE[0] <= cover <= TARGET_COVERAGE[1]
+            checks.append((f"{label}: 80% coverage in 75-85%", cover, within))
     print("\ntargets:")
     for what, value, met in checks:
         print(f"  {'met    ' if met else 'NOT MET'}  {what}: {value:.3f}")

@@ -36,16 +36,19 @@ INFLUENT = BSM1.disturbance_positions()
 class InfluentKnown(preparation.Prepared):
     """The run's data, with the true influent appended to the known inputs of every window and series."""
 
-    def inputs(self, w: Windows, forecast: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        u_hist, u_fut = super().inputs(w, forecast)
+    def inputs(
+        self, w: Windows, forecast: np.ndarray | None = None, setpoints: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        u_hist, u_fut = super().inputs(w, forecast, setpoints)
         return (
             np.concatenate([u_hist, self.nx(w.x_hist)[..., INFLUENT]], -1),
             np.concatenate([u_fut, self.nx(w.x_fut)[..., INFLUENT]], -1),
         )
 
-    def known_offset(self) -> int:
-        """The baselines' known inputs end here (training.report): with the true influent, as the ARX was fitted."""
-        return super().known_offset() + len(INFLUENT)
+    def baseline_columns(self) -> list[int]:
+        """The baselines' known inputs (training.report): with the true influent, as the ARX was fitted."""
+        end = self.known_offset() + 2 * len(self.disturbances)  # the influent columns come after all others
+        return [*super().baseline_columns(), *range(end, end + len(INFLUENT))]
 
 
 def influent_known(p: preparation.Prepared) -> InfluentKnown:
@@ -74,8 +77,10 @@ def train_and_score(cfg: RunConfig, p: preparation.Prepared) -> tuple[dict[str, 
 def main() -> None:
     args = oracle_args(__doc__)
     # The model's own disturbance inputs off: this bench appends the true influent itself, as it always did
-    # (the served model's "perfect" influent forecast figures are in its report).
-    cfg = load_config(args.preset, None, [*args.overrides, "model.disturbance_inputs=false"])
+    # (the served model's "perfect" influent forecast figures are in its report); no setpoints either, so it
+    # compares with the served model as every caller gets it.
+    off = ["model.disturbance_inputs=false", "model.setpoint_inputs=false"]
+    cfg = load_config(args.preset, None, [*args.overrides, *off])
     p = influent_known(preparation.prepare(cfg))
     metrics, calib = train_and_score(cfg, p)
     print(f"\nwith the true future influent as a known input ({', '.join(MEASUREMENTS[i].name for i in INFLUENT)}):")

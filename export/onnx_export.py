@@ -155,8 +155,10 @@ def load_model(version_dir: Path, *, verify: bool = True) -> tuple[KoVAE, dict[s
     card = read_card(version_dir, verify=verify)
     cfg = model_config(card)
     n_d = len(card["variables"].get("disturbance_inputs", {}).get("variables", []))
-    n_u = len(card["variables"]["controls"]) + Calendar.from_card(card).size + 2 * n_d
-    model = KoVAE(len(card["variables"]["measurements"]), n_u, cfg, len(card["variables"]["controls"]))
+    n_s = len(card["variables"].get("setpoint_inputs", {}).get("variables", []))
+    n_plan = len(card["variables"]["controls"]) + 2 * n_s  # the leading columns, which the decoder reads
+    n_u = n_plan + Calendar.from_card(card).size + 2 * n_d
+    model = KoVAE(len(card["variables"]["measurements"]), n_u, cfg, n_plan)
     model.load_state_dict(torch.load(Path(version_dir) / "weights.pt", weights_only=True))
     return model.eval(), card
 

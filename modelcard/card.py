@@ -226,24 +226,31 @@ def known_inputs(
     card_scalers: tuple[np.ndarray, np.ndarray],
     calendar: Calendar,
     disturbances: np.ndarray | None = None,
+    setpoints: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The graph's known-input rows (..., n_u): z-scored controls, the calendar features of the same steps, then
-    (models with disturbance inputs) ``disturbance_columns(disturbances)``.
+    """The graph's known-input rows (..., n_u): z-scored controls, (models with setpoint inputs)
+    ``optional_columns(setpoints)``, the calendar features of the same steps, then (models with disturbance
+    inputs) ``optional_columns(disturbances)``. The controls and setpoints lead: the decoder reads them.
 
-    Training, export and the service all build the model's u this way. ``card_scalers`` is (u_mean, u_std).
+    Training, export and the service all build the model's u this way. ``card_scalers`` is (u_mean, u_std);
+    ``setpoints`` and ``disturbances`` come z-scored, NaN where not known.
     """
     u_mean, u_std = card_scalers
     scaled = ((u - u_mean) / u_std).astype(np.float32)
-    parts = [scaled, calendar.features(minutes)]
+    parts = [scaled]
+    if setpoints is not None:
+        parts.append(optional_columns(setpoints))
+    parts.append(calendar.features(minutes))
     if disturbances is not None:
-        parts.append(disturbance_columns(disturbances))
+        parts.append(optional_columns(disturbances))
     return np.concatenate(parts, -1)
 
 
-def disturbance_columns(values: np.ndarray) -> np.ndarray:
-    """(..., 2 n_d) known-input columns for the disturbances (influent) from their z-scored values (..., n_d),
-    NaN where not known: the value (0 when not known), then a flag (1 = known). In the history they are the
-    measured values; in the future an influent forecast the caller sends, or nothing."""
+def optional_columns(values: np.ndarray) -> np.ndarray:
+    """(..., 2 n) known-input columns for inputs a caller may or may not send, from their z-scored values
+    (..., n), NaN where not known: the value (0 when not known), then a flag (1 = known). Disturbances: measured
+    in the history, and in the future an influent forecast the caller sends, or nothing. Setpoints: whatever
+    the caller sends of the loops' setpoints, history and plan."""
     known = np.isfinite(values)
     return np.concatenate([np.where(known, values, 0.0), known], -1).astype(np.float32)
 

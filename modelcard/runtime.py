@@ -66,6 +66,20 @@ class ModelRuntime:
         # horizon whatever forecast the caller has (models without them: none).
         names = self.card["variables"].get("disturbance_inputs", {}).get("variables", [])
         self.disturbances = [self.measurements.index(n) for n in names]
+        # Loop setpoints the model takes as optional known inputs, history and plan (models without them: none).
+        sp = self.card["variables"].get("setpoint_inputs", {}).get("variables", [])
+        self.setpoints = [v["name"] for v in sp]
+        self.s_mean = np.array([v["mean"] for v in sp], dtype=np.float64)
+        self.s_std = np.array([v["std"] for v in sp], dtype=np.float64)
+        self.s_units = [v["unit"] for v in sp]
+        self.s_range = (
+            np.array([v["training_range"]["min"] for v in sp], dtype=np.float64),
+            np.array([v["training_range"]["max"] for v in sp], dtype=np.float64),
+        )
+        self.s_bounds = (
+            np.array([v["bounds"]["min"] for v in sp], dtype=np.float64),
+            np.array([v["bounds"]["max"] for v in sp], dtype=np.float64),
+        )
 
     @property
     def version(self) -> str:
@@ -84,20 +98,24 @@ class ModelRuntime:
         n_samples: int = 0,
         rng: np.random.Generator | None = None,
         d_fut: np.ndarray | None = None,
+        s_hist: np.ndarray | None = None,
+        s_fut: np.ndarray | None = None,
     ) -> Forecast:
         """Forecast from engineering-unit arrays: x_hist (B, L, n_x), u_hist (B, L, n_u), u_fut (B, H, n_u).
 
         last_minute (B,): each series' last history sample in minutes since Monday 00:00 (calendar inputs).
         d_fut (B, H, n_d): a forecast of the disturbances (``self.disturbances``), NaN where there is none.
+        s_hist (B, L, n_s), s_fut (B, H, n_s): the loops' setpoints (``self.setpoints``), NaN where not sent.
         """
         batch, horizon = u_fut.shape[0], u_fut.shape[1]
         noise = self._noise(batch, n_samples, horizon, rng)
         t_hist, t_fut = window_clock(last_minute, x_hist.shape[1], horizon, self.step_minutes)
         d_hist, d_fut = self._disturbances(x_hist, d_fut, batch, horizon)
+        scal = (self.u_mean, self.u_std)
         feeds = {
             "x_hist": ((x_hist - self.x_mean) / self.x_std).astype(np.float32),
-            "u_hist": known_inputs(u_hist, t_hist, (self.u_mean, self.u_std), self.calendar, d_hist),
-            "u_fut": known_inputs(u_fut, t_fut, (self.u_mean, self.u_std), self.calendar, d_fut),
+            "u_hist": known_inputs(u_hist, t_hist, scal, self.calendar, d_hist, self._setpoints(s_hist, u_hist)),
+            "u_fut": known_inputs(u_fut, t_fut, scal, self.calendar, d_fut, self._setpoints(s_fut, u_fut)),
             "noise": noise,
         }
         return self._run(self.session, feeds, n_samples)
@@ -121,6 +139,14 @@ class ModelRuntime:
         fut = np.full((batch, horizon, len(d)), np.nan) if d_fut is None else (d_fut - self.x_mean[d]) / self.x_std[d]
         return hist, fut
 
+    def _setpoints(self, values: np.ndarray | None, like: np.ndarray) -> np.ndarray | None:
+        """The setpoints' z-scored values over the steps of ``like`` (NaN: not sent); None: no setpoint inputs."""
+        if not self.setpoints:
+            return None
+        if values is None:
+            return np.full((*like.shape[:-1], len(self.setpoints)), np.nan)
+        return (values - self.s_mean) / self.s_std
+
     def _run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], n_samples: int) -> Forecast:
         mean, samples = session.run(["mean", "samples"], feeds)
         mean = mean * self.x_std + self.x_mean
@@ -135,10 +161,13 @@ class ModelRuntime:
         n_samples: int = 0,
         rng: np.random.Generator | None = None,
         d_fut: np.ndarray | None = None,
+        s_hist: np.ndarray | None = None,
+        s_fut: np.ndarray | None = None,
     ) -> Forecast:
         """One history, x_hist (L, n_x) and u_hist (L, n_u), under each of ``plans`` (P, H, n_u): the encoder
         runs once. Returns (P, H, n_x) means (and samples), as ``predict`` would for the history repeated.
-        d_fut (H, n_d): a disturbance forecast shared by every plan, NaN where there is none."""
+        d_fut (H, n_d): a disturbance forecast shared by every plan, NaN where there is none; s_hist (L, n_s)
+        and s_fut (H, n_s): the loops' setpoints, shared by every plan, NaN where not sent."""
         if self.plans_session is None:
             raise ValueError(f"version {self.version} has no plans graph (re-export it: python -m export)")
         n_plans, horizon = plans.shape[0], plans.shape[1]
@@ -146,12 +175,16 @@ class ModelRuntime:
         t_hist, t_fut = window_clock(np.array([last_minute]), x_hist.shape[0], horizon, self.step_minutes)
         d_hist, d_fut = self._disturbances(x_hist[None], None if d_fut is None else d_fut[None], 1, horizon)
         scal = (self.u_mean, self.u_std)
-        # Every plan shares the calendar and disturbance columns: built once, then each plan's controls.
-        u_fut = np.repeat(known_inputs(plans[:1], t_fut, scal, self.calendar, d_fut), n_plans, 0)
+        s_hist = None if s_hist is None else s_hist[None]
+        s_fut = self._setpoints(None if s_fut is None else s_fut[None], plans[:1])
+        # Every plan shares the setpoint, calendar and disturbance columns: built once, then each plan's controls.
+        u_fut = np.repeat(known_inputs(plans[:1], t_fut, scal, self.calendar, d_fut, s_fut), n_plans, 0)
         u_fut[..., : len(self.controls)] = (plans - self.u_mean) / self.u_std
         history = {
             "x_hist": ((x_hist[None] - self.x_mean) / self.x_std).astype(np.float32),
-            "u_hist": known_inputs(u_hist[None], t_hist, scal, self.calendar, d_hist),
+            "u_hist": known_inputs(
+                u_hist[None], t_hist, scal, self.calendar, d_hist, self._setpoints(s_hist, u_hist[None])
+            ),
         }
         step = n_plans if n_samples == 0 else max(1, SAMPLE_ROWS // n_samples)  # plans per run
         parts = [

@@ -74,6 +74,18 @@ class SeriesIn(BaseModel):
         "variables.disturbance_inputs) over the horizon, horizon values each, e.g. from a sewer model or rain "
         "radar; any subset of them. Without it the model forecasts the influent itself",
     )
+    setpoints: dict[str, list[float | None]] | None = Field(
+        None,
+        description="optional: the feedback loops' setpoints over the history (GET /model, "
+        "variables.setpoint_inputs; e.g. the DO setpoint the KLa loop held), history values each, null where not "
+        "logged; any subset of them",
+    )
+    future_setpoints: dict[str, list[float]] | None = Field(
+        None,
+        description="optional: the planned setpoints over the horizon, horizon values each; any subset. Under "
+        "feedback control the setpoint decides the controlled variable (the DO, the anoxic nitrate), so a plan "
+        "that knows them forecasts those far better. Without them the model forecasts from the controls alone",
+    )
     plans: list[PlanIn] | None = Field(
         None,
         description="instead of future_controls or hold_controls: candidate control plans for this one history "
@@ -183,6 +195,8 @@ class DecodedRequest:
     plan_names: list[list[str] | None] = field(default_factory=list)  # per series: its plans' names, or None
     plan_forecasts: list[bool] = field(default_factory=list)  # per series: answer each plan's forecast too
     d_fut: list[np.ndarray] = field(default_factory=list)  # per series (H, n_d) disturbance forecast, NaN: none
+    s_hist: list[np.ndarray] = field(default_factory=list)  # per series (L, n_s) loop setpoints, NaN: not sent
+    s_fut: list[np.ndarray] = field(default_factory=list)  # per series (H, n_s)
     horizon: int = 0
     quantiles: list[float] = field(default_factory=list)
     samples: int = 0  # 0 when no quantiles are asked for: samples are drawn only to give quantiles
@@ -260,30 +274,34 @@ def _named(
     return None
 
 
-def _disturbance_forecast(
-    given: dict[str, list[float]] | None, rt: ModelRuntime, where: str, horizon: int, errors: list[dict[str, str]]
+def _optional_inputs(
+    given: dict[str, list[float | None]] | None,
+    names: list[str],
+    limits: tuple[np.ndarray, np.ndarray],
+    units: list[str],
+    kind: str,
+    where: str,
+    length: int,
+    errors: list[dict[str, str]],
 ) -> np.ndarray | None:
-    """(H, n_d) from a series' future_disturbances, NaN for the disturbances it does not give; None on error."""
-    names = [rt.measurements[i] for i in rt.disturbances]
-    out = np.full((horizon, len(names)), np.nan)
+    """(length, len(names)) from inputs a caller may send, any subset of ``names`` (a disturbance forecast,
+    loop setpoints), NaN for those not sent and for null values; None on error. ``kind`` names them in errors."""
+    out = np.full((length, len(names)), np.nan)
     if not given:
         return out
     if not names:
-        errors.append({"field": where, "message": f"model {rt.version} takes no disturbance forecast"})
+        errors.append({"field": where, "message": f"this model takes no {kind}"})
         return None
     unknown = sorted(set(given) - set(names))
     if unknown:
-        errors.append(
-            {"field": f"{where}.{unknown[0]}", "message": f"not a disturbance input; expected {', '.join(names)}"}
-        )
+        errors.append({"field": f"{where}.{unknown[0]}", "message": f"not a {kind}; expected {', '.join(names)}"})
         return None
-    sent = [n for n in names if n in given]
-    idx = [rt.disturbances[names.index(n)] for n in sent]
-    limits = (rt.x_bounds[0][idx], rt.x_bounds[1][idx])
-    arr = _named(given, sent, where, horizon, limits, [rt.units[n] for n in sent], errors)
+    sent = [j for j, n in enumerate(names) if n in given]
+    sent_limits = (limits[0][sent], limits[1][sent])
+    arr = _named(given, [names[j] for j in sent], where, length, sent_limits, [units[j] for j in sent], errors, 1.0)
     if arr is None:
         return None
-    out[:, [names.index(n) for n in sent]] = arr
+    out[:, sent] = arr
     return out
 
 
@@ -449,8 +467,17 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
         else:
             fc = f"{where}.future_controls"
             uf = _named(s.future_controls, rt.controls, fc, H, u_limits, u_units, errors)
-        d_fut = _disturbance_forecast(s.future_disturbances, rt, f"{where}.future_disturbances", H, errors)
-        if x is None or u is None or uf is None or d_fut is None:
+        d_names = [rt.measurements[j] for j in rt.disturbances]
+        d_limits = (rt.x_bounds[0][rt.disturbances], rt.x_bounds[1][rt.disturbances])
+        d_units = [rt.units[n] for n in d_names]
+        kind = "disturbance input"
+        d_fut = _optional_inputs(
+            s.future_disturbances, d_names, d_limits, d_units, kind, f"{where}.future_disturbances", H, errors
+        )
+        sp = (rt.setpoints, rt.s_bounds, rt.s_units, "setpoint input")
+        s_hist = _optional_inputs(s.setpoints, *sp, f"{where}.setpoints", L, errors)
+        s_fut = _optional_inputs(s.future_setpoints, *sp, f"{where}.future_setpoints", H, errors)
+        if x is None or u is None or uf is None or d_fut is None or s_hist is None or s_fut is None:
             continue
         out.x_hist.append(x)
         out.u_hist.append(u)
@@ -462,9 +489,13 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
         out.plan_names.append(names)
         out.plan_forecasts.append(s.plan_forecasts)
         out.d_fut.append(d_fut)
+        out.s_hist.append(s_hist)
+        out.s_fut.append(s_fut)
         out.warnings.append(
             _range_warnings(x, rt.measurements, f"{where}.measurements", rt.x_range)
             + _range_warnings(u, rt.controls, f"{where}.controls", rt.u_range)
+            + _range_warnings(s_hist, rt.setpoints, f"{where}.setpoints", rt.s_range)
+            + _range_warnings(s_fut, rt.setpoints, f"{where}.future_setpoints", rt.s_range)
             + (
                 _range_warnings(uf.reshape(-1, uf.shape[-1]), rt.controls, f"{where}.future_controls", rt.u_range)
                 if not s.hold_controls
@@ -507,13 +538,14 @@ def run_piece(
     uf = np.stack([d.u_fut[i] for i in series])
     last = np.array([d.last_minute[i] for i in series])
     df = np.stack([d.d_fut[i] for i in series])
+    sp = {"s_hist": np.stack([d.s_hist[i] for i in series]), "s_fut": np.stack([d.s_fut[i] for i in series])}
     if d.samples == 0:
-        mean = rt.predict(x, u, uf, last, d_fut=df).mean
+        mean = rt.predict(x, u, uf, last, d_fut=df, **sp).mean
         return {i: SeriesResult(mean[j], None) for j, i in enumerate(series)}
     per_call = max(1, chunk_work // (len(series) * d.horizon))
     mean, drawn = None, []
     for start in range(0, d.samples, per_call):
-        fc = rt.predict(x, u, uf, last, min(per_call, d.samples - start), rng, d_fut=df)
+        fc = rt.predict(x, u, uf, last, min(per_call, d.samples - start), rng, d_fut=df, **sp)
         mean = fc.mean if mean is None else mean
         drawn.append(fc.samples)
     samples = np.concatenate(drawn, 1)  # (series, samples, H, n_x)
@@ -530,7 +562,9 @@ def run_plans(rt: ModelRuntime, d: DecodedRequest, i: int, rng: np.random.Genera
     means, quantiles = [], []
     for start in range(0, len(plans), per_call):
         chunk = plans[start : start + per_call]
-        fc = rt.predict_plans(d.x_hist[i], d.u_hist[i], chunk, d.last_minute[i], d.samples, rng, d.d_fut[i])
+        fc = rt.predict_plans(
+            d.x_hist[i], d.u_hist[i], chunk, d.last_minute[i], d.samples, rng, d.d_fut[i], d.s_hist[i], d.s_fut[i]
+        )
         means.append(fc.mean)
         if fc.samples is not None:
             quantiles.append(np.quantile(fc.samples, d.quantiles, axis=1))  # (Q, plans, H, n_x)

@@ -572,3 +572,44 @@ def test_an_influent_forecast_is_an_optional_known_input(server, rt) -> None:
         r = server.client.post("/forecast", json=body)
         assert r.status_code == 422
         assert any(e["field"] == field and words in e["message"] for e in r.json()["errors"]), r.text
+
+
+def test_loop_setpoints_are_optional_known_inputs(server, rt) -> None:
+    """setpoints (history) and future_setpoints (plan) carry any of the card's loop setpoints: the model takes
+    them as the runtime does (another forecast than without them), in a plans request too, and a name that is
+    no setpoint, a wrong length or a value outside the physical bounds is refused by name."""
+    names = [v["name"] for v in rt.card["variables"]["setpoint_inputs"]["variables"]]
+    assert names == ["SO_5_setpoint", "SNO_2_setpoint"]
+    H, L = 4, rt.card["history"]["length"]
+    body = make_body(rt, horizon=H)
+    without = server.client.post("/forecast", json=body).json()["series"][0]["forecast"]
+    do_hist = [2.0] * (L - 8) + [None] * 8  # not logged lately: unknown there
+    body["series"][0]["setpoints"] = {"SO_5_setpoint": do_hist}
+    body["series"][0]["future_setpoints"] = {"SO_5_setpoint": [2.5] * H, "SNO_2_setpoint": [1.0] * H}
+    r = server.client.post("/forecast", json=body)
+    assert r.status_code == 200, r.text
+    given = r.json()["series"][0]["forecast"]
+    means = {n: np.array(given[n]["mean"]) for n in rt.measurements}
+    assert not np.allclose(np.stack([without[n]["mean"] for n in rt.measurements]), np.stack(list(means.values())))
+    x, u, uf, last = arrays(body, rt)
+    s_hist = np.full((1, L, 2), np.nan)
+    s_hist[0, :, 0] = np.array(do_hist, dtype=float)
+    s_fut = np.stack([np.full(H, 2.5), np.full(H, 1.0)], 1)[None]
+    direct = np.clip(rt.predict(x, u, uf, last, s_hist=s_hist, s_fut=s_fut).mean[0], *rt.x_bounds)
+    assert np.allclose(np.stack(list(means.values()), 1), direct, rtol=1e-5, atol=1e-6)
+    one = dict(body["series"][0])
+    one["plans"] = [{"name": "as planned", "future_controls": one.pop("future_controls")}]
+    r = server.client.post("/forecast", json={**body, "series": [one]})
+    assert r.status_code == 200, r.text
+    planned = r.json()["series"][0]["plans"][0]["forecast"]
+    assert np.allclose(np.stack([planned[n]["mean"] for n in rt.measurements], 1), direct, rtol=1e-5, atol=1e-6)
+    for where, change, field, words in (
+        ("future_setpoints", {"SO_5": [1.0] * H}, "series[0].future_setpoints.SO_5", "not a setpoint input"),
+        ("future_setpoints", {"SO_5_setpoint": [1.0] * 5}, "series[0].future_setpoints.SO_5_setpoint", "expected 4"),
+        ("setpoints", {"SNO_2_setpoint": [-1.0] * L}, "series[0].setpoints.SNO_2_setpoint[0]", "physical minimum"),
+    ):
+        bad = json.loads(json.dumps(body))
+        bad["series"][0][where] = change
+        r = server.client.post("/forecast", json=bad)
+        assert r.status_code == 422
+        assert any(e["field"] == field and words in e["message"] for e in r.json()["errors"]), r.text

@@ -316,15 +316,24 @@ def test_accuracy_bench_reproduces_the_stored_metrics_through_onnx(trained_store
         row = next(r.split() for r in out.splitlines() if r.split()[:2] == [group, str(want["windows"])])
         cells = [*want["pooled_skill_all"].values(), *want["pooled_skill_plant"].values()]
         assert [float(c) for c in row[2 : 2 + len(cells)]] == pytest.approx(cells, abs=2e-3)
+    # With the loops' setpoints sent, the runtime gives the figures training stored for them.
+    lines = out.splitlines()
+    after = lines[next(i for i, r in enumerate(lines) if r.startswith("the same with the loops' setpoints")) :]
+    for group, want in stored["setpoints_known"].items():
+        row = next(r.split() for r in after if r.split()[:2] == [group, str(want["windows"])])
+        cells = [*want["pooled_skill_all"].values(), *want["pooled_skill_plant"].values()]
+        assert [float(c) for c in row[2 : 2 + len(cells)]] == pytest.approx(cells, abs=2e-3)
     # The per-variable breakdown of the plant's error adds up to the plant's pooled skill at the headline step.
     step = next(iter(stored["headline"]["kovae"]))
-    model_skill, with_influent, naive = (
+    model_skill, with_setpoints, with_influent, naive = (
         float(c) for c in next(r.split() for r in out.splitlines() if r.startswith("skill "))[1:]
     )
     assert model_skill == pytest.approx(regimes["normal"]["pooled_skill_plant"][step], abs=2e-3)
+    assert with_setpoints == pytest.approx(stored["setpoints_known"]["normal"]["pooled_skill_plant"][step], abs=2e-3)
     assert naive == 0.0 and np.isfinite(with_influent)
-    # rel. RMSE and skill at the one tiny horizon; pooled skill at 15 min and coverage for the one regime
-    assert out.count("met  ") + out.count("NOT MET") == 4
+    # rel. RMSE and skill at the one tiny horizon; pooled skill at 15 min and coverage for the one regime,
+    # without and with the setpoints
+    assert out.count("met  ") + out.count("NOT MET") == 6
 
 
 def test_influent_oracle_bench_feeds_the_true_future_influent(prepared) -> None:
@@ -346,66 +355,80 @@ def test_influent_oracle_bench_feeds_the_true_future_influent(prepared) -> None:
         return float(np.sqrt(np.mean((pred - p.nx(w.x_fut))[..., bench.INFLUENT] ** 2)))
 
     cfg, _ = prepared
-    p = preparation.prepare(replace(cfg, model=replace(cfg.model, disturbance_inputs=False)))  # as the bench runs
+    as_run = replace(cfg.model, disturbance_inputs=False, setpoint_inputs=False)  # as the bench runs
+    p = preparation.prepare(replace(cfg, model=as_run))
     known = bench.influent_known(p)
     assert known.inputs(known.test)[1].shape[-1] == p.inputs(p.test)[1].shape[-1] + len(bench.INFLUENT)
     assert influent_error(known) < 0.05 < 0.3 < influent_error(p)
 
 
-@pytest.mark.parametrize(
-    ("bench", "says"),
-    [("influent_oracle", "with the true future influent as a known input"), ("setpoint_oracle", "setpoints as known")],
-)
-def test_oracle_benches_train_score_and_print_on_the_tiny_preset(bench: str, says: str, tiny_cfg, tiny_data) -> None:
-    """Each oracle bench runs to its end (the influent one once crashed after its training: the baselines were
-    fitted with the influent and scored without it) and prints the per-regime table of the model it trained."""
+def test_influent_oracle_bench_trains_scores_and_prints_on_the_tiny_preset(tiny_cfg, tiny_data) -> None:
+    """The oracle bench runs to its end (it once crashed after its training: the baselines were fitted with the
+    influent and scored without it) and prints the per-regime table of the model it trained."""
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
     out = subprocess.run(
-        [sys.executable, f"bench/{bench}.py", "--preset", "tiny", f"data.cache_dir={tiny_cfg.data.cache_dir}"],
+        [sys.executable, "bench/influent_oracle.py", "--preset", "tiny", f"data.cache_dir={tiny_cfg.data.cache_dir}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert says in out.stdout and "gate score" in out.stdout
+    assert "with the true future influent as a known input" in out.stdout and "gate score" in out.stdout
 
 
-def test_setpoint_oracle_bench_adds_the_setpoints_the_loops_followed(prepared, tiny_data) -> None:
-    """bench/setpoint_oracle.py adds each loop's setpoint to the controls, drawn again from the scenario's seed
-    (training.data.operation): the simulated DO follows its setpoint wherever the loop is not saturated, which a
-    setpoint drawn in another order would not, and everything else the run prepares is unchanged."""
-    import importlib.util
-
-    from tests.conftest import ROOT
+def test_scenarios_store_the_setpoints_the_loops_followed(prepared, tiny_data) -> None:
+    """Each cached scenario stores its loops' setpoints (the catalog's setpoint variables), the ones drawn from
+    the scenario's seed (training.data.operation): the simulated DO follows its setpoint wherever the loop is not
+    saturated, which a setpoint drawn in another order would not."""
     from training.bsm1 import KLA_LIMITS
     from training.data import loop_setpoints, scenarios
 
-    spec = importlib.util.spec_from_file_location("setpoint_oracle", ROOT / "bench" / "setpoint_oracle.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-
     cfg, p = prepared
-    known = bench.setpoints_known(cfg)
-    names = known.catalog.control_names
-    assert names == (*p.catalog.control_names, *(v.name for v in bench.SETPOINTS))
-    assert known.inputs(known.test)[1].shape[-1] == p.inputs(p.test)[1].shape[-1] + 2
-    np.testing.assert_array_equal(known.test.x_fut, p.test.x_fut)
-    np.testing.assert_array_equal(known.test.u_fut[..., : len(p.u_mean)], p.test.u_fut)
+    assert p.catalog.setpoint_names == ("SO_5_setpoint", "SNO_2_setpoint")
     for sid, d in tiny_data.items():
         sc = next(s for s in scenarios(cfg.data) if s.id == sid)
-        setpoints = loop_setpoints(cfg.data, sc, d.t_minutes)
+        setpoints = d.s
+        np.testing.assert_array_equal(setpoints, loop_setpoints(cfg.data, sc, d.t_minutes))
         assert np.all((setpoints[:, 0] >= cfg.data.do_setpoints[0]) & (setpoints[:, 0] <= cfg.data.do_setpoints[1]))
         # Where KLa5 is below its limit the loop holds the oxygen at its setpoint (another scenario's setpoints
         # miss it by 0.4-1.5 g O2/m3 here).
         oxygen = d.x[:, p.catalog.target_names.index("SO_5")]
         held = d.u[:, p.catalog.control_names.index("KLa_5")] < 0.95 * KLA_LIMITS[1]
         assert held.mean() > 0.3 and np.median(np.abs(oxygen - setpoints[:, 0])[held]) < 0.2, sid
+
+
+def test_setpoints_are_optional_known_inputs_hidden_per_loop_in_training(prepared) -> None:
+    """With setpoints known, each loop's columns after the controls carry its z-scored setpoint and a flag of 1
+    over history and future; unknown, 0 and 0, and nothing else changes. Training hides each loop's columns
+    apart, in about 1 - train.setpoint_share of the windows."""
+    import torch
+
+    from training.loop import with_setpoints_hidden
+
+    _, p = prepared
+    n_u, n_s = len(p.u_mean), p.n_setpoints
+    assert n_s == 2 and p.fed_columns() == n_u + 4
+    known_h, known_f = p.inputs(p.test, setpoints=True)
+    plain_h, plain_f = p.inputs(p.test)
+    for known, plain, s in ((known_h, plain_h, p.test.s_hist), (known_f, plain_f, p.test.s_fut)):
+        np.testing.assert_allclose(known[..., n_u : n_u + 2], (s - p.s_mean) / p.s_std, rtol=1e-5, atol=1e-6)
+        assert (known[..., n_u + 2 : n_u + 4] == 1).all() and (plain[..., n_u : n_u + 4] == 0).all()
+        others = [j for j in range(known.shape[-1]) if not n_u <= j < n_u + 4]
+        np.testing.assert_array_equal(known[..., others], plain[..., others])
+    uh, uf = torch.from_numpy(known_h), torch.from_numpy(known_f)
+    hid_h, hid_f = with_setpoints_hidden(uh, uf, p, 0.5, torch.Generator().manual_seed(0))
+    flags_h, flags_f = hid_h[..., n_u + 2 : n_u + 4], hid_f[..., n_u + 2 : n_u + 4]
+    assert torch.equal(flags_h[:, :1], flags_f[:, :1])  # a window knows a loop's history and plan, or neither
+    shown = flags_f[:, 0]  # (N, loops)
+    assert 0.35 < shown.mean() < 0.65 and (shown[:, 0] != shown[:, 1]).any()
+    assert ((hid_f[..., n_u : n_u + 2] == 0) | (shown[:, None] == 1)).all()
+    np.testing.assert_array_equal(hid_f[..., :n_u].numpy(), known_f[..., :n_u])
+    assert torch.equal(with_setpoints_hidden(uh, uf, p, 1.0, torch.Generator())[1], uf)
 
 
 def test_pooled_skill_has_the_known_answer_and_a_still_variable_cannot_dominate_it() -> None:

@@ -28,16 +28,18 @@ def predict(
     calib: dict[str, Any] | None = None,
     seed: int = 0,
     forecast: str = "none",
+    setpoints: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """KoVAE mean forecast (N, H, x) in engineering units for a set of windows, and with ``n_samples`` the band
     of the samples (``ev.sample_band``, (N, 2, H, x)), computed a chunk of windows at a time so that hundreds of
     samples per window never sit in memory at once.
 
-    ``forecast`` is what the model is told of the future disturbances (training.prepare.tensors).
+    ``forecast`` is what the model is told of the future disturbances, ``setpoints`` whether it is told the
+    loops' setpoints (training.prepare.tensors).
     ``calib`` is the calibration the graph applies: ``residual_decay`` fades the decoder's miss at the last
     history step into the forecast, and ``spread_scale`` widens each sample's deviation from the mean.
     """
-    xh, uh, _, uf = tensors(p, w, forecast, seed)
+    xh, uh, _, uf = tensors(p, w, forecast, seed, setpoints)
     calib = calib or {}
     decay = calib.get("residual_decay")
     decay = None if decay is None else torch.as_tensor(decay, dtype=torch.float32)

@@ -6,9 +6,13 @@ from there, never from here. Roles:
 
 - ``measurement``: a plant state, forecast (effluent ammonium, dissolved oxygen, ...);
 - ``disturbance``: measured but not controlled, forecast too (the influent);
-- ``control``: a planned input; the caller sends its future values.
+- ``control``: a planned input; the caller sends its future values;
+- ``setpoint``: a feedback loop's setpoint (the DO a KLa loop holds): the caller may send its history and planned
+  future values, and where it does not the model forecasts without them. Under feedback control the setpoint,
+  not the applied KLa, is what the plant's control system plans.
 
-The forecast targets x are the measurements and disturbances in file order; the controls u follow.
+The forecast targets x are the measurements and disturbances in file order; the controls u follow, then the
+setpoints s.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-ROLES = ("measurement", "disturbance", "control")
+ROLES = ("measurement", "disturbance", "control", "setpoint")
 BSM1_CATALOG = Path(__file__).with_name("catalogs") / "bsm1.toml"
 
 
@@ -53,11 +57,20 @@ class Catalog:
     @property
     def targets(self) -> tuple[Variable, ...]:
         """Forecast targets x: measurements and disturbances, in file order."""
-        return tuple(v for v in self.variables if v.role != "control")
+        return tuple(v for v in self.variables if v.role in ("measurement", "disturbance"))
 
     @property
     def controls(self) -> tuple[Variable, ...]:
         return tuple(v for v in self.variables if v.role == "control")
+
+    @property
+    def setpoints(self) -> tuple[Variable, ...]:
+        """Loop setpoints: optional known inputs (role setpoint)."""
+        return tuple(v for v in self.variables if v.role == "setpoint")
+
+    @property
+    def setpoint_names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.setpoints)
 
     @property
     def target_names(self) -> tuple[str, ...]:
@@ -80,24 +93,33 @@ class Catalog:
         return [i for i, v in enumerate(self.targets) if v.role == "measurement"]
 
     def to_dict(self, *, bounds: bool = True) -> dict[str, Any]:
-        """JSON-ready: stored in model cards and data manifests."""
-        return {
+        """JSON-ready: stored in model cards and data manifests (``setpoints`` only where the plant has some)."""
+        out = {
             "name": self.name,
             "sample_minutes": self.sample_minutes,
             "timezone": self.timezone,
             "measurements": [variable_dict(v, bounds=bounds) for v in self.targets],
             "controls": [variable_dict(v, bounds=bounds) for v in self.controls],
         }
+        if self.setpoints:
+            out["setpoints"] = [variable_dict(v, bounds=bounds) for v in self.setpoints]
+        return out
 
     def data_dict(self) -> dict[str, Any]:
         """What determines a data file's columns (names, units, meaning, period): stored in every cached
         scenario and part of its cache key. Roles and bounds are left out: they do not change the data."""
-        plain = [{"name": v.name, "unit": v.unit, "description": v.description} for v in self.targets]
-        return {
+
+        def plain(vs: tuple[Variable, ...]) -> list[dict[str, str]]:
+            return [{"name": v.name, "unit": v.unit, "description": v.description} for v in vs]
+
+        out: dict[str, Any] = {
             "sample_minutes": self.sample_minutes,
-            "measurements": plain,
-            "controls": [{"name": v.name, "unit": v.unit, "description": v.description} for v in self.controls],
+            "measurements": plain(self.targets),
+            "controls": plain(self.controls),
         }
+        if self.setpoints:
+            out["setpoints"] = plain(self.setpoints)
+        return out
 
 
 def variable_dict(v: Variable, *, bounds: bool = True) -> dict[str, Any]:
@@ -119,6 +141,7 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
     else:
         entries = [{"role": "measurement", **v} for v in data.get("measurements", [])]
         entries += [{**v, "role": "control"} for v in data.get("controls", [])]
+        entries += [{**v, "role": "setpoint"} for v in data.get("setpoints", [])]
     variables = []
     for i, entry in enumerate(entries):
         entry = dict(entry)

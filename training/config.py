@@ -74,6 +74,7 @@ class ModelConfig:
     calendar_daily: int = 2  # sin/cos harmonics of the time of day, known inputs beside the controls (0: none)
     calendar_weekly: int = 2  # sin/cos harmonics of the time of week (weekend flows are lower)
     disturbance_inputs: bool = True  # the disturbances (influent) as known inputs: measured, and forecast if given
+    setpoint_inputs: bool = True  # the catalog's loop setpoints as optional known inputs (history and plan)
     seasonal_steps: int = 96  # samples per day: the forecast carries the decoder's miss one day earlier (0: none)
 
 
@@ -100,6 +101,7 @@ class TrainConfig:
     gap_share: float = 0.3  # share of training windows given an artificial sensor gap in their history
     forecast_share: float = 0.5  # share of training windows given a (noisy) forecast of the future disturbances
     forecast_noise: float = 0.3  # its error at the horizon's end (training std units), growing as sqrt(lead time)
+    setpoint_share: float = 0.5  # chance that a training window is told a loop's setpoints (each loop drawn apart)
     checkpoint_every: int = 10
     seed: int = 0
     threads: int = 2
@@ -271,8 +273,9 @@ def validate(cfg: RunConfig) -> None:
         problems.append('data.source must be "bsm1" (simulate) or "historian" (an imported folder)')
     if not 0 <= d.max_missing < 1:
         problems.append("data.max_missing must be in [0, 1)")
-    if not 0 <= t.gap_share <= 1:
-        problems.append("train.gap_share must be in [0, 1]")
+    for name in ("gap_share", "setpoint_share"):
+        if not 0 <= getattr(t, name) <= 1:
+            problems.append(f"train.{name} must be in [0, 1]")
     if not 0 <= t.forecast_share <= 1 or t.forecast_noise < 0:
         problems.append("train.forecast_share must be in [0, 1] and train.forecast_noise >= 0")
     if d.workers < 1:

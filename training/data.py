@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 # 2: lagged return-sludge flow set at start-up; 3: t_minutes on the influent clock; 4: regimes; 5: the blanket kept
 # in the settler (training.bsm1.blanket_height)
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 
 
 class DataError(ValueError):
@@ -64,6 +64,7 @@ class ScenarioData:
     t_minutes: np.ndarray  # (n,) minutes on the influent's clock: day 0 starts at midnight, on a Monday
     x: np.ndarray  # (n, catalog targets), NaN where missing (imported data only)
     u: np.ndarray  # (n, catalog controls)
+    s: np.ndarray  # (n, catalog setpoints), NaN where not logged
     seed: int
     regime: str
     group: str
@@ -210,16 +211,21 @@ def simulate_scenario(cfg: DataConfig, sc: Scenario) -> tuple[ScenarioData, list
     # Keep the influent's clock (not minutes since the first sample): day 0 is a Monday at midnight
     # (weekend flows are lowest on days 5 and 6), and the time of day and week are known inputs.
     t = t[keep] + sc.start_day * bsm1.MINUTES_PER_DAY
-    return ScenarioData(sc.id, t, x[keep], u[keep], sc.seed, sc.regime, sc.group), op.notes
+    sp = setpoints_at(op, sc, t)
+    return ScenarioData(sc.id, t, x[keep], u[keep], sp, sc.seed, sc.regime, sc.group), op.notes
 
 
 def loop_setpoints(cfg: DataConfig, sc: Scenario, t_minutes: np.ndarray) -> np.ndarray:
+    """``setpoints_at`` for a scenario's operation drawn again (cheap next to simulating it)."""
+    return setpoints_at(operation(cfg, sc), sc, t_minutes)
+
+
+def setpoints_at(op: Operation, sc: Scenario, t_minutes: np.ndarray) -> np.ndarray:
     """(len(t_minutes), loops): each feedback loop's setpoint at the scenario's samples, as the mean over the
-    sample's interval (the way u records the controls). Simulated data do not store them; this draws the
-    scenario's operation again, which is cheap next to simulating it."""
+    sample's interval (the way u records the controls), in the catalog's setpoint order (DO, then nitrate)."""
     from training import bsm1
 
-    per_minute = np.stack([loop.setpoint for loop in operation(cfg, sc).loops], 1)
+    per_minute = np.stack([loop.setpoint for loop in op.loops], 1)
     minutes = np.round(t_minutes - sc.start_day * bsm1.MINUTES_PER_DAY).astype(int)  # each interval's end
     return np.stack([per_minute[m - SAMPLE_MINUTES : m].mean(0) for m in minutes])
 
@@ -242,7 +248,7 @@ def save_scenario(path: Path, sd: ScenarioData, notes: list[dict[str, object]], 
         "notes": notes,
     }
     buf = io.BytesIO()
-    np.savez_compressed(buf, t_minutes=sd.t_minutes, x=sd.x, u=sd.u, meta=np.array(json.dumps(meta)))
+    np.savez_compressed(buf, t_minutes=sd.t_minutes, x=sd.x, u=sd.u, s=sd.s, meta=np.array(json.dumps(meta)))
     atomic_write(path, buf.getvalue())
 
 
@@ -251,7 +257,7 @@ def load_scenario(path: Path, catalog: Catalog = BSM1) -> ScenarioData:
     missing values (NaN) and an hour's jump of the local clock at a DST change; simulated data have neither."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            t, x, u, meta = z["t_minutes"], z["x"], z["u"], json.loads(str(z["meta"]))
+            t, x, u, sp, meta = z["t_minutes"], z["x"], z["u"], z["s"], json.loads(str(z["meta"]))
     except FileNotFoundError:
         raise DataError(f"{path}: missing") from None
     except Exception as exc:  # zip, key or JSON errors all mean a corrupt file
@@ -261,14 +267,15 @@ def load_scenario(path: Path, catalog: Catalog = BSM1) -> ScenarioData:
     if meta.get("catalog") != catalog.data_dict():
         raise DataError(f"{path}: its variables do not match the catalog {catalog.name} (regenerate the cache)")
     n = len(t)
-    if x.shape != (n, len(catalog.targets)) or u.shape != (n, len(catalog.controls)):
-        raise DataError(f"{path}: shapes t{t.shape} x{x.shape} u{u.shape} do not match the catalog")
+    shapes = (len(catalog.targets), len(catalog.controls), len(catalog.setpoints))
+    if (x.shape, u.shape, sp.shape) != tuple((n, k) for k in shapes):
+        raise DataError(f"{path}: shapes t{t.shape} x{x.shape} u{u.shape} s{sp.shape} do not match the catalog")
     imported = meta.get("regime") == "historian"
-    for name, arr in (("t_minutes", t), ("x", x), ("u", u)):
+    for name, arr in (("t_minutes", t), ("x", x), ("u", u), ("s", sp)):
         bad = np.isinf(arr) if imported and name != "t_minutes" else ~np.isfinite(arr)
         if np.any(bad):
             raise DataError(f"{path}: {name} has non-finite values")
-    for arr, variables in ((x, catalog.targets), (u, catalog.controls)):
+    for arr, variables in ((x, catalog.targets), (u, catalog.controls), (sp, catalog.setpoints)):
         for j, v in enumerate(variables):
             out = np.flatnonzero((arr[:, j] < v.min) | (arr[:, j] > v.max))  # NaN (a gap) is neither
             if out.size:
@@ -282,7 +289,7 @@ def load_scenario(path: Path, catalog: Catalog = BSM1) -> ScenarioData:
         raise DataError(f"{path}: samples are not {step} minutes apart")
     if meta.get("regime") not in (*REGIMES, "historian"):
         raise DataError(f"{path}: regime {meta.get('regime')!r} is not one of {REGIMES}")
-    return ScenarioData(meta["scenario"], t, x, u, int(meta["seed"]), meta["regime"], meta["group"])
+    return ScenarioData(meta["scenario"], t, x, u, sp, int(meta["seed"]), meta["regime"], meta["group"])
 
 
 def _simulate(task: tuple[DataConfig, Scenario]) -> tuple[ScenarioData, list[dict[str, object]], float]:
@@ -362,6 +369,8 @@ class Windows:
     u_hist: np.ndarray  # (N, L, nu)
     x_fut: np.ndarray  # (N, H, nx)
     u_fut: np.ndarray  # (N, H, nu)
+    s_hist: np.ndarray  # (N, L, ns) loop setpoints, NaN where not known
+    s_fut: np.ndarray  # (N, H, ns)
     x_prev_day: np.ndarray  # (N, H, nx): the same clock times one day earlier (seasonal naive), NaN if unknown
     t_last: np.ndarray  # (N,) clock minutes of the last history sample (calendar inputs)
     scenario: np.ndarray  # (N,) id of the scenario each window was cut from
@@ -389,7 +398,7 @@ def make_windows(
     """Slide over each scenario separately, so no window straddles two scenarios. Windows with too much missing
     data (``usable``) are dropped and counted."""
     day = steps_per_day
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("xh", "uh", "xf", "uf", "xd")}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("xh", "uh", "xf", "uf", "sh", "sf", "xd")}
     t_last: list[float] = []
     ids: list[str] = []
     dropped = 0
@@ -407,6 +416,8 @@ def make_windows(
                 continue
             for key, part in zip(("xh", "uh", "xf", "uf"), window, strict=True):
                 parts[key].append(part)
+            parts["sh"].append(sd.s[s:e])
+            parts["sf"].append(sd.s[e : e + horizon])
             prev = np.full((horizon, sd.x.shape[1]), np.nan)
             idx = np.arange(e, e + horizon) - day
             ok = idx >= 0
@@ -416,7 +427,7 @@ def make_windows(
             ids.append(sd.id)
     if not parts["xh"]:
         raise DataError(f"no window of {history}+{horizon} steps fits the scenarios given ({dropped} dropped)")
-    arrays = (np.stack(parts[k]).astype(np.float32) for k in ("xh", "uh", "xf", "uf", "xd"))
+    arrays = (np.stack(parts[k]).astype(np.float32) for k in ("xh", "uh", "xf", "uf", "sh", "sf", "xd"))
     return Windows(*arrays, np.array(t_last), np.array(ids), dropped)
 
 

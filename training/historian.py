@@ -232,11 +232,12 @@ def import_table(
     pos = {v.name: j for j, v in enumerate(catalog.variables)}
     x = values[:, [pos[n] for n in catalog.target_names]]
     u = values[:, [pos[n] for n in catalog.control_names]]
+    sp = values[:, [pos[n] for n in catalog.setpoint_names]]
     blocks = split_blocks(len(grid), shares, history + horizon)
     out_dir.mkdir(parents=True, exist_ok=True)
     scenarios, digest = {}, hashlib.sha256()
     for name, sl in blocks.items():
-        sd = ScenarioData(name, clock[sl], x[sl], u[sl], 0, "historian", name)
+        sd = ScenarioData(name, clock[sl], x[sl], u[sl], sp[sl], 0, "historian", name)
         path = out_dir / f"{name}.npz"
         save_scenario(path, sd, [], catalog)
         digest.update(path.read_bytes())
@@ -291,12 +292,14 @@ def export_table(
     rng = np.random.default_rng(seed)
     x = np.concatenate([d.x for d in data])
     u = np.concatenate([d.u for d in data])
-    values = np.concatenate([x, u], 1).astype(np.float64)
+    sp = np.concatenate([d.s for d in data])
+    values = np.concatenate([x, u, sp], 1).astype(np.float64)
+    columns = [*catalog.targets, *catalog.controls, *catalog.setpoints]
 
     n = len(values)
     counts = {"rows": n, "dropouts": 0, "stuck_samples": 0, "spikes": 0}
     if faults:
-        sensors = list(range(len(catalog.targets)))  # the controls come from the control system: no faults
+        sensors = list(range(len(catalog.targets)))  # controls and setpoints come from the control system: no faults
         values[:, sensors] *= 1 + 0.01 * rng.standard_normal((n, len(sensors)))
         for _ in range(max(1, n // 500)):
             j, start, length = rng.choice(sensors), rng.integers(0, n), int(rng.integers(1, 25))
@@ -309,12 +312,12 @@ def export_table(
             j, i = rng.choice(sensors), int(rng.integers(0, n))
             values[i, j] = min(values[i, j] * 3, catalog.targets[j].max)
             counts["spikes"] += 1
-        for j, v in enumerate([*catalog.targets, *catalog.controls]):
+        for j, v in enumerate(columns):
             values[:, j] = np.clip(values[:, j], v.min, v.max)
     zone = zoneinfo.ZoneInfo(tz)
     monday = datetime(2026, 3, 2, tzinfo=zone).astimezone(UTC)  # the scenarios' day 0, 4 weeks before a DST change
     minutes = np.concatenate([d.t_minutes for d in data])
-    lines = [",".join([TIMESTAMP_COLUMN, *[v.source_column for v in [*catalog.targets, *catalog.controls]]])]
+    lines = [",".join([TIMESTAMP_COLUMN, *[v.source_column for v in columns]])]
     for i in range(n):
         t = (monday + timedelta(minutes=float(minutes[i]))).astimezone(zone)
         cells = ["" if np.isnan(val) else f"{val:.9g}" for val in values[i]]

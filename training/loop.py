@@ -89,6 +89,26 @@ def with_disturbance_forecasts(
     return u_fut
 
 
+def with_setpoints_hidden(
+    u_hist: torch.Tensor, u_fut: torch.Tensor, p: Prepared, share: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of a batch's known inputs (built with every setpoint known) where each loop's setpoint stays
+    known, history and plan, in a ``share`` of the windows, drawn for each loop apart; elsewhere it reads
+    "unknown" (0, flag 0). One model forecasts with a plant's setpoints, with some, or without."""
+    n_s = p.n_setpoints
+    if not n_s:
+        return u_hist, u_fut
+    hidden = torch.rand(len(u_hist), 1, n_s, generator=gen) >= share  # (B, 1, n_s)
+    a = len(p.u_mean)
+    out = []
+    for u in (u_hist, u_fut):
+        u = u.clone()
+        for cols in (slice(a, a + n_s), slice(a + n_s, a + 2 * n_s)):  # values, then flags
+            u[..., cols] = u[..., cols].masked_fill(hidden, 0.0)
+        out.append(u)
+    return out[0], out[1]
+
+
 def evaluate_loss(
     model: KoVAE, data: tuple[torch.Tensor, ...], cfg: RunConfig, weights: torch.Tensor, batch: int = 256
 ) -> dict[str, float]:
@@ -147,9 +167,10 @@ def train(
     t = cfg.train
     torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
-    train_data, val_data = tensors(p, p.train), tensors(p, p.val)
-    # As wide as its known inputs, which start with the catalog's controls.
-    model = KoVAE(len(p.catalog.targets), train_data[1].shape[-1], cfg.model, len(p.catalog.controls))
+    # Training windows carry every setpoint (hidden per batch); validation, the served default, none.
+    train_data, val_data = tensors(p, p.train, setpoints=True), tensors(p, p.val)
+    # As wide as its known inputs, which start with the catalog's controls and the setpoint columns.
+    model = KoVAE(len(p.catalog.targets), train_data[1].shape[-1], cfg.model, p.fed_columns())
     weights = step_weights(train_data[0], train_data[2], t.step_weight_power)
     opt = make_optimizer(model, t)
     ckpt_dir = run_dir / "checkpoints"
@@ -197,6 +218,7 @@ def train(
         for b in range(n_batches):
             idx = order[b * t.batch_size : (b + 1) * t.batch_size]
             xh, uh, xf, uf = (d[idx] for d in train_data)
+            uh, uf = with_setpoints_hidden(uh, uf, p, t.setpoint_share, gen)
             xh, uh = with_sensor_gaps(xh, uh, len(p.catalog.controls), t.gap_share, gen)
             uf = with_disturbance_forecasts(uf, xf, p, t.forecast_share, t.forecast_noise, gen)
             loss = model.losses(xh, uh, xf[:, :R], uf[:, :R], t, weights)["total"]

@@ -131,8 +131,9 @@ class StableKoopman(nn.Module):
 
 class KoVAE(nn.Module):
     def __init__(self, x_dim: int, u_dim: int, cfg: ModelConfig, n_controls: int = 0) -> None:
-        """``n_controls``: how many leading columns of u are the plant's controls (the rest: calendar and
-        disturbance columns); with ``cfg.decoder_controls`` they feed the decoder too."""
+        """``n_controls``: how many leading columns of u are the plan, the plant's controls and any setpoint
+        columns (the rest: calendar and disturbance columns); with ``cfg.decoder_controls`` they feed the
+        decoder too."""
         super().__init__()
         self.cfg = cfg
         self.x_dim, self.u_dim = x_dim, u_dim

@@ -38,28 +38,62 @@ class Prepared:
     forecast_noise: float = 0.3  # the error of a "noisy" disturbance forecast at the horizon (train.forecast_noise)
     missing: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> variable -> missing share
     dropped: dict[str, int] = field(default_factory=dict)  # split -> windows dropped for missing data
+    # The loops' setpoints as optional known inputs (model.setpoint_inputs and a catalog with setpoints): their
+    # scalers and training range; none: the model does not take them.
+    s_mean: np.ndarray | None = None
+    s_std: np.ndarray | None = None
+    s_range: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def n_setpoints(self) -> int:
+        return 0 if self.s_mean is None else len(self.s_mean)
 
     def nx(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.x_mean) / self.x_std).astype(np.float32)
 
-    def nu(self, u: np.ndarray, minutes: np.ndarray, disturbances: np.ndarray | None = None) -> np.ndarray:
-        """The model's known inputs: scaled controls, calendar features of the same steps, then the disturbance
-        columns (z-scored values, NaN where unknown) when the model takes them."""
+    def nu(
+        self,
+        u: np.ndarray,
+        minutes: np.ndarray,
+        disturbances: np.ndarray | None = None,
+        setpoints: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The model's known inputs (``modelcard.card.known_inputs``): scaled controls, the setpoint columns
+        (their values in engineering units, NaN where unknown), calendar features of the same steps, then the
+        disturbance columns (z-scored values, NaN where unknown), each where the model takes them."""
         d = disturbances if self.disturbances else None
-        return known_inputs(u, minutes, (self.u_mean, self.u_std), self.calendar, d)
+        sp = None
+        if self.n_setpoints:
+            sp = setpoints if setpoints is not None else np.full((*u.shape[:-1], self.n_setpoints), np.nan)
+            sp = (sp - self.s_mean) / self.s_std
+        return known_inputs(u, minutes, (self.u_mean, self.u_std), self.calendar, d, sp)
 
-    def inputs(self, w: Windows, forecast: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def inputs(
+        self, w: Windows, forecast: np.ndarray | None = None, setpoints: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Known inputs over each window's history (the disturbances as measured) and future (``forecast`` of
-        the disturbances, (N, H, n_d) z-scored; none: unknown)."""
+        the disturbances, (N, H, n_d) z-scored; none: unknown). ``setpoints``: the loops' setpoints are known
+        over the history and the future (else unknown)."""
         t_hist, t_fut = window_clock(w.t_last, w.u_hist.shape[1], w.u_fut.shape[1], self.catalog.sample_minutes)
         d = self.disturbances
         d_hist = self.nx(w.x_hist)[..., d]
         d_fut = np.full((*w.u_fut.shape[:2], len(d)), np.nan) if forecast is None else forecast
-        return self.nu(w.u_hist, t_hist, d_hist), self.nu(w.u_fut, t_fut, d_fut)
+        s_hist, s_fut = (w.s_hist, w.s_fut) if setpoints else (None, None)
+        return self.nu(w.u_hist, t_hist, d_hist, s_hist), self.nu(w.u_fut, t_fut, d_fut, s_fut)
+
+    def fed_columns(self) -> int:
+        """How many leading known-input columns are the plan (the controls, then the setpoint columns): what
+        the decoder reads beside z."""
+        return len(self.u_mean) + 2 * self.n_setpoints
 
     def known_offset(self) -> int:
-        """Where the disturbance columns start in the known inputs (after the controls and the calendar)."""
-        return len(self.u_mean) + self.calendar.size
+        """Where the disturbance columns start in the known inputs (after the plan and the calendar)."""
+        return self.fed_columns() + self.calendar.size
+
+    def baseline_columns(self) -> list[int]:
+        """The known-input columns the ARX baselines were fitted on (``train_series``): controls and calendar."""
+        n_u = len(self.u_mean)
+        return [*range(n_u), *range(self.fed_columns(), self.known_offset())]
 
     def dx(self, x: np.ndarray) -> np.ndarray:
         return x * self.x_std + self.x_mean
@@ -94,11 +128,20 @@ def prepare_data(
             for k in ("val", "test")
         },
     }
-    names = [*catalog.target_names, *catalog.control_names]
+    names = [*catalog.target_names, *catalog.control_names, *catalog.setpoint_names]
 
     def missing_share(ids_: tuple[str, ...]) -> dict[str, float]:
-        both = np.concatenate([np.concatenate([data[i].x, data[i].u], 1) for i in ids_])
+        both = np.concatenate([np.concatenate([data[i].x, data[i].u, data[i].s], 1) for i in ids_])
         return dict(zip(names, np.isnan(both).mean(0).tolist(), strict=True))
+
+    s_scalers: tuple[np.ndarray | None, ...] = (None, None, None)
+    if cfg.model.setpoint_inputs and catalog.setpoints:
+        s_all = np.concatenate([d.s for d in train])
+        if np.isnan(s_all).all(0).any():
+            raise ValueError("model.setpoint_inputs: a setpoint is never logged in the training data (set it false)")
+        s_mean = np.nanmean(s_all, 0)
+        s_std = np.maximum(np.nanstd(s_all, 0), 1e-3 * np.maximum(np.abs(s_mean), 1e-3))
+        s_scalers = (s_mean, s_std, (np.nanmin(s_all, 0), np.nanmax(s_all, 0)))
 
     missing = {k: missing_share(ids[k]) for k in ("train", "val", "test")}
     return Prepared(
@@ -122,6 +165,7 @@ def prepare_data(
         t.forecast_noise,
         missing,
         {k: w.dropped for k, w in windows.items()},
+        *s_scalers,
     )
 
 
@@ -136,14 +180,16 @@ def disturbance_forecast(
     return truth + noise * growth * torch.randn(truth.shape, generator=gen)
 
 
-def tensors(p: Prepared, w: Windows, forecast: str = "none", seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """(x_hist, u_hist, x_fut, u_fut) normalised, the u's with their calendar (and disturbance) columns.
-    ``forecast``: what the model is told of the future disturbances, "none", "noisy" (train.forecast_noise's
-    kind, seeded) or "perfect" (the truth)."""
+def tensors(
+    p: Prepared, w: Windows, forecast: str = "none", seed: int = 0, setpoints: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """(x_hist, u_hist, x_fut, u_fut) normalised, the u's with their setpoint, calendar (and disturbance)
+    columns. ``forecast``: what the model is told of the future disturbances, "none", "noisy"
+    (train.forecast_noise's kind, seeded) or "perfect" (the truth); ``setpoints``: the loops' setpoints known."""
     x_fut = torch.from_numpy(p.nx(w.x_fut))
     fc = None
     if forecast != "none" and p.disturbances:
         noise = 0.0 if forecast == "perfect" else p.forecast_noise
         fc = disturbance_forecast(x_fut, p.disturbances, noise, torch.Generator().manual_seed(seed)).numpy()
-    u_hist, u_fut = p.inputs(w, fc)
+    u_hist, u_fut = p.inputs(w, fc, setpoints)
     return torch.from_numpy(p.nx(w.x_hist)), torch.from_numpy(u_hist), x_fut, torch.from_numpy(u_fut)

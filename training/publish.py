@@ -55,6 +55,18 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
             "calendar": p.calendar.to_card(),
             **(
                 {
+                    "setpoint_inputs": {
+                        "variables": card_variables(cat["setpoints"], p.s_mean, p.s_std, p.s_range),
+                        "columns": "after the controls: each one's z-scored value (0 when unknown), then a flag per "
+                        "variable (1 = known), over the history and the horizon; the caller may send them",
+                        "trained_with": {"share": cfg.train.setpoint_share},
+                    }
+                }
+                if p.n_setpoints
+                else {}
+            ),
+            **(
+                {
                     "disturbance_inputs": {
                         "variables": [p.catalog.targets[i].name for i in p.disturbances],
                         "columns": "after the calendar: each one's z-scored value (0 when unknown), then a flag per "
@@ -83,10 +95,12 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
                 "regimes",
                 "score",
                 "score_rule",
+                "setpoints_known",
                 "coverage_80_test",
                 "top5_variables",
                 "test_scenarios",
             )
+            if k in metrics
         },
         "data": {"config_hash": p.data_hash, "splits": {k: list(v) for k, v in p.split_ids.items()}},
         "training": {"seconds": seconds, "epochs": cfg.train.epochs, "config": cfg.to_dict()},
@@ -180,7 +194,7 @@ def export_candidate(
     shutil.rmtree(candidate, ignore_errors=True)
     try:
         w = p.test
-        u_hist, u_fut = p.inputs(w)
+        u_hist, u_fut = p.inputs(w, setpoints=True)  # every known-input column in use
         sample = [(p.nx(w.x_hist[:8]), u_hist[:8], u_fut[:8])]
         export_version(model, card, candidate, sample)
         torch.save(model.state_dict(), candidate / "weights.pt")

@@ -35,7 +35,7 @@ def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any
     names = p.catalog.target_names
     mean, band = predict(model, p, w, cfg.train.calibration_samples, calib, seed=2)
     arx = {lags: ev.ARX(lags).fit(p.train_series) for lags in (1, 4)}
-    u_fut = p.inputs(w)[1][..., : p.known_offset()]  # the baselines get the controls and the clock, as the KoVAE
+    u_fut = p.inputs(w)[1][..., p.baseline_columns()]  # the baselines get the controls and the clock, as the KoVAE
     forecasts = {
         "kovae": mean,
         "persistence": ev.persistence(w),
@@ -63,6 +63,8 @@ def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any
     metrics["history_gaps"] = gap_scores(model, p, calib, metrics["regimes"])
     if p.disturbances:
         metrics["influent_forecast"] = forecast_scores(model, p, calib, metrics["regimes"])
+    if p.n_setpoints:
+        metrics["setpoints_known"] = setpoint_scores(model, p, cfg, calib)
     metrics["score"] = ev.gate_score(metrics["regimes"])
     metrics["score_rule"] = GATE_RULE
     return metrics, {"forecasts": forecasts, "band": band, "windows": w}
@@ -109,6 +111,14 @@ def forecast_scores(
         mean, _ = predict(model, p, p.test, 0, calib, seed=3, forecast=mode)
         out[mode] = ev.regime_table(mean, None, p.test, p.groups, p.test_scale, p.catalog.plant_positions())
     return out
+
+
+def setpoint_scores(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per regime, pooled skill and coverage when the caller sends the loops' setpoints (history and plan) with
+    the controls, as a plant's control system can. The gate scores the model without them, as every caller
+    gets it."""
+    mean, band = predict(model, p, p.test, cfg.train.calibration_samples, calib, seed=2, setpoints=True)
+    return ev.regime_table(mean, band, p.test, p.groups, p.test_scale, p.catalog.plant_positions())
 
 
 def kept_epoch(log: list[dict[str, float]]) -> dict[str, float]:
@@ -276,6 +286,14 @@ def report_markdown(
         "",
         *ev.regime_lines(metrics["regimes"], step, markdown=True),
     ]
+    if "setpoints_known" in metrics:
+        lines += [
+            "",
+            "The same with the loops' setpoints sent (history and plan, beside the controls), as a plant's control "
+            "system can:",
+            "",
+            *ev.regime_lines(metrics["setpoints_known"], step, markdown=True),
+        ]
     lines += [
         "",
         f"80% interval coverage: validation {100 * calib['val_coverage_80']:.1f}% (calibrated there), "
@@ -351,6 +369,9 @@ def print_headline(metrics: dict[str, Any], calib: dict[str, Any], catalog: Cata
     print("\npooled skill per regime, 1 - sqrt(NMSE / NMSE of the better naive forecast); < 0: worse than naive")
     print("\n".join(ev.regime_lines(metrics["regimes"], catalog.sample_minutes)))
     print(f"gate score {metrics['score']:.4f} ({metrics['score_rule']})")
+    if "setpoints_known" in metrics:
+        print("\nthe same with the loops' setpoints sent (history and plan):")
+        print("\n".join(ev.regime_lines(metrics["setpoints_known"], catalog.sample_minutes)))
     for mode, table in metrics.get("influent_forecast", {}).items():
         if mode != "none":
             cells = "; ".join(
