@@ -458,11 +458,16 @@ def summary_table(data: dict[str, ScenarioData], catalog: Catalog = BSM1) -> str
     and, where the catalog has them, its effluent ammonium and nitrate percentiles (is the plant nitrifying?)."""
     x = np.concatenate([d.x for d in data.values()])
     u = np.concatenate([d.u for d in data.values()])
+    sp = np.concatenate([d.s for d in data.values()])
     lines = [f"{len(data)} scenarios, {len(x)} rows at {catalog.sample_minutes} min", ""]
-    lines.append(f"{'variable':<10} {'unit':<10} {'min':>11} {'mean':>11} {'max':>11} {'missing':>8}")
-    for var, col in [*zip(catalog.targets, x.T, strict=True), *zip(catalog.controls, u.T, strict=True)]:
+    lines.append(f"{'variable':<14} {'unit':<10} {'min':>11} {'mean':>11} {'max':>11} {'missing':>8}")
+    variables = [*catalog.targets, *catalog.controls, *catalog.setpoints]
+    for var, col in zip(variables, np.concatenate([x, u, sp], 1).T, strict=True):
+        if np.isnan(col).all():  # a setpoint never logged
+            lines.append(f"{var.name:<14} {var.unit:<10} {'-':>11} {'-':>11} {'-':>11} {len(col):>8}")
+            continue
         lines.append(
-            f"{var.name:<10} {var.unit:<10} {np.nanmin(col):>11.3f} {np.nanmean(col):>11.3f} "
+            f"{var.name:<14} {var.unit:<10} {np.nanmin(col):>11.3f} {np.nanmean(col):>11.3f} "
             f"{np.nanmax(col):>11.3f} {int(np.isnan(col).sum()):>8}"
         )
     names = list(catalog.target_names)
