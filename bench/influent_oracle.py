@@ -57,7 +57,7 @@ def influent_known(p: preparation.Prepared) -> InfluentKnown:
 
 
 def oracle_args(doc: str) -> argparse.Namespace:
-    """The oracle benches' command line: the preset, the store whose served model they compare with, overrides."""
+    """The command line: the preset, the store whose served model it compares with, and overrides."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default")
     parser.add_argument("--store", default="models", help="the served model's figures are read from here")

@@ -154,12 +154,19 @@ def scalers(card: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return arr(m, "mean"), arr(m, "std"), arr(c, "mean"), arr(c, "std")
 
 
+def role_items(card: dict[str, Any], role: str) -> list[dict[str, Any]]:
+    """The card's variables of ``role``: "measurements", "controls", or "setpoint_inputs" (its ``variables``; none
+    for models without setpoint inputs)."""
+    entry = card["variables"].get(role, [])
+    return entry["variables"] if isinstance(entry, dict) else entry
+
+
 def bounds(card: dict[str, Any], role: str) -> tuple[np.ndarray, np.ndarray]:
-    """Physical (min, max) per variable of ``role`` ("measurements" or "controls"), float64, catalog order.
+    """Physical (min, max) per variable of ``role`` (``role_items``), float64, catalog order.
 
     Cards before version 3 carry none: then (-inf, inf), and only non-finite values are refused.
     """
-    items = card["variables"][role]
+    items = role_items(card, role)
     lo = np.array([v.get("bounds", {}).get("min", -np.inf) for v in items], dtype=np.float64)
     hi = np.array([v.get("bounds", {}).get("max", np.inf) for v in items], dtype=np.float64)
     return lo, hi
@@ -167,7 +174,7 @@ def bounds(card: dict[str, Any], role: str) -> tuple[np.ndarray, np.ndarray]:
 
 def training_range(card: dict[str, Any], role: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(min, max) seen in the training data per variable of ``role``; None for cards that do not record it."""
-    items = card["variables"][role]
+    items = role_items(card, role)
     if not all("training_range" in v for v in items):
         return None
     lo = np.array([v["training_range"]["min"] for v in items], dtype=np.float64)

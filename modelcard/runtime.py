@@ -17,7 +17,17 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from modelcard.card import Calendar, bounds, known_inputs, onnx_bytes, read_card, scalers, training_range, window_clock
+from modelcard.card import (
+    Calendar,
+    bounds,
+    known_inputs,
+    onnx_bytes,
+    read_card,
+    role_items,
+    scalers,
+    training_range,
+    window_clock,
+)
 
 SAMPLE_ROWS = 128  # sampled trajectories per run of the plans graph, so its arena holds one chunk at most
 
@@ -67,19 +77,13 @@ class ModelRuntime:
         names = self.card["variables"].get("disturbance_inputs", {}).get("variables", [])
         self.disturbances = [self.measurements.index(n) for n in names]
         # Loop setpoints the model takes as optional known inputs, history and plan (models without them: none).
-        sp = self.card["variables"].get("setpoint_inputs", {}).get("variables", [])
+        sp = role_items(self.card, "setpoint_inputs")
         self.setpoints = [v["name"] for v in sp]
         self.s_mean = np.array([v["mean"] for v in sp], dtype=np.float64)
         self.s_std = np.array([v["std"] for v in sp], dtype=np.float64)
         self.s_units = [v["unit"] for v in sp]
-        self.s_range = (
-            np.array([v["training_range"]["min"] for v in sp], dtype=np.float64),
-            np.array([v["training_range"]["max"] for v in sp], dtype=np.float64),
-        )
-        self.s_bounds = (
-            np.array([v["bounds"]["min"] for v in sp], dtype=np.float64),
-            np.array([v["bounds"]["max"] for v in sp], dtype=np.float64),
-        )
+        self.s_bounds = bounds(self.card, "setpoint_inputs")
+        self.s_range = training_range(self.card, "setpoint_inputs")
 
     @property
     def version(self) -> str:

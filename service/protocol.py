@@ -409,6 +409,11 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
     x_units = [rt.units[n] for n in rt.measurements]
     u_units = [v["unit"] for v in card["variables"]["controls"]]
     x_limits, u_limits = input_limits(rt.x_bounds, rt.x_range), input_limits(rt.u_bounds, rt.u_range)
+    # The optional inputs a series may send: (names, physical bounds, units, what they are called in errors).
+    d_names = [rt.measurements[j] for j in rt.disturbances]
+    d_limits = (rt.x_bounds[0][rt.disturbances], rt.x_bounds[1][rt.disturbances])
+    disturbances = (d_names, d_limits, [rt.units[n] for n in d_names], "disturbance input")
+    setpoints = (rt.setpoints, rt.s_bounds, rt.s_units, "setpoint input")
     samples = requested_samples(req, rt, settings)
     out = DecodedRequest(horizon=req.horizon, quantiles=sorted(req.quantiles), samples=samples, seed=req.seed)
     H = req.horizon
@@ -467,16 +472,9 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
         else:
             fc = f"{where}.future_controls"
             uf = _named(s.future_controls, rt.controls, fc, H, u_limits, u_units, errors)
-        d_names = [rt.measurements[j] for j in rt.disturbances]
-        d_limits = (rt.x_bounds[0][rt.disturbances], rt.x_bounds[1][rt.disturbances])
-        d_units = [rt.units[n] for n in d_names]
-        kind = "disturbance input"
-        d_fut = _optional_inputs(
-            s.future_disturbances, d_names, d_limits, d_units, kind, f"{where}.future_disturbances", H, errors
-        )
-        sp = (rt.setpoints, rt.s_bounds, rt.s_units, "setpoint input")
-        s_hist = _optional_inputs(s.setpoints, *sp, f"{where}.setpoints", L, errors)
-        s_fut = _optional_inputs(s.future_setpoints, *sp, f"{where}.future_setpoints", H, errors)
+        d_fut = _optional_inputs(s.future_disturbances, *disturbances, f"{where}.future_disturbances", H, errors)
+        s_hist = _optional_inputs(s.setpoints, *setpoints, f"{where}.setpoints", L, errors)
+        s_fut = _optional_inputs(s.future_setpoints, *setpoints, f"{where}.future_setpoints", H, errors)
         if x is None or u is None or uf is None or d_fut is None or s_hist is None or s_fut is None:
             continue
         out.x_hist.append(x)

@@ -99,14 +99,15 @@ def with_setpoints_hidden(
     if not n_s:
         return u_hist, u_fut
     hidden = torch.rand(len(u_hist), 1, n_s, generator=gen) >= share  # (B, 1, n_s)
-    a = len(p.u_mean)
-    out = []
-    for u in (u_hist, u_fut):
+    cols = slice(len(p.u_mean), p.fed_columns())  # each loop's value, then each loop's flag
+    mask = hidden.repeat(1, 1, 2)
+
+    def hide(u: torch.Tensor) -> torch.Tensor:
         u = u.clone()
-        for cols in (slice(a, a + n_s), slice(a + n_s, a + 2 * n_s)):  # values, then flags
-            u[..., cols] = u[..., cols].masked_fill(hidden, 0.0)
-        out.append(u)
-    return out[0], out[1]
+        u[..., cols] = u[..., cols].masked_fill(mask, 0.0)
+        return u
+
+    return hide(u_hist), hide(u_fut)
 
 
 def evaluate_loss(

@@ -13,7 +13,7 @@ import torch
 from modelcard.card import Calendar, known_inputs, window_clock
 from training.catalog import BSM1, Catalog
 from training.config import RunConfig
-from training.data import ScenarioData, Windows, heldout_windows, load_data, make_windows
+from training.data import Windows, heldout_windows, load_data, make_windows
 
 
 @dataclass
@@ -99,22 +99,19 @@ class Prepared:
         return x * self.x_std + self.x_mean
 
 
+def fitted_scalers(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) per column over the training rows, missing values left out. The std is floored so that a
+    near-constant series cannot blow up its normalised values."""
+    mean = np.nanmean(values, 0)
+    return mean, np.maximum(np.nanstd(values, 0), 1e-3 * np.maximum(np.abs(mean), 1e-3))
+
+
 def prepare(cfg: RunConfig) -> Prepared:
-    return prepare_data(cfg, *load_data(cfg))
-
-
-def prepare_data(
-    cfg: RunConfig, catalog: Catalog, data: dict[str, ScenarioData], ids: dict[str, tuple[str, ...]], data_hash: str
-) -> Prepared:
-    """``prepare`` on data already loaded (``training.data.load_data``'s four results): experiments that change the
-    data (bench/setpoint_oracle.py adds inputs) prepare them the same way."""
+    catalog, data, ids, data_hash = load_data(cfg)
     train = [data[i] for i in ids["train"]]
     x_all = np.concatenate([d.x for d in train])
     u_all = np.concatenate([d.u for d in train])
-    x_mean, u_mean = np.nanmean(x_all, 0), np.nanmean(u_all, 0)
-    # Floor the std so a near-constant series cannot blow up its normalised values.
-    x_std = np.maximum(np.nanstd(x_all, 0), 1e-3 * np.maximum(np.abs(x_mean), 1e-3))
-    u_std = np.maximum(np.nanstd(u_all, 0), 1e-3 * np.maximum(np.abs(u_mean), 1e-3))
+    (x_mean, x_std), (u_mean, u_std) = fitted_scalers(x_all), fitted_scalers(u_all)
     test_x = np.concatenate([data[i].x for i in ids["test"]])
     t = cfg.train
     H, day = t.horizon, catalog.steps_per_day
@@ -139,9 +136,7 @@ def prepare_data(
         s_all = np.concatenate([d.s for d in train])
         if np.isnan(s_all).all(0).any():
             raise ValueError("model.setpoint_inputs: a setpoint is never logged in the training data (set it false)")
-        s_mean = np.nanmean(s_all, 0)
-        s_std = np.maximum(np.nanstd(s_all, 0), 1e-3 * np.maximum(np.abs(s_mean), 1e-3))
-        s_scalers = (s_mean, s_std, (np.nanmin(s_all, 0), np.nanmax(s_all, 0)))
+        s_scalers = (*fitted_scalers(s_all), (np.nanmin(s_all, 0), np.nanmax(s_all, 0)))
 
     missing = {k: missing_share(ids[k]) for k in ("train", "val", "test")}
     return Prepared(
