@@ -7,9 +7,9 @@ Graph inputs (all normalised, float32):
 Graph outputs: mean (batch, horizon, n_x) and samples (batch, samples, horizon, n_x).
 
 A, B, c, the noise scale, the per-variable fading of the decoder's miss at the last history step and the
-per-variable spread calibration are folded into constants. The rollout covers the card's maximum horizon,
-unrolled (see ForecastGraph), and is sliced to the requested horizon, so the horizon stays dynamic and the graph
-has no loop op and no eigen-decomposition.
+calibrated interval width (training.model.IntervalWidth) are folded into constants. The rollout covers the
+card's maximum horizon, unrolled (see ForecastGraph), and is sliced to the requested horizon, so the horizon
+stays dynamic and the graph has no loop op and no eigen-decomposition.
 Scalers stay outside the graph (the card holds them).
 """
 
@@ -40,7 +40,7 @@ from modelcard.card import (
     write_card,
 )
 from training.config import ModelConfig
-from training.model import KoVAE, calibrated_samples
+from training.model import IntervalWidth, KoVAE, calibrated_samples
 
 OPSET = 17  # runs on every onnxruntime 1.2x/1.3x
 PARITY_TOL = 1e-4
@@ -72,8 +72,7 @@ class ForecastGraph(nn.Module):
         self,
         model: KoVAE,
         max_horizon: int,
-        spread: list[float],
-        residual_decay: list[float] | None = None,
+        calib: dict[str, Any],
         *,
         plans: bool = False,
     ) -> None:
@@ -86,9 +85,10 @@ class ForecastGraph(nn.Module):
             self.register_buffer("Bt", kp.B.T.contiguous().clone())
             self.register_buffer("c", kp.c.clone())
             self.register_buffer("noise_std", kp.log_noise.exp().clone())
-            self.register_buffer("spread", torch.tensor(spread, dtype=torch.float32))
-            decay = None if residual_decay is None else torch.tensor(residual_decay, dtype=torch.float32)
+            decay = calib.get("residual_decay")
+            decay = None if decay is None else torch.tensor(decay, dtype=torch.float32)
             self.register_buffer("residual_decay", decay)  # None: a card from before the residual fading
+        self.width = IntervalWidth(model.x_dim, calib)  # the calibrated interval width, per window
         self.max_horizon = max_horizon
         # Eval mode for the wrapper too: torch.onnx.export restores the wrapper's mode afterwards, and a
         # wrapper left in training mode would switch the model's dropout back on for the parity reference.
@@ -141,7 +141,7 @@ class ForecastGraph(nn.Module):
         if self.residual_decay is not None:
             corr = m.correction(x_hist[:, -1], z0, u_hist[:, -1], self.residual_decay, horizon)  # (B, h, x)
             mean, raw = m.seasonal(x_hist, mean + corr), m.seasonal(x_hist, raw + corr.unsqueeze(1))
-        return mean, calibrated_samples(mean, raw, self.spread)
+        return mean, calibrated_samples(mean, raw, self.width(x_hist, u_fut))
 
 
 def model_config(card: dict[str, Any]) -> ModelConfig:
@@ -252,11 +252,18 @@ def plans_parity(graph: ForecastGraph, plans_bytes: bytes, history: int) -> floa
         got = sess.run(
             list(OUTPUTS), {"x_hist": x.numpy(), "u_hist": u.numpy(), "u_fut": uf.numpy(), "noise": noise.numpy()}
         )
-        k = np.maximum(graph.spread.numpy(), 1.0)
+        k = sample_scale(graph, x.expand(n_plans, -1, -1), uf)
         worst = max(
             worst, float(np.max(np.abs(ref[0] - got[0]))), float(np.max(np.abs(ref[1] - got[1]) / k, initial=0.0))
         )
     return worst
+
+
+def sample_scale(graph: ForecastGraph, x_hist: torch.Tensor, u_fut: torch.Tensor) -> np.ndarray:
+    """(B, 1, 1, x): the samples' differences are compared as if before the calibrated width widened them (it
+    multiplies rounding error too)."""
+    with torch.no_grad():
+        return np.maximum(graph.width(x_hist, u_fut).numpy(), 1.0)[:, None, None, :]
 
 
 def _compare(graph: ForecastGraph, sess: ort.InferenceSession, feeds: tuple[torch.Tensor, ...]) -> float:
@@ -266,8 +273,7 @@ def _compare(graph: ForecastGraph, sess: ort.InferenceSession, feeds: tuple[torc
     for r, g in zip(ref, got, strict=True):
         if r.shape != g.shape:
             raise ParityError(f"ONNX output shape {g.shape} differs from PyTorch {r.shape}")
-    # Samples are compared before the calibration factor widens them (it multiplies rounding error too).
-    k = np.maximum(graph.spread.numpy(), 1.0)
+    k = sample_scale(graph, feeds[0], feeds[2])
     return max(float(np.max(np.abs(ref[0] - got[0]))), float(np.max(np.abs(ref[1] - got[1]) / k, initial=0.0)))
 
 
@@ -310,7 +316,7 @@ def export_version(
     On a parity failure nothing in ``version_dir`` is touched.
     """
     calib = card["calibration"]
-    graph = ForecastGraph(model, card["max_horizon"], calib["spread_scale"], calib.get("residual_decay"))
+    graph = ForecastGraph(model, card["max_horizon"], calib)
     stability = stability_summary(graph.At.T.double().numpy(), card["sample_minutes"])
     created = card.get("created_at") or datetime.now(UTC).isoformat(timespec="seconds")
     metadata = {
@@ -325,9 +331,7 @@ def export_version(
     worst = parity(graph, onnx_bytes, card["history"]["length"], windows)
     if not worst <= PARITY_TOL:
         raise ParityError(f"ONNX Runtime differs from PyTorch by {worst:.3g} (> {PARITY_TOL:g}); nothing written")
-    plans_graph = ForecastGraph(
-        model, card["max_horizon"], calib["spread_scale"], calib.get("residual_decay"), plans=True
-    )
+    plans_graph = ForecastGraph(model, card["max_horizon"], calib, plans=True)
     plans_bytes = to_onnx_bytes(plans_graph, card["history"]["length"], metadata)
     plans_worst = plans_parity(graph, plans_bytes, card["history"]["length"])
     if not plans_worst <= PARITY_TOL:

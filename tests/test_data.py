@@ -86,6 +86,9 @@ def test_cache_is_reused(tiny_cfg, tiny_data) -> None:
     again = D.generate(tiny_cfg.data, progress=False)
     assert [p.stat().st_mtime_ns for p in paths] == stamps
     assert np.array_equal(again["rain"].x, tiny_data["rain"].x)
+    # Another split, or one more later window, changes no scenario's content, so nothing is simulated again.
+    moved = replace(tiny_cfg.data, later_windows=(5,), val_scenarios=("bsm2-02",), test_scenarios=("bsm2-01",))
+    assert [D.scenario_path(moved, sc) for sc in D.scenarios(moved)][: len(paths)] == paths
 
 
 def test_simulation_is_deterministic_for_a_seed(tiny_cfg) -> None:

@@ -30,7 +30,7 @@ def test_onnx_matches_torch_across_dynamic_shapes(trained_store, batch, history,
     store, version = trained_store
     model, card = _load(store, version)
     calib = card["calibration"]
-    graph = E.ForecastGraph(model, card["max_horizon"], calib["spread_scale"], calib["residual_decay"])
+    graph = E.ForecastGraph(model, card["max_horizon"], calib)
     sess = ort.InferenceSession(str(store / version / "model.onnx"), providers=["CPUExecutionProvider"])
     feeds = E._example(batch, history, horizon, samples, (model.x_dim, model.u_dim, model.cfg.z_dim), seed=7)
     with torch.no_grad():
@@ -40,7 +40,7 @@ def test_onnx_matches_torch_across_dynamic_shapes(trained_store, batch, history,
     assert got_mean.shape == (batch, horizon, model.x_dim) and got_smp.shape == (batch, samples, horizon, model.x_dim)
     assert np.max(np.abs(got_mean - mean)) < 1e-4
     assert np.max(np.abs(got_mean - direct)) < 1e-4  # the frozen graph is the trained model
-    assert np.max(np.abs(got_smp - smp) / np.maximum(graph.spread.numpy(), 1), initial=0.0) < 1e-4
+    assert np.max(np.abs(got_smp - smp) / E.sample_scale(graph, feeds[0], feeds[2]), initial=0.0) < 1e-4
 
 
 def test_parity_holds_with_dropout_and_both_corrections() -> None:
@@ -53,7 +53,7 @@ def test_parity_holds_with_dropout_and_both_corrections() -> None:
         model.seasonal_logit.fill_(0.0)
         model.persistence_logit.fill_(-1.0)
     model.train()
-    graph = E.ForecastGraph(model, 12, [1.0] * 5, [0.9] * 5)
+    graph = E.ForecastGraph(model, 12, {"spread_scale": [1.0] * 5, "residual_decay": [0.9] * 5})
     onnx_bytes = E.to_onnx_bytes(graph, 10, {})
     assert E.parity(graph, onnx_bytes, 10) < 1e-4
     assert not graph.training and not model.training
@@ -173,9 +173,9 @@ def test_decoder_reads_the_controls_of_each_step_in_both_graphs(fed: bool) -> No
     model = KoVAE(4, 3, cfg, n_controls=2).eval()  # u: 2 controls, then 1 calendar column
     with torch.no_grad():
         model.koopman.B.zero_()
-    graph = E.ForecastGraph(model, 12, [1.0] * 4, [0.9] * 4)
+    graph = E.ForecastGraph(model, 12, {"spread_scale": [1.0] * 4, "residual_decay": [0.9] * 4})
     assert E.parity(graph, E.to_onnx_bytes(graph, 10, {}), 10) < 1e-4
-    plans = E.ForecastGraph(model, 12, [1.0] * 4, [0.9] * 4, plans=True)
+    plans = E.ForecastGraph(model, 12, {"spread_scale": [1.0] * 4, "residual_decay": [0.9] * 4}, plans=True)
     assert E.plans_parity(graph, E.to_onnx_bytes(plans, 10, {}), 10) < 1e-4
     x, u, uf, noise = E._example(1, 10, 12, 0, (4, 3, 8), seed=5)
     moved, clock = uf.clone(), uf.clone()

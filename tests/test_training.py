@@ -526,6 +526,54 @@ def test_naive_blends_are_refitted_only_where_held_out_validation_says_so(traine
     assert np.all(after[idx] <= before[idx] * 1.001)
 
 
+def test_interval_width_follows_its_driver_so_every_regime_is_covered_alike() -> None:
+    """Two regimes: calm windows (driver at z = 0) miss by N(0, 1), wet ones (z = 2) by N(0, e^1.2): one width per
+    variable covers the calm ones too often and the wet ones too rarely. The fit finds gamma = 0.6 and covers
+    both 80%; where the misses do not grow with the driver it keeps gamma 0. The samples' band is their N(0, 1)
+    10-90% range."""
+    rng = np.random.default_rng(0)
+    n, H, nx = 2000, 4, 2
+    level = np.repeat([0.0, 2.0], n // 2)
+    groups = np.repeat(["calm", "loaded"], n // 2)
+    truth = rng.standard_normal((n, H, nx)) * np.exp(0.6 * level)[:, None, None]
+    mean = np.zeros((n, H, nx))
+    dev = np.broadcast_to(np.array([-1.2816, 1.2816])[None, :, None, None], (n, 2, H, nx))
+    gamma, spread = calibration.fit_width(mean, dev, truth, level, groups)
+    assert gamma == pytest.approx(0.6) and np.allclose(spread, 1.0, atol=0.05)
+    band = mean[:, None] + spread * dev * np.exp(gamma * level)[:, None, None, None]
+    for c in calibration.coverage_by_group(band, truth, groups).values():
+        assert c == pytest.approx(0.8, abs=0.02)
+    assert calibration.fit_width(mean, dev, truth, level, np.full(n, "one"))[0] == pytest.approx(0.6)  # quarters
+    plain = rng.standard_normal((n, H, nx))
+    assert calibration.fit_width(mean, dev, plain, level, groups)[0] <= 0.05
+
+
+def test_interval_width_module_reads_the_driver_and_the_known_input_flags() -> None:
+    """IntervalWidth (the graph's and evaluation's width): spread * exp(gamma * the driver's clipped highest
+    measured value over the history) * ratio ** (share of the kind's future flags set); a driver never measured
+    counts as 0, and a plans batch (one history, several futures) gets one width per plan."""
+    from training.model import IntervalWidth
+
+    calib = {
+        "spread_scale": [2.0, 3.0],
+        "width": {"driver": 0, "gamma": 0.5, "known": [{"columns": [1, 2], "ratio": [0.25, 1.0]}]},
+    }
+    width = IntervalWidth(2, calib)
+    nan = float("nan")
+    driver = torch.tensor([[1.0, nan, 0.5], [9.0, 9.0, 0.0], [nan, nan, nan]])
+    x_hist = torch.stack([driver, torch.zeros(3, 3)], -1)
+    u_fut = torch.zeros(3, 3, 3)
+    u_fut[1, :, 1:] = 1.0  # the second window: every flag set
+    got = width(x_hist, u_fut)  # highest z: 1, 9 (clipped to 3), never measured (0)
+    want = torch.tensor([[2.0 * np.exp(0.5), 3.0 * np.exp(0.5)], [2.0 * np.exp(1.5) * 0.25, 3.0 * np.exp(1.5)], [2, 3]])
+    assert torch.allclose(got, want.float(), rtol=1e-5)
+    plans = torch.zeros(3, 3, 3)
+    plans[1, :, 1] = 1.0  # half the flags
+    got = width(x_hist[:1], plans)
+    assert got.shape == (3, 2) and torch.allclose(got[1], got[0] * torch.tensor([0.5, 1.0]), rtol=1e-5)
+    assert torch.equal(IntervalWidth(2, {"spread_scale": [2.0, 3.0]})(x_hist, u_fut), torch.tensor([[2.0, 3.0]] * 3))
+
+
 def test_residual_fading_chosen_on_validation_is_no_worse_than_the_learned_one(trained_store, tiny_cfg) -> None:
     """Per variable, the fading calibration picks gives validation errors (before the blends) no larger than the
     learned one, and each g stays in (0, 1)."""

@@ -51,8 +51,11 @@ class DataConfig:
     regime_cycle: tuple[str, ...] = ("normal", "storm", "normal", "stress", "normal", "normal", "storm", "normal")
     storms_per_week: float = 2.0
     max_inflow: float = 92_230.0  # m3/d the plant's inlet passes (5 x BSM1's design flow); more overflows upstream
-    later_windows: tuple[int, ...] = (36, 40)  # BSM2 windows after every training window: "later" test scenarios
-    val_scenarios: tuple[str, ...] = ("bsm2-09", "bsm2-10", "bsm2-11")  # storm, normal, stress
+    # BSM2 windows after every training window, operated normally: the "later" period. 32-35 validate (the
+    # most recent data before the test period, as a plant would calibrate), 36 and 40 are test scenarios.
+    later_windows: tuple[int, ...] = (32, 33, 34, 35, 36, 40)
+    # storm, normal, stress, and four of the later period: the interval width is fitted on these regimes alike
+    val_scenarios: tuple[str, ...] = ("bsm2-09", "bsm2-10", "bsm2-11", "bsm2-32", "bsm2-33", "bsm2-34", "bsm2-35")
     test_scenarios: tuple[str, ...] = ("dry", "bsm2-12", "rain", "bsm2-14", "bsm2-36", "bsm2-40")
     workers: int = 2  # local processes (data.executor = "local")
     executor: str = "local"  # or "tcp://HOST:PORT": a Dask scheduler runs the simulations (training.executor)
@@ -109,6 +112,9 @@ class TrainConfig:
     # Samples per forecast when the interval width is fitted and scored, written into the card (calibration.samples),
     # and what the service draws when a request gives no count: the 10-90% range of fewer samples covers less.
     calibration_samples: int = 200
+    # The variable whose last value widens the interval while it is high (training.model.IntervalWidth): "" is
+    # the catalog's first disturbance (BSM1: the influent flow), "none" a width that follows no variable.
+    width_driver: str = ""
     max_eval_windows: int = 200  # at most this many validation/test windows per scenario
 
 

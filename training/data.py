@@ -93,7 +93,9 @@ def scenario_key(cfg: DataConfig, sc: Scenario) -> str:
     """Hash of everything that determines a scenario's content (not its split or the cache location)."""
     how = asdict(cfg)
     where = ("cache_dir", "workers", "executor", "source", "catalog", "max_missing")  # not what is simulated
-    for name in (*where, "val_scenarios", "test_scenarios", "bsm2_windows", "seed"):
+    # Which windows exist and how they are split changes no scenario's content (its own window and its "later"
+    # flag are in ``sc``), so adding a window or moving one between splits simulates nothing again.
+    for name in (*where, "val_scenarios", "test_scenarios", "bsm2_windows", "later_windows", "seed"):
         how.pop(name)
     spec = {
         "format": FORMAT_VERSION,

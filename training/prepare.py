@@ -12,7 +12,7 @@ import torch
 
 from modelcard.card import Calendar, known_inputs, window_clock
 from training.catalog import BSM1, Catalog
-from training.config import RunConfig
+from training.config import ConfigError, RunConfig
 from training.data import Windows, heldout_windows, load_data, make_windows
 
 
@@ -43,6 +43,7 @@ class Prepared:
     s_mean: np.ndarray | None = None
     s_std: np.ndarray | None = None
     s_range: tuple[np.ndarray, np.ndarray] | None = None
+    width_driver: int | None = None  # target position whose level widens the interval (train.width_driver)
 
     @property
     def n_setpoints(self) -> int:
@@ -161,7 +162,20 @@ def prepare(cfg: RunConfig) -> Prepared:
         missing,
         {k: w.dropped for k, w in windows.items()},
         *s_scalers,
+        width_driver=width_driver(catalog, t.width_driver),
     )
+
+
+def width_driver(catalog: Catalog, name: str) -> int | None:
+    """The target position ``train.width_driver`` names: "" the first disturbance (none without one), "none"
+    none."""
+    if name == "none" or (name == "" and not catalog.disturbance_positions()):
+        return None
+    if name == "":
+        return catalog.disturbance_positions()[0]
+    if name not in catalog.target_names:
+        raise ConfigError(f"train.width_driver: {name!r} is not a variable of catalog {catalog.name!r}")
+    return catalog.target_names.index(name)
 
 
 def disturbance_forecast(

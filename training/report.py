@@ -105,11 +105,12 @@ def forecast_scores(
     model: KoVAE, p: Prepared, calib: dict[str, Any], without: dict[str, dict[str, Any]]
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per regime, pooled skill with no forecast of the disturbances (the served default), a noisy one (the error
-    training adds: train.forecast_noise at the horizon, growing as sqrt(lead time)) and a perfect one."""
+    training adds: train.forecast_noise at the horizon, growing as sqrt(lead time)) and a perfect one; the 80%
+    coverage too with the noisy one (a caller's real forecast)."""
     out = {"none": without}
-    for mode in ("noisy", "perfect"):
-        mean, _ = predict(model, p, p.test, 0, calib, seed=3, forecast=mode)
-        out[mode] = ev.regime_table(mean, None, p.test, p.groups, p.test_scale, p.catalog.plant_positions())
+    for mode, samples in (("noisy", calib["samples"]), ("perfect", 0)):
+        mean, band = predict(model, p, p.test, samples, calib, seed=3, forecast=mode)
+        out[mode] = ev.regime_table(mean, band, p.test, p.groups, p.test_scale, p.catalog.plant_positions())
     return out
 
 
@@ -119,6 +120,33 @@ def setpoint_scores(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, 
     gets it."""
     mean, band = predict(model, p, p.test, cfg.train.calibration_samples, calib, seed=2, setpoints=True)
     return ev.regime_table(mean, band, p.test, p.groups, p.test_scale, p.catalog.plant_positions())
+
+
+def width_lines(calib: dict[str, Any]) -> list[str]:
+    """The interval width in words (training.model.IntervalWidth): its driver and what each optional input does."""
+    width = calib.get("width")
+    if not width:
+        return []
+    by_regime = calib["val_coverage_by_regime"]
+
+    def covered(kind: str) -> str:
+        return ", ".join(f"{g} {100 * c:.1f}%" for g, c in by_regime[kind].items())
+
+    lines = [""]
+    if width["driver"] is not None and width["gamma"]:
+        lines.append(
+            f"The interval widens by exp({width['gamma']:g} z) with z the highest {width['driver_name']} over the "
+            f"history as a z-score (clipped to {width['driver_clip'][0]:g}..{width['driver_clip'][1]:g}), fitted so "
+            f"that every validation regime and every quarter of z is covered alike: {covered('none')}."
+        )
+    else:
+        lines.append(f"One width per variable (validation: {covered('none')}).")
+    for k in width["known"]:
+        lines.append(
+            f"Sending the {k['input']} scales it by {np.median(k['ratio']):.2f} (median over the variables; "
+            f"validation: {covered(k['input'])})."
+        )
+    return lines
 
 
 def kept_epoch(log: list[dict[str, float]]) -> dict[str, float]:
@@ -298,6 +326,7 @@ def report_markdown(
         "",
         f"80% interval coverage: validation {100 * calib['val_coverage_80']:.1f}% (calibrated there), "
         f"test {100 * metrics['coverage_80_test']:.1f}%.",
+        *width_lines(calib),
         "",
         "Per variable at the longest headline horizon (KoVAE):",
         "",
@@ -330,13 +359,14 @@ def report_markdown(
         steps = list(next(iter(forecasts["none"].values()))["pooled_skill_all"])
         lead = [f"{int(s) * step / 60:g} h" for s in steps]
         lines += ["", "Pooled skill with a forecast of the disturbances (influent) given as known inputs:", ""]
-        head = ["regime", "influent forecast", *[f"all {x}" for x in lead], *[f"plant {x}" for x in lead]]
+        head = ["regime", "influent forecast", *[f"all {x}" for x in lead], *[f"plant {x}" for x in lead], "cover80"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for group in forecasts["none"]:
             for mode, table in forecasts.items():
                 r = table[group]
                 cells = [f"{v:.3f}" for v in [*r["pooled_skill_all"].values(), *r["pooled_skill_plant"].values()]]
-                lines.append(f"| {group} | {mode} | " + " | ".join(cells) + " |")
+                cover = "-" if r.get("coverage_80") is None else f"{100 * r['coverage_80']:.1f}%"
+                lines.append(f"| {group} | {mode} | " + " | ".join(cells) + f" | {cover} |")
     missing = metrics.get("missing", {})
     if any(share > 0 for split in missing.values() for share in split.values()):
         lines += ["", "Missing data (share of samples, after the import's bridging):", ""]
