@@ -193,6 +193,11 @@ def fit_spread(mean: np.ndarray, dev: np.ndarray, truth: np.ndarray, factor: np.
     return spread
 
 
+def widened(mean: np.ndarray, band: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """The band (N, 2, H, x) with its deviations from the mean (N, H, x) times ``factor`` (broadcast)."""
+    return mean[:, None] + factor * (band - mean[:, None])
+
+
 def coverage_by_group(band: np.ndarray, truth: np.ndarray, groups: np.ndarray) -> dict[str, float]:
     return {str(g): ev.interval_coverage(band[groups == g], truth[groups == g]) for g in dict.fromkeys(groups)}
 
@@ -222,7 +227,7 @@ def fit_width(
     for gamma in candidates:
         factor = np.exp(gamma * level)
         spread = fit_spread(mean, dev, truth, factor)
-        band = mean[:, None] + spread * dev * factor[:, None, None, None]
+        band = widened(mean, mean[:, None] + dev, spread * factor[:, None, None, None])
         covered = [*coverage_by_group(band, truth, groups).values(), *coverage_by_group(band, truth, quarters).values()]
         miss = sum((c - 0.8) ** 2 for c in covered)
         if best is None or miss < best[0] - 1e-9:
@@ -250,8 +255,9 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
     mean, band = predict(model, p, w, n, base, seed=1)
     level = driver_level(p, w)
     gamma, spread = fit_width(mean, band - mean[:, None], w.x_fut, level, groups)
-    factor = np.exp(gamma * level)[:, None, None, None]
-    coverage = {"none": coverage_by_group(mean[:, None] + spread * factor * (band - mean[:, None]), w.x_fut, groups)}
+    factor = np.exp(gamma * level)  # (N,) per window
+    calibrated = widened(mean, band, spread * factor[:, None, None, None])
+    coverage = {"none": coverage_by_group(calibrated, w.x_fut, groups)}
     # The optional inputs: which future flag columns say they are known, and how the model is told them.
     n_c, n_s, n_d = len(p.u_mean), p.n_setpoints, len(p.disturbances)
     kinds = []
@@ -263,16 +269,17 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
     known = []
     for name, columns, how in kinds:
         mean_k, band_k = predict(model, p, w, n, base, seed=1, **how)
-        ratio = fit_spread(mean_k, (band_k - mean_k[:, None]) * factor, w.x_fut, np.ones(len(mean_k))) / spread
+        ratio = fit_spread(mean_k, band_k - mean_k[:, None], w.x_fut, factor) / spread
         known.append({"input": name, "columns": columns, "ratio": ratio.tolist()})
-        calibrated = mean_k[:, None] + spread * ratio * factor * (band_k - mean_k[:, None])
-        coverage[name] = coverage_by_group(calibrated, w.x_fut, groups)
+        told = widened(mean_k, band_k, spread * ratio * factor[:, None, None, None])
+        coverage[name] = coverage_by_group(told, w.x_fut, groups)
     driver = None if p.width_driver is None else p.catalog.target_names[p.width_driver]
     return {
         "method": "per-variable fading of the decoder's miss at the last step (chosen on validation); the blends "
         "towards the naive forecasts refitted on validation at the lead times where that helps on held-out "
         "validation windows; then the interval width: per-variable scaling of sample deviations from the mean, "
-        "widened with the driver's last level and narrowed per optional input sent (fitted on validation)",
+        "widened with the driver's highest level over the history and scaled per optional input sent (fitted on "
+        "validation)",
         "naive_blend": blends,
         "residual_decay": decay.tolist(),
         "spread_scale": spread.tolist(),
@@ -284,6 +291,6 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
             "known": known,
         },
         "samples": n,  # the width holds for quantiles from this many samples
-        "val_coverage_80": ev.interval_coverage(mean[:, None] + spread * factor * (band - mean[:, None]), w.x_fut),
+        "val_coverage_80": ev.interval_coverage(calibrated, w.x_fut),
         "val_coverage_by_regime": coverage,
     }
