@@ -3,6 +3,8 @@
 # where no registry is reachable).
 
 FROM python:3.11-slim AS build
+# every image and stage this project builds carries it: .ci/run removes their untagged predecessors
+LABEL org.opencontainers.image.vendor="kovae-forecast"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
@@ -12,6 +14,8 @@ COPY training ./training
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim AS serve
+# every image and stage this project builds carries it: .ci/run removes their untagged predecessors
+LABEL org.opencontainers.image.vendor="kovae-forecast"
 RUN useradd --create-home --uid 10001 kovae
 WORKDIR /app
 COPY --from=build /install /usr/local

@@ -1,6 +1,8 @@
 # Prometheus from Debian's package on the same base as the service (no image registry needed).
 # `docker build -f deploy/docker/prometheus.Dockerfile -t kovae-prometheus deploy`
 FROM python:3.11-slim
+# every image and stage this project builds carries it: .ci/run removes their untagged predecessors
+LABEL org.opencontainers.image.vendor="kovae-forecast"
 # Debian's stable package; its version is the one bookworm ships.
 # hadolint ignore=DL3008
 RUN apt-get update \
