@@ -16,7 +16,7 @@ from modelcard.card import last_observed
 from training import evaluate as ev
 from training.config import RunConfig
 from training.data import Windows
-from training.model import DRIVER_CLIP, IntervalWidth, KoVAE, calibrated_samples
+from training.model import DRIVER_CLIP, IntervalWidth, KoVAE, calibrated_samples, driver_level
 from training.prepare import Prepared, tensors
 
 
@@ -202,15 +202,11 @@ def coverage_by_group(band: np.ndarray, truth: np.ndarray, groups: np.ndarray) -
     return {str(g): ev.interval_coverage(band[groups == g], truth[groups == g]) for g in dict.fromkeys(groups)}
 
 
-def driver_level(p: Prepared, w: Windows) -> np.ndarray:
-    """(N,) the width driver's highest measured z-score over each window's history, clipped, as
-    ``IntervalWidth`` reads it (0: no driver, or never measured)."""
+def window_levels(p: Prepared, w: Windows) -> np.ndarray:
+    """(N,) each window's ``driver_level`` (z-scores) as the graph reads it; zeros without a driver."""
     if p.width_driver is None:
         return np.zeros(len(w.x_hist))
-    driver = p.nx(w.x_hist)[..., p.width_driver]
-    seen = ~np.isnan(driver)
-    top = np.where(seen, driver, -1e9).max(1)
-    return np.clip(np.where(seen.any(1), top, 0.0), *DRIVER_CLIP)
+    return driver_level(torch.from_numpy(p.nx(w.x_hist)), p.width_driver).double().numpy()
 
 
 def fit_width(
@@ -253,19 +249,17 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
     base = {"residual_decay": decay.tolist()}
     n = cfg.train.calibration_samples
     mean, band = predict(model, p, w, n, base, seed=1)
-    level = driver_level(p, w)
+    level = window_levels(p, w)
     gamma, spread = fit_width(mean, band - mean[:, None], w.x_fut, level, groups)
     factor = np.exp(gamma * level)  # (N,) per window
     calibrated = widened(mean, band, spread * factor[:, None, None, None])
     coverage = {"none": coverage_by_group(calibrated, w.x_fut, groups)}
     # The optional inputs: which future flag columns say they are known, and how the model is told them.
-    n_c, n_s, n_d = len(p.u_mean), p.n_setpoints, len(p.disturbances)
     kinds = []
-    if n_s:
-        kinds.append(("setpoints", list(range(n_c + n_s, n_c + 2 * n_s)), {"setpoints": True}))
-    if n_d:
-        flags = p.known_offset() + n_d  # after the disturbances' values
-        kinds.append(("disturbance forecast", list(range(flags, flags + n_d)), {"forecast": "noisy"}))
+    if p.n_setpoints:
+        kinds.append(("setpoints", p.flag_columns("setpoints"), {"setpoints": True}))
+    if p.disturbances:
+        kinds.append(("disturbance forecast", p.flag_columns("disturbances"), {"forecast": "noisy"}))
     known = []
     for name, columns, how in kinds:
         mean_k, band_k = predict(model, p, w, n, base, seed=1, **how)

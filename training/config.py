@@ -112,8 +112,8 @@ class TrainConfig:
     # Samples per forecast when the interval width is fitted and scored, written into the card (calibration.samples),
     # and what the service draws when a request gives no count: the 10-90% range of fewer samples covers less.
     calibration_samples: int = 200
-    # The variable whose last value widens the interval while it is high (training.model.IntervalWidth): "" is
-    # the catalog's first disturbance (BSM1: the influent flow), "none" a width that follows no variable.
+    # The variable whose highest value over the history widens the interval (training.model.IntervalWidth): ""
+    # is the catalog's first disturbance (BSM1: the influent flow), "none" a width that follows no variable.
     width_driver: str = ""
     max_eval_windows: int = 200  # at most this many validation/test windows per scenario
 

@@ -65,6 +65,15 @@ def calibrated_samples(mean: torch.Tensor, raw: torch.Tensor, width: torch.Tenso
 DRIVER_CLIP = (-2.0, 3.0)  # z-scores of the width's driver beyond these widen (or narrow) no further
 
 
+def driver_level(x_hist: torch.Tensor, driver: int) -> torch.Tensor:
+    """(B,) the highest measured value of variable ``driver`` over each history (B, L, x), clipped to DRIVER_CLIP;
+    0 where it was never measured. What ``IntervalWidth`` widens with, and what calibration fits it on."""
+    level = x_hist[:, :, driver]
+    seen = ~torch.isnan(level)
+    top = torch.where(seen, level, torch.full_like(level, -1e9)).amax(1)
+    return torch.where(seen.any(1), top, torch.zeros_like(top)).clamp(*DRIVER_CLIP)
+
+
 class IntervalWidth(nn.Module):
     """Per window and variable, the factor on the forecast samples' deviations from the mean, fitted on validation
     (training.calibrate, the card's calibration):
@@ -93,11 +102,7 @@ class IntervalWidth(nn.Module):
         """x_hist (B, L, x) and u_fut (B', h, n_u) as the model reads them (B = 1 with B' plans) -> (max(B, B'), x)."""
         log_width = torch.zeros_like(u_fut[:, 0, :1]) + torch.zeros_like(x_hist[:, 0, :1])  # (B or B', 1)
         if self.driver is not None and self.gamma != 0.0:
-            driver = x_hist[:, :, self.driver]
-            seen = ~torch.isnan(driver)
-            top = torch.where(seen, driver, torch.full_like(driver, -1e9)).amax(1, keepdim=True)
-            level = torch.where(seen.any(1, keepdim=True), top, torch.zeros_like(top)).clamp(*DRIVER_CLIP)
-            log_width = log_width + self.gamma * level
+            log_width = log_width + self.gamma * driver_level(x_hist, self.driver)[:, None]
         for i, columns in enumerate(self.known_columns):
             share = u_fut[:, :, columns].mean((1, 2))[:, None]  # (B', 1): the share of the flags that are set
             log_width = log_width + share * getattr(self, f"log_ratio_{i}")

@@ -91,6 +91,15 @@ class Prepared:
         """Where the disturbance columns start in the known inputs (after the plan and the calendar)."""
         return self.fed_columns() + self.calendar.size
 
+    def flag_columns(self, kind: str) -> list[int]:
+        """The known-input columns that flag which "setpoints" or "disturbances" are known (each kind's values
+        come first, then its flags: ``modelcard.card.optional_columns``)."""
+        if kind == "setpoints":
+            n, start = self.n_setpoints, len(self.u_mean)
+        else:
+            n, start = len(self.disturbances), self.known_offset()
+        return list(range(start + n, start + 2 * n))
+
     def baseline_columns(self) -> list[int]:
         """The known-input columns the ARX baselines were fitted on (``train_series``): controls and calendar."""
         n_u = len(self.u_mean)
