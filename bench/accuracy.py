@@ -112,20 +112,10 @@ def influent_floor(
     return out
 
 
-def plant_breakdown(
-    rt: ModelRuntime,
-    w: Windows,
-    mean: np.ndarray,
-    groups: dict[str, str],
-    scale: np.ndarray,
-    plant: list[int],
-    step: int,
-) -> dict[str, dict[str, np.ndarray]]:
-    """Per regime, each plant variable's NMSE at ``step`` (its MSE / scale^2): the model's, the model's given the
-    loops' setpoints (models that take them), the model's given the true future influent (a perfect forecast of
-    the disturbances), and the naive forecast's (the one with the lower mean, as the pooled skill takes it). The
-    plant's pooled skill at ``step`` is 1 - sqrt(mean model NMSE / mean naive NMSE) over these rows, so they say
-    which variables hold it back and whether knowing the setpoints or the influent would release them."""
+def informed_forecasts(rt: ModelRuntime, w: Windows, mean: np.ndarray) -> dict[str, np.ndarray]:
+    """The mean forecast (N, H, x) of the same windows as the model is told more: ``mean`` (told nothing beyond the
+    controls), with the loops' setpoints (models that take them), with the true future influent (a perfect forecast
+    of the disturbances), and with both; then the two naive forecasts."""
     chunks = [slice(i, i + 256) for i in range(0, len(w.x_hist), 256)]
 
     def predict(**given: np.ndarray) -> np.ndarray:
@@ -135,11 +125,30 @@ def plant_breakdown(
         ]
         return np.concatenate(fcs)
 
+    setpoints = {"s_hist": w.s_hist, "s_fut": w.s_fut}
+    influent = {"d_fut": w.x_fut[..., rt.disturbances]}
     forecasts = {"model": mean}
     if rt.setpoints:
-        forecasts["setpoints"] = predict(s_hist=w.s_hist, s_fut=w.s_fut)
-    forecasts["true influent"] = predict(d_fut=w.x_fut[..., rt.disturbances])
+        forecasts["setpoints"] = predict(**setpoints)
+    forecasts["true influent"] = predict(**influent)
+    if rt.setpoints:
+        forecasts["both"] = predict(**setpoints, **influent)
     forecasts["persistence"], forecasts["seasonal"] = ev.persistence(w), ev.seasonal_naive(w)
+    return forecasts
+
+
+def plant_breakdown(
+    forecasts: dict[str, np.ndarray],
+    w: Windows,
+    groups: dict[str, str],
+    scale: np.ndarray,
+    plant: list[int],
+    step: int,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per regime, each plant variable's NMSE at ``step`` (its MSE / scale^2) for each of ``informed_forecasts``
+    but the last two, and the naive forecast's (the one with the lower mean, as the pooled skill takes it). The
+    plant's pooled skill at ``step`` is 1 - sqrt(mean model NMSE / mean naive NMSE) over these rows, so they say
+    which variables hold it back and whether knowing the setpoints or the influent would release them."""
     truth = w.x_fut[:, step - 1][:, plant]
     errors = {name: (f[:, step - 1][:, plant] - truth) ** 2 / scale[plant] ** 2 for name, f in forecasts.items()}
     by_window = np.array([groups[s] for s in w.scenario])
@@ -149,6 +158,30 @@ def plant_breakdown(
         nmse = {name: np.nanmean(e[k], 0) for name, e in errors.items()}
         naive = min(nmse.pop("persistence"), nmse.pop("seasonal"), key=np.mean)  # as the pooled skill takes it
         out[group] = {**nmse, "naive": naive}
+    return out
+
+
+def informed_skill(
+    forecasts: dict[str, np.ndarray],
+    w: Windows,
+    groups: dict[str, str],
+    scale: np.ndarray,
+    plant: list[int],
+    step: int,
+) -> dict[str, dict[str, float]]:
+    """The plant's pooled skill at ``step`` per held-out scenario and per regime, for each informed forecast: how
+    far each scenario is from the target, and how much of the gap knowing more would close."""
+    naive = [forecasts["persistence"][..., plant], forecasts["seasonal"][..., plant]]
+    told = {name: f[..., plant] for name, f in forecasts.items() if name not in ("persistence", "seasonal")}
+    scenario, regime = np.array(w.scenario), np.array([groups[s] for s in w.scenario])
+    rows = [(sc, scenario == sc) for sc in dict.fromkeys(w.scenario)]
+    rows += [(g, regime == g) for g in dict.fromkeys(regime.tolist())]
+    out = {}
+    for label, k in rows:
+        out[label] = {
+            name: float(ev.pooled_skill(f[k], [r[k] for r in naive], w.x_fut[k][..., plant], scale[plant])[step - 1])
+            for name, f in told.items()
+        }
     return out
 
 
@@ -223,15 +256,17 @@ def main() -> None:
         print("\n".join(ev.regime_lines(conditions["with setpoints "], card["sample_minutes"])))
 
     h0 = int(horizons[0])
-    breakdown = plant_breakdown(rt, everything, overall["mean"], groups, scale, plant, h0)
-    keys = tuple(next(iter(breakdown.values())))  # model, (setpoints,) true influent, naive
+    forecasts = informed_forecasts(rt, everything, overall["mean"])
+    breakdown = plant_breakdown(forecasts, everything, groups, scale, plant, h0)
+    keys = tuple(next(iter(breakdown.values())))  # model, (setpoints,) true influent, (both,) naive
     print(
         f"\nplant variables at step {h0}, NMSE (MSE / std^2, as in the pooled skill): the model, "
         + ("the model given the loops' setpoints, " if "setpoints" in keys else "")
-        + "the model given the true future influent, the naive forecast; last row: the plant's pooled skill, "
-        "1 - sqrt(mean / naive mean)"
+        + "the model given the true future influent, "
+        + ("the model given both, " if "both" in keys else "")
+        + "the naive forecast; last row: the plant's pooled skill, 1 - sqrt(mean / naive mean)"
     )
-    short = {"model": "model", "setpoints": "setp.", "true influent": "true infl.", "naive": "naive"}
+    short = {"model": "model", "setpoints": "setp.", "true influent": "true infl.", "both": "both", "naive": "naive"}
     label = "/".join(short[k] for k in keys)
     width = 10 * len(keys) + 2
     print(f"{'variable':<9} " + " ".join(f"{g + ' ' + label:>{width}}" for g in breakdown))
@@ -242,6 +277,17 @@ def main() -> None:
     )
     for name, cells in rows:
         print(f"{name:<9} " + " ".join(f"{' '.join(f'{v:>9.3f}' for v in c):>{width}}" for c in cells))
+
+    told = informed_skill(forecasts, everything, groups, scale, plant, h0)
+    kinds = list(next(iter(told.values())))
+    print(
+        f"\nplant pooled skill at step {h0} per held-out scenario and regime, "
+        "as the model is told more than the controls:"
+    )
+    print(f"{'':<10} {'regime':<7} " + " ".join(f"{short[k]:>10}" for k in kinds))
+    for label, skills in told.items():
+        regime = groups.get(label, label)
+        print(f"{label:<10} {regime:<7} " + " ".join(f"{skills[k]:>10.3f}" for k in kinds))
 
     print(f"\nrelative RMSE at step {h0}, influent (disturbance) vs plant variables:")
     for sc, r in results.items():

@@ -325,12 +325,19 @@ def test_accuracy_bench_reproduces_the_stored_metrics_through_onnx(trained_store
         assert [float(c) for c in row[2 : 2 + len(cells)]] == pytest.approx(cells, abs=2e-3)
     # The per-variable breakdown of the plant's error adds up to the plant's pooled skill at the headline step.
     step = next(iter(stored["headline"]["kovae"]))
-    model_skill, with_setpoints, with_influent, naive = (
+    model_skill, with_setpoints, with_influent, with_both, naive = (
         float(c) for c in next(r.split() for r in out.splitlines() if r.startswith("skill "))[1:]
     )
     assert model_skill == pytest.approx(regimes["normal"]["pooled_skill_plant"][step], abs=2e-3)
     assert with_setpoints == pytest.approx(stored["setpoints_known"]["normal"]["pooled_skill_plant"][step], abs=2e-3)
-    assert naive == 0.0 and np.isfinite(with_influent)
+    assert naive == 0.0 and np.isfinite(with_influent) and np.isfinite(with_both)
+    # The same skills per held-out scenario and per regime, as the model is told more: the one test scenario and
+    # its regime give the breakdown's figures.
+    after = lines[next(i for i, r in enumerate(lines) if r.startswith("plant pooled skill at step")) :]
+    told = {r.split()[0]: [float(c) for c in r.split()[2:]] for r in after[2:4]}
+    assert list(told) == ["bsm2-02", "normal"]
+    for skills in told.values():
+        assert skills == pytest.approx([model_skill, with_setpoints, with_influent, with_both], abs=2e-3)
     # rel. RMSE and skill at the one tiny horizon; pooled skill at 15 min and coverage for the one regime,
     # without and with the setpoints
     assert out.count("met  ") + out.count("NOT MET") == 6
