@@ -114,8 +114,10 @@ def influent_floor(
 
 def informed_forecasts(rt: ModelRuntime, w: Windows, mean: np.ndarray) -> dict[str, np.ndarray]:
     """The mean forecast (N, H, x) of the same windows as the model is told more: ``mean`` (told nothing beyond the
-    controls), with the loops' setpoints (models that take them), with the true future influent (a perfect forecast
-    of the disturbances), and with both; then the two naive forecasts."""
+    controls); for models that take the loops' setpoints, told their history and that they hold at their last
+    value (what a plant knows without its setpoint schedule), then told their history and plan; with the true
+    future influent (a perfect forecast of the disturbances); and with the setpoints and the influent both; then
+    the two naive forecasts."""
     chunks = [slice(i, i + 256) for i in range(0, len(w.x_hist), 256)]
 
     def predict(**given: np.ndarray) -> np.ndarray:
@@ -129,6 +131,8 @@ def informed_forecasts(rt: ModelRuntime, w: Windows, mean: np.ndarray) -> dict[s
     influent = {"d_fut": w.x_fut[..., rt.disturbances]}
     forecasts = {"model": mean}
     if rt.setpoints:
+        held = np.repeat(w.s_hist[:, -1:], w.s_fut.shape[1], axis=1)
+        forecasts["setpoints held"] = predict(s_hist=w.s_hist, s_fut=held)
         forecasts["setpoints"] = predict(**setpoints)
     forecasts["true influent"] = predict(**influent)
     if rt.setpoints:
@@ -257,7 +261,9 @@ def main() -> None:
 
     h0 = int(horizons[0])
     forecasts = informed_forecasts(rt, everything, overall["mean"])
-    breakdown = plant_breakdown(forecasts, everything, groups, scale, plant, h0)
+    # The breakdown leaves the held setpoints out (they score as the bare model does; the table below shows it).
+    shown = {name: f for name, f in forecasts.items() if name != "setpoints held"}
+    breakdown = plant_breakdown(shown, everything, groups, scale, plant, h0)
     keys = tuple(next(iter(breakdown.values())))  # model, (setpoints,) true influent, (both,) naive
     print(
         f"\nplant variables at step {h0}, NMSE (MSE / std^2, as in the pooled skill): the model, "
@@ -266,7 +272,14 @@ def main() -> None:
         + ("the model given both, " if "both" in keys else "")
         + "the naive forecast; last row: the plant's pooled skill, 1 - sqrt(mean / naive mean)"
     )
-    short = {"model": "model", "setpoints": "setp.", "true influent": "true infl.", "both": "both", "naive": "naive"}
+    short = {
+        "model": "model",
+        "setpoints held": "setp. held",
+        "setpoints": "setp.",
+        "true influent": "true infl.",
+        "both": "both",
+        "naive": "naive",
+    }
     label = "/".join(short[k] for k in keys)
     width = 10 * len(keys) + 2
     print(f"{'variable':<9} " + " ".join(f"{g + ' ' + label:>{width}}" for g in breakdown))
@@ -282,12 +295,27 @@ def main() -> None:
     kinds = list(next(iter(told.values())))
     print(
         f"\nplant pooled skill at step {h0} per held-out scenario and regime, "
-        "as the model is told more than the controls:"
+        "as the model is told more than the controls"
+        + (
+            " (setp. held: the setpoints' history, held at the last value over the horizon; setp.: history and plan)"
+            if "setpoints held" in kinds
+            else ""
+        )
+        + ":"
     )
     print(f"{'':<10} {'regime':<7} " + " ".join(f"{short[k]:>10}" for k in kinds))
     for label, skills in told.items():
         regime = groups.get(label, label)
         print(f"{label:<10} {regime:<7} " + " ".join(f"{skills[k]:>10.3f}" for k in kinds))
+    if rt.setpoints:
+        ahead, last = everything.s_fut[:, :h0], everything.s_hist[:, -1:]
+        moves = (np.isfinite(ahead) & np.isfinite(last) & (ahead != last)).any(axis=(1, 2))
+        regime_of = np.array([groups[s] for s in everything.scenario])
+        share = {g: moves[regime_of == g].mean() for g in dict.fromkeys(regime_of.tolist())}
+        print(
+            f"windows where a setpoint moves within step {h0}: "
+            + ", ".join(f"{g} {100 * v:.0f}%" for g, v in share.items())
+        )
 
     print(f"\nrelative RMSE at step {h0}, influent (disturbance) vs plant variables:")
     for sc, r in results.items():

@@ -332,12 +332,19 @@ def test_accuracy_bench_reproduces_the_stored_metrics_through_onnx(trained_store
     assert with_setpoints == pytest.approx(stored["setpoints_known"]["normal"]["pooled_skill_plant"][step], abs=2e-3)
     assert naive == 0.0 and np.isfinite(with_influent) and np.isfinite(with_both)
     # The same skills per held-out scenario and per regime, as the model is told more: the one test scenario and
-    # its regime give the breakdown's figures.
+    # its regime give the breakdown's figures, and between the bare and the told columns, the setpoints' history
+    # held over the horizon.
     after = lines[next(i for i, r in enumerate(lines) if r.startswith("plant pooled skill at step")) :]
+    assert after[1].split() == ["regime", "model", "setp.", "held", "setp.", "true", "infl.", "both"]
     told = {r.split()[0]: [float(c) for c in r.split()[2:]] for r in after[2:4]}
     assert list(told) == ["bsm2-02", "normal"]
-    for skills in told.values():
-        assert skills == pytest.approx([model_skill, with_setpoints, with_influent, with_both], abs=2e-3)
+    for model_, held, *rest in told.values():
+        assert [model_, *rest] == pytest.approx([model_skill, with_setpoints, with_influent, with_both], abs=2e-3)
+        assert np.isfinite(held) and held != pytest.approx(with_setpoints, abs=1e-4)  # not the plan under a name
+    # ... which differ because some setpoint moves within the horizon's first hours.
+    moving = next(r for r in lines if r.startswith("windows where a setpoint moves within step"))
+    share = float(moving.split("normal ")[1].rstrip("%"))
+    assert 0 < share <= 100
     # rel. RMSE and skill at the one tiny horizon; pooled skill at 15 min and coverage for the one regime,
     # without and with the setpoints
     assert out.count("met  ") + out.count("NOT MET") == 6
