@@ -136,9 +136,9 @@ def test_gradients_are_finite_and_loss_decreases_on_a_fixed_batch() -> None:
         losses["total"].backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         opt.step()
-        first = first if first is not None else {k: float(v) for k, v in losses.items()}
-    assert float(losses["pred"]) < 0.5 * first["pred"]
-    assert float(losses["total"]) < first["total"]
+        first = first if first is not None else {k: float(v.detach()) for k, v in losses.items()}
+    assert float(losses["pred"].detach()) < 0.5 * first["pred"]
+    assert float(losses["total"].detach()) < first["total"]
 
 
 def test_tiny_model_beats_persistence_on_held_out_scenarios(trained_store) -> None:
