@@ -10,6 +10,7 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY modelcard ./modelcard
 COPY export ./export
+COPY plant ./plant
 COPY training ./training
 RUN pip install --no-cache-dir --prefix=/install .
 

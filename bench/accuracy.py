@@ -22,10 +22,11 @@ import numpy as np
 from modelcard.card import Calendar, read_card, scalers
 from modelcard.runtime import ModelRuntime
 from modelcard.store import current_version
+from plant.executor import run_all
+from plant.scenarios import ScenarioData
 from training import evaluate as ev
 from training.config import config_from_dict
-from training.data import ScenarioData, Windows, heldout_windows, load_data
-from training.executor import run_all
+from training.data import Windows, heldout_windows, load_data
 
 TARGET_REL_RMSE_H20 = 0.05  # mean relative RMSE over the top-5 variance variables at 5 h
 TARGET_SKILL = 0.50  # skill vs persistence at 5 h and at 24 h

@@ -8,7 +8,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from training import bsm1
+from plant import bsm1
 
 
 def simulate_window(args: tuple[int, float]) -> float:

@@ -21,11 +21,11 @@ import numpy as np
 
 from modelcard.card import read_card
 from modelcard.store import current_version
+from plant.catalog import BSM1
 from training import calibrate as calibration
 from training import evaluate as ev
 from training import loop, report
 from training import prepare as preparation
-from training.catalog import BSM1
 from training.config import RunConfig, load_config
 from training.data import Windows
 

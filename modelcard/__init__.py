@@ -2,5 +2,5 @@
 
 ``card`` (the model card: variables, units, scalers, limits, calendar, eigenvalues), ``store`` (the versioned
 model store and its CURRENT pointer) and ``runtime`` (one version run through ONNX Runtime in engineering
-units). Imports flow one way: service -> modelcard and training -> modelcard; nothing here imports upward.
+units). Imports flow one way: service, plant and training -> modelcard; nothing here imports upward.
 """

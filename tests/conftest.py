@@ -33,7 +33,7 @@ def tiny_cfg(tiny_cache: str):
 
 @pytest.fixture(scope="session")
 def tiny_data(tiny_cfg):
-    from training.data import generate
+    from plant.scenarios import generate
 
     return generate(tiny_cfg.data, progress=False)
 

@@ -1,12 +1,12 @@
-"""bsm2-python 0.0.16 defects and how training.bsm1 handles them, against the real simulator."""
+"""bsm2-python 0.0.16 defects and how plant.bsm1 handles them, against the real simulator."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from training import bsm1
-from training.catalog import BSM1
+from plant import bsm1
+from plant.catalog import BSM1
 
 
 def test_rain_influent_repairs_malformed_flows_and_converts_units() -> None:
@@ -97,7 +97,7 @@ def test_upstream_lagged_recycle_defect_gives_negative_effluent_flow() -> None:
         sim.step(i, klas)
     sim.qintr = 5 * bsm1.Q0  # raise the internal recycle without touching the lagged stream
     sim.step(5, klas)
-    assert sim.ys_eff[bsm1.Q] < 0, "bsm2-python fixed the lagged recycle; revisit training.bsm1.Plant"
+    assert sim.ys_eff[bsm1.Q] < 0, "bsm2-python fixed the lagged recycle; revisit plant.bsm1.Plant"
 
 
 def test_plant_keeps_effluent_flow_positive_across_recycle_moves() -> None:
@@ -153,7 +153,7 @@ def test_kla_step_changes_oxygen_in_that_reactor() -> None:
     high = np.tile([240.0, 240.0, 220.0, 3 * bsm1.Q0], (n, 1))
     _, x_low, _ = bsm1.simulate(influent, low)
     _, x_high, _ = bsm1.simulate(influent, high)
-    so5 = 7  # SO_5 in training.catalog.MEASUREMENTS
+    so5 = 7  # SO_5 in plant.catalog.MEASUREMENTS
     assert x_high[-1, so5] - x_low[-1, so5] > 0.3  # g O2/m3, from the (oxygen-hungry) unstabilised start
     assert np.all(x_high[4:, so5] > x_low[4:, so5])  # after the first hour, at every sample
     assert x_low.shape == (n // 15, len(BSM1.targets)) and np.all(np.isfinite(x_low))
@@ -179,7 +179,7 @@ def test_influent_repairs_are_reported_once() -> None:
     import subprocess
     import sys
 
-    code = "from training import bsm1; bsm1.import_bsm1ol(); bsm1.load_influent('rain')"
+    code = "from plant import bsm1; bsm1.import_bsm1ol(); bsm1.load_influent('rain')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     lines = [line for line in (out.stdout + out.stderr).splitlines() if "repaired row 997" in line]
     assert len(lines) == 1, out.stdout + out.stderr

@@ -47,7 +47,7 @@ def dask_scheduler() -> str:
 
 
 def test_data_generation_on_dask_gives_what_a_local_run_gives(dask_scheduler, tiny_cfg, tiny_data, tmp_path) -> None:
-    from training.data import generate
+    from plant.scenarios import generate
 
     cfg = replace(tiny_cfg.data, cache_dir=str(tmp_path / "dask-cache"), executor=dask_scheduler)
     remote = generate(cfg, progress=False)

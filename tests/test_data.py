@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from modelcard.card import atomic_write
+from plant import scenarios as S
+from plant.catalog import CONTROL_NAMES, MEASUREMENT_NAMES
 from training import data as D
-from training.catalog import CONTROL_NAMES, MEASUREMENT_NAMES
 from training.config import ConfigError, load_config
 
 
 def test_tiny_dataset_shapes_and_values(tiny_cfg, tiny_data) -> None:
-    ids = [sc.id for sc in D.scenarios(tiny_cfg.data)]
+    ids = [sc.id for sc in S.scenarios(tiny_cfg.data)]
     assert list(tiny_data) == ids == ["dry", "rain", "bsm2-00", "bsm2-01", "bsm2-02"]
     expected = round((tiny_cfg.data.scenario_days - tiny_cfg.data.warmup_days) * 96)
     for sd in tiny_data.values():
@@ -26,7 +27,7 @@ def test_tiny_dataset_shapes_and_values(tiny_cfg, tiny_data) -> None:
         assert np.all(np.isfinite(sd.x)) and np.all(np.isfinite(sd.u))
         assert np.all(np.diff(sd.t_minutes) == 15)
     # Times stay on the influent's clock (day 0 at midnight), so the time of day can be a model input.
-    for sc in D.scenarios(tiny_cfg.data):
+    for sc in S.scenarios(tiny_cfg.data):
         sd = tiny_data[sc.id]  # every scenario, not the last one of the loop above
         first = (sc.start_day + tiny_cfg.data.warmup_days) * 1440 + 15
         assert sd.t_minutes[0] == pytest.approx(first)
@@ -39,7 +40,7 @@ def test_tiny_dataset_shapes_and_values(tiny_cfg, tiny_data) -> None:
 
 def test_manifest_records_config_versions_and_rows(tiny_cfg, tiny_data) -> None:
     manifest = json.loads((Path(tiny_cfg.data.cache_dir) / "manifest.json").read_text())
-    assert manifest["config_hash"] == D.config_hash(tiny_cfg.data)
+    assert manifest["config_hash"] == S.config_hash(tiny_cfg.data)
     assert manifest["versions"]["bsm2-python"] == "0.0.16"
     assert {k: v["rows"] for k, v in manifest["scenarios"].items()} == {
         k: len(v.t_minutes) for k, v in tiny_data.items()
@@ -48,32 +49,32 @@ def test_manifest_records_config_versions_and_rows(tiny_cfg, tiny_data) -> None:
 
 def test_regime_labels_survive_caching(tmp_path: Path, tiny_cfg, tiny_data) -> None:
     manifest = json.loads((Path(tiny_cfg.data.cache_dir) / "manifest.json").read_text())
-    for sc in D.scenarios(tiny_cfg.data):
+    for sc in S.scenarios(tiny_cfg.data):
         assert tiny_data[sc.id].regime == sc.regime and tiny_data[sc.id].group == sc.group
         assert manifest["scenarios"][sc.id]["regime"] == sc.regime
     assert {sd.regime for sd in tiny_data.values()} == {"normal", "storm"}
     # Loaded back from a file, and a file whose regime is not one of ours is refused by name.
     path = tmp_path / "storm.npz"
-    D.save_scenario(path, tiny_data["bsm2-01"], [])
-    assert D.load_scenario(path).regime == "storm"
-    D.save_scenario(path, replace(tiny_data["bsm2-01"], regime="flood"), [])
-    with pytest.raises(D.DataError, match=r"storm\.npz: regime 'flood'"):
-        D.load_scenario(path)
+    S.save_scenario(path, tiny_data["bsm2-01"], [])
+    assert S.load_scenario(path).regime == "storm"
+    S.save_scenario(path, replace(tiny_data["bsm2-01"], regime="flood"), [])
+    with pytest.raises(S.DataError, match=r"storm\.npz: regime 'flood'"):
+        S.load_scenario(path)
 
 
 def test_storm_and_stress_scenarios_apply_their_episodes(tiny_cfg) -> None:
     """A storm scenario's influent carries extra flow; a stress scenario's KLa stays under the blower's cap."""
     cfg = replace(tiny_cfg.data, scenario_days=1.0, warmup_days=0.05, storms_per_week=30.0)
-    base = D.scenarios(cfg)[2]  # bsm2-00, normal
-    normal, _ = D.simulate_scenario(cfg, base)
-    storm, notes = D.simulate_scenario(cfg, replace(base, regime="storm"))
+    base = S.scenarios(cfg)[2]  # bsm2-00, normal
+    normal, _ = S.simulate_scenario(cfg, base)
+    storm, notes = S.simulate_scenario(cfg, replace(base, regime="storm"))
     assert any(n["kind"] == "storm" for n in notes)
     assert storm.x[:, 0].max() > 1.3 * normal.x[:, 0].max()  # Q_in
     inlet = 1.1 * normal.x[:, 0].max()  # the plant's inlet passes no more; the rest overflows upstream
-    capped, _ = D.simulate_scenario(replace(cfg, max_inflow=inlet), replace(base, regime="storm"))
+    capped, _ = S.simulate_scenario(replace(cfg, max_inflow=inlet), replace(base, regime="storm"))
     assert capped.x[:, 0].max() == pytest.approx(inlet)
     cfg = replace(cfg, warmup_days=0.0)
-    stress, notes = D.simulate_scenario(cfg, replace(base, regime="stress"))
+    stress, notes = S.simulate_scenario(cfg, replace(base, regime="stress"))
     low = next(n for n in notes if n["kind"] == "low_aeration")
     minutes = stress.t_minutes - base.start_day * 1440
     inside = (minutes > low["start_day"] * 1440 + 15) & (minutes <= (low["start_day"] * 1440 + low["hours"] * 60))
@@ -81,29 +82,29 @@ def test_storm_and_stress_scenarios_apply_their_episodes(tiny_cfg) -> None:
 
 
 def test_cache_is_reused(tiny_cfg, tiny_data) -> None:
-    paths = [D.scenario_path(tiny_cfg.data, sc) for sc in D.scenarios(tiny_cfg.data)]
+    paths = [S.scenario_path(tiny_cfg.data, sc) for sc in S.scenarios(tiny_cfg.data)]
     stamps = [p.stat().st_mtime_ns for p in paths]
-    again = D.generate(tiny_cfg.data, progress=False)
+    again = S.generate(tiny_cfg.data, progress=False)
     assert [p.stat().st_mtime_ns for p in paths] == stamps
     assert np.array_equal(again["rain"].x, tiny_data["rain"].x)
     # Another split, or one more later window, changes no scenario's content, so nothing is simulated again.
     moved = replace(tiny_cfg.data, later_windows=(5,), val_scenarios=("bsm2-02",), test_scenarios=("bsm2-01",))
-    assert [D.scenario_path(moved, sc) for sc in D.scenarios(moved)][: len(paths)] == paths
+    assert [S.scenario_path(moved, sc) for sc in S.scenarios(moved)][: len(paths)] == paths
 
 
 def test_simulation_is_deterministic_for_a_seed(tiny_cfg) -> None:
     cfg = replace(tiny_cfg.data, scenario_days=0.3, warmup_days=0.05)
-    sc = D.scenarios(cfg)[2]  # bsm2-00
-    a, _ = D.simulate_scenario(cfg, sc)
-    b, _ = D.simulate_scenario(cfg, sc)
+    sc = S.scenarios(cfg)[2]  # bsm2-00
+    a, _ = S.simulate_scenario(cfg, sc)
+    b, _ = S.simulate_scenario(cfg, sc)
     assert np.array_equal(a.x, b.x) and np.array_equal(a.u, b.u)
     other = replace(sc, seed=sc.seed + 1)
-    c, _ = D.simulate_scenario(cfg, other)
+    c, _ = S.simulate_scenario(cfg, other)
     assert not np.array_equal(a.u, c.u)
 
 
 def test_seeds_differ_per_scenario(tiny_cfg) -> None:
-    seeds = [sc.seed for sc in D.scenarios(tiny_cfg.data)]
+    seeds = [sc.seed for sc in S.scenarios(tiny_cfg.data)]
     assert len(set(seeds)) == len(seeds)
 
 
@@ -125,50 +126,50 @@ def test_interrupted_write_leaves_old_file_and_no_temp(tmp_path: Path, monkeypat
 def test_load_names_the_file_and_the_problem(tmp_path: Path, tiny_data) -> None:
     sd = tiny_data["dry"]
     good = tmp_path / "good.npz"
-    D.save_scenario(good, sd, [])
-    assert np.array_equal(D.load_scenario(good).x, sd.x)
+    S.save_scenario(good, sd, [])
+    assert np.array_equal(S.load_scenario(good).x, sd.x)
 
     broken = tmp_path / "broken.npz"
     broken.write_bytes(good.read_bytes()[:100])
-    with pytest.raises(D.DataError, match=r"broken\.npz: unreadable"):
-        D.load_scenario(broken)
+    with pytest.raises(S.DataError, match=r"broken\.npz: unreadable"):
+        S.load_scenario(broken)
 
     nan = tmp_path / "nan.npz"
     bad = replace(sd, x=sd.x.copy())
     bad.x[5, 3] = np.nan
-    D.save_scenario(nan, bad, [])
-    with pytest.raises(D.DataError, match=r"nan\.npz: x has non-finite values"):
-        D.load_scenario(nan)
+    S.save_scenario(nan, bad, [])
+    with pytest.raises(S.DataError, match=r"nan\.npz: x has non-finite values"):
+        S.load_scenario(nan)
 
     washout = tmp_path / "washout.npz"
     bad = replace(sd, x=sd.x.copy())
     bad.x[7, MEASUREMENT_NAMES.index("blanket")] = 2425.19  # bsm2-python's blanket estimate once (defect 5)
-    D.save_scenario(washout, bad, [])
-    with pytest.raises(D.DataError, match=r"washout\.npz: blanket is 2425.19 m at row 7, outside its physical bounds"):
-        D.load_scenario(washout)
+    S.save_scenario(washout, bad, [])
+    with pytest.raises(S.DataError, match=r"washout\.npz: blanket is 2425.19 m at row 7, outside its physical bounds"):
+        S.load_scenario(washout)
 
     short = tmp_path / "short.npz"
-    D.save_scenario(short, replace(sd, x=sd.x[:, :5]), [])
-    with pytest.raises(D.DataError, match=r"short\.npz: shapes"):
-        D.load_scenario(short)
+    S.save_scenario(short, replace(sd, x=sd.x[:, :5]), [])
+    with pytest.raises(S.DataError, match=r"short\.npz: shapes"):
+        S.load_scenario(short)
 
 
 def test_splits_are_disjoint_whole_scenarios(tiny_cfg) -> None:
-    s = D.splits(tiny_cfg.data)
+    s = S.splits(tiny_cfg.data)
     assert not set(s["train"]) & set(s["val"]) and not set(s["train"]) & set(s["test"])
     assert not set(s["val"]) & set(s["test"])
     default = load_config("default").data
-    ds = D.splits(default)
-    by_id = {sc.id: sc for sc in D.scenarios(default)}
+    ds = S.splits(default)
+    by_id = {sc.id: sc for sc in S.scenarios(default)}
     # Every regime the product is judged on is held out: normal dry operation, rain or storm, a later period.
     assert {by_id[i].group for i in ds["test"]} == {"normal", "storm", "later"}
     assert "rain" in ds["test"] and "dry" in ds["test"]
     # A later period comes after every training window; stress is in training (a minority) and validation.
     last_train = max(by_id[i].start_day for i in ds["train"])
     assert all(by_id[i].start_day > last_train for i in ds["test"] if by_id[i].group == "later")
-    shares = {g: sum(by_id[i].regime == g for i in ds["train"]) / len(ds["train"]) for g in D.REGIMES}
+    shares = {g: sum(by_id[i].regime == g for i in ds["train"]) / len(ds["train"]) for g in S.REGIMES}
     assert shares["normal"] > 0.5 and 0 < shares["stress"] < shares["storm"] < shares["normal"]
-    assert set(ds["train"]) | set(ds["val"]) | set(ds["test"]) == {sc.id for sc in D.scenarios(default)}
+    assert set(ds["train"]) | set(ds["val"]) | set(ds["test"]) == {sc.id for sc in S.scenarios(default)}
 
 
 def test_windows_never_straddle_scenarios(tiny_data) -> None:
@@ -197,5 +198,5 @@ def test_bad_configs_are_refused_with_a_clear_message(tiny_cache) -> None:
         load_config("tiny", overrides=["epochs=3"])
     cfg = load_config("tiny", overrides=[f"data.cache_dir={tiny_cache}", 'data.test_scenarios=["bsm2-09"]'])
     with pytest.raises(ConfigError, match="bsm2-09"):
-        D.splits(cfg.data)
+        S.splits(cfg.data)
     assert D.main(["--preset", "tiny", 'data.val_scenarios=["dry"]', 'data.test_scenarios=["dry"]']) == 2

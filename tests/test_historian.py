@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from training import historian as hist
-from training.catalog import BSM1, CatalogError, catalog_from_dict, load_catalog
-from training.data import load_scenario
+from plant import historian as hist
+from plant.catalog import BSM1, CatalogError, catalog_from_dict, load_catalog
+from plant.scenarios import load_scenario
 
 BERLIN_CATALOG = """
 name = "small"

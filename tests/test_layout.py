@@ -1,20 +1,25 @@
-"""Imports flow one way: service -> modelcard and training -> modelcard; the contract imports neither."""
+"""Imports flow one way: service -> modelcard, training -> plant -> modelcard; the contract imports none of them,
+and no module imports itself back through others."""
 
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
 
 FORBIDDEN = {
-    "modelcard": {"service", "training", "export", "torch", "fastapi", "bench", "tests"},
-    "service": {"training", "export", "torch", "bench", "tests"},
-    "training": {"service", "bench", "tests"},
+    "modelcard": {"service", "plant", "training", "export", "torch", "fastapi", "bench", "tests"},
+    "service": {"plant", "training", "export", "torch", "bench", "tests"},
+    # The plant side (catalogs, simulator, scenarios, historian import) is read without the training loop.
+    "plant": {"training", "service", "export", "torch", "bench", "tests"},
+    "training": {"service", "bench", "tests"},  # training imports plant, modelcard and export
 }
+PROJECT = ("modelcard", "plant", "training", "export", "service", "bench")
 
 
 def imported_packages(package: str) -> dict[str, set[str]]:
@@ -35,6 +40,79 @@ def imported_packages(package: str) -> dict[str, set[str]]:
 def test_no_upward_imports(package: str) -> None:
     bad = {f: sorted(pkgs & FORBIDDEN[package]) for f, pkgs in imported_packages(package).items()}
     assert not {f: p for f, p in bad.items() if p}
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    """``plant/scenarios.py`` -> ``plant.scenarios``; a package's ``__init__.py`` is the package."""
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Project module -> the project modules it imports, anywhere in the file (a function-level import runs too).
+    ``from a import b`` is an import of the module ``a.b`` when there is one; a script folder without
+    ``__init__.py`` (bench/) also finds its siblings by their bare name, as Python does for a script."""
+    files = {module_name(p, root): p for package in PROJECT for p in sorted((root / package).rglob("*.py"))}
+
+    def resolve(name: str, folder: str) -> str | None:
+        for candidate in (name, f"{folder}.{name}"):
+            while candidate and candidate not in files:
+                candidate = candidate.rpartition(".")[0]
+            if candidate:
+                return candidate
+        return None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        folder = module.rpartition(".")[0] if path.name != "__init__.py" else module
+        sibling = folder if not (path.parent / "__init__.py").exists() else ""
+        names: list[str] = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names += [f"{node.module}.{alias.name}" for alias in node.names]
+        graph[module] = {m for n in names if (m := resolve(n, sibling)) is not None and m != module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle (its modules, the first repeated at the end), or [] when the graph is acyclic."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" once every import below it is checked
+    path: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        state[module] = "open"
+        path.append(module)
+        for imported in sorted(graph.get(module, ())):
+            if state.get(imported) == "open":
+                return [*path[path.index(imported) :], imported]
+            if imported not in state and (cycle := visit(imported)):
+                return cycle
+        state[module] = "done"
+        path.pop()
+        return []
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            return cycle
+    return []
+
+
+def test_no_import_cycle_anywhere() -> None:
+    graph = import_graph()
+    assert {"plant.scenarios", "training.data", "service.app"} <= set(graph)
+    assert "plant.scenarios" in graph["plant.historian"] and "plant.historian" in graph["training.data"]
+    assert not find_cycle(graph), " -> ".join(find_cycle(graph))
+
+
+def test_a_cycle_through_a_function_level_import_is_found(tmp_path: Path) -> None:
+    """The cycle training.data and training.historian once had: each imported the other inside functions."""
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "__init__.py").write_text("")
+    (tmp_path / "training" / "data.py").write_text("def load():\n    from training.historian import load_dataset\n")
+    (tmp_path / "training" / "historian.py").write_text("def imp():\n    from training.data import save_scenario\n")
+    assert find_cycle(import_graph(tmp_path)) == ["training.data", "training.historian", "training.data"]
 
 
 def test_contract_imports_without_torch_or_web_framework() -> None:

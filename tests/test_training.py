@@ -397,10 +397,11 @@ def test_influent_oracle_bench_trains_scores_and_prints_on_the_tiny_preset(tiny_
 
 def test_scenarios_store_the_setpoints_the_loops_followed(prepared, tiny_data) -> None:
     """Each cached scenario stores its loops' setpoints (the catalog's setpoint variables), the ones drawn from
-    the scenario's seed (training.data.operation): the simulated DO follows its setpoint wherever the loop is not
+    the scenario's seed (plant.operation.operation): the simulated DO follows its setpoint wherever the loop is not
     saturated, which a setpoint drawn in another order would not."""
-    from training.bsm1 import KLA_LIMITS
-    from training.data import loop_setpoints, scenarios
+    from plant.bsm1 import KLA_LIMITS
+    from plant.operation import loop_setpoints
+    from plant.scenarios import scenarios
 
     cfg, p = prepared
     assert p.catalog.setpoint_names == ("SO_5_setpoint", "SNO_2_setpoint")

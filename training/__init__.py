@@ -1,1 +1,1 @@
-"""Data generation, training and evaluation of the stable KoVAE forecaster (needs the `train` extra)."""
+"""Training and evaluation of the stable KoVAE forecaster on the plant's data (``plant``; needs the `train` extra)."""

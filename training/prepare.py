@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from modelcard.card import Calendar, known_inputs, window_clock
-from training.catalog import BSM1, Catalog
+from plant.catalog import BSM1, Catalog
 from training.config import ConfigError, RunConfig
 from training.data import Windows, heldout_windows, load_data, make_windows
 

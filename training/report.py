@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from plant.catalog import Catalog
 from training import evaluate as ev
 from training.calibrate import predict
-from training.catalog import Catalog
 from training.config import RunConfig
 from training.data import Windows
 from training.model import KoVAE

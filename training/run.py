@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from export.onnx_export import ParityError
     from modelcard.card import atomic_write
+    from plant.catalog import CatalogError
+    from plant.scenarios import DataError, splits
     from training.calibrate import calibrate
-    from training.catalog import CatalogError
-    from training.data import DataError, splits
     from training.loop import TrainingFailed, train
     from training.prepare import prepare
     from training.publish import build_card, export_candidate, promote_if_better

@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from training.catalog import catalog_dict
+    from plant.catalog import catalog_dict
+    from plant.scenarios import config_hash
     from training.config import config_from_dict
-    from training.data import config_hash
     from training.prepare import prepare
     from training.publish import card_variables
 

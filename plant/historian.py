@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from modelcard.card import atomic_write
-from training.catalog import Catalog
+from plant.catalog import Catalog, catalog_from_dict
+from plant.scenarios import DataError, ScenarioData, load_scenario, save_scenario
 
 TIMESTAMP_COLUMN = "timestamp"
 CLOCK_EPOCH = datetime(1970, 1, 5)  # a Monday: clock minutes count from here, so the week's calendar is right
@@ -225,8 +226,6 @@ def import_table(
 ) -> dict[str, Any]:
     """Import ``source`` into ``out_dir``: one scenario per split block, and manifest.json (with the catalog,
     the missing share per variable and a data hash). Returns the manifest."""
-    from training.data import ScenarioData, save_scenario
-
     table = read_table(source, catalog)
     grid, clock, values, report = resample(table, catalog)
     pos = {v.name: j for j, v in enumerate(catalog.variables)}
@@ -262,9 +261,6 @@ def import_table(
 def load_dataset(folder: Path, catalog: Catalog | None = None) -> tuple[Catalog, dict[str, Any], dict[str, Any]]:
     """An imported dataset: (catalog, scenarios by id, manifest). With ``catalog``, refuse data imported with
     another one."""
-    from training.catalog import catalog_from_dict
-    from training.data import DataError, load_scenario
-
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError) as exc:
@@ -282,11 +278,16 @@ def load_dataset(folder: Path, catalog: Catalog | None = None) -> tuple[Catalog,
 
 
 def export_table(
-    data: list[Any], catalog: Catalog, path: Path, seed: int = 0, *, faults: bool = True, tz: str = "Europe/Berlin"
+    data: list[ScenarioData],
+    catalog: Catalog,
+    path: Path,
+    seed: int = 0,
+    *,
+    faults: bool = True,
+    tz: str = "Europe/Berlin",
 ) -> dict[str, int]:
-    """Write scenarios (training.data.ScenarioData, in time order) as a historian export: one row per sample, a
-    timestamp with its UTC offset in ``tz`` (the scenarios' day 0 is Monday 2 March 2026), and the faults of real
-    sensors when ``faults``:
+    """Write scenarios (in time order) as a historian export: one row per sample, a timestamp with its UTC offset
+    in ``tz`` (the scenarios' day 0 is Monday 2 March 2026), and the faults of real sensors when ``faults``:
     1% noise, dropouts of 15 minutes to 6 hours, one sensor stuck for a day, and a few spikes (within bounds).
     Returns counts of what was done."""
     rng = np.random.default_rng(seed)

@@ -1,4 +1,4 @@
-"""Plant catalogs: the variables a model sees, read from a TOML file (``training/catalogs/bsm1.toml`` is ours).
+"""Plant catalogs: the variables a model sees, read from a TOML file (``plant/catalogs/bsm1.toml`` is ours).
 
 A catalog names every series of a plant: name, source column, unit, description, role, physical bounds and the
 longest gap an import may bridge. Training copies it into the model card, and export and the service read it
@@ -214,7 +214,7 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
 
 
 BSM1 = load_catalog(BSM1_CATALOG)
-"""The simulated plant's catalog; only the BSM1 source (training.bsm1, training.data's simulator) uses it."""
+"""The simulated plant's catalog; only the BSM1 source (plant.bsm1, plant.scenarios' simulator) uses it."""
 SAMPLE_MINUTES = BSM1.sample_minutes
 MEASUREMENTS = BSM1.targets
 CONTROLS = BSM1.controls
