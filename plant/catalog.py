@@ -13,6 +13,11 @@ from there, never from here. Roles:
 
 The forecast targets x are the measurements and disturbances in file order; the controls u follow, then the
 setpoints s.
+
+``[[loops]]`` declare the plant's feedback loops: which control each drives (``KLa_5``), from which setpoint
+(``SO_5_setpoint``), holding which measurement (``SO_5``). A plant under a loop knows the setpoint, never the
+loop's future output: a request may leave a looped control's future to its loop, and the model then forecasts
+the control too (the aeration a setpoint plan will need).
 """
 
 from __future__ import annotations
@@ -48,11 +53,21 @@ class Variable:
 
 
 @dataclass(frozen=True)
+class Loop:
+    """A feedback loop: ``control`` follows a controller that holds ``measurement`` at ``setpoint``."""
+
+    control: str
+    setpoint: str
+    measurement: str = ""  # the measurement it holds ("": not among the catalog's variables)
+
+
+@dataclass(frozen=True)
 class Catalog:
     name: str
     sample_minutes: int
     timezone: str  # IANA name: how an import reads timestamps without a UTC offset
     variables: tuple[Variable, ...]
+    loops: tuple[Loop, ...] = ()
 
     @property
     def targets(self) -> tuple[Variable, ...]:
@@ -103,6 +118,8 @@ class Catalog:
         }
         if self.setpoints:
             out["setpoints"] = [variable_dict(v, bounds=bounds) for v in self.setpoints]
+        if self.loops:
+            out["loops"] = [loop_dict(loop) for loop in self.loops]
         return out
 
     def data_dict(self) -> dict[str, Any]:
@@ -130,6 +147,42 @@ def variable_dict(v: Variable, *, bounds: bool = True) -> dict[str, Any]:
         out["bounds"] = {"min": v.min, "max": v.max}
         out["max_gap_minutes"] = v.max_gap_minutes
     return out
+
+
+def loop_dict(loop: Loop) -> dict[str, str]:
+    out = {"control": loop.control, "setpoint": loop.setpoint}
+    return {**out, "measurement": loop.measurement} if loop.measurement else out
+
+
+def parse_loops(entries: list[Any], variables: list[Variable], source: str) -> tuple[Loop, ...]:
+    """The ``[[loops]]`` entries, each naming a control, a setpoint and (optionally) a measurement of the
+    catalog; every problem names the loop and the field."""
+    roles = {v.name: v.role for v in variables}
+    wanted = {"control": ("control",), "setpoint": ("setpoint",), "measurement": ("measurement", "disturbance")}
+    loops = []
+    for i, entry in enumerate(entries):
+        where = f"{source}: loop {i + 1}"
+        if not isinstance(entry, dict):
+            raise CatalogError(f"{where}: expected a table with control, setpoint and measurement")
+        unknown = set(entry) - set(wanted)
+        if unknown:
+            raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(wanted)}")
+        for key, allowed in wanted.items():
+            name = entry.get(key)
+            if name is None and key == "measurement":
+                continue
+            if name is None:
+                raise CatalogError(f"{where}: missing {key}")
+            if roles.get(str(name)) not in allowed:
+                what = f"is a {roles[name]}" if name in roles else "is not a variable of the catalog"
+                raise CatalogError(f"{where}: {key} {name!r} {what} (it must name a {' or '.join(allowed)})")
+        loops.append(Loop(str(entry["control"]), str(entry["setpoint"]), str(entry.get("measurement", ""))))
+    for key in ("control", "setpoint"):
+        named = [getattr(loop, key) for loop in loops]
+        twice = sorted({n for n in named if named.count(n) > 1})
+        if twice:
+            raise CatalogError(f"{source}: {key} {', '.join(twice)} is in more than one loop")
+    return tuple(loops)
 
 
 def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
@@ -182,6 +235,7 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
         sample_minutes=int(data.get("sample_minutes", 0)),
         timezone=str(data.get("timezone", "UTC")),
         variables=tuple(variables),
+        loops=parse_loops(list(data.get("loops", [])), variables, source),
     )
     if cat.sample_minutes <= 0 or (24 * 60) % cat.sample_minutes:
         raise CatalogError(f"{source}: sample_minutes must divide a day (1440 minutes), got {cat.sample_minutes}")
