@@ -218,6 +218,13 @@ def import_bsm1ol() -> type:
     return BSM1OL
 
 
+def clipped_controls(u: np.ndarray) -> np.ndarray:
+    """KLa3, KLa4, KLa5 (1/d) and Qintr (m3/d) within what the plant's blowers and pump can deliver."""
+    lo = np.array([KLA_LIMITS[0]] * 3 + [QINTR_LIMITS[0]])
+    hi = np.array([KLA_LIMITS[1]] * 3 + [QINTR_LIMITS[1]])
+    return np.clip(u, lo, hi)
+
+
 class Plant:
     """BSM1 open loop at a 1-minute step, with the lagged-recycle defect fixed.
 
@@ -235,10 +242,37 @@ class Plant:
         self.sim.ys_out[Q] = self.sim.settler.q_r
         self.set_controls(np.array(DEFAULT_CONTROLS))
 
+    STREAMS = ("y_in1", "y_out1", "y_out2", "y_out3", "y_out4", "y_out5", "y_out5_r", "ys_in", "ys_out", "ys_eff")
+
+    def state(self) -> dict[str, object]:
+        """Copies of everything the next steps depend on: each reactor's and the settler's state, the streams
+        between the units (reactor 1 mixes the previous step's recycle), the controls and the step. bsm2-python's
+        objects cannot be deep-copied; their arrays can."""
+        sim = self.sim
+        out: dict[str, object] = {name: np.array(getattr(sim, name), copy=True) for name in self.STREAMS}
+        out["reactors"] = [np.array(getattr(sim, f"reactor{i}").y0, copy=True) for i in range(1, 6)]
+        out["settler"] = np.array(sim.settler.ys0, copy=True)
+        out["tss_layers"] = np.array(getattr(sim, "ys_tss_internal", np.zeros(0)), copy=True)
+        out["scalars"] = (sim.settler.q_w, float(sim.qintr), float(sim.sludge_height), self.i)
+        out["klas"] = np.array(sim.klas, copy=True)
+        return out
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Back to a ``state``, which stays as it was (copies go in): a branch cannot leak into the run."""
+        sim = self.sim
+        for name in self.STREAMS:
+            setattr(sim, name, np.array(state[name], copy=True))
+        for i, y0 in enumerate(state["reactors"], 1):  # type: ignore[arg-type]
+            getattr(sim, f"reactor{i}").y0 = np.array(y0, copy=True)
+        sim.settler.ys0 = np.array(state["settler"], copy=True)
+        sim.ys_tss_internal = np.array(state["tss_layers"], copy=True)
+        sim.settler.q_w, sim.qintr, sim.sludge_height, self.i = state["scalars"]  # type: ignore[misc]
+        sim.klas = np.array(state["klas"], copy=True)
+
     def set_controls(self, u: np.ndarray) -> None:
         """Apply KLa3, KLa4, KLa5 (1/d) and Qintr (m3/d), clipped to plant limits."""
-        kla = np.clip(u[:3], *KLA_LIMITS)
-        qintr = float(np.clip(u[3], *QINTR_LIMITS))
+        u = clipped_controls(u)
+        kla, qintr = u[:3], float(u[3])
         self.sim.klas = np.array([0.0, 0.0, kla[0], kla[1], kla[2]])
         self.sim.qintr = qintr
         # Defect 2: reactor 1 mixes in the recycle stream of the previous step; give it the new flow now.
@@ -393,27 +427,132 @@ class PI:
 @dataclass
 class FeedbackLoop:
     """One control loop of the plant: ``control`` (index into KLa3, KLa4, KLa5, Qintr) follows ``pi``'s output
-    so that the measurement ``measure(plant)`` follows ``setpoint`` (one value per minute)."""
+    so that the measurement ``measure(plant)`` follows ``setpoint`` (one value per minute). ``name`` is the
+    catalog's name of its setpoint, under which the data record it."""
 
     control: int
     measure: Callable[[Plant], float]
     pi: PI
     setpoint: np.ndarray
+    name: str
     dither: np.ndarray | None = None  # per minute, added to the controller's output (excitation), then clipped
 
 
 def do_loop(setpoint: np.ndarray, kla_max: float = KLA_LIMITS[1]) -> FeedbackLoop:
     """Dissolved oxygen in reactor 5 through KLa5, with the BSM1 benchmark's tuning (K = 25 1/d per g O2/m3,
     Ti = 0.002 d, Tt = 0.001 d)."""
-    return FeedbackLoop(2, lambda p: float(p.sim.y_out5[SO]), PI(25.0, 0.002, 0.001, 0.0, kla_max, 84.0), setpoint)
+    pi = PI(25.0, 0.002, 0.001, 0.0, kla_max, 84.0)
+    return FeedbackLoop(2, lambda p: float(p.sim.y_out5[SO]), pi, setpoint, "SO_5_setpoint")
 
 
 def nitrate_loop(setpoint: np.ndarray) -> FeedbackLoop:
     """Nitrate in reactor 2 through the internal recycle Qintr, with the BSM1 benchmark's tuning
     (K = 10,000 m3/d per g N/m3, Ti = 0.025 d, Tt = 0.015 d)."""
-    return FeedbackLoop(
-        3, lambda p: float(p.sim.y_out2[SNO]), PI(10_000.0, 0.025, 0.015, *QINTR_LIMITS, 3 * Q0), setpoint
-    )
+    pi = PI(10_000.0, 0.025, 0.015, *QINTR_LIMITS, 3 * Q0)
+    return FeedbackLoop(3, lambda p: float(p.sim.y_out2[SNO]), pi, setpoint, "SNO_2_setpoint")
+
+
+@dataclass
+class AmmoniumCascade:
+    """Ammonia-based aeration control: a slow outer PI reads ammonium in reactor 5 and writes the DO loop's
+    setpoint for the minute (more ammonium, more oxygen), within ``pi``'s limits. The DO loop then moves the air.
+    Its ``pi.kp`` is negative: more DO lowers the ammonium."""
+
+    inner: FeedbackLoop
+    ammonium: float  # g N/m3 of SNH_5 the outer loop holds
+    pi: PI
+
+    def step(self, plant: Plant, minute: int) -> None:
+        self.inner.setpoint[minute] = self.pi.step(self.ammonium, float(plant.sim.y_out5[SNH]))
+
+
+def ammonium_cascade(inner: FeedbackLoop, ammonium: float, do_range: tuple[float, float]) -> AmmoniumCascade:
+    """An ABAC outer loop on ``inner`` (the DO loop): -0.3 g O2 per g N/m3 of ammonium error, integral time
+    2 h, the DO setpoint between ``do_range``; slow next to the DO loop (minutes), as plants tune it."""
+    bias = float(np.mean(do_range))
+    return AmmoniumCascade(inner, ammonium, PI(-0.3, 1 / 12, 1 / 24, do_range[0], do_range[1], bias))
+
+
+class Run:
+    """A plant under its operation, advanced one sample interval at a time, that can be saved and restored: the
+    counterfactual bench branches it at a forecast origin, runs each plan on the same state, and goes on.
+
+    Each minute, the cascades write their DO setpoints, each loop's controller reads its measurement (an ideal
+    sensor) and replaces its control's scheduled value, and the plant steps; u records what was applied and s
+    each loop's setpoint. ``caps`` (one row per minute, one column per control, NaN: none) limit what the
+    actuators can deliver, loops included.
+    """
+
+    def __init__(
+        self,
+        influent: np.ndarray,
+        controls: np.ndarray,
+        sample_minutes: int = 15,
+        *,
+        stabilize: bool = False,
+        loops: list[FeedbackLoop] | None = None,
+        cascades: list[AmmoniumCascade] | None = None,
+        caps: np.ndarray | None = None,
+        wastage: float | None = None,
+        tempmodel: bool = True,
+    ) -> None:
+        self.plant = Plant(influent, tempmodel=tempmodel)
+        if wastage is not None:
+            self.plant.sim.settler.q_w = float(wastage)
+        if stabilize:
+            self.plant.sim.stabilize()
+        self.controls = clipped_controls(controls)  # a copy: the applied controls are written into it
+        self.caps = caps
+        if caps is not None:
+            self.controls = np.fmin(self.controls, caps[: len(self.controls)])
+        self.loops, self.cascades = list(loops or ()), list(cascades or ())
+        self.sample_minutes = sample_minutes
+        self.n_samples = min(self.plant.n_steps, len(self.controls)) // sample_minutes
+        self.minute = 0
+        self.previous: np.ndarray | None = None
+
+    def advance(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One sample interval: (x at its end, the mean control applied over it, each loop's mean setpoint)."""
+        start = self.minute
+        block = self.controls[start : start + self.sample_minutes]
+        setpoints = np.zeros(len(self.loops))
+        for i, row in enumerate(block):
+            minute = start + i
+            for cascade in self.cascades:
+                cascade.step(self.plant, minute)
+            for j, loop in enumerate(self.loops):
+                cap = (
+                    None
+                    if self.caps is None or np.isnan(self.caps[minute, loop.control])
+                    else self.caps[minute, loop.control]
+                )
+                out = loop.pi.step(loop.setpoint[minute], loop.measure(self.plant), hi=cap)
+                if loop.dither is not None:
+                    out = float(np.clip(out + loop.dither[minute], loop.pi.lo, loop.pi.hi if cap is None else cap))
+                row[loop.control] = out
+                setpoints[j] += loop.setpoint[minute]
+            if self.previous is None or np.any(row != self.previous):
+                self.plant.set_controls(row)
+                self.previous = row.copy()
+            influent_row = self.plant.step()
+        self.minute += len(block)
+        return measurements_from_plant(self.plant, influent_row), block.mean(axis=0), setpoints / len(block)
+
+    def state(self) -> dict[str, object]:
+        """Everything a restore needs: the plant's state, the minute, the controllers' integrals."""
+        controllers = [loop.pi.integral for loop in self.loops] + [c.pi.integral for c in self.cascades]
+        return {"plant": self.plant.state(), "minute": self.minute, "previous": self.previous, "pi": controllers}
+
+    def restore(self, state: dict[str, object]) -> None:
+        self.plant.restore(state["plant"])  # type: ignore[arg-type]
+        self.minute = int(state["minute"])  # type: ignore[call-overload]
+        previous = state["previous"]
+        self.previous = None if previous is None else np.array(previous, copy=True)
+        integrals = list(state["pi"])  # type: ignore[call-overload]
+        for pi, value in zip(
+            [*(loop.pi for loop in self.loops), *(c.pi for c in self.cascades)], integrals, strict=True
+        ):
+            pi.integral = value
 
 
 def simulate(
@@ -423,49 +562,34 @@ def simulate(
     *,
     stabilize: bool = False,
     loops: list[FeedbackLoop] | None = None,
+    cascades: list[AmmoniumCascade] | None = None,
     caps: np.ndarray | None = None,
     wastage: float | None = None,
     tempmodel: bool = True,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run the plant under a 1-minute control schedule and sample it.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Run the plant under a 1-minute control schedule and sample it (``Run``, start to end).
 
-    Returns (t_minutes, x, u): x is sampled at the end of every ``sample_minutes`` interval, u is the mean
-    control applied over that interval. Only whole intervals that fit the influent are simulated.
-    With ``stabilize`` the plant first settles (bsm2-python's own routine, ~30 s) under the first influent
-    row and default controls: the package's initial state is far from BSM1's steady state.
-    ``loops`` close feedback loops: each minute, a loop's controller reads its measurement (an ideal sensor)
-    and replaces its control's scheduled value; u records what was applied. ``caps`` (one row per minute, one
-    column per control, NaN: none) limit what the actuators can deliver, loops included. ``wastage`` sets the
-    excess-sludge flow (m3/d; BSM1: 385), the operator's lever on sludge age.
+    Returns (t_minutes, x, u, s): x is sampled at the end of every ``sample_minutes`` interval, u is the mean
+    control applied over that interval, s each loop's mean setpoint (one column per loop, in ``loops`` order).
+    Only whole intervals that fit the influent are simulated. With ``stabilize`` the plant first settles
+    (bsm2-python's own routine, ~30 s) under the first influent row and default controls: the package's initial
+    state is far from BSM1's steady state. ``wastage`` sets the excess-sludge flow (m3/d; BSM1: 385), the
+    operator's lever on sludge age.
     """
-    plant = Plant(influent, tempmodel=tempmodel)
-    if wastage is not None:
-        plant.sim.settler.q_w = float(wastage)
-    if stabilize:
-        plant.sim.stabilize()
-    if loops or caps is not None:
-        controls = controls.copy()
-    if caps is not None:
-        controls = np.fmin(controls, caps[: len(controls)])
-    n_samples = min(plant.n_steps, len(controls)) // sample_minutes
-    t = np.arange(1, n_samples + 1) * sample_minutes
-    x = np.empty((n_samples, N_MEASUREMENTS))
-    u = np.empty((n_samples, controls.shape[1]))
-    previous = None
-    for k in range(n_samples):
-        block = controls[k * sample_minutes : (k + 1) * sample_minutes]
-        for i, row in enumerate(block):
-            minute = k * sample_minutes + i
-            for loop in loops or ():
-                cap = None if caps is None or np.isnan(caps[minute, loop.control]) else caps[minute, loop.control]
-                out = loop.pi.step(loop.setpoint[minute], loop.measure(plant), hi=cap)
-                if loop.dither is not None:
-                    out = float(np.clip(out + loop.dither[minute], loop.pi.lo, loop.pi.hi if cap is None else cap))
-                row[loop.control] = out
-            if previous is None or np.any(row != previous):
-                plant.set_controls(row)
-                previous = row.copy()
-            influent_row = plant.step()
-        x[k] = measurements_from_plant(plant, influent_row)
-        u[k] = block.mean(axis=0)
-    return t, x, u
+    run = Run(
+        influent,
+        controls,
+        sample_minutes,
+        stabilize=stabilize,
+        loops=loops,
+        cascades=cascades,
+        caps=caps,
+        wastage=wastage,
+        tempmodel=tempmodel,
+    )
+    n = run.n_samples
+    t = np.arange(1, n + 1) * sample_minutes
+    x, u, s = np.empty((n, N_MEASUREMENTS)), np.empty((n, controls.shape[1])), np.empty((n, len(run.loops)))
+    for k in range(n):
+        x[k], u[k], s[k] = run.advance()
+    return t, x, u, s

@@ -27,9 +27,30 @@ class DataConfig:
     warmup_days: float = 2.0  # discarded at the start of every scenario
     stabilize: bool = True  # start from bsm2-python's steady state for the scenario's first influent row
     seed: int = 2024
-    # How the plant is run (plant.operation.operation): DO in reactor 5 (through KLa5) and nitrate in
-    # reactor 2 (through Qintr) follow moving setpoints under PI control, with excitation on the loop outputs;
-    # KLa3 and KLa4 move open loop.
+    # How the plant is run: its operating policy (plant.operation.POLICIES). BSM2 window w runs
+    # policy_cycle[w % len(policy_cycle)] (dry and rain, where they train: its first two); a val or test entry
+    # "ID@POLICY" runs that window under that policy. A third of the cycle is open loop with designed
+    # excitation: a control's own effect on the plant can be learned only where no loop moves it with the load.
+    policy_cycle: tuple[str, ...] = (
+        "open_loop_excited",
+        "constant_setpoints",
+        "moving_setpoints",
+        "open_loop_excited",
+        "scheduled_setpoints",
+        "ammonia_cascade",
+        "open_loop_excited",
+        "open_loop_fixed",
+        "constant_setpoints",
+    )
+    # open_loop_excited: each control in steps over its working range, each level held 15 min to 12 h
+    # (log-uniform), each control on its own clock.
+    excite_kla34: tuple[float, float] = (120.0, 240.0)  # KLa3, KLa4 (1/d)
+    excite_kla5: tuple[float, float] = (30.0, 240.0)  # 1/d
+    excite_qintr: tuple[float, float] = (10_000.0, 92_000.0)  # m3/d
+    excite_minutes: tuple[float, float] = (15.0, 720.0)
+    # moving_setpoints: DO in reactor 5 (through KLa5) and nitrate in reactor 2 (through Qintr) follow setpoints
+    # an operator moves, with excitation on the loop outputs; KLa3 and KLa4 move open loop. The other closed-loop
+    # policies draw their setpoints from the same ranges.
     do_setpoints: tuple[float, float] = (1.0, 3.0)  # g O2/m3, each held setpoint_hours
     no_setpoints: tuple[float, float] = (0.5, 2.0)  # g N/m3
     setpoint_hours: tuple[float, float] = (4.0, 24.0)
@@ -52,8 +73,38 @@ class DataConfig:
     # BSM2 windows after every training window, operated normally: the "later" period. 32-35 validate (the
     # most recent data before the test period, as a plant would calibrate), 36 and 40 are test scenarios.
     later_windows: tuple[int, ...] = (32, 33, 34, 35, 36, 40)
-    # storm, normal, stress, and four of the later period: the interval width is fitted on these regimes alike
-    val_scenarios: tuple[str, ...] = ("bsm2-09", "bsm2-10", "bsm2-11", "bsm2-32", "bsm2-33", "bsm2-34", "bsm2-35")
-    test_scenarios: tuple[str, ...] = ("dry", "bsm2-12", "rain", "bsm2-14", "bsm2-36", "bsm2-40")
+    # storm, normal, stress, and four of the later period, each policy at least once: the interval width is
+    # fitted on these regimes and policies alike.
+    val_scenarios: tuple[str, ...] = (
+        "bsm2-09@open_loop_excited",
+        "bsm2-10@constant_setpoints",
+        "bsm2-11@moving_setpoints",
+        "bsm2-32@ammonia_cascade",
+        "bsm2-33@scheduled_setpoints",
+        "bsm2-34@open_loop_fixed",
+        "bsm2-35@constant_setpoints",
+    )
+    # Every held-out regime (normal: dry and bsm2-12; storm: rain and bsm2-14; later: bsm2-36 and bsm2-40) under
+    # every policy, BSM1's standard strategy on its own dry file among them: forecasts are judged per cell.
+    test_scenarios: tuple[str, ...] = (
+        "dry@constant_setpoints",
+        "dry@open_loop_excited",
+        "dry@open_loop_fixed",
+        "bsm2-12@moving_setpoints",
+        "bsm2-12@scheduled_setpoints",
+        "bsm2-12@ammonia_cascade",
+        "rain@constant_setpoints",
+        "rain@scheduled_setpoints",
+        "rain@ammonia_cascade",
+        "bsm2-14@open_loop_excited",
+        "bsm2-14@open_loop_fixed",
+        "bsm2-14@moving_setpoints",
+        "bsm2-36@constant_setpoints",
+        "bsm2-36@open_loop_excited",
+        "bsm2-36@ammonia_cascade",
+        "bsm2-40@open_loop_fixed",
+        "bsm2-40@moving_setpoints",
+        "bsm2-40@scheduled_setpoints",
+    )
     workers: int = 2  # local processes (data.executor = "local")
     executor: str = "local"  # or "tcp://HOST:PORT": a Dask scheduler runs the simulations (plant.executor)

@@ -8,17 +8,35 @@ here, beside how it is run, so that ``plant.scenarios`` imports this module and 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from plant import bsm1
-from plant.catalog import SAMPLE_MINUTES
 from plant.config import DataConfig
 
 REGIMES = ("normal", "storm", "stress")
-"""How a scenario's plant is run: normal operation (dry weather and the BSM2 influent's own weather), with
+"""What the plant goes through: normal operation (dry weather and the BSM2 influent's own weather), with
 added storms (or the rain file), or with stress episodes (low aeration, overload)."""
+
+POLICIES = {
+    "open_loop_excited": "loops off; KLa3-5 and Q_intr in steps over their working ranges, each held 15 min to "
+    "12 h (designed excitation: each control's own effect on the plant)",
+    "open_loop_fixed": "loops off; the blowers and the recycle pump at one set output for the whole run",
+    "constant_setpoints": "DO in reactor 5 and nitrate in reactor 2 under PI loops at constant setpoints (BSM1's "
+    "standard strategy, DO 2.0 and nitrate 1.0, or another constant pair); KLa3 = KLa4 = 240",
+    "scheduled_setpoints": "the loops' setpoints on a time-of-day schedule (a day and a night level)",
+    "ammonia_cascade": "ammonia-based aeration control: an outer loop sets the DO setpoint from reactor-5 "
+    "ammonium; the nitrate loop at a constant setpoint",
+    "moving_setpoints": "the loops' setpoints moved by an operator every 4-24 h, with excitation on the loop "
+    "outputs; KLa3 and KLa4 moved open loop",
+}
+"""How a plant is run: its operating policy, a dimension of the data like the regime (every scenario has one,
+stored in its file and the manifest, and forecasts are judged per regime and policy)."""
+
+HONEST_HELD = {"ammonia_cascade": ("SO_5_setpoint",)}
+"""Per policy, the setpoints a plant cannot plan, only hold: the cascade decides the DO setpoint from an ammonium
+load nobody has seen yet. An honest request sends them held at their last value; the others are planned."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +50,7 @@ class Scenario:
     seed: int
     regime: str  # one of REGIMES
     later: bool = False  # from after every training window (an unseen later period)
+    policy: str = "moving_setpoints"  # one of POLICIES
 
     @property
     def group(self) -> str:
@@ -64,29 +83,29 @@ def bsm2_design_influent(start_day: float, days: float, scale: bool) -> tuple[np
 @dataclass
 class Operation:
     """How one scenario's plant is run, drawn from its seed before anything is simulated: the influent (with its
-    storms and overload), the scheduled controls, the feedback loops (their setpoints and excitation), the
-    actuator caps of a low-aeration episode and the operator's sludge wastage."""
+    storms and overload), the scheduled controls, the feedback loops (their setpoints and excitation) and the
+    cascades above them, the actuator caps of a low-aeration episode and the operator's sludge wastage."""
 
     influent: np.ndarray
     controls: np.ndarray  # (minutes, controls) the open-loop schedule; the loops replace their own column
     loops: list[bsm1.FeedbackLoop]
     caps: np.ndarray  # (minutes, controls), NaN: no cap
     wastage: float
-    notes: list[dict[str, object]]  # influent repairs and episodes, for the scenario file
+    notes: list[dict[str, object]]  # influent repairs, episodes and the policy's draws, for the scenario file
+    cascades: list[bsm1.AmmoniumCascade] = field(default_factory=list)
 
 
 def operation(cfg: DataConfig, sc: Scenario) -> Operation:
-    """Draw how the scenario's plant is run. DO in reactor 5 and nitrate in reactor 2 follow moving setpoints
-    under PI control (with excitation on the loop outputs), KLa3 and KLa4 move open loop, and the operator sets
-    the sludge wastage for the season. Storm scenarios add seeded storms to the influent; stress scenarios an
-    overload and a low-aeration episode. The same scenario always draws the same operation."""
+    """Draw how the scenario's plant is run: its regime's episodes (storms, or an overload and a low-aeration
+    episode) on the influent, its policy's controls and loops (``POLICIES``), and the sludge wastage the
+    operator sets for the season. The same scenario always draws the same operation."""
     if sc.influent == "bsm2":
         influent, repairs = bsm2_design_influent(sc.start_day, sc.days, cfg.design_load)
     else:
         influent, repairs = bsm1.load_influent(sc.influent)
     rng = np.random.default_rng(sc.seed)
     n = round(sc.days * bsm1.MINUTES_PER_DAY)
-    episodes: list[dict[str, float | str]] = []
+    episodes: list[dict[str, object]] = []
     if sc.regime == "storm" and sc.influent != "rain":
         for storm in bsm1.random_storms(sc.days, rng, cfg.storms_per_week):
             influent = bsm1.add_storm(influent, storm)
@@ -101,6 +120,82 @@ def operation(cfg: DataConfig, sc: Scenario) -> Operation:
         first = int(start * bsm1.MINUTES_PER_DAY)
         caps[first : first + int(hours * 60), :3] = cap
         episodes.append({"kind": "low_aeration", "start_day": start, "hours": hours, "kla_cap": cap})
+    controls, loops, cascades, drawn = POLICY_DRAWS[sc.policy](cfg, rng, n, sc.start_day)
+    temperature = float(np.mean(influent[:, 1 + bsm1.TEMP]))
+    wastage = bsm1.seasonal_wastage(temperature, cfg.wastage, cfg.wastage_temperatures)
+    notes = [asdict(r) for r in repairs] + episodes + [{"kind": "policy", "policy": sc.policy, **drawn}]
+    notes.append({"kind": "wastage", "m3_per_day": wastage})
+    return Operation(influent, controls, loops, caps, wastage, notes, cascades)
+
+
+Draw = tuple[np.ndarray, list[bsm1.FeedbackLoop], list[bsm1.AmmoniumCascade], dict[str, object]]
+
+
+def standard_controls(n: int) -> np.ndarray:
+    """(n, controls) BSM1's open-loop defaults: KLa3 = KLa4 = 240, KLa5 84, Q_intr 3 Q0 (loops replace theirs)."""
+    return np.tile(np.array(bsm1.DEFAULT_CONTROLS), (n, 1))
+
+
+def open_loop_excited(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float) -> Draw:
+    """Every control in steps over its working range, each level held 15 min to 12 h (log-uniform), each
+    control on its own clock: the plant's response to each, apart from the load."""
+    ranges = [cfg.excite_kla34, cfg.excite_kla34, cfg.excite_kla5, cfg.excite_qintr]
+    log_hold = np.log(cfg.excite_minutes)
+    controls = np.empty((n, 4))
+    for j, (lo, hi) in enumerate(ranges):
+        i = 0
+        while i < n:
+            hold = round(float(np.exp(rng.uniform(*log_hold))))
+            controls[i : i + hold, j] = rng.uniform(lo, hi)
+            i += hold
+    return controls, [], [], {}
+
+
+def open_loop_fixed(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float) -> Draw:
+    """One set output for the whole run: BSM1's defaults (240, 240, 84, 55,338) in a third of the runs, else
+    drawn within the working ranges (the DO then wanders with the load)."""
+    if rng.random() < 1 / 3:
+        level = np.array(bsm1.DEFAULT_CONTROLS)
+    else:
+        kla34 = rng.uniform(*cfg.excite_kla34)
+        level = np.array([kla34, kla34, rng.uniform(80.0, 240.0), rng.uniform(20_000.0, 80_000.0)])
+    return np.tile(level, (n, 1)), [], [], {"controls": level.tolist()}
+
+
+def constant_setpoints(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float) -> Draw:
+    """The loops at constant setpoints: BSM1's standard pair (DO 2.0, nitrate 1.0) in half the runs, else a
+    constant pair drawn from the setpoint ranges."""
+    do, no = (2.0, 1.0) if rng.random() < 0.5 else (rng.uniform(*cfg.do_setpoints), rng.uniform(*cfg.no_setpoints))
+    loops = [bsm1.do_loop(np.full(n, do)), bsm1.nitrate_loop(np.full(n, no))]
+    return standard_controls(n), loops, [], {"do_setpoint": do, "no_setpoint": no}
+
+
+def scheduled_setpoints(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float) -> Draw:
+    """Time-of-day schedules: a day level from a morning hour to an evening hour, a night level otherwise, for
+    the DO (more air by day, when the load is high) and the nitrate loop."""
+    morning, evening = rng.uniform(5, 9), rng.uniform(17, 22)
+    hour = (start_day * 24 + np.arange(n) / 60) % 24  # the influent's clock: day 0 starts at midnight
+    day = (hour >= morning) & (hour < evening)
+    do_day = rng.uniform(1.5, cfg.do_setpoints[1])
+    do_night = rng.uniform(cfg.do_setpoints[0], do_day)
+    no_day, no_night = rng.uniform(*cfg.no_setpoints), rng.uniform(*cfg.no_setpoints)
+    loops = [bsm1.do_loop(np.where(day, do_day, do_night)), bsm1.nitrate_loop(np.where(day, no_day, no_night))]
+    drawn = {"hours": [morning, evening], "do_day_night": [do_day, do_night], "no_day_night": [no_day, no_night]}
+    return standard_controls(n), loops, [], drawn
+
+
+def ammonia_cascade(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float) -> Draw:
+    """Ammonia-based aeration control: the DO setpoint follows reactor-5 ammonium (an outer PI towards an
+    ammonium setpoint of 0.5-2.5 g N/m3, the DO setpoint within the DO range), the nitrate loop constant."""
+    do = bsm1.do_loop(np.full(n, float(np.mean(cfg.do_setpoints))))
+    nh, no = rng.uniform(0.5, 2.5), rng.uniform(*cfg.no_setpoints)
+    cascade = bsm1.ammonium_cascade(do, nh, (cfg.do_setpoints[0] / 2, cfg.do_setpoints[1]))
+    return standard_controls(n), [do, bsm1.nitrate_loop(np.full(n, no))], [cascade], {"ammonium": nh, "no": no}
+
+
+def moving_setpoints(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float) -> Draw:
+    """Setpoints an operator moves (a new one every ``setpoint_hours``), excitation riding on the loop outputs
+    (the PI cancels most of it), KLa3 and KLa4 moved open loop."""
 
     def setpoints(lo_hi: tuple[float, float]) -> np.ndarray:
         return piecewise(n, rng, (cfg.setpoint_hours[0] * 60, cfg.setpoint_hours[1] * 60), lambda: rng.uniform(*lo_hi))
@@ -112,23 +207,27 @@ def operation(cfg: DataConfig, sc: Scenario) -> Operation:
     do, no = bsm1.do_loop(setpoints(cfg.do_setpoints)), bsm1.nitrate_loop(setpoints(cfg.no_setpoints))
     do.dither, no.dither = dither(cfg.dither_kla), dither(cfg.dither_qintr)
     hold = (cfg.hold_hours[0] * 60, cfg.hold_hours[1] * 60)
-    controls = np.tile(np.array(bsm1.DEFAULT_CONTROLS), (n, 1))
+    controls = standard_controls(n)
     for j, (lo, hi) in enumerate(cfg.kla_ranges):
         controls[:, j] = piecewise(n, rng, hold, lambda lo=lo, hi=hi: rng.uniform(lo, hi))
-    temperature = float(np.mean(influent[:, 1 + bsm1.TEMP]))
-    wastage = bsm1.seasonal_wastage(temperature, cfg.wastage, cfg.wastage_temperatures)
-    notes = [asdict(r) for r in repairs] + episodes + [{"kind": "wastage", "m3_per_day": wastage}]
-    return Operation(influent, controls, [do, no], caps, wastage, notes)
+    return controls, [do, no], [], {}
 
 
-def loop_setpoints(cfg: DataConfig, sc: Scenario, t_minutes: np.ndarray) -> np.ndarray:
-    """``setpoints_at`` for a scenario's operation drawn again (cheap next to simulating it)."""
-    return setpoints_at(operation(cfg, sc), sc, t_minutes)
+POLICY_DRAWS: dict[str, Callable[[DataConfig, np.random.Generator, int, float], Draw]] = {
+    "open_loop_excited": open_loop_excited,
+    "open_loop_fixed": open_loop_fixed,
+    "constant_setpoints": constant_setpoints,
+    "scheduled_setpoints": scheduled_setpoints,
+    "ammonia_cascade": ammonia_cascade,
+    "moving_setpoints": moving_setpoints,
+}
+assert set(POLICY_DRAWS) == set(POLICIES)
 
 
-def setpoints_at(op: Operation, sc: Scenario, t_minutes: np.ndarray) -> np.ndarray:
-    """(len(t_minutes), loops): each feedback loop's setpoint at the scenario's samples, as the mean over the
-    sample's interval (the way u records the controls), in the catalog's setpoint order (DO, then nitrate)."""
-    per_minute = np.stack([loop.setpoint for loop in op.loops], 1)
-    minutes = np.round(t_minutes - sc.start_day * bsm1.MINUTES_PER_DAY).astype(int)  # each interval's end
-    return np.stack([per_minute[m - SAMPLE_MINUTES : m].mean(0) for m in minutes])
+def setpoints_at(s: np.ndarray, loops: list[bsm1.FeedbackLoop], names: tuple[str, ...]) -> np.ndarray:
+    """(samples, len(names)): the simulator's per-loop setpoints ``s`` (``bsm1.simulate``) in the catalog's
+    setpoint order, NaN for a setpoint no loop follows (an open-loop plant logs none)."""
+    out = np.full((len(s), len(names)), np.nan)
+    for j, loop in enumerate(loops):
+        out[:, names.index(loop.name)] = s[:, j]
+    return out

@@ -25,11 +25,11 @@ from plant import bsm1
 from plant.catalog import BSM1, SAMPLE_MINUTES, Catalog
 from plant.config import ConfigError, DataConfig
 from plant.executor import is_cluster, run_all
-from plant.operation import REGIMES, Scenario, operation, setpoints_at
+from plant.operation import POLICIES, REGIMES, Scenario, operation, setpoints_at
 
 # 2: lagged return-sludge flow set at start-up; 3: t_minutes on the influent clock; 4: regimes; 5: the blanket kept
-# in the settler (plant.bsm1.blanket_height)
-FORMAT_VERSION = 6
+# in the settler (plant.bsm1.blanket_height); 6: the loops' setpoints; 7: operating policies
+FORMAT_VERSION = 7
 
 
 class DataError(ValueError):
@@ -46,16 +46,30 @@ class ScenarioData:
     seed: int
     regime: str
     group: str
+    policy: str = "historian"  # how the plant was run (plant.operation.POLICIES), "historian" for imports
 
 
 def scenarios(cfg: DataConfig) -> list[Scenario]:
-    """Every scenario of a config, each with its own seed derived from the config seed and its id."""
-    out = [Scenario("dry", "dry", 0.0, cfg.scenario_days, _seed(cfg.seed, "dry"), "normal")]
-    out.append(Scenario("rain", "rain", 0.0, cfg.scenario_days, _seed(cfg.seed, "rain"), "storm"))
+    """Every scenario of a config, each with its own seed derived from the config seed and its id.
+
+    A window ("dry", "rain", "bsm2-NN") trains under its policy from ``data.policy_cycle``, unless validation or
+    test name it: an entry "ID@POLICY" runs that window under that policy (one window may be held out under
+    several), a plain "ID" under its cycle policy. A held-out window never trains."""
+    cycle = cfg.policy_cycle
+    windows = [
+        ("dry", "dry", 0.0, "normal", False, cycle[0]),
+        ("rain", "rain", 0.0, "storm", False, cycle[1 % len(cycle)]),
+    ]
     for w in [*range(cfg.bsm2_windows), *cfg.later_windows]:
-        sid, later = f"bsm2-{w:02d}", w >= cfg.bsm2_windows
+        later = w >= cfg.bsm2_windows
         regime = "normal" if later else cfg.regime_cycle[w % len(cfg.regime_cycle)]
-        out.append(Scenario(sid, "bsm2", w * cfg.scenario_days, cfg.scenario_days, _seed(cfg.seed, sid), regime, later))
+        windows.append((f"bsm2-{w:02d}", "bsm2", w * cfg.scenario_days, regime, later, cycle[w % len(cycle)]))
+    named = [name.partition("@") for name in (*cfg.val_scenarios, *cfg.test_scenarios)]
+    out = []
+    for base, influent, start, regime, later, policy in windows:
+        runs = [(base + at + pol, pol or policy) for b, at, pol in named if b == base]
+        for sid, pol in runs or [(base, policy)]:
+            out.append(Scenario(sid, influent, start, cfg.scenario_days, _seed(cfg.seed, sid), regime, later, pol))
     return out
 
 
@@ -73,7 +87,8 @@ def scenario_key(cfg: DataConfig, sc: Scenario) -> str:
     where = ("cache_dir", "workers", "executor", "source", "catalog", "max_missing")  # not what is simulated
     # Which windows exist and how they are split changes no scenario's content (its own window and its "later"
     # flag are in ``sc``), so adding a window or moving one between splits simulates nothing again.
-    for name in (*where, "val_scenarios", "test_scenarios", "bsm2_windows", "later_windows", "seed"):
+    # Nor does the policy cycle: a scenario's own policy is in ``sc``.
+    for name in (*where, "val_scenarios", "test_scenarios", "bsm2_windows", "later_windows", "seed", "policy_cycle"):
         how.pop(name)
     spec = {
         "format": FORMAT_VERSION,
@@ -90,12 +105,13 @@ def simulate_scenario(cfg: DataConfig, sc: Scenario) -> tuple[ScenarioData, list
     """Simulate one scenario the way the plant is run (``operation``), then drop the warm-up. u records the
     controls actually applied."""
     op = operation(cfg, sc)
-    t, x, u = bsm1.simulate(
+    t, x, u, s = bsm1.simulate(
         op.influent,
         op.controls,
         SAMPLE_MINUTES,
         stabilize=cfg.stabilize,
         loops=op.loops,
+        cascades=op.cascades,
         caps=op.caps,
         wastage=op.wastage,
     )
@@ -103,8 +119,8 @@ def simulate_scenario(cfg: DataConfig, sc: Scenario) -> tuple[ScenarioData, list
     # Keep the influent's clock (not minutes since the first sample): day 0 is a Monday at midnight
     # (weekend flows are lowest on days 5 and 6), and the time of day and week are known inputs.
     t = t[keep] + sc.start_day * bsm1.MINUTES_PER_DAY
-    sp = setpoints_at(op, sc, t)
-    return ScenarioData(sc.id, t, x[keep], u[keep], sp, sc.seed, sc.regime, sc.group), op.notes
+    sp = setpoints_at(s[keep], op.loops, BSM1.setpoint_names)
+    return ScenarioData(sc.id, t, x[keep], u[keep], sp, sc.seed, sc.regime, sc.group, sc.policy), op.notes
 
 
 def scenario_path(cfg: DataConfig, sc: Scenario) -> Path:
@@ -121,6 +137,7 @@ def save_scenario(path: Path, sd: ScenarioData, notes: list[dict[str, object]], 
         "seed": sd.seed,
         "regime": sd.regime,
         "group": sd.group,
+        "policy": sd.policy,
         "catalog": catalog.data_dict(),
         "notes": notes,
     }
@@ -149,7 +166,9 @@ def load_scenario(path: Path, catalog: Catalog = BSM1) -> ScenarioData:
         raise DataError(f"{path}: shapes t{t.shape} x{x.shape} u{u.shape} s{sp.shape} do not match the catalog")
     imported = meta.get("regime") == "historian"
     for name, arr in (("t_minutes", t), ("x", x), ("u", u), ("s", sp)):
-        bad = np.isinf(arr) if imported and name != "t_minutes" else ~np.isfinite(arr)
+        # Gaps (NaN) only in imported data, and in the setpoints, which an open-loop plant does not have.
+        gappy = (imported and name != "t_minutes") or name == "s"
+        bad = np.isinf(arr) if gappy else ~np.isfinite(arr)
         if np.any(bad):
             raise DataError(f"{path}: {name} has non-finite values")
     for arr, variables in ((x, catalog.targets), (u, catalog.controls), (sp, catalog.setpoints)):
@@ -166,7 +185,10 @@ def load_scenario(path: Path, catalog: Catalog = BSM1) -> ScenarioData:
         raise DataError(f"{path}: samples are not {step} minutes apart")
     if meta.get("regime") not in (*REGIMES, "historian"):
         raise DataError(f"{path}: regime {meta.get('regime')!r} is not one of {REGIMES}")
-    return ScenarioData(meta["scenario"], t, x, u, sp, int(meta["seed"]), meta["regime"], meta["group"])
+    if meta.get("policy") not in (*POLICIES, "historian"):
+        raise DataError(f"{path}: policy {meta.get('policy')!r} is not one of {tuple(POLICIES)}")
+    policy = meta["policy"]
+    return ScenarioData(meta["scenario"], t, x, u, sp, int(meta["seed"]), meta["regime"], meta["group"], policy)
 
 
 def _simulate(task: tuple[DataConfig, Scenario]) -> tuple[ScenarioData, list[dict[str, object]], float]:
@@ -215,6 +237,7 @@ def write_manifest(cfg: DataConfig, data: dict[str, ScenarioData]) -> dict[str, 
                 "seed": sc.seed,
                 "regime": sc.regime,
                 "group": sc.group,
+                "policy": sc.policy,
             }
             for sc in scenarios(cfg)
         },
@@ -258,12 +281,17 @@ def summary_table(data: dict[str, ScenarioData], catalog: Catalog = BSM1) -> str
     names = list(catalog.target_names)
     shown = [n for n in ("SNH_eff", "SNO_eff") if n in names]
     lines += ["", "regime coverage (group: later = a later period, operated normally); percentiles 10/50/90:"]
-    lines.append(f"{'group':<8} {'scenarios':>9} {'share':>6}" + "".join(f"  {n + ' 10/50/90':>20}" for n in shown))
-    for group in dict.fromkeys(d.group for d in data.values()):
-        part = [d for d in data.values() if d.group == group]
-        xg = np.concatenate([d.x for d in part])
-        cells = ["/".join(f"{v:.1f}" for v in np.nanpercentile(xg[:, names.index(n)], [10, 50, 90])) for n in shown]
-        lines.append(f"{group:<8} {len(part):>9} {len(xg) / len(x):>6.1%}" + "".join(f"  {c:>20}" for c in cells))
+    for kind in ("group", "policy"):
+        if kind == "policy":
+            lines += ["", "operating policy coverage (plant.operation.POLICIES); percentiles 10/50/90:"]
+        head = f"{kind:<20} {'scenarios':>9} {'share':>6}"
+        lines.append(head + "".join(f"  {n + ' 10/50/90':>20}" for n in shown))
+        for value in dict.fromkeys(getattr(d, kind) for d in data.values()):
+            part = [d for d in data.values() if getattr(d, kind) == value]
+            xg = np.concatenate([d.x for d in part])
+            cells = ["/".join(f"{v:.1f}" for v in np.nanpercentile(xg[:, names.index(n)], [10, 50, 90])) for n in shown]
+            share = f"{value:<20} {len(part):>9} {len(xg) / len(x):>6.1%}"
+            lines.append(share + "".join(f"  {c:>20}" for c in cells))
     lines.append("")
-    lines += [f"{sid:<8} {d.group:<7} rows {len(d.t_minutes)}" for sid, d in data.items()]
+    lines += [f"{sid:<28} {d.group:<7} {d.policy:<20} rows {len(d.t_minutes)}" for sid, d in data.items()]
     return "\n".join(lines)

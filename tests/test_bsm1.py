@@ -151,8 +151,8 @@ def test_kla_step_changes_oxygen_in_that_reactor() -> None:
     n = 6 * 60
     low = np.tile([240.0, 240.0, 20.0, 3 * bsm1.Q0], (n, 1))
     high = np.tile([240.0, 240.0, 220.0, 3 * bsm1.Q0], (n, 1))
-    _, x_low, _ = bsm1.simulate(influent, low)
-    _, x_high, _ = bsm1.simulate(influent, high)
+    _, x_low, _, _ = bsm1.simulate(influent, low)
+    _, x_high, _, _ = bsm1.simulate(influent, high)
     so5 = 7  # SO_5 in plant.catalog.MEASUREMENTS
     assert x_high[-1, so5] - x_low[-1, so5] > 0.3  # g O2/m3, from the (oxygen-hungry) unstabilised start
     assert np.all(x_high[4:, so5] > x_low[4:, so5])  # after the first hour, at every sample
@@ -209,7 +209,7 @@ def test_do_and_nitrate_loops_follow_a_setpoint_step() -> None:
     sp_no = np.where(np.arange(n) < 720, 1.0, 2.0)
     controls = np.tile(np.array(bsm1.DEFAULT_CONTROLS), (n, 1))
     loops = [bsm1.do_loop(sp_do), bsm1.nitrate_loop(sp_no)]
-    t, x, u = bsm1.simulate(data, controls, 15, stabilize=True, loops=loops)
+    t, x, u, _ = bsm1.simulate(data, controls, 15, stabilize=True, loops=loops)
     hours = t / 60
     so5, sno2 = x[:, 7], x[:, 4]
     assert abs(so5[(hours > 8) & (hours <= 12)].mean() - 2.0) < 0.1
@@ -304,7 +304,7 @@ def test_actuator_cap_limits_a_loop_without_winding_it_up() -> None:
     controls = np.tile(np.array(bsm1.DEFAULT_CONTROLS), (n, 1))
     caps = np.full((n, 4), np.nan)
     caps[120:240, :3] = 30.0
-    t, x, u = bsm1.simulate(data, controls, 15, loops=[bsm1.do_loop(np.full(n, 2.0))], caps=caps)
+    t, x, u, _ = bsm1.simulate(data, controls, 15, loops=[bsm1.do_loop(np.full(n, 2.0))], caps=caps)
     during = (t > 120) & (t <= 240)
     assert np.all(u[during, :3] <= 30.0 + 1e-9) and x[during, 7].min() < 1.0  # DO collapses
     assert abs(x[(t > 300), 7].mean() - 2.0) < 0.1

@@ -1,0 +1,116 @@
+"""What-if runs of the simulated plant: branch a run at forecast origins, run each plan from the very same state,
+then go on as if nothing had happened.
+
+A forecast's answer to "what if I ran more air?" can only be judged against the plant itself under that plan,
+from the same state. ``run_with_branches`` saves the plant at each origin (``plant.bsm1.Run.state``), runs every
+``Plan`` over the horizon, restores the state, and continues the base run; the base run is bit for bit what it is
+without branches (tests/test_bsm1.py checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from plant import bsm1
+from plant.operation import Operation
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A what-if from an origin on, over the horizon.
+
+    Open loop (``closed`` false): every loop (and cascade) switched off, each control held at what was applied
+    over the last interval before the origin, times ``factors`` (control index -> factor, e.g. KLa_5 x 1.3).
+    Closed loop: the loops stay on, each named setpoint shifted by ``shifts`` (setpoint name -> offset, e.g.
+    SO_5_setpoint + 0.5), the other controls as scheduled.
+    """
+
+    name: str
+    closed: bool
+    factors: dict[int, float] = field(default_factory=dict)
+    shifts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Branched:
+    """A base run and, per plan, the plant over the horizon after each origin."""
+
+    t: np.ndarray  # (n,) minutes since the run's start, each sample's end
+    x: np.ndarray  # (n, measurements) the base run
+    u: np.ndarray  # (n, controls) applied
+    s: np.ndarray  # (n, loops) each loop's mean setpoint
+    origins: list[int]  # per origin, the index of the last sample before it (a forecast's last history sample)
+    x_plan: dict[str, np.ndarray]  # plan name -> (origins, horizon, measurements)
+    u_plan: dict[str, np.ndarray]  # plan name -> (origins, horizon, controls) applied
+
+
+def run_with_branches(
+    op: Operation,
+    origins: list[int],
+    plans: list[Plan],
+    horizon: int,
+    sample_minutes: int = 15,
+    *,
+    stabilize: bool = False,
+) -> Branched:
+    """Run ``op``'s plant sample by sample; after sample ``k`` of each origin, run every plan for ``horizon``
+    samples from the saved state, then restore it and go on. ``origins`` are sample indices (sorted)."""
+    run = bsm1.Run(
+        op.influent,
+        op.controls,
+        sample_minutes,
+        stabilize=stabilize,
+        loops=op.loops,
+        cascades=op.cascades,
+        caps=op.caps,
+        wastage=op.wastage,
+    )
+    n = run.n_samples
+    origins = [k for k in origins if k + horizon < n]
+    x, u, s = np.empty((n, bsm1.N_MEASUREMENTS)), np.empty((n, op.controls.shape[1])), np.empty((n, len(run.loops)))
+    x_plan = {p.name: np.empty((len(origins), horizon, x.shape[1])) for p in plans}
+    u_plan = {p.name: np.empty((len(origins), horizon, u.shape[1])) for p in plans}
+    at = {k: i for i, k in enumerate(origins)}
+    for k in range(n):
+        x[k], u[k], s[k] = run.advance()
+        if k in at:
+            saved = run.state()
+            for plan in plans:
+                with branch(run, plan, u[k], horizon):
+                    for h in range(horizon):
+                        x_plan[plan.name][at[k], h], u_plan[plan.name][at[k], h], _ = run.advance()
+                run.restore(saved)
+    t = np.arange(1, n + 1) * sample_minutes
+    return Branched(t, x, u, s, origins, x_plan, u_plan)
+
+
+@contextmanager
+def branch(run: bsm1.Run, plan: Plan, last_u: np.ndarray, horizon: int) -> Iterator[None]:
+    """``run`` switched to ``plan`` from its current minute over ``horizon`` samples, on copies of its schedule
+    and setpoints, so that afterwards the run's own are untouched (its plant state is the caller's to restore)."""
+    span = slice(run.minute, run.minute + horizon * run.sample_minutes)
+    saved = (run.controls, run.loops, run.cascades, [loop.setpoint for loop in run.loops])
+    run.controls = run.controls.copy()
+    try:
+        if not plan.closed:
+            held = last_u.copy()
+            for j, factor in plan.factors.items():
+                held[j] *= factor
+            held = bsm1.clipped_controls(held)  # what the blowers and the pump can deliver
+            run.controls[span] = held if run.caps is None else np.fmin(held, run.caps[span])
+            run.loops, run.cascades = [], []
+        else:
+            for loop in run.loops:
+                loop.setpoint = loop.setpoint.copy()
+                loop.setpoint[span] += plan.shifts.get(loop.name, 0.0)
+            # A cascade would overwrite the shifted DO setpoint: a setpoint plan is the operator's, so it is off.
+            run.cascades = [c for c in run.cascades if c.inner.name not in plan.shifts]
+        yield
+    finally:
+        run.controls, run.loops, run.cascades, setpoints = saved
+        for loop, setpoint in zip(run.loops, setpoints, strict=True):
+            loop.setpoint = setpoint
