@@ -34,13 +34,15 @@ from modelcard.card import (
     ONNX_FILE,
     Calendar,
     atomic_write,
+    looped_controls,
+    output_names,
     read_card,
     sha256_file,
     stability_summary,
     write_card,
 )
 from training.config import ModelConfig
-from training.model import IntervalWidth, KoVAE, calibrated_samples
+from training.model import IntervalWidth, KoVAE, PlanLayout, calibrated_samples, held_plan
 
 OPSET = 17  # runs on every onnxruntime 1.2x/1.3x
 PARITY_TOL = 1e-4
@@ -120,34 +122,44 @@ class ForecastGraph(nn.Module):
         z0 = mu[:, -1]
         horizon, (n, n_samples) = u_fut.shape[1], noise.shape[:2]  # n: series (or plans)
         pad, (z_dim, n_u) = self.max_horizon - horizon, (z0.shape[1], u_fut.shape[2])
-        # One rollout for the mean (n rows, no noise) and the samples (n*S rows, noise on the drive); S = 0 (mean
-        # only) leaves the sample rows empty. Inputs time-major: (Hmax, rows, .).
+        # One rollout for the mean (n rows, no noise), the mean under the plan held (n rows, what the naive blends
+        # read: training.model.held_plan; none for cards from before it) and the samples (n*S rows, noise on the
+        # drive); S = 0 (mean only) leaves the sample rows empty. Inputs time-major: (Hmax, rows, .).
         u = F.pad(u_fut, (0, 0, 0, pad)).transpose(0, 1)  # (Hmax, n, n_u)
-        us = u.unsqueeze(2).expand(-1, -1, n_samples, -1).reshape(self.max_horizon, -1, n_u)  # (Hmax, n*S, n_u)
+        copies = 2 if m.cfg.blend_held_plan and self.residual_decay is not None else 1  # mean rows per series
+        if copies == 2:
+            u = torch.cat([u, F.pad(held_plan(u_hist, u_fut, m.plan), (0, 0, 0, pad)).transpose(0, 1)], 1)
+        n_mean = u.shape[1]  # n, or 2n with the held rows
+        us = u[:, :n].unsqueeze(2).expand(-1, -1, n_samples, -1).reshape(self.max_horizon, -1, n_u)  # (Hmax, n*S, .)
         eps = F.pad(noise, (0, 0, 0, pad)).reshape(-1, self.max_horizon, z_dim).transpose(0, 1)  # (Hmax, n*S, z)
         starts = z0.unsqueeze(1) + torch.zeros_like(noise[:, :, 0])  # (n, S, z)
-        rows = torch.cat([z0 + torch.zeros_like(u_fut[:, 0, :1]), starts.reshape(-1, z_dim)])  # (n + n*S, z)
+        means = (z0 + torch.zeros_like(u_fut[:, 0, :1])).repeat(copies, 1)  # (n_mean, z)
+        rows = torch.cat([means, starts.reshape(-1, z_dim)])  # (n_mean + n*S, z)
         drive = torch.cat([u @ self.Bt + self.c, us @ self.Bt + self.c + eps * self.noise_std], 1)
         steps = self.rollout(rows, drive)
-        # (Hmax, n + n*S, n_u): each row's known inputs, for the decoder. Never NaN: a NaN future input would
+        # (Hmax, n_mean + n*S, n_u): each row's known inputs, for the decoder. Never NaN: a NaN future input would
         # already have made the drive NaN, so the decoder builds no missing-value mask for them.
         u_rows = torch.cat([u, us], 1)
         if self.plans:  # decoded step by step: each step's (plans, hidden) stays in cache
             x = [m.decode(z, u_rows[k], complete=True) for k, z in enumerate(steps)]
-            x = torch.stack(x, 1)[:, :horizon]  # (n + n*S, h, x)
+            x = torch.stack(x, 1)[:, :horizon]  # (n_mean + n*S, h, x)
         else:
-            x = self.decode(torch.stack(steps)[:horizon], u_rows[:horizon]).transpose(0, 1)  # (n + n*S, h, x)
-        mean, raw = x[:n], x[n:].reshape(n, -1, horizon, m.x_dim)  # (n, h, x), (n, S, h, x)
+            x = self.decode(torch.stack(steps)[:horizon], u_rows[:horizon]).transpose(0, 1)  # (n_mean + n*S, h, x)
+        mean, held, raw = x[:n], x[n:n_mean], x[n_mean:].reshape(n, -1, horizon, m.x_dim)  # raw: (n, S, h, x)
         if self.residual_decay is not None:
-            corr = m.correction(x_hist[:, -1], z0, u_hist[:, -1], self.residual_decay, horizon)  # (B, h, x)
-            mean, raw = m.seasonal(x_hist, mean + corr), m.seasonal(x_hist, raw + corr.unsqueeze(1))
+            held = held if copies == 2 else mean
+            mean, raw = (m.finish(x_hist, u_hist, z0, t, held, self.residual_decay) for t in (mean, raw))
         return mean, calibrated_samples(mean, raw, self.width(x_hist, u_fut))
 
 
+# What cards written before a model setting existed were trained without.
+BEFORE = {"decoder_controls": False, "decoder_skip": False, "blend_held_plan": False}
+
+
 def model_config(card: dict[str, Any]) -> ModelConfig:
-    """The model settings a card was trained with. Cards written before the decoder read the controls do not
-    name decoder_controls: they decode z alone."""
-    return ModelConfig(**{"decoder_controls": False, **{k: v for k, v in card["model"].items() if k != "type"}})
+    """The model settings a card was trained with; a setting the card does not name is what came before it
+    (``BEFORE``): cards written before the decoder read the controls decode z alone, and so on."""
+    return ModelConfig(**{**BEFORE, **{k: v for k, v in card["model"].items() if k != "type"}})
 
 
 def load_model(version_dir: Path, *, verify: bool = True) -> tuple[KoVAE, dict[str, Any]]:
@@ -156,9 +168,10 @@ def load_model(version_dir: Path, *, verify: bool = True) -> tuple[KoVAE, dict[s
     cfg = model_config(card)
     n_d = len(card["variables"].get("disturbance_inputs", {}).get("variables", []))
     n_s = len(card["variables"].get("setpoint_inputs", {}).get("variables", []))
-    n_plan = len(card["variables"]["controls"]) + 2 * n_s  # the leading columns, which the decoder reads
-    n_u = n_plan + Calendar.from_card(card).size + 2 * n_d
-    model = KoVAE(len(card["variables"]["measurements"]), n_u, cfg, n_plan)
+    looped = tuple(looped_controls(card))  # forecast after the measurements too
+    plan = PlanLayout(len(card["variables"]["controls"]), looped, n_s)  # the leading columns: the decoder reads them
+    n_u = plan.fed + Calendar.from_card(card).size + 2 * n_d
+    model = KoVAE(len(card["variables"]["measurements"]) + len(looped), n_u, cfg, plan)
     model.load_state_dict(torch.load(Path(version_dir) / "weights.pt", weights_only=True))
     return model.eval(), card
 
@@ -280,7 +293,7 @@ def _compare(graph: ForecastGraph, sess: ort.InferenceSession, feeds: tuple[torc
 def naive_blend_summary(model: KoVAE, card: dict[str, Any]) -> dict[str, Any]:
     """The learned weights of the two naive forecasts in the forecast, per variable at 15 min, 5 h and 24 h
     (0: the model alone, 1: the naive forecast alone)."""
-    names = [v["name"] for v in card["variables"]["measurements"]]
+    names = output_names(card)
     with torch.no_grad():
         seasonal = torch.sigmoid(model.seasonal_logit).numpy()
         persistence = torch.sigmoid(model.persistence_logit).numpy()
@@ -296,7 +309,7 @@ def naive_blend_summary(model: KoVAE, card: dict[str, Any]) -> dict[str, Any]:
 def residual_summary(decay: list[float], card: dict[str, Any]) -> dict[str, Any]:
     """How long each variable's measured offset from the decoder persists in a forecast (half-life, hours)."""
     hours = card["sample_minutes"] / 60
-    names = [v["name"] for v in card["variables"]["measurements"]]
+    names = output_names(card)
     # g = 0: gone at once; g = 1 (float32 rounding of a g near 1): never fades, written as null.
     half_life = {
         n: (math.log(0.5) / math.log(g) * hours if 0 < g < 1 else (0.0 if g <= 0 else None))

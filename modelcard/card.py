@@ -234,23 +234,49 @@ def known_inputs(
     calendar: Calendar,
     disturbances: np.ndarray | None = None,
     setpoints: np.ndarray | None = None,
+    looped: list[int] | tuple[int, ...] = (),
 ) -> np.ndarray:
-    """The graph's known-input rows (..., n_u): z-scored controls, (models with setpoint inputs)
-    ``optional_columns(setpoints)``, the calendar features of the same steps, then (models with disturbance
-    inputs) ``optional_columns(disturbances)``. The controls and setpoints lead: the decoder reads them.
+    """The graph's known-input rows (..., n_u): z-scored controls, (models with loops) a flag per ``looped``
+    control, (models with setpoint inputs) ``optional_columns(setpoints)``, the calendar features of the same
+    steps, then (models with disturbance inputs) ``optional_columns(disturbances)``. The plan (controls, flags,
+    setpoints) leads: the decoder reads it.
 
-    Training, export and the service all build the model's u this way. ``card_scalers`` is (u_mean, u_std);
-    ``setpoints`` and ``disturbances`` come z-scored, NaN where not known.
+    A looped control's future is NaN where the caller leaves it to its loop: its column reads 0 (the training
+    mean) and its flag 0; given, the flag is 1. Training, export and the service all build the model's u this
+    way. ``card_scalers`` is (u_mean, u_std); ``setpoints`` and ``disturbances`` come z-scored, NaN where not
+    known.
     """
     u_mean, u_std = card_scalers
     scaled = ((u - u_mean) / u_std).astype(np.float32)
     parts = [scaled]
+    if len(looped):
+        given = np.isfinite(scaled[..., looped])
+        scaled[..., looped] = np.where(given, scaled[..., looped], 0.0)
+        parts.append(given.astype(np.float32))
     if setpoints is not None:
         parts.append(optional_columns(setpoints))
     parts.append(calendar.features(minutes))
     if disturbances is not None:
         parts.append(optional_columns(disturbances))
     return np.concatenate(parts, -1)
+
+
+def loops(card: dict[str, Any]) -> list[dict[str, str]]:
+    """The card's feedback loops (``variables.loops``): each names the control it drives, its setpoint and the
+    measurement it holds. A request may leave a looped control's future to its loop; the model then forecasts
+    the control too (after the measurements, in this order). Models without loops: none."""
+    return list(card["variables"].get("loops", []))
+
+
+def output_names(card: dict[str, Any]) -> list[str]:
+    """What the graph forecasts, in its order: the measurements, then each looped control (``loops``)."""
+    return [v["name"] for v in card["variables"]["measurements"]] + [loop["control"] for loop in loops(card)]
+
+
+def looped_controls(card: dict[str, Any]) -> list[int]:
+    """Positions among the card's controls of the looped ones (``loops`` order)."""
+    names = [v["name"] for v in card["variables"]["controls"]]
+    return [names.index(loop["control"]) for loop in loops(card)]
 
 
 def optional_columns(values: np.ndarray) -> np.ndarray:

@@ -21,7 +21,9 @@ from modelcard.card import (
     Calendar,
     bounds,
     known_inputs,
+    looped_controls,
     onnx_bytes,
+    output_names,
     read_card,
     role_items,
     scalers,
@@ -34,8 +36,8 @@ SAMPLE_ROWS = 128  # sampled trajectories per run of the plans graph, so its are
 
 @dataclass(frozen=True)
 class Forecast:
-    mean: np.ndarray  # (batch, horizon, n_x), engineering units
-    samples: np.ndarray | None  # (batch, samples, horizon, n_x), engineering units
+    mean: np.ndarray  # (batch, horizon, outputs): the measurements, then the looped controls; engineering units
+    samples: np.ndarray | None  # (batch, samples, horizon, outputs), engineering units
 
 
 class ModelRuntime:
@@ -60,6 +62,12 @@ class ModelRuntime:
             opts.enable_cpu_mem_arena = True
             self.plans_session = ort.InferenceSession(plans, opts, providers=["CPUExecutionProvider"])
         self.x_mean, self.x_std, self.u_mean, self.u_std = scalers(self.card)
+        # Controls that feedback loops drive (models with loops): a request may leave their future to the loop
+        # (NaN), and the graph forecasts them after the measurements, on the controls' own scalers.
+        self.looped = looped_controls(self.card)
+        self.outputs = output_names(self.card)
+        self.out_mean = np.concatenate([self.x_mean, self.u_mean[self.looped]])
+        self.out_std = np.concatenate([self.x_std, self.u_std[self.looped]])
         self.z_dim = int(self.card["model"]["z_dim"])
         self.measurements = [v["name"] for v in self.card["variables"]["measurements"]]
         self.controls = [v["name"] for v in self.card["variables"]["controls"]]
@@ -105,7 +113,8 @@ class ModelRuntime:
         s_hist: np.ndarray | None = None,
         s_fut: np.ndarray | None = None,
     ) -> Forecast:
-        """Forecast from engineering-unit arrays: x_hist (B, L, n_x), u_hist (B, L, n_u), u_fut (B, H, n_u).
+        """Forecast from engineering-unit arrays: x_hist (B, L, n_x), u_hist (B, L, n_u), u_fut (B, H, n_u)
+        (NaN where a looped control is left to its loop). Returns the ``outputs``: measurements, looped controls.
 
         last_minute (B,): each series' last history sample in minutes since Monday 00:00 (calendar inputs).
         d_fut (B, H, n_d): a forecast of the disturbances (``self.disturbances``), NaN where there is none.
@@ -115,14 +124,23 @@ class ModelRuntime:
         noise = self._noise(batch, n_samples, horizon, rng)
         t_hist, t_fut = window_clock(last_minute, x_hist.shape[1], horizon, self.step_minutes)
         d_hist, d_fut = self._disturbances(x_hist, d_fut, batch, horizon)
-        scal = (self.u_mean, self.u_std)
         feeds = {
-            "x_hist": ((x_hist - self.x_mean) / self.x_std).astype(np.float32),
-            "u_hist": known_inputs(u_hist, t_hist, scal, self.calendar, d_hist, self._setpoints(s_hist, u_hist)),
-            "u_fut": known_inputs(u_fut, t_fut, scal, self.calendar, d_fut, self._setpoints(s_fut, u_fut)),
+            "x_hist": self._x_hist(x_hist, u_hist),
+            "u_hist": self._known(u_hist, t_hist, d_hist, self._setpoints(s_hist, u_hist)),
+            "u_fut": self._known(u_fut, t_fut, d_fut, self._setpoints(s_fut, u_fut)),
             "noise": noise,
         }
         return self._run(self.session, feeds, n_samples)
+
+    def _x_hist(self, x_hist: np.ndarray, u_hist: np.ndarray) -> np.ndarray:
+        """The graph's normalised history of its outputs: the measurements, then the looped controls' history."""
+        out = np.concatenate([x_hist, u_hist[..., self.looped]], -1) if self.looped else x_hist
+        return ((out - self.out_mean) / self.out_std).astype(np.float32)
+
+    def _known(
+        self, u: np.ndarray, minutes: np.ndarray, d: np.ndarray | None, s: np.ndarray | None
+    ) -> np.ndarray:
+        return known_inputs(u, minutes, (self.u_mean, self.u_std), self.calendar, d, s, self.looped)
 
     def _noise(self, batch: int, n_samples: int, horizon: int, rng: np.random.Generator | None) -> np.ndarray:
         """Standard-normal draws for the samples; none asked for: an empty tensor, and the graph's sample path
@@ -153,8 +171,8 @@ class ModelRuntime:
 
     def _run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], n_samples: int) -> Forecast:
         mean, samples = session.run(["mean", "samples"], feeds)
-        mean = mean * self.x_std + self.x_mean
-        return Forecast(mean, samples * self.x_std + self.x_mean if n_samples > 0 else None)
+        mean = mean * self.out_std + self.out_mean
+        return Forecast(mean, samples * self.out_std + self.out_mean if n_samples > 0 else None)
 
     def predict_plans(
         self,
@@ -169,7 +187,8 @@ class ModelRuntime:
         s_fut: np.ndarray | None = None,
     ) -> Forecast:
         """One history, x_hist (L, n_x) and u_hist (L, n_u), under each of ``plans`` (P, H, n_u): the encoder
-        runs once. Returns (P, H, n_x) means (and samples), as ``predict`` would for the history repeated.
+        runs once. Returns (P, H, outputs) means (and samples), as ``predict`` would for the history repeated.
+        Every plan leaves the same looped controls to their loops (NaN) as the first: the flags are shared.
         d_fut (H, n_d): a disturbance forecast shared by every plan, NaN where there is none; s_hist (L, n_s)
         and s_fut (H, n_s): the loops' setpoints, shared by every plan, NaN where not sent."""
         if self.plans_session is None:
@@ -178,17 +197,15 @@ class ModelRuntime:
         noise = self._noise(n_plans, n_samples, horizon, rng)
         t_hist, t_fut = window_clock(np.array([last_minute]), x_hist.shape[0], horizon, self.step_minutes)
         d_hist, d_fut = self._disturbances(x_hist[None], None if d_fut is None else d_fut[None], 1, horizon)
-        scal = (self.u_mean, self.u_std)
         s_hist = None if s_hist is None else s_hist[None]
         s_fut = self._setpoints(None if s_fut is None else s_fut[None], plans[:1])
-        # Every plan shares the setpoint, calendar and disturbance columns: built once, then each plan's controls.
-        u_fut = np.repeat(known_inputs(plans[:1], t_fut, scal, self.calendar, d_fut, s_fut), n_plans, 0)
-        u_fut[..., : len(self.controls)] = (plans - self.u_mean) / self.u_std
+        # Every plan shares the flags, setpoint, calendar and disturbance columns: built once, then each plan's
+        # controls (a looped control left to its loop: 0, its training mean, in every plan).
+        u_fut = np.repeat(self._known(plans[:1], t_fut, d_fut, s_fut), n_plans, 0)
+        u_fut[..., : len(self.controls)] = np.nan_to_num((plans - self.u_mean) / self.u_std)
         history = {
-            "x_hist": ((x_hist[None] - self.x_mean) / self.x_std).astype(np.float32),
-            "u_hist": known_inputs(
-                u_hist[None], t_hist, scal, self.calendar, d_hist, self._setpoints(s_hist, u_hist[None])
-            ),
+            "x_hist": self._x_hist(x_hist[None], u_hist[None]),
+            "u_hist": self._known(u_hist[None], t_hist, d_hist, self._setpoints(s_hist, u_hist[None])),
         }
         step = n_plans if n_samples == 0 else max(1, SAMPLE_ROWS // n_samples)  # plans per run
         parts = [

@@ -16,7 +16,7 @@ from modelcard.card import CardError, read_card, stability_summary
 from modelcard.runtime import ModelRuntime
 from tests.test_training import same_spectrum
 from training.config import ModelConfig
-from training.model import KoVAE
+from training.model import KoVAE, PlanLayout
 
 
 def _load(store: Path, version: str) -> tuple[KoVAE, dict]:
@@ -170,7 +170,7 @@ def test_decoder_reads_the_controls_of_each_step_in_both_graphs(fed: bool) -> No
     the model, and the calendar column (not a control) must not reach the decoder."""
     torch.manual_seed(0)
     cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, seasonal_steps=6, decoder_controls=fed)
-    model = KoVAE(4, 3, cfg, n_controls=2).eval()  # u: 2 controls, then 1 calendar column
+    model = KoVAE(4, 3, cfg, PlanLayout(2)).eval()  # u: 2 controls, then 1 calendar column
     with torch.no_grad():
         model.koopman.B.zero_()
     graph = E.ForecastGraph(model, 12, {"spread_scale": [1.0] * 4, "residual_decay": [0.9] * 4})
@@ -189,3 +189,35 @@ def test_decoder_reads_the_controls_of_each_step_in_both_graphs(fed: bool) -> No
         assert changed[4] > 1e-4 and torch.all(changed[torch.arange(12) != 4] == 0)
     else:
         assert torch.all(changed == 0)
+
+
+def test_a_plans_effect_passes_the_naive_blends_whole_in_both_graphs() -> None:
+    """The naive blends read the forecast under the plan held (training.model.held_plan): a plan's effect on the
+    forecast is the decoded rollouts' difference, not that difference shrunk by the blends (blending each plan's
+    own forecast once shrank every what-if by (1 - s)(1 - q)). A card from before it keeps its old forecast."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, seasonal_steps=6)
+    plan = PlanLayout(2, looped=(1,), setpoints=1)  # u: 2 controls, a loop flag, a setpoint and its flag, calendar
+    model = KoVAE(4, 6, cfg, plan).eval()
+    with torch.no_grad():
+        model.seasonal_logit.fill_(0.0)  # halfway to yesterday
+        model.persistence_logit.fill_(0.0)  # then halfway to the last value
+    calib = {"spread_scale": [1.0] * 4, "residual_decay": [0.9] * 4}
+    graph = E.ForecastGraph(model, 12, calib)
+    assert E.parity(graph, E.to_onnx_bytes(graph, 10, {}), 10) < 1e-4
+    plans_graph = E.ForecastGraph(model, 12, calib, plans=True)
+    assert E.plans_parity(graph, E.to_onnx_bytes(plans_graph, 10, {}), 10) < 1e-4
+    x, u, uf, noise = E._example(1, 10, 12, 0, (4, 6, 8), seed=7)
+    u[..., 2:5], uf[..., 2:5] = 1.0, 1.0  # the loop's control given, its setpoint sent, over history and plan
+    moved = uf.clone()
+    moved[:, :, 0] += 1.0  # control 0 one unit higher over the whole horizon
+    decay = torch.full((4,), 0.9)
+    with torch.no_grad():
+        effect = graph(x, u, moved, noise)[0] - graph(x, u, uf, noise)[0]
+        z0 = model.encode(x, u)[0][:, -1]
+        raw = model.decode(model.rollout(z0, moved), moved) - model.decode(model.rollout(z0, uf), uf)
+        assert torch.allclose(effect, raw, atol=1e-5) and effect.abs().max() > 1e-3
+        old = KoVAE(4, 6, ModelConfig(**{**cfg.__dict__, "blend_held_plan": False}), plan).eval()
+        old.load_state_dict(model.state_dict())
+        shrunk = old.forecast(x, u, moved, residual_decay=decay) - old.forecast(x, u, uf, residual_decay=decay)
+    assert not torch.allclose(shrunk, raw, atol=1e-3)  # the old forecast shrinks it

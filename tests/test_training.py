@@ -16,7 +16,7 @@ from training import calibrate as calibration
 from training import loop, publish, run
 from training import prepare as preparation
 from training.config import ModelConfig, TrainConfig
-from training.model import KoVAE, StableKoopman
+from training.model import KoVAE, PlanLayout, StableKoopman
 
 
 def test_spectral_radius_bounded_for_any_parameters() -> None:
@@ -286,8 +286,9 @@ def test_cli_refuses_bad_overrides(capsys) -> None:
 
 
 def test_accuracy_bench_reproduces_the_stored_metrics_through_onnx(trained_store) -> None:
-    """bench/accuracy.py rebuilds the held-out windows from the card alone and scores them with ONNX Runtime:
-    its overall row must give the figures training stored (computed with PyTorch)."""
+    """bench/accuracy.py rebuilds the held-out windows from the card alone and scores them with ONNX Runtime, in
+    the request a plant can send: its overall row and its per regime/policy tables (honest, then held, applied
+    and bare) must give the figures training stored (computed with PyTorch)."""
     import subprocess
     import sys
 
@@ -299,55 +300,36 @@ def test_accuracy_bench_reproduces_the_stored_metrics_through_onnx(trained_store
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=True,
     ).stdout
     stored = json.loads((store / version / "metrics.json").read_text())
-    for h, want in stored["headline"]["kovae"].items():
-        head = ["all", "all", str(stored["test_windows"]), h]
-        row = next(r.split() for r in out.splitlines() if r.split()[:4] == head)
-        assert float(row[4].rstrip("%")) == pytest.approx(100 * want["rel_rmse_top5"], abs=0.06)
-        assert float(row[5]) == pytest.approx(want["nrmse_all"], abs=6e-4)
-        assert float(row[6].rstrip("%")) == pytest.approx(100 * want["skill_vs_persistence"], abs=0.06)
-    # The per-regime pooled skill, the gate's figure, agrees too.
-    regimes = stored["regimes"]
-    assert set(regimes) == {"normal", "all"}  # the tiny test scenario is normal operation
-    for group, want in regimes.items():
-        row = next(r.split() for r in out.splitlines() if r.split()[:2] == [group, str(want["windows"])])
-        cells = [*want["pooled_skill_all"].values(), *want["pooled_skill_plant"].values()]
-        assert [float(c) for c in row[2 : 2 + len(cells)]] == pytest.approx(cells, abs=2e-3)
-    # With the loops' setpoints sent, the runtime gives the figures training stored for them.
     lines = out.splitlines()
-    after = lines[next(i for i, r in enumerate(lines) if r.startswith("the same with the loops' setpoints")) :]
-    for group, want in stored["setpoints_known"].items():
-        row = next(r.split() for r in after if r.split()[:2] == [group, str(want["windows"])])
-        cells = [*want["pooled_skill_all"].values(), *want["pooled_skill_plant"].values()]
-        assert [float(c) for c in row[2 : 2 + len(cells)]] == pytest.approx(cells, abs=2e-3)
-    # The per-variable breakdown of the plant's error adds up to the plant's pooled skill at the headline step.
-    step = next(iter(stored["headline"]["kovae"]))
-    model_skill, with_setpoints, with_influent, with_both, naive = (
-        float(c) for c in next(r.split() for r in out.splitlines() if r.startswith("skill "))[1:]
-    )
-    assert model_skill == pytest.approx(regimes["normal"]["pooled_skill_plant"][step], abs=2e-3)
-    assert with_setpoints == pytest.approx(stored["setpoints_known"]["normal"]["pooled_skill_plant"][step], abs=2e-3)
-    assert naive == 0.0 and np.isfinite(with_influent) and np.isfinite(with_both)
-    # The same skills per held-out scenario and per regime, as the model is told more: the one test scenario and
-    # its regime give the breakdown's figures, and between the bare and the told columns, the setpoints' history
-    # held over the horizon.
-    after = lines[next(i for i, r in enumerate(lines) if r.startswith("plant pooled skill at step")) :]
-    assert after[1].split() == ["regime", "model", "setp.", "held", "setp.", "true", "infl.", "both"]
-    told = {r.split()[0]: [float(c) for c in r.split()[2:]] for r in after[2:4]}
-    assert list(told) == ["bsm2-02", "normal"]
-    for model_, held, *rest in told.values():
-        assert [model_, *rest] == pytest.approx([model_skill, with_setpoints, with_influent, with_both], abs=2e-3)
-        assert np.isfinite(held) and held != pytest.approx(with_setpoints, abs=1e-4)  # not the plan under a name
-    # ... which differ because some setpoint moves within the horizon's first hours.
-    moving = next(r for r in lines if r.startswith("windows where a setpoint moves within step"))
-    share = float(moving.split("normal ")[1].rstrip("%"))
-    assert 0 < share <= 100
-    # rel. RMSE and skill at the one tiny horizon; pooled skill at 15 min and coverage for the one regime,
-    # without and with the setpoints
-    assert out.count("met  ") + out.count("NOT MET") == 6
+    for h, want in stored["headline"]["kovae"].items():
+        row = next(r.split() for r in lines if r.split()[:3] == ["all", str(stored["test_windows"]), h])
+        assert float(row[3].rstrip("%")) == pytest.approx(100 * want["rel_rmse_top5"], abs=0.06)
+        assert float(row[4]) == pytest.approx(want["nrmse_all"], abs=6e-4)
+        assert float(row[5].rstrip("%")) == pytest.approx(100 * want["skill_vs_persistence"], abs=0.06)
+
+    def table_after(title: str, want: dict) -> None:
+        after = lines[next(i for i, r in enumerate(lines) if r.startswith(title)) :]
+        for cell, r in want.items():
+            row = next(x.split() for x in after if x.split()[:2] == [cell, str(r["windows"])])
+            cells = [*r["pooled_skill_all"].values(), *r["pooled_skill_plant"].values()]
+            assert [float(c) for c in row[2 : 2 + len(cells)]] == pytest.approx(cells, abs=2e-3)
+
+    # The gate's figure per regime/policy cell; the tiny test scenario runs closed loop and open loop.
+    assert set(stored["regimes"]) == {"normal/constant_setpoints", "normal/open_loop_excited", "all"}
+    table_after("pooled skill per regime/policy", stored["regimes"])
+    for request, r in stored["requests"].items():
+        table_after(f"told otherwise, {request}", r["regimes"])
+    # The honest request differs from the applied one where the loops are closed, and nowhere else.
+    honest, applied = stored["regimes"], stored["requests"]["applied"]["regimes"]
+    skill = lambda table, cell: list(table[cell]["pooled_skill_all"].values())  # noqa: E731
+    assert skill(honest, "normal/open_loop_excited") == pytest.approx(skill(applied, "normal/open_loop_excited"))
+    assert skill(honest, "normal/constant_setpoints") != pytest.approx(skill(applied, "normal/constant_setpoints"))
+    assert "what the loops will apply" in out and "KLa_5" in out
+    assert "met  " in out or "NOT MET" in out
 
 
 def test_influent_oracle_bench_feeds_the_true_future_influent(prepared) -> None:
@@ -397,53 +379,81 @@ def test_influent_oracle_bench_trains_scores_and_prints_on_the_tiny_preset(tiny_
 
 def test_scenarios_store_the_setpoints_the_loops_followed(prepared, tiny_data) -> None:
     """Each cached scenario stores its loops' setpoints (the catalog's setpoint variables), the ones drawn from
-    the scenario's seed (plant.operation.operation): the simulated DO follows its setpoint wherever the loop is not
-    saturated, which a setpoint drawn in another order would not."""
+    the scenario's seed (plant.operation.operation), each interval's mean; an open-loop plant logs none. The
+    simulated DO follows its setpoint wherever the loop is not saturated, which a setpoint drawn in another
+    order would not."""
     from plant.bsm1 import KLA_LIMITS
-    from plant.operation import loop_setpoints
+    from plant.operation import operation
     from plant.scenarios import scenarios
 
     cfg, p = prepared
     assert p.catalog.setpoint_names == ("SO_5_setpoint", "SNO_2_setpoint")
+    closed = 0
     for sid, d in tiny_data.items():
         sc = next(s for s in scenarios(cfg.data) if s.id == sid)
-        setpoints = d.s
-        np.testing.assert_array_equal(setpoints, loop_setpoints(cfg.data, sc, d.t_minutes))
-        assert np.all((setpoints[:, 0] >= cfg.data.do_setpoints[0]) & (setpoints[:, 0] <= cfg.data.do_setpoints[1]))
+        op = operation(cfg.data, sc)
+        if not op.loops:
+            assert np.isnan(d.s).all(), sid
+            continue
+        closed += 1
+        minutes = np.round(d.t_minutes - sc.start_day * 1440).astype(int)
+        drawn = np.stack([[loop.setpoint[m - 15 : m].mean() for m in minutes] for loop in op.loops], 1)
+        np.testing.assert_allclose(d.s, drawn)
+        assert np.all((d.s[:, 0] >= cfg.data.do_setpoints[0]) & (d.s[:, 0] <= cfg.data.do_setpoints[1]))
         # Where KLa5 is below its limit the loop holds the oxygen at its setpoint (another scenario's setpoints
         # miss it by 0.4-1.5 g O2/m3 here).
         oxygen = d.x[:, p.catalog.target_names.index("SO_5")]
         held = d.u[:, p.catalog.control_names.index("KLa_5")] < 0.95 * KLA_LIMITS[1]
-        assert held.mean() > 0.3 and np.median(np.abs(oxygen - setpoints[:, 0])[held]) < 0.2, sid
+        assert held.mean() > 0.3 and np.median(np.abs(oxygen - d.s[:, 0])[held]) < 0.2, sid
+    assert closed >= 2
 
 
-def test_setpoints_are_optional_known_inputs_hidden_per_loop_in_training(prepared) -> None:
-    """With setpoints known, each loop's columns after the controls carry its z-scored setpoint and a flag of 1
-    over history and future; unknown, 0 and 0, and nothing else changes. Training hides each loop's columns
-    apart, in about 1 - train.setpoint_share of the windows."""
+def test_requests_tell_what_a_plant_can_send_and_training_draws_every_kind(prepared) -> None:
+    """The honest request leaves each closed loop's control to its loop (its column 0, its flag 0) and sends the
+    loop's setpoint (value, flag 1); an open-loop window (no setpoint logged) gets its controls planned and no
+    setpoint; "applied" gives every control's true future. Training draws per window and loop what each is told:
+    a closed loop's control left to it in about train.loop_unknown_share of the windows, and then always with its
+    setpoint; setpoints held at their last value in about train.setpoint_held_share of those told."""
     import torch
 
-    from training.loop import with_setpoints_hidden
+    from training.loop import with_requests
 
-    _, p = prepared
-    n_u, n_s = len(p.u_mean), p.n_setpoints
-    assert n_s == 2 and p.fed_columns() == n_u + 4
-    known_h, known_f = p.inputs(p.test, setpoints=True)
-    plain_h, plain_f = p.inputs(p.test)
-    for known, plain, s in ((known_h, plain_h, p.test.s_hist), (known_f, plain_f, p.test.s_fut)):
-        np.testing.assert_allclose(known[..., n_u : n_u + 2], (s - p.s_mean) / p.s_std, rtol=1e-5, atol=1e-6)
-        assert (known[..., n_u + 2 : n_u + 4] == 1).all() and (plain[..., n_u : n_u + 4] == 0).all()
-        others = [j for j in range(known.shape[-1]) if not n_u <= j < n_u + 4]
-        np.testing.assert_array_equal(known[..., others], plain[..., others])
-    uh, uf = torch.from_numpy(known_h), torch.from_numpy(known_f)
-    hid_h, hid_f = with_setpoints_hidden(uh, uf, p, 0.5, torch.Generator().manual_seed(0))
-    flags_h, flags_f = hid_h[..., n_u + 2 : n_u + 4], hid_f[..., n_u + 2 : n_u + 4]
-    assert torch.equal(flags_h[:, :1], flags_f[:, :1])  # a window knows a loop's history and plan, or neither
-    shown = flags_f[:, 0]  # (N, loops)
-    assert 0.35 < shown.mean() < 0.65 and (shown[:, 0] != shown[:, 1]).any()
-    assert ((hid_f[..., n_u : n_u + 2] == 0) | (shown[:, None] == 1)).all()
-    np.testing.assert_array_equal(hid_f[..., :n_u].numpy(), known_f[..., :n_u])
-    assert torch.equal(with_setpoints_hidden(uh, uf, p, 1.0, torch.Generator())[1], uf)
+    cfg, p = prepared
+    n_u, n_l, n_s = len(p.u_mean), len(p.looped), p.n_setpoints
+    assert (n_l, n_s) == (2, 2) and p.fed_columns() == n_u + n_l + 2 * n_s
+    assert [p.catalog.control_names[c] for c in p.looped] == ["KLa_5", "Q_intr"]
+    closed = p.closed_loops(p.test)
+    assert closed.any() and (~closed).any()  # the tiny test set holds a closed- and an open-loop scenario
+    honest_h, honest_f = p.inputs(p.test, request="honest")
+    applied_h, applied_f = p.inputs(p.test, request="applied")
+    np.testing.assert_array_equal(honest_h, applied_h)  # the history is what it was
+    for j, c in enumerate(p.looped):
+        k = closed[:, j]
+        assert (honest_f[k][..., c] == 0).all() and (honest_f[k][..., n_u + j] == 0).all()
+        assert (honest_f[~k][..., n_u + j] == 1).all() and (applied_f[..., n_u + j] == 1).all()
+        np.testing.assert_array_equal(honest_f[~k][..., c], applied_f[~k][..., c])
+    flags = honest_f[..., n_u + n_l + n_s : n_u + n_l + 2 * n_s]
+    assert (flags[closed.all(1)] == 1).all() and (flags[~closed.any(1)] == 0).all()
+    held = p.inputs(p.test, request="held")[1][..., n_u + n_l : n_u + n_l + n_s]
+    np.testing.assert_array_equal(held[closed.all(1)], np.repeat(held[closed.all(1)][:, :1], held.shape[1], 1))
+
+    t = cfg.train
+    uh, uf = (torch.from_numpy(a) for a in p.inputs(p.train, request="applied"))
+    closed_t = torch.from_numpy(p.closed_loops(p.train))
+    gh, gf = with_requests(uh, uf, closed_t, p, t, torch.Generator().manual_seed(0))
+    unknown = gf[:, 0, n_u : n_u + n_l] == 0  # (N, loops): the control left to its loop
+    assert not unknown[~closed_t].any()  # an open loop's control is always planned
+    share = unknown[closed_t].float().mean()
+    assert abs(share - t.loop_unknown_share) < 0.1
+    told = gf[:, 0, n_u + n_l + n_s :][:, list(p.loop_setpoints)] == 1
+    assert told[unknown].all()  # a control left to its loop always comes with its setpoint
+    for j, sp in enumerate(p.loop_setpoints):
+        value = n_u + n_l + sp
+        k = told[:, j] & closed_t[:, j]
+        planned = (gf[k][..., value] == uf[k][..., value]).all(1)
+        held = (gf[k][..., value] == gh[k][:, -1:, value]).all(1)  # held at the history's last value
+        assert (planned | held).all() and (held & ~planned).any()
+    np.testing.assert_array_equal(gf[..., n_u + n_l + 2 * n_s :].numpy(), uf[..., n_u + n_l + 2 * n_s :].numpy())
 
 
 def test_pooled_skill_has_the_known_answer_and_a_still_variable_cannot_dominate_it() -> None:
@@ -623,11 +633,11 @@ def test_default_decoder_reads_z_and_the_controls_and_old_cards_z_alone() -> Non
     a card from before decoder_controls rebuilds a decoder over z alone, so its weights still load."""
     from export.onnx_export import model_config
 
-    model = KoVAE(5, 3, ModelConfig(z_dim=8, h_dim=32, real_modes=2), n_controls=2)
+    model = KoVAE(5, 3, ModelConfig(z_dim=8, h_dim=32, real_modes=2), PlanLayout(2))
     assert (model.decoder[0].in_features, model.decoder[0].out_features) == (8 + 2, 32)
     assert [m.out_features for m in model.decoder if isinstance(m, torch.nn.Linear)] == [32, 5]
     card_model = {"type": "KoVAE", **ModelConfig(z_dim=8, h_dim=32, real_modes=2).__dict__}
     assert model_config({"model": card_model}).decoder_controls
     del card_model["decoder_controls"]  # a card written before it
-    legacy = KoVAE(5, 3, model_config({"model": card_model}), n_controls=2)
+    legacy = KoVAE(5, 3, model_config({"model": card_model}), PlanLayout(2))
     assert legacy.decoder[0].in_features == 8

@@ -16,7 +16,7 @@ from modelcard.card import last_observed
 from training import evaluate as ev
 from training.config import RunConfig
 from training.data import Windows
-from training.model import DRIVER_CLIP, IntervalWidth, KoVAE, calibrated_samples, driver_level
+from training.model import DRIVER_CLIP, IntervalWidth, KoVAE, calibrated_samples, driver_level, held_plan
 from training.prepare import Prepared, tensors
 
 
@@ -28,19 +28,23 @@ def predict(
     calib: dict[str, Any] | None = None,
     seed: int = 0,
     forecast: str = "none",
-    setpoints: bool = False,
+    request: str = "honest",
+    held: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """KoVAE mean forecast (N, H, x) in engineering units for a set of windows, and with ``n_samples`` the band
     of the samples (``ev.sample_band``, (N, 2, H, x)), computed a chunk of windows at a time so that hundreds of
     samples per window never sit in memory at once.
 
-    ``forecast`` is what the model is told of the future disturbances, ``setpoints`` whether it is told the
-    loops' setpoints (training.prepare.tensors).
+    ``forecast`` is what the model is told of the future disturbances, ``request`` what it is told of the
+    controls and setpoints (training.prepare.REQUESTS); ``held``: the forecast under the plan held
+    (training.model.held_plan), what the naive blends read.
     ``calib`` is the calibration the graph applies: ``residual_decay`` fades the decoder's miss at the last
     history step into the forecast, and ``spread_scale`` and ``width`` (``IntervalWidth``) widen each sample's
     deviation from the mean.
     """
-    xh, uh, _, uf = tensors(p, w, forecast, seed, setpoints)
+    xh, uh, _, uf = tensors(p, w, forecast, seed, request)
+    if held:
+        uf = held_plan(uh, uf, model.plan)
     calib = calib or {}
     decay = calib.get("residual_decay")
     decay = None if decay is None else torch.as_tensor(decay, dtype=torch.float32)
@@ -133,9 +137,11 @@ def fit_naive_blends(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[s
     that helps on windows it was not fitted on; writes them into the model (and so into the graph).
 
     Training learns the weights on windows with artificial gaps and influent forecasts; the weights a plain
-    forecast needs differ. Per (k, v) least squares gives forecast + a (yesterday - forecast) + b (last -
-    forecast), i.e. s = a / (1 - b), q = b, clipped to [0, 1]. A lead time k takes the refitted weights only if,
-    fitted on either half of the validation windows, they beat the learned ones on the other half (pooled NMSE).
+    forecast needs differ. Per (k, v) least squares gives forecast + a (yesterday - held) + b (last - held),
+    with held the forecast under the plan held (what the blends read, training.model.held_plan; the forecast
+    itself when the plan is held), i.e. s = a / (1 - b), q = b, clipped to [0, 1]. A lead time k takes the
+    refitted weights only if, fitted on either half of the validation windows, they beat the learned ones on the
+    other half (pooled NMSE).
     Where the two naive forecasts coincide (a day ahead) only the weight towards the last value is fitted:
     solving for both there once left the learned weights at the last 11 steps, and the 24-h pooled skill of
     normal operation at 0.09 instead of 0.23.
@@ -144,8 +150,11 @@ def fit_naive_blends(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[s
     learned = predict(model, p, w, 0, calib)[0]
     with blends_off(model):
         base = predict(model, p, w, 0, calib)[0].astype(np.float64)  # the forecast before both blends
+        held = predict(model, p, w, 0, calib, held=True)[0].astype(np.float64)  # what the blends read
     yesterday, last = naive_forecasts(w, max(model.cfg.seasonal_steps, 1))
-    A, B = np.nan_to_num(yesterday - base), np.nan_to_num(last - base)
+    if not model.cfg.blend_held_plan:
+        held = base
+    A, B = np.nan_to_num(yesterday - held), np.nan_to_num(last - held)
     T = np.nan_to_num(w.x_fut - base)  # a missing truth adds nothing to either side
     H = base.shape[1]
 
@@ -153,8 +162,7 @@ def fit_naive_blends(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[s
         return blend_weights(A[rows], B[rows], T[rows])
 
     def blended(s_: np.ndarray, q_: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        f = base[rows] + s_ * A[rows]
-        return f + q_ * (np.nan_to_num(last[rows]) - f) * np.isfinite(last[rows])
+        return base[rows] + s_ * A[rows] + q_ * (B[rows] - s_ * A[rows]) * np.isfinite(last[rows])
 
     scale = p.x_std
     halves = [np.arange(len(base)) % 2 == 0, np.arange(len(base)) % 2 == 1]
@@ -177,12 +185,14 @@ WIDTH_GAMMAS = tuple(round(0.05 * i, 2) for i in range(21))  # log-width per z-s
 
 def fit_spread(mean: np.ndarray, dev: np.ndarray, truth: np.ndarray, factor: np.ndarray) -> np.ndarray:
     """Per variable, the factor on the sample band's deviations from the mean (dev, (N, 2, H, x), each window's
-    already times ``factor`` (N,)) under which the band covers 80% of the truth: bisection on a log scale.
+    already times ``factor``, (N,) or per variable (N, x)) under which the band covers 80% of the truth:
+    bisection on a log scale.
 
     A positive factor on every sample's deviation from the mean scales the band's deviation the same way, so the
     band of the unscaled samples is all the fit needs."""
     spread = np.ones(mean.shape[-1])
-    scaled = dev * factor[:, None, None, None]
+    factor = np.broadcast_to(factor.reshape(len(factor), -1), (len(factor), mean.shape[-1]))  # (N,) or (N, x)
+    scaled = dev * factor[:, None, None, :]
     for j in range(mean.shape[-1]):
         m, d, t = mean[:, None, :, j : j + 1], scaled[..., j : j + 1], truth[..., j : j + 1]
         lo, hi = -6.0, 10.0  # log2 of the factor
@@ -232,59 +242,91 @@ def fit_width(
     return best[1], best[2]
 
 
+def width_factors(width: dict[str, Any], spread: np.ndarray, p: Prepared, w: Windows, **how: Any) -> np.ndarray:
+    """(N, x): the factor ``IntervalWidth`` gives each window's sample deviations, told ``how`` (``tensors``'
+    forecast and request)."""
+    xh, _, _, uf = tensors(p, w, seed=1, **how)
+    module = IntervalWidth(len(p.x_mean), {"spread_scale": spread.tolist(), "width": width})
+    with torch.no_grad():
+        return module(xh, uf).double().numpy()
+
+
 def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
     """The residual fading (``fit_residual_decay``) and the naive blends (``fit_naive_blends``) refitted on
     validation, then the interval width (``IntervalWidth``) fitted on validation.
 
     The prior noise gives the shape of the forecast distribution; its width, after the decoder, is not
     trustworthy. So each variable's sample deviations from the mean are scaled until the 80% sample interval
-    covers 80% of validation truth, times a factor that grows with the width's driver (``fit_width``). Then, for
-    each optional input the caller may send (the loops' setpoints, an influent forecast), the same fit with it
-    known gives a ratio per variable: forecasts told more are surer.
+    covers 80% of validation truth, times a factor that grows with the width's driver (``fit_width``, on the
+    honest request). The base is fitted where loops are closed, told as a plant sends (the looped controls left
+    to their loops, the setpoints sent); then, one at a time, each other way of telling gets a ratio per
+    variable fitted with the ratios before it in place: the looped controls given (the applied diagnostic), no
+    setpoints sent (open-loop windows), an influent forecast. Each covers 80% as it is requested.
     """
     w = p.val
-    groups = np.array([p.groups.get(s, "all") for s in w.scenario])
+    groups = np.array([f"{p.groups.get(s, 'all')}/{p.policies.get(s, '-')}" for s in w.scenario])
     decay = fit_residual_decay(model, p)
     blends = fit_naive_blends(model, p, {"residual_decay": decay.tolist()})
     base = {"residual_decay": decay.tolist()}
     n = cfg.train.calibration_samples
-    mean, band = predict(model, p, w, n, base, seed=1)
+    runs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def run(request: str, forecast: str = "none") -> tuple[np.ndarray, np.ndarray]:
+        if (request, forecast) not in runs:
+            mean_, band_ = predict(model, p, w, n, base, seed=1, forecast=forecast, request=request)
+            runs[request, forecast] = mean_, band_ if band_ is not None else mean_[:, None]
+        return runs[request, forecast]
+
+    mean, band = run("honest")
     level = window_levels(p, w)
-    gamma, spread = fit_width(mean, band - mean[:, None], w.x_fut, level, groups)
-    factor = np.exp(gamma * level)  # (N,) per window
-    calibrated = widened(mean, band, spread * factor[:, None, None, None])
-    coverage = {"none": coverage_by_group(calibrated, w.x_fut, groups)}
-    # The optional inputs: which future flag columns say they are known, and how the model is told them.
-    kinds = []
-    if p.n_setpoints:
-        kinds.append(("setpoints", p.flag_columns("setpoints"), {"setpoints": True}))
-    if p.disturbances:
-        kinds.append(("disturbance forecast", p.flag_columns("disturbances"), {"forecast": "noisy"}))
-    known = []
-    for name, columns, how in kinds:
-        mean_k, band_k = predict(model, p, w, n, base, seed=1, **how)
-        ratio = fit_spread(mean_k, band_k - mean_k[:, None], w.x_fut, factor) / spread
-        known.append({"input": name, "columns": columns, "ratio": ratio.tolist()})
-        told = widened(mean_k, band_k, spread * ratio * factor[:, None, None, None])
-        coverage[name] = coverage_by_group(told, w.x_fut, groups)
+    gamma, _ = fit_width(mean, band - mean[:, None], w.x_fut, level, groups)
     driver = None if p.width_driver is None else p.catalog.target_names[p.width_driver]
+    width: dict[str, Any] = {"driver": p.width_driver, "driver_name": driver, "gamma": gamma}
+    width.update(driver_clip=list(DRIVER_CLIP), known=[])
+    closed = p.closed_loops(w).any(1)
+    every = np.ones(len(closed), bool)
+    rows = closed if closed.any() else every
+    spread = fit_spread(mean[rows], band[rows] - mean[rows, None], w.x_fut[rows], np.exp(gamma * level[rows]))
+    # Each other way of telling: (what it is called, its flags, ratio when they are set or not, how it is told,
+    # the windows it is fitted on).
+    steps: list[tuple[str, str, str, dict[str, str], np.ndarray]] = []
+    if p.looped and closed.any():
+        steps.append(("looped controls given", "controls", "known", {"request": "applied"}, closed))
+        if not closed.all():
+            steps.append(("no setpoints", "setpoints", "unknown", {"request": "honest"}, ~closed))
+    elif p.n_setpoints:
+        steps.append(("setpoints", "setpoints", "known", {"request": "applied"}, every))
+    if p.disturbances:
+        steps.append(("disturbance forecast", "disturbances", "known", {"forecast": "noisy"}, every))
+    for name, kind, when, how, rows in steps:
+        mean_k, band_k = run(how.get("request", "honest"), how.get("forecast", "none"))
+        factor = width_factors(width, spread, p, w, **how)[rows]
+        dev = (band_k - mean_k[:, None])[rows]
+        ratio = fit_spread(mean_k[rows], dev, w.x_fut[rows], factor)
+        width["known"].append({"input": name, "columns": p.flag_columns(kind), "when": when, "ratio": ratio.tolist()})
+    coverage = {}
+    for request in ("honest", "held", "applied", "bare") if p.n_setpoints else ("bare",):
+        mean_r, band_r = run(request)
+        factor = width_factors(width, spread, p, w, request=request)
+        coverage[request] = coverage_by_group(widened(mean_r, band_r, factor[:, None, None, :]), w.x_fut, groups)
+    if p.disturbances:
+        mean_r, band_r = run("honest", "noisy")
+        factor = width_factors(width, spread, p, w, request="honest", forecast="noisy")
+        told = widened(mean_r, band_r, factor[:, None, None, :])
+        coverage["honest + influent forecast"] = coverage_by_group(told, w.x_fut, groups)
+    honest = widened(mean, band, width_factors(width, spread, p, w)[:, None, None, :])
     return {
         "method": "per-variable fading of the decoder's miss at the last step (chosen on validation); the blends "
         "towards the naive forecasts refitted on validation at the lead times where that helps on held-out "
         "validation windows; then the interval width: per-variable scaling of sample deviations from the mean, "
-        "widened with the driver's highest level over the history and scaled per optional input sent (fitted on "
-        "validation)",
+        "widened with the driver's highest level over the history and scaled per way of telling the model its "
+        "inputs (looped controls given or left to their loops, setpoints sent or not, an influent forecast), "
+        "each fitted on validation as requested",
         "naive_blend": blends,
         "residual_decay": decay.tolist(),
         "spread_scale": spread.tolist(),
-        "width": {
-            "driver": p.width_driver,
-            "driver_name": driver,
-            "gamma": gamma,
-            "driver_clip": list(DRIVER_CLIP),
-            "known": known,
-        },
+        "width": width,
         "samples": n,  # the width holds for quantiles from this many samples
-        "val_coverage_80": ev.interval_coverage(calibrated, w.x_fut),
+        "val_coverage_80": ev.interval_coverage(honest, w.x_fut),
         "val_coverage_by_regime": coverage,
     }

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from plant.config import ConfigError, DataConfig
+from plant.operation import POLICIES
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class ModelConfig:
     decoder_layers: int = 1
     decoder_dim: int = 0  # hidden width of the decoder (0: h_dim, as in cards written before it)
     decoder_controls: bool = True  # cards written before it: false (export.onnx_export.load_model)
+    decoder_skip: bool = True  # a linear path from the plan to x beside the decoder's MLP (older cards: none)
+    # The naive blends read the forecast under the plan held, so a plan's effect passes whole (training.model
+    # .held_plan); cards written before it blend each plan's own forecast.
+    blend_held_plan: bool = True
     calendar_daily: int = 2  # sin/cos harmonics of the time of day, known inputs beside the controls (0: none)
     calendar_weekly: int = 2  # sin/cos harmonics of the time of week (weekend flows are lower)
     disturbance_inputs: bool = True  # the disturbances (influent) as known inputs: measured, and forecast if given
@@ -57,7 +62,12 @@ class TrainConfig:
     gap_share: float = 0.3  # share of training windows given an artificial sensor gap in their history
     forecast_share: float = 0.5  # share of training windows given a (noisy) forecast of the future disturbances
     forecast_noise: float = 0.3  # its error at the horizon's end (training std units), growing as sqrt(lead time)
-    setpoint_share: float = 0.5  # chance that a training window is told a loop's setpoints (each loop drawn apart)
+    # What each training window is told of each loop (training.loop.with_requests), drawn per window and loop: a
+    # closed loop's control left to the loop (as a plant under control sends), else given with its setpoint told
+    # or hidden; a told setpoint planned or held at its last value.
+    loop_unknown_share: float = 0.7
+    setpoint_share: float = 0.5  # windows with the control given: chance that the loop's setpoint is told too
+    setpoint_held_share: float = 0.4
     checkpoint_every: int = 10
     seed: int = 0
     threads: int = 2
@@ -92,8 +102,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "warmup_days": 0.5,
             "stabilize": False,
             "later_windows": (),
-            "val_scenarios": ("bsm2-01",),
-            "test_scenarios": ("bsm2-02",),
+            # Trains dry and bsm2-00 (open loop, excited) and rain (moving setpoints); one window held out closed
+            # and open loop for each of validation and test.
+            "policy_cycle": ("open_loop_excited", "moving_setpoints"),
+            "val_scenarios": ("bsm2-01@moving_setpoints", "bsm2-01@open_loop_excited"),
+            "test_scenarios": ("bsm2-02@constant_setpoints", "bsm2-02@open_loop_excited"),
         },
         # No weekly inputs: 2.5-day scenarios cannot teach a weekly cycle (with them the tiny model lost to
         # persistence on its held-out scenario).
@@ -220,6 +233,16 @@ def validate(cfg: RunConfig) -> None:
         problems.append("data.max_inflow must be > 0 m3/d")
     if not 0 <= d.dither_share <= 1:
         problems.append("data.dither_share must be in [0, 1]")
+    named = {name.partition("@")[2] for name in (*d.val_scenarios, *d.test_scenarios)} - {""}
+    unknown = (set(d.policy_cycle) | named) - set(POLICIES)
+    if not d.policy_cycle or unknown:
+        known = ", ".join(POLICIES)
+        problems.append(f"data.policy_cycle and ID@POLICY entries name policies ({known}); unknown: {sorted(unknown)}")
+    for name in ("excite_kla34", "excite_kla5"):
+        if not 0 <= getattr(d, name)[0] <= getattr(d, name)[1] <= 360:
+            problems.append(f"data.{name} must be [lo, hi] within [0, 360] 1/d")
+    if not 0 <= d.excite_qintr[0] <= d.excite_qintr[1] or not 1 <= d.excite_minutes[0] <= d.excite_minutes[1]:
+        problems.append("data.excite_qintr and data.excite_minutes must be [lo, hi] with lo <= hi (minutes >= 1)")
     unknown = set(d.regime_cycle) - {"normal", "storm", "stress"}
     if not d.regime_cycle or unknown:
         problems.append(f"data.regime_cycle must list normal, storm or stress (unknown: {sorted(unknown)})")
@@ -232,7 +255,7 @@ def validate(cfg: RunConfig) -> None:
         problems.append('data.source must be "bsm1" (simulate) or "historian" (an imported folder)')
     if not 0 <= d.max_missing < 1:
         problems.append("data.max_missing must be in [0, 1)")
-    for name in ("gap_share", "setpoint_share"):
+    for name in ("gap_share", "setpoint_share", "loop_unknown_share", "setpoint_held_share"):
         if not 0 <= getattr(t, name) <= 1:
             problems.append(f"train.{name} must be in [0, 1]")
     if not 0 <= t.forecast_share <= 1 or t.forecast_noise < 0:

@@ -210,6 +210,7 @@ def regime_lines(regimes: dict[str, dict[str, Any]], sample_minutes: int, *, mar
     steps = list(next(iter(regimes.values()))["pooled_skill_all"])
     lead = [f"{int(s) * sample_minutes / 60:g} h" for s in steps]
     head = ["regime", "windows", *[f"all {x}" for x in lead], *[f"plant {x}" for x in lead], "cover80"]
+    first = max(len(head[0]), *(len(g) for g in regimes))  # cells ("storm/ammonia_cascade") are long
     rows = []
     for group, r in regimes.items():
         cover = "-" if r["coverage_80"] is None else f"{100 * r['coverage_80']:.1f}%"
@@ -219,7 +220,7 @@ def regime_lines(regimes: dict[str, dict[str, Any]], sample_minutes: int, *, mar
         rows.append([group, str(r["windows"]), *cells, cover])
     if markdown:
         return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
-    return [" ".join(f"{c:>10}" for c in head)] + [" ".join(f"{c:>10}" for c in r) for r in rows]
+    return [" ".join([f"{r[0]:<{first}}", *(f"{c:>10}" for c in r[1:])]) for r in [head, *rows]]
 
 
 def gate_score(regimes: dict[str, dict[str, Any]]) -> float:

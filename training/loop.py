@@ -89,25 +89,40 @@ def with_disturbance_forecasts(
     return u_fut
 
 
-def with_setpoints_hidden(
-    u_hist: torch.Tensor, u_fut: torch.Tensor, p: Prepared, share: float, gen: torch.Generator
+def with_requests(
+    u_hist: torch.Tensor, u_fut: torch.Tensor, closed: torch.Tensor, p: Prepared, t: TrainConfig, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copies of a batch's known inputs (built with every setpoint known) where each loop's setpoint stays
-    known, history and plan, in a ``share`` of the windows, drawn for each loop apart; elsewhere it reads
-    "unknown" (0, flag 0). One model forecasts with a plant's setpoints, with some, or without."""
-    n_s = p.n_setpoints
-    if not n_s:
+    """Copies of a batch's known inputs (built with every control's and setpoint's true future: the "applied"
+    request) told what plants tell, drawn per window and loop, for one model of every request:
+
+    - a closed loop (``closed`` (B, loops)) leaves its control to the loop in ``loop_unknown_share`` of the
+      windows (what a plant under control sends), its setpoint then planned or, in ``setpoint_held_share`` of
+      them, held at its last value;
+    - elsewhere the control's future is given, and its setpoint told in ``setpoint_share`` of the windows
+      (planned or held as above), history and plan, else hidden (0, flag 0);
+    - an open loop (no setpoint logged) has its control planned and no setpoint: nothing to draw.
+    """
+    if not p.n_setpoints:
         return u_hist, u_fut
-    hidden = torch.rand(len(u_hist), 1, n_s, generator=gen) >= share  # (B, 1, n_s)
-    cols = slice(len(p.u_mean), p.fed_columns())  # each loop's value, then each loop's flag
-    mask = hidden.repeat(1, 1, 2)
-
-    def hide(u: torch.Tensor) -> torch.Tensor:
-        u = u.clone()
-        u[..., cols] = u[..., cols].masked_fill(mask, 0.0)
-        return u
-
-    return hide(u_hist), hide(u_fut)
+    B, n_l = closed.shape
+    n_u, n_s = len(p.u_mean), p.n_setpoints
+    unknown = closed & (torch.rand(B, n_l, generator=gen) < t.loop_unknown_share)
+    told = unknown | (torch.rand(B, n_l, generator=gen) < t.setpoint_share)
+    held = told & (torch.rand(B, n_l, generator=gen) < t.setpoint_held_share)
+    u_hist, u_fut = u_hist.clone(), u_fut.clone()
+    for j, (c, sp) in enumerate(zip(p.looped, p.loop_setpoints, strict=True)):
+        value, flag = n_u + n_l + sp, n_u + n_l + n_s + sp
+        gone = unknown[:, j]
+        u_fut[gone, :, c] = 0.0  # the loop decides it: the training mean, flag 0
+        u_fut[gone, :, n_u + j] = 0.0
+        hold = held[:, j]
+        u_fut[hold, :, value] = u_hist[hold, -1:, value]
+        hide = ~told[:, j]
+        for u in (u_hist, u_fut):
+            u[hide, :, value] = 0.0
+            u[hide, :, flag] = 0.0
+    # Setpoints of no loop (none on BSM1) follow the first draw of the windows' told setpoints: nothing to do.
+    return u_hist, u_fut
 
 
 def evaluate_loss(
@@ -168,10 +183,12 @@ def train(
     t = cfg.train
     torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
-    # Training windows carry every setpoint (hidden per batch); validation, the served default, none.
-    train_data, val_data = tensors(p, p.train, setpoints=True), tensors(p, p.val)
-    # As wide as its known inputs, which start with the catalog's controls and the setpoint columns.
-    model = KoVAE(len(p.catalog.targets), train_data[1].shape[-1], cfg.model, p.fed_columns())
+    # Training windows carry every control's and setpoint's future (what each window is told is drawn per batch,
+    # with_requests); validation is told what a plant can send (the honest request), which picks the epoch.
+    train_data, val_data = tensors(p, p.train, request="applied"), tensors(p, p.val, request="honest")
+    closed = torch.from_numpy(p.closed_loops(p.train))
+    # As wide as its known inputs, which start with the plan: controls, loop flags and setpoint columns.
+    model = KoVAE(len(p.output_names), train_data[1].shape[-1], cfg.model, p.plan)
     weights = step_weights(train_data[0], train_data[2], t.step_weight_power)
     opt = make_optimizer(model, t)
     ckpt_dir = run_dir / "checkpoints"
@@ -219,7 +236,7 @@ def train(
         for b in range(n_batches):
             idx = order[b * t.batch_size : (b + 1) * t.batch_size]
             xh, uh, xf, uf = (d[idx] for d in train_data)
-            uh, uf = with_setpoints_hidden(uh, uf, p, t.setpoint_share, gen)
+            uh, uf = with_requests(uh, uf, closed[idx], p, t, gen)
             xh, uh = with_sensor_gaps(xh, uh, len(p.catalog.controls), t.gap_share, gen)
             uf = with_disturbance_forecasts(uf, xf, p, t.forecast_share, t.forecast_noise, gen)
             loss = model.losses(xh, uh, xf[:, :R], uf[:, :R], t, weights)["total"]

@@ -42,6 +42,7 @@ Everything here works in normalised units; the scalers live in the model card.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -80,6 +81,8 @@ class IntervalWidth(nn.Module):
 
         spread[v] * exp(gamma * clip(z_max(driver))) * ratio_k[v] ** share_k   (for each optional input kind k)
 
+    with share_k the share of kind k's future flags that are set (or, for a kind fitted on its absence, not set).
+
     with z_max the highest measured z-score of the driver over the history. The prior noise gives the samples'
     shape, not a width to trust: one factor per variable alone covered the later period 89% and storms 77% of
     the time. The driver (the influent flow on BSM1) widens the interval on a wet day, when more storms follow,
@@ -95,6 +98,8 @@ class IntervalWidth(nn.Module):
         self.driver: int | None = width.get("driver")
         self.gamma = float(width.get("gamma", 0.0))
         self.known_columns = [list(k["columns"]) for k in width.get("known", [])]
+        # Each kind's ratio applies to the share of its flags set ("known") or not set ("unknown").
+        self.unknown = [k.get("when", "known") == "unknown" for k in width.get("known", [])]
         for i, k in enumerate(width.get("known", [])):
             self.register_buffer(f"log_ratio_{i}", torch.tensor(np.log(k["ratio"]), dtype=torch.float32))
 
@@ -105,6 +110,7 @@ class IntervalWidth(nn.Module):
             log_width = log_width + self.gamma * driver_level(x_hist, self.driver)[:, None]
         for i, columns in enumerate(self.known_columns):
             share = u_fut[:, :, columns].mean((1, 2))[:, None]  # (B', 1): the share of the flags that are set
+            share = 1 - share if self.unknown[i] else share
             log_width = log_width + share * getattr(self, f"log_ratio_{i}")
         return self.spread * torch.exp(log_width)
 
@@ -177,15 +183,58 @@ class StableKoopman(nn.Module):
         return torch.cat([r, r, self.real_poles().abs()])
 
 
+@dataclass(frozen=True)
+class PlanLayout:
+    """Where the plan sits in the known inputs u (``modelcard.card.known_inputs``): the scaled controls, then one
+    flag per looped control (1: its future was given, 0: its loop decides it), then the setpoints' values and
+    their flags. These leading columns are what the decoder reads beside z; calendar and disturbance columns
+    follow them."""
+
+    controls: int = 0
+    looped: tuple[int, ...] = ()  # positions among the controls of those a feedback loop drives
+    setpoints: int = 0
+
+    @property
+    def fed(self) -> int:
+        return self.controls + len(self.looped) + 2 * self.setpoints
+
+
+def plan_known(u: torch.Tensor, plan: PlanLayout) -> torch.Tensor:
+    """(..., n_controls + n_setpoints): 1 where each of the plan's value columns (the controls, then the
+    setpoints) is known in u, 0 where not: a control no loop drives is always known, the others have flags."""
+    nc, nl, ns = plan.controls, len(plan.looped), plan.setpoints
+    given = torch.cat([torch.ones_like(u[..., :1]), u[..., nc : nc + nl]], -1)  # column 0: a control no loop drives
+    pick = [1 + plan.looped.index(j) if j in plan.looped else 0 for j in range(nc)]
+    return torch.cat([given[..., pick], u[..., nc + nl + ns : nc + nl + 2 * ns]], -1)
+
+
+def held_plan(u_hist: torch.Tensor, u_fut: torch.Tensor, plan: PlanLayout) -> torch.Tensor:
+    """u_fut with the plan held: every given control and setpoint at its last known value in the history (its
+    first planned value where the history has none), each looped control and setpoint given or not as in u_fut.
+
+    The naive blends read this forecast, not the plan's: yesterday and the last value know nothing of a plan,
+    so what they add must not depend on it (blending the plan's own forecast shrank every what-if by the blend).
+    u_hist (B, L, n_u) may have one row for many plans (B = 1)."""
+    if plan.fed == 0:
+        return u_fut
+    nc, nl, ns = plan.controls, len(plan.looped), plan.setpoints
+    values = [*range(nc), *range(nc + nl, nc + nl + ns)]
+    hist = u_hist[..., values]
+    last = last_measured(torch.where(plan_known(u_hist, plan) > 0.5, hist, torch.full_like(hist, float("nan"))))
+    last = torch.where(torch.isnan(last), u_fut[:, 0, values], last).unsqueeze(1)  # (B or B', 1, n_values)
+    held = last * plan_known(u_fut, plan)
+    return torch.cat([held[..., :nc], u_fut[..., nc : nc + nl], held[..., nc:], u_fut[..., nc + nl + ns :]], -1)
+
+
 class KoVAE(nn.Module):
-    def __init__(self, x_dim: int, u_dim: int, cfg: ModelConfig, n_controls: int = 0) -> None:
-        """``n_controls``: how many leading columns of u are the plan, the plant's controls and any setpoint
-        columns (the rest: calendar and disturbance columns); with ``cfg.decoder_controls`` they feed the
-        decoder too."""
+    def __init__(self, x_dim: int, u_dim: int, cfg: ModelConfig, plan: PlanLayout | None = None) -> None:
+        """``plan``: where the plan (controls, looped controls' flags, setpoints) leads the u columns (the rest:
+        calendar and disturbance columns); with ``cfg.decoder_controls`` they feed the decoder too."""
         super().__init__()
         self.cfg = cfg
         self.x_dim, self.u_dim = x_dim, u_dim
-        self.n_fed = n_controls if cfg.decoder_controls else 0  # u columns the decoder reads
+        self.plan = plan or PlanLayout()
+        self.n_fed = self.plan.fed if cfg.decoder_controls else 0  # u columns the decoder reads
         self.encoder = nn.GRU(2 * (x_dim + u_dim), cfg.h_dim, batch_first=True)  # values and missingness masks
         self.enc_norm = nn.LayerNorm(cfg.h_dim) if cfg.layer_norm else nn.Identity()
         self.enc_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.h_dim, 2 * cfg.z_dim))
@@ -199,6 +248,9 @@ class KoVAE(nn.Module):
             width = hidden
         layers.append(nn.Linear(width, x_dim))
         self.decoder = nn.Sequential(*layers)
+        # A linear path from the plan to x beside the MLP: a loop holds its measurement at its setpoint (the DO at
+        # 2.0 to a few hundredths), a relation the MLP's SiLU layer only approximates.
+        self.skip = nn.Linear(self.n_fed, x_dim, bias=False) if cfg.decoder_skip and self.n_fed else None
         # Fading of the decoder's miss at the last history step, per variable: g = sigmoid(a) in (0, 1).
         self.decay_logit = nn.Parameter(torch.full((x_dim,), 2.0))
         # Blends towards the same time a day earlier and towards the last value, per lead time and variable.
@@ -214,7 +266,8 @@ class KoVAE(nn.Module):
         controls = u[..., : self.n_fed]
         if not complete:
             controls = torch.where(torch.isnan(controls), 0.0, controls)
-        return self.decoder(torch.cat([z, controls], -1))
+        out = self.decoder(torch.cat([z, controls], -1))
+        return out if self.skip is None else out + self.skip(controls)
 
     def residual_decay(self) -> torch.Tensor:
         """g per variable, (x,): every value in (0, 1) for any parameter value."""
@@ -282,8 +335,8 @@ class KoVAE(nn.Module):
     ) -> torch.Tensor:
         """Normalised forecast from the posterior mean at the last history step: (batch, H, x_dim), or with
         noise (batch, samples, H, z_dim) the forecast samples (batch, samples, H, x_dim). ``residual_decay``
-        (x_dim,) adds the fading decoder's miss at the last step, then blends with the day before (none: the latent
-        forecast alone)."""
+        (x_dim,) adds the fading decoder's miss at the last step, then the naive blends (``finish``; none: the
+        latent forecast alone)."""
         mu, _ = self.encode(x_hist, u_hist)
         z0 = mu[:, -1]
         if noise is None:
@@ -295,8 +348,35 @@ class KoVAE(nn.Module):
             out = self.decode(z, rep[1]).reshape(b, s, *u_fut.shape[1:2], -1)
         if residual_decay is None:
             return out
-        corr = self.correction(x_hist[:, -1], z0, u_hist[:, -1], residual_decay, u_fut.shape[1])
-        return self.seasonal(x_hist, out + (corr if noise is None else corr.unsqueeze(1)))
+        held = self.decode_held(z0, u_hist, u_fut) if self.cfg.blend_held_plan else out
+        return self.finish(x_hist, u_hist, z0, out, held, residual_decay)
+
+    def decode_held(self, z0: torch.Tensor, u_hist: torch.Tensor, u_fut: torch.Tensor) -> torch.Tensor:
+        """The mean forecast's decoded rollout under the plan held (``held_plan``): (batch, H, x)."""
+        u = held_plan(u_hist, u_fut, self.plan) if self.cfg.blend_held_plan else u_fut
+        return self.decode(self.rollout(z0, u), u)
+
+    def finish(
+        self,
+        x_hist: torch.Tensor,
+        u_hist: torch.Tensor,
+        z0: torch.Tensor,
+        decoded: torch.Tensor,
+        decoded_held: torch.Tensor,
+        decay: torch.Tensor,
+    ) -> torch.Tensor:
+        """The served forecast from decoded rollouts, (batch, [samples,] H, x): plus the decoder's fading miss at
+        the last history step (``correction``), plus what the naive blends (``seasonal``) add to the forecast
+        under the plan held, ``decoded_held`` (batch, H, x). The blends then move every plan's forecast alike,
+        and a plan's effect passes whole. Cards from before it (``model.blend_held_plan`` false) blend each
+        trajectory itself."""
+        samples = decoded.dim() == 4
+        corr = self.correction(x_hist[:, -1], z0, u_hist[:, -1], decay, decoded.shape[-2])
+        if not self.cfg.blend_held_plan:
+            return self.seasonal(x_hist, decoded + (corr.unsqueeze(1) if samples else corr))
+        held = decoded_held + corr
+        shift = corr + self.seasonal(x_hist, held) - held
+        return decoded + (shift.unsqueeze(1) if samples else shift)
 
     def losses(
         self,
@@ -337,8 +417,8 @@ class KoVAE(nn.Module):
         z_roll = self.rollout(zh[:, -1], u_fut)
         R = u_fut.shape[1]
         forecast = self.decode(z_roll, u_fut)
-        forecast = forecast + self.correction(x_hist[:, -1], zh[:, -1], u_hist[:, -1], self.residual_decay(), R)
-        forecast = self.seasonal(x_hist, forecast)
+        held = self.decode_held(zh[:, -1], u_hist, u_fut) if self.cfg.blend_held_plan else forecast
+        forecast = self.finish(x_hist, u_hist, zh[:, -1], forecast, held, self.residual_decay())
         seen = torch.isfinite(x_fut)
         err = torch.where(seen, forecast - torch.nan_to_num(x_fut), 0.0) ** 2
         per_step = err.sum((0, 2)) / seen.sum((0, 2)).clamp(min=1)  # (R,): mean over what was measured

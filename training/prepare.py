@@ -5,15 +5,18 @@ Everything downstream (loop, calibration, evaluation, export) takes a ``Prepared
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from modelcard.card import Calendar, known_inputs, window_clock
 from plant.catalog import BSM1, Catalog
+from plant.operation import HONEST_HELD
 from training.config import ConfigError, RunConfig
 from training.data import Windows, heldout_windows, load_data, make_windows
+from training.model import PlanLayout
+from training.requests import closed_loops, request_arrays
 
 
 @dataclass
@@ -44,10 +47,32 @@ class Prepared:
     s_std: np.ndarray | None = None
     s_range: tuple[np.ndarray, np.ndarray] | None = None
     width_driver: int | None = None  # target position whose level widens the interval (train.width_driver)
+    # Controls that feedback loops drive (positions among the controls, the catalog's loop order): forecast after
+    # the catalog's targets (x's last columns), and left to the loop in an honest request. loop_setpoints[j]: the
+    # position among the setpoints of loop j's setpoint.
+    looped: tuple[int, ...] = ()
+    loop_setpoints: tuple[int, ...] = ()
+    policies: dict[str, str] = field(default_factory=dict)  # scenario id -> how its plant was run
+    # policy -> the setpoints an honest request holds (plant.operation.HONEST_HELD)
+    held_setpoints: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def n_setpoints(self) -> int:
         return 0 if self.s_mean is None else len(self.s_mean)
+
+    @property
+    def n_targets(self) -> int:
+        """The catalog's forecast targets (measurements and disturbances): x's first columns, what is scored."""
+        return len(self.catalog.targets)
+
+    @property
+    def output_names(self) -> list[str]:
+        """Every column of x: the catalog's targets, then the looped controls."""
+        return [*self.catalog.target_names, *(self.catalog.control_names[j] for j in self.looped)]
+
+    @property
+    def plan(self) -> PlanLayout:
+        return PlanLayout(len(self.u_mean), self.looped, self.n_setpoints)
 
     def nx(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.x_mean) / self.x_std).astype(np.float32)
@@ -59,45 +84,69 @@ class Prepared:
         disturbances: np.ndarray | None = None,
         setpoints: np.ndarray | None = None,
     ) -> np.ndarray:
-        """The model's known inputs (``modelcard.card.known_inputs``): scaled controls, the setpoint columns
-        (their values in engineering units, NaN where unknown), calendar features of the same steps, then the
-        disturbance columns (z-scored values, NaN where unknown), each where the model takes them."""
+        """The model's known inputs (``modelcard.card.known_inputs``): scaled controls (a looped one NaN where it
+        is left to its loop) and their loop flags, the setpoint columns (their values in engineering units, NaN
+        where unknown), calendar features of the same steps, then the disturbance columns (z-scored values, NaN
+        where unknown), each where the model takes them."""
         d = disturbances if self.disturbances else None
         sp = None
         if self.n_setpoints:
             sp = setpoints if setpoints is not None else np.full((*u.shape[:-1], self.n_setpoints), np.nan)
             sp = (sp - self.s_mean) / self.s_std
-        return known_inputs(u, minutes, (self.u_mean, self.u_std), self.calendar, d, sp)
+        return known_inputs(u, minutes, (self.u_mean, self.u_std), self.calendar, d, sp, self.looped)
+
+    def scored(self, w: Windows) -> Windows:
+        """The windows with x cut to the catalog's targets, what forecasts are scored on (the looped controls'
+        columns are scored apart: ``training.report.loop_scores``)."""
+        n = self.n_targets
+        return replace(w, x_hist=w.x_hist[..., :n], x_fut=w.x_fut[..., :n], x_prev_day=w.x_prev_day[..., :n])
+
+    def cells(self) -> dict[str, str]:
+        """Scenario id -> its evaluation cell, "regime/policy": forecasts are judged per cell."""
+        return {sid: f"{group}/{self.policies.get(sid, '-')}" for sid, group in self.groups.items()}
+
+    def closed_loops(self, w: Windows) -> np.ndarray:
+        """(N, loops) bool: each loop closed over each window (its setpoint logged at the history's end)."""
+        return closed_loops(w, self.loop_setpoints)
+
+    def request(self, w: Windows, request: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(u_fut, s_hist, s_fut) as ``request`` (``training.requests.REQUESTS``) tells a forecast of ``w``."""
+        if not self.n_setpoints:
+            return w.u_fut, None, None
+        held = {sid: self.held_setpoints.get(policy, ()) for sid, policy in self.policies.items()}
+        return request_arrays(w, request, self.looped, self.loop_setpoints, held)
 
     def inputs(
-        self, w: Windows, forecast: np.ndarray | None = None, setpoints: bool = False
+        self, w: Windows, forecast: np.ndarray | None = None, request: str = "honest"
     ) -> tuple[np.ndarray, np.ndarray]:
         """Known inputs over each window's history (the disturbances as measured) and future (``forecast`` of
-        the disturbances, (N, H, n_d) z-scored; none: unknown). ``setpoints``: the loops' setpoints are known
-        over the history and the future (else unknown)."""
+        the disturbances, (N, H, n_d) z-scored; none: unknown), as ``request`` (``training.requests.REQUESTS``)
+        tells them."""
         t_hist, t_fut = window_clock(w.t_last, w.u_hist.shape[1], w.u_fut.shape[1], self.catalog.sample_minutes)
         d = self.disturbances
         d_hist = self.nx(w.x_hist)[..., d]
         d_fut = np.full((*w.u_fut.shape[:2], len(d)), np.nan) if forecast is None else forecast
-        s_hist, s_fut = (w.s_hist, w.s_fut) if setpoints else (None, None)
-        return self.nu(w.u_hist, t_hist, d_hist, s_hist), self.nu(w.u_fut, t_fut, d_fut, s_fut)
+        u_fut, s_hist, s_fut = self.request(w, request)
+        return self.nu(w.u_hist, t_hist, d_hist, s_hist), self.nu(u_fut, t_fut, d_fut, s_fut)
 
     def fed_columns(self) -> int:
-        """How many leading known-input columns are the plan (the controls, then the setpoint columns): what
-        the decoder reads beside z."""
-        return len(self.u_mean) + 2 * self.n_setpoints
+        """How many leading known-input columns are the plan (the controls, the looped controls' flags, then the
+        setpoint columns): what the decoder reads beside z."""
+        return self.plan.fed
 
     def known_offset(self) -> int:
         """Where the disturbance columns start in the known inputs (after the plan and the calendar)."""
         return self.fed_columns() + self.calendar.size
 
     def flag_columns(self, kind: str) -> list[int]:
-        """The known-input columns that flag which "setpoints" or "disturbances" are known (each kind's values
-        come first, then its flags: ``modelcard.card.optional_columns``)."""
+        """The known-input columns that flag which "controls" (looped), "setpoints" or "disturbances" are known
+        (each optional kind's values come first, then its flags: ``modelcard.card.optional_columns``)."""
+        n_u, n_l, n_s = len(self.u_mean), len(self.looped), self.n_setpoints
+        if kind == "controls":
+            return list(range(n_u, n_u + n_l))
         if kind == "setpoints":
-            n, start = self.n_setpoints, len(self.u_mean)
-        else:
-            n, start = len(self.disturbances), self.known_offset()
+            return list(range(n_u + n_l + n_s, n_u + n_l + 2 * n_s))
+        n, start = len(self.disturbances), self.known_offset()
         return list(range(start + n, start + 2 * n))
 
     def baseline_columns(self) -> list[int]:
@@ -116,8 +165,20 @@ def fitted_scalers(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.maximum(np.nanstd(values, 0), 1e-3 * np.maximum(np.abs(mean), 1e-3))
 
 
+def looped_controls(catalog: Catalog, cfg: RunConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(controls, their setpoints): positions of each loop's control among the catalog's controls and of its
+    setpoint among the setpoints, for a model that takes the setpoints (none otherwise: every control planned)."""
+    if not cfg.model.setpoint_inputs or not catalog.setpoints:
+        return (), ()
+    controls = tuple(catalog.control_names.index(loop.control) for loop in catalog.loops)
+    return controls, tuple(catalog.setpoint_names.index(loop.setpoint) for loop in catalog.loops)
+
+
 def prepare(cfg: RunConfig) -> Prepared:
     catalog, data, ids, data_hash = load_data(cfg)
+    looped, loop_setpoints = looped_controls(catalog, cfg)
+    # The looped controls are forecast too: x gains their columns (what a loop will apply is an output).
+    data = {sid: replace(d, x=np.concatenate([d.x, d.u[:, list(looped)]], 1)) for sid, d in data.items()}
     train = [data[i] for i in ids["train"]]
     x_all = np.concatenate([d.x for d in train])
     u_all = np.concatenate([d.u for d in train])
@@ -138,7 +199,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     names = [*catalog.target_names, *catalog.control_names, *catalog.setpoint_names]
 
     def missing_share(ids_: tuple[str, ...]) -> dict[str, float]:
-        both = np.concatenate([np.concatenate([data[i].x, data[i].u, data[i].s], 1) for i in ids_])
+        n = len(catalog.targets)
+        both = np.concatenate([np.concatenate([data[i].x[:, :n], data[i].u, data[i].s], 1) for i in ids_])
         return dict(zip(names, np.isnan(both).mean(0).tolist(), strict=True))
 
     s_scalers: tuple[np.ndarray | None, ...] = (None, None, None)
@@ -172,6 +234,13 @@ def prepare(cfg: RunConfig) -> Prepared:
         {k: w.dropped for k, w in windows.items()},
         *s_scalers,
         width_driver=width_driver(catalog, t.width_driver),
+        looped=looped,
+        loop_setpoints=loop_setpoints,
+        policies={sid: d.policy for sid, d in data.items()},
+        held_setpoints={
+            name: tuple(catalog.setpoint_names.index(n) for n in held if n in catalog.setpoint_names)
+            for name, held in HONEST_HELD.items()
+        },
     )
 
 
@@ -199,15 +268,16 @@ def disturbance_forecast(
 
 
 def tensors(
-    p: Prepared, w: Windows, forecast: str = "none", seed: int = 0, setpoints: bool = False
+    p: Prepared, w: Windows, forecast: str = "none", seed: int = 0, request: str = "honest"
 ) -> tuple[torch.Tensor, ...]:
-    """(x_hist, u_hist, x_fut, u_fut) normalised, the u's with their setpoint, calendar (and disturbance)
-    columns. ``forecast``: what the model is told of the future disturbances, "none", "noisy"
-    (train.forecast_noise's kind, seeded) or "perfect" (the truth); ``setpoints``: the loops' setpoints known."""
+    """(x_hist, u_hist, x_fut, u_fut) normalised, the u's with their loop flags, setpoint, calendar (and
+    disturbance) columns. ``forecast``: what the model is told of the future disturbances, "none", "noisy"
+    (train.forecast_noise's kind, seeded) or "perfect" (the truth); ``request``: what it is told of the
+    controls and setpoints (``training.requests.REQUESTS``)."""
     x_fut = torch.from_numpy(p.nx(w.x_fut))
     fc = None
     if forecast != "none" and p.disturbances:
         noise = 0.0 if forecast == "perfect" else p.forecast_noise
         fc = disturbance_forecast(x_fut, p.disturbances, noise, torch.Generator().manual_seed(seed)).numpy()
-    u_hist, u_fut = p.inputs(w, fc, setpoints)
+    u_hist, u_fut = p.inputs(w, fc, request)
     return torch.from_numpy(p.nx(w.x_hist)), torch.from_numpy(u_hist), x_fut, torch.from_numpy(u_fut)

@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelcard.card import CARD_VERSION, CardError, atomic_write
+from modelcard.card import CARD_VERSION, CardError, atomic_write, last_observed
 from modelcard.runtime import ModelRuntime
 from modelcard.store import GATE_FILE, add_version, current_version, set_current, version_dir
 from training import evaluate as ev
 from training.config import RunConfig
 from training.model import KoVAE
 from training.prepare import Prepared
-from training.report import GATE_RULE
+from training.report import GATE_RULE, scored_table
 
 
 def card_variables(
@@ -59,7 +59,11 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
                         "variables": card_variables(cat["setpoints"], p.s_mean, p.s_std, p.s_range),
                         "columns": "after the controls: each one's z-scored value (0 when unknown), then a flag per "
                         "variable (1 = known), over the history and the horizon; the caller may send them",
-                        "trained_with": {"share": cfg.train.setpoint_share},
+                        "trained_with": {
+                            "loop_unknown_share": cfg.train.loop_unknown_share,
+                            "setpoint_share": cfg.train.setpoint_share,
+                            "setpoint_held_share": cfg.train.setpoint_held_share,
+                        },
                     }
                 }
                 if p.n_setpoints
@@ -81,6 +85,16 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
                 if p.disturbances
                 else {}
             ),
+            **(
+                {
+                    "loops": [
+                        {"control": loop.control, "setpoint": loop.setpoint, "measurement": loop.measurement}
+                        for loop in p.catalog.loops
+                    ]
+                }
+                if p.looped
+                else {}
+            ),
             "control_timing": "a control value at time t is the mean applied over the interval ending at t",
         },
         "scaling": {"kind": "zscore", "where": "outside_graph", "formula": "(value - mean) / std"},
@@ -95,7 +109,10 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
                 "regimes",
                 "score",
                 "score_rule",
-                "setpoints_known",
+                "by_regime",
+                "requests",
+                "loop_outputs",
+                "request",
                 "coverage_80_test",
                 "top5_variables",
                 "test_scenarios",
@@ -120,12 +137,20 @@ def score_served(store: Path, p: Prepared, candidate_history: int) -> tuple[str,
     H = w.x_fut.shape[1]
     if rt.card["history"]["min"] > L or rt.max_horizon < H:
         raise CardError(f"served version {version} cannot forecast these windows; compare by hand or use --force")
+    # The honest request, as the served version can take it: one without loops cannot leave a control to its
+    # loop, so the plant holds it at its last value (what hold_controls sends).
+    u_fut, s_hist, s_fut = p.request(w, "honest")
+    if not rt.looped:
+        u_fut = np.where(np.isnan(u_fut), last_observed(w.u_hist)[:, None], u_fut)
+    n = p.n_targets
+    x_hist = w.x_hist[:, -L:, :n]
+    s_hist = None if s_hist is None else s_hist[:, -L:]
     try:
-        mean = rt.predict(w.x_hist[:, -L:], w.u_hist[:, -L:], w.u_fut, w.t_last).mean
+        mean = rt.predict(x_hist, w.u_hist[:, -L:], u_fut, w.t_last, s_hist=s_hist, s_fut=s_fut).mean[..., :n]
     except Exception as exc:  # e.g. ONNX Runtime refusing the inputs of a model with other known inputs
         why = f"served version {version} failed on these windows ({exc}); compare by hand or use --force"
         raise CardError(why) from None
-    return version, ev.gate_score(ev.regime_table(mean, None, w, p.groups, p.test_scale, p.catalog.plant_positions()))
+    return version, ev.gate_score(scored_table(p, mean, None, w))
 
 
 def promote_if_better(
@@ -194,7 +219,7 @@ def export_candidate(
     shutil.rmtree(candidate, ignore_errors=True)
     try:
         w = p.test
-        u_hist, u_fut = p.inputs(w, setpoints=True)  # every known-input column in use
+        u_hist, u_fut = p.inputs(w)  # the honest request: loop flags both ways across the windows
         sample = [(p.nx(w.x_hist[:8]), u_hist[:8], u_fut[:8])]
         export_version(model, card, candidate, sample)
         torch.save(model.state_dict(), candidate / "weights.pt")

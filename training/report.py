@@ -15,11 +15,24 @@ from training.config import RunConfig
 from training.data import Windows
 from training.model import KoVAE
 from training.prepare import Prepared
+from training.requests import REQUESTS
+
+
+def scored_table(
+    p: Prepared, mean: np.ndarray, band: np.ndarray | None, w: Windows, groups: dict[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``ev.regime_table`` of a forecast of ``w`` (all of x's columns) scored on the catalog's targets, per
+    regime/policy cell (or per ``groups``: scenario id -> group)."""
+    n = p.n_targets
+    band = None if band is None else band[..., :n]
+    groups = groups or p.cells()
+    return ev.regime_table(mean[..., :n], band, p.scored(w), groups, p.test_scale[:n], p.catalog.plant_positions())
 
 
 def top5_indices(p: Prepared) -> list[int]:
     """The five variables with the highest training variance in engineering units."""
-    train_var = np.concatenate([s[0] for s in p.train_series]).var(0) * p.x_std**2
+    n = p.n_targets
+    train_var = np.nanvar(np.concatenate([s[0][:, :n] for s in p.train_series]), 0) * p.x_std[:n] ** 2
     return [int(i) for i in np.argsort(-train_var)[:5]]
 
 
@@ -30,55 +43,95 @@ GATE_RULE = (
 
 
 def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any]) -> tuple[dict[str, Any], dict]:
-    """Every model on the held-out windows; returns (metrics, forecasts kept for plots)."""
-    w = p.test
+    """Every model on the held-out windows, told what a plant can send (the honest request: looped controls left
+    to their loops, setpoints planned or held, open-loop controls planned); returns (metrics, forecasts kept for
+    plots). Forecasts told the true future of every control are a diagnostic (``requests``), never the headline."""
+    w, n = p.test, p.n_targets
+    scored = p.scored(w)
     names = p.catalog.target_names
     mean, band = predict(model, p, w, cfg.train.calibration_samples, calib, seed=2)
     arx = {lags: ev.ARX(lags).fit(p.train_series) for lags in (1, 4)}
     u_fut = p.inputs(w)[1][..., p.baseline_columns()]  # the baselines get the controls and the clock, as the KoVAE
     forecasts = {
-        "kovae": mean,
-        "persistence": ev.persistence(w),
-        "seasonal_naive": ev.seasonal_naive(w),
-        "dmdc": p.dx(arx[1].forecast(p.nx(w.x_hist), u_fut)),
-        "arx4": p.dx(arx[4].forecast(p.nx(w.x_hist), u_fut)),
+        "kovae": mean[..., :n],
+        "persistence": ev.persistence(scored),
+        "seasonal_naive": ev.seasonal_naive(scored),
+        "dmdc": p.dx(arx[1].forecast(p.nx(w.x_hist), u_fut))[..., :n],
+        "arx4": p.dx(arx[4].forecast(p.nx(w.x_hist), u_fut))[..., :n],
     }
-    tables = {k: ev.error_table(v, w.x_fut) for k, v in forecasts.items()}
+    tables = {k: ev.error_table(v, scored.x_fut) for k, v in forecasts.items()}
     top5 = top5_indices(p)
     metrics: dict[str, Any] = {
+        "request": "honest: " + REQUESTS["honest"],
         "test_scenarios": list(p.split_ids["test"]),
         "test_windows": len(w.x_hist),
         "top5_variables": [names[i] for i in top5],
         "top5_rule": "five highest variances in engineering units on the training scenarios",
-        "headline": {k: ev.headline(t, tables["persistence"], p.x_std, top5) for k, t in tables.items()},
-        "coverage_80_test": ev.interval_coverage(band, w.x_fut),
+        "headline": {k: ev.headline(t, tables["persistence"], p.x_std[:n], top5) for k, t in tables.items()},
+        "coverage_80_test": ev.interval_coverage(band[..., :n], scored.x_fut),
         "per_variable": {
-            str(h): ev.per_variable(tables["kovae"], p.x_std, names, h) for h in ev.headline_horizons(cfg.train.horizon)
+            str(h): ev.per_variable(tables["kovae"], p.x_std[:n], names, h)
+            for h in ev.headline_horizons(cfg.train.horizon)
         },
         "rmse_by_horizon": {k: t["rmse"].tolist() for k, t in tables.items()},
     }
-    metrics["regimes"] = ev.regime_table(mean, band, w, p.groups, p.test_scale, p.catalog.plant_positions())
+    metrics["regimes"] = scored_table(p, mean, band, w)
+    metrics["by_regime"] = scored_table(p, mean, band, w, p.groups)
     metrics["missing"] = p.missing
     metrics["dropped_windows"] = p.dropped
     metrics["history_gaps"] = gap_scores(model, p, calib, metrics["regimes"])
     if p.disturbances:
-        metrics["influent_forecast"] = forecast_scores(model, p, calib, metrics["regimes"])
+        metrics["influent_forecast"] = forecast_scores(model, p, calib, metrics["by_regime"])
     if p.n_setpoints:
-        metrics["setpoints_known"] = setpoint_scores(model, p, cfg, calib)
+        metrics["requests"] = request_scores(model, p, cfg, calib)
+    if p.looped:
+        metrics["loop_outputs"] = loop_scores(mean, p, w)
     metrics["score"] = ev.gate_score(metrics["regimes"])
     metrics["score_rule"] = GATE_RULE
-    return metrics, {"forecasts": forecasts, "band": band, "windows": w}
+    return metrics, {"forecasts": forecasts, "band": band[..., :n], "windows": scored}
+
+
+def request_scores(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any]) -> dict[str, Any]:
+    """Per regime/policy cell, pooled skill and coverage told each other request (``training.requests.REQUESTS``)."""
+    out = {}
+    for request in ("held", "applied", "bare"):
+        mean, band = predict(model, p, p.test, cfg.train.calibration_samples, calib, seed=2, request=request)
+        out[request] = {"words": REQUESTS[request], "regimes": scored_table(p, mean, band, p.test)}
+    return out
+
+
+def loop_scores(mean: np.ndarray, p: Prepared, w: Windows) -> dict[str, Any]:
+    """The looped controls' forecasts (what each loop will apply) where the honest request left them to their
+    loops: RMSE at 15 min, 5 h and 24 h against persistence's, per loop control."""
+    closed = p.closed_loops(w)
+    out: dict[str, Any] = {}
+    steps = ev.pooled_steps(w.x_fut.shape[1])
+    for j, c in enumerate(p.looped):
+        k, col = closed[:, j], p.n_targets + j
+        if not k.any():
+            continue
+        err = ev.error_table(mean[k][..., col : col + 1], w.x_fut[k][..., col : col + 1])["rmse"][:, 0]
+        ref = ev.error_table(ev.persistence(w)[k][..., col : col + 1], w.x_fut[k][..., col : col + 1])["rmse"][:, 0]
+        out[p.catalog.control_names[c]] = {
+            "windows": int(k.sum()),
+            "unit": p.catalog.controls[c].unit,
+            "rmse": {str(s): float(err[s - 1]) for s in steps},
+            "persistence_rmse": {str(s): float(ref[s - 1]) for s in steps},
+        }
+    return out
 
 
 # ----------------------------------------------------------------------------- reports
 
 
-def with_gap(w: Windows, case: str, sample_minutes: int, seed: int = 0) -> Windows:
-    """The windows with one randomly chosen measured variable missing in each history: over its last 2 hours
-    ("last_2h", the sensor is down right now) or over a quarter of the history somewhere ("quarter")."""
+def with_gap(w: Windows, case: str, sample_minutes: int, n_sensors: int, seed: int = 0) -> Windows:
+    """The windows with one randomly chosen measured variable (of x's first ``n_sensors``) missing in each
+    history: over its last 2 hours ("last_2h", the sensor is down right now) or over a quarter of the history
+    somewhere ("quarter")."""
     rng = np.random.default_rng(seed)
     x = w.x_hist.copy()
-    N, L, nx = x.shape
+    N, L, _ = x.shape
+    nx = n_sensors
     n = min(L // 2, round(120 / sample_minutes)) if case == "last_2h" else L // 4
     for i, j in enumerate(rng.integers(0, nx, N)):
         end = L if case == "last_2h" else int(rng.integers(n, L + 1))
@@ -94,10 +147,9 @@ def gap_scores(
     references see the same gaps (persistence holds the last value before the gap)."""
     out = {"none": complete["all"]["pooled_skill_all"]}
     for case in ("last_2h", "quarter"):
-        w = with_gap(p.test, case, p.catalog.sample_minutes)
+        w = with_gap(p.test, case, p.catalog.sample_minutes, p.n_targets)
         mean, _ = predict(model, p, w, 0, calib)
-        table = ev.regime_table(mean, None, w, {k: "all" for k in p.groups}, p.test_scale, p.catalog.plant_positions())
-        out[case] = table["all"]["pooled_skill_all"]
+        out[case] = scored_table(p, mean, None, w, {k: "all" for k in p.groups})["all"]["pooled_skill_all"]
     return out
 
 
@@ -106,46 +158,51 @@ def forecast_scores(
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per regime, pooled skill with no forecast of the disturbances (the served default), a noisy one (the error
     training adds: train.forecast_noise at the horizon, growing as sqrt(lead time)) and a perfect one; the 80%
-    coverage too with the noisy one (a caller's real forecast)."""
+    coverage too with the noisy one (a caller's real forecast). All in the honest request."""
     out = {"none": without}
     for mode, samples in (("noisy", calib["samples"]), ("perfect", 0)):
         mean, band = predict(model, p, p.test, samples, calib, seed=3, forecast=mode)
-        out[mode] = ev.regime_table(mean, band, p.test, p.groups, p.test_scale, p.catalog.plant_positions())
+        out[mode] = scored_table(p, mean, band, p.test, p.groups)
     return out
 
 
-def setpoint_scores(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per regime, pooled skill and coverage when the caller sends the loops' setpoints (history and plan) with
-    the controls, as a plant's control system can. The gate scores the model without them, as every caller
-    gets it."""
-    mean, band = predict(model, p, p.test, cfg.train.calibration_samples, calib, seed=2, setpoints=True)
-    return ev.regime_table(mean, band, p.test, p.groups, p.test_scale, p.catalog.plant_positions())
+def loop_lines(metrics: dict[str, Any], step_minutes: int, *, markdown: bool = False) -> list[str]:
+    """The looped controls' forecasts (what each loop will apply) against persistence, where left to the loop."""
+    loops = metrics.get("loop_outputs", {})
+    if not loops:
+        return []
+    steps = list(next(iter(loops.values()))["rmse"])
+    lead = [f"{int(s) * step_minutes / 60:g} h" for s in steps]
+    head = ["control", "windows", *[f"RMSE {x} (persistence)" for x in lead]]
+    rows = [
+        [name, str(r["windows"])] + [f"{r['rmse'][s]:.4g} ({r['persistence_rmse'][s]:.4g}) {r['unit']}" for s in steps]
+        for name, r in loops.items()
+    ]
+    title = "What the loops will apply, forecast where the request left it to them:"
+    if markdown:
+        table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+        return ["", title, "", *table]
+    return ["", title, *("  ".join(r) for r in rows)]
 
 
 def width_lines(calib: dict[str, Any]) -> list[str]:
-    """The interval width in words (training.model.IntervalWidth): its driver and what each optional input does."""
+    """The interval width in words (training.model.IntervalWidth): its driver, what each way of telling the
+    model does to it, and the validation coverage per request and regime/policy cell."""
     width = calib.get("width")
     if not width:
         return []
-    by_regime = calib["val_coverage_by_regime"]
-
-    def covered(kind: str) -> str:
-        return ", ".join(f"{g} {100 * c:.1f}%" for g, c in by_regime[kind].items())
-
     lines = [""]
     if width["driver"] is not None and width["gamma"]:
         lines.append(
             f"The interval widens by exp({width['gamma']:g} z) with z the highest {width['driver_name']} over the "
-            f"history as a z-score (clipped to {width['driver_clip'][0]:g}..{width['driver_clip'][1]:g}), fitted so "
-            f"that every validation regime and every quarter of z is covered alike: {covered('none')}."
+            f"history as a z-score (clipped to {width['driver_clip'][0]:g}..{width['driver_clip'][1]:g}), gamma "
+            "chosen so that every validation regime/policy cell and every quarter of z is covered alike."
         )
-    else:
-        lines.append(f"One width per variable (validation: {covered('none')}).")
     for k in width["known"]:
-        lines.append(
-            f"Sending the {k['input']} scales it by {np.median(k['ratio']):.2f} (median over the variables; "
-            f"validation: {covered(k['input'])})."
-        )
+        when = "when sent" if k.get("when", "known") == "known" else "when not sent"
+        lines.append(f"{k['input']} ({when}): the width times {np.median(k['ratio']):.2f} (median over the variables).")
+    for request, cells in calib["val_coverage_by_regime"].items():
+        lines.append(f"Validation coverage, {request}: " + ", ".join(f"{g} {100 * c:.1f}%" for g, c in cells.items()))
     return lines
 
 
@@ -174,7 +231,7 @@ def example_windows(w: Any, per_scenario: int = 1) -> list[int]:
 def plot_variables(p: Prepared, w: Any, count: int = 6) -> list[int]:
     """What the example plot shows: the first disturbance (the influent's flow, where the catalog has one),
     then the plant measurements that move most on the held-out windows (in units of their training std)."""
-    moving = np.nanstd(w.x_fut, axis=(0, 1)) / p.x_std
+    moving = np.nanstd(w.x_fut, axis=(0, 1)) / p.x_std[: p.n_targets]
     plant = sorted(p.catalog.plant_positions(), key=lambda i: -moving[i])
     first = p.catalog.disturbance_positions()[:1]
     return (first + plant)[:count]
@@ -205,7 +262,7 @@ def write_plots(
     files.append("loss.png")
     plt.close(fig)
 
-    x_std, step_h = p.x_std, p.catalog.sample_minutes / 60
+    x_std, step_h = p.x_std[: p.n_targets], p.catalog.sample_minutes / 60
     fig, ax = plt.subplots(figsize=(7, 4))
     for model_name, rmse in metrics["rmse_by_horizon"].items():
         r = np.array(rmse)
@@ -309,19 +366,22 @@ def report_markdown(
     lines += ["", "Against the baselines:", "", *losses_in_words(metrics, step)]
     lines += [
         "",
-        f"Per regime, pooled skill against the better naive forecast (gate score {metrics['score']:.3f}: "
-        f"{metrics['score_rule']}):",
+        f"Every figure here was measured in the request a plant can send ({metrics['request']}), unless it says "
+        "otherwise.",
+        "",
+        f"Per regime and operating policy, pooled skill against the better naive forecast (gate score "
+        f"{metrics['score']:.3f}: {metrics['score_rule']}):",
         "",
         *ev.regime_lines(metrics["regimes"], step, markdown=True),
+        "",
+        "Per regime:",
+        "",
+        *ev.regime_lines(metrics["by_regime"], step, markdown=True),
     ]
-    if "setpoints_known" in metrics:
-        lines += [
-            "",
-            "The same with the loops' setpoints sent (history and plan, beside the controls), as a plant's control "
-            "system can:",
-            "",
-            *ev.regime_lines(metrics["setpoints_known"], step, markdown=True),
-        ]
+    for request, r in metrics.get("requests", {}).items():
+        lines += ["", f"Told otherwise, `{request}` ({r['words']}):", ""]
+        lines += ev.regime_lines(r["regimes"], step, markdown=True)
+    lines += loop_lines(metrics, step, markdown=True)
     lines += [
         "",
         f"80% interval coverage: validation {100 * calib['val_coverage_80']:.1f}% (calibrated there), "
@@ -396,12 +456,14 @@ def print_headline(metrics: dict[str, Any], calib: dict[str, Any], catalog: Cata
     if "kept_epoch" in metrics:
         print(f"weights kept from epoch {metrics['kept_epoch']} (lowest validation forecast loss)")
     print("\n".join(line.replace("**", "") for line in losses_in_words(metrics, catalog.sample_minutes)))
-    print("\npooled skill per regime, 1 - sqrt(NMSE / NMSE of the better naive forecast); < 0: worse than naive")
+    print(f"\nrequest: {metrics['request']}")
+    print("pooled skill per regime/policy, 1 - sqrt(NMSE / NMSE of the better naive forecast); < 0: worse than naive")
     print("\n".join(ev.regime_lines(metrics["regimes"], catalog.sample_minutes)))
     print(f"gate score {metrics['score']:.4f} ({metrics['score_rule']})")
-    if "setpoints_known" in metrics:
-        print("\nthe same with the loops' setpoints sent (history and plan):")
-        print("\n".join(ev.regime_lines(metrics["setpoints_known"], catalog.sample_minutes)))
+    for request, r in metrics.get("requests", {}).items():
+        print(f"\ntold otherwise, {request} ({r['words']}):")
+        print("\n".join(ev.regime_lines(r["regimes"], catalog.sample_minutes)))
+    print("\n".join(loop_lines(metrics, catalog.sample_minutes)))
     for mode, table in metrics.get("influent_forecast", {}).items():
         if mode != "none":
             cells = "; ".join(
