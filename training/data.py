@@ -38,10 +38,23 @@ class Windows:
 
 def usable(x_hist: np.ndarray, u_hist: np.ndarray, x_fut: np.ndarray, u_fut: np.ndarray, max_missing: float) -> bool:
     """A window trains or scores only with most of its history, every future control (the caller always sends
-    them) and something to score: missing history at most ``max_missing`` per variable, no variable's history
-    missing entirely, and at least one future target."""
-    missing = np.isnan(np.concatenate([x_hist, u_hist], 1)).mean(0)
-    return bool(missing.max() <= max_missing and np.isfinite(u_fut).all() and np.isfinite(x_fut).any())
+    them) and something to score: at most ``max_missing`` of the history's values missing, all variables
+    together (one analyser out is masked, not a reason to lose the window: ``mask_out``), and at least one
+    future target."""
+    missing = np.isnan(np.concatenate([x_hist, u_hist], 1)).mean()
+    return bool(missing <= max_missing and np.isfinite(u_fut).all() and np.isfinite(x_fut).any())
+
+
+def mask_out(x_hist: np.ndarray, x_fut: np.ndarray, max_missing: float) -> np.ndarray:
+    """The future targets, with those whose history is more than ``max_missing`` missing (an analyser out) set
+    to missing: the window still trains and scores every other variable, and the model is never asked to
+    forecast a variable it has hardly seen (the service refuses such a history too)."""
+    out = np.isnan(x_hist).mean(0) > max_missing
+    if not out.any():
+        return x_fut
+    x_fut = x_fut.copy()
+    x_fut[:, out] = np.nan
+    return x_fut
 
 
 def make_windows(
@@ -54,8 +67,9 @@ def make_windows(
     steps_per_day: int = 96,
     max_missing: float = 0.5,
 ) -> Windows:
-    """Slide over each scenario separately, so no window straddles two scenarios. Windows with too much missing
-    data (``usable``) are dropped and counted."""
+    """Slide over each scenario separately, so no window straddles two scenarios. A variable whose history is
+    mostly missing is masked in that window (``mask_out``); windows with too much missing data overall
+    (``usable``) are dropped and counted."""
     day = steps_per_day
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("xh", "uh", "xf", "uf", "sh", "sf", "xd")}
     t_last: list[float] = []
@@ -70,9 +84,11 @@ def make_windows(
         for s in starts:
             e = s + history
             window = sd.x[s:e], sd.u[s:e], sd.x[e : e + horizon], sd.u[e : e + horizon]
-            if gappy and not usable(*window, max_missing):
-                dropped += 1
-                continue
+            if gappy:
+                window = window[0], window[1], mask_out(window[0], window[2], max_missing), window[3]
+                if not usable(*window, max_missing):
+                    dropped += 1
+                    continue
             for key, part in zip(("xh", "uh", "xf", "uf"), window, strict=True):
                 parts[key].append(part)
             parts["sh"].append(sd.s[s:e])
