@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -483,54 +484,46 @@ def test_the_example_plants_export_imports_in_one_run_and_reports_every_repair(
 
 
 @pytest.mark.slow
-def test_another_plant_trains_exports_and_is_served(tmp_path: Path, tiny_data, serve) -> None:
-    """A plant with 7 forecast variables and 2 controls under its own names (read from columns named as the
-    historian names them): imported, trained with the tiny preset, exported, and answered by the real service
-    with no code change."""
-    from training.run import main
-
-    table = tmp_path / "plant.csv"
-    example.export_table([tiny_data[i] for i in ("bsm2-00", "bsm2-01", "bsm2-02")], BSM1, table, seed=1)
-    mapping = [
-        ("influent_flow", "Q_in", "disturbance"),
-        ("nh4_in", "SNH_in", "disturbance"),
-        ("no3_anoxic", "SNO_2", "measurement"),
-        ("do_last_tank", "SO_5", "measurement"),
-        ("nh4_last_tank", "SNH_5", "measurement"),
-        ("nh4_out", "SNH_eff", "measurement"),
-        ("no3_out", "SNO_eff", "measurement"),
-        ("blower", "KLa_5", "control"),
-        ("recycle_pump", "Q_intr", "control"),
-    ]
-    by_name = {v.name: v for v in [*BSM1.targets, *BSM1.controls]}
-    entries = [
-        f'[[variables]]\nname = "{new}"\ncolumn = "{old}"\nunit = "{by_name[old].unit}"\n'
-        f'description = "{by_name[old].description}"\nrole = "{role}"\nmin = {by_name[old].min}\n'
-        f"max = {by_name[old].max}\nmax_gap_minutes = 30\n"
-        for new, old, role in mapping
-    ]
-    catalog = tmp_path / "plant.toml"
-    catalog.write_text('name = "plant-b"\nsample_minutes = 15\ntimezone = "Europe/Berlin"\n\n' + "\n".join(entries))
-    data = tmp_path / "imported"
+def test_a_new_plants_first_model_is_served_by_the_readme_flow(
+    tmp_path: Path, tiny_data, trained_store, serve, monkeypatch, capsys
+) -> None:
+    """Issue 30: in a folder whose models/ serves the BSM1 plant, a new plant goes from its export to a served
+    model with the README's commands and no --force: its models live in models/<catalog name>, its next version
+    is compared with its first, and a run told to use BSM1's store says why it is not comparable."""
     from training.data import main as data_main
+    from training.run import main as run_main
 
+    shutil.copytree(trained_store[0], tmp_path / "models")
+    bsm1_current = (tmp_path / "models" / "CURRENT").read_text()
+    monkeypatch.chdir(tmp_path)
+    example.export_plant([tiny_data[i] for i in EXAMPLE_SCENARIOS], Path("plant.csv"))
+    catalog = str(example.EXAMPLE_CATALOG)
+    assert data_main(["import", "plant.csv", "--catalog", catalog, "--preset", "tiny"]) == 0
+    assert f"--preset tiny --catalog {catalog} --data data_cache/import-plant" in capsys.readouterr().out
+    train = ["--preset", "tiny", "--catalog", catalog, "--data", "data_cache/import-plant"]
+    assert run_main([*train, "--run-dir", "runs/p1"]) == 0
+    assert "serve it: KOVAE_MODEL_STORE=models/example-plant python -m service" in capsys.readouterr().err
+    store = tmp_path / "models" / "example-plant"
+    assert (store / "CURRENT").read_text().strip() == "p1"
+    assert (tmp_path / "models" / "CURRENT").read_text() == bsm1_current  # BSM1's store untouched
+
+    assert run_main([*train, "--run-dir", "runs/p2", "--no-promote"]) == 0
+    gate = json.loads((store / "p2" / "gate.json").read_text())
+    assert gate["served_version"] == "p1" and "on the same held-out windows" in gate["why"]
+    assert run_main([*train, "--run-dir", "runs/p3", "--store", "models"]) == 0
     assert (
-        data_main(
-            ["import", str(table), "--catalog", str(catalog), "--out", str(data), "--history", "16", "--horizon", "16"]
-        )
-        == 0
-    )
-    store = tmp_path / "store"
-    args = ["--preset", "tiny", "--catalog", str(catalog), "--data", str(data), "--store", str(store)]
-    assert main([*args, "--run-dir", str(tmp_path / "runs" / "b1")]) == 0
-    card = json.loads((store / "b1" / "card.json").read_text())
-    assert [v["name"] for v in card["variables"]["measurements"]] == [m[0] for m in mapping[:7]]
-    assert [v["role"] for v in card["variables"]["controls"]] == ["control", "control"]
-    report = (store / "b1" / "report.md").read_text()
-    assert "Missing data" in report  # the faults of the export: dropouts
+        "not comparable with the served model: served version v1 is a model of catalog 'bsm1', this run's is "
+        "'example-plant': each catalog's models belong in a store of their own"
+    ) in capsys.readouterr().err
+    assert not (tmp_path / "models" / "p3").exists()
 
+    card = json.loads((store / "p1" / "card.json").read_text())
+    measurements = {v["name"]: v for v in card["variables"]["measurements"]}
+    assert list(measurements) == ["inflow", "nh4_in", "no3_bb2", "o2_bb5", "nh4_bb5", "nh4_out", "no3_out", "temp_bb5"]
+    assert measurements["nh4_out"]["max_flat_minutes"] == 120 and card["catalog"]["timezone"] == "Europe/Berlin"
+    assert "Missing data" in (store / "p1" / "report.md").read_text()
     server = serve(store)
-    t0 = datetime(2026, 6, 1, tzinfo=UTC)
+    t0 = datetime(2026, 11, 2, tzinfo=UTC)
     L, H = card["history"]["length"], 4
     mean = {v["name"]: v["mean"] for v in [*card["variables"]["measurements"], *card["variables"]["controls"]]}
     body = {
@@ -538,8 +531,8 @@ def test_another_plant_trains_exports_and_is_served(tmp_path: Path, tiny_data, s
         "series": [
             {
                 "timestamps": [(t0 + timedelta(minutes=15 * k)).isoformat() for k in range(L)],
-                "measurements": {m[0]: [mean[m[0]]] * L for m in mapping[:7]},
-                "controls": {m[0]: [mean[m[0]]] * L for m in mapping[7:]},
+                "measurements": {name: [mean[name]] * L for name in measurements},
+                "controls": {name: [mean[name]] * L for name in ("air_bb5", "recycle")},
                 "hold_controls": True,
             }
         ],
@@ -547,8 +540,8 @@ def test_another_plant_trains_exports_and_is_served(tmp_path: Path, tiny_data, s
     r = server.client.post("/forecast", json=body)
     assert r.status_code == 200, r.text
     forecast = r.json()["series"][0]["forecast"]
-    assert set(forecast) == {m[0] for m in mapping[:7]} and len(forecast["nh4_out"]["mean"]) == H
-    assert server.client.get("/model").json()["version"] == "b1"
+    assert set(forecast) == set(measurements) and len(forecast["nh4_out"]["mean"]) == H
+    assert server.client.get("/model").json()["version"] == "p1"
 
 
 def test_parquet_export_with_nulls_reads_like_csv(tmp_path: Path, small) -> None:
