@@ -1,8 +1,9 @@
 """Plant catalogs: the variables a model sees, read from a TOML file (``plant/catalogs/bsm1.toml`` is ours).
 
-A catalog names every series of a plant: name, source column, unit, description, role, physical bounds and the
-longest gap an import may bridge. Training copies it into the model card, and export and the service read it
-from there, never from here. Roles:
+A catalog names every series of a plant: name, source column, unit, description, role, physical bounds, the
+longest gap an import may bridge and the longest flat line a sensor may draw. It also says how the plant's
+historian writes its export: the timestamp column and format, and the codes it writes for a missing value.
+Training copies it into the model card, and export and the service read it from there, never from here. Roles:
 
 - ``measurement``: a plant state, forecast (effluent ammonium, dissolved oxygen, ...);
 - ``disturbance``: measured but not controlled, forecast too (the influent);
@@ -22,6 +23,8 @@ the control too (the aeration a setpoint plan will need).
 
 from __future__ import annotations
 
+import difflib
+import re
 import tomllib
 import zoneinfo
 from dataclasses import dataclass, fields
@@ -30,6 +33,9 @@ from typing import Any
 
 ROLES = ("measurement", "disturbance", "control", "setpoint")
 BSM1_CATALOG = Path(__file__).with_name("catalogs") / "bsm1.toml"
+TIMESTAMP_FORMATS = ("iso8601", "epoch_seconds")  # or a strptime pattern, e.g. "%d.%m.%Y %H:%M:%S"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a catalog's name is also its model store's folder
+MissingCode = float | str  # a number or a text a historian writes where it has no value
 
 
 class CatalogError(ValueError):
@@ -46,6 +52,8 @@ class Variable:
     role: str = "measurement"
     column: str = ""  # the column of a historian export ("": the name)
     max_gap_minutes: float = 0.0  # an import bridges gaps up to this long by linear interpolation
+    missing_codes: tuple[MissingCode, ...] = ()  # this column's own codes for "no value" (besides the catalog's)
+    max_flat_minutes: float = 0.0  # identical values for longer than this are a stuck sensor (0: never checked)
 
     @property
     def source_column(self) -> str:
@@ -68,6 +76,9 @@ class Catalog:
     timezone: str  # IANA name: how an import reads timestamps without a UTC offset
     variables: tuple[Variable, ...]
     loops: tuple[Loop, ...] = ()
+    timestamp_column: str = "timestamp"  # the export's time column
+    timestamp_format: str = "iso8601"  # iso8601 (with or without UTC offset), epoch_seconds, or a strptime pattern
+    missing_codes: tuple[MissingCode, ...] = ()  # codes every column may hold for "no value" (-9999, "Bad", ...)
 
     @property
     def targets(self) -> tuple[Variable, ...]:
@@ -120,7 +131,21 @@ class Catalog:
             out["setpoints"] = [variable_dict(v, bounds=bounds) for v in self.setpoints]
         if self.loops:
             out["loops"] = [loop_dict(loop) for loop in self.loops]
+        # How the export is written: only where it differs from the defaults (the BSM1 catalog's dict is unchanged).
+        for key in ("timestamp_column", "timestamp_format"):
+            if getattr(self, key) != CATALOG_DEFAULTS[key]:
+                out[key] = getattr(self, key)
+        if self.missing_codes:
+            out["missing_codes"] = list(self.missing_codes)
         return out
+
+    def codes_for(self, v: Variable) -> tuple[frozenset[float], dict[str, str]]:
+        """The numbers, and the texts (case-folded, to the code as written), that mean "no value" in ``v``'s
+        column: the catalog's codes and the variable's own."""
+        codes = (*self.missing_codes, *v.missing_codes)
+        return frozenset(c for c in codes if isinstance(c, float)), {
+            c.casefold(): c for c in codes if isinstance(c, str)
+        }
 
     def data_dict(self) -> dict[str, Any]:
         """What determines a data file's columns (names, units, meaning, period): stored in every cached
@@ -146,6 +171,9 @@ def variable_dict(v: Variable, *, bounds: bool = True) -> dict[str, Any]:
     if bounds:
         out["bounds"] = {"min": v.min, "max": v.max}
         out["max_gap_minutes"] = v.max_gap_minutes
+        out["max_flat_minutes"] = v.max_flat_minutes  # the service warns about a longer flat line
+        if v.missing_codes:
+            out["missing_codes"] = list(v.missing_codes)
     return out
 
 
@@ -164,9 +192,7 @@ def parse_loops(entries: list[Any], variables: list[Variable], source: str) -> t
         where = f"{source}: loop {i + 1}"
         if not isinstance(entry, dict):
             raise CatalogError(f"{where}: expected a table with control, setpoint and measurement")
-        unknown = set(entry) - set(wanted)
-        if unknown:
-            raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(wanted)}")
+        unknown_keys(entry, set(wanted), where)
         for key, allowed in wanted.items():
             name = entry.get(key)
             if name is None and key == "measurement":
@@ -185,10 +211,46 @@ def parse_loops(entries: list[Any], variables: list[Variable], source: str) -> t
     return tuple(loops)
 
 
+def unknown_keys(given: Any, known: set[str], where: str) -> None:
+    """Refuse keys a catalog does not know, by name and with the closest known one: a misspelt setting must
+    never be ignored silently."""
+    unknown = sorted(set(given) - known)
+    if not unknown:
+        return
+    hints = [
+        f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, known, 1)) else repr(k)
+        for k in unknown
+    ]
+    raise CatalogError(f"{where}: unknown key(s) {', '.join(hints)}; known: {', '.join(sorted(known))}")
+
+
+def parse_codes(value: Any, where: str) -> tuple[MissingCode, ...]:
+    """``missing_codes``: a list of numbers and texts. A text that reads as a number is that number, so
+    ``"-9999"`` and ``-9999`` are the same code (a cell "-9999.0" matches either)."""
+    if not isinstance(value, list):
+        raise CatalogError(f'{where}: missing_codes must be a list of numbers and texts, e.g. [-9999, "Bad"]')
+    codes: list[MissingCode] = []
+    for code in value:
+        if isinstance(code, bool) or not isinstance(code, int | float | str):
+            raise CatalogError(f"{where}: missing code {code!r} is neither a number nor a text")
+        if isinstance(code, str):
+            try:
+                code = float(code)
+            except ValueError:
+                code = code.strip()
+                if not code:
+                    raise CatalogError(f"{where}: an empty missing code (empty cells are missing anyway)") from None
+        codes.append(float(code) if not isinstance(code, str) else code)
+    return tuple(codes)
+
+
 def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
     """A catalog from TOML (``[[variables]]`` with ``role``) or from a card/manifest (``measurements`` and
-    ``controls`` lists); every problem names ``source`` and the entry."""
+    ``controls`` lists); every problem names ``source`` and the entry, unknown keys at every level included."""
     known = {f.name for f in fields(Variable)}
+    top = {f.name for f in fields(Catalog)} - {"variables"}
+    lists = {"variables"} if "variables" in data else {"measurements", "controls", "setpoints"}
+    unknown_keys(data, top | lists, source)
     if "variables" in data:
         entries = list(data["variables"])
     else:
@@ -202,9 +264,7 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
             entry.update(min=entry["bounds"].get("min"), max=entry["bounds"].get("max"))
             entry.pop("bounds")
         where = f"{source}: variable {i + 1} ({entry.get('name', '?')})"
-        unknown = set(entry) - known
-        if unknown:
-            raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        unknown_keys(entry, known, where)
         missing = [k for k in ("name", "unit", "description", "min", "max") if k not in entry]
         if missing:
             raise CatalogError(f"{where}: missing {', '.join(missing)}")
@@ -218,15 +278,19 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
                 role=str(entry.get("role", "measurement")),
                 column=str(entry.get("column", "")),
                 max_gap_minutes=float(entry.get("max_gap_minutes", 0.0)),
+                missing_codes=parse_codes(entry.get("missing_codes", []), where),
+                max_flat_minutes=float(entry.get("max_flat_minutes", 0.0)),
             )
         except (TypeError, ValueError) as exc:
+            if isinstance(exc, CatalogError):
+                raise
             raise CatalogError(f"{where}: {exc}") from None
         if v.role not in ROLES:
             raise CatalogError(f"{where}: role {v.role!r} is not one of {', '.join(ROLES)}")
         if not v.min < v.max:
             raise CatalogError(f"{where}: min {v.min} must be below max {v.max}")
-        if v.max_gap_minutes < 0:
-            raise CatalogError(f"{where}: max_gap_minutes must be >= 0")
+        if v.max_gap_minutes < 0 or v.max_flat_minutes < 0:
+            raise CatalogError(f"{where}: max_gap_minutes and max_flat_minutes must be >= 0")
         if not v.name.replace("_", "").isalnum():
             raise CatalogError(f"{where}: a name has letters, digits and underscores only")
         variables.append(v)
@@ -236,7 +300,22 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
         timezone=str(data.get("timezone", "UTC")),
         variables=tuple(variables),
         loops=parse_loops(list(data.get("loops", [])), variables, source),
+        timestamp_column=str(data.get("timestamp_column", CATALOG_DEFAULTS["timestamp_column"])),
+        timestamp_format=str(data.get("timestamp_format", CATALOG_DEFAULTS["timestamp_format"])),
+        missing_codes=parse_codes(data.get("missing_codes", []), source),
     )
+    if not NAME_RE.match(cat.name):
+        raise CatalogError(
+            f"{source}: name {cat.name!r} must be letters, digits, '.', '_' or '-' (at most 64): it also names the "
+            "plant's model store, models/<name>"
+        )
+    if cat.timestamp_format not in TIMESTAMP_FORMATS and "%" not in cat.timestamp_format:
+        raise CatalogError(
+            f"{source}: timestamp_format {cat.timestamp_format!r} is not one of {', '.join(TIMESTAMP_FORMATS)} "
+            "or a strptime pattern such as '%d.%m.%Y %H:%M:%S'"
+        )
+    if cat.timestamp_column in columns_of(variables):
+        raise CatalogError(f"{source}: timestamp_column {cat.timestamp_column!r} is also a variable's column")
     if cat.sample_minutes <= 0 or (24 * 60) % cat.sample_minutes:
         raise CatalogError(f"{source}: sample_minutes must divide a day (1440 minutes), got {cat.sample_minutes}")
     try:
@@ -245,13 +324,20 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
         raise CatalogError(f"{source}: unknown time zone {cat.timezone!r} (an IANA name, e.g. Europe/Berlin)") from None
     names = [v.name for v in variables]
     twice = sorted({n for n in names if names.count(n) > 1})
-    columns = [v.source_column for v in variables]
+    columns = columns_of(variables)
     twice += sorted({f"column {c}" for c in columns if columns.count(c) > 1})
     if twice:
         raise CatalogError(f"{source}: named twice: {', '.join(twice)}")
     if not cat.targets or not cat.controls:
         raise CatalogError(f"{source}: needs at least one measurement or disturbance and one control")
     return cat
+
+
+def columns_of(variables: list[Variable]) -> list[str]:
+    return [v.source_column for v in variables]
+
+
+CATALOG_DEFAULTS = {f.name: f.default for f in fields(Catalog) if f.name in ("timestamp_column", "timestamp_format")}
 
 
 def load_catalog(path: str | Path | None = None) -> Catalog:

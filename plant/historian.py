@@ -1,16 +1,18 @@
-"""A plant's own data: import a historian export into the training data format, and write one from the simulator.
+"""A plant's own data: import a historian export into the training data format.
 
-``python -m training.data import SOURCE --catalog CATALOG [--out DIR]`` reads a wide CSV or Parquet table (a
-``timestamp`` column, one column per catalog variable), resamples it to the catalog's sample period, keeps gaps
-as gaps, splits it into contiguous train / validation / test blocks and writes them as cached scenarios with a
-manifest, the format ``python -m training.run --catalog CATALOG --data DIR`` trains on.
+``python -m training.data import SOURCE --catalog CATALOG [--preset P] [--out DIR]`` reads a wide CSV or Parquet
+table (the catalog's timestamp column, one column per catalog variable), resamples it to the catalog's sample
+period, keeps gaps as gaps, splits it into contiguous train / validation / test blocks and writes them as cached
+scenarios with a manifest, the format ``python -m training.run --catalog CATALOG --data DIR`` trains on.
 
-``python -m training.data export-table OUT.csv`` writes simulator scenarios in that import format, with the
-faults real sensors have (noise, dropouts, a stuck sensor, spikes): the worked example of the README.
-
-What an import refuses, always naming the file, row and column: a value that does not parse, a value outside
-the catalog's physical bounds (usually a wrong unit), a timestamp that does not parse, repeats or goes back, and
-a local time without UTC offset that a DST change makes ambiguous or impossible.
+One run reports everything. The import reads the whole file and collects what it refuses (the first 50 listed,
+each with file, row, column and value, the rest counted), and writes nothing then: a value that does not parse,
+a value outside the catalog's physical bounds (with a unit hint only where a common factor brings it inside, a
+code hint where it looks like a historian's error code), a timestamp that does not parse, repeats or goes back,
+a local time without offset that the spring change skips, or that the autumn change repeats where neither the
+neighbours' offsets nor the records' order tell which of the two hours it is. What it repairs is listed in its
+report and manifest: a declared missing code read as missing, a stuck sensor's flat line set to missing, the
+repeated autumn hour placed by the order of its records. ``plant.example_export`` writes worked examples.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import hashlib
 import json
 import math
 import zoneinfo
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -29,16 +32,48 @@ from typing import Any
 import numpy as np
 
 from modelcard.card import atomic_write
-from plant.catalog import Catalog, catalog_from_dict
+from plant.catalog import Catalog, MissingCode, Variable, catalog_from_dict
 from plant.scenarios import DataError, ScenarioData, load_scenario, save_scenario
 
-TIMESTAMP_COLUMN = "timestamp"
 CLOCK_EPOCH = datetime(1970, 1, 5)  # a Monday: clock minutes count from here, so the week's calendar is right
-MISSING = {"", "nan", "NaN", "NA", "null", "None"}
+CLOCK_EPOCH_S = CLOCK_EPOCH.replace(tzinfo=UTC).timestamp()
+MISSING = {"", "nan", "NaN", "NA", "null", "None"}  # empty cells: missing without a word
+SHOWN = 50  # refusals listed one by one; the rest are counted
+UNIT_FACTORS = (1000.0, 3.6, 24.0, 60.0, 100.0, 1440.0, 3600.0, 86400.0)  # mg/g, m3/h-l/s, per day-hour-minute, %
 
 
 class ImportRefused(ValueError):
-    """The export cannot be trusted as it is; the message names the file, row and column."""
+    """The export cannot be trusted as it is; the message lists every problem with file, row, column and value."""
+
+
+class Problems:
+    """What an import refuses, collected over the whole file so that one run reports all of it: the first
+    ``SHOWN`` by row are listed, the rest counted by kind."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.kept: dict[str, list[tuple[int, int, str]]] = {}  # kind -> its first SHOWN (row, column, message)
+        self.counts: Counter[str] = Counter()
+
+    def add(self, kind: str, row: int, column: int, message: str) -> None:
+        """``kind`` counts it ("values outside o2's bounds in column X"); ``message`` follows "row N "."""
+        self.counts[kind] += 1
+        kept = self.kept.setdefault(kind, [])
+        if len(kept) < SHOWN:  # each kind keeps its first SHOWN by row, so the first SHOWN overall are among them
+            kept.append((row, column, message))
+
+    def raise_if_any(self) -> None:
+        if not self.counts:
+            return
+        listed = sorted(item for kept in self.kept.values() for item in kept)[:SHOWN]
+        total = sum(self.counts.values())
+        lines = [f"{self.path}: {total} problem(s); nothing was imported"]
+        lines += [f"  {self.path}: row {row} {message}" for row, _, message in listed]
+        if total > len(listed):
+            shown = Counter(kind for kind, kept in self.kept.items() for item in kept if item in listed)
+            rest = [f"{n - shown[kind]} {kind}" for kind, n in self.counts.items() if n > shown[kind]]
+            lines.append(f"  and {total - len(listed)} more: {'; '.join(rest)}")
+        raise ImportRefused("\n".join(lines))
 
 
 @dataclass
@@ -49,78 +84,59 @@ class Table:
     clock: np.ndarray  # (n,) local wall-clock minutes since CLOCK_EPOCH (the calendar's input)
     values: dict[str, np.ndarray]  # variable name -> (n,) float, NaN where missing
     rows: np.ndarray  # (n,) the file's row number of each record (for messages)
-
-
-def parse_time(text: str, tz: zoneinfo.ZoneInfo, where: str) -> datetime:
-    """An ISO timestamp; without a UTC offset it is read in ``tz``, refusing a DST repeat or gap."""
-    try:
-        t = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ImportRefused(f"{where}: cannot parse timestamp {text!r} (ISO 8601 expected)") from None
-    if t.tzinfo is not None:
-        return t
-    first, second = t.replace(tzinfo=tz, fold=0), t.replace(tzinfo=tz, fold=1)
-    if first.astimezone(UTC).astimezone(tz).replace(tzinfo=None) != t:
-        raise ImportRefused(f"{where}: {text} does not exist in {tz.key} (skipped by the DST change)")
-    if first.utcoffset() != second.utcoffset():
-        raise ImportRefused(
-            f"{where}: {text} is repeated by the DST change in {tz.key} (give timestamps with UTC offsets)"
-        )
-    return first
-
-
-def clock_minutes(t: datetime) -> float:
-    """Wall-clock minutes since CLOCK_EPOCH in the timestamp's own offset: what the service reads off a request."""
-    return (t.replace(tzinfo=None) - CLOCK_EPOCH).total_seconds() / 60
+    repairs: list[dict[str, Any]] = field(default_factory=list)  # what was read as missing or placed, and where
 
 
 def read_table(path: Path, catalog: Catalog) -> Table:
-    """Read a wide CSV or Parquet export; every variable of the catalog must have its column."""
-    tz = zoneinfo.ZoneInfo(catalog.timezone)
-    if path.suffix.lower() in (".parquet", ".pq"):
-        header, records, first_row = _parquet_records(path)
-    else:
-        try:
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                reader = csv.reader(f)
-                header = next(reader, [])
-                records = list(reader)
-        except OSError as exc:
-            raise ImportRefused(f"{path}: cannot read ({exc.strerror})") from None
-        first_row = 2  # the header is row 1
-    if TIMESTAMP_COLUMN not in header:
-        raise ImportRefused(f"{path}: no {TIMESTAMP_COLUMN!r} column (columns: {', '.join(header)})")
-    missing = [v.source_column for v in catalog.variables if v.source_column not in header]
-    if missing:
-        raise ImportRefused(f"{path}: the catalog's column(s) {', '.join(missing)} are not in the file")
-    it = header.index(TIMESTAMP_COLUMN)
-    cols = {v.name: header.index(v.source_column) for v in catalog.variables}
-    n = len(records)
-    utc, clock = np.empty(n), np.empty(n)
-    values = {name: np.full(n, np.nan) for name in cols}
-    for r, rec in enumerate(records):
-        row = r + first_row
+    """Read a wide CSV or Parquet export in one pass; every problem of the file is reported at once."""
+    header, records, first_row = read_records(path)
+    time_col = catalog.timestamp_column
+    absent = [v.source_column for v in catalog.variables if v.source_column not in header]
+    if time_col not in header or absent:
+        why = [f"no {time_col!r} column (the catalog's timestamp_column)"] if time_col not in header else []
+        why += [f"the catalog's column(s) {', '.join(absent)} are not in the file"] if absent else []
+        raise ImportRefused(f"{path}: {'; '.join(why)} (columns: {', '.join(header)})")
+    problems = Problems(path)
+    rows = np.arange(first_row, first_row + len(records))
+    keep = [i for i, rec in enumerate(records) if len(rec) > 0]  # a blank line (the file's last) is no record
+    records, rows = [records[i] for i in keep], rows[keep]
+    if not records:
+        raise ImportRefused(f"{path}: no records below the header")
+    broken: set[int] = set()  # records with a wrong number of fields: refused once, read no further
+    for i, rec in enumerate(records):
         if len(rec) != len(header):
-            raise ImportRefused(f"{path}: row {row} has {len(rec)} fields, the header {len(header)}")
-        t = rec[it] if isinstance(rec[it], datetime) else parse_time(str(rec[it]), tz, f"{path}: row {row}")
-        if t.tzinfo is None:
-            t = parse_time(t.isoformat(), tz, f"{path}: row {row}")
-        utc[r], clock[r] = t.timestamp(), clock_minutes(t)
-        for name, c in cols.items():
-            cell = rec[c]
-            if cell is None or (isinstance(cell, str) and cell.strip() in MISSING):
-                continue
-            try:
-                value = float(cell)
-            except (TypeError, ValueError):
-                raise ImportRefused(f"{path}: row {row} column {header[c]}: cannot parse {cell!r}") from None
-            if not math.isfinite(value):
-                continue  # NaN in a Parquet float column: missing
-            values[name][r] = value
-    rows = np.arange(first_row, first_row + n)
-    _check_order(path, utc, rows, records, it)
-    _check_bounds(path, catalog, values, rows)
-    return Table(utc, clock, values, rows)
+            message = f"has {len(rec)} fields, the header {len(header)}"
+            problems.add("rows with a wrong number of fields", rows[i], -1, message)
+            records[i] = [""] * len(header)
+            broken.add(i)
+    repairs: list[dict[str, Any]] = []
+    it = header.index(time_col)
+    utc, offset = read_times([rec[it] for rec in records], rows, catalog, problems, repairs, broken)
+    values = {}
+    for v in catalog.variables:
+        c = header.index(v.source_column)
+        values[v.name] = read_values([rec[c] for rec in records], rows, v, c, catalog, problems, repairs)
+        check_bounds(values[v.name], rows, v, c, problems)
+    problems.raise_if_any()
+    for v in catalog.variables:
+        if v.max_flat_minutes > 0:
+            repairs += remove_flat_runs(values[v.name], utc, rows, v, catalog.timezone)
+    return Table(utc, (utc + offset - CLOCK_EPOCH_S) / 60, values, rows, repairs)
+
+
+def read_records(path: Path) -> tuple[list[str], list[list[Any]], int]:
+    """(header, records, row number of the first record) of a CSV or Parquet file."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return _parquet_records(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, [])
+            return header, list(reader), 2  # the header is row 1
+    except OSError as exc:
+        raise ImportRefused(f"{path}: cannot read ({exc.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ImportRefused(f"{path}: not a UTF-8 CSV file ({exc})") from None
 
 
 def _parquet_records(path: Path) -> tuple[list[str], list[list[Any]], int]:
@@ -137,27 +153,317 @@ def _parquet_records(path: Path) -> tuple[list[str], list[list[Any]], int]:
     return header, [list(rec) for rec in zip(*columns, strict=True)], 1  # row 1: the first record
 
 
-def _check_order(path: Path, utc: np.ndarray, rows: np.ndarray, records: list, it: int) -> None:
-    steps = np.diff(utc)
-    for bad, what in ((steps == 0, "repeats"), (steps < 0, "goes back in time from")):
-        if bad.any():
-            j = int(np.argmax(bad))
-            raise ImportRefused(
-                f"{path}: row {rows[j + 1]} column {TIMESTAMP_COLUMN}: {records[j + 1][it]} {what} row {rows[j]}'s "
-                f"{records[j][it]} (timestamps must increase)"
+# ----------------------------------------------------------------------------- timestamps and DST
+
+
+def read_times(
+    cells: list[Any],
+    rows: np.ndarray,
+    catalog: Catalog,
+    problems: Problems,
+    repairs: list[dict[str, Any]],
+    broken: set[int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(UTC seconds, UTC offset seconds of the plant's clock) per record. A local time without offset is read in
+    the catalog's zone; one that the autumn change repeats is placed by its neighbours (``place_repeated``)."""
+    tz = zoneinfo.ZoneInfo(catalog.timezone)
+    col, fmt = catalog.timestamp_column, catalog.timestamp_format
+    n = len(cells)
+    utc, offset = np.full(n, np.nan), np.zeros(n)
+    repeated = np.full((n, 4), np.nan)  # a repeated local time's (first, second) instants and offsets
+    for i, cell in enumerate(cells):
+        where = f"column {col}: "
+        if i in broken:
+            continue
+        if cell is None or (isinstance(cell, str) and not cell.strip()):
+            problems.add("records without a timestamp", rows[i], -1, where + "no timestamp")
+            continue
+        try:
+            t = parse_timestamp(cell, fmt)
+        except (ValueError, TypeError, OverflowError, OSError):
+            expected = {"iso8601": "ISO 8601", "epoch_seconds": "seconds since 1970 UTC"}.get(fmt, repr(fmt))
+            problems.add(
+                "timestamps that do not parse",
+                rows[i],
+                -1,
+                where + f"cannot parse timestamp {cell!r} ({expected} expected)",
+            )
+            continue
+        if isinstance(t, float):  # epoch seconds: the plant's clock is the zone's local time at that instant
+            utc[i], offset[i] = t, _offset(datetime.fromtimestamp(t, tz))
+            continue
+        if t.tzinfo is not None:
+            utc[i], offset[i] = t.timestamp(), _offset(t)
+            continue
+        first, second = t.replace(tzinfo=tz, fold=0), t.replace(tzinfo=tz, fold=1)
+        if first.astimezone(UTC).astimezone(tz).replace(tzinfo=None) != t:
+            problems.add(
+                "local times skipped by the DST change",
+                rows[i],
+                -1,
+                where + f"{cell} does not exist in {tz.key} (skipped by the DST change)",
+            )
+        elif first.utcoffset() != second.utcoffset():
+            repeated[i] = first.timestamp(), second.timestamp(), _offset(first), _offset(second)
+        else:
+            utc[i], offset[i] = first.timestamp(), _offset(first)
+    place_repeated(utc, offset, repeated, rows, cells, tz.key, col, problems, repairs)
+    check_order(utc, rows, cells, col, problems)
+    return utc, offset
+
+
+def parse_timestamp(cell: Any, fmt: str) -> datetime | float:
+    """A datetime (aware where the cell has an offset) or, for ``epoch_seconds``, UTC seconds."""
+    if isinstance(cell, datetime):  # Parquet timestamps
+        return cell
+    if fmt == "epoch_seconds":
+        value = float(cell)
+        datetime.fromtimestamp(value, UTC)  # out of range raises
+        if not math.isfinite(value):
+            raise ValueError(cell)
+        return value
+    text = str(cell).strip()
+    return datetime.fromisoformat(text) if fmt == "iso8601" else datetime.strptime(text, fmt)
+
+
+def _offset(t: datetime) -> float:
+    delta = t.utcoffset()
+    return delta.total_seconds() if delta is not None else 0.0
+
+
+def place_repeated(
+    utc: np.ndarray,
+    offset: np.ndarray,
+    repeated: np.ndarray,
+    rows: np.ndarray,
+    cells: list[Any],
+    zone: str,
+    col: str,
+    problems: Problems,
+    repairs: list[dict[str, Any]],
+) -> None:
+    """Place local times of the hour the autumn change repeats. In a run of such records the first k are in the
+    first hour and the rest in the second (real time never goes back); the k that keeps every timestamp, with
+    its neighbours', strictly increasing is the answer. Only when several k do (one pass of the hour exported,
+    nothing around it with an offset) is the run refused: nothing then tells the two hours apart."""
+    amb = np.flatnonzero(np.isfinite(repeated[:, 0]))
+    if not len(amb):
+        return
+    blocks = np.split(amb, np.flatnonzero(np.diff(amb) > 1) + 1)
+    known = np.flatnonzero(np.isfinite(utc))
+    for b in blocks:
+        u0, u1 = repeated[b, 0], repeated[b, 1]
+        n = len(b)
+        before, after = known[known < b[0]], known[known > b[-1]]
+        prev = utc[before[-1]] if len(before) else -np.inf
+        nxt = utc[after[0]] if len(after) else np.inf
+        rising0 = np.concatenate([[True], np.cumprod(np.diff(u0) > 0).astype(bool)])  # u0[:k] increasing, k >= 1
+        rising1 = np.concatenate([np.cumprod((np.diff(u1) > 0)[::-1]).astype(bool)[::-1], [True]])  # u1[k:], k < n
+        k = np.arange(n + 1)
+        ok = np.concatenate([[True], rising0]) & np.concatenate([rising1, [True]])
+        first = np.where(k > 0, u0[0], u1[0])
+        last = np.where(k < n, u1[-1], u0[-1])
+        ok &= (prev < first) & (last < nxt)
+        ok[1:n] &= u0[: n - 1] < u1[1:]  # the junction: the first hour's last record before the second's first
+        valid = np.flatnonzero(ok)
+        if len(valid) == 1:
+            split = int(valid[0])
+            fold = (np.arange(n) >= split).astype(int)
+            utc[b] = repeated[b, fold]
+            offset[b] = repeated[b, 2 + fold]
+            repairs.append(
+                {
+                    "kind": "dst_repeated_hour",
+                    "column": col,
+                    "zone": zone,
+                    "first_row": int(rows[b[0]]),
+                    "last_row": int(rows[b[-1]]),
+                    "first_hour": split,
+                    "second_hour": n - split,
+                }
+            )
+            continue
+        why = (
+            "neither its neighbours' offsets nor the order of the records tell which of the two hours it is"
+            if len(valid)
+            else "in either hour it would go back in time from its neighbours"
+        )
+        for i in b:
+            problems.add(
+                "local times repeated by the DST change that cannot be placed",
+                rows[i],
+                -1,
+                f"column {col}: {cells[i]} is repeated by the DST change in {zone}, and {why} "
+                "(give timestamps with UTC offsets)",
             )
 
 
-def _check_bounds(path: Path, catalog: Catalog, values: dict[str, np.ndarray], rows: np.ndarray) -> None:
-    for v in catalog.variables:
-        col = values[v.name]
-        out = (col < v.min) | (col > v.max)
-        if out.any():
-            j = int(np.argmax(out))
-            raise ImportRefused(
-                f"{path}: row {rows[j]} column {v.source_column}: {col[j]:g} is outside {v.name}'s physical bounds "
-                f"[{v.min:g}, {v.max:g}] {v.unit} ({int(out.sum())} value(s) in all; a wrong unit?)"
-            )
+def check_order(utc: np.ndarray, rows: np.ndarray, cells: list[Any], col: str, problems: Problems) -> None:
+    """Each timestamp must come after the previous one (records whose time is unknown are skipped)."""
+    known = np.flatnonzero(np.isfinite(utc))
+    steps = np.diff(utc[known])
+    for j in np.flatnonzero(steps <= 0):
+        a, b = known[j], known[j + 1]
+        what = "repeats" if steps[j] == 0 else "goes back in time from"
+        problems.add(
+            "timestamps out of order",
+            rows[b],
+            -1,
+            f"column {col}: {cells[b]} {what} row {rows[a]}'s {cells[a]} (timestamps must increase)",
+        )
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def read_values(
+    cells: list[Any],
+    rows: np.ndarray,
+    v: Variable,
+    c: int,
+    catalog: Catalog,
+    problems: Problems,
+    repairs: list[dict[str, Any]],
+) -> np.ndarray:
+    """One column as floats, NaN where empty or a declared missing code (counted per code for the report)."""
+    numbers, texts = catalog.codes_for(v)
+    out = np.full(len(cells), np.nan)
+    seen: dict[MissingCode, list[int]] = {}  # code -> [count, first row, last row]
+    for i, cell in enumerate(cells):
+        code: MissingCode | None = None
+        if cell is None:
+            continue
+        if isinstance(cell, str):
+            text = cell.strip()
+            if text in MISSING:
+                continue
+            code = texts.get(text.casefold())
+        if code is None:
+            try:
+                value = float(cell)
+            except (TypeError, ValueError):
+                problems.add(
+                    f"values that do not parse in column {v.source_column}",
+                    rows[i],
+                    c,
+                    f"column {v.source_column}: cannot parse {cell!r} (if the historian writes it for a missing "
+                    "value, list it in the catalog's missing_codes)",
+                )
+                continue
+            if not math.isfinite(value):
+                continue  # NaN in a Parquet float column: missing
+            if value not in numbers:
+                out[i] = value
+                continue
+            code = value
+        count = seen.setdefault(code, [0, int(rows[i]), 0])
+        count[0] += 1
+        count[2] = int(rows[i])
+    for code, (count, first, last) in seen.items():
+        repairs.append(
+            {
+                "kind": "missing_code",
+                "variable": v.name,
+                "column": v.source_column,
+                "code": code,
+                "records": count,
+                "first_row": first,
+                "last_row": last,
+            }
+        )
+    return out
+
+
+def check_bounds(col: np.ndarray, rows: np.ndarray, v: Variable, c: int, problems: Problems) -> None:
+    bad = np.flatnonzero((col < v.min) | (col > v.max))
+    kind = f"values outside {v.name}'s physical bounds in column {v.source_column}"
+    for i in bad:
+        value = float(col[i])
+        problems.add(
+            kind,
+            rows[i],
+            c,
+            f"column {v.source_column}: {value:g} is outside {v.name}'s physical bounds [{v.min:g}, {v.max:g}] "
+            f"{v.unit}{bounds_hint(value, v)}",
+        )
+
+
+def looks_like_code(value: float) -> bool:
+    """-9999, 99999, 1e6, -1e30: the powers of ten and all-nines numbers historians write for "no value"."""
+    a = abs(value)
+    if a < 999 or a != math.floor(a):
+        return False
+    if a > 1e300:
+        return True
+    return any(float(10 ** round(math.log10(b))) == b for b in (a, a + 1))
+
+
+def bounds_hint(value: float, v: Variable) -> str:
+    """Why a value may be outside the bounds: an error code, or a wrong unit where a common factor brings it
+    inside them (only for values far outside: more than the bounds' width beyond them)."""
+    if looks_like_code(value):
+        return " (a historian error code? list it in the catalog's missing_codes)"
+    width = v.max - v.min
+    if v.min - width <= value <= v.max + width:
+        return ""
+    for factor in UNIT_FACTORS:
+        for scaled, op in ((value / factor, "/"), (value * factor, "x")):
+            if v.min <= scaled <= v.max:
+                return f" ({value:g} {op} {factor:g} = {scaled:.4g} is inside them: a wrong unit?)"
+    return ""
+
+
+def remove_flat_runs(
+    col: np.ndarray, utc: np.ndarray, rows: np.ndarray, v: Variable, zone: str
+) -> list[dict[str, Any]]:
+    """A stuck sensor: identical values over more than ``v.max_flat_minutes`` (from the run's first record to its
+    last; missing cells in between do not end it). Its first record is kept (the last value really measured),
+    the rest set to missing, in place. Returns one repair per run."""
+    idx = np.flatnonzero(np.isfinite(col))
+    if len(idx) < 2:
+        return []
+    vals = col[idx]
+    change = np.flatnonzero(vals[1:] != vals[:-1]) + 1
+    starts, ends = np.concatenate([[0], change]), np.concatenate([change, [len(idx)]]) - 1
+    long = utc[idx[ends]] - utc[idx[starts]] > v.max_flat_minutes * 60
+    tz = zoneinfo.ZoneInfo(zone)
+    out = []
+    for a, b in zip(idx[starts[long]], idx[ends[long]], strict=True):
+        span = col[a + 1 : b + 1]
+        n = int(np.isfinite(span).sum())
+        out.append(
+            {
+                "kind": "stuck",
+                "variable": v.name,
+                "column": v.source_column,
+                "value": float(col[a]),
+                "first_row": int(rows[a]),
+                "last_row": int(rows[b]),
+                "from": datetime.fromtimestamp(utc[a], tz).isoformat(),
+                "to": datetime.fromtimestamp(utc[b], tz).isoformat(),
+                "minutes": float((utc[b] - utc[a]) / 60),
+                "records": n,
+            }
+        )
+        span[:] = np.nan
+    return out
+
+
+def describe(repair: dict[str, Any]) -> str:
+    """One line of the import's report for a repair."""
+    r, rows = repair, f"rows {repair['first_row']}-{repair['last_row']}"
+    if r["kind"] == "missing_code":
+        code = f"{r['code']:g}" if isinstance(r["code"], float) else repr(r["code"])
+        return f"column {r['column']}: {code} read as missing in {r['records']} record(s), {rows}"
+    if r["kind"] == "stuck":
+        return (
+            f"column {r['column']}: stuck at {r['value']:g} for {r['minutes'] / 60:.1f} h ({rows}, {r['from']} .. "
+            f"{r['to']}, longer than its max_flat_minutes): {r['records']} record(s) after the first set to missing"
+        )
+    return (
+        f"column {r['column']}: {rows} lie in the hour the DST change repeats in {r['zone']}: placed by their order, "
+        f"{r['first_hour']} before the clocks went back and {r['second_hour']} after"
+    )
 
 
 def resample(table: Table, catalog: Catalog) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, dict]]:
@@ -225,7 +531,8 @@ def import_table(
     shares: tuple[float, float] = (0.15, 0.15),
 ) -> dict[str, Any]:
     """Import ``source`` into ``out_dir``: one scenario per split block, and manifest.json (with the catalog,
-    the missing share per variable and a data hash). Returns the manifest."""
+    the history and horizon the blocks are separated for, the repairs, the missing share per variable and a
+    data hash). Returns the manifest."""
     table = read_table(source, catalog)
     grid, clock, values, report = resample(table, catalog)
     pos = {v.name: j for j, v in enumerate(catalog.variables)}
@@ -250,8 +557,11 @@ def import_table(
         "sample_minutes": catalog.sample_minutes,
         "records": len(table.utc),
         "splits": {k: [k] for k in blocks},
+        "history": history,
+        "horizon": horizon,
         "gap_between_splits": history + horizon,
         "scenarios": scenarios,
+        "repairs": table.repairs,
         "missing": report,
     }
     atomic_write(out_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
@@ -272,56 +582,3 @@ def load_dataset(folder: Path, catalog: Catalog | None = None) -> tuple[Catalog,
         raise DataError(f"{folder}: imported with another catalog ({stored.name}); import it again with this one")
     data = {sid: load_scenario(folder / entry["file"], stored) for sid, entry in manifest["scenarios"].items()}
     return stored, data, manifest
-
-
-# ----------------------------------------------------------------------------- the worked example
-
-
-def export_table(
-    data: list[ScenarioData],
-    catalog: Catalog,
-    path: Path,
-    seed: int = 0,
-    *,
-    faults: bool = True,
-    tz: str = "Europe/Berlin",
-) -> dict[str, int]:
-    """Write scenarios (in time order) as a historian export: one row per sample, a timestamp with its UTC offset
-    in ``tz`` (the scenarios' day 0 is Monday 2 March 2026), and the faults of real sensors when ``faults``:
-    1% noise, dropouts of 15 minutes to 6 hours, one sensor stuck for a day, and a few spikes (within bounds).
-    Returns counts of what was done."""
-    rng = np.random.default_rng(seed)
-    x = np.concatenate([d.x for d in data])
-    u = np.concatenate([d.u for d in data])
-    sp = np.concatenate([d.s for d in data])
-    values = np.concatenate([x, u, sp], 1).astype(np.float64)
-    columns = [*catalog.targets, *catalog.controls, *catalog.setpoints]
-
-    n = len(values)
-    counts = {"rows": n, "dropouts": 0, "stuck_samples": 0, "spikes": 0}
-    if faults:
-        sensors = list(range(len(catalog.targets)))  # controls and setpoints come from the control system: no faults
-        values[:, sensors] *= 1 + 0.01 * rng.standard_normal((n, len(sensors)))
-        for _ in range(max(1, n // 500)):
-            j, start, length = rng.choice(sensors), rng.integers(0, n), int(rng.integers(1, 25))
-            values[start : start + length, j] = np.nan
-            counts["dropouts"] += 1
-        j, start = rng.choice(sensors), int(rng.integers(0, max(1, n - 96)))
-        values[start : start + 96, j] = values[start, j]
-        counts["stuck_samples"] = min(96, n - start)
-        for _ in range(5):
-            j, i = rng.choice(sensors), int(rng.integers(0, n))
-            values[i, j] = min(values[i, j] * 3, catalog.targets[j].max)
-            counts["spikes"] += 1
-        for j, v in enumerate(columns):
-            values[:, j] = np.clip(values[:, j], v.min, v.max)
-    zone = zoneinfo.ZoneInfo(tz)
-    monday = datetime(2026, 3, 2, tzinfo=zone).astimezone(UTC)  # the scenarios' day 0, 4 weeks before a DST change
-    minutes = np.concatenate([d.t_minutes for d in data])
-    lines = [",".join([TIMESTAMP_COLUMN, *[v.source_column for v in columns]])]
-    for i in range(n):
-        t = (monday + timedelta(minutes=float(minutes[i]))).astimezone(zone)
-        cells = ["" if np.isnan(val) else f"{val:.9g}" for val in values[i]]
-        lines.append(",".join([t.isoformat(), *cells]))
-    atomic_write(path, ("\n".join(lines) + "\n").encode())
-    return counts

@@ -200,3 +200,24 @@ def test_bad_configs_are_refused_with_a_clear_message(tiny_cache) -> None:
     with pytest.raises(ConfigError, match="bsm2-09"):
         S.splits(cfg.data)
     assert D.main(["--preset", "tiny", 'data.val_scenarios=["dry"]', 'data.test_scenarios=["dry"]']) == 2
+
+
+def test_one_analyser_out_is_masked_and_the_window_kept(tiny_data) -> None:
+    """Issue 30: a day without one analyser costs no window of the other variables; that analyser is masked
+    (its future too, where its history is mostly missing). Windows whose history is mostly missing overall, or
+    without their future controls, are still dropped."""
+    sd = replace(tiny_data["dry"], x=tiny_data["dry"].x.copy(), u=tiny_data["dry"].u.copy())
+    j = MEASUREMENT_NAMES.index("SNH_eff")
+    sd.x[40:140, j] = np.nan  # the effluent ammonium analyser out for 25 h
+    w = D.make_windows([sd], history=16, horizon=8)
+    assert w.dropped == 0 and len(w.x_hist) == len(sd.t_minutes) - 24 + 1
+    others = np.delete(np.arange(sd.x.shape[1]), j)
+    inside = w.x_fut[60]  # history rows 60-75: the analyser entirely out
+    assert np.isnan(inside[:, j]).all() and np.isfinite(inside[:, others]).all()
+    half = w.x_fut[126]  # history rows 126-141: 14 of 16 missing -> masked; future rows 142-149 measured
+    assert np.isnan(half[:, j]).all() and np.isfinite(sd.x[142:150, j]).all()
+    assert np.isfinite(w.x_fut[132][:, j]).all()  # history 132-147: half missing is not mostly: kept as measured
+    sd.x[150:171], sd.u[150:171] = np.nan, np.nan  # the whole plant's historian down for 5 h 15 min
+    w = D.make_windows([sd], history=16, horizon=8)
+    # Dropped: a future control missing (starts 127-154) or more than half of the history missing (143-162).
+    assert w.dropped == 162 - 127 + 1 and len(w.x_hist) == len(sd.t_minutes) - 24 + 1 - w.dropped

@@ -4,6 +4,8 @@ data, and a model of another plant served by the real service."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from plant import example_export as example
 from plant import historian as hist
 from plant.catalog import BSM1, CatalogError, catalog_from_dict, load_catalog
 from plant.scenarios import load_scenario
@@ -84,12 +87,56 @@ def test_catalog_errors_name_the_file_and_entry(tmp_path: Path) -> None:
         load_catalog(bad)
 
 
+def test_catalog_refuses_unknown_keys_at_every_level_by_name(tmp_path: Path) -> None:
+    """A misspelt setting is never ignored: at the top level, in a variable and in a loop, the key is named with
+    the closest known one."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('timestamp_colum = "Time"\n' + BERLIN_CATALOG)
+    with pytest.raises(
+        CatalogError, match=r"bad\.toml: unknown key\(s\) 'timestamp_colum' \(did you mean 'timestamp_column'"
+    ):
+        load_catalog(bad)
+    bad.write_text(BERLIN_CATALOG.replace("max = 20", "max = 20\nmax_flat_minute = 60"))
+    with pytest.raises(CatalogError, match=r"variable 2 \(oxygen\): unknown key\(s\) 'max_flat_minute' \(did you"):
+        load_catalog(bad)
+    setpoint = '[[variables]]\nname = "o2_sp"\nunit = "g/m3"\ndescription = "DO setpoint"\nrole = "setpoint"\n'
+    setpoint += "min = 0\nmax = 5\n"
+    bad.write_text(BERLIN_CATALOG + setpoint + '[[loops]]\ncontroll = "air"\nsetpoint = "o2_sp"\n')
+    with pytest.raises(CatalogError, match=r"loop 1: unknown key\(s\) 'controll' \(did you mean 'control'"):
+        load_catalog(bad)
+    for line, message in [
+        ('timestamp_format = "dd.mm.yyyy"', r"timestamp_format 'dd\.mm\.yyyy' is not one of iso8601, epoch_seconds"),
+        ("missing_codes = [true]", r"missing code True is neither a number nor a text"),
+        ('missing_codes = "Bad"', r"missing_codes must be a list"),
+        ('timestamp_column = "flow"', r"timestamp_column 'flow' is also a variable's column"),
+    ]:
+        bad.write_text(line + "\n" + BERLIN_CATALOG)
+        with pytest.raises(CatalogError, match=message):
+            load_catalog(bad)
+    bad.write_text(BERLIN_CATALOG.replace('name = "small"', 'name = "Klaeranlage Nord"'))
+    with pytest.raises(CatalogError, match=r"name 'Klaeranlage Nord' must be letters.*models/<name>"):
+        load_catalog(bad)
+
+
+def test_export_settings_and_flat_limits_round_trip_through_the_card_dict(tmp_path: Path) -> None:
+    path = tmp_path / "plant.toml"
+    text = 'timestamp_column = "Time"\ntimestamp_format = "epoch_seconds"\nmissing_codes = [-9999, "Bad", "1e6"]\n'
+    path.write_text(text + BERLIN_CATALOG.replace("max = 20", "max = 20\nmax_flat_minutes = 90\nmissing_codes = [99]"))
+    cat = load_catalog(path)
+    assert cat.missing_codes == (-9999.0, "Bad", 1e6)  # a text that reads as a number is that number
+    d = cat.to_dict()
+    assert d["timestamp_column"] == "Time" and d["timestamp_format"] == "epoch_seconds"
+    oxygen = d["measurements"][1]
+    assert oxygen["max_flat_minutes"] == 90 and oxygen["missing_codes"] == [99.0]  # the card's variable entries
+    assert catalog_from_dict(d).to_dict() == d
+
+
 def test_round_trip_simulate_export_import_gives_the_same_arrays(tmp_path: Path, tiny_data) -> None:
     """Simulated scenarios written as a historian export (exact values) and imported again: the same x, u and
     clock wherever nothing was dropped, and missing exactly where the scenarios leave a gap in time."""
     scenarios = [tiny_data[i] for i in ("bsm2-00", "bsm2-01", "bsm2-02")]
     table = tmp_path / "plant.csv"
-    hist.export_table(scenarios, BSM1, table, faults=False)
+    example.export_table(scenarios, BSM1, table, faults=False)
     manifest = hist.import_table(table, BSM1, tmp_path / "imported", history=16, horizon=16)
     x = np.concatenate([s.x for s in scenarios])
     u = np.concatenate([s.u for s in scenarios])
@@ -134,7 +181,7 @@ def test_resampling_averages_each_interval_and_bridges_only_short_gaps(tmp_path:
         ([("2026-05-04T00:00:00+00:00", "1000", "abc", "100")], r"row 2 column DO \[mg/l\]: cannot parse 'abc'"),
         ([("2026-05-04T00:00:00+00:00", "1000", "25", "100")], r"row 2 column DO \[mg/l\]: 25 is outside oxygen"),
         ([("2026-05-04T00:00:00+00:00", "-3", "2", "100")], r"row 2 column flow: -3 is outside"),
-        ([("yesterday", "1000", "2", "100")], r"row 2: cannot parse timestamp 'yesterday'"),
+        ([("yesterday", "1000", "2", "100")], r"row 2 column timestamp: cannot parse timestamp 'yesterday'"),
         (
             [("2026-05-04T00:15:00+00:00", "1", "2", "3"), ("2026-05-04T00:15:00+00:00", "1", "2", "3")],
             r"row 3 column timestamp: .* repeats row 2",
@@ -143,14 +190,131 @@ def test_resampling_averages_each_interval_and_bridges_only_short_gaps(tmp_path:
             [("2026-05-04T00:15:00+00:00", "1", "2", "3"), ("2026-05-04T00:00:00+00:00", "1", "2", "3")],
             r"row 3 column timestamp: .* goes back in time from row 2",
         ),
-        ([("2026-10-25T02:30:00", "1", "2", "3")], r"row 2: 2026-10-25T02:30:00 is repeated by the DST change"),
-        ([("2026-03-29T02:30:00", "1", "2", "3")], r"row 2: 2026-03-29T02:30:00 does not exist in Europe/Berlin"),
+        (
+            [("2026-10-25T02:30:00", "1", "2", "3")],
+            r"row 2 column timestamp: 2026-10-25T02:30:00 is repeated by the DST change",
+        ),
+        (
+            [("2026-03-29T02:30:00", "1", "2", "3")],
+            r"row 2 column timestamp: 2026-03-29T02:30:00 does not exist in Europe/Berlin",
+        ),
     ],
 )
 def test_each_refusal_names_file_row_and_column(tmp_path: Path, small, rows, message) -> None:
     path = write_csv(tmp_path / "export.csv", rows)
     with pytest.raises(hist.ImportRefused, match=r"export\.csv: " + message):
         hist.read_table(path, small)
+
+
+def test_one_run_reports_every_problem_with_file_row_column_and_value(tmp_path: Path, small) -> None:
+    """Issue 30: one import run lists every refusal; the unit hint only where a factor of a common unit brings
+    the value inside the bounds, the code hint for an error code, neither for a value just outside."""
+    rows = regular(datetime(2026, 5, 4, tzinfo=UTC), 12)
+    rows[1] = (rows[1][0], "1000", "Bad", "100")
+    rows[2] = (rows[2][0], "1000", "-9999", "100")
+    rows[3] = (rows[3][0], "1000", "2500", "100")
+    rows[4] = (rows[4][0], "1000", "25", "100")
+    rows[5] = (rows[5][0], "1e6", "2", "100")
+    rows[6] = ("yesterday", "1000", "2", "100")
+    rows[8] = (rows[7][0], "1000", "2", "100")
+    rows[9] = (rows[9][0], "1000", "2")  # type: ignore[assignment]
+    with pytest.raises(hist.ImportRefused) as caught:
+        hist.read_table(write_csv(tmp_path / "export.csv", rows), small)
+    text = str(caught.value)
+    expected = [
+        r"export\.csv: 8 problem\(s\); nothing was imported",
+        r"export\.csv: row 3 column DO \[mg/l\]: cannot parse 'Bad' \(if the historian writes it for a missing value, "
+        r"list it in the catalog's missing_codes\)",
+        r"export\.csv: row 4 column DO \[mg/l\]: -9999 is outside oxygen's physical bounds \[0, 20\] g O2/m3 "
+        r"\(a historian error code\? list it in the catalog's missing_codes\)\n",
+        r"row 5 column DO \[mg/l\]: 2500 is outside .* \(2500 / 1000 = 2\.5 is inside them: a wrong unit\?\)",
+        r"row 6 column DO \[mg/l\]: 25 is outside oxygen's physical bounds \[0, 20\] g O2/m3\n",
+        r"row 7 column flow: 1e\+06 is outside flow's physical bounds .* \(a historian error code\?",
+        r"row 8 column timestamp: cannot parse timestamp 'yesterday'",
+        r"row 10 column timestamp: \S+ repeats row 9's",
+        r"row 11 has 3 fields, the header 4",
+    ]
+    for pattern in expected:
+        assert re.search(pattern, text), pattern
+    assert text.count("wrong unit") == 1
+
+    many = regular(datetime(2026, 5, 4, tzinfo=UTC), 130)
+    many = [(t, f, "Bad" if k >= 10 else o, a) for k, (t, f, o, a) in enumerate(many)]
+    with pytest.raises(hist.ImportRefused) as caught:
+        hist.read_table(write_csv(tmp_path / "many.csv", many), small)
+    lines = str(caught.value).splitlines()
+    assert lines[0].endswith("120 problem(s); nothing was imported") and len(lines) == 1 + hist.SHOWN + 1
+    assert lines[1].startswith(f"  {tmp_path / 'many.csv'}: row 12 column DO [mg/l]: cannot parse 'Bad'")
+    assert lines[-1] == "  and 70 more: 70 values that do not parse in column DO [mg/l]"
+
+
+def test_missing_codes_numbers_and_texts_are_read_as_missing_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "codes.toml"
+    oxygen_codes = 'max = 20\nmissing_codes = [99, "Comm Fail"]'
+    path.write_text('missing_codes = [-9999, "Bad"]\n' + BERLIN_CATALOG.replace("max = 20", oxygen_codes))
+    catalog = load_catalog(path)
+    rows = regular(datetime(2026, 5, 4, tzinfo=UTC), 10)
+    rows[1] = (rows[1][0], "-9999.0", " bad ", "100")  # the catalog's codes in every column; texts case-folded
+    rows[2] = (rows[2][0], "1000", "99", "-9999")
+    rows[3] = (rows[3][0], "1000", "Comm Fail", "100")
+    rows[4] = (rows[4][0], "1000", "Bad", "100")
+    table = hist.read_table(write_csv(tmp_path / "export.csv", rows), catalog)
+    assert np.isnan(table.values["flow"]).sum() == 1 and np.isnan(table.values["air"]).sum() == 1
+    assert np.flatnonzero(np.isnan(table.values["oxygen"])).tolist() == [1, 2, 3, 4]
+    counted = {(r["column"], r["code"]): (r["records"], r["first_row"], r["last_row"]) for r in table.repairs}
+    assert counted == {
+        ("flow", -9999.0): (1, 3, 3),
+        ("DO [mg/l]", "Bad"): (2, 3, 6),
+        ("DO [mg/l]", 99.0): (1, 4, 4),
+        ("DO [mg/l]", "Comm Fail"): (1, 5, 5),
+        ("air", -9999.0): (1, 4, 4),
+    }
+    rows[5] = (rows[5][0], "1000", "2", "Comm Fail")  # oxygen's own code, not the aeration's
+    with pytest.raises(hist.ImportRefused, match=r"row 7 column air: cannot parse 'Comm Fail'"):
+        hist.read_table(write_csv(tmp_path / "export.csv", rows), catalog)
+
+
+def test_a_stuck_sensor_is_set_to_missing_and_reported(tmp_path: Path) -> None:
+    """Identical values for longer than max_flat_minutes (missing cells inside do not end the run): all but
+    the first set to missing; a run just as long as the limit, or in a column without one, stays."""
+    path = tmp_path / "flat.toml"
+    path.write_text(BERLIN_CATALOG.replace("max = 20", "max = 20\nmax_flat_minutes = 60"))
+    catalog = load_catalog(path)
+    t0 = datetime(2026, 5, 4, tzinfo=UTC)
+    rows = []
+    for k in range(300):
+        oxygen = "2.5" if 20 <= k <= 110 else ("3.5" if 150 <= k <= 210 else f"{2 + 0.001 * k:.3f}")
+        rows.append(((t0 + timedelta(minutes=k)).isoformat(), "1000", "" if k == 50 else oxygen, "100"))
+    table = hist.read_table(write_csv(tmp_path / "export.csv", rows), catalog)
+    gone = np.flatnonzero(np.isnan(table.values["oxygen"]))
+    assert gone.tolist() == list(range(21, 111))  # row 50 was empty; 150..210 is exactly 60 minutes: kept
+    assert np.isfinite(table.values["flow"]).all() and np.isfinite(table.values["air"]).all()
+    [stuck] = table.repairs
+    assert stuck["kind"] == "stuck" and stuck["column"] == "DO [mg/l]" and stuck["value"] == 2.5
+    assert (stuck["first_row"], stuck["last_row"], stuck["records"], stuck["minutes"]) == (22, 112, 89, 90.0)
+    assert "stuck at 2.5 for 1.5 h (rows 22-112" in hist.describe(stuck)
+
+
+def test_timestamp_column_and_format_come_from_the_catalog(tmp_path: Path) -> None:
+    path = tmp_path / "plant.toml"
+    t0 = datetime(2026, 10, 24, 23, 30, tzinfo=UTC)  # 01:30 CEST; the clocks go back at 01:00 UTC
+    times = [t0 + timedelta(minutes=15 * k) for k in range(8)]
+    for fmt, cells in [
+        ("epoch_seconds", [f"{t.timestamp():.0f}" for t in times]),
+        (
+            "%d.%m.%Y %H:%M:%S%z",
+            [t.astimezone(ZoneInfo("Europe/Berlin")).strftime("%d.%m.%Y %H:%M:%S%z") for t in times],
+        ),
+    ]:
+        path.write_text(f'timestamp_column = "Time"\ntimestamp_format = "{fmt}"\n' + BERLIN_CATALOG)
+        csv = tmp_path / "export.csv"
+        csv.write_text("Time,flow,DO [mg/l],air\n" + "".join(f"{c},1000,2,100\n" for c in cells))
+        table = hist.read_table(csv, load_catalog(path))
+        assert table.utc.tolist() == [t.timestamp() for t in times]
+        assert sorted(set(np.diff(table.clock).tolist())) == [-45.0, 15.0]  # the plant's clock goes back
+    csv.write_text("timestamp,flow,DO [mg/l],air\n" + "".join(f"{c},1000,2,100\n" for c in cells))
+    with pytest.raises(hist.ImportRefused, match=r"export\.csv: no 'Time' column \(the catalog's timestamp_column"):
+        hist.read_table(csv, load_catalog(path))
 
 
 def test_missing_column_is_refused(tmp_path: Path, small) -> None:
@@ -186,6 +350,49 @@ def test_dst_in_both_directions(tmp_path: Path, small) -> None:
     grid, clock, values, _ = hist.resample(table, small)
     assert sorted(set(np.diff(clock).tolist())) == [-45.0, 15.0]  # the grid keeps the jump back
     assert np.all(np.diff(grid) == 900) and np.isfinite(values).all()
+
+
+def naive(t: datetime) -> str:
+    return t.astimezone(ZoneInfo("Europe/Berlin")).replace(tzinfo=None).isoformat()
+
+
+def test_the_repeated_autumn_hour_is_placed_from_its_neighbours(tmp_path: Path, small) -> None:
+    """Issue 30: local times without offset that the autumn change repeats are placed by the order of the
+    records (the clock going back marks the second hour) or by neighbours that carry offsets."""
+    start = datetime(2026, 10, 24, 22, 0, tzinfo=UTC)  # 00:00 CEST
+    every = [start + timedelta(minutes=5 * k) for k in range(60)]  # to 04:55 CET: 02:00-02:55 twice
+    table = hist.read_table(write_csv(tmp_path / "naive.csv", [(naive(t), "1000", "2", "100") for t in every]), small)
+    assert table.utc.tolist() == [t.timestamp() for t in every]
+    [placed] = table.repairs
+    assert (placed["first_row"], placed["last_row"], placed["first_hour"], placed["second_hour"]) == (26, 49, 12, 12)
+    assert "placed by their order, 12 before the clocks went back and 12 after" in hist.describe(placed)
+    grid, clock, _, _ = hist.resample(table, small)
+    assert np.all(np.diff(grid) == 900) and sorted(set(np.diff(clock).tolist())) == [-45.0, 15.0]
+
+    for offset, hour in (("+02:00", 0), ("+01:00", 1)):  # one record without offset between two with
+        rows = [
+            (f"2026-10-25T02:15:00{offset}", "1", "2", "3"),
+            ("2026-10-25T02:30:00", "1", "2", "3"),
+            (f"2026-10-25T02:45:00{offset}", "1", "2", "3"),
+        ]
+        table = hist.read_table(write_csv(tmp_path / "mixed.csv", rows), small)
+        assert np.all(np.diff(table.utc) == 900) and table.repairs[0]["second_hour"] == hour
+
+
+def test_the_repeated_hour_is_refused_only_when_nothing_tells_which_it_is(tmp_path: Path, small) -> None:
+    """One pass of the repeated hour exported (the historian lost the other), nothing around it with an
+    offset: either hour keeps the records in order, so each of its rows is refused by name."""
+    times = ["01:45", "02:00", "02:15", "02:30", "02:45", "03:00"]
+    rows = [(f"2026-10-25T{t}:00", "1000", "2", "100") for t in times]
+    with pytest.raises(hist.ImportRefused) as caught:
+        hist.read_table(write_csv(tmp_path / "one-pass.csv", rows), small)
+    text = str(caught.value)
+    assert "4 problem(s)" in text
+    for row, t in zip(range(3, 7), times[1:5], strict=True):
+        assert (
+            f"row {row} column timestamp: 2026-10-25T{t}:00 is repeated by the DST change in Europe/Berlin, and "
+            "neither its neighbours' offsets nor the order of the records tell which of the two hours it is"
+        ) in text
 
 
 def test_masked_losses_ignore_what_was_not_measured() -> None:
@@ -232,55 +439,91 @@ def test_sensor_gap_augmentation_spares_the_calendar() -> None:
     assert torch.isnan(gx[:, -1]).any() and not torch.isnan(x).any()  # some gaps reach the last step; copies
 
 
-@pytest.mark.slow
-def test_another_plant_trains_exports_and_is_served(tmp_path: Path, tiny_data, serve) -> None:
-    """A plant with 7 forecast variables and 2 controls under its own names (read from columns named as the
-    historian names them): imported, trained with the tiny preset, exported, and answered by the real service
-    with no code change."""
-    from training.run import main
+EXAMPLE_SCENARIOS = ("bsm2-00", "bsm2-01", "bsm2-02")
 
-    table = tmp_path / "plant.csv"
-    hist.export_table([tiny_data[i] for i in ("bsm2-00", "bsm2-01", "bsm2-02")], BSM1, table, seed=1)
-    mapping = [
-        ("influent_flow", "Q_in", "disturbance"),
-        ("nh4_in", "SNH_in", "disturbance"),
-        ("no3_anoxic", "SNO_2", "measurement"),
-        ("do_last_tank", "SO_5", "measurement"),
-        ("nh4_last_tank", "SNH_5", "measurement"),
-        ("nh4_out", "SNH_eff", "measurement"),
-        ("no3_out", "SNO_eff", "measurement"),
-        ("blower", "KLa_5", "control"),
-        ("recycle_pump", "Q_intr", "control"),
-    ]
-    by_name = {v.name: v for v in [*BSM1.targets, *BSM1.controls]}
-    entries = [
-        f'[[variables]]\nname = "{new}"\ncolumn = "{old}"\nunit = "{by_name[old].unit}"\n'
-        f'description = "{by_name[old].description}"\nrole = "{role}"\nmin = {by_name[old].min}\n'
-        f"max = {by_name[old].max}\nmax_gap_minutes = 30\n"
-        for new, old, role in mapping
-    ]
-    catalog = tmp_path / "plant.toml"
-    catalog.write_text('name = "plant-b"\nsample_minutes = 15\ntimezone = "Europe/Berlin"\n\n' + "\n".join(entries))
-    data = tmp_path / "imported"
+
+def test_the_example_plants_export_imports_in_one_run_and_reports_every_repair(
+    tmp_path: Path, tiny_data, capsys
+) -> None:
+    """Issue 30's export as a plant's historian writes it (tag names, a Time column in naive local time across
+    the autumn change, 5- and 1-minute records, -9999, 1e6, "Bad" and "I/O Timeout", a stuck analyser, an
+    outage) imports in one run with the example catalog, and its report lists every repair as written."""
+    from training.config import ConfigError, load_config
+    from training.data import load_data
     from training.data import main as data_main
 
-    assert (
-        data_main(
-            ["import", str(table), "--catalog", str(catalog), "--out", str(data), "--history", "16", "--horizon", "16"]
-        )
-        == 0
-    )
-    store = tmp_path / "store"
-    args = ["--preset", "tiny", "--catalog", str(catalog), "--data", str(data), "--store", str(store)]
-    assert main([*args, "--run-dir", str(tmp_path / "runs" / "b1")]) == 0
-    card = json.loads((store / "b1" / "card.json").read_text())
-    assert [v["name"] for v in card["variables"]["measurements"]] == [m[0] for m in mapping[:7]]
-    assert [v["role"] for v in card["variables"]["controls"]] == ["control", "control"]
-    report = (store / "b1" / "report.md").read_text()
-    assert "Missing data" in report  # the faults of the export: dropouts
+    csv = tmp_path / "plant.csv"
+    truth = example.export_plant([tiny_data[i] for i in EXAMPLE_SCENARIOS], csv)
+    out = tmp_path / "imported"
+    catalog = str(example.EXAMPLE_CATALOG)
+    assert data_main(["import", str(csv), "--catalog", catalog, "--out", str(out), "--preset", "tiny"]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    repairs = manifest["repairs"]
+    codes = {(r["column"], r["code"]): r["records"] for r in repairs if r["kind"] == "missing_code"}
+    written = {
+        (column, float(code) if code[-1].isdigit() else code): n
+        for column, by_code in truth["codes"].items()
+        for code, n in by_code.items()
+    }
+    assert codes == written and len(written) == 8
+    [stuck] = [r for r in repairs if r["kind"] == "stuck"]
+    assert {k: stuck[k] for k in truth["stuck"]} == truth["stuck"] and stuck["minutes"] >= 24 * 60
+    [dst] = [r for r in repairs if r["kind"] == "dst_repeated_hour"]
+    assert [dst["first_row"], dst["last_row"]] == truth["repeated_hour_rows"][::119]
+    assert dst["first_hour"] == dst["second_hour"] == 60  # 1-minute records by then
+    assert len(repairs) == len(written) + 2
+    for r in repairs:
+        assert hist.describe(r) in printed
+    assert "history 16 + horizon 16 samples, the tiny preset's" in printed and manifest["gap_between_splits"] == 32
+    assert manifest["missing"]["no3_out"]["missing_share"] > 0.08  # the half-day outage of 6 days
+    # A run with longer windows than the import was made for is refused, with what to do.
+    cfg = load_config("default", overrides=["data.source=historian", f"data.cache_dir={out}"])
+    with pytest.raises(ConfigError, match=r"imported for history \+ horizon = 32 samples, this run's are 96 \+ 96"):
+        load_data(cfg)
 
+
+@pytest.mark.slow
+def test_a_new_plants_first_model_is_served_by_the_readme_flow(
+    tmp_path: Path, tiny_data, trained_store, serve, monkeypatch, capsys
+) -> None:
+    """Issue 30: in a folder whose models/ serves the BSM1 plant, a new plant goes from its export to a served
+    model with the README's commands and no --force: its models live in models/<catalog name>, its next version
+    is compared with its first, and a run told to use BSM1's store says why it is not comparable."""
+    from training.data import main as data_main
+    from training.run import main as run_main
+
+    shutil.copytree(trained_store[0], tmp_path / "models")
+    bsm1_current = (tmp_path / "models" / "CURRENT").read_text()
+    monkeypatch.chdir(tmp_path)
+    example.export_plant([tiny_data[i] for i in EXAMPLE_SCENARIOS], Path("plant.csv"))
+    catalog = str(example.EXAMPLE_CATALOG)
+    assert data_main(["import", "plant.csv", "--catalog", catalog, "--preset", "tiny"]) == 0
+    assert f"--preset tiny --catalog {catalog} --data data_cache/import-plant" in capsys.readouterr().out
+    train = ["--preset", "tiny", "--catalog", catalog, "--data", "data_cache/import-plant"]
+    assert run_main([*train, "--run-dir", "runs/p1"]) == 0
+    assert "serve it: KOVAE_MODEL_STORE=models/example-plant python -m service" in capsys.readouterr().err
+    store = tmp_path / "models" / "example-plant"
+    assert (store / "CURRENT").read_text().strip() == "p1"
+    assert (tmp_path / "models" / "CURRENT").read_text() == bsm1_current  # BSM1's store untouched
+
+    assert run_main([*train, "--run-dir", "runs/p2", "--no-promote"]) == 0
+    gate = json.loads((store / "p2" / "gate.json").read_text())
+    assert gate["served_version"] == "p1" and "on the same held-out windows" in gate["why"]
+    assert run_main([*train, "--run-dir", "runs/p3", "--store", "models"]) == 0
+    assert (
+        "not comparable with the served model: served version v1 is a model of catalog 'bsm1', this run's is "
+        "'example-plant': each catalog's models belong in a store of their own"
+    ) in capsys.readouterr().err
+    assert not (tmp_path / "models" / "p3").exists()
+
+    card = json.loads((store / "p1" / "card.json").read_text())
+    measurements = {v["name"]: v for v in card["variables"]["measurements"]}
+    assert list(measurements) == ["inflow", "nh4_in", "no3_bb2", "o2_bb5", "nh4_bb5", "nh4_out", "no3_out", "temp_bb5"]
+    assert measurements["nh4_out"]["max_flat_minutes"] == 120 and card["catalog"]["timezone"] == "Europe/Berlin"
+    assert "Missing data" in (store / "p1" / "report.md").read_text()
     server = serve(store)
-    t0 = datetime(2026, 6, 1, tzinfo=UTC)
+    t0 = datetime(2026, 11, 2, tzinfo=UTC)
     L, H = card["history"]["length"], 4
     mean = {v["name"]: v["mean"] for v in [*card["variables"]["measurements"], *card["variables"]["controls"]]}
     body = {
@@ -288,8 +531,8 @@ def test_another_plant_trains_exports_and_is_served(tmp_path: Path, tiny_data, s
         "series": [
             {
                 "timestamps": [(t0 + timedelta(minutes=15 * k)).isoformat() for k in range(L)],
-                "measurements": {m[0]: [mean[m[0]]] * L for m in mapping[:7]},
-                "controls": {m[0]: [mean[m[0]]] * L for m in mapping[7:]},
+                "measurements": {name: [mean[name]] * L for name in measurements},
+                "controls": {name: [mean[name]] * L for name in ("air_bb5", "recycle")},
                 "hold_controls": True,
             }
         ],
@@ -297,8 +540,8 @@ def test_another_plant_trains_exports_and_is_served(tmp_path: Path, tiny_data, s
     r = server.client.post("/forecast", json=body)
     assert r.status_code == 200, r.text
     forecast = r.json()["series"][0]["forecast"]
-    assert set(forecast) == {m[0] for m in mapping[:7]} and len(forecast["nh4_out"]["mean"]) == H
-    assert server.client.get("/model").json()["version"] == "b1"
+    assert set(forecast) == set(measurements) and len(forecast["nh4_out"]["mean"]) == H
+    assert server.client.get("/model").json()["version"] == "p1"
 
 
 def test_parquet_export_with_nulls_reads_like_csv(tmp_path: Path, small) -> None:

@@ -38,10 +38,23 @@ class Windows:
 
 def usable(x_hist: np.ndarray, u_hist: np.ndarray, x_fut: np.ndarray, u_fut: np.ndarray, max_missing: float) -> bool:
     """A window trains or scores only with most of its history, every future control (the caller always sends
-    them) and something to score: missing history at most ``max_missing`` per variable, no variable's history
-    missing entirely, and at least one future target."""
-    missing = np.isnan(np.concatenate([x_hist, u_hist], 1)).mean(0)
-    return bool(missing.max() <= max_missing and np.isfinite(u_fut).all() and np.isfinite(x_fut).any())
+    them) and something to score: at most ``max_missing`` of the history's values missing, all variables
+    together (one analyser out is masked, not a reason to lose the window: ``mask_out``), and at least one
+    future target."""
+    missing = np.isnan(np.concatenate([x_hist, u_hist], 1)).mean()
+    return bool(missing <= max_missing and np.isfinite(u_fut).all() and np.isfinite(x_fut).any())
+
+
+def mask_out(x_hist: np.ndarray, x_fut: np.ndarray, max_missing: float) -> np.ndarray:
+    """The future targets, with those whose history is more than ``max_missing`` missing (an analyser out) set
+    to missing: the window still trains and scores every other variable, and the model is never asked to
+    forecast a variable it has hardly seen (the service refuses such a history too)."""
+    out = np.isnan(x_hist).mean(0) > max_missing
+    if not out.any():
+        return x_fut
+    x_fut = x_fut.copy()
+    x_fut[:, out] = np.nan
+    return x_fut
 
 
 def make_windows(
@@ -54,8 +67,9 @@ def make_windows(
     steps_per_day: int = 96,
     max_missing: float = 0.5,
 ) -> Windows:
-    """Slide over each scenario separately, so no window straddles two scenarios. Windows with too much missing
-    data (``usable``) are dropped and counted."""
+    """Slide over each scenario separately, so no window straddles two scenarios. A variable whose history is
+    mostly missing is masked in that window (``mask_out``); windows with too much missing data overall
+    (``usable``) are dropped and counted."""
     day = steps_per_day
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("xh", "uh", "xf", "uf", "sh", "sf", "xd")}
     t_last: list[float] = []
@@ -70,9 +84,11 @@ def make_windows(
         for s in starts:
             e = s + history
             window = sd.x[s:e], sd.u[s:e], sd.x[e : e + horizon], sd.u[e : e + horizon]
-            if gappy and not usable(*window, max_missing):
-                dropped += 1
-                continue
+            if gappy:
+                window = window[0], window[1], mask_out(window[0], window[2], max_missing), window[3]
+                if not usable(*window, max_missing):
+                    dropped += 1
+                    continue
             for key, part in zip(("xh", "uh", "xf", "uf"), window, strict=True):
                 parts[key].append(part)
             parts["sh"].append(sd.s[s:e])
@@ -106,10 +122,24 @@ def load_data(cfg: RunConfig) -> tuple[Catalog, dict[str, ScenarioData], dict[st
         from plant.historian import load_dataset
 
         catalog, data, manifest = load_dataset(Path(d.cache_dir), load_catalog(d.catalog) if d.catalog else None)
+        check_blocks_apart(manifest, cfg, d.cache_dir)
         return catalog, data, {k: tuple(v) for k, v in manifest["splits"].items()}, manifest["config_hash"]
     if d.catalog and load_catalog(d.catalog).to_dict() != BSM1.to_dict():
         raise ConfigError(f"data.catalog {d.catalog} is not BSM1's: import its data (data.source = historian)")
     return BSM1, generate(d), splits(d), config_hash(d)
+
+
+def check_blocks_apart(manifest: dict, cfg: RunConfig, folder: str) -> None:
+    """An import drops history + horizon samples between its train, validation and test blocks, so that no
+    window's history sees another block's future. A run with longer windows than the import was made for would
+    score on what it trained on: refused, with the command that fits."""
+    need, gap = cfg.train.history + cfg.train.horizon, int(manifest.get("gap_between_splits", 0))
+    if need > gap:
+        raise ConfigError(
+            f"{folder} was imported for history + horizon = {gap} samples, this run's are {cfg.train.history} + "
+            f"{cfg.train.horizon}: import it again with this run's preset (python -m training.data import ... "
+            "--preset P, or --history/--horizon)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,16 +173,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def import_main(argv: list[str]) -> int:
-    """``python -m training.data import SOURCE --catalog CATALOG``: a historian export into training data."""
+    """``python -m training.data import SOURCE --catalog CATALOG``: a historian export into training data. It
+    reads the whole file once and reports every problem; the history and horizon its blocks are kept apart for
+    come from the training preset (and --config) the data will be trained with."""
     from plant.catalog import CatalogError
-    from plant.historian import ImportRefused, import_table, load_dataset
+    from plant.historian import ImportRefused, describe, import_table, load_dataset
 
     parser = argparse.ArgumentParser(prog="python -m training.data import", description=import_main.__doc__)
     parser.add_argument("source", help="a wide CSV or Parquet file: a timestamp column, one column per variable")
     parser.add_argument("--catalog", required=True, help="the plant's catalog (TOML)")
     parser.add_argument("--out", help="where the imported data go (default: data_cache/import-<file name>)")
-    parser.add_argument("--history", type=int, default=96, help="history length the model will take (samples)")
-    parser.add_argument("--horizon", type=int, default=96, help="longest horizon the model will forecast")
+    parser.add_argument("--preset", default="default", help="the training preset (tiny or default): history, horizon")
+    parser.add_argument("--config", help="the training's TOML file, if it sets train.history or train.horizon")
+    parser.add_argument("--history", type=int, help="history length the model will take (default: the preset's)")
+    parser.add_argument("--horizon", type=int, help="longest horizon the model will forecast (default: the preset's)")
     parser.add_argument("--val", type=float, default=0.15, help="share of the time for validation")
     parser.add_argument("--test", type=float, default=0.15, help="share of the time for the test block")
     args = parser.parse_args(argv)
@@ -160,34 +194,50 @@ def import_main(argv: list[str]) -> int:
     out = Path(args.out or f"data_cache/import-{source.stem}")
     start = time.perf_counter()
     try:
+        train = load_config(args.preset, args.config).train
+        history, horizon = args.history or train.history, args.horizon or train.horizon
         catalog = load_catalog(args.catalog)
-        manifest = import_table(
-            source, catalog, out, history=args.history, horizon=args.horizon, shares=(args.val, args.test)
-        )
+        manifest = import_table(source, catalog, out, history=history, horizon=horizon, shares=(args.val, args.test))
         _, data, _ = load_dataset(out, catalog)
-    except (CatalogError, ImportRefused, DataError) as exc:
+    except (ConfigError, CatalogError, ImportRefused, DataError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
     print(summary_table(data, catalog))
+    repairs = manifest["repairs"]
+    print(
+        f"\nrepaired ({len(repairs)}):"
+        if repairs
+        else "\nrepaired: nothing (no missing code, stuck sensor or DST hour)"
+    )
+    for r in repairs:
+        print(f"  {describe(r)}")
     print("\nmissing after resampling and bridging (share of samples):")
     for name, r in manifest["missing"].items():
         print(f"  {name:<12} {100 * r['missing_share']:5.1f}%  ({r['bridged_samples']} samples bridged)")
     blocks = ", ".join(f"{k} {v['from']} .. {v['to']}" for k, v in manifest["scenarios"].items())
     print(f"\nblocks: {blocks}; {manifest['gap_between_splits']} samples dropped between them")
+    print(f"(history {history} + horizon {horizon} samples, the {args.preset} preset's unless given)")
     print(f"imported {manifest['records']} records into {out} in {time.perf_counter() - start:.1f} s")
-    print(f"train on it: python -m training.run --catalog {args.catalog} --data {out}")
+    config = f" --config {args.config}" if args.config else ""
+    print(f"train on it: python -m training.run --preset {args.preset}{config} --catalog {args.catalog} --data {out}")
     return 0
 
 
 def export_table_main(argv: list[str]) -> int:
     """``python -m training.data export-table OUT``: simulated scenarios as a historian export, with faults."""
-    from plant.historian import export_table
+    from plant.example_export import EXAMPLE_CATALOG, export_plant, export_table
 
     parser = argparse.ArgumentParser(prog="python -m training.data export-table", description=export_table_main.__doc__)
     parser.add_argument("out", help="the CSV file to write")
     parser.add_argument("--preset", default="tiny", help="the data preset whose scenarios are exported")
     parser.add_argument(
         "--scenarios", nargs="*", help="scenario ids in time order (default: every BSM2 window, consecutive in time)"
+    )
+    parser.add_argument(
+        "--plant",
+        action="store_true",
+        help=f"as the example plant's SCADA writes it ({EXAMPLE_CATALOG.relative_to(Path(__file__).parents[1])}): "
+        "tags, local time, error codes, a stuck analyser, an outage",
     )
     parser.add_argument("--no-faults", action="store_true", help="exact values: no noise, dropouts, stuck or spikes")
     parser.add_argument("--seed", type=int, default=0)
@@ -199,6 +249,13 @@ def export_table_main(argv: list[str]) -> int:
     if unknown:
         print(f"error: unknown scenario(s) {unknown}; the preset has {list(data)}", file=sys.stderr)
         return 2
+    if args.plant:
+        truth = export_plant([data[i] for i in ids], Path(args.out), args.seed)
+        print(f"wrote {args.out}: {truth['rows']} rows of the example plant ({EXAMPLE_CATALOG.name}), with")
+        print(f"  codes {json.dumps(truth['codes'])}")
+        print(f"  a stuck analyser: {json.dumps(truth['stuck'])}, an outage: {json.dumps(truth['outage'])}")
+        print(f"  {len(truth['repeated_hour_rows'])} rows in the hour the autumn DST change repeats")
+        return 0
     counts = export_table([data[i] for i in ids], BSM1, Path(args.out), args.seed, faults=not args.no_faults)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0

@@ -20,6 +20,7 @@ import torch
 from modelcard.card import CARD_VERSION, CardError, atomic_write, last_observed
 from modelcard.runtime import ModelRuntime
 from modelcard.store import GATE_FILE, add_version, current_version, set_current, version_dir
+from plant.catalog import Catalog
 from training import evaluate as ev
 from training.config import RunConfig
 from training.model import KoVAE
@@ -124,14 +125,28 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
     }
 
 
+def check_comparable(rt: ModelRuntime, version: str, catalog: Catalog) -> None:
+    """The gate compares models of one plant only: the served one must forecast the same variables from the same
+    controls. A store serving another catalog's model is the wrong store for this run: raises saying so."""
+    if rt.measurements == list(catalog.target_names) and rt.controls == list(catalog.control_names):
+        return
+    served = str(rt.card.get("catalog", {}).get("name", "?"))
+    if served != catalog.name:
+        raise CardError(
+            f"served version {version} is a model of catalog {served!r}, this run's is {catalog.name!r}: each "
+            "catalog's models belong in a store of their own (python -m training.run without --store puts them "
+            "in models/<catalog name>)"
+        )
+    raise CardError(f"served version {version} has other variables; compare by hand or use --force")
+
+
 def score_served(store: Path, p: Prepared, candidate_history: int) -> tuple[str, float] | None:
     """Re-evaluate the currently served version on this run's held-out windows through ONNX Runtime."""
     version = current_version(store)
     if version is None:
         return None
     rt = ModelRuntime(version_dir(store, version))
-    if rt.measurements != list(p.catalog.target_names) or rt.controls != list(p.catalog.control_names):
-        raise CardError(f"served version {version} has other variables; compare by hand or use --force")
+    check_comparable(rt, version, p.catalog)
     w = p.test
     L = min(candidate_history, rt.card["history"]["max"])
     H = w.x_fut.shape[1]

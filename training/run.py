@@ -8,6 +8,10 @@ Read this file first: it is the whole run, one stage per module.
 4. ``training.report``: evaluate against baselines on the held-out scenarios; metrics, plots and report.md.
 5. ``training.publish``: export to ONNX into ``<run dir>/export/<version>``; the version enters the model store
    and becomes current only if it beats the version being served (or with --force; --no-promote stores it only).
+
+Each plant catalog has a store of its own: ``models/`` holds the simulated BSM1 plant's models, any other
+catalog's go to ``models/<catalog name>`` (``default_store``), so a plant's first model is served and its next
+ones are compared with it, never with another plant's.
 """
 
 from __future__ import annotations
@@ -19,7 +23,25 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from training.config import ConfigError, load_config
+from training.config import ConfigError, RunConfig, load_config
+
+
+def default_store(cfg: RunConfig) -> Path:
+    """``models`` for the built-in BSM1 catalog, ``models/<name>`` for any other: the catalog given, else the one
+    the data were imported with (read from the import's manifest; an unreadable one is reported by stage 1)."""
+    from plant.catalog import BSM1, CatalogError, catalog_from_dict, load_catalog
+
+    try:
+        if cfg.data.catalog:
+            catalog = load_catalog(cfg.data.catalog)
+        elif cfg.data.source == "historian":
+            manifest = json.loads((Path(cfg.data.cache_dir) / "manifest.json").read_text())
+            catalog = catalog_from_dict(manifest["catalog"])
+        else:
+            return Path("models")
+    except (OSError, ValueError, KeyError, CatalogError):
+        return Path("models")
+    return Path("models") if catalog.to_dict() == BSM1.to_dict() else Path("models") / catalog.name
 
 
 def new_version_name(preset: str) -> str:
@@ -35,7 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--preset", default="default", help="tiny (CI, ~1 min) or default")
     parser.add_argument("--config", help="TOML file with [data], [model] and [train] tables")
-    parser.add_argument("--store", default="models", help="model store folder (default: models)")
+    parser.add_argument(
+        "--store",
+        help="model store folder (default: models for the BSM1 catalog, models/<catalog name> for a plant's own)",
+    )
     parser.add_argument(
         "--version", help="name of the new version (default: the --run-dir folder's name, else UTC time and preset)"
     )
@@ -71,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --resume needs --run-dir (the folder of the interrupted run)", file=sys.stderr)
         return 2
     version = args.version or (Path(args.run_dir).name if args.run_dir else new_version_name(args.preset))
-    store, run_dir = Path(args.store), Path(args.run_dir or f"runs/{version}")
+    store, run_dir = Path(args.store) if args.store else default_store(cfg), Path(args.run_dir or f"runs/{version}")
     if (store / version).exists():
         print(f"error: version {version} already exists in {store}", file=sys.stderr)
         return 2
@@ -81,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from export.onnx_export import ParityError
     from modelcard.card import atomic_write
+    from modelcard.store import current_version
     from plant.catalog import CatalogError
     from plant.scenarios import DataError, splits
     from training.calibrate import calibrate
@@ -131,7 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: export refused: {exc}", file=sys.stderr)
         return 1
     print(f"exported version {version} to {candidate}", file=sys.stderr)
-    return promote_if_better(store, candidate, metrics["score"], p, cfg, force=args.force, never=args.no_promote)
+    rc = promote_if_better(store, candidate, metrics["score"], p, cfg, force=args.force, never=args.no_promote)
+    if rc == 0 and current_version(store) == version:
+        print(
+            f"serve it: KOVAE_MODEL_STORE={store} python -m service (a service of {store} loads it on its next poll)",
+            file=sys.stderr,
+        )
+    return rc
 
 
 if __name__ == "__main__":
