@@ -206,6 +206,9 @@ def main() -> None:
         "\nnaive at each step (NMSE: mean over variables of MSE / std^2, std over all test scenarios); < 0: worse"
     )
     print("\n".join(ev.regime_lines(regimes, card["sample_minutes"])))
+    lo, hi = rt.x_bounds
+    outside = float(np.mean((overall["band"] < lo) | (overall["band"] > hi))) if samples else float("nan")
+    print(f"\n80% band values outside the physical bounds (before the service clips them): {100 * outside:.2f}%")
     worst_all = worst_lead(overall["mean"], everything, cells, scale, list(range(n)))
     worst_plant = worst_lead(overall["mean"], everything, cells, scale, plant)
     print("\nlowest pooled skill over every lead time (all / plant variables):")
@@ -295,6 +298,7 @@ def main() -> None:
                     checks.append((f"{cell}: {kind} pooled skill at step {step} >= {target}", value, value >= target))
         cover = r["coverage_80"]
         checks.append((f"{cell}: 80% coverage in 75-85%", cover, TARGET_COVERAGE[0] <= cover <= TARGET_COVERAGE[1]))
+    checks.append(("80% band values outside the physical bounds <= 1%", outside, outside <= 0.01))
     print("\ntargets (honest request):")
     for what, value, met in checks:
         print(f"  {'met    ' if met else 'NOT MET'}  {what}: {value:.3f}")

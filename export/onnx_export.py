@@ -149,7 +149,7 @@ class ForecastGraph(nn.Module):
         if self.residual_decay is not None:
             held = held if copies == 2 else mean
             mean, raw = (m.finish(x_hist, u_hist, z0, t, held, self.residual_decay) for t in (mean, raw))
-        return mean, calibrated_samples(mean, raw, self.width(x_hist, u_fut))
+        return mean, calibrated_samples(mean, raw, self.width(x_hist, u_fut), self.width.bounds)
 
 
 # What cards written before a model setting existed were trained without.

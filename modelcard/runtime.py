@@ -137,9 +137,7 @@ class ModelRuntime:
         out = np.concatenate([x_hist, u_hist[..., self.looped]], -1) if self.looped else x_hist
         return ((out - self.out_mean) / self.out_std).astype(np.float32)
 
-    def _known(
-        self, u: np.ndarray, minutes: np.ndarray, d: np.ndarray | None, s: np.ndarray | None
-    ) -> np.ndarray:
+    def _known(self, u: np.ndarray, minutes: np.ndarray, d: np.ndarray | None, s: np.ndarray | None) -> np.ndarray:
         return known_inputs(u, minutes, (self.u_mean, self.u_std), self.calendar, d, s, self.looped)
 
     def _noise(self, batch: int, n_samples: int, horizon: int, rng: np.random.Generator | None) -> np.ndarray:

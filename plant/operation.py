@@ -120,7 +120,9 @@ def operation(cfg: DataConfig, sc: Scenario) -> Operation:
         first = int(start * bsm1.MINUTES_PER_DAY)
         caps[first : first + int(hours * 60), :3] = cap
         episodes.append({"kind": "low_aeration", "start_day": start, "hours": hours, "kla_cap": cap})
-    controls, loops, cascades, drawn = POLICY_DRAWS[sc.policy](cfg, rng, n, sc.start_day)
+    # A val or test entry "ID@POLICY" names a held-out run (its id keeps it out of the cache key's way).
+    held_out = "@" in sc.id
+    controls, loops, cascades, drawn = POLICY_DRAWS[sc.policy](cfg, rng, n, sc.start_day, held_out)
     temperature = float(np.mean(influent[:, 1 + bsm1.TEMP]))
     wastage = bsm1.seasonal_wastage(temperature, cfg.wastage, cfg.wastage_temperatures)
     notes = [asdict(r) for r in repairs] + episodes + [{"kind": "policy", "policy": sc.policy, **drawn}]
@@ -136,7 +138,7 @@ def standard_controls(n: int) -> np.ndarray:
     return np.tile(np.array(bsm1.DEFAULT_CONTROLS), (n, 1))
 
 
-def open_loop_excited(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float) -> Draw:
+def open_loop_excited(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float, held_out: bool) -> Draw:
     """Every control in steps over its working range, each level held 15 min to 12 h (log-uniform), each
     control on its own clock: the plant's response to each, apart from the load."""
     ranges = [cfg.excite_kla34, cfg.excite_kla34, cfg.excite_kla5, cfg.excite_qintr]
@@ -151,7 +153,7 @@ def open_loop_excited(cfg: DataConfig, rng: np.random.Generator, n: int, start_d
     return controls, [], [], {}
 
 
-def open_loop_fixed(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float) -> Draw:
+def open_loop_fixed(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float, held_out: bool) -> Draw:
     """One set output for the whole run: BSM1's defaults (240, 240, 84, 55,338) in a third of the runs, else
     drawn within the working ranges (the DO then wanders with the load)."""
     if rng.random() < 1 / 3:
@@ -162,15 +164,17 @@ def open_loop_fixed(cfg: DataConfig, rng: np.random.Generator, n: int, start_day
     return np.tile(level, (n, 1)), [], [], {"controls": level.tolist()}
 
 
-def constant_setpoints(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float) -> Draw:
-    """The loops at constant setpoints: BSM1's standard pair (DO 2.0, nitrate 1.0) in half the runs, else a
-    constant pair drawn from the setpoint ranges."""
-    do, no = (2.0, 1.0) if rng.random() < 0.5 else (rng.uniform(*cfg.do_setpoints), rng.uniform(*cfg.no_setpoints))
+def constant_setpoints(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float, held_out: bool) -> Draw:
+    """The loops at constant setpoints: BSM1's standard pair (DO 2.0, nitrate 1.0), the strategy the benchmark
+    is judged with, wherever the run is held out and in half the training runs; else a constant pair drawn from
+    the setpoint ranges."""
+    standard = rng.random() < 0.5 or held_out
+    do, no = (2.0, 1.0) if standard else (rng.uniform(*cfg.do_setpoints), rng.uniform(*cfg.no_setpoints))
     loops = [bsm1.do_loop(np.full(n, do)), bsm1.nitrate_loop(np.full(n, no))]
     return standard_controls(n), loops, [], {"do_setpoint": do, "no_setpoint": no}
 
 
-def scheduled_setpoints(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float) -> Draw:
+def scheduled_setpoints(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float, held_out: bool) -> Draw:
     """Time-of-day schedules: a day level from a morning hour to an evening hour, a night level otherwise, for
     the DO (more air by day, when the load is high) and the nitrate loop."""
     morning, evening = rng.uniform(5, 9), rng.uniform(17, 22)
@@ -184,7 +188,7 @@ def scheduled_setpoints(cfg: DataConfig, rng: np.random.Generator, n: int, start
     return standard_controls(n), loops, [], drawn
 
 
-def ammonia_cascade(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float) -> Draw:
+def ammonia_cascade(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float, held_out: bool) -> Draw:
     """Ammonia-based aeration control: the DO setpoint follows reactor-5 ammonium (an outer PI towards an
     ammonium setpoint of 0.5-2.5 g N/m3, the DO setpoint within the DO range), the nitrate loop constant."""
     do = bsm1.do_loop(np.full(n, float(np.mean(cfg.do_setpoints))))
@@ -193,7 +197,7 @@ def ammonia_cascade(cfg: DataConfig, rng: np.random.Generator, n: int, start_day
     return standard_controls(n), [do, bsm1.nitrate_loop(np.full(n, no))], [cascade], {"ammonium": nh, "no": no}
 
 
-def moving_setpoints(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float) -> Draw:
+def moving_setpoints(cfg: DataConfig, rng: np.random.Generator, n: int, start_day: float, held_out: bool) -> Draw:
     """Setpoints an operator moves (a new one every ``setpoint_hours``), excitation riding on the loop outputs
     (the PI cancels most of it), KLa3 and KLa4 moved open loop."""
 
@@ -213,7 +217,7 @@ def moving_setpoints(cfg: DataConfig, rng: np.random.Generator, n: int, start_da
     return controls, [do, no], [], {}
 
 
-POLICY_DRAWS: dict[str, Callable[[DataConfig, np.random.Generator, int, float], Draw]] = {
+POLICY_DRAWS: dict[str, Callable[[DataConfig, np.random.Generator, int, float, bool], Draw]] = {
     "open_loop_excited": open_loop_excited,
     "open_loop_fixed": open_loop_fixed,
     "constant_setpoints": constant_setpoints,

@@ -133,7 +133,7 @@ def test_catalog_loops_are_validated_by_name() -> None:
             r"measurement 'KLa_3' is a control",
         ),
         ({"control": "KLa_5"}, r"loop 1: missing setpoint"),
-        ({"control": "KLa_5", "setpoint": "SO_5_setpoint", "gain": 3}, r"unknown field\(s\) \['gain'\]"),
+        ({"control": "KLa_5", "setpoint": "SO_5_setpoint", "gain": 3}, r"unknown key\(s\) 'gain'"),
     ]
     for loop, message in cases:
         with pytest.raises(CatalogError, match=message):

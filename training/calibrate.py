@@ -16,7 +16,15 @@ from modelcard.card import last_observed
 from training import evaluate as ev
 from training.config import RunConfig
 from training.data import Windows
-from training.model import DRIVER_CLIP, IntervalWidth, KoVAE, calibrated_samples, driver_level, held_plan
+from training.model import (
+    DRIVER_CLIP,
+    IntervalWidth,
+    KoVAE,
+    band_space,
+    calibrated_samples,
+    driver_level,
+    held_plan,
+)
 from training.prepare import Prepared, tensors
 
 
@@ -61,7 +69,8 @@ def predict(
                 eps = torch.randn(len(xh[sl]), n_samples, uf.shape[1], model.cfg.z_dim, generator=g)
                 raw = model.forecast(xh[sl], uh[sl], uf[sl], eps, residual_decay=decay)
                 factor = width(xh[sl], uf[sl])
-                bands.append(p.dx(ev.sample_band(calibrated_samples(mean, raw, factor).numpy())))
+                samples = calibrated_samples(mean, raw, factor, width.bounds)
+                bands.append(p.dx(ev.sample_band(samples.numpy())))
     return p.dx(np.concatenate(means)), (np.concatenate(bands) if n_samples else None)
 
 
@@ -246,7 +255,7 @@ def width_factors(width: dict[str, Any], spread: np.ndarray, p: Prepared, w: Win
     """(N, x): the factor ``IntervalWidth`` gives each window's sample deviations, told ``how`` (``tensors``'
     forecast and request)."""
     xh, _, _, uf = tensors(p, w, seed=1, **how)
-    module = IntervalWidth(len(p.x_mean), {"spread_scale": spread.tolist(), "width": width})
+    module = IntervalWidth(len(p.x_mean), {"spread_scale": spread.tolist(), "width": width})  # no bounds: factors
     with torch.no_grad():
         return module(xh, uf).double().numpy()
 
@@ -267,26 +276,35 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
     groups = np.array([f"{p.groups.get(s, 'all')}/{p.policies.get(s, '-')}" for s in w.scenario])
     decay = fit_residual_decay(model, p)
     blends = fit_naive_blends(model, p, {"residual_decay": decay.tolist()})
-    base = {"residual_decay": decay.tolist()}
+    lo, hi = p.output_bounds()
+    bounds = {"lo": ((lo - p.x_mean) / p.x_std).tolist(), "hi": ((hi - p.x_mean) / p.x_std).tolist()}
+    base = {"residual_decay": decay.tolist(), "band_bounds": bounds}
     n = cfg.train.calibration_samples
     runs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def to_band(v: np.ndarray) -> np.ndarray:
+        """Engineering units to band space: everything below is fitted there, where widening is linear."""
+        return band_space(
+            torch.from_numpy(np.asarray(v, np.float64)), torch.from_numpy(lo), torch.from_numpy(hi)
+        ).numpy()
 
     def run(request: str, forecast: str = "none") -> tuple[np.ndarray, np.ndarray]:
         if (request, forecast) not in runs:
             mean_, band_ = predict(model, p, w, n, base, seed=1, forecast=forecast, request=request)
-            runs[request, forecast] = mean_, band_ if band_ is not None else mean_[:, None]
+            runs[request, forecast] = to_band(mean_), to_band(band_ if band_ is not None else mean_[:, None])
         return runs[request, forecast]
 
+    truth = to_band(w.x_fut)  # coverage is the same there: the map is increasing
     mean, band = run("honest")
     level = window_levels(p, w)
-    gamma, _ = fit_width(mean, band - mean[:, None], w.x_fut, level, groups)
+    gamma, _ = fit_width(mean, band - mean[:, None], truth, level, groups)
     driver = None if p.width_driver is None else p.catalog.target_names[p.width_driver]
     width: dict[str, Any] = {"driver": p.width_driver, "driver_name": driver, "gamma": gamma}
     width.update(driver_clip=list(DRIVER_CLIP), known=[])
     closed = p.closed_loops(w).any(1)
     every = np.ones(len(closed), bool)
     rows = closed if closed.any() else every
-    spread = fit_spread(mean[rows], band[rows] - mean[rows, None], w.x_fut[rows], np.exp(gamma * level[rows]))
+    spread = fit_spread(mean[rows], band[rows] - mean[rows, None], truth[rows], np.exp(gamma * level[rows]))
     # Each other way of telling: (what it is called, its flags, ratio when they are set or not, how it is told,
     # the windows it is fitted on).
     steps: list[tuple[str, str, str, dict[str, str], np.ndarray]] = []
@@ -302,18 +320,18 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
         mean_k, band_k = run(how.get("request", "honest"), how.get("forecast", "none"))
         factor = width_factors(width, spread, p, w, **how)[rows]
         dev = (band_k - mean_k[:, None])[rows]
-        ratio = fit_spread(mean_k[rows], dev, w.x_fut[rows], factor)
+        ratio = fit_spread(mean_k[rows], dev, truth[rows], factor)
         width["known"].append({"input": name, "columns": p.flag_columns(kind), "when": when, "ratio": ratio.tolist()})
     coverage = {}
     for request in ("honest", "held", "applied", "bare") if p.n_setpoints else ("bare",):
         mean_r, band_r = run(request)
         factor = width_factors(width, spread, p, w, request=request)
-        coverage[request] = coverage_by_group(widened(mean_r, band_r, factor[:, None, None, :]), w.x_fut, groups)
+        coverage[request] = coverage_by_group(widened(mean_r, band_r, factor[:, None, None, :]), truth, groups)
     if p.disturbances:
         mean_r, band_r = run("honest", "noisy")
         factor = width_factors(width, spread, p, w, request="honest", forecast="noisy")
         told = widened(mean_r, band_r, factor[:, None, None, :])
-        coverage["honest + influent forecast"] = coverage_by_group(told, w.x_fut, groups)
+        coverage["honest + influent forecast"] = coverage_by_group(told, truth, groups)
     honest = widened(mean, band, width_factors(width, spread, p, w)[:, None, None, :])
     return {
         "method": "per-variable fading of the decoder's miss at the last step (chosen on validation); the blends "
@@ -326,7 +344,10 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
         "residual_decay": decay.tolist(),
         "spread_scale": spread.tolist(),
         "width": width,
+        # The outputs' physical bounds (normalised): the samples are widened in band space (the logit of each
+        # value's place in its range), so no band leaves them.
+        "band_bounds": bounds,
         "samples": n,  # the width holds for quantiles from this many samples
-        "val_coverage_80": ev.interval_coverage(honest, w.x_fut),
+        "val_coverage_80": ev.interval_coverage(honest, truth),
         "val_coverage_by_regime": coverage,
     }

@@ -54,13 +54,37 @@ from training.config import ModelConfig, TrainConfig
 STEPS_PER_DAY = 96  # 15-minute samples
 
 
-def calibrated_samples(mean: torch.Tensor, raw: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
-    """Widen each sample's deviation from the mean forecast by the factor ``IntervalWidth`` gives its window.
+BAND_EPS = 1e-6  # how close to a physical bound a value may come in band space
+
+
+def band_space(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The logit of each value's place in its physical range [lo, hi] (per variable, in v's units): where
+    forecast samples are widened, so that no band leaves the range. Near a bound it is a log (a concentration
+    near 0 spreads by factors), mid-range nearly linear."""
+    frac = ((v - lo) / (hi - lo)).clamp(BAND_EPS, 1 - BAND_EPS)
+    return torch.log(frac) - torch.log1p(-frac)
+
+
+def from_band_space(y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return lo + (hi - lo) * torch.sigmoid(y)
+
+
+def calibrated_samples(
+    mean: torch.Tensor, raw: torch.Tensor, width: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Widen each sample's deviation from the mean forecast by the factor ``IntervalWidth`` gives its window, in
+    ``band_space`` where the variables' physical ``bounds`` (lo, hi per variable, in the forecast's units) are
+    given (cards from before them: linearly).
 
     mean (batch, H, x), raw samples (batch, S, H, x), width (batch or 1, x). Used by evaluation and the ONNX graph
     alike.
     """
-    return mean.unsqueeze(1) + width[:, None, None, :] * (raw - mean.unsqueeze(1))
+    factor = width[:, None, None, :]
+    if bounds is None:
+        return mean.unsqueeze(1) + factor * (raw - mean.unsqueeze(1))
+    lo, hi = bounds
+    centre = band_space(mean.unsqueeze(1), lo, hi)
+    return from_band_space(centre + factor * (band_space(raw, lo, hi) - centre), lo, hi)
 
 
 DRIVER_CLIP = (-2.0, 3.0)  # z-scores of the width's driver beyond these widen (or narrow) no further
@@ -97,6 +121,14 @@ class IntervalWidth(nn.Module):
         self.register_buffer("spread", torch.tensor(calib.get("spread_scale", [1.0] * x_dim), dtype=torch.float32))
         self.driver: int | None = width.get("driver")
         self.gamma = float(width.get("gamma", 0.0))
+        # The outputs' physical bounds in normalised units, where the samples are widened (band_space); none for
+        # cards from before them.
+        self.bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+        if "band_bounds" in calib:
+            lo, hi = (torch.tensor(calib["band_bounds"][k], dtype=torch.float32) for k in ("lo", "hi"))
+            self.register_buffer("lo", lo)
+            self.register_buffer("hi", hi)
+            self.bounds = (self.lo, self.hi)
         self.known_columns = [list(k["columns"]) for k in width.get("known", [])]
         # Each kind's ratio applies to the share of its flags set ("known") or not set ("unknown").
         self.unknown = [k.get("when", "known") == "unknown" for k in width.get("known", [])]

@@ -70,6 +70,11 @@ class Prepared:
         """Every column of x: the catalog's targets, then the looped controls."""
         return [*self.catalog.target_names, *(self.catalog.control_names[j] for j in self.looped)]
 
+    def output_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi): the physical bounds of every column of x (the catalog's targets, then the looped controls)."""
+        variables = [*self.catalog.targets, *(self.catalog.controls[j] for j in self.looped)]
+        return np.array([v.min for v in variables], float), np.array([v.max for v in variables], float)
+
     @property
     def plan(self) -> PlanLayout:
         return PlanLayout(len(self.u_mean), self.looped, self.n_setpoints)
