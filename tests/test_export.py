@@ -48,7 +48,8 @@ def test_parity_holds_with_dropout_and_both_corrections() -> None:
     and the day-earlier miss (a 6-step "day" here, shorter than the horizon) are in the graph, with dynamic
     history and horizon."""
     torch.manual_seed(0)
-    model = KoVAE(5, 2, ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.5, seasonal_steps=6))
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.5, seasonal_steps=6, seasonal_adaptive=False)
+    model = KoVAE(5, 2, cfg)
     with torch.no_grad():
         model.seasonal_logit.fill_(0.0)
         model.persistence_logit.fill_(-1.0)
@@ -221,3 +222,26 @@ def test_a_plans_effect_passes_the_naive_blends_whole_in_both_graphs() -> None:
         old.load_state_dict(model.state_dict())
         shrunk = old.forecast(x, u, moved, residual_decay=decay) - old.forecast(x, u, uf, residual_decay=decay)
     assert not torch.allclose(shrunk, raw, atol=1e-3)  # the old forecast shrinks it
+
+
+def test_yesterdays_weight_follows_how_well_yesterday_repeated() -> None:
+    """model.seasonal_adaptive: where the last samples of the history repeat the day before exactly (BSM1's dry
+    file), the forecast takes yesterday whole; where they miss by a standard deviation, c / (c + 1); a history too
+    short to compare reads a miss of 1. The graph computes the same for any history length."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, seasonal_steps=6, seasonal_check=3)
+    model = KoVAE(2, 2, cfg).eval()
+    with torch.no_grad():
+        model.seasonal_logit.fill_(0.0)  # c = 1
+        model.persistence_logit.fill_(-1e4)  # no pull to the last value
+    day = torch.randn(1, 6, 2)
+    repeating = torch.cat([day, day], 1)  # (1, 12, 2): the last 3 samples equal those a day (6) earlier
+    shifted = repeating.clone()
+    shifted[:, -3:] += 1.0  # missed by exactly 1 over the checked samples
+    weights = [model.seasonal_weights(x, 4)[0, 0].tolist() for x in (repeating, shifted, repeating[:, :6])]
+    assert weights == [pytest.approx([1.0, 1.0]), pytest.approx([0.5, 0.5]), pytest.approx([0.5, 0.5])]
+    with torch.no_grad():
+        blended = model.seasonal(repeating, torch.zeros(1, 4, 2))
+    assert torch.allclose(blended, repeating[:, 6:10], atol=1e-6)  # yesterday, whole
+    graph = E.ForecastGraph(model, 6, {"spread_scale": [1.0] * 2, "residual_decay": [0.9] * 2})
+    assert E.parity(graph, E.to_onnx_bytes(graph, 12, {}), 12) < 1e-4

@@ -17,6 +17,7 @@ from training import evaluate as ev
 from training.config import RunConfig
 from training.data import Windows
 from training.model import (
+    BAND_MARGIN,
     DRIVER_CLIP,
     IntervalWidth,
     KoVAE,
@@ -151,6 +152,8 @@ def fit_naive_blends(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[s
     itself when the plan is held), i.e. s = a / (1 - b), q = b, clipped to [0, 1]. A lead time k takes the
     refitted weights only if, fitted on either half of the validation windows, they beat the learned ones on the
     other half (pooled NMSE).
+    With the adaptive weight of yesterday (``model.seasonal_adaptive``) each window's own s stands and only q is
+    refitted, by least squares given s.
     Where the two naive forecasts coincide (a day ahead) only the weight towards the last value is fitted:
     solving for both there once left the learned weights at the last 11 steps, and the 24-h pooled skill of
     normal operation at 0.09 instead of 0.23.
@@ -167,10 +170,20 @@ def fit_naive_blends(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[s
     T = np.nan_to_num(w.x_fut - base)  # a missing truth adds nothing to either side
     H = base.shape[1]
 
+    adaptive = model.cfg.seasonal_adaptive
+    if adaptive:  # yesterday's weight is each window's own (KoVAE.seasonal_weights): only q is refitted
+        with torch.no_grad():
+            s_window = model.seasonal_weights(tensors(p, w)[0], H).double().numpy()
+
     def fit(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return blend_weights(A[rows], B[rows], T[rows])
+        if not adaptive:
+            return blend_weights(A[rows], B[rows], T[rows])
+        a = s_window[rows] * A[rows]
+        q = ((T[rows] - a) * (B[rows] - a)).sum(0) / np.maximum(((B[rows] - a) ** 2).sum(0), 1e-12)
+        return s_window[rows], np.clip(q, 0.0, 0.999)
 
     def blended(s_: np.ndarray, q_: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        s_ = s_window[rows] if adaptive else s_
         return base[rows] + s_ * A[rows] + q_ * (B[rows] - s_ * A[rows]) * np.isfinite(last[rows])
 
     scale = p.x_std
@@ -180,8 +193,13 @@ def fit_naive_blends(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[s
         refit = ev.nmse_by_step(blended(*fit(fit_rows), check_rows), w.x_fut[check_rows], scale)
         better &= refit < ev.nmse_by_step(learned[check_rows], w.x_fut[check_rows], scale)
     s_all, q_all = fit(np.ones(len(base), bool))
+    refitted = (
+        [(model.persistence_logit, q_all)]
+        if adaptive
+        else [(model.seasonal_logit, s_all), (model.persistence_logit, q_all)]
+    )
     with torch.no_grad():
-        for logit, weights in ((model.seasonal_logit, s_all), (model.persistence_logit, q_all)):
+        for logit, weights in refitted:
             rows = min(H, logit.shape[0])
             take = torch.from_numpy(better[:rows])[:, None]
             new = torch.logit(torch.from_numpy(weights[:rows]).float().clamp(1e-4, 1 - 1e-4))
@@ -284,9 +302,8 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
 
     def to_band(v: np.ndarray) -> np.ndarray:
         """Engineering units to band space: everything below is fitted there, where widening is linear."""
-        return band_space(
-            torch.from_numpy(np.asarray(v, np.float64)), torch.from_numpy(lo), torch.from_numpy(hi)
-        ).numpy()
+        margin = torch.from_numpy(BAND_MARGIN * p.x_std.astype(np.float64))  # the graph's, in engineering units
+        return band_space(torch.from_numpy(np.asarray(v, np.float64)), *map(torch.from_numpy, (lo, hi)), margin).numpy()
 
     def run(request: str, forecast: str = "none") -> tuple[np.ndarray, np.ndarray]:
         if (request, forecast) not in runs:
@@ -323,7 +340,7 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
         ratio = fit_spread(mean_k[rows], dev, truth[rows], factor)
         width["known"].append({"input": name, "columns": p.flag_columns(kind), "when": when, "ratio": ratio.tolist()})
     coverage = {}
-    for request in ("honest", "held", "applied", "bare") if p.n_setpoints else ("bare",):
+    for request in ("honest", "held", "applied") if p.n_setpoints else ("bare",):
         mean_r, band_r = run(request)
         factor = width_factors(width, spread, p, w, request=request)
         coverage[request] = coverage_by_group(widened(mean_r, band_r, factor[:, None, None, :]), truth, groups)

@@ -37,11 +37,16 @@ class ModelConfig:
     disturbance_inputs: bool = True  # the disturbances (influent) as known inputs: measured, and forecast if given
     setpoint_inputs: bool = True  # the catalog's loop setpoints as optional known inputs (history and plan)
     seasonal_steps: int = 96  # samples per day: the forecast carries the decoder's miss one day earlier (0: none)
+    # The weight of the same time yesterday follows how well yesterday matched today over the last seasonal_check
+    # samples of the history (training.model.KoVAE.seasonal_weights): BSM1's dry file repeats its day, BSM2's
+    # does not. Cards written before it: one weight per lead time and variable.
+    seasonal_adaptive: bool = True
+    seasonal_check: int = 32
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    history: int = 96  # 1 day at 15 minutes
+    history: int = 128  # 32 h at 15 minutes: a day, and 8 h to see whether yesterday repeats (model.seasonal_check)
     horizon: int = 96  # maximum forecast horizon, also the longest rollout trained
     epochs: int = 30  # the best-on-validation epoch is kept (epoch 15 in the committed run)
     batch_size: int = 64
@@ -117,9 +122,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "dropout": 0.0,
             "calendar_weekly": 0,
             "seasonal_steps": 16,
+            "seasonal_check": 4,
         },
         "train": {
-            "history": 16,
+            "history": 20,
             "horizon": 16,
             "epochs": 20,
             "batch_size": 32,

@@ -54,14 +54,16 @@ from training.config import ModelConfig, TrainConfig
 STEPS_PER_DAY = 96  # 15-minute samples
 
 
-BAND_EPS = 1e-6  # how close to a physical bound a value may come in band space
+BAND_MARGIN = 0.1  # in training stds: no closer to a physical bound than this is a value read in band space
 
 
-def band_space(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def band_space(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, margin: float | torch.Tensor = BAND_MARGIN):
     """The logit of each value's place in its physical range [lo, hi] (per variable, in v's units): where
     forecast samples are widened, so that no band leaves the range. Near a bound it is a log (a concentration
-    near 0 spreads by factors), mid-range nearly linear."""
-    frac = ((v - lo) / (hi - lo)).clamp(BAND_EPS, 1 - BAND_EPS)
+    near 0 spreads by factors), mid-range nearly linear. Values are read no closer to a bound than ``margin``
+    (in v's units; normalised: a tenth of the training std): a forecast at the bound would otherwise turn a
+    sample's small step off it into a leap across the range."""
+    frac = ((v - lo) / (hi - lo)).clamp(margin / (hi - lo), 1 - margin / (hi - lo))
     return torch.log(frac) - torch.log1p(-frac)
 
 
@@ -82,9 +84,10 @@ def calibrated_samples(
     factor = width[:, None, None, :]
     if bounds is None:
         return mean.unsqueeze(1) + factor * (raw - mean.unsqueeze(1))
-    lo, hi = bounds
-    centre = band_space(mean.unsqueeze(1), lo, hi)
-    return from_band_space(centre + factor * (band_space(raw, lo, hi) - centre), lo, hi)
+    # In float64: the logit's ends magnify float32 rounding, and the graph must match PyTorch to 1e-4.
+    lo, hi, factor = bounds[0].double(), bounds[1].double(), factor.double()
+    centre = band_space(mean.unsqueeze(1).double(), lo, hi)
+    return from_band_space(centre + factor * (band_space(raw.double(), lo, hi) - centre), lo, hi).to(mean.dtype)
 
 
 DRIVER_CLIP = (-2.0, 3.0)  # z-scores of the width's driver beyond these widen (or narrow) no further
@@ -323,19 +326,44 @@ class KoVAE(nn.Module):
         miss = torch.nan_to_num(x_last - self.decode(z_last, u_last), nan=0.0)  # not measured: nothing to carry
         return miss.unsqueeze(1) * decay**steps
 
+    def seasonal_weights(self, x_hist: torch.Tensor, horizon: int) -> torch.Tensor:
+        """(batch, H, x) the weight s of the same time a day earlier at each lead time and variable.
+
+        Adaptive (``model.seasonal_adaptive``): inverse-variance weighting, s = c / (c + m2), with c[k, v] =
+        exp(seasonal_logit) the model's own error (learned) and m2 how far yesterday missed today over the last
+        ``model.seasonal_check`` samples of the history (mean squared, normalised): where the plant repeats its
+        day (BSM1's dry file), m2 is ~0 and the forecast takes yesterday; where it does not, little of it. A history
+        without such pairs (shorter than a day and a sample) reads m2 = 1. Cards from before it: s = sigmoid(.)."""
+        P, L = self.cfg.seasonal_steps, x_hist.shape[1]
+        k = torch.arange(1, horizon + 1)
+        idx = k + (L - 1 - P)  # history index of step t+k-P
+        valid = ((idx >= 0) & (k <= P)).to(x_hist.dtype)[:, None]  # (H, 1)
+        logit = self.seasonal_logit[(k - 1).clamp(max=P - 1)]  # (H, x)
+        if not self.cfg.seasonal_adaptive:
+            return (torch.sigmoid(logit) * valid).unsqueeze(0)
+        J = self.cfg.seasonal_check
+        # Padded in front so that both slices exist for any history length (a constant pad exports cleanly).
+        padded = torch.cat([torch.full_like(x_hist[:, :1], float("nan")).repeat(1, P + J, 1), x_hist], 1)
+        miss = (padded[:, -J:] - padded[:, -J - P : -P]) ** 2
+        seen = ~torch.isnan(miss)
+        m2 = torch.where(seen, miss, 0.0).sum(1) / seen.sum(1).clamp(min=1)
+        m2 = torch.where(seen.any(1), m2, torch.ones_like(m2))  # (B, x)
+        c = logit.exp()
+        return c / (c + m2[:, None]) * valid
+
     def seasonal(self, x_hist: torch.Tensor, forecast: torch.Tensor) -> torch.Tensor:
         """The forecast (batch, [samples,] H, x) blended with the two naive forecasts: + s[k] (x[t+k-P] - forecast)
-        where that sample is in the history (not before it, k <= P, P > 0), then + q[k] (x_last - forecast) with
-        x_last each variable's last measured value. A missing sample leaves the forecast as it is."""
+        where that sample is in the history (not before it, k <= P, P > 0; s: ``seasonal_weights``), then + q[k]
+        (x_last - forecast) with x_last each variable's last measured value. A missing sample leaves the forecast
+        as it is."""
         P, horizon, L = self.cfg.seasonal_steps, forecast.shape[-2], x_hist.shape[1]
         k = torch.arange(1, horizon + 1)
         samples = forecast.dim() == 4
         if P > 0:
             idx = k + (L - 1 - P)  # history index of step t+k-P
-            valid = ((idx >= 0) & (k <= P)).to(x_hist.dtype)[:, None]
-            weight = torch.sigmoid(self.seasonal_logit)[(k - 1).clamp(max=P - 1)] * valid  # (H, x)
+            weight = self.seasonal_weights(x_hist, horizon)  # (batch or 1, H, x)
             yesterday = x_hist[:, idx.clamp(0, L - 1)]
-            yesterday = yesterday.unsqueeze(1) if samples else yesterday
+            yesterday, weight = (t.unsqueeze(1) if samples else t for t in (yesterday, weight))
             # Missing values are masked on the history's side, which may be one row for many plans (export).
             seen = ~torch.isnan(yesterday)
             forecast = forecast + weight * seen * (torch.where(seen, yesterday, 0.0) - forecast)
