@@ -41,12 +41,14 @@ def plan(d: DecodedRequest, chunk_work: int) -> list[list[int]]:
     return [idx[k : k + group] for idx in by_length.values() for k in range(0, len(idx), group)]
 
 
-def plan_pieces(d: DecodedRequest, i: int, n_x: int, chunk_work: int) -> list[tuple[int, int]]:
-    """(first, stop) plans of series ``i`` per piece: at most ``PIECE_BYTES`` of JSON, and with samples at most
+def plan_pieces(
+    d: DecodedRequest, i: int, n_x: int, chunk_work: int, piece_bytes: int = PIECE_BYTES
+) -> list[tuple[int, int]]:
+    """(first, stop) plans of series ``i`` per piece: at most ``piece_bytes`` of JSON, and with samples at most
     ``chunk_work`` sample steps (means alone run all in one call: the runtime decodes them step by step)."""
     n_plans = len(d.u_fut[i])
     per_plan = forecast_bytes(n_x, len(d.quantiles), d.horizon) if d.facts[i].plan_forecasts else 1
-    step = max(1, PIECE_BYTES // per_plan)
+    step = max(1, piece_bytes // per_plan)
     if d.samples:
         step = min(step, max(1, chunk_work // (d.samples * d.horizon)))
     return [(k, min(k + step, n_plans)) for k in range(0, n_plans, step)]
@@ -96,7 +98,9 @@ def run_plans(
     return SeriesResult(fc.mean, qs)
 
 
-def pieces(rt: ModelRuntime, d: DecodedRequest, chunk_work: int) -> Iterator[Callable[[], list[Fragment]]]:
+def pieces(
+    rt: ModelRuntime, d: DecodedRequest, chunk_work: int, piece_bytes: int = PIECE_BYTES
+) -> Iterator[Callable[[], list[Fragment]]]:
     """Zero-argument callables, one per piece, to be run in order: each forecasts its series (or some plans
     of one series) and returns them as JSON fragments, so that no single step of a large request holds the
     interpreter or much memory for long."""
@@ -111,7 +115,7 @@ def pieces(rt: ModelRuntime, d: DecodedRequest, chunk_work: int) -> Iterator[Cal
     for i, facts in enumerate(d.facts):
         if facts.plan_names is None:
             continue
-        for k, (first, stop) in enumerate(plan_pieces(d, i, len(rt.measurements), chunk_work)):
+        for k, (first, stop) in enumerate(plan_pieces(d, i, len(rt.measurements), chunk_work, piece_bytes)):
 
             def plans_piece(i: int = i, k: int = k, first: int = first, stop: int = stop) -> list[Fragment]:
                 res = run_plans(rt, d, i, first, stop, rng)
