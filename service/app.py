@@ -239,9 +239,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         check_body_headers(request)
         body = await request.body()
         rt = serving()  # one reference for the whole request, even if a reload swaps the model meanwhile
-        # A large body is read off the event loop, so that other requests' I/O goes on meanwhile.
-        decoded = read(body, rt) if len(body) < LARGE_BODY else await run_in_threadpool(read, body, rt)
-        del body
+        # A large body is read off the event loop, so that other requests' I/O goes on meanwhile, and the memory
+        # its parse took is handed back afterwards, whatever the outcome.
+        if len(body) < LARGE_BODY:
+            decoded = read(body, rt)
+        else:
+            try:
+                decoded = await run_in_threadpool(read, body, rt)
+            finally:
+                del body
+                asyncio.get_running_loop().run_in_executor(bulk, release_memory)
         metrics.HORIZON.observe(decoded.horizon)
         metrics.BATCH.observe(len(decoded.x_hist))
         start = time.perf_counter()
