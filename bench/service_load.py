@@ -158,7 +158,7 @@ async def reloader(store: Path, versions: list[str], times: int, every: float, k
         for i in range(times):
             await asyncio.sleep(every)
             target = versions[(i + 1) % len(versions)]
-            set_current(store, target)
+            await asyncio.to_thread(set_current, store, target)  # it checks the checksums: not on this loop
             r = await admin.post("/admin/reload", headers={"x-api-key": key})
             done += r.status_code == 200 and r.json()["model_version"] == target
     return done
