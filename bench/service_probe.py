@@ -15,6 +15,8 @@
 4. Client behaviour at the HTTP layer: clients leaving mid-body, bodies sent a byte a second, a 64 MB header
    and 2 million headers, malformed HTTP; what each was answered, how long the slow ones were held, and the
    5xx in the metrics and the access log (target: none).
+5. The small findings: a trailing-slash request with a foreign Host, a gzip body, an empty API key at start-up,
+   a 401's challenge, and the log of two workers, one killed.
 
 Only 127.0.0.1 is targeted; every phase is bounded in count and time.
 """
@@ -26,9 +28,12 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -37,7 +42,19 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from service_load import KeepAliveClient, phase, post_bytes, private_store, reloader, request_body, start_server
+from service_load import (
+    ROOT,
+    KeepAliveClient,
+    metric,
+    phase,
+    post_bytes,
+    private_store,
+    reloader,
+    request_body,
+    reset_peak,
+    rss_kib,
+    start_server,
+)
 
 from modelcard.card import read_card, write_card
 from modelcard.runtime import ModelRuntime
@@ -237,18 +254,6 @@ def probe_cards(port: int, store: Path, version: str, rt: ModelRuntime) -> None:
         httpx.post(f"http://127.0.0.1:{port}/admin/reload", headers={"x-api-key": "bench-admin"}, timeout=30)
 
 
-def rss_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of a process in KiB: its resident memory now and at its peak."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
-
-
-def reset_peak(pid: int) -> None:
-    """Start VmHWM over from the present RSS (Linux: clear_refs 5), so a peak belongs to one probe."""
-    with contextlib.suppress(OSError):
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
 class Beside:
     """One-series requests at 10 per second, on their own connection, while the block runs."""
 
@@ -421,7 +426,7 @@ def probe_clients(url: str, port: int, pid: int, log: Path, body_timeout_s: floa
         )
         conn.close()
     time.sleep(1)
-    closed = _metric(httpx.get(f"{url}/metrics").text, "kovae_errors_total", type="client_closed")
+    closed = metric(httpx.get(f"{url}/metrics").text, "kovae_errors_total", type="client_closed")
     print(f"   50 clients leaving mid-body (Content-Length 100, 1 byte sent): counted client_closed {closed:.0f}")
     counts, held = asyncio.run(_slow_bodies(port, 50, 60.0))
     print(
@@ -442,7 +447,7 @@ def probe_clients(url: str, port: int, pid: int, log: Path, body_timeout_s: floa
         statuses.append(_status(_answer(conn)))
         conn.close()
     text = httpx.get(f"{url}/metrics").text
-    malformed = _metric(text, "kovae_errors_total", type="malformed_http")
+    malformed = metric(text, "kovae_errors_total", type="malformed_http")
     print(f"   20 malformed requests (Content-Length: abc): answered {sorted(set(statuses))}, counted {malformed:.0f}")
     time.sleep(1)
     lines = log.read_text().splitlines()
@@ -453,24 +458,56 @@ def probe_clients(url: str, port: int, pid: int, log: Path, body_timeout_s: floa
     logged_5xx = sum(1 for e in parsed if e.get("event") == "request" and e.get("status", 0) >= 500)
     tracebacks = sum(1 for e in parsed if "exception" in e)
     print(
-        f"   whole run: 5xx in the metrics {_metric(text, 'kovae_http_requests_total', status_class='5xx'):.0f}, "
+        f"   whole run: 5xx in the metrics {metric(text, 'kovae_http_requests_total', status_class='5xx'):.0f}, "
         f"in the access log {logged_5xx}; tracebacks logged {tracebacks}; log lines that are not JSON "
         f"{len(lines) - len(parsed)} of {len(lines)}"
     )
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
-        if (
-            m
-            and m.group(1) == name
-            and labels.items() <= dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")).items()
-        ):
-            total += float(m.group(3))
-    return total
+def workers_of(pid: int) -> list[int]:
+    """The uvicorn worker processes of a server (its children started by multiprocessing's spawn)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if parent == pid and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                out.append(int(stat.parent.name))
+    return sorted(out)
+
+
+def probe_edges(url: str, store: Path, rt: ModelRuntime) -> None:
+    """The audit's small findings: a redirect built from Host, a gzip body, an empty API key, a 401 without a
+    challenge, the plain-text lines of the supervisor of several workers."""
+    body = json.dumps(request_body(rt, 8)).encode()
+    r = httpx.post(
+        f"{url}/forecast/", content=body, headers={"host": "attacker.example", "content-type": "application/json"}
+    )
+    print(f"5. POST /forecast/ with Host: attacker.example: {r.status_code}, Location {r.headers.get('location')}")
+    r = httpx.post(
+        f"{url}/forecast", content=body, headers={"content-type": "application/json", "content-encoding": "gzip"}
+    )
+    print(f"   Content-Encoding gzip: {r.status_code}")
+    env = {**os.environ, "KOVAE_MODEL_STORE": str(store), "PYTHONPATH": str(ROOT), "KOVAE_API_KEYS": '["ok", ""]'}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    print(
+        f'   KOVAE_API_KEYS=\'["ok", ""]\': exit {out.returncode} after {time.perf_counter() - start:.1f} s, '
+        f"{len(out.stderr.splitlines())} JSON line(s)"
+    )
+    log = store.parent / "workers.log"
+    server, port = start_server(store, log=log, KOVAE_WORKERS="2", KOVAE_API_KEYS='["k"]', KOVAE_LOG_LEVEL="INFO")
+    try:
+        r = httpx.post(f"http://127.0.0.1:{port}/forecast", content=body, headers={"content-type": "application/json"})
+        print(f"   no key: {r.status_code}, WWW-Authenticate: {r.headers.get('www-authenticate')}")
+        os.kill(workers_of(server.pid)[0], signal.SIGKILL)  # one of the two uvicorn workers
+        time.sleep(3)
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+    lines = log.read_text().splitlines()
+    plain = [line for line in lines if not line.startswith("{")]
+    died = sum("died" in line for line in lines)
+    print(f"   2 workers, one killed: {len(lines)} log lines, {len(plain)} not JSON, {died} saying a child died")
 
 
 def main() -> None:
@@ -496,6 +533,7 @@ def main() -> None:
             probe_cards(port, store, version, rt)
             probe_large(url, server.pid, rt)
             probe_clients(url, port, server.pid, log, args.body_timeout)
+            probe_edges(url, store, rt)
         finally:
             server.terminate()
             server.wait(timeout=15)
