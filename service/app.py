@@ -27,10 +27,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import forecasting, metrics
-from service.decode import decode, field_name, parse, publish_limits, size_limits
+from service.decode import decode, publish_limits
 from service.encode import ForecastResponse, answer_response
 from service.logs import setup_logging
 from service.middleware import ObserveMiddleware, problem
+from service.parse import field_name, parse, size_limits
 from service.problems import PROBLEM, Errors, ProblemError
 from service.registry import ModelRegistry, ReloadError
 from service.request import DecodedRequest, ForecastRequest

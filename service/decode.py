@@ -1,13 +1,10 @@
-"""Decoding a /forecast request (``service.request``) from JSON bytes to the arrays the runtime takes.
+"""Decoding a parsed /forecast request (``service.parse``) into the arrays the runtime takes.
 
-Every cost of reading a request is bounded before it is paid, in this order:
-
-1. ``parse``: size rules on the raw bytes (``service.scan``: no array, object, string or nesting larger than
-   any field takes, no more values than ``KOVAE_MAX_VALUES``), then pydantic-core's strict parse, which stops
-   at the first bad item of each list, then a check for keys given twice.
-2. ``decode``: the size rules that need the model or the settings (history length, horizon, series, plans,
-   quantiles, samples, the work and the answer's size), each stopping at its first violation; only a
-   request that keeps them all is checked value by value (finite, within the physical bounds).
+Every cost of reading a request is bounded before it is paid: ``service.parse`` checks the raw body's size
+rules before parsing it; here the size rules that need the model or the settings (history length, horizon,
+series, plans, quantiles, samples, the work and the answer's size) are checked, each stopping at its first
+violation, and only a request that keeps them all is checked value by value (finite, within the physical
+bounds).
 
 Problems are listed up to ``service.problems.LISTED`` and counted. Every check that needs the model's limits
 reads them from the card: history and horizon limits, variable names, physical bounds (a value outside them
@@ -17,92 +14,23 @@ is refused) and the training range (a value outside it is answered, with a warni
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-import jiter
 import numpy as np
-from pydantic import ValidationError
 
 from modelcard.card import last_observed, minutes_since_monday
 from modelcard.runtime import ModelRuntime
 from service.encode import SeriesFacts, SeriesShape, check_answer_size, quantile_key
-from service.problems import Errors, ProblemError
-from service.request import TIME_EXAMPLE, DecodedRequest, ForecastRequest, PlanIn, SeriesIn
-from service.scan import SizeLimits, check_sizes, keys_only
+from service.problems import Errors
+from service.request import DecodedRequest, ForecastRequest, PlanIn, SeriesIn
 from service.settings import Settings
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-MAX_DEPTH = 8
-"""Nesting of the deepest field (series[].plans[].future_controls.<name>[] is 7 deep), and one to spare."""
-MAX_STRING_BYTES = 2048
-"""An id or plan name of 128 characters, each written as escapes, fits."""
 
-# ----------------------------------------------------------------------------- 1. bytes to a request
-
-
-def size_limits(rt: ModelRuntime | None, settings: Settings) -> SizeLimits:
-    """The raw body's size rules: the largest array and object any field of a request to this model takes."""
-    lengths = [settings.max_series, settings.max_plans, settings.max_quantiles]
-    names = [len(SeriesIn.model_fields), len(ForecastRequest.model_fields)]
-    if rt is not None:
-        lengths += [rt.card["history"]["max"], rt.max_horizon]
-        names += [len(rt.measurements), len(rt.controls), len(rt.setpoints)]
-    # Twice the variables: a few unknown names still get their own message ("unknown variable") after parsing.
-    return SizeLimits(
-        values=settings.max_values,
-        array=max(lengths),
-        members=2 * max(names),
-        string_bytes=MAX_STRING_BYTES,
-        depth=MAX_DEPTH,
-    )
-
-
-DUPLICATE = re.compile(r'duplicate key "(.*)" at line')
-
-
-def parse(body: bytes, limits: SizeLimits) -> ForecastRequest:
-    """The request from JSON bytes, its size rules first (``service.scan``), then pydantic-core's strict
-    parse (~10x cheaper than json.loads plus validation), then jiter (the same parser) for keys given twice,
-    which pydantic-core silently resolves to the last; for a large body only over its keys."""
-    structure = check_sizes(body, limits)
-    try:
-        req = ForecastRequest.model_validate_json(body)
-    except ValidationError as exc:
-        errors = Errors()
-        for e in exc.errors(include_url=False, include_input=False, include_context=False):
-            errors.add(field_name(e["loc"]), message(e))
-        errors.count = max(errors.count, exc.error_count())
-        errors.raise_if_any("Invalid request body")
-        raise  # not reached: a ValidationError has at least one error
-    try:
-        jiter.from_json(keys_only(structure) if structure is not None else body, catch_duplicate_keys=True)
-    except ValueError as exc:  # 'Detected duplicate key "horizon" at line 1 column 40'
-        m = DUPLICATE.search(str(exc))
-        msg = f'duplicate key "{m.group(1)}": a key may appear once in an object' if m else str(exc)
-        raise ProblemError(422, "Invalid request body", [{"field": "body", "message": msg}]) from None
-    return req
-
-
-def field_name(loc: tuple[Any, ...]) -> str:
-    """('series', 0, 'horizon') -> 'series[0].horizon'."""
-    out = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "body"
-
-
-def message(error: dict[str, Any]) -> str:
-    """pydantic's message, but a timestamp's own words for a time that is not ISO 8601."""
-    if error["type"] == "string_pattern_mismatch" and "timestamps" in error["loc"]:
-        return f"not an ISO 8601 date-time (e.g. {TIME_EXAMPLE}); numbers are not read as times"
-    return error["msg"]
-
-
-# ----------------------------------------------------------------------------- 2. a request to arrays
+# ----------------------------------------------------------------------------- a request to arrays
 
 
 @dataclass(frozen=True)
@@ -290,7 +218,7 @@ def check_optional_names(given: dict[str, list], role: Inputs, where: str, lengt
     check_names(given, sent, where, length, errors)
 
 
-# ----------------------------------------------------------------------------- 2b. a series' values
+# ----------------------------------------------------------------------------- a series' values
 
 
 def decode_series(
