@@ -221,7 +221,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return rt
 
     def read(body: bytes, rt: Any) -> DecodedRequest:
-        """Bytes to the runtime's arrays, every size rule first (service.decode)."""
+        """Bytes to the runtime's arrays, every size rule first (service.parse, then service.decode)."""
         return decode(parse(body, size_limits(rt, settings)), rt, settings)
 
     errors_doc: dict[int | str, dict[str, Any]] = {code: PROBLEM_SCHEMA for code in (401, 408, 413, 415, 422, 503)}
