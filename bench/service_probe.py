@@ -322,6 +322,10 @@ def large_bodies(rt: ModelRuntime) -> list[tuple[str, bytes]]:
     return [(name, json.dumps(body, **compact).encode()) for name, body in cases]
 
 
+def size(n: int) -> str:
+    return f"{n / 1e6:.2f}MB" if n >= 1e6 else f"{n / 1e3:.1f}kB"
+
+
 def probe_large(url: str, pid: int, rt: ModelRuntime) -> None:
     print("3. large requests, one-series requests beside each at 10/s (targets: answer < 10 MB unless a 200 within")
     print("   the answer bound, server peak < 400 MiB, small p99 < 100 ms):")
@@ -339,7 +343,7 @@ def probe_large(url: str, pid: int, rt: ModelRuntime) -> None:
         _, peak = rss_kib(pid)
         p99 = np.percentile(beside.ms, 99) if beside.ms else math.nan
         print(
-            f"   {name:<40} {len(body) / 1e6:5.1f}MB {r.status_code:>6} {len(r.content) / 1e6:7.2f}MB {seconds:6.1f}s "
+            f"   {name:<40} {len(body) / 1e6:5.1f}MB {r.status_code:>6} {size(len(r.content)):>9} {seconds:6.1f}s "
             f"{peak / 1024:5.0f}MiB {p99:7.1f}ms {max(beside.ms, default=math.nan):5.0f}ms {len(beside.ms):>4}"
             + (f"  ({beside.failed} small failed)" if beside.failed else "")
         )
