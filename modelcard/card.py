@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 CARD_FILE = "card.json"
+CARD_SUM_FILE = "card.sha256"
+"""The card's SHA-256 beside it, in ``sha256sum`` format: the service serves only a card that matches it."""
 ONNX_FILE = "model.onnx"
 CARD_VERSION = 3  # 2: variables.calendar (clock inputs); 3: per-variable bounds and training_range
 READABLE_CARD_VERSIONS = (1, 2, 3)  # 1 has no calendar inputs; 1-2 have no bounds (then nothing is refused)
@@ -98,21 +100,67 @@ def stability_summary(A: np.ndarray, sample_minutes: float) -> dict[str, Any]:
 
 
 def write_card(version_dir: Path, card: dict[str, Any]) -> None:
-    atomic_write(version_dir / CARD_FILE, json.dumps(card, indent=1, sort_keys=False).encode())
+    """Write the card and its checksum file beside it (``card.sha256``, as ``sha256sum`` writes it)."""
+    data = json.dumps(card, indent=1, sort_keys=False).encode()
+    atomic_write(Path(version_dir) / CARD_FILE, data)
+    _write_seal(Path(version_dir), data)
 
 
-def read_card(version_dir: Path, *, verify: bool = True) -> dict[str, Any]:
-    """Read a version's card; with ``verify`` also check model.onnx against the stored SHA-256.
+def seal_card(version_dir: Path) -> str:
+    """Write ``card.sha256`` for the card as it stands (a version written before cards had checksums); returns
+    the digest. Check the card first: from now on the service serves exactly these bytes."""
+    data = (Path(version_dir) / CARD_FILE).read_bytes()
+    return _write_seal(Path(version_dir), data)
+
+
+def _write_seal(version_dir: Path, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write(version_dir / CARD_SUM_FILE, f"{digest}  {CARD_FILE}\n".encode())
+    return digest
+
+
+def _check_seal(version_dir: Path, data: bytes, required: bool) -> None:
+    """The card's bytes against ``card.sha256``: a mismatch is refused; a missing file only when ``required``."""
+    where = f"{version_dir.name}/{CARD_SUM_FILE}"
+    try:
+        text = (version_dir / CARD_SUM_FILE).read_text()
+    except FileNotFoundError:
+        if required:
+            raise CardError(
+                f"{where}: missing (a card written before cards had checksums: check it, then run "
+                f"python -m modelcard seal <store>/{version_dir.name})"
+            ) from None
+        return
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CardError(f"{where}: unreadable ({type(exc).__name__})") from None
+    expected = text.split()[0] if text.split() else ""
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise CardError(
+            f"{version_dir.name}/{CARD_FILE}: SHA-256 {actual[:12]}... does not match {CARD_SUM_FILE}'s "
+            f"{expected[:12]}... (the card was changed after it was written)"
+        )
+
+
+def read_card(version_dir: Path, *, verify: bool = True, sealed: bool = False) -> dict[str, Any]:
+    """Read a version's card; with ``verify`` also check it against ``card.sha256`` (when there is one) and
+    model.onnx against the card's SHA-256. ``sealed``: the checksum file must be there (what is served).
 
     Messages name files as ``<version>/<file>``, never by absolute path: they reach API clients.
     """
     version_dir = Path(version_dir)
     where = f"{version_dir.name}/{CARD_FILE}"
     try:
-        card = json.loads((version_dir / CARD_FILE).read_text())
+        data = (version_dir / CARD_FILE).read_bytes()
     except FileNotFoundError:
         raise CardError(f"{where}: no model card") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise CardError(f"{where}: unreadable ({type(exc).__name__})") from None
+    if verify or sealed:
+        _check_seal(version_dir, data, required=sealed)
+    try:
+        card = json.loads(data)
+    except ValueError as exc:
         raise CardError(f"{where}: unreadable ({type(exc).__name__})") from None
     if not isinstance(card, dict):
         raise CardError(f"{where}: not a JSON object")

@@ -1,9 +1,10 @@
 """Runs one model version through ONNX Runtime in engineering units. No torch, no web framework.
 
 The card supplies the scalers and limits; this class only applies them. One session is shared by all
-requests (``InferenceSession.run`` is thread-safe). The session is built from the very bytes whose SHA-256
-was checked against the card, and without ONNX Runtime's memory arena, so that the memory of one large
-request goes back to the system instead of staying reserved for the life of the process. The plans session
+requests (``InferenceSession.run`` is thread-safe). The card must match its checksum file and hold servable
+numbers (``modelcard.validate``); the session is built from the very bytes whose SHA-256 was checked against
+the card, and without ONNX Runtime's memory arena, so that the memory of one large request goes back to the
+system instead of staying reserved for the life of the process. The plans session
 is the exception: its requests are bounded (KOVAE_MAX_PLANS, samples in chunks); 1,000 plans keep about 90 MB
 reserved, and reusing it saves them about a third of their time.
 """
@@ -30,6 +31,7 @@ from modelcard.card import (
     training_range,
     window_clock,
 )
+from modelcard.validate import check_card
 
 SAMPLE_ROWS = 128  # sampled trajectories per run of the plans graph, so its arena holds one chunk at most
 
@@ -43,7 +45,9 @@ class Forecast:
 class ModelRuntime:
     def __init__(self, version_dir: Path, threads: int = 1) -> None:
         self.version_dir = Path(version_dir)
-        self.card: dict[str, Any] = read_card(self.version_dir, verify=False)
+        # The card against card.sha256 (the graphs are checked below, as their bytes are read), then its numbers.
+        self.card: dict[str, Any] = read_card(self.version_dir, verify=False, sealed=True)
+        check_card(self.card, self.version_dir.name)
         model = onnx_bytes(self.version_dir, self.card)  # checked against the card's SHA-256
         opts = ort.SessionOptions()
         opts.enable_cpu_mem_arena = False  # an arena keeps a large request's peak memory for ever

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from modelcard.card import CARD_FILE, CardError, atomic_write, fsync_dir, read_card
+from modelcard.validate import check_card
 
 POINTER = "CURRENT"
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -71,8 +72,9 @@ def list_versions(store: Path) -> list[str]:
 
 
 def set_current(store: Path, version: str) -> None:
-    """Point CURRENT at a version after checking its name, card and ONNX checksum."""
-    read_card(version_dir(store, version), verify=True)
+    """Point CURRENT at a version after checking its name, its card (checksum and servable numbers) and its ONNX
+    checksum: what the service would refuse is not promoted."""
+    check_card(read_card(version_dir(store, version), verify=True, sealed=True), version)
     atomic_write(Path(store) / POINTER, (version + "\n").encode())
 
 

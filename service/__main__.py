@@ -1,24 +1,38 @@
 """``python -m service``: start the forecast service with uvicorn (host, port and workers from settings).
 
 With several workers, one temporary folder holds what they share (prometheus-client's multiprocess files and
-the reload token); it is removed when the server stops.
+the reload token); it is removed when the server stops. Logging is set up here, before uvicorn starts, and
+uvicorn is told to leave it alone: its supervisor of several workers logs as JSON too. Settings that cannot be
+served (an empty API key) stop the start with one JSON line saying which.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import uvicorn
+from pydantic import ValidationError
 
-from service.http import HeaderTimeoutProtocol
+from service.http import LimitedHttpProtocol
+from service.logs import setup_logging
 from service.settings import get_settings
 
+log = logging.getLogger("kovae.app")
 
-def main() -> None:
-    settings = get_settings()
+
+def main() -> int:
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        setup_logging("INFO")
+        problems = "; ".join(f"KOVAE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        log.error("settings refused, not starting: %s", problems, extra={"event": "settings_refused"})
+        return 2
+    setup_logging(settings.log_level)
     shared: Path | None = None  # created here, so removed here
     if settings.workers > 1:
         runtime = settings.runtime_dir
@@ -39,15 +53,17 @@ def main() -> None:
             port=settings.port,
             workers=settings.workers,
             log_level=settings.log_level.lower(),
+            log_config=None,  # set up above (and by each worker's app): JSON lines, never uvicorn's plain text
             access_log=False,  # the service logs each request itself, as JSON with its request id
-            http=HeaderTimeoutProtocol,
+            http=LimitedHttpProtocol,
             timeout_keep_alive=settings.keep_alive_s,
             timeout_graceful_shutdown=10,
         )
     finally:
         if shared is not None:
             shutil.rmtree(shared, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""The FastAPI app: thin routes over the protocol codecs, the model registry and the metrics.
+"""The FastAPI app: thin routes over the codecs (``service.decode``, ``service.encode``), the model registry and
+the metrics.
 
 Every client mistake becomes an RFC 9457 problem+json with the field named; nothing else reaches the client
 but a generic 500 problem (the stack trace stays in the log).
@@ -12,35 +13,35 @@ import ctypes.util
 import hmac
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-import jiter
-import numpy as np
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics, protocol
-from service.logs import request_id_var, setup_logging
-from service.protocol import ForecastRequest, ForecastResponse, ProblemError
+from service import forecasting, metrics
+from service.decode import decode, publish_limits
+from service.encode import ForecastResponse, answer_response
+from service.logs import setup_logging
+from service.middleware import ObserveMiddleware, problem
+from service.parse import field_name, parse, size_limits
+from service.problems import PROBLEM, Errors, ProblemError
 from service.registry import ModelRegistry, ReloadError
+from service.request import DecodedRequest, ForecastRequest
 from service.settings import Settings, find_store, get_settings
 
-API_VERSION = "1.2.0"  # 1.1: time of day and week are inputs; 1.2: bounds, warnings, clipping, units, seed
-PROBLEM = "application/problem+json"
+API_VERSION = "1.3.0"  # 1.1: time of day and week are inputs; 1.2: bounds, warnings, clipping, units, seed;
+# 1.3: timestamps ISO 8601 only, answer-size bound, error lists capped (error_count)
 log = logging.getLogger("kovae.app")
-access_log = logging.getLogger("kovae.access")
-ROUTES = {"/forecast", "/model", "/healthz", "/readyz", "/metrics", "/admin/reload", "/openapi.json"}
-"""Route label values for metrics; anything else is 'other' so a scanner cannot explode label cardinality."""
+CHALLENGE = {"WWW-Authenticate": 'ApiKey realm="kovae-forecast", header="X-API-Key"'}
+"""A 401 names the scheme it wants (RFC 9110): the key, in the X-API-Key header."""
 
 
 class Health(BaseModel):
@@ -87,24 +88,7 @@ def release_memory() -> None:
 
 JSON_TYPES = ("application/json", "application/problem+json")
 LARGE_BODY = 256_000
-"""Bodies from this many bytes on are parsed in the thread pool (a day of history for one series is ~40 kB)."""
-
-
-def parse_request(body: bytes) -> ForecastRequest:
-    """Strict parse by pydantic-core straight from bytes (~10x cheaper than json.loads + validation for a day of
-    history); its errors take FastAPI's path (problem+json naming the field). Then a pass of jiter (the same
-    parser, ~0.06 ms for a day of history) for keys given twice, which pydantic-core silently resolves to the
-    last."""
-    try:
-        req = ForecastRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
-    try:
-        jiter.from_json(body, catch_duplicate_keys=True)
-    except ValueError as exc:  # "Detected duplicate key "horizon" at line 1 column 40"
-        msg = f"{exc}: a key may appear once in an object"
-        raise ProblemError(422, "Invalid request body", [{"field": "body", "message": msg}]) from None
-    return req
+"""Bodies from this many bytes on are read off the event loop (a day of history for one series is ~40 kB)."""
 
 
 FORECAST_BODY_DOC = {
@@ -127,25 +111,18 @@ PROBLEM_SCHEMA = {
                     "request_id": {"type": "string"},
                     "errors": {
                         "type": "array",
+                        "description": "the first problems (at most 20), each naming its field",
                         "items": {
                             "type": "object",
                             "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
                         },
                     },
+                    "error_count": {"type": "integer", "description": "problems found in all (with errors)"},
                 },
             }
         }
     },
 }
-
-
-def problem(request: Request, status: int, title: str, detail: str = "", errors: list | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail or title}
-    body["instance"] = request.url.path
-    body["request_id"] = request_id_var.get()
-    if errors:
-        body["errors"] = errors
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
 def _key_ok(given: str | None, keys: list[SecretStr]) -> bool:
@@ -156,87 +133,6 @@ def _key_ok(given: str | None, keys: list[SecretStr]) -> bool:
     for key in keys:
         ok |= hmac.compare_digest(given.encode(), key.get_secret_value().encode())
     return ok
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class ObserveMiddleware:
-    """Request id, body-size limit, request metrics, and a problem+json 500 for anything unexpected.
-
-    Pure ASGI rather than ``@app.middleware``: Starlette's BaseHTTPMiddleware runs every request in an extra
-    task and re-streams the body, which cost about a millisecond per forecast here.
-    """
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app, self.max_body_bytes = app, max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        headers = dict(scope["headers"])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = rid if 0 < len(rid) <= 64 and rid.isprintable() else uuid.uuid4().hex
-        token = request_id_var.set(rid)
-        route = scope["path"] if scope["path"] in ROUTES else "other"
-        status, received, started = 500, 0, False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status, started
-            if message["type"] == "http.response.start":
-                status, started = message["status"], True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-            await send(message)
-
-        async def receive_limited() -> Message:
-            """Enforces the limit on the bytes actually sent, also without (or against) a Content-Length."""
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                raise BodyTooLarge
-            return message
-
-        try:
-            length = headers.get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-                raise BodyTooLarge
-            await self.app(scope, receive_limited, send_with_id)
-        except BodyTooLarge:
-            metrics.ERRORS.labels("body_too_large").inc()
-            if started:
-                raise
-            limit = f"limit is {self.max_body_bytes} bytes"
-            await problem(Request(scope), 413, "Request body too large", limit)(scope, receive, send_with_id)
-        except Exception:
-            log.exception("unhandled error")
-            metrics.ERRORS.labels("internal").inc()
-            if started:  # too late for a problem body; the server closes the connection
-                raise
-            detail = "see the service log for this request id"
-            await problem(Request(scope), 500, "Internal server error", detail)(scope, receive, send_with_id)
-        finally:
-            seconds = time.perf_counter() - start
-            status_class = f"{status // 100}xx"
-            metrics.REQUESTS.labels(route, scope["method"], status_class).inc()
-            metrics.REQUEST_SECONDS.labels(route, status_class).observe(seconds)
-            access_log.info(
-                "%s %s %d",
-                scope["method"],
-                scope["path"],
-                status,
-                extra={
-                    "event": "request",
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round(1000 * seconds, 3),
-                },
-            )
-            request_id_var.reset(token)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -252,7 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(registry.try_reload)  # a failure is logged: /readyz stays 503 until one succeeds
+        await registry.reload_beside()  # a failure is logged: /readyz stays 503 until one succeeds
         registry.start(settings.poll_interval_s)
         yield
         registry.stop()
@@ -266,27 +162,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # the Swagger page loads its scripts from a public CDN; plant networks are often offline
         redoc_url=None,
+        redirect_slashes=False,  # a redirect to "/forecast" would be built from the client's own Host header
     )
     app.state.registry = registry
     app.state.settings = settings
 
     # ------------------------------------------------------------------ middleware and errors
 
-    app.add_middleware(ObserveMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        ObserveMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
+    )
 
     @app.exception_handler(ProblemError)
     async def on_problem(request: Request, exc: ProblemError) -> JSONResponse:
         metrics.ERRORS.labels("invalid_request" if exc.status == 422 else f"http_{exc.status}").inc()
         log.info("%d %s: %s", exc.status, exc.title, exc.detail[:1000], extra={"event": "refused"})
-        return problem(request, exc.status, exc.title, exc.detail, exc.errors)
+        response = problem(request, exc.status, exc.title, exc.detail, exc.errors, exc.count)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": _loc(e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        metrics.ERRORS.labels("invalid_request").inc()
-        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        log.info("422 Invalid request body: %s", detail[:1000], extra={"event": "refused"})
-        return problem(request, 422, "Invalid request body", detail, errors)
+        errors = Errors()
+        for e in exc.errors():
+            errors.add(field_name(e["loc"]), e["msg"])
+        return await on_problem(request, ProblemError(422, "Invalid request", errors.listed, count=errors.count))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -300,13 +200,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # async, so FastAPI runs them inline: a plain def dependency costs a hop through the thread pool.
     async def forecast_auth(request: Request) -> None:
         if settings.api_keys and not _key_ok(request.headers.get("x-api-key"), settings.api_keys):
-            raise ProblemError(401, "Missing or invalid API key", detail="send a valid X-API-Key header")
+            detail = "send a valid X-API-Key header"
+            raise ProblemError(401, "Missing or invalid API key", detail=detail, headers=CHALLENGE)
 
     async def admin_auth(request: Request) -> None:
         if not settings.admin_api_keys:
             raise ProblemError(403, "Admin endpoints are disabled", detail="set KOVAE_ADMIN_API_KEYS to enable them")
         if not _key_ok(request.headers.get("x-api-key"), settings.admin_api_keys):
-            raise ProblemError(401, "Missing or invalid API key", detail="send a valid admin X-API-Key header")
+            detail = "send a valid admin X-API-Key header"
+            raise ProblemError(401, "Missing or invalid API key", detail=detail, headers=CHALLENGE)
 
     async def info_auth(request: Request) -> None:
         if settings.protect_info:
@@ -318,7 +220,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ProblemError(503, "No model loaded", detail="the service has no model yet; see /readyz")
         return rt
 
-    errors_doc: dict[int | str, dict[str, Any]] = {code: PROBLEM_SCHEMA for code in (401, 413, 415, 422, 503)}
+    def read(body: bytes, rt: Any) -> DecodedRequest:
+        """Bytes to the runtime's arrays, every size rule first (service.parse, then service.decode)."""
+        return decode(parse(body, size_limits(rt, settings)), rt, settings)
+
+    errors_doc: dict[int | str, dict[str, Any]] = {code: PROBLEM_SCHEMA for code in (401, 408, 413, 415, 422, 503)}
 
     # ------------------------------------------------------------------ routes
 
@@ -331,24 +237,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def forecast(request: Request) -> Response:
         """Forecast every series in the body over `horizon` steps, in engineering units."""
-        media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if media_type not in JSON_TYPES:
-            raise ProblemError(415, "Unsupported media type", detail=f"send application/json, not {media_type}")
+        check_body_headers(request)
         body = await request.body()
-        # A large body is parsed off the event loop, so that other requests' I/O goes on meanwhile.
-        req = parse_request(body) if len(body) < LARGE_BODY else await run_in_threadpool(parse_request, body)
         rt = serving()  # one reference for the whole request, even if a reload swaps the model meanwhile
-        decoded = protocol.decode(req, rt, settings)
+        # A large body is read off the event loop, so that other requests' I/O goes on meanwhile, and the memory
+        # its parse took is handed back afterwards, whatever the outcome.
+        if len(body) < LARGE_BODY:
+            decoded = read(body, rt)
+        else:
+            try:
+                decoded = await run_in_threadpool(read, body, rt)
+            finally:
+                del body
+                asyncio.get_running_loop().run_in_executor(bulk, release_memory)
         metrics.HORIZON.observe(decoded.horizon)
         metrics.BATCH.observe(len(decoded.x_hist))
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         lane = inference if decoded.work <= settings.chunk_work else bulk
-        parts: dict[int, bytes] = {}
+        fragments: list[forecasting.Fragment] = []
         try:
-            for piece in protocol.pieces(rt, decoded, settings.chunk_work):
-                parts.update(await loop.run_in_executor(lane, piece))
-                if lane is bulk and len(parts) < len(decoded.x_hist) and await request.is_disconnected():
+            for piece in forecasting.pieces(rt, decoded, settings.chunk_work):
+                fragments += await loop.run_in_executor(lane, piece)
+                if lane is bulk and await request.is_disconnected():
                     metrics.CANCELLED.inc()
                     log.info("client went away: forecast stopped", extra={"event": "forecast_cancelled"})
                     return Response(status_code=499)
@@ -358,8 +269,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
         # Each series was serialised by pydantic-core in its piece: FastAPI's response_model path (validate, then
         # jsonable_encoder over ~1,600 floats) cost several milliseconds. The shape is ForecastResponse's.
-        payload = protocol.envelope(rt, decoded, [parts[i] for i in range(len(decoded.x_hist))])
-        return Response(payload, media_type="application/json")
+        return answer_response(forecasting.answer(rt, decoded, fragments))
 
     @app.get("/model", responses={401: PROBLEM_SCHEMA, 503: PROBLEM_SCHEMA}, dependencies=[Depends(info_auth)])
     async def model() -> dict[str, Any]:
@@ -396,10 +306,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dependencies=[Depends(admin_auth)],
     )
     async def admin_reload() -> dict[str, Any]:
-        """Load the version CURRENT points to (checksum and warm-up first), in every worker; a broken one is
-        refused and the previous model keeps serving. Answers once every live worker serves it (or refused it)."""
+        """Load the version CURRENT points to (checksums, the card's numbers and warm-up first), in every worker,
+        beside the serving path; a broken one is refused and the previous model keeps serving. Answers once every
+        live worker serves it (or refused it)."""
         try:
-            version, changed = await run_in_threadpool(registry.reload, force=False)
+            version, changed = await asyncio.wrap_future(registry.submit(force=False))
         except ReloadError as exc:
             raise ProblemError(409, "Reload refused; the previous model keeps serving", detail=str(exc)) from None
         registry.broadcast_reload()
@@ -419,7 +330,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             request_schema = ForecastRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(request_schema.pop("$defs", {}))
             schemas["ForecastRequest"] = request_schema
-            request_limits(schemas, rt, settings)
+            publish_limits(schemas, rt, settings)
             spec["components"]["securitySchemes"] = {
                 "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             }
@@ -435,38 +346,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def request_limits(schemas: dict[str, Any], rt: Any, settings: Settings) -> None:
-    """Publish in the schema what decode() enforces: settings' limits and, with a model, its card's limits."""
-    req, series = schemas["ForecastRequest"]["properties"], schemas["SeriesIn"]["properties"]
-    req["series"]["maxItems"] = settings.max_series
-    req["quantiles"]["maxItems"] = settings.max_quantiles
-    req["samples"]["anyOf"][0]["maximum"] = settings.max_samples
-    if rt is None:
-        return
-    req["horizon"]["maximum"] = rt.max_horizon
-    lo, hi = rt.card["history"]["min"], rt.card["history"]["max"]
-    series["timestamps"].update(minItems=lo, maxItems=hi)
-
-    def named(names: list[str], limits: tuple[Any, Any], min_items: int, max_items: int) -> dict[str, Any]:
-        props = {}
-        for name, low, high in zip(names, *limits, strict=True):
-            item: dict[str, Any] = {"type": "number"}
-            if np.isfinite(low):
-                item["minimum"] = float(low)
-            if np.isfinite(high):
-                item["maximum"] = float(high)
-            props[name] = {"type": "array", "items": item, "minItems": min_items, "maxItems": max_items}
-        return {"type": "object", "properties": props, "required": names, "additionalProperties": False}
-
-    series["measurements"] = named(rt.measurements, rt.x_bounds, lo, hi)
-    series["controls"] = named(rt.controls, rt.u_bounds, lo, hi)
-    future = named(rt.controls, rt.u_bounds, 1, rt.max_horizon)
-    series["future_controls"]["anyOf"][0] = future
-
-
-def _loc(loc: tuple[Any, ...]) -> str:
-    """('body', 'series', 0, 'horizon') -> 'series[0].horizon'."""
-    out = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "body"
+def check_body_headers(request: Request) -> None:
+    """A JSON body, sent as is: another media type or a Content-Encoding (gzip, ...) is refused (415), not read
+    as if it were plain JSON."""
+    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media_type not in JSON_TYPES:
+        raise ProblemError(415, "Unsupported media type", detail=f"send application/json, not {media_type}")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        detail = f"Content-Encoding {encoding[:40]} is not taken: send the body uncompressed"
+        raise ProblemError(415, "Unsupported content encoding", detail=detail)

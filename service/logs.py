@@ -30,13 +30,18 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "INFO") -> None:
-    """Every line the service writes is one JSON object: its own loggers and uvicorn's (whose plain-text access
-    lines are replaced by the service's own, which carry the request id, status and duration)."""
+    """Every line the service writes is one JSON object: its own loggers, uvicorn's (whose plain-text access
+    lines are replaced by the service's own, which carry the request id, status and duration), Python's
+    warnings (numpy's, say) and any other library's, through the root logger."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    for name in ("kovae", "uvicorn", "uvicorn.error"):
+    for name in ("kovae", "uvicorn", "uvicorn.error", "py.warnings"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
     logging.getLogger("uvicorn.access").disabled = True

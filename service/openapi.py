@@ -1,8 +1,9 @@
-"""Write the app's OpenAPI document to openapi.json: ``python -m service.openapi [FILE]``.
+"""Write the app's OpenAPI document to openapi.json and openapi.yaml: ``python -m service.openapi [FILE]``.
 
 The document states the served model's limits (history length, horizon, variables and physical bounds), so it
 is written for the model the store's CURRENT names (``KOVAE_MODEL_STORE``, default ``models``); a test keeps
-it equal to what a server of the committed default model serves.
+both files equal to what a server of the committed default model serves. The YAML (the same document, for
+readers and tools that prefer it) needs pyyaml, from the dev extra: the service itself never imports it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from service.app import create_app
 from service.settings import Settings
@@ -21,12 +23,25 @@ def spec() -> dict:
     return app.openapi()
 
 
+def as_yaml(document: dict[str, Any]) -> str:
+    """The document as YAML, keys in the JSON's order, every value written out (no anchors)."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return yaml.dump(document, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.openapi", description=__doc__.splitlines()[0])
-    parser.add_argument("target", nargs="?", default="openapi.json", help="file to write (default: openapi.json)")
+    parser.add_argument("target", nargs="?", default="openapi.json", help="JSON file to write (default: openapi.json)")
     target = Path(parser.parse_args(argv).target)
-    target.write_text(json.dumps(spec(), indent=2) + "\n")
-    print(f"wrote {target}")
+    document = spec()
+    target.write_text(json.dumps(document, indent=2) + "\n")
+    target.with_suffix(".yaml").write_text(as_yaml(document))
+    print(f"wrote {target} and {target.with_suffix('.yaml')}")
     return 0
 
 

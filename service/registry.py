@@ -1,10 +1,13 @@
 """Holds the model being served and swaps in new versions safely.
 
-A reload loads the version CURRENT points to (a valid version name, inside the store), verifies its checksum,
-checks that its card names the same version as its folder, and runs a warm-up forecast; only then is it
-swapped in (one reference assignment). Anything that goes wrong on the way, ONNX Runtime's own errors
-included, is a counted and logged refusal: the old model keeps serving and the poller lives on. A refused
-version is tried again once CURRENT or the version's files change.
+A reload loads the version CURRENT points to (a valid version name, inside the store), verifies the checksums
+of its card and graphs, checks the card's numbers (``modelcard.validate``) and that it names the same version
+as its folder, and runs warm-up forecasts on a realistic history; only then is it swapped in (one reference
+assignment). All of it happens beside the serving path, in background threads of lower CPU priority, so that
+requests are not held up while a version loads. Anything that goes wrong on the way, ONNX Runtime's own errors
+included, is a counted and logged refusal, shown by /readyz: the old model keeps serving and the poller lives
+on. A refused version is tried again once CURRENT or the version's files change, and the refusal is cleared
+once CURRENT names the served version again.
 
 With several workers (``runtime_dir`` set), a reload asked of one worker reaches all of them: it writes a
 new token into ``runtime_dir/reload-token``, every worker watches that file, and each records the version it
@@ -13,18 +16,23 @@ serves in ``runtime_dir/workers/<pid>.json``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from modelcard.card import CARD_FILE, ONNX_FILE, CardError, atomic_write
+from modelcard.card import CARD_FILE, CARD_SUM_FILE, ONNX_FILE, CardError, atomic_write
 from modelcard.runtime import ModelRuntime
 from modelcard.store import POINTER, check_card_names_folder, current_version, version_dir
 from service import metrics
@@ -38,14 +46,66 @@ class ReloadError(RuntimeError):
     pass
 
 
-def warm_up(rt: ModelRuntime) -> None:
-    """One forecast at the scalers' means over the longest horizon; it must come back finite."""
+LOADER_NICE = 10
+"""How much less CPU the loading threads get than the serving ones when both want it (Linux nice value)."""
+
+
+def lower_priority() -> None:
+    """Give the calling thread a lower CPU priority (Linux: a thread's own nice value), so that loading and
+    warming a version takes the cores' spare time rather than the requests'."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
+
+
+History = Callable[[np.ndarray, np.ndarray, "tuple[np.ndarray, np.ndarray] | None", int], np.ndarray]
+
+
+def warm_up(rt: ModelRuntime, seed: int = 0) -> None:
+    """Forecasts on realistic histories, every one finite or the version is refused: the card's training means
+    with noise of its own spread, and a day that sweeps each variable across its training range; with the
+    loops' setpoints and an influent forecast sent, over the longest horizon; the mean alone and with samples,
+    and through the plans graph. (At the means alone a zero std went unseen: 0/0 reads as a sensor gap, and
+    the card's own noise is then zero too; the sweep divides by it.)"""
+    rng = np.random.default_rng(seed)
+
+    def noisy(mean: np.ndarray, std: np.ndarray, seen: tuple[np.ndarray, np.ndarray] | None, n: int) -> np.ndarray:
+        """the training means with noise of the card's own spread (0.3 std), within the training range"""
+        values = mean + 0.3 * std * rng.standard_normal((n, len(mean)))
+        return np.clip(values, *seen) if seen is not None else values
+
+    def sweeping(mean: np.ndarray, std: np.ndarray, seen: tuple[np.ndarray, np.ndarray] | None, n: int) -> np.ndarray:
+        """each variable from its training minimum to its maximum"""
+        lo, hi = seen if seen is not None else (mean - 2 * std, mean + 2 * std)
+        return lo + (hi - lo) * np.linspace(0, 1, n)[:, None]
+
+    for history in (noisy, sweeping):
+        with np.errstate(all="ignore"):  # a broken card's 0/0 is what the check below is for
+            outputs = _warm_up_forecasts(rt, history, noisy, rng)
+        if not all(np.all(np.isfinite(out)) for out in outputs):
+            raise ReloadError(
+                f"version {rt.version}: a warm-up forecast on a realistic history ({history.__doc__}) is not finite"
+            )
+
+
+def _warm_up_forecasts(rt: ModelRuntime, history: History, noisy: History, rng: np.random.Generator) -> list:
+    """Every kind of forecast a request can ask for, from one day of ``history`` (controls held)."""
     L, H = rt.card["history"]["length"], rt.max_horizon
-    x = np.broadcast_to(rt.x_mean, (1, L, len(rt.x_mean)))
-    u = np.broadcast_to(rt.u_mean, (1, L, len(rt.u_mean)))
-    fc = rt.predict(x, u, u[:, :1].repeat(H, 1), np.zeros(1), n_samples=2)
-    if not (np.all(np.isfinite(fc.mean)) and fc.samples is not None and np.all(np.isfinite(fc.samples))):
-        raise ReloadError(f"version {rt.version}: warm-up forecast is not finite")
+    x, u = history(rt.x_mean, rt.x_std, rt.x_range, L), history(rt.u_mean, rt.u_std, rt.u_range, L)
+    s_hist = history(rt.s_mean, rt.s_std, rt.s_range, L)
+    s_fut = noisy(rt.s_mean, rt.s_std, rt.s_range, H)
+    d_fut = noisy(rt.x_mean, rt.x_std, rt.x_range, H)[:, rt.disturbances]
+    uf = np.repeat(u[-1:], H, 0)
+    inputs = {"d_fut": d_fut[None], "s_hist": s_hist[None], "s_fut": s_fut[None]}
+    last = np.array([600.0])
+    outputs = [rt.predict(x[None], u[None], uf[None], last, **inputs).mean]
+    fc = rt.predict(x[None], u[None], uf[None], last, 2, rng, **inputs)
+    outputs += [fc.mean, fc.samples]
+    if rt.plans_session is not None:
+        plans = np.stack([uf, noisy(rt.u_mean, rt.u_std, rt.u_range, H)])
+        fc = rt.predict_plans(x, u, plans, 600.0, 2, rng, d_fut, s_hist, s_fut)
+        outputs += [fc.mean, fc.samples]
+    return outputs
 
 
 class ModelRegistry:
@@ -56,6 +116,8 @@ class ModelRegistry:
         self.refused: dict[str, str] | None = None  # the last refusal: {"version", "reason"}
         self._refused_state: tuple | None = None  # pointer and files at that refusal: not retried until they change
         self._lock = threading.Lock()  # one reload at a time; readers never wait
+        # Reloads asked for by requests (start-up, /admin/reload) run here, beside the serving threads.
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader", initializer=lower_priority)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._token: str | None = self._read_token()
@@ -67,7 +129,8 @@ class ModelRegistry:
     # ------------------------------------------------------------------ loading
 
     def _state(self) -> tuple:
-        """What a reload would read: CURRENT's text and the (mtime, size) of that version's card and ONNX."""
+        """What a reload would read: CURRENT's text and the (mtime, size) of that version's card, its checksum
+        file and its ONNX."""
         try:
             raw = (self.store / POINTER).read_bytes()
         except OSError:
@@ -75,7 +138,7 @@ class ModelRegistry:
         files = []
         try:
             folder = version_dir(self.store, raw.decode().strip())
-            for name in (CARD_FILE, ONNX_FILE):
+            for name in (CARD_FILE, CARD_SUM_FILE, ONNX_FILE):
                 st = (folder / name).stat()
                 files.append((st.st_mtime_ns, st.st_size))
         except (CardError, OSError, UnicodeDecodeError):
@@ -100,6 +163,7 @@ class ModelRegistry:
                     raise ReloadError(f"no {POINTER} version in the model store")
                 old = self.runtime
                 if old is not None and old.version == version and not force:
+                    self._clear_refusal()
                     return version, False
                 rt = ModelRuntime(version_dir(self.store, version), self.threads)
                 check_card_names_folder(self.store / version, rt.card)  # the name CURRENT gives, not a link's target
@@ -128,6 +192,26 @@ class ModelRegistry:
             self._write_worker_state()
             return rt.version, True
 
+    def _clear_refusal(self) -> None:
+        """CURRENT names the served version again: a refusal of another version is history, not news."""
+        if self.refused is not None:
+            log.info(
+                "refusal of %s cleared: serving %s",
+                self.refused["version"],
+                self.runtime.version if self.runtime else None,
+                extra={"event": "refusal_cleared"},
+            )
+            self.refused, self._refused_state = None, None
+            self._write_worker_state()
+
+    def submit(self, force: bool = False) -> Future:
+        """A reload on the loading thread (lower CPU priority); its future gives reload()'s result or error."""
+        return self._loader.submit(self.reload, force=force)
+
+    async def reload_beside(self) -> None:
+        """try_reload on the loading thread, awaited without blocking the event loop."""
+        await asyncio.wrap_future(self._loader.submit(self.try_reload))
+
     def try_reload(self) -> None:
         """A reload whose failure is only logged and counted (start-up, poller, watcher)."""
         try:
@@ -143,6 +227,8 @@ class ModelRegistry:
         serving = self.runtime.version if self.runtime is not None else None
         raw = state[0]
         if raw is not None and raw.decode(errors="replace").strip() == serving:
+            with self._lock:
+                self._clear_refusal()
             return
         if state == self._refused_state:
             return
@@ -159,6 +245,7 @@ class ModelRegistry:
 
     def _spawn(self, name: str, step: Any, interval_s: float) -> None:
         def loop() -> None:
+            lower_priority()  # what it does is load versions: beside the serving path
             while not self._stop.wait(interval_s):
                 try:
                     step()
@@ -173,6 +260,7 @@ class ModelRegistry:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=5)
+        self._loader.shutdown(wait=True)
         if self.runtime_dir is not None:
             (self.runtime_dir / WORKERS_DIR / f"{os.getpid()}.json").unlink(missing_ok=True)
 

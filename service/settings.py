@@ -5,12 +5,13 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KOVAE_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a refused setting is logged at start-up, and it may hold an API key.
+    model_config = SettingsConfigDict(env_prefix="KOVAE_", env_file=".env", extra="ignore", hide_input_in_errors=True)
 
     model_store: Path | None = Field(
         None,
@@ -43,11 +44,32 @@ class Settings(BaseSettings):
         8192, description="sample steps per ONNX call of a large request: bounds its memory, lets others through"
     )
     max_body_bytes: int = 8_000_000
+    max_values: int = Field(
+        600_000,
+        description="most JSON values a request body of 64 kB or more may hold (counted before it is parsed: "
+        "parsing holds the interpreter, ~0.05 s per 600,000 values); 64 series of 192 steps hold ~330,000, 1,000 "
+        "plans of 96 steps ~390,000",
+    )
+    max_answer_bytes: int = Field(
+        64_000_000, description="largest answer, predicted from the request's shape before any work (422 above it)"
+    )
+    body_timeout_s: float = Field(30.0, description="close a request whose body has not all arrived by then (408)")
+    max_header_bytes: int = Field(32_768, description="request line and headers, in bytes (431 above it)")
+    max_headers: int = Field(100, description="header fields in one request (431 above it)")
     ort_threads: int = 1
     poll_interval_s: float = Field(5.0, description="how often to check CURRENT for a new version; 0 disables")
     header_timeout_s: float = Field(10.0, description="close a connection that has not sent its headers by then")
     keep_alive_s: float = Field(5.0, description="close an idle keep-alive connection after this long")
     log_level: str = "INFO"
+
+    @field_validator("api_keys", "admin_api_keys")
+    @classmethod
+    def no_empty_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        """An empty (or blank) key would let in anyone who sends an empty X-API-Key header: refused at start-up."""
+        for k, key in enumerate(keys):
+            if not key.get_secret_value().strip():
+                raise ValueError(f"key {k} is empty; every API key must have characters")
+        return keys
 
 
 def find_store(configured: Path | None) -> tuple[Path, str]:

@@ -62,13 +62,14 @@ def store_copy(trained_store: tuple[Path, str], tmp_path: Path) -> tuple[Path, s
 
 
 def clone_version(store: Path, version: str, name: str) -> str:
-    """Copy a stored version under a new name (its card renamed too): a second, distinct valid version."""
-    import json
+    """Copy a stored version under a new name (its card renamed, and its checksum file rewritten, as training
+    writes it): a second, distinct valid version."""
+    from modelcard.card import read_card, write_card
 
     shutil.copytree(store / version, store / name)
-    card = json.loads((store / name / "card.json").read_text())
+    card = read_card(store / name, verify=False)
     card["version"] = name
-    (store / name / "card.json").write_text(json.dumps(card))
+    write_card(store / name, card)
     return name
 
 

@@ -19,9 +19,10 @@ import httpx
 import numpy as np
 import pytest
 
-from modelcard.card import CardError, read_card
+from modelcard.card import CardError, read_card, write_card
 from modelcard.store import POINTER, current_version, list_versions, remove_stale, set_current, version_dir
-from service.protocol import ForecastRequest, decode
+from service.decode import decode
+from service.request import ForecastRequest
 from service.settings import Settings
 from tests.conftest import clone_version, wait_for
 from tests.test_service import ADMIN, _metric, arrays, make_body, problem_fields
@@ -37,14 +38,14 @@ def strict_json(text: str) -> object:
 
 
 def truncated_clone(store: Path, version: str, name: str) -> str:
-    """A version whose ONNX file is cut short but whose card carries the cut file's checksum: it passes the
-    checksum and only ONNX Runtime can tell that it is broken."""
+    """A version whose ONNX file is cut short but whose card (itself resealed) carries the cut file's checksum:
+    it passes both checksums and only ONNX Runtime can tell that it is broken."""
     clone_version(store, version, name)
     onnx = store / name / "model.onnx"
     onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
-    card = json.loads((store / name / "card.json").read_text())
+    card = read_card(store / name, verify=False)
     card["onnx"]["sha256"] = hashlib.sha256(onnx.read_bytes()).hexdigest()
-    (store / name / "card.json").write_text(json.dumps(card))
+    write_card(store / name, card)
     return name
 
 
@@ -80,9 +81,9 @@ def test_a_card_naming_another_version_is_refused_once_not_every_poll(serve, sto
     store, version = store_copy
     s = serve(store, KOVAE_POLL_INTERVAL_S="0.1")
     clone_version(store, version, "v-mislabelled")
-    card = json.loads((store / "v-mislabelled" / "card.json").read_text())
+    card = read_card(store / "v-mislabelled", verify=False)
     card["version"] = "something-else"
-    (store / "v-mislabelled" / "card.json").write_text(json.dumps(card))
+    write_card(store / "v-mislabelled", card)  # checksum and all: only the name is wrong
     (store / POINTER).write_text("v-mislabelled\n")
     assert wait_for(lambda: s.client.get("/readyz").json()["refused"] is not None)
     time.sleep(1.5)  # 15 polls
@@ -253,17 +254,10 @@ def test_work_above_the_limit_is_refused(serve, trained_store, rt) -> None:
 
 
 def test_samples_without_quantiles_are_not_drawn(rt) -> None:
-    req = ForecastRequest.model_validate(_model_input(make_body(rt) | {"samples": 1000}))
+    req = ForecastRequest.model_validate_json(json.dumps(make_body(rt) | {"samples": 1000}))
     assert decode(req, rt, Settings()).samples == 0
-    req = ForecastRequest.model_validate(_model_input(make_body(rt) | {"samples": 1000, "quantiles": [0.5]}))
+    req = ForecastRequest.model_validate_json(json.dumps(make_body(rt) | {"samples": 1000, "quantiles": [0.5]}))
     assert decode(req, rt, Settings()).samples == 1000
-
-
-def _model_input(body: dict) -> dict:
-    """A JSON body as pydantic's strict Python mode takes it (datetimes as objects)."""
-    for s in body["series"]:
-        s["timestamps"] = [datetime.fromisoformat(t) for t in s["timestamps"]]
-    return body
 
 
 def test_a_small_request_is_answered_while_a_large_one_runs(serve, trained_store, rt) -> None:

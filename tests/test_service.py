@@ -287,12 +287,20 @@ def test_several_workers_share_metrics(serve, trained_store, rt, tmp_path) -> No
     assert _metric(text, 'kovae_http_requests_total{method="POST",route="/forecast",status_class="2xx"}') == 6
 
 
-def test_openapi_json_is_what_the_app_serves(serve) -> None:
-    """The committed document is what a server of the committed default model serves (limits included)."""
+def test_openapi_json_and_yaml_are_what_the_app_serves(serve) -> None:
+    """The committed documents, JSON and YAML, are what a server of the committed default model serves (limits
+    included), and the YAML is what the generator writes for it."""
+    import yaml
+
+    from service.openapi import as_yaml
+
     server = serve(ROOT / "models")
     served = server.client.get("/openapi.json").json()
     checked_in = json.loads((ROOT / "openapi.json").read_text())
-    assert checked_in == served, "run `python -m service.openapi` and commit openapi.json"
+    assert checked_in == served, "run `python -m service.openapi` and commit openapi.json and openapi.yaml"
+    yaml_text = (ROOT / "openapi.yaml").read_text()
+    assert yaml.safe_load(yaml_text) == served, "run `python -m service.openapi` and commit openapi.yaml"
+    assert yaml_text == as_yaml(served)
     assert served["info"]["version"]
 
 

@@ -1,0 +1,150 @@
+"""A broken model card is refused at reload, with its reason in /readyz, and no request fails meanwhile.
+
+Real servers (``python -m service``) on 127.0.0.1 with copies of the real tiny model whose card is broken one
+way at a time, as a careless edit, a corrupt copy or a bad training run would break it (issue 31, M1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Callable
+
+import httpx
+import numpy as np
+import pytest
+
+from modelcard.card import CardError, read_card, seal_card, write_card
+from modelcard.runtime import ModelRuntime
+from modelcard.store import POINTER, set_current
+from modelcard.validate import card_problems
+from service.registry import ReloadError, warm_up
+from tests.conftest import clone_version, wait_for
+from tests.test_service import ADMIN, make_body
+
+
+def broken_clone(store, version: str, name: str, breaks: Callable[[dict], object], reseal: bool = True) -> str:
+    """A copy of ``version`` whose card ``breaks`` changes; resealed (its checksum matches: only the numbers
+    are wrong) unless ``reseal`` is false (then only the checksum tells)."""
+    clone_version(store, version, name)
+    card = read_card(store / name, verify=False)
+    breaks(card)
+    if reseal:
+        write_card(store / name, card)
+    else:
+        (store / name / "card.json").write_text(json.dumps(card, indent=1))
+    return name
+
+
+def measurement(k: int, key: str, value: object) -> Callable[[dict], object]:
+    return lambda card: card["variables"]["measurements"][k].__setitem__(key, value)
+
+
+BREAKS = {
+    "zero std": (measurement(3, "std", 0.0), "std is 0.0"),
+    "NaN std": (measurement(3, "std", math.nan), "std is nan"),
+    "negative std": (measurement(0, "std", -1.0), "std is -1.0"),
+    "NaN mean": (measurement(5, "mean", math.nan), "mean is nan"),
+    "NaN calibration": (
+        lambda card: card["calibration"]["spread_scale"].__setitem__(0, math.nan),
+        "calibration.spread_scale[0] is nan",
+    ),
+    "missing bound": (
+        lambda card: card["variables"]["controls"][1]["bounds"].pop("max"),
+        "bounds must give a finite min and max",
+    ),
+    "bounds crossed": (
+        lambda card: card["variables"]["measurements"][2].__setitem__("bounds", {"min": 5.0, "max": 1.0}),
+        "is not below max",
+    ),
+    "NaN stability": (lambda card: card["stability"].__setitem__("spectral_radius", math.nan), "spectral_radius"),
+    "zero samples": (lambda card: card["calibration"].__setitem__("samples", 0), "samples is 0"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BREAKS))
+def test_a_broken_card_is_refused_at_reload_with_its_reason_and_no_request_fails(serve, store_copy, rt, kind) -> None:
+    store, version = store_copy
+    breaks, words = BREAKS[kind]
+    s = serve(store, KOVAE_ADMIN_API_KEYS='["admin-secret"]')
+    body = make_body(rt)
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def stream() -> None:  # requests all along the refused reload, on their own connection
+        with httpx.Client(base_url=s.url, timeout=30) as client:
+            while not stop.is_set():
+                statuses.append(client.post("/forecast", json=body).status_code)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    try:
+        assert wait_for(lambda: len(statuses) >= 5)
+        (store / POINTER).write_text(broken_clone(store, version, "v-broken", breaks) + "\n")
+        r = s.client.post("/admin/reload", headers=ADMIN)
+        after = len(statuses)
+        assert wait_for(lambda: len(statuses) >= after + 5)
+    finally:
+        stop.set()
+        thread.join()
+    assert r.status_code == 409 and words in r.json()["detail"], r.text
+    ready = s.client.get("/readyz").json()
+    assert ready["model_version"] == version and ready["status"] == "ready"
+    assert ready["refused"]["version"] == "v-broken" and words in ready["refused"]["reason"]
+    assert set(statuses) == {200}, statuses
+
+
+def test_a_card_changed_after_it_was_written_is_refused_by_its_checksum(serve, store_copy) -> None:
+    """The audit's broken card: a copy of the served version with one std set to 0 by hand, not resealed."""
+    store, version = store_copy
+    s = serve(store, KOVAE_ADMIN_API_KEYS='["admin-secret"]')
+    (store / POINTER).write_text(broken_clone(store, version, "v-edited", measurement(3, "std", 0.0), False) + "\n")
+    r = s.client.post("/admin/reload", headers=ADMIN)
+    assert r.status_code == 409 and "does not match card.sha256" in r.json()["detail"]
+    assert s.client.get("/readyz").json()["refused"]["version"] == "v-edited"
+
+
+def test_an_unsealed_card_is_not_served_or_promoted_until_sealed(store_copy) -> None:
+    store, version = store_copy
+    name = clone_version(store, version, "v-old")
+    (store / name / "card.sha256").unlink()  # a version written before cards had checksums
+    read_card(store / name, verify=True)  # still readable (upgrades, listings)
+    with pytest.raises(CardError, match=r"card\.sha256: missing"):
+        ModelRuntime(store / name)
+    with pytest.raises(CardError, match=r"card\.sha256: missing"):
+        set_current(store, name)
+    seal_card(store / name)
+    set_current(store, name)
+    assert ModelRuntime(store / name).version == name
+
+
+def test_readyz_clears_a_refusal_once_current_names_the_served_version(serve, store_copy) -> None:
+    """/readyz still reported the refused version 30 s after CURRENT was put back."""
+    store, version = store_copy
+    s = serve(store, KOVAE_POLL_INTERVAL_S="0.1")
+    (store / POINTER).write_text(broken_clone(store, version, "v-broken", measurement(3, "std", 0.0)) + "\n")
+    assert wait_for(lambda: (s.client.get("/readyz").json()["refused"] or {}).get("version") == "v-broken")
+    (store / POINTER).write_text(version + "\n")
+    assert wait_for(lambda: s.client.get("/readyz").json()["refused"] is None, seconds=5)
+    assert s.client.get("/readyz").json()["model_version"] == version
+
+
+def test_the_warm_up_forecasts_a_realistic_history_not_the_means(rt) -> None:
+    """A zero std slipped through a warm-up at the scalers' means (0/0 reads as a sensor gap there, and the
+    card's own noise is zero too); forecasting a history that moves, it cannot."""
+    warm_up(rt)
+    broken = ModelRuntime(rt.version_dir)
+    broken.x_std = broken.x_std.copy()
+    broken.x_std[3] = 0.0  # as if the card had slipped past its checks
+    with pytest.raises(ReloadError, match="not finite"):
+        warm_up(broken)
+
+
+def test_the_committed_cards_are_sealed_and_servable() -> None:
+    from tests.conftest import ROOT
+
+    for folder in sorted(p for p in (ROOT / "models").iterdir() if p.is_dir()):
+        card = read_card(folder, verify=True, sealed=True)
+        assert card_problems(card) == [], folder.name
+        assert np.all(ModelRuntime(folder).x_std > 0)

@@ -1,0 +1,214 @@
+"""The service at the HTTP layer under clients that misbehave: they leave mid-body, send bodies a byte at a
+time, send huge or malformed headers, or probe for redirects, encodings and empty keys.
+
+Real servers (``python -m service``) on 127.0.0.1, spoken to over raw sockets where a client library would
+not misbehave. Each test reproduces one finding of the second hostile audit (issue 31).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, wait_for
+from tests.test_service import make_body, problem_fields
+
+
+def raw(port: int, data: bytes, timeout: float = 10.0) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    conn.sendall(data)
+    return conn
+
+
+def read_all(conn: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    out = b""
+    try:
+        while chunk := conn.recv(65536):
+            out += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return out
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include ``labels`` (in any order)."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if m and m.group(1) == name:
+            have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            total += float(m.group(3)) if labels.items() <= have.items() else 0.0
+    return total
+
+
+def server_errors(text: str) -> float:
+    return metric(text, "kovae_http_requests_total", status_class="5xx")
+
+
+def log_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]  # every line parses
+
+
+# ----------------------------------------------------------------------------- M2: clients that go away
+
+
+def test_a_client_leaving_mid_body_is_client_closed_not_a_server_error(serve, trained_store) -> None:
+    s = serve(trained_store[0])
+    for _ in range(3):
+        conn = raw(
+            s.port,
+            b"POST /forecast HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        )
+        conn.close()
+    assert wait_for(lambda: metric(s.client.get("/metrics").text, "kovae_errors_total", type="client_closed") == 3)
+    text = s.client.get("/metrics").text
+    assert server_errors(text) == 0
+    assert metric(text, "kovae_errors_total", type="internal") == 0
+    lines = log_lines(s.stop())
+    access = [e for e in lines if e.get("event") == "request" and e["path"] == "/forecast"]
+    assert [e["status"] for e in access] == [499, 499, 499]
+    assert not any(e["level"] == "ERROR" or "exception" in e for e in lines)
+
+
+# ----------------------------------------------------------------------------- M3: slow bodies
+
+
+def test_a_body_that_does_not_arrive_in_time_is_answered_408(serve, trained_store) -> None:
+    s = serve(trained_store[0], KOVAE_BODY_TIMEOUT_S="1")
+    conn = raw(
+        s.port, b"POST /forecast HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+    )
+    start = time.monotonic()
+    for _ in range(3):  # a byte now and then, as a slow client does
+        time.sleep(0.4)
+        try:
+            conn.sendall(b" ")
+        except OSError:
+            break
+    answer = read_all(conn)
+    conn.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"application/problem+json" in answer and b"connection: close" in answer.lower()
+    assert time.monotonic() - start < 5
+    text = s.client.get("/metrics").text
+    assert metric(text, "kovae_errors_total", type="body_timeout") == 1 and server_errors(text) == 0
+
+
+def test_a_body_the_app_never_reads_does_not_hold_its_connection(serve, trained_store) -> None:
+    """Answered before its body (here GET /healthz), the body trickling in a byte at a time kept the
+    connection open for ever: it is dropped at the body deadline."""
+    s = serve(trained_store[0], KOVAE_BODY_TIMEOUT_S="1")
+    conn = raw(s.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nx")
+    start, closed = time.monotonic(), False
+    while time.monotonic() - start < 6 and not closed:
+        time.sleep(0.3)
+        try:
+            conn.sendall(b"x")
+        except OSError:
+            closed = True
+    answer = read_all(conn)
+    conn.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert closed or time.monotonic() - start < 6
+
+
+# ----------------------------------------------------------------------------- M4: headers
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [b"X-Big: " + b"a" * 1_000_000 + b"\r\n", b"".join(b"X-%d: 1\r\n" % k for k in range(5000))],
+    ids=["one huge header", "many headers"],
+)
+def test_headers_have_size_limits(serve, trained_store, headers) -> None:
+    s = serve(trained_store[0])
+    conn = raw(s.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    with contextlib.suppress(OSError):  # the server may close early: it read enough
+        conn.sendall(headers + b"\r\n")
+    answer = read_all(conn)
+    conn.close()
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["status"] == 431 and "header" in body["detail"]
+    text = s.client.get("/metrics").text
+    assert metric(text, "kovae_errors_total", type="headers_too_large") == 1
+    assert s.client.get("/healthz").status_code == 200
+
+
+def test_malformed_http_is_answered_as_a_problem_and_counted(serve, trained_store) -> None:
+    s = serve(trained_store[0])
+    conn = raw(s.port, b"POST /forecast HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}")
+    answer = read_all(conn)
+    conn.close()
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["status"] == 400 and body["title"] == "Malformed HTTP request" and body["request_id"]
+    text = s.client.get("/metrics").text
+    assert metric(text, "kovae_errors_total", type="malformed_http") == 1
+    assert metric(text, "kovae_http_requests_total", method="-", route="other", status_class="4xx") == 1
+    access = [e for e in log_lines(s.stop()) if e.get("event") == "request" and e["status"] == 400]
+    assert len(access) == 1 and access[0]["request_id"] == body["request_id"]
+
+
+# ----------------------------------------------------------------------------- low: redirects, encodings, keys
+
+
+def test_no_redirect_is_built_from_the_host_header(server, rt) -> None:
+    r = server.client.post("/forecast/", json=make_body(rt), headers={"host": "attacker.example"})
+    assert r.status_code == 404 and "location" not in r.headers
+    problem_fields(r)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate"])
+def test_a_content_encoding_is_refused_not_read_as_json(server, rt, encoding) -> None:
+    r = server.client.post(
+        "/forecast",
+        content=json.dumps(make_body(rt)),
+        headers={"content-type": "application/json", "content-encoding": encoding},
+    )
+    assert r.status_code == 415 and encoding in r.json()["detail"]
+    problem_fields(r)
+
+
+def test_a_401_names_the_scheme_it_wants(serve, trained_store, rt) -> None:
+    s = serve(trained_store[0], KOVAE_API_KEYS='["k1"]', KOVAE_ADMIN_API_KEYS='["a1"]')
+    for path in ("/forecast", "/admin/reload"):
+        r = s.client.post(path, json=make_body(rt))
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("ApiKey ")
+        assert 'header="X-API-Key"' in r.headers["www-authenticate"]
+
+
+@pytest.mark.parametrize("variable", ["KOVAE_API_KEYS", "KOVAE_ADMIN_API_KEYS"])
+def test_empty_api_keys_stop_the_start(variable, trained_store) -> None:
+    env = {**os.environ, variable: '["s3cret-key", " "]', "KOVAE_MODEL_STORE": str(trained_store[0])}
+    out = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    (line,) = log_lines(out.stderr + out.stdout)
+    assert line["event"] == "settings_refused" and variable in line["message"] and "empty" in line["message"]
+    assert "s3cret" not in out.stderr + out.stdout
+
+
+# ----------------------------------------------------------------------------- low: logs of several workers
+
+
+def test_every_log_line_is_json_with_several_workers(serve, trained_store, tmp_path) -> None:
+    """The parent of several workers logged uvicorn's plain text ("INFO:     Child process [11806] died")."""
+    s = serve(trained_store[0], KOVAE_WORKERS="2", TMPDIR=str(tmp_path))
+    runtime = next(tmp_path.glob("kovae-*"))
+    assert wait_for(lambda: len(list((runtime / "workers").glob("*.json"))) == 2)
+    os.kill(int(next((runtime / "workers").glob("*.json")).stem), signal.SIGKILL)
+    assert wait_for(lambda: any(b"died" in line for line in s.output))
+    lines = log_lines(s.stop())
+    assert any("Child process" in e["message"] and e["logger"] == "uvicorn.error" for e in lines)
