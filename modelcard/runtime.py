@@ -11,7 +11,9 @@ reserved, and reusing it saves them about a third of their time.
 
 from __future__ import annotations
 
+import zoneinfo
 from dataclasses import dataclass
+from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,11 @@ import onnxruntime as ort
 
 from modelcard.card import (
     Calendar,
+    CardError,
     bounds,
     known_inputs,
     looped_controls,
+    loops,
     onnx_bytes,
     output_names,
     read_card,
@@ -96,6 +100,16 @@ class ModelRuntime:
         self.s_units = [v["unit"] for v in sp]
         self.s_bounds = bounds(self.card, "setpoint_inputs")
         self.s_range = training_range(self.card, "setpoint_inputs")
+        # What the answer may hold: every measurement, and each looped control a request leaves to its loop, with
+        # its unit and physical bounds (the air, the recycle its loop will apply).
+        self.loops = loops(self.card)
+        u_units = [v["unit"] for v in self.card["variables"]["controls"]]
+        self.out_units = [self.units[n] for n in self.measurements] + [u_units[j] for j in self.looped]
+        self.out_bounds = (
+            np.concatenate([self.x_bounds[0], self.u_bounds[0][self.looped]]),
+            np.concatenate([self.x_bounds[1], self.u_bounds[1][self.looped]]),
+        )
+        self.zone = plant_zone(self.card)
 
     @property
     def version(self) -> str:
@@ -188,11 +202,11 @@ class ModelRuntime:
         s_hist: np.ndarray | None = None,
         s_fut: np.ndarray | None = None,
     ) -> Forecast:
-        """One history, x_hist (L, n_x) and u_hist (L, n_u), under each of ``plans`` (P, H, n_u): the encoder
-        runs once. Returns (P, H, outputs) means (and samples), as ``predict`` would for the history repeated.
-        Every plan leaves the same looped controls to their loops (NaN) as the first: the flags are shared.
-        d_fut (H, n_d): a disturbance forecast shared by every plan, NaN where there is none; s_hist (L, n_s)
-        and s_fut (H, n_s): the loops' setpoints, shared by every plan, NaN where not sent."""
+        """One history, x_hist (L, n_x) and u_hist (L, n_u), under each of ``plans`` (P, H, n_u), NaN where a
+        looped control is left to its loop: the encoder runs once. Returns (P, H, outputs) means (and samples),
+        as ``predict`` would for the history repeated. d_fut (H, n_d): a disturbance forecast shared by every
+        plan, NaN where there is none; s_hist (L, n_s): the loops' setpoints over the history; s_fut (H, n_s),
+        shared by every plan, or (P, H, n_s), each plan's own (a setpoint plan), NaN where not sent."""
         if self.plans_session is None:
             raise ValueError(f"version {self.version} has no plans graph (re-export it: python -m export)")
         n_plans, horizon = plans.shape[0], plans.shape[1]
@@ -200,11 +214,17 @@ class ModelRuntime:
         t_hist, t_fut = window_clock(np.array([last_minute]), x_hist.shape[0], horizon, self.step_minutes)
         d_hist, d_fut = self._disturbances(x_hist[None], None if d_fut is None else d_fut[None], 1, horizon)
         s_hist = None if s_hist is None else s_hist[None]
-        s_fut = self._setpoints(None if s_fut is None else s_fut[None], plans[:1])
-        # Every plan shares the flags, setpoint, calendar and disturbance columns: built once, then each plan's
-        # controls (a looped control left to its loop: 0, its training mean, in every plan).
-        u_fut = np.repeat(self._known(plans[:1], t_fut, d_fut, s_fut), n_plans, 0)
-        u_fut[..., : len(self.controls)] = np.nan_to_num((plans - self.u_mean) / self.u_std)
+        if s_fut is not None and s_fut.ndim == 2:
+            s_fut = np.broadcast_to(s_fut, (n_plans, *s_fut.shape))
+        s_plans = self._setpoints(s_fut, plans)
+        # The calendar and disturbance columns are the same for every plan: built once and repeated. Each plan's
+        # leading columns (controls, looped controls' flags, setpoints) are its own: the same function without
+        # the calendar builds them, so a plan's inputs are exactly those ``predict`` builds for it.
+        u_fut = np.repeat(self._known(plans[:1], t_fut, d_fut, None if s_plans is None else s_plans[:1]), n_plans, 0)
+        lead = known_inputs(
+            plans, np.zeros(plans.shape[:2]), (self.u_mean, self.u_std), Calendar(), None, s_plans, self.looped
+        )
+        u_fut[..., : lead.shape[-1]] = lead
         history = {
             "x_hist": self._x_hist(x_hist[None], u_hist[None]),
             "u_hist": self._known(u_hist[None], t_hist, d_hist, self._setpoints(s_hist, u_hist[None])),
@@ -220,3 +240,17 @@ class ModelRuntime:
             return parts[0]
         samples = None if n_samples == 0 else np.concatenate([p.samples for p in parts])
         return Forecast(np.concatenate([p.mean for p in parts]), samples)
+
+
+def plant_zone(card: dict[str, Any]) -> tzinfo:
+    """The plant's time zone (the catalog's, IANA): how a timestamp without a UTC offset is read, as the import
+    reads one. Cards without it, and UTC itself: UTC. A zone this system does not know refuses the version."""
+    name = str(card.get("catalog", {}).get("timezone", "UTC"))
+    if name == "UTC":
+        return UTC
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise CardError(
+            f"catalog.timezone {name[:60]!r} is not a time zone this system knows (an IANA name; install tzdata)"
+        ) from None

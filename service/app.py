@@ -37,8 +37,9 @@ from service.registry import ModelRegistry, ReloadError
 from service.request import DecodedRequest, ForecastRequest
 from service.settings import Settings, find_store, get_settings
 
-API_VERSION = "1.3.0"  # 1.1: time of day and week are inputs; 1.2: bounds, warnings, clipping, units, seed;
-# 1.3: timestamps ISO 8601 only, answer-size bound, error lists capped (error_count)
+API_VERSION = "1.4.0"  # 1.1: time of day and week are inputs; 1.2: bounds, warnings, clipping, units, seed;
+# 1.3: timestamps ISO 8601 only, answer-size bound, error lists capped (error_count); 1.4: looped controls left to
+# their loops and forecast, setpoint plans, local times in the plant's zone, warnings have a kind (flat lines)
 log = logging.getLogger("kovae.app")
 CHALLENGE = {"WWW-Authenticate": 'ApiKey realm="kovae-forecast", header="X-API-Key"'}
 """A 401 names the scheme it wants (RFC 9110): the key, in the X-API-Key header."""
@@ -273,9 +274,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/model", responses={401: PROBLEM_SCHEMA, 503: PROBLEM_SCHEMA}, dependencies=[Depends(info_auth)])
     async def model() -> dict[str, Any]:
-        """The served model's card: variables, units, limits, metrics, eigenvalues and stability."""
-        card = dict(serving().card)
+        """The served model's card: variables, units, limits, metrics, eigenvalues and stability; with loops, what
+        a request may leave to them (``closed_loops``)."""
+        rt = serving()
+        card = dict(rt.card)
         card.pop("operator", None)  # large matrices; the eigenvalues summarise them
+        if rt.loops:
+            card["closed_loops"] = closed_loops(rt)
         return card
 
     @app.get("/healthz", response_model=Health)
@@ -344,6 +349,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def closed_loops(rt: Any) -> dict[str, Any]:
+    """What GET /model says of the model's feedback loops: each loop's control, setpoint and measurement, and how a
+    request leaves a control to its loop."""
+    units = dict(zip(rt.outputs, rt.out_units, strict=True)) | dict(zip(rt.setpoints, rt.s_units, strict=True))
+    return {
+        "loops": [
+            {
+                "control": loop["control"],
+                "control_unit": units[loop["control"]],
+                "setpoint": loop["setpoint"],
+                "setpoint_unit": units[loop["setpoint"]],
+                "measurement": loop.get("measurement", ""),
+                "may_be_left_out": True,
+            }
+            for loop in rt.loops
+        ],
+        "rule": "a looped control's future may be left out of future_controls (or a plan's) when the request sends "
+        "its setpoint's plan (future_setpoints, the series' or the plan's) or history (setpoints, its last value "
+        "then held over the horizon): its loop decides it, and the answer forecasts it after the measurements, "
+        "with its unit and quantiles. hold_controls holds the open-loop controls and leaves each looped control "
+        "whose setpoint is sent to its loop. Every open-loop control's plan is needed",
+    }
 
 
 def check_body_headers(request: Request) -> None:

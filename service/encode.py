@@ -1,7 +1,8 @@
 """The /forecast answer: its models, its size foretold, and the encoding of forecasts into JSON, in pieces.
 
 Every cost of an answer is here. Its size is predicted from the request's shape before any work is done
-(series x plans x (mean + quantiles) x horizon x variables), and a request whose answer would pass
+(series x plans x (mean + quantiles) x horizon x variables: the measurements, and the controls a request leaves
+to their loops, which are forecast too), and a request whose answer would pass
 ``KOVAE_MAX_ANSWER_BYTES`` is refused saying how to make it smaller. Forecasts are encoded a piece at a time
 straight to JSON bytes (pydantic-core), so that only one piece's Python lists exist at once, and the answer
 goes out as those pieces, never joined into one more copy.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -32,6 +33,7 @@ class VariableForecast(BaseModel):
 
 
 class InputWarning(BaseModel):
+    kind: Literal["training_range"] = Field(description="inside the physical bounds, outside the training range")
     field: str
     variable: str
     message: str
@@ -39,6 +41,23 @@ class InputWarning(BaseModel):
     training_max: float
     value: float = Field(description="the value furthest outside the training range")
     beyond: float = Field(description="how far outside, as a fraction of the training range's width")
+
+
+class FlatWarning(BaseModel):
+    kind: Literal["flat"] = Field(
+        description="identical values for longer than the variable's max_flat_minutes (GET /model): a stuck sensor?"
+    )
+    field: str
+    variable: str
+    message: str
+    value: float = Field(description="the value repeated")
+    minutes: float = Field(description="from the run's first sample to its last (the longest such run)")
+    first_index: int = Field(description="history index of the run's first sample")
+    last_index: int
+    max_flat_minutes: float
+
+
+Warning = Annotated[InputWarning | FlatWarning, Field(discriminator="kind")]
 
 
 class Clipped(BaseModel):
@@ -64,10 +83,18 @@ class PlanOut(BaseModel):
 
 class SeriesOut(BaseModel):
     id: str | None
-    timestamps: list[datetime]
-    forecast: dict[str, VariableForecast]
-    warnings: list[InputWarning] = Field(
-        default_factory=list, description="inputs inside the physical bounds but outside the training range"
+    timestamps: list[datetime] = Field(
+        description="the forecast's times, on the clock of the history's last timestamp: its UTC offset, or "
+        "(without one) the plant's time zone with its offset written out"
+    )
+    forecast: dict[str, VariableForecast] = Field(
+        description="per variable: every measurement, then each control the request left to its loop (the air "
+        "or recycle its loop will apply under the plan)"
+    )
+    warnings: list[Warning] = Field(
+        default_factory=list,
+        description="inputs answered but worth a look: inside the physical bounds but outside the training range "
+        "(kind training_range), or flat for longer than the catalog allows (kind flat: a stuck sensor?)",
     )
     clipped: list[Clipped] = Field(
         default_factory=list, description="forecast values held at a physical bound (e.g. a concentration at 0)"
@@ -111,19 +138,20 @@ class SeriesShape:
 
     plans: int  # 0: no plans, one forecast
     plan_forecasts: bool
+    variables: int  # forecast per forecast: the measurements and the controls left to their loops
 
 
-def forecast_bytes(n_x: int, quantiles: int, horizon: int) -> int:
+def forecast_bytes(variables: int, quantiles: int, horizon: int) -> int:
     """One forecast: per variable its mean and each quantile over the horizon."""
-    return n_x * ((1 + quantiles) * horizon * VALUE_BYTES + VARIABLE_BYTES)
+    return variables * ((1 + quantiles) * horizon * VALUE_BYTES + VARIABLE_BYTES)
 
 
-def answer_bytes(shapes: list[SeriesShape], n_x: int, quantiles: int, horizon: int) -> int:
+def answer_bytes(shapes: list[SeriesShape], quantiles: int, horizon: int) -> int:
     """The answer's size in bytes, predicted from the request's shape (within a few percent of the real one)."""
-    one = forecast_bytes(n_x, quantiles, horizon)
-    summary = n_x * (4 * VALUE_BYTES + 40)
     total = 200
     for s in shapes:
+        one = forecast_bytes(s.variables, quantiles, horizon)
+        summary = s.variables * (4 * VALUE_BYTES + 40)
         total += SERIES_BYTES + horizon * TIMESTAMP_BYTES
         if s.plans == 0:
             total += one
@@ -132,16 +160,17 @@ def answer_bytes(shapes: list[SeriesShape], n_x: int, quantiles: int, horizon: i
     return total
 
 
-def check_answer_size(shapes: list[SeriesShape], n_x: int, quantiles: int, horizon: int, limit: int) -> None:
+def check_answer_size(shapes: list[SeriesShape], quantiles: int, horizon: int, limit: int) -> None:
     """Refuse (422) a request whose answer would pass ``limit`` bytes, saying its size and how to shrink it."""
-    size = answer_bytes(shapes, n_x, quantiles, horizon)
+    size = answer_bytes(shapes, quantiles, horizon)
     if size <= limit:
         return
     plans = sum(s.plans for s in shapes if s.plan_forecasts)
     forecasts = sum(s.plans or 1 for s in shapes)
+    variables = max(s.variables for s in shapes)
     ways = []
     if plans:
-        summaries = answer_bytes([SeriesShape(s.plans, False) for s in shapes], n_x, quantiles, horizon)
+        summaries = answer_bytes([SeriesShape(s.plans, False, s.variables) for s in shapes], quantiles, horizon)
         ways.append(f'"plan_forecasts": false (each plan answers its summary only: about {summaries / 1e6:.1f} MB)')
     if quantiles:
         ways.append("fewer quantiles")
@@ -149,8 +178,8 @@ def check_answer_size(shapes: list[SeriesShape], n_x: int, quantiles: int, horiz
     field = "series[].plan_forecasts" if plans else ("quantiles" if quantiles else "series")
     message = (
         f"the answer would be about {size / 1e6:.0f} MB ({forecasts} forecasts x (mean + {quantiles} quantiles) x "
-        f"{horizon} steps x {n_x} variables), above the limit of {limit / 1e6:.0f} MB per answer: ask for "
-        + ", or ".join(ways)
+        f"{horizon} steps x {variables} variables at most), above the limit of {limit / 1e6:.0f} MB per answer: "
+        "ask for " + ", or ".join(ways)
     )
     raise ProblemError(422, "Answer too large", [{"field": field, "message": message}])
 
@@ -160,8 +189,14 @@ def check_answer_size(shapes: list[SeriesShape], n_x: int, quantiles: int, horiz
 
 @dataclass
 class SeriesResult:
-    mean: np.ndarray  # (H, n_x), engineering units; (plans, H, n_x) for a piece of a series' plans
-    quantiles: np.ndarray | None  # (Q, H, n_x); (Q, plans, H, n_x)
+    mean: np.ndarray  # (H, n_out), engineering units; (plans, H, n_out) for a piece of a series' plans
+    quantiles: np.ndarray | None  # (Q, H, n_out); (Q, plans, H, n_out)
+
+    def answered(self, outputs: list[int]) -> SeriesResult:
+        """Only the runtime's ``outputs`` a series answers (the measurements, the controls left to their loops)."""
+        if outputs == list(range(self.mean.shape[-1])):
+            return self
+        return SeriesResult(self.mean[..., outputs], None if self.quantiles is None else self.quantiles[..., outputs])
 
 
 def _check_finite(res: SeriesResult, i: int) -> None:
@@ -173,28 +208,35 @@ def _check_finite(res: SeriesResult, i: int) -> None:
 
 
 def encode_forecasts(
-    rt: ModelRuntime, quantiles: list[float], mean: np.ndarray, qs: np.ndarray | None, values: bool = True
+    rt: ModelRuntime,
+    quantiles: list[float],
+    mean: np.ndarray,
+    qs: np.ndarray | None,
+    outputs: list[int],
+    values: bool = True,
 ) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """Per forecast in ``mean`` (F, H, n_x) (``qs`` (Q, F, H, n_x)): per variable its unit, mean and quantiles
-    (H values each) held within the physical bounds (``values`` false: none, {}), and notes of what was clipped.
-    One pass over all F at once: 1,000 plans have 17,000 variable forecasts."""
-    lo, hi = rt.x_bounds
+    """Per forecast in ``mean`` (F, H, n) (``qs`` (Q, F, H, n)), the runtime's ``outputs`` (n of them): per
+    variable its unit, mean and quantiles (H values each) held within the physical bounds (``values`` false:
+    none, {}), and notes of what was clipped. One pass over all F at once: 1,000 plans have 17,000 variable
+    forecasts."""
+    names, units = [rt.outputs[j] for j in outputs], [rt.out_units[j] for j in outputs]
+    lo, hi = rt.out_bounds[0][outputs], rt.out_bounds[1][outputs]
     keys = [quantile_key(q) for q in quantiles] if qs is not None else []
-    outputs = [(f"quantiles.{k}", v) for k, v in zip(keys, qs if qs is not None else [], strict=True)]
-    outputs.append(("mean", mean))  # the notes' order: each variable's quantiles, then its mean
-    counts = np.stack([np.stack([(v < lo).sum(1), (v > hi).sum(1)], -1) for _, v in outputs], 2)  # (F, n_x, O, 2)
-    lists = [np.clip(v, lo, hi).transpose(0, 2, 1).tolist() if values else [] for _, v in outputs]  # [o][f][var]
+    parts = [(f"quantiles.{k}", v) for k, v in zip(keys, qs if qs is not None else [], strict=True)]
+    parts.append(("mean", mean))  # the notes' order: each variable's quantiles, then its mean
+    counts = np.stack([np.stack([(v < lo).sum(1), (v > hi).sum(1)], -1) for _, v in parts], 2)  # (F, n, O, 2)
+    lists = [np.clip(v, lo, hi).transpose(0, 2, 1).tolist() if values else [] for _, v in parts]  # [o][f][var]
     encoded = []
     for f in range(len(mean)):
         clipped = (
             [
                 {
                     "variable": name,
-                    "output": outputs[o][0],
+                    "output": parts[o][0],
                     "values": int(counts[f, j, o, b]),
                     "bound": ("min", "max")[b],
                 }
-                for j, name in enumerate(rt.measurements)
+                for j, name in enumerate(names)
                 for o, b in zip(*np.nonzero(counts[f, j]), strict=True)
             ]
             if counts[f].any()
@@ -203,11 +245,11 @@ def encode_forecasts(
         per_var = (
             {
                 name: {
-                    "unit": rt.units[name],
+                    "unit": units[j],
                     "mean": lists[-1][f][j],
                     "quantiles": {k: lists[o][f][j] for o, k in enumerate(keys)},
                 }
-                for j, name in enumerate(rt.measurements)
+                for j, name in enumerate(names)
             }
             if values
             else {}
@@ -216,13 +258,14 @@ def encode_forecasts(
     return encoded
 
 
-def plan_summaries(rt: ModelRuntime, mean: np.ndarray) -> list[dict[str, dict[str, float]]]:
-    """Per plan, per variable over the horizon of the clipped mean (P, H, n_x): mean, min, max and final value,
-    what plans are compared by."""
-    m = np.clip(mean, *rt.x_bounds)
+def plan_summaries(rt: ModelRuntime, mean: np.ndarray, outputs: list[int]) -> list[dict[str, dict[str, float]]]:
+    """Per plan, per variable over the horizon of the clipped mean (P, H, n) of the runtime's ``outputs``: mean,
+    min, max and final value, what plans are compared by (effluent ammonium, and the air each plan needs)."""
+    m = np.clip(mean, rt.out_bounds[0][outputs], rt.out_bounds[1][outputs])
     stats = np.stack([m.mean(1), m.min(1), m.max(1), m[:, -1]], -1).tolist()  # [plan][var][stat]
     keys = ("mean", "min", "max", "final")
-    return [{name: dict(zip(keys, row[j], strict=True)) for j, name in enumerate(rt.measurements)} for row in stats]
+    names = [rt.outputs[j] for j in outputs]
+    return [{name: dict(zip(keys, row[j], strict=True)) for j, name in enumerate(names)} for row in stats]
 
 
 @dataclass(frozen=True)
@@ -235,13 +278,15 @@ class SeriesFacts:
     gaps: dict[str, int]
     plan_names: list[str] | None
     plan_forecasts: bool
+    outputs: list[int]  # the runtime's outputs it answers: every measurement, the controls left to their loops
 
 
 def encode_series(rt: ModelRuntime, quantiles: list[float], i: int, facts: SeriesFacts, res: SeriesResult) -> bytes:
     """A series without plans, whole: its forecast held within the physical bounds (and where it was held)."""
+    res = res.answered(facts.outputs)
     _check_finite(res, i)
     qs = None if res.quantiles is None else res.quantiles[:, None]
-    forecast, clipped = encode_forecasts(rt, quantiles, res.mean[None], qs)[0]
+    forecast, clipped = encode_forecasts(rt, quantiles, res.mean[None], qs, facts.outputs)[0]
     out = {"id": facts.id, "timestamps": facts.timestamps, "forecast": forecast, "clipped": clipped}
     return to_json({**out, "warnings": facts.warnings, "gaps": facts.gaps})
 
@@ -258,12 +303,14 @@ def encode_plans(
 ) -> bytes:
     """Plans ``first``.. of series ``i`` (as many as ``res`` holds), comma-separated: each its forecast
     (unless plan_forecasts is false), summary and clipping notes."""
+    res = res.answered(facts.outputs)
     _check_finite(res, i)
     names = (facts.plan_names or [])[first : first + len(res.mean)]
-    forecasts = encode_forecasts(rt, quantiles, res.mean, res.quantiles, values=facts.plan_forecasts)
+    forecasts = encode_forecasts(rt, quantiles, res.mean, res.quantiles, facts.outputs, values=facts.plan_forecasts)
+    summaries = plan_summaries(rt, res.mean, facts.outputs)
     plans = [
         {"name": name, "forecast": forecast, "summary": summary, "clipped": clipped}
-        for name, (forecast, clipped), summary in zip(names, forecasts, plan_summaries(rt, res.mean), strict=True)
+        for name, (forecast, clipped), summary in zip(names, forecasts, summaries, strict=True)
     ]
     return to_json(plans)[1:-1]
 

@@ -42,13 +42,11 @@ def plan(d: DecodedRequest, chunk_work: int) -> list[list[int]]:
     return [idx[k : k + group] for idx in by_length.values() for k in range(0, len(idx), group)]
 
 
-def plan_pieces(
-    d: DecodedRequest, i: int, n_x: int, chunk_work: int, piece_bytes: int = PIECE_BYTES
-) -> list[tuple[int, int]]:
+def plan_pieces(d: DecodedRequest, i: int, chunk_work: int, piece_bytes: int = PIECE_BYTES) -> list[tuple[int, int]]:
     """(first, stop) plans of series ``i`` per piece: at most ``piece_bytes`` of JSON, and with samples at most
     ``chunk_work`` sample steps (means alone run all in one call: the runtime decodes them step by step)."""
-    n_plans = len(d.u_fut[i])
-    per_plan = forecast_bytes(n_x, len(d.quantiles), d.horizon) if d.facts[i].plan_forecasts else 1
+    n_plans, facts = len(d.u_fut[i]), d.facts[i]
+    per_plan = forecast_bytes(len(facts.outputs), len(d.quantiles), d.horizon) if facts.plan_forecasts else 1
     step = max(1, piece_bytes // per_plan)
     if d.samples:
         step = min(step, max(1, chunk_work // (d.samples * d.horizon)))
@@ -75,8 +73,8 @@ def run_series(
         fc = rt.predict(x, u, uf, last, min(per_call, d.samples - start), rng, d_fut=df, **sp)
         mean = fc.mean if mean is None else mean
         drawn.append(fc.samples)
-    samples = np.concatenate(drawn, 1)  # (series, samples, H, n_x)
-    qs = np.quantile(samples, d.quantiles, axis=1)  # (Q, series, H, n_x)
+    samples = np.concatenate(drawn, 1)  # (series, samples, H, outputs)
+    qs = np.quantile(samples, d.quantiles, axis=1)  # (Q, series, H, outputs)
     return {i: SeriesResult(mean[j], qs[:, j]) for j, i in enumerate(series)}
 
 
@@ -84,6 +82,7 @@ def run_plans(
     rt: ModelRuntime, d: DecodedRequest, i: int, first: int, stop: int, rng: np.random.Generator
 ) -> SeriesResult:
     """Plans ``first``..``stop`` of series ``i`` under its one history: the encoder runs once per call."""
+    s_fut = d.s_fut[i] if d.s_fut[i].ndim == 2 else d.s_fut[i][first:stop]  # shared, or each plan's own
     fc = rt.predict_plans(
         d.x_hist[i],
         d.u_hist[i],
@@ -93,9 +92,9 @@ def run_plans(
         rng,
         d.d_fut[i],
         d.s_hist[i],
-        d.s_fut[i],
+        s_fut,
     )
-    qs = None if fc.samples is None else np.quantile(fc.samples, d.quantiles, axis=1)  # (Q, plans, H, n_x)
+    qs = None if fc.samples is None else np.quantile(fc.samples, d.quantiles, axis=1)  # (Q, plans, H, outputs)
     return SeriesResult(fc.mean, qs)
 
 
@@ -116,7 +115,7 @@ def pieces(
     for i, facts in enumerate(d.facts):
         if facts.plan_names is None:
             continue
-        for k, (first, stop) in enumerate(plan_pieces(d, i, len(rt.measurements), chunk_work, piece_bytes)):
+        for k, (first, stop) in enumerate(plan_pieces(d, i, chunk_work, piece_bytes)):
 
             def plans_piece(i: int = i, k: int = k, first: int = first, stop: int = stop) -> list[Fragment]:
                 res = run_plans(rt, d, i, first, stop, rng)

@@ -65,8 +65,9 @@ def warm_up(rt: ModelRuntime, seed: int = 0) -> None:
     """Forecasts on realistic histories, every one finite or the version is refused: the card's training means
     with noise of its own spread, and a day that sweeps each variable across its training range; with the
     loops' setpoints and an influent forecast sent, over the longest horizon; the mean alone and with samples,
-    and through the plans graph. (At the means alone a zero std went unseen: 0/0 reads as a sensor gap, and
-    the card's own noise is then zero too; the sweep divides by it.)"""
+    the looped controls given and left to their loops, and through the plans graph. (At the means alone a zero
+    std went unseen: 0/0 reads as a sensor gap, and the card's own noise is then zero too; the sweep divides by
+    it.)"""
     rng = np.random.default_rng(seed)
 
     def noisy(mean: np.ndarray, std: np.ndarray, seen: tuple[np.ndarray, np.ndarray] | None, n: int) -> np.ndarray:
@@ -101,10 +102,20 @@ def _warm_up_forecasts(rt: ModelRuntime, history: History, noisy: History, rng: 
     outputs = [rt.predict(x[None], u[None], uf[None], last, **inputs).mean]
     fc = rt.predict(x[None], u[None], uf[None], last, 2, rng, **inputs)
     outputs += [fc.mean, fc.samples]
+    if rt.looped:  # the looped controls left to their loops, driven by the setpoints
+        loop_uf = uf.copy()
+        loop_uf[:, rt.looped] = np.nan
+        fc = rt.predict(x[None], u[None], loop_uf[None], last, 2, rng, **inputs)
+        outputs += [fc.mean, fc.samples]
     if rt.plans_session is not None:
         plans = np.stack([uf, noisy(rt.u_mean, rt.u_std, rt.u_range, H)])
         fc = rt.predict_plans(x, u, plans, 600.0, 2, rng, d_fut, s_hist, s_fut)
         outputs += [fc.mean, fc.samples]
+        if rt.looped:  # setpoint plans, each its own
+            plans[:, :, rt.looped] = np.nan
+            s_plans = np.stack([s_fut, noisy(rt.s_mean, rt.s_std, rt.s_range, H)])
+            fc = rt.predict_plans(x, u, plans, 600.0, 2, rng, d_fut, s_hist, s_plans)
+            outputs += [fc.mean, fc.samples]
     return outputs
 
 

@@ -37,7 +37,16 @@ class PlanIn(BaseModel):
     model_config = STRICT
 
     name: str = Field(min_length=1, max_length=128, description="the plan's label, unique within the series")
-    future_controls: dict[str, Plan] = Field(description="planned control per future step (horizon values)")
+    future_controls: dict[str, Plan] = Field(
+        description="planned control per future step (horizon values each); a looped control may be left out, as "
+        "in a series' future_controls, when its setpoint is sent (this plan's future_setpoints, or the series')"
+    )
+    future_setpoints: dict[str, Plan] | None = Field(
+        None,
+        description="optional: this plan's own setpoints over the horizon (a setpoint plan: e.g. DO 1.5, 2.0 or "
+        "2.5 with KLa_5 left to its loop, answered with the air each needs); not also in the series' "
+        "future_setpoints. Every plan of a series gives the same variables",
+    )
 
 
 class SeriesIn(BaseModel):
@@ -47,9 +56,11 @@ class SeriesIn(BaseModel):
     timestamps: Annotated[list[Timestamp], FAIL_FAST] = Field(
         min_length=1,
         description="history sample times, oldest first, at the model's spacing, in the plant's local time "
-        f"as ISO 8601 (e.g. {TIME_EXAMPLE}; with its UTC offset; no offset means UTC): the time of day and week "
-        "are model inputs. Numbers are not read as times. GET /model gives the history limits (history.min, "
-        "history.max); the served schema states them too",
+        f"as ISO 8601 (e.g. {TIME_EXAMPLE}, with its UTC offset): the time of day and week are model inputs. A "
+        "time without offset is the plant's local time in the model's time zone (GET /model: catalog.timezone; "
+        "UTC for cards without one), an hour the autumn change repeats placed by its neighbours' order; the "
+        "answer's times then carry the zone's offsets. Numbers are not read as times. GET /model gives the "
+        "history limits (history.min, history.max); the served schema states them too",
     )
     measurements: dict[str, Values] = Field(
         description="one array per measured variable (catalog names); null marks a missing sample (a sensor gap), "
@@ -59,9 +70,17 @@ class SeriesIn(BaseModel):
         description="one array per control over the history; null marks a missing sample, as for measurements"
     )
     future_controls: dict[str, Plan] | None = Field(
-        None, description="planned control per future step (horizon values each); omit with hold_controls"
+        None,
+        description="planned control per future step (horizon values each); omit with hold_controls. A control "
+        "a feedback loop drives (GET /model: closed_loops) may be left out when its setpoint's plan "
+        "(future_setpoints) or history (setpoints, then held) is sent: its loop decides it, and the answer "
+        "forecasts it too (the air or recycle the plan will need)",
     )
-    hold_controls: bool = Field(False, description="hold the last history control values over the horizon")
+    hold_controls: bool = Field(
+        False,
+        description="hold the last history control values over the horizon; with a model with loops, each looped "
+        "control whose setpoint is sent (setpoints or future_setpoints) is left to its loop instead, and forecast",
+    )
     future_disturbances: dict[str, Plan] | None = Field(
         None,
         description="optional forecast of disturbance variables (the influent: GET /model, "
@@ -83,8 +102,9 @@ class SeriesIn(BaseModel):
     plans: Annotated[list[PlanIn], FAIL_FAST] | None = Field(
         None,
         description="instead of future_controls or hold_controls: candidate control plans for this one history "
-        "(e.g. an MPC's or an operator's options); the history is encoded once and each plan rolled out. The "
-        "series then answers with plans in the same order",
+        "(e.g. an MPC's or an operator's options), or setpoint plans (each its future_setpoints, the looped "
+        "controls left out); the history is encoded once and each plan rolled out. The series then answers with "
+        "plans in the same order",
     )
     plan_forecasts: bool = Field(
         True,
@@ -122,7 +142,7 @@ class DecodedRequest:
     last_minute: list[float] = field(default_factory=list)  # each series' last history time, minutes since Monday
     d_fut: list[np.ndarray] = field(default_factory=list)  # per series (H, n_d) disturbance forecast, NaN: none
     s_hist: list[np.ndarray] = field(default_factory=list)  # per series (L, n_s) loop setpoints, NaN: not sent
-    s_fut: list[np.ndarray] = field(default_factory=list)  # per series (H, n_s)
+    s_fut: list[np.ndarray] = field(default_factory=list)  # per series (H, n_s), or (plans, H, n_s) with plans
     facts: list[SeriesFacts] = field(default_factory=list)  # per series: what its answer echoes
     horizon: int = 0
     quantiles: list[float] = field(default_factory=list)

@@ -135,8 +135,8 @@ def test_the_warm_up_forecasts_a_realistic_history_not_the_means(rt) -> None:
     card's own noise is zero too); forecasting a history that moves, it cannot."""
     warm_up(rt)
     broken = ModelRuntime(rt.version_dir)
-    broken.x_std = broken.x_std.copy()
-    broken.x_std[3] = 0.0  # as if the card had slipped past its checks
+    broken.x_std, broken.out_std = broken.x_std.copy(), broken.out_std.copy()
+    broken.x_std[3] = broken.out_std[3] = 0.0  # as if the card had slipped past its checks (out_std scales outputs)
     with pytest.raises(ReloadError, match="not finite"):
         warm_up(broken)
 

@@ -194,14 +194,18 @@ def test_the_answer_size_is_refused_before_any_work(serve, trained_store, rt) ->
 def test_the_predicted_answer_size_is_close_to_the_real_one(server, rt) -> None:
     n_x = len(rt.measurements)
     cases = [
-        (make_body(rt, n_series=3, horizon=rt.max_horizon) | {"quantiles": [0.1, 0.9]}, [SeriesShape(0, True)] * 3, 2),
-        (_plans_body(rt, 40, rt.max_horizon), [SeriesShape(40, True)], 0),
-        (_plans_body(rt, 40, 4) | {"quantiles": [0.5]}, [SeriesShape(40, True)], 1),
+        (
+            make_body(rt, n_series=3, horizon=rt.max_horizon) | {"quantiles": [0.1, 0.9]},
+            [SeriesShape(0, True, n_x)] * 3,
+            2,
+        ),
+        (_plans_body(rt, 40, rt.max_horizon), [SeriesShape(40, True, n_x)], 0),
+        (_plans_body(rt, 40, 4) | {"quantiles": [0.5]}, [SeriesShape(40, True, n_x)], 1),
     ]
     for body, shapes, q in cases:
         r = post(server, body)
         assert r.status_code == 200, r.text
-        predicted = answer_bytes(shapes, n_x, q, body["horizon"])
+        predicted = answer_bytes(shapes, q, body["horizon"])
         assert 0.8 < predicted / len(r.content) < 1.3, (predicted, len(r.content))
 
 
