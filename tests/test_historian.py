@@ -134,7 +134,7 @@ def test_export_settings_and_flat_limits_round_trip_through_the_card_dict(tmp_pa
 def test_round_trip_simulate_export_import_gives_the_same_arrays(tmp_path: Path, tiny_data) -> None:
     """Simulated scenarios written as a historian export (exact values) and imported again: the same x, u and
     clock wherever nothing was dropped, and missing exactly where the scenarios leave a gap in time."""
-    scenarios = [tiny_data[i] for i in ("bsm2-00", "bsm2-01", "bsm2-02")]
+    scenarios = [tiny_data[i] for i in EXAMPLE_SCENARIOS]
     table = tmp_path / "plant.csv"
     example.export_table(scenarios, BSM1, table, faults=False)
     manifest = hist.import_table(table, BSM1, tmp_path / "imported", history=16, horizon=16)
@@ -439,7 +439,9 @@ def test_sensor_gap_augmentation_spares_the_calendar() -> None:
     assert torch.isnan(gx[:, -1]).any() and not torch.isnan(x).any()  # some gaps reach the last step; copies
 
 
-EXAMPLE_SCENARIOS = ("bsm2-00", "bsm2-01", "bsm2-02")
+# Three consecutive BSM2 windows of the tiny preset (the held-out two under their policies): a plant that changed
+# how it runs along the way, as plants do.
+EXAMPLE_SCENARIOS = ("bsm2-00", "bsm2-01@moving_setpoints", "bsm2-02@constant_setpoints")
 
 
 def test_the_example_plants_export_imports_in_one_run_and_reports_every_repair(
@@ -475,11 +477,11 @@ def test_the_example_plants_export_imports_in_one_run_and_reports_every_repair(
     assert len(repairs) == len(written) + 2
     for r in repairs:
         assert hist.describe(r) in printed
-    assert "history 16 + horizon 16 samples, the tiny preset's" in printed and manifest["gap_between_splits"] == 32
+    assert "history 20 + horizon 16 samples, the tiny preset's" in printed and manifest["gap_between_splits"] == 36
     assert manifest["missing"]["no3_out"]["missing_share"] > 0.08  # the half-day outage of 6 days
     # A run with longer windows than the import was made for is refused, with what to do.
     cfg = load_config("default", overrides=["data.source=historian", f"data.cache_dir={out}"])
-    with pytest.raises(ConfigError, match=r"imported for history \+ horizon = 32 samples, this run's are 96 \+ 96"):
+    with pytest.raises(ConfigError, match=r"imported for history \+ horizon = 36 samples, this run's are 128 \+ 96"):
         load_data(cfg)
 
 

@@ -185,10 +185,16 @@ def test_serving_feeds_the_model_what_training_fed_it(trained_store, prepared) -
     model, card = load_model(store / version)
     assert Calendar.from_card(card) == p.calendar and p.calendar.size == 4  # tiny: daily harmonics only
     w = p.test
+    # The honest request: the looped controls left to their loops (NaN), the setpoints' history and plan sent.
+    u_fut, s_hist, s_fut = p.request(w, "honest")
+    assert np.isnan(u_fut[..., p.looped]).any() and s_hist is not None
     torch_mean, _ = calibration.predict(model, p, w, calib=card["calibration"])
-    served = ModelRuntime(store / version).predict(w.x_hist, w.u_hist, w.u_fut, w.t_last).mean
+    measured = w.x_hist[..., : p.n_targets]  # the service is sent measurements; the looped controls are in u
+    runtime = ModelRuntime(store / version)
+    served = runtime.predict(measured, w.u_hist, u_fut, w.t_last, s_hist=s_hist, s_fut=s_fut).mean
+    assert served.shape == torch_mean.shape  # the measurements, then the looped controls' forecasts
     assert np.max(np.abs(served - torch_mean) / p.x_std) < 1e-3
-    shifted = ModelRuntime(store / version).predict(w.x_hist, w.u_hist, w.u_fut, w.t_last + 360).mean
+    shifted = runtime.predict(measured, w.u_hist, u_fut, w.t_last + 360, s_hist=s_hist, s_fut=s_fut).mean
     assert np.max(np.abs(shifted - torch_mean) / p.x_std) > 1e-2  # the clock matters
 
 
@@ -497,17 +503,17 @@ def test_served_accuracy_with_a_sensor_down_is_what_the_report_states(trained_st
     service runs, with NaN for the missing samples as the service sends them): the served model forecasts
     through the gap as accurately as the report says."""
     from modelcard.runtime import ModelRuntime
-    from training import evaluate as ev
-    from training.report import with_gap
+    from training.report import scored_table, with_gap
 
     store, version = trained_store
     metrics = json.loads((store / version / "metrics.json").read_text())
     p = preparation.prepare(tiny_cfg)
-    w = with_gap(p.test, "last_2h", p.catalog.sample_minutes)
-    assert np.isnan(w.x_hist[:, -1]).any()
+    w = with_gap(p.test, "last_2h", p.catalog.sample_minutes, p.n_targets)
+    assert np.isnan(w.x_hist[:, -1, : p.n_targets]).any()
+    u_fut, s_hist, s_fut = p.request(w, "honest")  # what the report scores: the request a plant can send
     rt = ModelRuntime(store / version)
-    mean = rt.predict(w.x_hist, w.u_hist, w.u_fut, w.t_last).mean
-    table = ev.regime_table(mean, None, w, {k: "all" for k in p.groups}, p.test_scale, p.catalog.plant_positions())
+    mean = rt.predict(w.x_hist[..., : p.n_targets], w.u_hist, u_fut, w.t_last, s_hist=s_hist, s_fut=s_fut).mean
+    table = scored_table(p, mean, None, w, {k: "all" for k in p.groups})
     stated = metrics["history_gaps"]["last_2h"]
     assert table["all"]["pooled_skill_all"] == pytest.approx(stated, abs=2e-3)
 
