@@ -148,12 +148,18 @@ class ForecastGraph(nn.Module):
         mean, held, raw = x[:n], x[n:n_mean], x[n_mean:].reshape(n, -1, horizon, m.x_dim)  # raw: (n, S, h, x)
         if self.residual_decay is not None:
             held = held if copies == 2 else mean
-            mean, raw = (m.finish(x_hist, u_hist, z0, t, held, self.residual_decay) for t in (mean, raw))
+            mean, raw = (m.finish(x_hist, u_hist, mu, t, held, self.residual_decay) for t in (mean, raw))
         return mean, calibrated_samples(mean, raw, self.width(x_hist, u_fut), self.width.bounds)
 
 
 # What cards written before a model setting existed were trained without.
-BEFORE = {"decoder_controls": False, "decoder_skip": False, "blend_held_plan": False, "seasonal_adaptive": False}
+BEFORE = {
+    "decoder_controls": False,
+    "decoder_skip": False,
+    "blend_held_plan": False,
+    "seasonal_adaptive": False,
+    "correction_last_seen": False,
+}
 
 
 def model_config(card: dict[str, Any]) -> ModelConfig:

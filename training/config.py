@@ -41,6 +41,9 @@ class ModelConfig:
     # samples of the history (training.model.KoVAE.seasonal_weights): BSM1's dry file repeats its day, BSM2's
     # does not. Cards written before it: one weight per lead time and variable.
     seasonal_adaptive: bool = True
+    # The decoder's miss is carried from each variable's last measured step, faded by its age (a sensor down for
+    # the last 2 h still hands on its level); cards written before it: from the last step only.
+    correction_last_seen: bool = True
     seasonal_check: int = 32
 
 
@@ -79,7 +82,7 @@ class TrainConfig:
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
     # Samples per forecast when the interval width is fitted and scored, written into the card (calibration.samples),
     # and what the service draws when a request gives no count: the 10-90% range of fewer samples covers less.
-    calibration_samples: int = 200
+    calibration_samples: int = 100
     # The variable whose highest value over the history widens the interval (training.model.IntervalWidth): ""
     # is the catalog's first disturbance (BSM1: the influent flow), "none" a width that follows no variable.
     width_driver: str = ""

@@ -318,13 +318,38 @@ class KoVAE(nn.Module):
         return mu, logvar.clamp(-10.0, 5.0)
 
     def correction(
-        self, x_last: torch.Tensor, z_last: torch.Tensor, u_last: torch.Tensor, decay: torch.Tensor, horizon: int
+        self,
+        x_hist: torch.Tensor,
+        z_hist: torch.Tensor,
+        u_hist: torch.Tensor,
+        decay: torch.Tensor,
+        horizon: int,
+        decoded_hist: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """g^k (x[t] - D(z[t], u[t])) for k = 1..horizon, (batch, horizon, x): the decoder's miss at the last
-        history step, fading with the per-variable factors g = ``decay`` (x,)."""
-        steps = torch.arange(1, horizon + 1, dtype=x_last.dtype)[:, None]
-        miss = torch.nan_to_num(x_last - self.decode(z_last, u_last), nan=0.0)  # not measured: nothing to carry
-        return miss.unsqueeze(1) * decay**steps
+        """g^(k + a) (x[s] - D(z[s], u[s])) for k = 1..horizon, (batch, horizon, x): the decoder's miss at each
+        variable's last measured history step s, a steps before the last, fading with the per-variable factors
+        g = ``decay`` (x,). z_hist (batch, L, z) are the history's latent states (``decoded_hist``: their decoding,
+        if the caller has it). A sensor that went down two hours ago still hands its level on, faded by two
+        hours; cards from before it (``model.correction_last_seen`` false) carry the last step's miss only."""
+        steps = torch.arange(1, horizon + 1, dtype=x_hist.dtype)[:, None]
+        if not self.cfg.correction_last_seen:
+            miss = torch.nan_to_num(x_hist[:, -1] - self.decode(z_hist[:, -1], u_hist[:, -1]), nan=0.0)
+            return miss.unsqueeze(1) * decay**steps
+        L = x_hist.shape[1]
+        seen = ~torch.isnan(x_hist)
+        last = (seen.to(x_hist.dtype) * torch.arange(1, L + 1, dtype=x_hist.dtype)[:, None]).argmax(1, keepdim=True)
+        if decoded_hist is not None:
+            decoded = torch.gather(decoded_hist, 1, last)  # (batch, 1, x)
+        else:  # only the steps needed: variable v's row decoded at v's last step, its own output kept
+            at = last.transpose(1, 2)  # (batch, x, 1)
+            z = torch.gather(z_hist, 1, at.expand(-1, -1, z_hist.shape[-1]))  # (batch, x, z)
+            u = torch.gather(u_hist, 1, at.expand(-1, -1, u_hist.shape[-1]))  # (batch, x, u)
+            own = torch.eye(x_hist.shape[-1], dtype=x_hist.dtype)
+            decoded = (self.decode(z, u) * own).sum(-1).unsqueeze(1)  # (batch, 1, x): the diagonal
+        miss = torch.gather(x_hist, 1, last) - decoded  # (batch, 1, x)
+        miss = torch.where(seen.any(1, keepdim=True), miss, torch.zeros_like(miss))  # never measured: nothing
+        age = (L - 1 - last).to(x_hist.dtype)  # (batch, 1, x)
+        return torch.nan_to_num(miss, nan=0.0) * decay ** (steps + age)
 
     def seasonal_weights(self, x_hist: torch.Tensor, horizon: int) -> torch.Tensor:
         """(batch, H, x) the weight s of the same time a day earlier at each lead time and variable.
@@ -409,7 +434,7 @@ class KoVAE(nn.Module):
         if residual_decay is None:
             return out
         held = self.decode_held(z0, u_hist, u_fut) if self.cfg.blend_held_plan else out
-        return self.finish(x_hist, u_hist, z0, out, held, residual_decay)
+        return self.finish(x_hist, u_hist, mu, out, held, residual_decay)
 
     def decode_held(self, z0: torch.Tensor, u_hist: torch.Tensor, u_fut: torch.Tensor) -> torch.Tensor:
         """The mean forecast's decoded rollout under the plan held (``held_plan``): (batch, H, x)."""
@@ -420,18 +445,19 @@ class KoVAE(nn.Module):
         self,
         x_hist: torch.Tensor,
         u_hist: torch.Tensor,
-        z0: torch.Tensor,
+        z_hist: torch.Tensor,
         decoded: torch.Tensor,
         decoded_held: torch.Tensor,
         decay: torch.Tensor,
+        decoded_hist: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The served forecast from decoded rollouts, (batch, [samples,] H, x): plus the decoder's fading miss at
-        the last history step (``correction``), plus what the naive blends (``seasonal``) add to the forecast
-        under the plan held, ``decoded_held`` (batch, H, x). The blends then move every plan's forecast alike,
-        and a plan's effect passes whole. Cards from before it (``model.blend_held_plan`` false) blend each
-        trajectory itself."""
+        each variable's last measured history step (``correction``; z_hist: the history's latent states), plus
+        what the naive blends (``seasonal``) add to the forecast under the plan held, ``decoded_held`` (batch, H,
+        x). The blends then move every plan's forecast alike, and a plan's effect passes whole. Cards from before
+        it (``model.blend_held_plan`` false) blend each trajectory itself."""
         samples = decoded.dim() == 4
-        corr = self.correction(x_hist[:, -1], z0, u_hist[:, -1], decay, decoded.shape[-2])
+        corr = self.correction(x_hist, z_hist, u_hist, decay, decoded.shape[-2], decoded_hist)
         if not self.cfg.blend_held_plan:
             return self.seasonal(x_hist, decoded + (corr.unsqueeze(1) if samples else corr))
         held = decoded_held + corr
@@ -478,7 +504,7 @@ class KoVAE(nn.Module):
         R = u_fut.shape[1]
         forecast = self.decode(z_roll, u_fut)
         held = self.decode_held(zh[:, -1], u_hist, u_fut) if self.cfg.blend_held_plan else forecast
-        forecast = self.finish(x_hist, u_hist, zh[:, -1], forecast, held, self.residual_decay())
+        forecast = self.finish(x_hist, u_hist, zh, forecast, held, self.residual_decay(), rec_hist)
         seen = torch.isfinite(x_fut)
         err = torch.where(seen, forecast - torch.nan_to_num(x_fut), 0.0) ** 2
         per_step = err.sum((0, 2)) / seen.sum((0, 2)).clamp(min=1)  # (R,): mean over what was measured
