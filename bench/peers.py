@@ -317,7 +317,20 @@ def plot(p: Prepared, results: dict[str, Scored], out: Path) -> Path:
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Bench:
+    """What a run of the bench computed (the tests check the printed figures against it)."""
+
+    rt: ModelRuntime
+    p: Prepared
+    peers: list[TorchPeer | LightGBMDirect]
+    results: dict[str, Scored]
+    signs: dict[str, dict[str, float]]
+    checks: list[tuple[str, bool]]
+    samples: int
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default="models")
     parser.add_argument("--version", help="default: the served version (models/CURRENT)")
@@ -330,7 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every-hours", type=float, default=12.0, help="time between counterfactual origins")
     parser.add_argument("--no-counterfactual", action="store_true")
     parser.add_argument("overrides", nargs="*", help="section.field=value over the card's config (data.cache_dir)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> Bench:
+    """Train the peers, score every model, print the tables and targets, write the plot and peers.json."""
     start = time.perf_counter()
     rt, cfg, p = load(Path(args.store), args.version, args.overrides)
     sizes: Sizes = QUICK if args.quick else DEFAULT
@@ -389,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "peers.json").write_text(json.dumps(summary, indent=1))
     print(f"\nplot {path}; figures {out / 'peers.json'}; bench {time.perf_counter() - start:.0f} s")
+    return Bench(rt, p, peers, results, signs, checks, samples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
     return 0
 
 
