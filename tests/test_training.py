@@ -647,3 +647,14 @@ def test_default_decoder_reads_z_and_the_controls_and_old_cards_z_alone() -> Non
     del card_model["decoder_controls"]  # a card written before it
     legacy = KoVAE(5, 3, model_config({"model": card_model}), PlanLayout(2))
     assert legacy.decoder[0].in_features == 8
+
+
+def test_headline_skill_leaves_out_a_variable_persistence_forecasts_exactly() -> None:
+    """BSM1's files hold the temperature at 15 C: persistence is exact there, and 1 - RMSE / 0 must not enter the
+    mean skill (it printed -7e11 % for one held-out scenario)."""
+    from training import evaluate as ev
+
+    rmse = np.array([[0.5, 0.2, 0.01]])
+    ref = np.array([[1.0, 0.4, 0.0]])  # the third variable never moves
+    head = ev.headline({"rmse": rmse, "mean_abs_true": np.ones_like(rmse)}, {"rmse": ref}, np.ones(3), [0, 1, 2])
+    assert head["1"]["skill_vs_persistence"] == pytest.approx(0.5)
