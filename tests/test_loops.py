@@ -5,13 +5,14 @@ the answer forecasts that control too. Real servers (``python -m service``) on 1
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from modelcard.runtime import ModelRuntime
-from modelcard.store import current_version
+from modelcard.store import current_version, set_current
 from service.decode import decode
 from service.encode import SeriesShape, answer_bytes
 from service.parse import parse, size_limits
@@ -177,10 +178,17 @@ def test_the_model_endpoint_describes_the_loops(server, rt) -> None:
     assert "left out" in loops["rule"]
 
 
-def test_a_model_without_loops_takes_every_controls_plan_as_before(serve) -> None:
-    """The committed default model has no loops: every control's plan is needed ("missing" as before), the answer
-    holds the measurements only, and hold_controls with setpoints sent still holds every control."""
-    store = ROOT / "models"
+PRE_LOOPS = "20261130-040540-default"  # the previous default, kept in the committed store for rollback
+
+
+def test_a_model_without_loops_takes_every_controls_plan_as_before(serve, tmp_path: Path) -> None:
+    """A model from before the loops (the previous default) has none: every control's plan is needed ("missing"
+    as before), the answer holds the measurements only, and hold_controls with setpoints sent still holds every
+    control."""
+    store = tmp_path / "models"
+    store.mkdir()
+    shutil.copytree(ROOT / "models" / PRE_LOOPS, store / PRE_LOOPS)
+    set_current(store, PRE_LOOPS)
     rt = ModelRuntime(Path(store) / current_version(store))
     assert rt.loops == [] and rt.outputs == rt.measurements
     server = serve(store)

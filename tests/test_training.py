@@ -68,8 +68,16 @@ def test_residual_fading_is_bounded_for_any_parameters_and_fades() -> None:
             model.decay_logit.fill_(value)
             g = model.residual_decay()
             assert torch.all(g >= 0) and torch.all(g <= 1)
-        corr = model.correction(torch.ones(1, 3), torch.zeros(1, 8), torch.zeros(1, 2), model.residual_decay(), 10_000)
-    assert torch.all(corr[0, -1].abs() <= corr[0, 0].abs())  # it fades
+        g = model.residual_decay()
+        x, z, u = torch.ones(1, 4, 3), torch.zeros(1, 4, 8), torch.zeros(1, 4, 2)
+        corr = model.correction(x, z, u, g, 10_000)
+        assert torch.all(corr[0, -1].abs() <= corr[0, 0].abs())  # it fades
+        # A sensor down for the last 2 steps hands on its last measured miss, faded by those 2 steps too; one never
+        # measured hands on nothing.
+        x[0, -2:, 0], x[0, :, 1] = float("nan"), float("nan")
+        gap = model.correction(x, z, u, g, 5)
+    assert torch.allclose(gap[0, :, 0], corr[0, :5, 0] * g[0] ** 2) and torch.all(gap[0, :, 1] == 0)
+    assert torch.allclose(gap[0, :, 2], corr[0, :5, 2])
 
 
 def test_forecast_loss_is_that_of_the_served_forecast_with_step_weights() -> None:
