@@ -206,7 +206,12 @@ def load_config(
                 cfg = _merge(cfg, tomllib.load(f))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
-    for item in overrides or []:
+    return with_overrides(cfg, overrides or [])
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """``cfg`` with ``section.field=value`` overrides applied (command lines, a stored run's config), validated."""
+    for item in overrides:
         key, eq, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not eq or not dot:

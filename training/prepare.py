@@ -118,8 +118,12 @@ class Prepared:
         """(u_fut, s_hist, s_fut) as ``request`` (``training.requests.REQUESTS``) tells a forecast of ``w``."""
         if not self.n_setpoints:
             return w.u_fut, None, None
-        held = {sid: self.held_setpoints.get(policy, ()) for sid, policy in self.policies.items()}
-        return request_arrays(w, request, self.looped, self.loop_setpoints, held)
+        return request_arrays(w, request, self.looped, self.loop_setpoints, self.held_by_scenario())
+
+    def held_by_scenario(self) -> dict[str, tuple[int, ...]]:
+        """Scenario id -> the setpoint positions an honest request holds there (its policy's: the plant cannot
+        know them, e.g. the cascade's DO setpoint)."""
+        return {sid: self.held_setpoints.get(policy, ()) for sid, policy in self.policies.items()}
 
     def inputs(
         self, w: Windows, forecast: np.ndarray | None = None, request: str = "honest"
