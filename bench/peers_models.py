@@ -25,6 +25,7 @@ from torch import nn
 from training import evaluate as ev
 from training.config import TrainConfig
 from training.loop import with_requests
+from training.model import masked_mse
 from training.prepare import Prepared, tensors
 
 
@@ -53,13 +54,6 @@ QUICK = Sizes(epochs=2, batch_size=32, hidden=16, z_dim=8, lgb_rounds=10, lgb_le
 # took 4.2 s (3.5 min an epoch), the GRU 3.6-4.6 s (3-3.7 min), and LightGBM 0.1-0.4 s a round on 19k rows (an
 # estimate from timings, not a timed full run).
 DEFAULT = Sizes()
-
-
-def masked_mse(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """MSE over the future values that were measured (imported data have gaps)."""
-    seen = torch.isfinite(truth)
-    err = torch.where(seen, pred - torch.nan_to_num(truth), torch.zeros_like(pred))
-    return (err**2).sum() / seen.sum().clamp(min=1)
 
 
 def filled(x: torch.Tensor) -> torch.Tensor:
