@@ -34,6 +34,7 @@ from modelcard.card import (
     ONNX_FILE,
     Calendar,
     atomic_write,
+    fast_outputs,
     looped_controls,
     output_names,
     read_card,
@@ -156,6 +157,7 @@ class ForecastGraph(nn.Module):
 BEFORE = {
     "decoder_controls": False,
     "decoder_skip": False,
+    "decoder_fast_only": False,
     "blend_held_plan": False,
     "seasonal_adaptive": False,
     "correction_last_seen": False,
@@ -175,7 +177,8 @@ def load_model(version_dir: Path, *, verify: bool = True) -> tuple[KoVAE, dict[s
     n_d = len(card["variables"].get("disturbance_inputs", {}).get("variables", []))
     n_s = len(card["variables"].get("setpoint_inputs", {}).get("variables", []))
     looped = tuple(looped_controls(card))  # forecast after the measurements too
-    plan = PlanLayout(len(card["variables"]["controls"]), looped, n_s)  # the leading columns: the decoder reads them
+    # The leading columns of u, which the decoder reads for the fast outputs.
+    plan = PlanLayout(len(card["variables"]["controls"]), looped, n_s, tuple(fast_outputs(card["variables"])))
     n_u = plan.fed + Calendar.from_card(card).size + 2 * n_d
     model = KoVAE(len(card["variables"]["measurements"]) + len(looped), n_u, cfg, plan)
     model.load_state_dict(torch.load(Path(version_dir) / "weights.pt", weights_only=True))

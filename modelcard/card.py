@@ -321,6 +321,17 @@ def output_names(card: dict[str, Any]) -> list[str]:
     return [v["name"] for v in card["variables"]["measurements"]] + [loop["control"] for loop in loops(card)]
 
 
+def fast_outputs(variables: dict[str, Any]) -> list[int]:
+    """Positions among the outputs (``output_names``) of those that settle within a sample of a control move,
+    from a card's ``variables`` (a catalog's dict): each measurement marked ``fast``, each loop's measurement, and
+    each looped control (its loop sets it from the setpoint at once). The decoder reads the plan for these only
+    (``model.decoder_fast_only``)."""
+    names = [v["name"] for v in variables["measurements"]]
+    held = {loop.get("measurement") for loop in variables.get("loops", [])}
+    fast = [i for i, v in enumerate(variables["measurements"]) if v.get("fast") or v["name"] in held]
+    return fast + [len(names) + j for j in range(len(variables.get("loops", [])))]
+
+
 def looped_controls(card: dict[str, Any]) -> list[int]:
     """Positions among the card's controls of the looped ones (``loops`` order)."""
     names = [v["name"] for v in card["variables"]["controls"]]

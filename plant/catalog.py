@@ -54,6 +54,11 @@ class Variable:
     max_gap_minutes: float = 0.0  # an import bridges gaps up to this long by linear interpolation
     missing_codes: tuple[MissingCode, ...] = ()  # this column's own codes for "no value" (besides the catalog's)
     max_flat_minutes: float = 0.0  # identical values for longer than this are a stuck sensor (0: never checked)
+    # Settles within one sample of a control move (dissolved oxygen under its air, anoxic nitrate under the
+    # internal recycle): the model's decoder may read the same step's plan for it. Every other variable moves
+    # with the controls through the latent dynamics only, so a correlation a loop leaves in the data (more air
+    # with more ammonium) cannot be decoded as an instant response. A loop's measurement is fast anyway.
+    fast: bool = False
 
     @property
     def source_column(self) -> str:
@@ -174,6 +179,8 @@ def variable_dict(v: Variable, *, bounds: bool = True) -> dict[str, Any]:
         out["max_flat_minutes"] = v.max_flat_minutes  # the service warns about a longer flat line
         if v.missing_codes:
             out["missing_codes"] = list(v.missing_codes)
+    if v.fast:
+        out["fast"] = True
     return out
 
 
@@ -280,11 +287,14 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
                 max_gap_minutes=float(entry.get("max_gap_minutes", 0.0)),
                 missing_codes=parse_codes(entry.get("missing_codes", []), where),
                 max_flat_minutes=float(entry.get("max_flat_minutes", 0.0)),
+                fast=entry.get("fast", False),
             )
         except (TypeError, ValueError) as exc:
             if isinstance(exc, CatalogError):
                 raise
             raise CatalogError(f"{where}: {exc}") from None
+        if not isinstance(v.fast, bool):
+            raise CatalogError(f"{where}: fast must be true or false, not {v.fast!r}")
         if v.role not in ROLES:
             raise CatalogError(f"{where}: role {v.role!r} is not one of {', '.join(ROLES)}")
         if not v.min < v.max:

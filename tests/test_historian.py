@@ -131,6 +131,17 @@ def test_export_settings_and_flat_limits_round_trip_through_the_card_dict(tmp_pa
     assert catalog_from_dict(d).to_dict() == d
 
 
+def test_fast_is_a_yes_or_no_and_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "plant.toml"
+    path.write_text(BERLIN_CATALOG.replace("max = 20", "max = 20\nfast = true"))
+    d = load_catalog(path).to_dict()
+    assert d["measurements"][1]["fast"] is True and "fast" not in d["measurements"][0]
+    assert catalog_from_dict(d).to_dict() == d
+    path.write_text(BERLIN_CATALOG.replace("max = 20", 'max = 20\nfast = "yes"'))
+    with pytest.raises(CatalogError, match=r"variable 2 \(\w+\): fast must be true or false, not 'yes'"):
+        load_catalog(path)
+
+
 def test_round_trip_simulate_export_import_gives_the_same_arrays(tmp_path: Path, tiny_data) -> None:
     """Simulated scenarios written as a historian export (exact values) and imported again: the same x, u and
     clock wherever nothing was dropped, and missing exactly where the scenarios leave a gap in time."""

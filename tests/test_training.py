@@ -664,6 +664,39 @@ def test_headline_skill_leaves_out_a_variable_persistence_forecasts_exactly() ->
     from training import evaluate as ev
 
     rmse = np.array([[0.5, 0.2, 0.01]])
-    ref = np.array([[1.0, 0.4, 0.0]])  # the third variable never moves
+    ref = np.array([[1.0, 0.4, 1e-5]])  # the third variable moves only in the solver's last digits
     head = ev.headline({"rmse": rmse, "mean_abs_true": np.ones_like(rmse)}, {"rmse": ref}, np.ones(3), [0, 1, 2])
     assert head["1"]["skill_vs_persistence"] == pytest.approx(0.5)
+
+
+def test_only_fast_outputs_read_the_plan_so_a_loops_correlation_cannot_decode_as_a_response() -> None:
+    """Effluent ammonium learned more air -> more ammonium from the decoder's reading of KLa (under a DO loop they
+    rise together): the what-if sign was wrong at 82% of closed-plant origins. With model.decoder_fast_only a
+    slow output decodes the same under any plan from the same z, a fast one does not; cards from before it keep
+    every output reading the plan."""
+    from export.onnx_export import model_config
+
+    z, plan_a, plan_b = torch.randn(6, 8), torch.randn(6, 4), torch.randn(6, 4)
+    layout = PlanLayout(2, (), 0, (1, 3))
+    model = KoVAE(5, 4, ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0), layout).eval()
+    moved = (model.decode(z, plan_a) - model.decode(z, plan_b)).abs().amax(0)
+    assert torch.all(moved[[0, 2, 4]] == 0) and torch.all(moved[[1, 3]] > 1e-4)
+    card_model = {"type": "KoVAE", **ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0).__dict__}
+    del card_model["decoder_fast_only"]  # a card written before it
+    legacy = KoVAE(5, 4, model_config({"model": card_model}), layout).eval()
+    legacy.load_state_dict(model.state_dict())  # the mask is not a weight: old weights load
+    assert torch.all((legacy.decode(z, plan_a) - legacy.decode(z, plan_b)).abs().amax(0) > 1e-4)
+
+
+def test_fast_outputs_are_the_catalogs_fast_variables_loop_measurements_and_looped_controls() -> None:
+    from modelcard.card import fast_outputs
+    from plant.catalog import BSM1
+
+    variables = BSM1.to_dict()
+    names = [*BSM1.target_names, *(loop.control for loop in BSM1.loops)]
+    assert [names[i] for i in fast_outputs(variables)] == ["SNO_2", "SO_3", "SO_4", "SO_5", "KLa_5", "Q_intr"]
+    for v in variables["measurements"]:
+        v.pop("fast", None)
+    assert [names[i] for i in fast_outputs(variables)] == ["SNO_2", "SO_5", "KLa_5", "Q_intr"]  # the loops' own
+    variables.pop("loops")
+    assert fast_outputs(variables) == []

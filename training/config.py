@@ -29,6 +29,10 @@ class ModelConfig:
     decoder_dim: int = 0  # hidden width of the decoder (0: h_dim, as in cards written before it)
     decoder_controls: bool = True  # cards written before it: false (export.onnx_export.load_model)
     decoder_skip: bool = True  # a linear path from the plan to x beside the decoder's MLP (older cards: none)
+    # The decoder reads the plan for the catalog's fast variables only (modelcard.card.fast_outputs); the others
+    # are decoded from z alone, so a loop's correlation in the data (more air with more ammonium) cannot pass as
+    # an instant response of effluent ammonium to the air. Cards written before it: every output read the plan.
+    decoder_fast_only: bool = True
     # The naive blends read the forecast under the plan held, so a plan's effect passes whole (training.model
     # .held_plan); cards written before it blend each plan's own forecast.
     blend_held_plan: bool = True

@@ -10,7 +10,10 @@ u_c[t] are the controls of the same step (``model.decoder_controls``; none: D(z[
 model's feedthrough y = g(z, u): dissolved oxygen and the anoxic nitrate settle within minutes of a change in
 KLa or the internal recycle, so at 15-minute samples they are a static, nonlinear function of the control and
 the slowly moving load (oxygen transfer is KLa (S_sat - S_O)), which the decoder can represent and a latent state
-linear in u can only approximate. The dynamics stay in A and B.
+linear in u can only approximate. The dynamics stay in A and B. Only those fast variables (the catalog's
+``fast``, each loop's measurement and looped control) read u_c (``model.decoder_fast_only``); the rest are D(z, 0):
+under a DO loop more air comes with more ammonium, and a decoder reading KLa for effluent ammonium learned that
+correlation as an instant response of the wrong sign.
 
 A forecast from the last history step t also carries the decoder's miss at t, fading per variable:
 x[t+k] = D(z[t+k], u_c[t+k]) + g^k (x[t] - D(z[t], u_c[t])), with each g = sigmoid(a) in (0, 1) learned with
@@ -228,6 +231,9 @@ class PlanLayout:
     controls: int = 0
     looped: tuple[int, ...] = ()  # positions among the controls of those a feedback loop drives
     setpoints: int = 0
+    # Output positions that settle within a sample of a control move (modelcard.card.fast_outputs): with
+    # model.decoder_fast_only, the only ones the decoder reads the plan for. None: every output.
+    fast: tuple[int, ...] | None = None
 
     @property
     def fed(self) -> int:
@@ -286,6 +292,14 @@ class KoVAE(nn.Module):
         # A linear path from the plan to x beside the MLP: a loop holds its measurement at its setpoint (the DO at
         # 2.0 to a few hundredths), a relation the MLP's SiLU layer only approximates.
         self.skip = nn.Linear(self.n_fed, x_dim, bias=False) if cfg.decoder_skip and self.n_fed else None
+        # Outputs decoded with the plan (the fast ones); the others are decoded with the plan at its training mean
+        # (0), from z alone: a control reaches them through A and B only. Not in the state dict (cards before it).
+        mask = None
+        if self.n_fed and cfg.decoder_fast_only and self.plan.fast is not None:
+            mask = torch.zeros(x_dim, dtype=torch.bool)
+            mask[list(self.plan.fast)] = True
+        self.fast_mask: torch.Tensor | None
+        self.register_buffer("fast_mask", mask, persistent=False)
         # Fading of the decoder's miss at the last history step, per variable: g = sigmoid(a) in (0, 1).
         self.decay_logit = nn.Parameter(torch.full((x_dim,), 2.0))
         # Blends towards the same time a day earlier and towards the last value, per lead time and variable.
@@ -302,7 +316,11 @@ class KoVAE(nn.Module):
         if not complete:
             controls = torch.where(torch.isnan(controls), 0.0, controls)
         out = self.decoder(torch.cat([z, controls], -1))
-        return out if self.skip is None else out + self.skip(controls)
+        out = out if self.skip is None else out + self.skip(controls)
+        if self.fast_mask is None:
+            return out
+        slow = self.decoder(torch.cat([z, torch.zeros_like(controls)], -1))
+        return torch.where(self.fast_mask, out, slow)
 
     def residual_decay(self) -> torch.Tensor:
         """g per variable, (x,): every value in (0, 1) for any parameter value."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from modelcard.card import Calendar, known_inputs, window_clock
+from modelcard.card import Calendar, fast_outputs, known_inputs, window_clock
 from plant.catalog import BSM1, Catalog
 from plant.operation import HONEST_HELD
 from training.config import ConfigError, RunConfig
@@ -77,7 +77,11 @@ class Prepared:
 
     @property
     def plan(self) -> PlanLayout:
-        return PlanLayout(len(self.u_mean), self.looped, self.n_setpoints)
+        variables = self.catalog.to_dict()
+        if not self.looped:  # a model without loops: its card names none (training.publish)
+            variables.pop("loops", None)
+        fast = tuple(fast_outputs(variables))
+        return PlanLayout(len(self.u_mean), self.looped, self.n_setpoints, fast)
 
     def nx(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.x_mean) / self.x_std).astype(np.float32)
