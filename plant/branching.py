@@ -9,7 +9,7 @@ without branches (tests/test_bsm1.py checks it).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -46,19 +46,21 @@ class Branched:
     origins: list[int]  # per origin, the index of the last sample before it (a forecast's last history sample)
     x_plan: dict[str, np.ndarray]  # plan name -> (origins, horizon, measurements)
     u_plan: dict[str, np.ndarray]  # plan name -> (origins, horizon, controls) applied
+    s_plan: dict[str, np.ndarray]  # plan name -> (origins, horizon, loops) each loop's setpoint, NaN: loop off
 
 
 def run_with_branches(
     op: Operation,
     origins: list[int],
-    plans: list[Plan],
+    plans: list[Plan] | Callable[[int], list[Plan]],
     horizon: int,
     sample_minutes: int = 15,
     *,
     stabilize: bool = False,
 ) -> Branched:
     """Run ``op``'s plant sample by sample; after sample ``k`` of each origin, run every plan for ``horizon``
-    samples from the saved state, then restore it and go on. ``origins`` are sample indices (sorted)."""
+    samples from the saved state, then restore it and go on. ``origins`` are sample indices (sorted); ``plans``
+    is the same list at every origin, or a function of the origin giving each its own (named alike)."""
     run = bsm1.Run(
         op.influent,
         op.controls,
@@ -72,20 +74,25 @@ def run_with_branches(
     n = run.n_samples
     origins = [k for k in origins if k + horizon < n]
     x, u, s = np.empty((n, bsm1.N_MEASUREMENTS)), np.empty((n, op.controls.shape[1])), np.empty((n, len(run.loops)))
-    x_plan = {p.name: np.empty((len(origins), horizon, x.shape[1])) for p in plans}
-    u_plan = {p.name: np.empty((len(origins), horizon, u.shape[1])) for p in plans}
+    plans_at = plans if callable(plans) else (lambda _k: plans)
+    names = [p.name for p in plans_at(origins[0])] if origins else []
+    x_plan = {name: np.empty((len(origins), horizon, x.shape[1])) for name in names}
+    u_plan = {name: np.empty((len(origins), horizon, u.shape[1])) for name in names}
+    s_plan = {name: np.full((len(origins), horizon, s.shape[1]), np.nan) for name in names}
     at = {k: i for i, k in enumerate(origins)}
     for k in range(n):
         x[k], u[k], s[k] = run.advance()
         if k in at:
             saved = run.state()
-            for plan in plans:
+            for plan in plans_at(k):
                 with branch(run, plan, u[k], horizon):
                     for h in range(horizon):
-                        x_plan[plan.name][at[k], h], u_plan[plan.name][at[k], h], _ = run.advance()
+                        x_plan[plan.name][at[k], h], u_plan[plan.name][at[k], h], sp = run.advance()
+                        if len(sp) == s.shape[1]:  # an open-loop plan switched the loops off: none logged
+                            s_plan[plan.name][at[k], h] = sp
                 run.restore(saved)
     t = np.arange(1, n + 1) * sample_minutes
-    return Branched(t, x, u, s, origins, x_plan, u_plan)
+    return Branched(t, x, u, s, origins, x_plan, u_plan, s_plan)
 
 
 @contextmanager

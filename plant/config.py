@@ -48,6 +48,14 @@ class DataConfig:
     excite_kla5: tuple[float, float] = (30.0, 240.0)  # 1/d
     excite_qintr: tuple[float, float] = (10_000.0, 92_000.0)  # m3/d
     excite_minutes: tuple[float, float] = (15.0, 720.0)
+    # What-if pairs for training (plant.whatif): every this many hours of each training scenario (0: none), the
+    # plant branched and run whatif_hours on under two plans from the same state: KLa_5 or Q_intr x (1 +- f),
+    # every loop off, or under the loops a setpoint +- d (g/m3). The model learns each control's effect from them.
+    whatif_every_hours: float = 0.0
+    whatif_hours: float = 6.0
+    whatif_factor: tuple[float, float] = (0.15, 0.4)
+    whatif_do_shift: tuple[float, float] = (0.3, 0.8)
+    whatif_no_shift: tuple[float, float] = (0.2, 0.5)
     # moving_setpoints: DO in reactor 5 (through KLa5) and nitrate in reactor 2 (through Qintr) follow setpoints
     # an operator moves, with excitation on the loop outputs; KLa3 and KLa4 move open loop. The other closed-loop
     # policies draw their setpoints from the same ranges.

@@ -88,7 +88,10 @@ def scenario_key(cfg: DataConfig, sc: Scenario) -> str:
     # Which windows exist and how they are split changes no scenario's content (its own window and its "later"
     # flag are in ``sc``), so adding a window or moving one between splits simulates nothing again.
     # Nor does the policy cycle: a scenario's own policy is in ``sc``.
+    # Nor do the what-if pairs, cached apart (plant.whatif).
     for name in (*where, "val_scenarios", "test_scenarios", "bsm2_windows", "later_windows", "seed", "policy_cycle"):
+        how.pop(name)
+    for name in [k for k in how if k.startswith("whatif_")]:
         how.pop(name)
     spec = {
         "format": FORMAT_VERSION,
@@ -146,18 +149,27 @@ def save_scenario(path: Path, sd: ScenarioData, notes: list[dict[str, object]], 
     atomic_write(path, buf.getvalue())
 
 
-def load_scenario(path: Path, catalog: Catalog = BSM1) -> ScenarioData:
-    """Load and validate one scenario file; every problem names the file. Imported (historian) data may have
-    missing values (NaN) and an hour's jump of the local clock at a DST change; simulated data have neither."""
+def read_cache_file(path: Path, version: int, keys: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """(arrays, meta) of one cached ``.npz`` (a scenario, or its what-if pairs) of format ``version``; a file
+    missing, corrupt, without one of ``keys`` or of another format is a ``DataError`` naming it."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            t, x, u, sp, meta = z["t_minutes"], z["x"], z["u"], z["s"], json.loads(str(z["meta"]))
+            meta = json.loads(str(z["meta"]))
+            arrays = {k: z[k] for k in keys}
     except FileNotFoundError:
         raise DataError(f"{path}: missing") from None
     except Exception as exc:  # zip, key or JSON errors all mean a corrupt file
         raise DataError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
-    if meta.get("format") != FORMAT_VERSION:
-        raise DataError(f"{path}: format {meta.get('format')}, expected {FORMAT_VERSION} (regenerate the cache)")
+    if meta.get("format") != version:
+        raise DataError(f"{path}: format {meta.get('format')}, expected {version} (regenerate the cache)")
+    return arrays, meta
+
+
+def load_scenario(path: Path, catalog: Catalog = BSM1) -> ScenarioData:
+    """Load and validate one scenario file; every problem names the file. Imported (historian) data may have
+    missing values (NaN) and an hour's jump of the local clock at a DST change; simulated data have neither."""
+    arrays, meta = read_cache_file(path, FORMAT_VERSION, ("t_minutes", "x", "u", "s"))
+    t, x, u, sp = (arrays[k] for k in ("t_minutes", "x", "u", "s"))
     if meta.get("catalog") != catalog.data_dict():
         raise DataError(f"{path}: its variables do not match the catalog {catalog.name} (regenerate the cache)")
     n = len(t)

@@ -80,6 +80,10 @@ class TrainConfig:
     loop_unknown_share: float = 0.7
     setpoint_share: float = 0.5  # windows with the control given: chance that the loop's setpoint is told too
     setpoint_held_share: float = 0.4
+    # What-if pairs (data.whatif_every_hours): each batch also fits the difference of the model's forecasts under
+    # a pair's two plans to the plant's (training.loop.pair_loss), this much of it, on this many pairs.
+    pair_weight: float = 0.0
+    pair_batch: int = 32
     checkpoint_every: int = 10
     seed: int = 0
     threads: int = 2
@@ -104,7 +108,7 @@ class RunConfig:
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "default": {},
+    "default": {"data": {"whatif_every_hours": 12.0}, "train": {"pair_weight": 0.1}},
     # Small and fast: CI and tests. Short scenarios, a small network, a few epochs.
     "tiny": {
         "data": {
@@ -247,6 +251,15 @@ def validate(cfg: RunConfig) -> None:
         strict = name == "wastage_temperatures"  # a division by hi - lo
         if len(pair) != 2 or not 0 < pair[0] <= pair[1] or (strict and pair[0] == pair[1]):
             problems.append(f"data.{name} must be [lo, hi] with 0 < lo {'<' if strict else '<='} hi")
+    if d.whatif_every_hours < 0 or d.whatif_hours <= 0:
+        problems.append("data.whatif_every_hours must be >= 0 (0: no what-if pairs) and data.whatif_hours > 0")
+    if not 0 < d.whatif_factor[0] <= d.whatif_factor[1] < 1:
+        problems.append("data.whatif_factor must be [lo, hi] with 0 < lo <= hi < 1 (a control x (1 +- f))")
+    for name in ("whatif_do_shift", "whatif_no_shift"):
+        if len(getattr(d, name)) != 2 or not 0 < getattr(d, name)[0] <= getattr(d, name)[1]:
+            problems.append(f"data.{name} must be [lo, hi] with 0 < lo <= hi (g/m3)")
+    if t.pair_weight < 0 or t.pair_batch < 1:
+        problems.append("train.pair_weight must be >= 0 and train.pair_batch >= 1")
     if d.max_inflow <= 0:
         problems.append("data.max_inflow must be > 0 m3/d")
     if not 0 <= d.dither_share <= 1:

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from modelcard.card import atomic_write
+from plant.whatif import generate_pairs
 from training.config import RunConfig, TrainConfig
 from training.model import KoVAE
-from training.prepare import Prepared, disturbance_forecast, tensors
+from training.prepare import Prepared, disturbance_forecast, pair_tensors, tensors
 
 MAX_NAN_RETRIES = 3
 
@@ -125,6 +126,19 @@ def with_requests(
     return u_hist, u_fut
 
 
+def pair_scale(dx: torch.Tensor, floor: float = 0.05) -> torch.Tensor:
+    """(outputs,) the RMS change of each output over the what-if pairs (normalised units), floored: each
+    output's effect counts alike in ``pair_loss``, and one no plan moves (the influent) is held near no change."""
+    return dx.pow(2).mean((0, 1)).sqrt().clamp_min(floor)
+
+
+def pair_loss(model: KoVAE, batch: tuple[torch.Tensor, ...], scale: torch.Tensor) -> torch.Tensor:
+    """Mean squared miss of the model's change between a pair's two plans against the plant's, per output in
+    units of its ``pair_scale``: what makes what-if answers match the plant."""
+    x_hist, u_hist, u_a, u_b, dx = batch
+    return (((model.plan_effect(x_hist, u_hist, u_a, u_b) - dx) / scale) ** 2).mean()
+
+
 def evaluate_loss(
     model: KoVAE, data: tuple[torch.Tensor, ...], cfg: RunConfig, weights: torch.Tensor, batch: int = 256
 ) -> dict[str, float]:
@@ -190,6 +204,9 @@ def train(
     # As wide as its known inputs, which start with the plan: controls, loop flags and setpoint columns.
     model = KoVAE(len(p.output_names), train_data[1].shape[-1], cfg.model, p.plan)
     weights = step_weights(train_data[0], train_data[2], t.step_weight_power)
+    # What-if pairs of the training scenarios (data.whatif_every_hours; simulated once, then cached).
+    pairs = pair_tensors(p, generate_pairs(cfg.data, p.split_ids["train"], t.history)) if t.pair_weight else None
+    scale = pair_scale(pairs[-1]) if pairs else None
     opt = make_optimizer(model, t)
     ckpt_dir = run_dir / "checkpoints"
     last_ckpt, best_ckpt = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
@@ -230,7 +247,7 @@ def train(
             g["lr"] = lr
         R = rollout_length(cfg, epoch)
         model.train()
-        start, total, seen, bad = time.perf_counter(), 0.0, 0, False
+        start, total, seen, bad, pair_total = time.perf_counter(), 0.0, 0, False, 0.0
         order = torch.randperm(n, generator=gen)
         n_batches = math.ceil(n / t.batch_size)
         for b in range(n_batches):
@@ -240,6 +257,11 @@ def train(
             xh, uh = with_sensor_gaps(xh, uh, len(p.catalog.controls), t.gap_share, gen)
             uf = with_disturbance_forecasts(uf, xf, p, t.forecast_share, t.forecast_noise, gen)
             loss = model.losses(xh, uh, xf[:, :R], uf[:, :R], t, weights)["total"]
+            if pairs is not None and scale is not None:
+                pick = torch.randint(len(pairs[0]), (t.pair_batch,), generator=gen)
+                pl = pair_loss(model, tuple(d[pick] for d in pairs), scale)
+                loss = loss + t.pair_weight * pl
+                pair_total += pl.item() * len(idx)
             if b == 0 and epoch in inject:
                 inject.remove(epoch)
                 loss = loss * float("nan")
@@ -276,6 +298,7 @@ def train(
             "val_loss": val["total"],
             "val_forecast_mse": val["pred"],
             "val_rec_mse": val["rec"],
+            "pair_loss": pair_total / max(seen, 1),  # 0: no what-if pairs
             "rollout": R,
             "lr": lr,
             "seconds": time.perf_counter() - start,

@@ -454,6 +454,16 @@ class KoVAE(nn.Module):
         held = self.decode_held(z0, u_hist, u_fut) if self.cfg.blend_held_plan else out
         return self.finish(x_hist, u_hist, mu, out, held, residual_decay)
 
+    def plan_effect(
+        self, x_hist: torch.Tensor, u_hist: torch.Tensor, u_a: torch.Tensor, u_b: torch.Tensor
+    ) -> torch.Tensor:
+        """How the mean forecast (batch, H, x) changes from plan ``u_b`` to plan ``u_a`` after one history, what a
+        what-if answer reports. The served forecast's fading miss and naive blends move every plan alike
+        (``finish``), so the change is the decoded rollouts' alone."""
+        mu, _ = self.encode(x_hist, u_hist)
+        z0 = mu[:, -1]
+        return self.decode(self.rollout(z0, u_a), u_a) - self.decode(self.rollout(z0, u_b), u_b)
+
     def decode_held(self, z0: torch.Tensor, u_hist: torch.Tensor, u_fut: torch.Tensor) -> torch.Tensor:
         """The mean forecast's decoded rollout under the plan held (``held_plan``): (batch, H, x)."""
         u = held_plan(u_hist, u_fut, self.plan) if self.cfg.blend_held_plan else u_fut

@@ -13,6 +13,7 @@ import torch
 from modelcard.card import Calendar, fast_outputs, known_inputs, window_clock
 from plant.catalog import BSM1, Catalog
 from plant.operation import HONEST_HELD
+from plant.whatif import WhatIf
 from training.config import ConfigError, RunConfig
 from training.data import Windows, heldout_windows, load_data, make_windows
 from training.model import PlanLayout
@@ -294,3 +295,35 @@ def tensors(
         fc = disturbance_forecast(x_fut, p.disturbances, noise, torch.Generator().manual_seed(seed)).numpy()
     u_hist, u_fut = p.inputs(w, fc, request)
     return torch.from_numpy(p.nx(w.x_hist)), torch.from_numpy(u_hist), x_fut, torch.from_numpy(u_fut)
+
+
+def pair_tensors(p: Prepared, pairs: list[WhatIf]) -> tuple[torch.Tensor, ...] | None:
+    """(x_hist, u_hist, u_a, u_b, dx) of the what-if pairs (``plant.whatif``), normalised, told what a request
+    for each plan tells (as ``bench/counterfactual.py`` asks): a control plan gives every control's future and
+    no setpoint (the loops are off); a setpoint plan leaves the looped controls to their loops and sends the
+    setpoints' history and plan. dx: the plant's change of every output, plan a minus plan b. None: no pairs."""
+    if not pairs:
+        return None
+    cat = {k: np.concatenate([getattr(w, k) for w in pairs]) for k in ("x_hist", "u_hist", "s_hist", "t_last")}
+    closed = np.concatenate([w.closed for w in pairs])
+    looped = list(p.looped)
+    x_hist = np.concatenate([cat["x_hist"], cat["u_hist"][..., looped]], -1)
+    L, P = x_hist.shape[1], pairs[0].x_a.shape[1]
+    t_hist, t_fut = window_clock(cat["t_last"], L, P, p.catalog.sample_minutes)
+    d = p.disturbances
+    s_hist = np.where(closed[:, None, None], cat["s_hist"], np.nan)
+    u_hist = p.nu(cat["u_hist"], t_hist, p.nx(x_hist)[..., d], s_hist if p.n_setpoints else None)
+    plans, outputs = [], []
+    for side in ("a", "b"):
+        u = np.concatenate([getattr(w, f"u_{side}") for w in pairs])
+        sp = np.concatenate([getattr(w, f"s_{side}") for w in pairs])
+        x = np.concatenate([getattr(w, f"x_{side}") for w in pairs])
+        outputs.append(p.nx(np.concatenate([x, u[..., looped]], -1)))
+        u_told = u.copy()
+        u_told[closed[:, None].repeat(P, 1)[..., None] & np.isin(np.arange(u.shape[-1]), looped)] = np.nan
+        sp = np.where(closed[:, None, None], sp, np.nan)
+        d_fut = np.full((*u.shape[:2], len(d)), np.nan)
+        plans.append(p.nu(u_told, t_fut, d_fut, sp if p.n_setpoints else None))
+    dx = outputs[0] - outputs[1]
+    arrays = (p.nx(x_hist), u_hist, plans[0], plans[1], dx)
+    return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in arrays)

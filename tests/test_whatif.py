@@ -1,0 +1,113 @@
+"""What-if pairs: branched from the scenario's own history, moving the plant the way the plan says, told to the
+model as a plant would tell them, and what the pair loss teaches."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from plant.catalog import BSM1
+from plant.scenarios import splits
+from plant.whatif import WhatIf, generate_pairs
+from training.config import ConfigError, with_overrides
+from training.loop import pair_loss, pair_scale, train
+from training.prepare import Prepared, pair_tensors, prepare
+
+PAIRS = ["data.whatif_every_hours=6", "data.whatif_hours=2"]
+
+
+@pytest.fixture(scope="module")
+def pair_cfg(tiny_cfg, tiny_data):
+    return with_overrides(tiny_cfg, PAIRS)
+
+
+@pytest.fixture(scope="module")
+def pairs(pair_cfg) -> list[WhatIf]:
+    return generate_pairs(pair_cfg.data, splits(pair_cfg.data)["train"], pair_cfg.train.history, progress=False)
+
+
+@pytest.fixture(scope="module")
+def prepared(pair_cfg) -> Prepared:
+    return prepare(pair_cfg)
+
+
+def test_pairs_start_from_the_scenarios_own_history(pairs: list[WhatIf], tiny_data) -> None:
+    """Each pair's history is the training scenario's data up to its origin (the branching's base run is the
+    scenario as simulated), on the same clock."""
+    assert sum(len(w) for w in pairs) >= 12
+    for w in pairs:
+        sd = tiny_data[w.scenario]
+        L = w.x_hist.shape[1]
+        for i, k in enumerate(w.origin):
+            np.testing.assert_array_equal(w.x_hist[i], sd.x[k - L + 1 : k + 1])
+            np.testing.assert_array_equal(w.u_hist[i], sd.u[k - L + 1 : k + 1])
+            np.testing.assert_array_equal(w.s_hist[i], sd.s[k - L + 1 : k + 1])
+            assert w.t_last[i] == sd.t_minutes[k]
+
+
+def test_each_pair_moves_the_plant_the_way_its_plan_says(pairs: list[WhatIf]) -> None:
+    """More air: more oxygen in reactor 5; more internal recycle: more nitrate in reactor 2; a setpoint up: that
+    loop's variable up. Plan a is always the higher one."""
+    so5, sno2 = BSM1.target_names.index("SO_5"), BSM1.target_names.index("SNO_2")
+    checked = 0
+    for w in pairs:
+        for i, move in enumerate(w.move):
+            if move == "KLa_5" and w.u_a[i, 0, 2] > w.u_b[i, 0, 2] + 1:
+                assert w.x_a[i, -1, so5] > w.x_b[i, -1, so5], (w.scenario, i)
+            elif move == "Q_intr" and w.u_a[i, 0, 3] > w.u_b[i, 0, 3] + 100:
+                assert w.x_a[i, -1, sno2] > w.x_b[i, -1, sno2], (w.scenario, i)
+            elif w.closed[i]:
+                j = BSM1.setpoint_names.index(str(move))
+                assert (w.s_a[i, :, j] > w.s_b[i, :, j]).all(), (w.scenario, i)
+                if move == "SO_5_setpoint":
+                    assert w.x_a[i, -1, so5] > w.x_b[i, -1, so5], (w.scenario, i)
+            else:
+                continue
+            checked += 1
+    assert checked >= 10
+
+
+def test_a_pair_is_told_what_a_plant_tells(prepared: Prepared, pairs: list[WhatIf]) -> None:
+    """A control plan sends every control's future and no setpoint; a setpoint plan leaves the looped controls
+    to their loops (flag 0) and sends the setpoints' history and plan. dx is the plant's change, normalised."""
+    x_hist, u_hist, u_a, u_b, dx = pair_tensors(prepared, pairs)
+    closed = torch.from_numpy(np.concatenate([w.closed for w in pairs]))
+    loop_flags, sp_flags = prepared.flag_columns("controls"), prepared.flag_columns("setpoints")
+    for u in (u_a, u_b):
+        assert (u[closed][..., loop_flags] == 0).all() and (u[~closed][..., loop_flags] == 1).all()
+        assert (u[closed][..., sp_flags] == 1).all() and (u[~closed][..., sp_flags] == 0).all()
+    assert (u_hist[~closed][..., sp_flags] == 0).all()
+    x_a = np.concatenate([w.x_a for w in pairs])
+    x_b = np.concatenate([w.x_b for w in pairs])
+    n = prepared.n_targets
+    np.testing.assert_allclose(dx[..., :n].numpy(), (x_a - x_b) / prepared.x_std[:n], rtol=1e-4, atol=1e-5)
+    assert len(x_hist) == len(closed) and closed.any() and (~closed).any()
+
+
+def test_the_pair_loss_teaches_what_the_plans_do(pair_cfg, prepared: Prepared, tmp_path) -> None:
+    """Trained with the pair loss, the model's what-if changes miss the plant's by less than the same training
+    without it."""
+    cfg = with_overrides(pair_cfg, ["train.epochs=6", "train.pair_weight=1.0"])
+    batch = pair_tensors(prepared, generate_pairs(cfg.data, prepared.split_ids["train"], cfg.train.history))
+    assert batch is not None
+    scale = pair_scale(batch[-1])
+    misses = {}
+    for weight in (0.0, 1.0):
+        run = replace(cfg, train=replace(cfg.train, pair_weight=weight))
+        model, log = train(run, prepared, tmp_path / f"w{weight}")
+        with torch.no_grad():
+            misses[weight] = float(pair_loss(model, batch, scale))
+        assert (log[-1]["pair_loss"] > 0) == (weight > 0)
+    assert misses[1.0] < 0.8 * misses[0.0], misses
+
+
+def test_what_if_settings_are_validated_by_name(tiny_cfg) -> None:
+    with pytest.raises(ConfigError, match=r"data\.whatif_factor"):
+        with_overrides(tiny_cfg, ["data.whatif_factor=[0.2,1.5]"])
+    with pytest.raises(ConfigError, match=r"data\.whatif_do_shift"):
+        with_overrides(tiny_cfg, ["data.whatif_do_shift=[0,0.5]"])
+    with pytest.raises(ConfigError, match=r"train\.pair_weight"):
+        with_overrides(tiny_cfg, ["train.pair_weight=-1"])
