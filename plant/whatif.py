@@ -94,7 +94,7 @@ def simulate_pairs(cfg: DataConfig, sc: Scenario, history: int) -> WhatIf:
     op = operation(cfg, sc)
     per_hour = 60 // SAMPLE_MINUTES
     warm = round(cfg.warmup_days * bsm1.MINUTES_PER_DAY / SAMPLE_MINUTES)
-    every, steps = round(cfg.whatif_every_hours * per_hour), pair_steps(cfg)
+    every, steps = max(1, round(cfg.whatif_every_hours * per_hour)), pair_steps(cfg)
     origins = list(range(warm + history - 1, len(op.controls) // SAMPLE_MINUTES - steps - 1, every))
     rng = np.random.default_rng([sc.seed, 7])
     names = BSM1.setpoint_names
