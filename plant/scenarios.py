@@ -89,9 +89,8 @@ def scenario_key(cfg: DataConfig, sc: Scenario) -> str:
     # flag are in ``sc``), so adding a window or moving one between splits simulates nothing again.
     # Nor does the policy cycle: a scenario's own policy is in ``sc``.
     # Nor do the what-if pairs, cached apart (plant.whatif).
-    for name in (*where, "val_scenarios", "test_scenarios", "bsm2_windows", "later_windows", "seed", "policy_cycle"):
-        how.pop(name)
-    for name in [k for k in how if k.startswith("whatif_")]:
+    split = ("val_scenarios", "test_scenarios", "bsm2_windows", "later_windows", "seed", "policy_cycle")
+    for name in [*where, *split, *(k for k in how if k.startswith("whatif_"))]:
         how.pop(name)
     spec = {
         "format": FORMAT_VERSION,

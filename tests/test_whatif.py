@@ -87,6 +87,27 @@ def test_a_pair_is_told_what_a_plant_tells(prepared: Prepared, pairs: list[WhatI
     assert len(x_hist) == len(closed) and closed.any() and (~closed).any()
 
 
+def test_a_pair_holds_the_setpoint_its_plant_cannot_know(prepared: Prepared, pairs: list[WhatIf]) -> None:
+    """Under the ammonium cascade the DO setpoint's future is the cascade's, not the plant's to send: a pair that
+    moves the nitrate setpoint holds it at its last value; one that moves the DO setpoint (the cascade off) sends
+    its plan."""
+    w = next(w for w in pairs if w.closed.any())
+    k = int(np.flatnonzero(w.closed)[0])
+    do, no = BSM1.setpoint_names.index("SO_5_setpoint"), BSM1.setpoint_names.index("SNO_2_setpoint")
+    s_a = w.s_a[k : k + 1].copy()
+    s_a[..., do] = w.s_hist[k, -1, do] + 0.7  # the cascade raised it after the origin
+    cascade = replace(prepared, policies={**prepared.policies, w.scenario: "ammonia_cascade"})
+    sp_flags = prepared.flag_columns("setpoints")
+    value = sp_flags[0] - len(BSM1.setpoint_names)  # the setpoint values come just before their flags
+    for move, sent in (("SNO_2_setpoint", w.s_hist[k, -1, do]), ("SO_5_setpoint", w.s_hist[k, -1, do] + 0.7)):
+        one = replace(w, **{f: getattr(w, f)[k : k + 1] for f in WhatIf.__dataclass_fields__ if f != "scenario"})
+        one = replace(one, move=np.array([move]), s_a=s_a)
+        u_a = pair_tensors(cascade, [one])[2]
+        expected = (sent - prepared.s_mean[do]) / prepared.s_std[do]
+        np.testing.assert_allclose(u_a[0, :, value + do].numpy(), expected, rtol=1e-5)
+        assert (u_a[0, :, sp_flags[no]] == 1).all()
+
+
 def test_the_pair_loss_teaches_what_the_plans_do(pair_cfg, prepared: Prepared, tmp_path) -> None:
     """Trained with the pair loss, the model's what-if changes miss the plant's by less than the same training
     without it."""

@@ -301,29 +301,36 @@ def pair_tensors(p: Prepared, pairs: list[WhatIf]) -> tuple[torch.Tensor, ...] |
     """(x_hist, u_hist, u_a, u_b, dx) of the what-if pairs (``plant.whatif``), normalised, told what a request
     for each plan tells (as ``bench/counterfactual.py`` asks): a control plan gives every control's future and
     no setpoint (the loops are off); a setpoint plan leaves the looped controls to their loops and sends the
-    setpoints' history and plan. dx: the plant's change of every output, plan a minus plan b. None: no pairs."""
+    setpoints' plan, holding those the plant cannot know (its policy's, e.g. the cascade's DO setpoint) unless
+    the plan moves it. dx: the plant's change of every output, plan a minus plan b. None: no pairs."""
     if not pairs:
         return None
     cat = {k: np.concatenate([getattr(w, k) for w in pairs]) for k in ("x_hist", "u_hist", "s_hist", "t_last")}
     closed = np.concatenate([w.closed for w in pairs])
     looped = list(p.looped)
-    x_hist = np.concatenate([cat["x_hist"], cat["u_hist"][..., looped]], -1)
+    x_hist = p.nx(np.concatenate([cat["x_hist"], cat["u_hist"][..., looped]], -1))
     L, P = x_hist.shape[1], pairs[0].x_a.shape[1]
     t_hist, t_fut = window_clock(cat["t_last"], L, P, p.catalog.sample_minutes)
     d = p.disturbances
     s_hist = np.where(closed[:, None, None], cat["s_hist"], np.nan)
-    u_hist = p.nu(cat["u_hist"], t_hist, p.nx(x_hist)[..., d], s_hist if p.n_setpoints else None)
+    u_hist = p.nu(cat["u_hist"], t_hist, x_hist[..., d], s_hist if p.n_setpoints else None)
+    by_scenario = p.held_by_scenario()
+    names = p.catalog.setpoint_names
+    hold = np.zeros((len(closed), len(names)), bool)  # (pairs, setpoints): sent held at the last value
+    i = 0
+    for w in pairs:
+        for j in by_scenario.get(w.scenario, ()):
+            hold[i : i + len(w), j] = w.closed & (w.move != names[j])
+        i += len(w)
+    unknown = closed[:, None, None] & np.isin(np.arange(len(p.u_mean)), looped)  # left to the loops
     plans, outputs = [], []
     for side in ("a", "b"):
         u = np.concatenate([getattr(w, f"u_{side}") for w in pairs])
         sp = np.concatenate([getattr(w, f"s_{side}") for w in pairs])
         x = np.concatenate([getattr(w, f"x_{side}") for w in pairs])
         outputs.append(p.nx(np.concatenate([x, u[..., looped]], -1)))
-        u_told = u.copy()
-        u_told[closed[:, None].repeat(P, 1)[..., None] & np.isin(np.arange(u.shape[-1]), looped)] = np.nan
-        sp = np.where(closed[:, None, None], sp, np.nan)
+        sp = np.where(hold[:, None], s_hist[:, -1:], np.where(closed[:, None, None], sp, np.nan))
         d_fut = np.full((*u.shape[:2], len(d)), np.nan)
-        plans.append(p.nu(u_told, t_fut, d_fut, sp if p.n_setpoints else None))
-    dx = outputs[0] - outputs[1]
-    arrays = (p.nx(x_hist), u_hist, plans[0], plans[1], dx)
+        plans.append(p.nu(np.where(unknown, np.nan, u), t_fut, d_fut, sp if p.n_setpoints else None))
+    arrays = (x_hist, u_hist, plans[0], plans[1], outputs[0] - outputs[1])
     return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in arrays)
