@@ -34,6 +34,7 @@ from modelcard.card import (
     ONNX_FILE,
     Calendar,
     atomic_write,
+    exogenous_outputs,
     fast_outputs,
     looped_controls,
     output_names,
@@ -85,7 +86,7 @@ class ForecastGraph(nn.Module):
         kp = model.koopman
         with torch.no_grad():
             self.register_buffer("At", kp.matrix().T.contiguous().clone())
-            self.register_buffer("Bt", kp.B.T.contiguous().clone())
+            self.register_buffer("Bt", kp.input_matrix().T.contiguous().clone())
             self.register_buffer("c", kp.c.clone())
             self.register_buffer("noise_std", kp.log_noise.exp().clone())
             decay = calib.get("residual_decay")
@@ -161,6 +162,7 @@ BEFORE = {
     "blend_held_plan": False,
     "seasonal_adaptive": False,
     "correction_last_seen": False,
+    "exogenous_modes": 0,
 }
 
 
@@ -178,7 +180,10 @@ def load_model(version_dir: Path, *, verify: bool = True) -> tuple[KoVAE, dict[s
     n_s = len(card["variables"].get("setpoint_inputs", {}).get("variables", []))
     looped = tuple(looped_controls(card))  # forecast after the measurements too
     # The leading columns of u, which the decoder reads for the fast outputs.
-    plan = PlanLayout(len(card["variables"]["controls"]), looped, n_s, tuple(fast_outputs(card["variables"])))
+    variables = card["variables"]
+    plan = PlanLayout(
+        len(variables["controls"]), looped, n_s, tuple(fast_outputs(variables)), tuple(exogenous_outputs(variables))
+    )
     n_u = plan.fed + Calendar.from_card(card).size + 2 * n_d
     model = KoVAE(len(card["variables"]["measurements"]) + len(looped), n_u, cfg, plan)
     model.load_state_dict(torch.load(Path(version_dir) / "weights.pt", weights_only=True))

@@ -332,6 +332,13 @@ def fast_outputs(variables: dict[str, Any]) -> list[int]:
     return fast + [len(names) + j for j in range(len(variables.get("loops", [])))]
 
 
+def exogenous_outputs(variables: dict[str, Any]) -> list[int]:
+    """Positions among the outputs of those no plan can move, from a card's ``variables``: the disturbances
+    (role ``disturbance``, BSM1's influent). Decoded from the latent coordinates the plan does not drive
+    (``model.exogenous_modes``)."""
+    return [i for i, v in enumerate(variables["measurements"]) if v.get("role") == "disturbance"]
+
+
 def looped_controls(card: dict[str, Any]) -> list[int]:
     """Positions among the card's controls of the looped ones (``loops`` order)."""
     names = [v["name"] for v in card["variables"]["controls"]]

@@ -688,6 +688,28 @@ def test_only_fast_outputs_read_the_plan_so_a_loops_correlation_cannot_decode_as
     assert torch.all((legacy.decode(z, plan_a) - legacy.decode(z, plan_b)).abs().amax(0) > 1e-4)
 
 
+def test_no_plan_moves_the_exogenous_outputs_and_old_cards_decode_them_from_all_of_z() -> None:
+    """With model.exogenous_modes the influent is decoded from latent coordinates the plan does not drive: two
+    plans from one history forecast the same influent to the bit, and the plant outputs differ. A card from
+    before it has no such coordinates, and its plans move every output."""
+    from export.onnx_export import model_config
+
+    torch.manual_seed(0)
+    layout = PlanLayout(2, (), 0, None, (0, 2))  # u: 2 controls, then 2 calendar columns; outputs 0 and 2 exogenous
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, exogenous_modes=4)
+    x_hist, u_hist, plan_a = torch.randn(3, 10, 5), torch.randn(3, 10, 4), torch.randn(3, 6, 4)
+    plan_b = torch.cat([torch.randn(3, 6, 2), plan_a[..., 2:]], -1)  # another plan, the same clock
+    model = KoVAE(5, 4, cfg, layout).eval()
+    with torch.no_grad():
+        moved = model.plan_effect(x_hist, u_hist, plan_a, plan_b).abs().amax((0, 1))
+    assert torch.all(moved[[0, 2]] == 0) and torch.all(moved[[1, 3, 4]] > 1e-4), moved
+    card_model = {"type": "KoVAE", **cfg.__dict__}
+    del card_model["exogenous_modes"]  # a card written before it
+    legacy = KoVAE(5, 4, model_config({"model": card_model}), layout).eval()
+    with torch.no_grad():
+        assert torch.all(legacy.plan_effect(x_hist, u_hist, plan_a, plan_b).abs().amax((0, 1)) > 1e-4)
+
+
 def test_fast_outputs_are_the_catalogs_fast_variables_loop_measurements_and_looped_controls() -> None:
     from modelcard.card import fast_outputs
     from plant.catalog import BSM1

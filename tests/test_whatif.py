@@ -13,7 +13,7 @@ from plant.catalog import BSM1
 from plant.scenarios import splits
 from plant.whatif import WhatIf, generate_pairs
 from training.config import ConfigError, with_overrides
-from training.loop import pair_loss, pair_scale, train
+from training.loop import combined_gradient, pair_loss, pair_scale, train
 from training.prepare import Prepared, pair_tensors, prepare
 
 PAIRS = ["data.whatif_every_hours=6", "data.whatif_hours=2"]
@@ -123,6 +123,33 @@ def test_the_pair_loss_teaches_what_the_plans_do(pair_cfg, prepared: Prepared, t
             misses[weight] = float(pair_loss(model, batch, scale))
         assert (log[-1]["pair_loss"] > 0) == (weight > 0)
     assert misses[1.0] < 0.8 * misses[0.0], misses
+
+
+def test_the_pairs_gradient_never_opposes_nor_outweighs_the_forecasts() -> None:
+    """Balanced, the pair term's gradient keeps only what does not oppose the forecast loss's and is no larger
+    than it; a small one that agrees passes whole; unbalanced, the gradients simply add."""
+    layer = torch.nn.Linear(3, 1, bias=False)
+    x = torch.tensor([[1.0, 2.0, -1.0]])
+
+    def grads(pair_target: float, pair_weight: float, balance: bool) -> tuple[torch.Tensor, ...]:
+        layer.weight.grad = None
+        forecast = (layer(x) - 1.0).pow(2).sum()
+        pair = pair_weight * ((layer(x) - pair_target).pow(2).sum() + layer.weight[0, 0] ** 2)
+        g_f, g_p = (torch.autograd.grad(t, layer.weight, retain_graph=True)[0] for t in (forecast, pair))
+        combined_gradient(layer, forecast, pair, balance=balance)
+        assert layer.weight.grad is not None
+        return g_f, g_p, layer.weight.grad - g_f  # what the pairs added
+
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.5, 0.1, 0.2]]))
+    g_f, g_p, added = grads(pair_target=-3.0, pair_weight=10.0, balance=True)  # a large pull the other way
+    assert (g_f * g_p).sum() < 0 and g_p.norm() > g_f.norm()
+    assert abs(float((added * g_f).sum())) < 1e-4 * float(g_f.norm() ** 2)  # orthogonal to the forecast's
+    assert float(added.norm()) <= float(g_f.norm()) * (1 + 1e-5)
+    torch.testing.assert_close(grads(-3.0, 10.0, balance=False)[2], g_p)
+    g_f, g_p, added = grads(pair_target=2.0, pair_weight=0.01, balance=True)  # a small pull the same way
+    assert (g_f * g_p).sum() > 0 and g_p.norm() < g_f.norm()
+    torch.testing.assert_close(added, g_p)
 
 
 def test_what_if_settings_are_validated_by_name(tiny_cfg) -> None:

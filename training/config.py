@@ -49,6 +49,10 @@ class ModelConfig:
     # the last 2 h still hands on its level); cards written before it: from the last step only.
     correction_last_seen: bool = True
     seasonal_check: int = 32
+    # The first this many latent coordinates (the daily harmonics first) take no input from the plan and alone
+    # decode the exogenous outputs, the influent (training.model.KoVAE.exo_head): no what-if can move the influent.
+    # Cards written before it: 0, every output decoded from all of z.
+    exogenous_modes: int = 24
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,10 @@ class TrainConfig:
     # a pair's two plans to the plant's (training.loop.pair_loss), this much of it, on this many pairs.
     pair_weight: float = 0.0
     pair_batch: int = 32
+    # The pairs' gradient loses its part that opposes the forecast loss's and is scaled to at most its size
+    # (training.loop.combined_gradient): the what-if fit may neither cost forecast accuracy to first order nor
+    # drown the forecast's gradient in the optimiser's step size.
+    pair_balance: bool = True
     checkpoint_every: int = 10
     seed: int = 0
     threads: int = 2
@@ -130,6 +138,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "z_dim": 16,
             "h_dim": 32,
             "real_modes": 4,
+            "exogenous_modes": 6,
             "dropout": 0.0,
             "calendar_weekly": 0,
             "seasonal_steps": 16,
@@ -297,6 +306,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append('data.executor must be "local" or a Dask scheduler address "tcp://HOST:PORT"')
     if m.z_dim < 2 or m.real_modes < 0 or (m.z_dim - m.real_modes) % 2 or m.real_modes > m.z_dim:
         problems.append("model.z_dim - model.real_modes must be a non-negative even number")
+    if m.exogenous_modes < 0 or m.exogenous_modes % 2 or m.exogenous_modes > m.z_dim - m.real_modes:
+        problems.append("model.exogenous_modes must be an even number from 0 to model.z_dim - model.real_modes")
     if not (0 <= m.calendar_daily <= 12 and 0 <= m.calendar_weekly <= 12):
         problems.append("model.calendar_daily and model.calendar_weekly must be in 0..12")
     if not 0 < m.rho_max < 1:

@@ -14,6 +14,9 @@ linear in u can only approximate. The dynamics stay in A and B. Only those fast 
 ``fast``, each loop's measurement and looped control) read u_c (``model.decoder_fast_only``); the rest are D(z, 0):
 under a DO loop more air comes with more ammonium, and a decoder reading KLa for effluent ammonium learned that
 correlation as an instant response of the wrong sign.
+The first ``model.exogenous_modes`` latent coordinates take no input from the plan (their rows of B are 0 in the
+plan's columns) and alone decode the exogenous outputs, the influent, through a head of their own: no plan can
+move the influent forecast, by construction, where the what-if pairs otherwise had to teach it.
 
 A forecast from the last history step t also carries the decoder's miss at t, fading per variable:
 x[t+k] = D(z[t+k], u_c[t+k]) + g^k (x[t] - D(z[t], u_c[t])), with each g = sigmoid(a) in (0, 1) learned with
@@ -177,7 +180,11 @@ class StableKoopman(nn.Module):
     the eigenvalues are the parameters, so they are known without an eig call.
     """
 
-    def __init__(self, z_dim: int, u_dim: int, real_modes: int, rho_max: float) -> None:
+    def __init__(
+        self, z_dim: int, u_dim: int, real_modes: int, rho_max: float, exogenous: int = 0, plan_columns: int = 0
+    ) -> None:
+        """``exogenous``: the first this many latent coordinates take no input from the first ``plan_columns``
+        columns of u (the plan): their rows of B are held at 0 there (``input_matrix``)."""
         super().__init__()
         self.z_dim, self.rho_max = z_dim, rho_max
         n_pairs = (z_dim - real_modes) // 2
@@ -193,6 +200,16 @@ class StableKoopman(nn.Module):
         self.B = nn.Parameter(torch.randn(z_dim, u_dim) * 0.05)
         self.c = nn.Parameter(torch.zeros(z_dim))
         self.log_noise = nn.Parameter(torch.full((z_dim,), -1.0))  # prior transition noise scale (log)
+        mask = None
+        if exogenous and plan_columns:
+            mask = torch.ones(z_dim, u_dim)
+            mask[:exogenous, :plan_columns] = 0.0
+        self.input_mask: torch.Tensor | None
+        self.register_buffer("input_mask", mask, persistent=False)
+
+    def input_matrix(self) -> torch.Tensor:
+        """B as the dynamics use it: zero where the plan would drive an exogenous latent coordinate."""
+        return self.B if self.input_mask is None else self.B * self.input_mask
 
     def pair_radii(self) -> torch.Tensor:
         return self.rho_max * torch.sigmoid(self.pair_logit)
@@ -234,6 +251,9 @@ class PlanLayout:
     # Output positions that settle within a sample of a control move (modelcard.card.fast_outputs): with
     # model.decoder_fast_only, the only ones the decoder reads the plan for. None: every output.
     fast: tuple[int, ...] | None = None
+    # Output positions no plan can move (modelcard.card.exogenous_outputs: the influent), decoded from the
+    # exogenous latent coordinates alone (model.exogenous_modes).
+    exogenous: tuple[int, ...] = ()
 
     @property
     def fed(self) -> int:
@@ -279,7 +299,13 @@ class KoVAE(nn.Module):
         self.encoder = nn.GRU(2 * (x_dim + u_dim), cfg.h_dim, batch_first=True)  # values and missingness masks
         self.enc_norm = nn.LayerNorm(cfg.h_dim) if cfg.layer_norm else nn.Identity()
         self.enc_head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.h_dim, 2 * cfg.z_dim))
-        self.koopman = StableKoopman(cfg.z_dim, u_dim, cfg.real_modes, cfg.rho_max)
+        # With model.exogenous_modes, the leading latent coordinates are the plan's no business: B holds no plan
+        # column there, and the exogenous outputs (the influent) are decoded from them alone (``exo_head``), so a
+        # what-if never moves the influent and nothing has to learn that it must not.
+        n_exo = cfg.exogenous_modes if self.plan.exogenous else 0
+        if n_exo > cfg.z_dim - cfg.real_modes:
+            raise ValueError(f"model.exogenous_modes {n_exo} exceeds the {cfg.z_dim - cfg.real_modes} paired modes")
+        self.koopman = StableKoopman(cfg.z_dim, u_dim, cfg.real_modes, cfg.rho_max, n_exo, self.plan.fed)
         # No LayerNorm in the decoder: it would make x blind to the scale of z, so latents could drift in
         # scale freely (inflating the KL) and forecast samples could not spread beyond a fixed width.
         layers: list[nn.Module] = []
@@ -300,6 +326,23 @@ class KoVAE(nn.Module):
             mask[list(self.plan.fast)] = True
         self.fast_mask: torch.Tensor | None
         self.register_buffer("fast_mask", mask, persistent=False)
+        self.n_exo = n_exo
+        self.exo_head: nn.Module | None = None
+        self.exo_mask: torch.Tensor | None
+        self.exo_place: torch.Tensor | None
+        exo_mask = exo_place = None
+        if n_exo:
+            outputs = list(self.plan.exogenous)
+            hidden = cfg.decoder_dim or cfg.h_dim
+            self.exo_head = nn.Sequential(
+                nn.Linear(n_exo, hidden), nn.SiLU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, len(outputs))
+            )
+            exo_mask = torch.zeros(x_dim, dtype=torch.bool)
+            exo_mask[outputs] = True
+            exo_place = torch.zeros(len(outputs), x_dim)  # one-hot rows: the head's outputs into x's columns
+            exo_place[range(len(outputs)), outputs] = 1.0
+        self.register_buffer("exo_mask", exo_mask, persistent=False)
+        self.register_buffer("exo_place", exo_place, persistent=False)
         # Fading of the decoder's miss at the last history step, per variable: g = sigmoid(a) in (0, 1).
         self.decay_logit = nn.Parameter(torch.full((x_dim,), 2.0))
         # Blends towards the same time a day earlier and towards the last value, per lead time and variable.
@@ -309,7 +352,14 @@ class KoVAE(nn.Module):
     def decode(self, z: torch.Tensor, u: torch.Tensor, *, complete: bool = False) -> torch.Tensor:
         """x = D(z, u_c), pointwise: z (..., z_dim) and u (..., u_dim) of the same steps; u_c its first n_fed
         columns (the controls), a missing one (NaN, a history gap) read as 0, its training mean. ``complete``:
-        the caller knows u has no NaN (planned controls), so no mask is built (the plans graph decodes per step)."""
+        the caller knows u has no NaN (planned controls), so no mask is built (the plans graph decodes per step).
+        The exogenous outputs, if the model has them, come from the exogenous coordinates alone."""
+        out = self._decode_plant(z, u, complete)
+        if self.exo_head is None or self.exo_mask is None or self.exo_place is None:
+            return out
+        return torch.where(self.exo_mask, self.exo_head(z[..., : self.n_exo]) @ self.exo_place, out)
+
+    def _decode_plant(self, z: torch.Tensor, u: torch.Tensor, complete: bool) -> torch.Tensor:
         if not self.n_fed:
             return self.decoder(z)
         controls = u[..., : self.n_fed]
@@ -419,7 +469,7 @@ class KoVAE(nn.Module):
     def rollout(self, z0: torch.Tensor, u_fut: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """z[k] for k = 1..H under the future controls; optional standard-normal noise (batch, H, z)."""
         A = self.koopman.matrix()
-        drive = u_fut @ self.koopman.B.T + self.koopman.c  # (batch, H, z)
+        drive = u_fut @ self.koopman.input_matrix().T + self.koopman.c  # (batch, H, z)
         if noise is not None:
             drive = drive + noise * self.koopman.log_noise.exp()
         z, out = z0, []
@@ -518,7 +568,7 @@ class KoVAE(nn.Module):
         rec = masked_mse(rec_hist, x_hist)
 
         A, kp = self.koopman.matrix(), self.koopman
-        prior_mu = zh[:, :-1] @ A.T + torch.nan_to_num(u_hist[:, 1:]) @ kp.B.T + kp.c  # missing: the mean
+        prior_mu = zh[:, :-1] @ A.T + torch.nan_to_num(u_hist[:, 1:]) @ kp.input_matrix().T + kp.c  # NaN: mean
         prior_logvar = 2 * kp.log_noise
         kl = 0.5 * (
             prior_logvar

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from modelcard.card import Calendar, fast_outputs, known_inputs, window_clock
+from modelcard.card import Calendar, exogenous_outputs, fast_outputs, known_inputs, window_clock
 from plant.catalog import BSM1, Catalog
 from plant.operation import HONEST_HELD
 from plant.whatif import WhatIf
@@ -82,7 +82,7 @@ class Prepared:
         if not self.looped:  # a model without loops: its card names none (training.publish)
             variables.pop("loops", None)
         fast = tuple(fast_outputs(variables))
-        return PlanLayout(len(self.u_mean), self.looped, self.n_setpoints, fast)
+        return PlanLayout(len(self.u_mean), self.looped, self.n_setpoints, fast, tuple(exogenous_outputs(variables)))
 
     def nx(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.x_mean) / self.x_std).astype(np.float32)
