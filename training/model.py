@@ -365,12 +365,16 @@ class KoVAE(nn.Module):
         controls = u[..., : self.n_fed]
         if not complete:
             controls = torch.where(torch.isnan(controls), 0.0, controls)
-        out = self.decoder(torch.cat([z, controls], -1))
-        out = out if self.skip is None else out + self.skip(controls)
         if self.fast_mask is None:
-            return out
-        slow = self.decoder(torch.cat([z, torch.zeros_like(controls)], -1))
-        return torch.where(self.fast_mask, out, slow)
+            out = self.decoder(torch.cat([z, controls], -1))
+            return out if self.skip is None else out + self.skip(controls)
+        # The fast outputs decode [z, u_c], the others [z, 0]: both share the first layer's product with z, so it
+        # is computed once (it is most of the decoder's work per step, which each control plan pays).
+        first, rest = self.decoder[0], self.decoder[1:]
+        shared = F.linear(z, first.weight[:, : z.shape[-1]], first.bias)
+        out = rest(shared + F.linear(controls, first.weight[:, z.shape[-1] :]))
+        out = out if self.skip is None else out + self.skip(controls)
+        return torch.where(self.fast_mask, out, rest(shared))
 
     def residual_decay(self) -> torch.Tensor:
         """g per variable, (x,): every value in (0, 1) for any parameter value."""
