@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelcard.card import Calendar, last_observed, loops, read_card, scalers
+from modelcard.card import Calendar, exogenous_outputs, last_observed, loops, read_card, scalers
 from modelcard.runtime import ModelRuntime
 from modelcard.store import current_version
 from plant.executor import run_all
@@ -161,7 +161,7 @@ def main() -> None:
     x_std = scalers(card)[1]
     names = rt.measurements
     top5 = [names.index(n) for n in card["metrics"]["top5_variables"]]
-    influent = [i for i, v in enumerate(card["variables"]["measurements"]) if v.get("role") == "disturbance"]
+    influent = exogenous_outputs(card["variables"])
     plant = [i for i in range(len(names)) if i not in influent]
     catalog, data, ids, _ = load_data(cfg)
     setpoint_names = list(catalog.setpoint_names)
