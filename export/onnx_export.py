@@ -130,12 +130,19 @@ class ForecastGraph(nn.Module):
         u = F.pad(u_fut, (0, 0, 0, pad)).transpose(0, 1)  # (Hmax, n, n_u)
         copies = 2 if m.cfg.blend_held_plan and self.residual_decay is not None else 1  # mean rows per series
         if copies == 2:
-            u = torch.cat([u, F.pad(held_plan(u_hist, u_fut, m.plan), (0, 0, 0, pad)).transpose(0, 1)], 1)
-        n_mean = u.shape[1]  # n, or 2n with the held rows
+            # A plans graph's plans are alike (the same variables given at the same steps, and where the history
+            # gives none the same first value: modelcard.runtime.one_plan_held), so they have one plan held,
+            # rolled out and decoded once instead of once per plan.
+            held = held_plan(u_hist, u_fut[:1] if self.plans else u_fut, m.plan)
+            u = torch.cat([u, F.pad(held, (0, 0, 0, pad)).transpose(0, 1)], 1)
+        n_mean = u.shape[1]  # n, or with the held rows 2n (1 + n for the plans graph)
         us = u[:, :n].unsqueeze(2).expand(-1, -1, n_samples, -1).reshape(self.max_horizon, -1, n_u)  # (Hmax, n*S, .)
         eps = F.pad(noise, (0, 0, 0, pad)).reshape(-1, self.max_horizon, z_dim).transpose(0, 1)  # (Hmax, n*S, z)
         starts = z0.unsqueeze(1) + torch.zeros_like(noise[:, :, 0])  # (n, S, z)
-        means = (z0 + torch.zeros_like(u_fut[:, 0, :1])).repeat(copies, 1)  # (n_mean, z)
+        if self.plans:  # z0 is the one history's: (1, z) broadcast over the rows
+            means = z0 + torch.zeros_like(u[0, :, :1])  # (n_mean, z)
+        else:
+            means = (z0 + torch.zeros_like(u_fut[:, 0, :1])).repeat(copies, 1)  # (n_mean, z)
         rows = torch.cat([means, starts.reshape(-1, z_dim)])  # (n_mean + n*S, z)
         drive = torch.cat([u @ self.Bt + self.c, us @ self.Bt + self.c + eps * self.noise_std], 1)
         steps = self.rollout(rows, drive)
@@ -274,6 +281,8 @@ def plans_parity(graph: ForecastGraph, plans_bytes: bytes, history: int) -> floa
     for i, (n_plans, h, s) in enumerate([(1, H, 2), (5, max(1, H // 3), 0), (9, H, 1)]):
         x, u, uf, noise = _example(n_plans, history, h, s, (m.x_dim, m.u_dim, m.cfg.z_dim), seed=200 + i)
         x, u = x[:1], u[:1]
+        shared = [c for c in range(m.u_dim) if c not in plan_values(m)]  # flags, calendar, disturbances
+        uf[:, :, shared] = uf[:1, :, shared]  # plans alike, as the service sends them: only their values differ
         with torch.no_grad():
             ref = [t.numpy() for t in graph(x.expand(n_plans, -1, -1), u.expand(n_plans, -1, -1), uf, noise)]
         got = sess.run(
@@ -282,6 +291,13 @@ def plans_parity(graph: ForecastGraph, plans_bytes: bytes, history: int) -> floa
         error = sample_error(graph, x.expand(n_plans, -1, -1), uf, ref[1], got[1])
         worst = max(worst, float(np.max(np.abs(ref[0] - got[0]))), error)
     return worst
+
+
+def plan_values(model: KoVAE) -> list[int]:
+    """The u columns that differ between the plans of one plans-graph call: the controls' and the setpoints'
+    values. Their flags (which are given), the calendar and the disturbances are the same in every plan."""
+    nc, nl, ns = model.plan.controls, len(model.plan.looped), model.plan.setpoints
+    return [*range(nc), *range(nc + nl, nc + nl + ns)]
 
 
 def sample_error(graph: ForecastGraph, x_hist: torch.Tensor, u_fut: torch.Tensor, ref: np.ndarray, got: np.ndarray):

@@ -210,6 +210,19 @@ class ModelRuntime:
         if self.plans_session is None:
             raise ValueError(f"version {self.version} has no plans graph (re-export it: python -m export)")
         n_plans, horizon = plans.shape[0], plans.shape[1]
+        if not one_plan_held(u_hist, plans, s_hist, s_fut):  # the plans graph's premise: the history repeated
+            rep = n_plans, *x_hist.shape
+            return self.predict(
+                np.broadcast_to(x_hist, rep),
+                np.broadcast_to(u_hist, (n_plans, *u_hist.shape)),
+                plans,
+                np.full(n_plans, last_minute),
+                n_samples,
+                rng,
+                None if d_fut is None else np.broadcast_to(d_fut, (n_plans, *d_fut.shape)),
+                None if s_hist is None else np.broadcast_to(s_hist, (n_plans, *s_hist.shape)),
+                None if s_fut is None else np.broadcast_to(s_fut, (n_plans, horizon, s_fut.shape[-1])),
+            )
         noise = self._noise(n_plans, n_samples, horizon, rng)
         t_hist, t_fut = window_clock(np.array([last_minute]), x_hist.shape[0], horizon, self.step_minutes)
         d_hist, d_fut = self._disturbances(x_hist[None], None if d_fut is None else d_fut[None], 1, horizon)
@@ -240,6 +253,23 @@ class ModelRuntime:
             return parts[0]
         samples = None if n_samples == 0 else np.concatenate([p.samples for p in parts])
         return Forecast(np.concatenate([p.mean for p in parts]), samples)
+
+
+def one_plan_held(u_hist: np.ndarray, plans: np.ndarray, s_hist: np.ndarray | None, s_fut: np.ndarray | None) -> bool:
+    """Whether every plan has the same plan held (``training.model.held_plan``: each given control and setpoint
+    at its last value in the history, or its first planned value where the history has none), which the plans
+    graph rolls out once: the plans give the same variables at the same steps, and agree on their first value
+    where the history gives none. The service's plans always do unless a plan's setpoints have no history."""
+    pairs = [(u_hist, plans)] + ([] if s_fut is None or s_fut.ndim == 2 else [(s_hist, s_fut)])
+    for hist, fut in pairs:
+        given = np.isfinite(fut)
+        if not (given == given[:1]).all():
+            return False
+        unseen = np.ones(fut.shape[-1], bool) if hist is None else ~np.isfinite(hist).any(0)
+        first = fut[:, 0, unseen]
+        if not np.array_equal(first, np.broadcast_to(first[:1], first.shape), equal_nan=True):
+            return False
+    return True
 
 
 def plant_zone(card: dict[str, Any]) -> tzinfo:

@@ -54,6 +54,9 @@ class DataConfig:
     whatif_every_hours: float = 0.0
     whatif_hours: float = 6.0
     whatif_factor: tuple[float, float] = (0.15, 0.4)
+    # On a plant under its loops, the share of origins whose pair moves a loop's setpoint (the DO's or the
+    # nitrate's, alike), the rest a control open loop: what an operator under loops asks is a setpoint's effect.
+    whatif_setpoint_share: float = 0.5
     whatif_do_shift: tuple[float, float] = (0.3, 0.8)
     whatif_no_shift: tuple[float, float] = (0.2, 0.5)
     # moving_setpoints: DO in reactor 5 (through KLa5) and nitrate in reactor 2 (through Qintr) follow setpoints

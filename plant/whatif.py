@@ -75,9 +75,9 @@ def pair_steps(cfg: DataConfig) -> int:
 def draw_plans(
     cfg: DataConfig, closed: bool, setpoints: dict[str, float], rng: np.random.Generator
 ) -> tuple[str, bool, list[Plan]]:
-    """The two plans of one origin: a control scaled by 1 +- f, or (a plant under its loops, half the time) a
-    loop's setpoint shifted by +- d, within its floor."""
-    if closed and rng.random() < 0.5:
+    """The two plans of one origin: a control scaled by 1 +- f, or (a plant under its loops, at a share
+    ``whatif_setpoint_share`` of its origins) a loop's setpoint shifted by +- d, within its floor."""
+    if closed and rng.random() < cfg.whatif_setpoint_share:
         name = CLOSED_MOVES[int(rng.integers(len(CLOSED_MOVES)))]
         lo, hi = cfg.whatif_do_shift if name == "SO_5_setpoint" else cfg.whatif_no_shift
         d = min(rng.uniform(lo, hi), max(setpoints[name] - SETPOINT_FLOOR[name], 0.05))

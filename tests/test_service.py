@@ -11,7 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from modelcard.runtime import SAMPLE_ROWS, ModelRuntime
+from modelcard import runtime as runtime_module
+from modelcard.runtime import SAMPLE_ROWS, ModelRuntime, one_plan_held
 from modelcard.store import POINTER, current_version
 from tests.conftest import ROOT, clone_version
 
@@ -486,6 +487,29 @@ def test_many_plans_run_in_chunks_each_as_its_own_series(rt) -> None:
         if samples:
             assert got.samples.shape == want.samples.shape
             assert np.allclose(got.samples, want.samples, rtol=1e-5, atol=1e-5 * rt.out_std)
+
+
+def test_plans_with_other_plans_held_answer_as_separate_series(rt, monkeypatch) -> None:
+    """The plans graph rolls out one plan held for all plans. Setpoint plans whose setpoints have no history and
+    differ at their first step each have their own (held at their first value): the runtime then runs them as
+    separate series, and they answer what the ordinary graph gives each (the plans graph would not)."""
+    rng = np.random.default_rng(4)
+    L, H, n = rt.card["history"]["length"], 6, 5
+    x = rt.x_mean + 0.2 * rt.x_std * rng.standard_normal((L, len(rt.x_mean)))
+    u = rt.u_mean + 0.2 * rt.u_std * rng.standard_normal((L, len(rt.u_mean)))
+    plans = np.repeat(rt.u_mean + 0.3 * rt.u_std * rng.standard_normal((1, H, len(rt.u_mean))), n, 0)
+    plans[..., rt.looped] = np.nan  # left to their loops
+    s_fut = np.repeat((rt.s_mean + rt.s_std * np.linspace(-1, 1, n)[:, None])[:, None], H, 1)  # (n, H, setpoints)
+    assert one_plan_held(u, plans, None, np.broadcast_to(s_fut[:1], s_fut.shape))  # alike
+    assert not one_plan_held(u, plans, None, s_fut)
+    assert one_plan_held(u, plans, np.repeat(s_fut[0, :1], L, 0), s_fut)  # the history holds them: held alike
+    xs, us = np.repeat(x[None], n, 0), np.repeat(u[None], n, 0)
+    want = rt.predict(xs, us, plans, np.full(n, 600.0), s_fut=s_fut).mean
+    got = rt.predict_plans(x, u, plans, 600.0, s_fut=s_fut).mean
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-5 * rt.out_std)
+    monkeypatch.setattr(runtime_module, "one_plan_held", lambda *a: True)
+    graph = rt.predict_plans(x, u, plans, 600.0, s_fut=s_fut).mean
+    assert not np.allclose(graph, want, rtol=1e-3, atol=1e-3 * rt.out_std)
 
 
 def test_plans_roll_one_history_out_under_many_control_plans(serve, trained_store, rt) -> None:

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from plant.catalog import BSM1
+from plant.config import DataConfig
 from plant.scenarios import splits
-from plant.whatif import WhatIf, generate_pairs
+from plant.whatif import CLOSED_MOVES, WhatIf, draw_plans, generate_pairs
 from training.config import ConfigError, with_overrides
 from training.loop import combined_gradient, pair_loss, pair_scale, train
 from training.prepare import Prepared, pair_tensors, prepare
@@ -159,3 +160,19 @@ def test_what_if_settings_are_validated_by_name(tiny_cfg) -> None:
         with_overrides(tiny_cfg, ["data.whatif_do_shift=[0,0.5]"])
     with pytest.raises(ConfigError, match=r"train\.pair_weight"):
         with_overrides(tiny_cfg, ["train.pair_weight=-1"])
+
+
+@pytest.mark.parametrize("share", [0.0, 0.8, 1.0])
+def test_a_plant_under_loops_moves_its_setpoints_at_the_configured_share(share: float) -> None:
+    """data.whatif_setpoint_share: on a plant under its loops, that share of the origins moves a setpoint (the
+    DO's and the nitrate's alike, the loops on), the rest a control open loop; an open-loop plant never does."""
+    cfg = DataConfig(whatif_setpoint_share=share)
+    rng = np.random.default_rng(0)
+    now = {"SO_5_setpoint": 2.0, "SNO_2_setpoint": 1.0}
+    drawn = [draw_plans(cfg, True, now, rng) for _ in range(2000)]
+    moved = [name for name, closed, _ in drawn if closed]
+    assert all(name in CLOSED_MOVES for name in moved)
+    assert abs(len(moved) / len(drawn) - share) < 0.03
+    if moved:
+        assert abs(moved.count("SO_5_setpoint") / len(moved) - 0.5) < 0.05
+    assert not any(draw_plans(cfg, False, {}, rng)[1] for _ in range(200))

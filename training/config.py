@@ -264,6 +264,8 @@ def validate(cfg: RunConfig) -> None:
         problems.append("data.whatif_every_hours must be >= 0 (0: no what-if pairs) and data.whatif_hours > 0")
     if not 0 < d.whatif_factor[0] <= d.whatif_factor[1] < 1:
         problems.append("data.whatif_factor must be [lo, hi] with 0 < lo <= hi < 1 (a control x (1 +- f))")
+    if not 0 <= d.whatif_setpoint_share <= 1:
+        problems.append("data.whatif_setpoint_share must be in [0, 1] (a share of a closed-loop plant's origins)")
     for name in ("whatif_do_shift", "whatif_no_shift"):
         if len(getattr(d, name)) != 2 or not 0 < getattr(d, name)[0] <= getattr(d, name)[1]:
             problems.append(f"data.{name} must be [lo, hi] with 0 < lo <= hi (g/m3)")
