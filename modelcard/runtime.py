@@ -210,19 +210,26 @@ class ModelRuntime:
         if self.plans_session is None:
             raise ValueError(f"version {self.version} has no plans graph (re-export it: python -m export)")
         n_plans, horizon = plans.shape[0], plans.shape[1]
-        if not one_plan_held(u_hist, plans, s_hist, s_fut):  # the plans graph's premise: the history repeated
-            rep = n_plans, *x_hist.shape
-            return self.predict(
-                np.broadcast_to(x_hist, rep),
-                np.broadcast_to(u_hist, (n_plans, *u_hist.shape)),
-                plans,
-                np.full(n_plans, last_minute),
-                n_samples,
-                rng,
-                None if d_fut is None else np.broadcast_to(d_fut, (n_plans, *d_fut.shape)),
-                None if s_hist is None else np.broadcast_to(s_hist, (n_plans, *s_hist.shape)),
-                None if s_fut is None else np.broadcast_to(s_fut, (n_plans, horizon, s_fut.shape[-1])),
-            )
+        step = n_plans if n_samples == 0 else max(1, SAMPLE_ROWS // n_samples)  # plans per run
+        if not one_plan_held(u_hist, plans, s_hist, s_fut):  # outside the plans graph's premise: separate series
+            s_fut = None if s_fut is None else np.broadcast_to(s_fut, (n_plans, horizon, s_fut.shape[-1]))
+            runs = []
+            for i in range(0, n_plans, step):
+                k = len(plans[i : i + step])
+                runs.append(
+                    self.predict(
+                        np.broadcast_to(x_hist, (k, *x_hist.shape)),
+                        np.broadcast_to(u_hist, (k, *u_hist.shape)),
+                        plans[i : i + step],
+                        np.full(k, last_minute),
+                        n_samples,
+                        rng,
+                        None if d_fut is None else np.broadcast_to(d_fut, (k, *d_fut.shape)),
+                        None if s_hist is None else np.broadcast_to(s_hist, (k, *s_hist.shape)),
+                        None if s_fut is None else s_fut[i : i + step],
+                    )
+                )
+            return joined(runs)
         noise = self._noise(n_plans, n_samples, horizon, rng)
         t_hist, t_fut = window_clock(np.array([last_minute]), x_hist.shape[0], horizon, self.step_minutes)
         d_hist, d_fut = self._disturbances(x_hist[None], None if d_fut is None else d_fut[None], 1, horizon)
@@ -242,17 +249,21 @@ class ModelRuntime:
             "x_hist": self._x_hist(x_hist[None], u_hist[None]),
             "u_hist": self._known(u_hist[None], t_hist, d_hist, self._setpoints(s_hist, u_hist[None])),
         }
-        step = n_plans if n_samples == 0 else max(1, SAMPLE_ROWS // n_samples)  # plans per run
         parts = [
             self._run(
                 self.plans_session, {**history, "u_fut": u_fut[i : i + step], "noise": noise[i : i + step]}, n_samples
             )
             for i in range(0, n_plans, step)
         ]
-        if len(parts) == 1:
-            return parts[0]
-        samples = None if n_samples == 0 else np.concatenate([p.samples for p in parts])
-        return Forecast(np.concatenate([p.mean for p in parts]), samples)
+        return joined(parts)
+
+
+def joined(parts: list[Forecast]) -> Forecast:
+    """Forecasts of consecutive chunks of plans as one."""
+    if len(parts) == 1:
+        return parts[0]
+    samples = None if parts[0].samples is None else np.concatenate([p.samples for p in parts])
+    return Forecast(np.concatenate([p.mean for p in parts]), samples)
 
 
 def one_plan_held(u_hist: np.ndarray, plans: np.ndarray, s_hist: np.ndarray | None, s_fut: np.ndarray | None) -> bool:
