@@ -281,8 +281,9 @@ def plans_parity(graph: ForecastGraph, plans_bytes: bytes, history: int) -> floa
     for i, (n_plans, h, s) in enumerate([(1, H, 2), (5, max(1, H // 3), 0), (9, H, 1)]):
         x, u, uf, noise = _example(n_plans, history, h, s, (m.x_dim, m.u_dim, m.cfg.z_dim), seed=200 + i)
         x, u = x[:1], u[:1]
-        shared = [c for c in range(m.u_dim) if c not in plan_values(m)]  # flags, calendar, disturbances
-        uf[:, :, shared] = uf[:1, :, shared]  # plans alike, as the service sends them: only their values differ
+        # Plans alike, as the service sends them: only their values differ (not the flags, calendar, influent).
+        shared = [c for c in range(m.u_dim) if c not in m.plan.values]
+        uf[:, :, shared] = uf[:1, :, shared]
         with torch.no_grad():
             ref = [t.numpy() for t in graph(x.expand(n_plans, -1, -1), u.expand(n_plans, -1, -1), uf, noise)]
         got = sess.run(
@@ -291,13 +292,6 @@ def plans_parity(graph: ForecastGraph, plans_bytes: bytes, history: int) -> floa
         error = sample_error(graph, x.expand(n_plans, -1, -1), uf, ref[1], got[1])
         worst = max(worst, float(np.max(np.abs(ref[0] - got[0]))), error)
     return worst
-
-
-def plan_values(model: KoVAE) -> list[int]:
-    """The u columns that differ between the plans of one plans-graph call: the controls' and the setpoints'
-    values. Their flags (which are given), the calendar and the disturbances are the same in every plan."""
-    nc, nl, ns = model.plan.controls, len(model.plan.looped), model.plan.setpoints
-    return [*range(nc), *range(nc + nl, nc + nl + ns)]
 
 
 def sample_error(graph: ForecastGraph, x_hist: torch.Tensor, u_fut: torch.Tensor, ref: np.ndarray, got: np.ndarray):

@@ -259,6 +259,12 @@ class PlanLayout:
     def fed(self) -> int:
         return self.controls + len(self.looped) + 2 * self.setpoints
 
+    @property
+    def values(self) -> list[int]:
+        """The u columns of the plan's values: the controls, then the setpoints (not their flags)."""
+        nc, nl = self.controls, len(self.looped)
+        return [*range(nc), *range(nc + nl, nc + nl + self.setpoints)]
+
 
 def plan_known(u: torch.Tensor, plan: PlanLayout) -> torch.Tensor:
     """(..., n_controls + n_setpoints): 1 where each of the plan's value columns (the controls, then the
@@ -279,7 +285,7 @@ def held_plan(u_hist: torch.Tensor, u_fut: torch.Tensor, plan: PlanLayout) -> to
     if plan.fed == 0:
         return u_fut
     nc, nl, ns = plan.controls, len(plan.looped), plan.setpoints
-    values = [*range(nc), *range(nc + nl, nc + nl + ns)]
+    values = plan.values
     hist = u_hist[..., values]
     last = last_measured(torch.where(plan_known(u_hist, plan) > 0.5, hist, torch.full_like(hist, float("nan"))))
     last = torch.where(torch.isnan(last), u_fut[:, 0, values], last).unsqueeze(1)  # (B or B', 1, n_values)
