@@ -94,6 +94,30 @@ def test_moving_setpoints_dither_the_loop_outputs_and_move_kla3_open_loop(runs) 
     assert len(np.unique(op.controls[:, control("KLa_3")])) >= 2
 
 
+def test_the_counterfactual_bench_tells_where_the_loop_has_no_air_left(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/counterfactual.py splits the DO setpoint pair by whether its +0.5 plan ran KLa_5 at the loop's
+    limit (where the plant's answer shrinks, and the model's answers were 2.5-3.4 times the plant's): on the real
+    simulator, a setpoint the loop can reach leaves the air below it, one it cannot (5 g O2/m3) runs at it. The
+    plant's own answers, taken as the forecast, score an R^2 of 1 in every row printed."""
+    from bench.counterfactual import PLANS, print_windows, setpoint_answers
+
+    cfg = replace(load_config("tiny").data, scenario_days=0.5)
+    sc = Scenario("dry@constant_setpoints", "dry", 0.0, 0.5, 5, "normal", False, "constant_setpoints")
+    windows = []
+    for setpoint, at_limit in ((1.0, False), (5.0, True)):
+        op = operation(cfg, sc)
+        op.loops[0].setpoint[:] = setpoint
+        branched = run_with_branches(op, [12, 24], [p for p in PLANS["closed"] if p.closed], 8)
+        answers, limited = setpoint_answers(branched.x_plan, branched, 8)
+        assert limited.tolist() == [at_limit, at_limit]
+        assert set(answers) == {"SO_5", "SNH_eff"} and np.ptp(answers["SNH_eff"][1]) > 0
+        windows.append((f"sp{setpoint:g}", answers, limited))
+    print_windows(windows, "2 h")
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("sp")]
+    assert [" ".join(r[1:-5]) for r in rows] == ["all", "air below", "all", "air at limit"]
+    assert all(r[-4] == r[-2] == "1.00" for r in rows)  # each variable's R^2
+
+
 def test_a_branch_does_not_leak_into_the_base_run() -> None:
     """Branching at two origins under four plans gives the base run of an unbranched simulation bit for bit,
     and the plans themselves move the plant (more air, more oxygen, open loop)."""
