@@ -96,7 +96,7 @@ def test_moving_setpoints_dither_the_loop_outputs_and_move_kla3_open_loop(runs) 
 
 def test_the_counterfactual_bench_tells_where_the_loop_has_no_air_left(capsys: pytest.CaptureFixture[str]) -> None:
     """bench/counterfactual.py splits the DO setpoint pair by whether its +0.5 plan ran KLa_5 at the loop's
-    limit (where the plant's answer shrinks, and the model's answers were 2.5-3.4 times the plant's): on the real
+    limit (where the plant's answer shrinks, and the model's answers were 2.5-3.6 times the plant's): on the real
     simulator, a setpoint the loop can reach leaves the air below it, one it cannot (5 g O2/m3) runs at it. The
     plant's own answers, taken as the forecast, score an R^2 of 1 in every row printed."""
     from bench.counterfactual import PLANS, print_windows, setpoint_answers
