@@ -73,6 +73,7 @@ PAIRS = [
     ("DO setpoint +-0.5 (loops on)", "DO setpoint +0.5", "DO setpoint -0.5", ("SO_5", "SNH_eff")),
 ]
 TARGET_SIGN, TARGET_R2 = 0.95, 0.7  # on the named variables, at 5 h
+SETPOINT_PAIR = PAIRS[-1]  # the DO setpoint pair, split per window and by the air's limit (``setpoint_answers``)
 
 
 @dataclass
@@ -134,11 +135,11 @@ def setpoint_answers(
     """The DO setpoint pair's answers at the last lead, per target variable (forecast change, true change), and
     per origin whether the +0.5 plan ran KLa_5 at its loop's upper limit for at least half the horizon: there
     the higher setpoint cannot add air, and the plant's answer shrinks."""
-    up, down = "DO setpoint +0.5", "DO setpoint -0.5"
-    limit = bsm1.do_loop(np.zeros(1)).pi.hi
+    _, up, down, wanted = SETPOINT_PAIR
+    limit = bsm1.KLA_LIMITS[1]  # the DO loop's upper limit (bsm1.do_loop's, as ``simulate`` builds it)
     at_limit = (b.u_plan[up][:, :horizon, KLA5] >= limit - 1e-6).mean(1) >= 0.5
     answers = {}
-    for name in next(wanted for label, u, _, wanted in PAIRS if u == up):
+    for name in wanted:
         j = BSM1.target_names.index(name)
         answers[name] = (
             fc[up][:, horizon - 1, j] - fc[down][:, horizon - 1, j],
@@ -155,7 +156,7 @@ def print_windows(windows: list[tuple[str, dict[str, tuple[np.ndarray, np.ndarra
     print(f"\nDO setpoint +-0.5 per held-out window (loops on, {lead}); 'air at limit': the +0.5 plan ran KLa_5 at")
     print("its loop's upper limit for at least half the horizon (the setpoint cannot add air there)")
     names = list(windows[0][1])
-    print(f"{'window':<10} {'origins':<16} {'':>7}" + "".join(f" {n + ' R2':>11} {'gain':>6}" for n in names))
+    print(f"{'window':<10} {'':<16} {'origins':>7}" + "".join(f" {n + ' R2':>11} {'gain':>6}" for n in names))
     for window, answers, at_limit in windows:
         for subset, keep in (("all", np.ones_like(at_limit)), ("air at limit", at_limit), ("air below", ~at_limit)):
             if not keep.any():
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     windows: list[tuple[str, dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]] = []
     for task, branched, clock in runs:
         fc = forecasts(rt, branched, clock, history)
-        if "DO setpoint +0.5" in fc:
+        if SETPOINT_PAIR[1] in fc:
             windows.append((task.scenario, *setpoint_answers(fc, branched, horizon)))
         for label, up, down, _ in PAIRS:
             if up not in fc:
