@@ -158,7 +158,7 @@ class ForecastGraph(nn.Module):
         if self.residual_decay is not None:
             held = held if copies == 2 else mean
             mean, raw = (m.finish(x_hist, u_hist, mu, t, held, self.residual_decay) for t in (mean, raw))
-        return mean, calibrated_samples(mean, raw, self.width(x_hist, u_fut), self.width.bounds)
+        return mean, calibrated_samples(mean, raw, self.width(x_hist, u_fut, u_hist), self.width.bounds)
 
 
 # What cards written before a model setting existed were trained without.
@@ -289,12 +289,19 @@ def plans_parity(graph: ForecastGraph, plans_bytes: bytes, history: int) -> floa
         got = sess.run(
             list(OUTPUTS), {"x_hist": x.numpy(), "u_hist": u.numpy(), "u_fut": uf.numpy(), "noise": noise.numpy()}
         )
-        error = sample_error(graph, x.expand(n_plans, -1, -1), uf, ref[1], got[1])
+        error = sample_error(graph, x.expand(n_plans, -1, -1), u.expand(n_plans, -1, -1), uf, ref[1], got[1])
         worst = max(worst, float(np.max(np.abs(ref[0] - got[0]))), error)
     return worst
 
 
-def sample_error(graph: ForecastGraph, x_hist: torch.Tensor, u_fut: torch.Tensor, ref: np.ndarray, got: np.ndarray):
+def sample_error(
+    graph: ForecastGraph,
+    x_hist: torch.Tensor,
+    u_hist: torch.Tensor,
+    u_fut: torch.Tensor,
+    ref: np.ndarray,
+    got: np.ndarray,
+):
     """The largest difference of two sets of samples where the graph computes them: in band space when the card
     has bounds (near a bound, a value's logit magnifies rounding that the value itself does not show), and as
     if before the calibrated width widened them (it multiplies rounding error too)."""
@@ -303,14 +310,14 @@ def sample_error(graph: ForecastGraph, x_hist: torch.Tensor, u_fut: torch.Tensor
     bounds = graph.width.bounds
     if bounds is not None:
         ref, got = (band_space(torch.from_numpy(a).double(), *(b.double() for b in bounds)).numpy() for a in (ref, got))
-    return float(np.max(np.abs(ref - got) / sample_scale(graph, x_hist, u_fut)))
+    return float(np.max(np.abs(ref - got) / sample_scale(graph, x_hist, u_hist, u_fut)))
 
 
-def sample_scale(graph: ForecastGraph, x_hist: torch.Tensor, u_fut: torch.Tensor) -> np.ndarray:
+def sample_scale(graph: ForecastGraph, x_hist: torch.Tensor, u_hist: torch.Tensor, u_fut: torch.Tensor) -> np.ndarray:
     """(B, 1, 1, x): the samples' differences are compared as if before the calibrated width widened them (it
     multiplies rounding error too)."""
     with torch.no_grad():
-        return np.maximum(graph.width(x_hist, u_fut).numpy(), 1.0)[:, None, None, :]
+        return np.maximum(graph.width(x_hist, u_fut, u_hist).numpy(), 1.0)[:, None, None, :]
 
 
 def _compare(graph: ForecastGraph, sess: ort.InferenceSession, feeds: tuple[torch.Tensor, ...]) -> float:
@@ -320,7 +327,9 @@ def _compare(graph: ForecastGraph, sess: ort.InferenceSession, feeds: tuple[torc
     for r, g in zip(ref, got, strict=True):
         if r.shape != g.shape:
             raise ParityError(f"ONNX output shape {g.shape} differs from PyTorch {r.shape}")
-    return max(float(np.max(np.abs(ref[0] - got[0]))), sample_error(graph, feeds[0], feeds[2], ref[1], got[1]))
+    return max(
+        float(np.max(np.abs(ref[0] - got[0]))), sample_error(graph, feeds[0], feeds[1], feeds[2], ref[1], got[1])
+    )
 
 
 def naive_blend_summary(model: KoVAE, card: dict[str, Any]) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def test_onnx_matches_torch_across_dynamic_shapes(trained_store, batch, history,
     assert got_mean.shape == (batch, horizon, model.x_dim) and got_smp.shape == (batch, samples, horizon, model.x_dim)
     assert np.max(np.abs(got_mean - mean)) < 1e-4
     assert np.max(np.abs(got_mean - direct)) < 1e-4  # the frozen graph is the trained model
-    assert np.max(np.abs(got_smp - smp) / E.sample_scale(graph, feeds[0], feeds[2]), initial=0.0) < 1e-4
+    assert np.max(np.abs(got_smp - smp) / E.sample_scale(graph, feeds[0], feeds[1], feeds[2]), initial=0.0) < 1e-4
 
 
 def test_parity_holds_with_dropout_and_both_corrections() -> None:

@@ -264,6 +264,10 @@ def test_promotion_gate_keeps_the_better_model(store_copy, tiny_cfg, tiny_data, 
     publish.promote_if_better(store, worse, served[1] - 0.5, p, tiny_cfg, force=True, never=False)
     assert current_version(store) == "worse"
     set_current(store, version)
+    tie = candidate("tie")  # the same score to float noise (PyTorch against ONNX Runtime) does not pass
+    publish.promote_if_better(store, tie, served[1] + 1e-6, p, tiny_cfg, force=False, never=False)
+    assert current_version(store) == version and not (store / "tie").exists()
+    assert "ties" in json.loads((tie / "gate.json").read_text())["why"]
     better = candidate("better")
     publish.promote_if_better(store, better, served[1] + 0.5, p, tiny_cfg, force=False, never=False)
     assert current_version(store) == "better"
@@ -604,14 +608,80 @@ def test_interval_width_module_reads_the_driver_and_the_known_input_flags() -> N
     x_hist = torch.stack([driver, torch.zeros(3, 3)], -1)
     u_fut = torch.zeros(3, 3, 3)
     u_fut[1, :, 1:] = 1.0  # the second window: every flag set
-    got = width(x_hist, u_fut)  # highest z: 1, 9 (clipped to 3), never measured (0)
+    u_hist = torch.zeros(3, 3, 3)
+    got = width(x_hist, u_fut, u_hist)  # highest z: 1, 9 (clipped to 3), never measured (0)
     want = torch.tensor([[2.0 * np.exp(0.5), 3.0 * np.exp(0.5)], [2.0 * np.exp(1.5) * 0.25, 3.0 * np.exp(1.5)], [2, 3]])
     assert torch.allclose(got, want.float(), rtol=1e-5)
     plans = torch.zeros(3, 3, 3)
     plans[1, :, 1] = 1.0  # half the flags
-    got = width(x_hist[:1], plans)
+    got = width(x_hist[:1], plans, u_hist[:1])
     assert got.shape == (3, 2) and torch.allclose(got[1], got[0] * torch.tensor([0.5, 1.0]), rtol=1e-5)
-    assert torch.equal(IntervalWidth(2, {"spread_scale": [2.0, 3.0]})(x_hist, u_fut), torch.tensor([[2.0, 3.0]] * 3))
+    assert torch.equal(
+        IntervalWidth(2, {"spread_scale": [2.0, 3.0]})(x_hist, u_fut, u_hist), torch.tensor([[2.0, 3.0]] * 3)
+    )
+
+
+def test_interval_width_tells_a_plan_that_moved_from_one_that_stood_still_in_both_graphs() -> None:
+    """The width's motion ratios (calibration ``width.motion``): a history whose setpoint or open-loop control
+    moved over its last ``steps`` samples takes the "moved" ratio, one that stood still (within MOTION_TOL, or
+    never measured) the "still" ratio; a move older than that window does not count. Both exported graphs apply
+    it from the history, and a calibration without it leaves the width as it was."""
+    from export import onnx_export as E
+    from training.config import ModelConfig
+    from training.model import MOTION_TOL, IntervalWidth, KoVAE, PlanLayout, plan_moved
+
+    nan = float("nan")
+    u_hist = torch.zeros(4, 12, 4)
+    u_hist[1, -3:, 2] = 0.5  # the setpoint moved within the last 6 samples
+    u_hist[2, :4, 2] = 0.5  # it moved, but before them
+    u_hist[3, :, 2] = nan  # never measured
+    u_hist[3, -2:, 0] = MOTION_TOL / 2  # a control that moved less than the tolerance
+    assert plan_moved(u_hist, [0, 2], 6).tolist() == [0.0, 1.0, 0.0, 0.0]
+    motion = {"columns": [0, 2], "steps": 6, "moved": [2.0, 1.0], "still": [0.5, 1.0]}
+    calib = {"spread_scale": [1.0, 3.0], "width": {"driver": None, "gamma": 0.0, "known": [], "motion": motion}}
+    width = IntervalWidth(2, calib)
+    x_hist, u_fut = torch.zeros(4, 12, 2), torch.zeros(4, 3, 4)
+    want = torch.tensor([[0.5, 3.0], [2.0, 3.0], [0.5, 3.0], [0.5, 3.0]])
+    assert torch.allclose(width(x_hist, u_fut, u_hist), want)
+    assert torch.equal(
+        IntervalWidth(2, {"spread_scale": [1.0, 3.0]})(x_hist, u_fut, u_hist), torch.tensor([[1.0, 3.0]] * 4)
+    )
+
+    torch.manual_seed(0)
+    model = KoVAE(2, 4, ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, seasonal_steps=6), PlanLayout(2))
+    graph = E.ForecastGraph(model.eval(), 8, {**calib, "residual_decay": [0.9, 0.9]})
+    assert E.parity(graph, E.to_onnx_bytes(graph, 12, {}), 12) < 1e-4
+    plans = E.ForecastGraph(model, 8, {**calib, "residual_decay": [0.9, 0.9]}, plans=True)
+    assert E.plans_parity(graph, E.to_onnx_bytes(plans, 12, {}), 12) < 1e-4
+    noise = torch.randn(1, 50, 3, 8)
+    with torch.no_grad():
+        spread = [graph(x_hist[:1], u, u_fut[:1], noise)[1][..., 0].std(1).mean() for u in (u_hist[:1], u_hist[1:2])]
+    assert spread[1] > 2 * spread[0]  # the moved history's samples spread 4 times as far on variable 0
+
+
+def test_calibration_covers_a_plan_that_moved_and_one_that_stood_still_alike(trained_store, tiny_cfg) -> None:
+    """The trained run's card holds the motion ratios (``width.motion``, on the plan's open-loop controls and
+    setpoints), each within MOTION_RATIO, and with them the validation windows whose plan moved over the history's
+    last day and those whose plan stood still are each covered close to 80% in the honest request (the tiny
+    preset's validation: a moving-setpoints plant and an open-loop excited one)."""
+    from export.onnx_export import load_model
+    from training import evaluate as ev
+    from training.model import STEPS_PER_DAY, plan_moved
+
+    store, version = trained_store
+    model, card = load_model(store / version)
+    calib = card["calibration"]
+    motion = calib["width"]["motion"]
+    p = preparation.prepare(tiny_cfg)
+    assert motion["columns"] == p.motion_columns() and motion["steps"] == STEPS_PER_DAY
+    for key in ("moved", "still"):
+        assert all(calibration.MOTION_RATIO[0] <= r <= calibration.MOTION_RATIO[1] for r in motion[key])
+    _, uh, _, _ = preparation.tensors(p, p.val, seed=1)
+    moved = plan_moved(uh, motion["columns"], motion["steps"]).numpy() > 0.5
+    assert 0 < moved.sum() < len(moved)
+    _, band = calibration.predict(model, p, p.val, calib["samples"], calib, seed=1)
+    for rows in (moved, ~moved):
+        assert abs(ev.interval_coverage(band[rows], p.val.x_fut[rows]) - 0.8) < 0.04
 
 
 def test_residual_fading_chosen_on_validation_is_no_worse_than_the_learned_one(trained_store, tiny_cfg) -> None:

@@ -19,12 +19,14 @@ from training.data import Windows
 from training.model import (
     BAND_MARGIN,
     DRIVER_CLIP,
+    STEPS_PER_DAY,
     IntervalWidth,
     KoVAE,
     band_space,
     calibrated_samples,
     driver_level,
     held_plan,
+    plan_moved,
 )
 from training.prepare import Prepared, tensors
 
@@ -69,12 +71,13 @@ def predict(
             if n_samples:
                 eps = torch.randn(len(xh[sl]), n_samples, uf.shape[1], model.cfg.z_dim, generator=g)
                 raw = model.forecast(xh[sl], uh[sl], uf[sl], eps, residual_decay=decay)
-                factor = width(xh[sl], uf[sl])
+                factor = width(xh[sl], uf[sl], uh[sl])
                 samples = calibrated_samples(mean, raw, factor, width.bounds)
                 bands.append(p.dx(ev.sample_band(samples.numpy())))
     return p.dx(np.concatenate(means)), (np.concatenate(bands) if n_samples else None)
 
 
+MOTION_RATIO = (0.5, 2.0)  # a plan's motion over the history changes the width at most this much
 COLLINEAR = 1e-3  # below this det / (aa bb) the two naive regressors count as one
 
 
@@ -272,10 +275,10 @@ def fit_width(
 def width_factors(width: dict[str, Any], spread: np.ndarray, p: Prepared, w: Windows, **how: Any) -> np.ndarray:
     """(N, x): the factor ``IntervalWidth`` gives each window's sample deviations, told ``how`` (``tensors``'
     forecast and request)."""
-    xh, _, _, uf = tensors(p, w, seed=1, **how)
+    xh, uh, _, uf = tensors(p, w, seed=1, **how)
     module = IntervalWidth(len(p.x_mean), {"spread_scale": spread.tolist(), "width": width})  # no bounds: factors
     with torch.no_grad():
-        return module(xh, uf).double().numpy()
+        return module(xh, uf, uh).double().numpy()
 
 
 def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
@@ -288,7 +291,9 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
     honest request). The base is fitted where loops are closed, told as a plant sends (the looped controls left
     to their loops, the setpoints sent); then, one at a time, each other way of telling gets a ratio per
     variable fitted with the ratios before it in place: the looped controls given (the applied diagnostic), no
-    setpoints sent (open-loop windows), an influent forecast. Each covers 80% as it is requested.
+    setpoints sent (open-loop windows), an influent forecast. Each covers 80% as it is requested. Last, the
+    windows whose plan moved over the history's last day and those whose plan stood still get a ratio each
+    (``width.motion``, ``training.model.plan_moved``), so that each covers 80% in the honest request.
     """
     w = p.val
     groups = np.array([f"{p.groups.get(s, 'all')}/{p.policies.get(s, '-')}" for s in w.scenario])
@@ -339,6 +344,21 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
         dev = (band_k - mean_k[:, None])[rows]
         ratio = fit_spread(mean_k[rows], dev, truth[rows], factor)
         width["known"].append({"input": name, "columns": p.flag_columns(kind), "when": when, "ratio": ratio.tolist()})
+    # Last, a plan that moved over the history's last day and one that stood still, each covering 80% of its
+    # own validation windows in the honest request (a width fitted on both covered the first less).
+    columns = p.motion_columns()
+    _, uh, _, _ = tensors(p, w, seed=1)
+    moved = plan_moved(uh, columns, STEPS_PER_DAY).numpy() > 0.5
+    if columns and moved.any() and not moved.all():
+        factor = width_factors(width, spread, p, w)
+        dev = band - mean[:, None]
+        # Clipped: a variable whose band hardly moves with its width (one the plan holds still) would otherwise
+        # take the bisection's end, 2^-6 or 2^10.
+        ratios = {
+            key: np.clip(fit_spread(mean[rows], dev[rows], truth[rows], factor[rows]), *MOTION_RATIO)
+            for key, rows in (("moved", moved), ("still", ~moved))
+        }
+        width["motion"] = {"columns": columns, "steps": STEPS_PER_DAY, **{k: r.tolist() for k, r in ratios.items()}}
     coverage = {}
     for request in ("honest", "held", "applied") if p.n_setpoints else ("bare",):
         mean_r, band_r = run(request)
@@ -356,7 +376,8 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
         "validation windows; then the interval width: per-variable scaling of sample deviations from the mean, "
         "widened with the driver's highest level over the history and scaled per way of telling the model its "
         "inputs (looped controls given or left to their loops, setpoints sent or not, an influent forecast), "
-        "each fitted on validation as requested",
+        "each fitted on validation as requested, and one ratio for a plan that moved over the history's last day "
+        "and one for a plan that stood still",
         "naive_blend": blends,
         "residual_decay": decay.tolist(),
         "spread_scale": spread.tolist(),

@@ -168,11 +168,17 @@ def score_served(store: Path, p: Prepared, candidate_history: int) -> tuple[str,
     return version, ev.gate_score(scored_table(p, mean, None, w))
 
 
+# Scores closer than this are a tie, which does not pass: the candidate is scored in PyTorch, the served version
+# through ONNX Runtime, and the same weights differ by about 1e-8 (a recalibrated default once "passed" by 1.7e-8).
+GATE_TIE = 1e-4
+
+
 def promote_if_better(
     store: Path, candidate: Path, score: float, p: Prepared, cfg: RunConfig, *, force: bool, never: bool
 ) -> int:
     """The promotion gate. The candidate version (a folder outside the store) enters the store and becomes
-    current only if its held-out score beats the served one's re-scored on the same windows (or ``force``);
+    current only if its held-out score beats the served one's re-scored on the same windows by more than GATE_TIE
+    (or ``force``);
     ``never`` stores it without promoting. Otherwise it stays where it is, and the store is left alone.
     The verdict is written into the version as ``gate.json`` (``python -m training.promote`` lists it)."""
     version = candidate.name
@@ -181,13 +187,13 @@ def promote_if_better(
         problem = None
     except CardError as exc:
         served, problem = None, str(exc)
-    passed = problem is None and (served is None or score > served[1])
+    passed = problem is None and (served is None or score > served[1] + GATE_TIE)
     if problem is not None:
         why = f"not comparable with the served model: {problem}"
     elif served is None:
         why = "no model was served"
     else:
-        verdict = ">" if score > served[1] else "<="
+        verdict = ">" if passed else (f"ties (within {GATE_TIE:g})" if abs(score - served[1]) <= GATE_TIE else "<=")
         why = f"score {score:.4f} {verdict} served {served[0]}'s {served[1]:.4f} on the same held-out windows"
     gate = {
         "score": score,

@@ -205,6 +205,13 @@ def width_lines(calib: dict[str, Any]) -> list[str]:
     for k in width["known"]:
         when = "when sent" if k.get("when", "known") == "known" else "when not sent"
         lines.append(f"{k['input']} ({when}): the width times {np.median(k['ratio']):.2f} (median over the variables).")
+    motion = width.get("motion")
+    if motion:
+        lines.append(
+            f"A plan that moved over the history's last {motion['steps']} samples: the width times "
+            f"{np.median(motion['moved']):.2f}; one that stood still: times {np.median(motion['still']):.2f} "
+            "(medians over the variables)."
+        )
     for request, cells in calib["val_coverage_by_regime"].items():
         lines.append(f"Validation coverage, {request}: " + ", ".join(f"{g} {100 * c:.1f}%" for g, c in cells.items()))
     return lines
