@@ -129,6 +129,13 @@ def forecasts(rt: ModelRuntime, b: Branched, clock: np.ndarray, history: int) ->
     return out
 
 
+def pair_change(fc: dict[str, np.ndarray], b: Branched, up: str, down: str, step: int, j: int):
+    """(forecast change, true change) over origins of output j from plan ``down`` to plan ``up`` at ``step``."""
+    return fc[up][:, step - 1, j] - fc[down][:, step - 1, j], b.x_plan[up][:, step - 1, j] - b.x_plan[down][
+        :, step - 1, j
+    ]
+
+
 def setpoint_answers(
     fc: dict[str, np.ndarray], b: Branched, horizon: int
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
@@ -138,13 +145,7 @@ def setpoint_answers(
     _, up, down, wanted = SETPOINT_PAIR
     limit = bsm1.KLA_LIMITS[1]  # the DO loop's upper limit (bsm1.do_loop's, as ``simulate`` builds it)
     at_limit = (b.u_plan[up][:, :horizon, KLA5] >= limit - 1e-6).mean(1) >= 0.5
-    answers = {}
-    for name in wanted:
-        j = BSM1.target_names.index(name)
-        answers[name] = (
-            fc[up][:, horizon - 1, j] - fc[down][:, horizon - 1, j],
-            b.x_plan[up][:, horizon - 1, j] - b.x_plan[down][:, horizon - 1, j],
-        )
+    answers = {name: pair_change(fc, b, up, down, horizon, BSM1.target_names.index(name)) for name in wanted}
     return answers, at_limit
 
 
@@ -222,10 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for lead, step in steps.items():
                 for j, name in enumerate(BSM1.target_names):
-                    pred = fc[up][:, step - 1, j] - fc[down][:, step - 1, j]
-                    true = branched.x_plan[up][:, step - 1, j] - branched.x_plan[down][:, step - 1, j]
+                    change = pair_change(fc, branched, up, down, step, j)
                     for base in (task.base, "both"):
-                        rows.setdefault((label, base, name, lead), []).append((pred, true))
+                        rows.setdefault((label, base, name, lead), []).append(change)
                 n = len(BSM1.target_names)
                 for j, c in enumerate(rt.looped if up.startswith("DO") else []):  # the air a setpoint plan needs
                     pred = fc[up][:, step - 1, n + j] - fc[down][:, step - 1, n + j]

@@ -167,8 +167,7 @@ class Prepared:
         """The known-input columns whose motion over the history's last day widens the interval
         (``training.model.plan_moved``): the controls no loop drives and the setpoints' values (a looped control
         moves with the load under its loop whatever the plan)."""
-        n_u, n_l, n_s = len(self.u_mean), len(self.looped), self.n_setpoints
-        return [*(j for j in range(n_u) if j not in self.looped), *range(n_u + n_l, n_u + n_l + n_s)]
+        return [c for c in self.plan.values if c not in self.looped]  # looped: positions among the controls
 
     def baseline_columns(self) -> list[int]:
         """The known-input columns the ARX baselines were fitted on (``train_series``): controls and calendar."""
