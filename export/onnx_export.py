@@ -36,15 +36,24 @@ from modelcard.card import (
     atomic_write,
     exogenous_outputs,
     fast_outputs,
+    loop_limits,
     looped_controls,
     output_names,
     read_card,
+    scalers,
     sha256_file,
     stability_summary,
     write_card,
 )
 from training.config import ModelConfig
-from training.model import IntervalWidth, KoVAE, PlanLayout, band_space, calibrated_samples, held_plan
+from training.model import (
+    IntervalWidth,
+    KoVAE,
+    PlanLayout,
+    band_space,
+    calibrated_samples,
+    scaled_limits,
+)
 
 OPSET = 17  # runs on every onnxruntime 1.2x/1.3x
 PARITY_TOL = 1e-4
@@ -98,20 +107,30 @@ class ForecastGraph(nn.Module):
         # wrapper left in training mode would switch the model's dropout back on for the parity reference.
         self.eval()
 
-    def rollout(self, z0: torch.Tensor, drive: torch.Tensor) -> list[torch.Tensor]:
+    def rollout(
+        self, z0: torch.Tensor, drive: torch.Tensor, u: torch.Tensor, offset: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """z[1..Hmax], each (N, z): z[k] = A z[k-1] + drive[k], unrolled over the card's maximum horizon from z0
-        (N, z), with drive[k] = B u[k] + c (+ noise) time-major (Hmax, N, z): each step reads one contiguous block."""
-        z, out = z0, []
+        (N, z), with drive[k] = B u[k] + c (+ noise) time-major (Hmax, N, z): each step reads one contiguous block.
+        Under model.loop_feedback each step also gets B times what the loops add to u[k] (the model's
+        ``loop_inputs``, with ``offset`` (Hmax, N, n_looped) before the clip); returns the states and the inputs
+        that drove them (Hmax, N, n_u)."""
+        z, out, used = z0, [], []
         for k in range(self.max_horizon):
-            z = z @ self.At + drive[k]
+            if self.model.feedback:
+                step = self.model.loop_inputs(z, u[k], None if offset is None else offset[k])
+                z = z @ self.At + drive[k] + (step - u[k]) @ self.Bt
+                used.append(step)
+            else:
+                z = z @ self.At + drive[k]
             out.append(z)
-        return out
+        return out, torch.stack(used) if used else u
 
     def decode(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The model's decoder on the rows of 2-D views of z (B, ..., z_dim) and the known inputs of the same steps
         u (B, ..., n_u) -> (B, ..., x_dim). The second axis is reshaped as -1: it may be 0 (no samples), and ONNX
         reads a 0 in a shape as "keep that dim"."""
-        rows = self.model.decode(z.reshape(-1, z.shape[-1]), u.reshape(-1, u.shape[-1]), complete=True)
+        rows = self.model.decode_plan(z.reshape(-1, z.shape[-1]), u.reshape(-1, u.shape[-1]), complete=True)
         return rows.reshape(z.shape[0], -1, *z.shape[2:-1], self.model.x_dim)
 
     def forward(
@@ -124,40 +143,43 @@ class ForecastGraph(nn.Module):
         z0 = mu[:, -1]
         horizon, (n, n_samples) = u_fut.shape[1], noise.shape[:2]  # n: series (or plans)
         pad, (z_dim, n_u) = self.max_horizon - horizon, (z0.shape[1], u_fut.shape[2])
-        # One rollout for the mean (n rows, no noise), the mean under the plan held (n rows, what the naive blends
-        # read: training.model.held_plan; none for cards from before it) and the samples (n*S rows, noise on the
-        # drive); S = 0 (mean only) leaves the sample rows empty. Inputs time-major: (Hmax, rows, .).
-        u = F.pad(u_fut, (0, 0, 0, pad)).transpose(0, 1)  # (Hmax, n, n_u)
-        copies = 2 if m.cfg.blend_held_plan and self.residual_decay is not None else 1  # mean rows per series
-        if copies == 2:
-            # A plans graph's plans are alike (the same variables given at the same steps, and where the history
-            # gives none the same first value: modelcard.runtime.one_plan_held), so they have one plan held,
-            # rolled out and decoded once instead of once per plan.
-            held = held_plan(u_hist, u_fut[:1] if self.plans else u_fut, m.plan)
-            u = torch.cat([u, F.pad(held, (0, 0, 0, pad)).transpose(0, 1)], 1)
-        n_mean = u.shape[1]  # n, or with the held rows 2n (1 + n for the plans graph)
-        us = u[:, :n].unsqueeze(2).expand(-1, -1, n_samples, -1).reshape(self.max_horizon, -1, n_u)  # (Hmax, n*S, .)
+        u = F.pad(u_fut, (0, 0, 0, pad)).transpose(0, 1)  # (Hmax, n, n_u), time-major
+        shift = offset = None
+        if m.cfg.blend_held_plan and self.residual_decay is not None:
+            # First the served forecast under the plan held (the model's ``held_shift``), over the maximum horizon
+            # (the step loop is unrolled for it): what the fading miss and the naive blends add to every plan, and
+            # the loops' offset. A plans graph's plans are alike (the same variables given at the same steps, and
+            # where the history gives none the same first value: modelcard.runtime.one_plan_held), so they have one
+            # plan held, rolled out and decoded once instead of once per plan.
+            padded = F.pad(u_fut[:1] if self.plans else u_fut, (0, 0, 0, pad))
+            operator = (self.At.T, self.Bt.T)
+            shift, offset = m.held_shift(x_hist, u_hist, mu, padded, self.residual_decay, operator=operator)
+            shift = shift[:, :horizon]  # (n, or 1 for plans, h, x)
+        # Then one rollout for the means (n rows, no noise) and the samples (n*S rows, noise on the drive); S = 0
+        # (mean only) leaves the sample rows empty.
+        us = u.unsqueeze(2).expand(-1, -1, n_samples, -1).reshape(self.max_horizon, -1, n_u)  # (Hmax, n*S, .)
         eps = F.pad(noise, (0, 0, 0, pad)).reshape(-1, self.max_horizon, z_dim).transpose(0, 1)  # (Hmax, n*S, z)
         starts = z0.unsqueeze(1) + torch.zeros_like(noise[:, :, 0])  # (n, S, z)
-        if self.plans:  # z0 is the one history's: (1, z) broadcast over the rows
-            means = z0 + torch.zeros_like(u[0, :, :1])  # (n_mean, z)
-        else:
-            means = (z0 + torch.zeros_like(u_fut[:, 0, :1])).repeat(copies, 1)  # (n_mean, z)
-        rows = torch.cat([means, starts.reshape(-1, z_dim)])  # (n_mean + n*S, z)
+        rows = torch.cat([z0 + torch.zeros_like(u[0, :, :1]), starts.reshape(-1, z_dim)])  # (n + n*S, z)
         drive = torch.cat([u @ self.Bt + self.c, us @ self.Bt + self.c + eps * self.noise_std], 1)
-        steps = self.rollout(rows, drive)
-        # (Hmax, n_mean + n*S, n_u): each row's known inputs, for the decoder. Never NaN: a NaN future input would
-        # already have made the drive NaN, so the decoder builds no missing-value mask for them.
-        u_rows = torch.cat([u, us], 1)
+        rows_offset = None
+        if offset is not None:  # (Hmax, n + n*S, n_looped): each series' (or the one history's) for its rows
+            o = offset.transpose(0, 1) + torch.zeros_like(u[..., :1])  # (Hmax, n, .)
+            samples = o.unsqueeze(2).expand(-1, -1, n_samples, -1).reshape(self.max_horizon, -1, o.shape[-1])
+            rows_offset = torch.cat([o, samples], 1)
+        # u_rows (Hmax, n + n*S, n_u): each row's known inputs, with what the loops add, for the decoder. Never
+        # NaN: a NaN future input would already have made the drive NaN, so the decoder builds no missing mask.
+        steps, u_rows = self.rollout(rows, drive, torch.cat([u, us], 1), rows_offset)
         if self.plans:  # decoded step by step: each step's (plans, hidden) stays in cache
-            x = [m.decode(z, u_rows[k], complete=True) for k, z in enumerate(steps)]
-            x = torch.stack(x, 1)[:, :horizon]  # (n_mean + n*S, h, x)
+            x = [m.decode_plan(z, u_rows[k], complete=True) for k, z in enumerate(steps)]
+            x = torch.stack(x, 1)[:, :horizon]  # (n + n*S, h, x)
         else:
-            x = self.decode(torch.stack(steps)[:horizon], u_rows[:horizon]).transpose(0, 1)  # (n_mean + n*S, h, x)
-        mean, held, raw = x[:n], x[n:n_mean], x[n_mean:].reshape(n, -1, horizon, m.x_dim)  # raw: (n, S, h, x)
-        if self.residual_decay is not None:
-            held = held if copies == 2 else mean
-            mean, raw = (m.finish(x_hist, u_hist, mu, t, held, self.residual_decay) for t in (mean, raw))
+            x = self.decode(torch.stack(steps)[:horizon], u_rows[:horizon]).transpose(0, 1)  # (n + n*S, h, x)
+        mean, raw = x[:n], x[n:].reshape(n, -1, horizon, m.x_dim)  # raw: (n, S, h, x)
+        if shift is not None:
+            mean, raw = m.shifted(mean, shift), m.shifted(raw, shift)
+        elif self.residual_decay is not None:  # cards from before model.blend_held_plan
+            mean, raw = (m.blended_alone(x_hist, u_hist, mu, t, self.residual_decay) for t in (mean, raw))
         return mean, calibrated_samples(mean, raw, self.width(x_hist, u_fut, u_hist), self.width.bounds)
 
 
@@ -170,6 +192,7 @@ BEFORE = {
     "seasonal_adaptive": False,
     "correction_last_seen": False,
     "exogenous_modes": 0,
+    "loop_feedback": False,
 }
 
 
@@ -188,8 +211,15 @@ def load_model(version_dir: Path, *, verify: bool = True) -> tuple[KoVAE, dict[s
     looped = tuple(looped_controls(card))  # forecast after the measurements too
     # The leading columns of u, which the decoder reads for the fast outputs.
     variables = card["variables"]
+    _, _, u_mean, u_std = scalers(card)
+    limits = scaled_limits(loop_limits(variables), looped, u_mean, u_std) if looped else ()
     plan = PlanLayout(
-        len(variables["controls"]), looped, n_s, tuple(fast_outputs(variables)), tuple(exogenous_outputs(variables))
+        len(variables["controls"]),
+        looped,
+        n_s,
+        tuple(fast_outputs(variables)),
+        tuple(exogenous_outputs(variables)),
+        limits,
     )
     n_u = plan.fed + Calendar.from_card(card).size + 2 * n_d
     model = KoVAE(len(card["variables"]["measurements"]) + len(looped), n_u, cfg, plan)

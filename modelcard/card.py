@@ -345,6 +345,17 @@ def looped_controls(card: dict[str, Any]) -> list[int]:
     return [names.index(loop["control"]) for loop in loops(card)]
 
 
+def loop_limits(variables: dict[str, Any]) -> list[tuple[float, float]]:
+    """Each loop's controller output limits (``loops`` order), from a card's ``variables`` (a catalog's dict): its
+    ``output_min`` / ``output_max``, else the bounds of the control it drives."""
+    bounds = {v["name"]: v.get("bounds", {}) for v in variables["controls"]}
+    out = []
+    for loop in variables.get("loops", []):
+        own = bounds[loop["control"]]
+        out.append((float(loop.get("output_min", own["min"])), float(loop.get("output_max", own["max"]))))
+    return out
+
+
 def optional_columns(values: np.ndarray) -> np.ndarray:
     """(..., 2 n) known-input columns for inputs a caller may or may not send, from their z-scored values
     (..., n), NaN where not known: the value (0 when not known), then a flag (1 = known). Disturbances: measured

@@ -72,6 +72,10 @@ class Loop:
     control: str
     setpoint: str
     measurement: str = ""  # the measurement it holds ("": not among the catalog's variables)
+    # The controller's output limits (the blower's or the pump's range), within the control's bounds; None: the
+    # control's bounds. A forecast never lets the loop ask for more (``model.loop_feedback``).
+    output_min: float | None = None
+    output_max: float | None = None
 
 
 @dataclass(frozen=True)
@@ -184,22 +188,28 @@ def variable_dict(v: Variable, *, bounds: bool = True) -> dict[str, Any]:
     return out
 
 
-def loop_dict(loop: Loop) -> dict[str, str]:
-    out = {"control": loop.control, "setpoint": loop.setpoint}
-    return {**out, "measurement": loop.measurement} if loop.measurement else out
+def loop_dict(loop: Loop) -> dict[str, Any]:
+    out: dict[str, Any] = {"control": loop.control, "setpoint": loop.setpoint}
+    if loop.measurement:
+        out["measurement"] = loop.measurement
+    for key in ("output_min", "output_max"):
+        if getattr(loop, key) is not None:
+            out[key] = getattr(loop, key)
+    return out
 
 
 def parse_loops(entries: list[Any], variables: list[Variable], source: str) -> tuple[Loop, ...]:
     """The ``[[loops]]`` entries, each naming a control, a setpoint and (optionally) a measurement of the
     catalog; every problem names the loop and the field."""
     roles = {v.name: v.role for v in variables}
+    bounds = {v.name: (v.min, v.max) for v in variables}
     wanted = {"control": ("control",), "setpoint": ("setpoint",), "measurement": ("measurement", "disturbance")}
     loops = []
     for i, entry in enumerate(entries):
         where = f"{source}: loop {i + 1}"
         if not isinstance(entry, dict):
             raise CatalogError(f"{where}: expected a table with control, setpoint and measurement")
-        unknown_keys(entry, set(wanted), where)
+        unknown_keys(entry, {*wanted, "output_min", "output_max"}, where)
         for key, allowed in wanted.items():
             name = entry.get(key)
             if name is None and key == "measurement":
@@ -209,7 +219,16 @@ def parse_loops(entries: list[Any], variables: list[Variable], source: str) -> t
             if roles.get(str(name)) not in allowed:
                 what = f"is a {roles[name]}" if name in roles else "is not a variable of the catalog"
                 raise CatalogError(f"{where}: {key} {name!r} {what} (it must name a {' or '.join(allowed)})")
-        loops.append(Loop(str(entry["control"]), str(entry["setpoint"]), str(entry.get("measurement", ""))))
+        control = str(entry["control"])
+        lo, hi = bounds[control]
+        limits = [entry.get("output_min", lo), entry.get("output_max", hi)]
+        for key, value in zip(("output_min", "output_max"), limits, strict=True):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+                raise CatalogError(f"{where}: {key} must be a number within {control}'s bounds {lo} to {hi}")
+        if limits[0] >= limits[1]:
+            raise CatalogError(f"{where}: output_min {limits[0]} must be below output_max {limits[1]}")
+        minimum, maximum = (float(entry[k]) if k in entry else None for k in ("output_min", "output_max"))
+        loops.append(Loop(control, str(entry["setpoint"]), str(entry.get("measurement", "")), minimum, maximum))
     for key in ("control", "setpoint"):
         named = [getattr(loop, key) for loop in loops]
         twice = sorted({n for n in named if named.count(n) > 1})

@@ -26,6 +26,7 @@ from pydantic import BaseModel, SecretStr
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from modelcard.card import loop_limits
 from service import forecasting, metrics
 from service.decode import decode, publish_limits
 from service.encode import ForecastResponse, answer_response
@@ -355,6 +356,7 @@ def closed_loops(rt: Any) -> dict[str, Any]:
     """What GET /model says of the model's feedback loops: each loop's control, setpoint and measurement, and how a
     request leaves a control to its loop."""
     units = dict(zip(rt.outputs, rt.out_units, strict=True)) | dict(zip(rt.setpoints, rt.s_units, strict=True))
+    limits = loop_limits(rt.card["variables"])
     return {
         "loops": [
             {
@@ -364,8 +366,10 @@ def closed_loops(rt: Any) -> dict[str, Any]:
                 "setpoint_unit": units[loop["setpoint"]],
                 "measurement": loop.get("measurement", ""),
                 "may_be_left_out": True,
+                # The controller's range, where the card declares it: its forecast never asks for more.
+                **({"output_limits": list(lim)} if {"output_min", "output_max"} & set(loop) else {}),
             }
-            for loop in rt.loops
+            for loop, lim in zip(rt.loops, limits, strict=True)
         ],
         "rule": "a looped control's future may be left out of future_controls (or a plan's) when the request sends "
         "its setpoint's plan (future_setpoints, the series' or the plan's) or history (setpoints, its last value "

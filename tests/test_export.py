@@ -216,12 +216,55 @@ def test_a_plans_effect_passes_the_naive_blends_whole_in_both_graphs() -> None:
     with torch.no_grad():
         effect = graph(x, u, moved, noise)[0] - graph(x, u, uf, noise)[0]
         z0 = model.encode(x, u)[0][:, -1]
-        raw = model.decode(model.rollout(z0, moved), moved) - model.decode(model.rollout(z0, uf), uf)
+        raw = model.decode_plan(*model.rollout(z0, moved)) - model.decode_plan(*model.rollout(z0, uf))
         assert torch.allclose(effect, raw, atol=1e-5) and effect.abs().max() > 1e-3
         old = KoVAE(4, 6, ModelConfig(**{**cfg.__dict__, "blend_held_plan": False}), plan).eval()
         old.load_state_dict(model.state_dict())
         shrunk = old.forecast(x, u, moved, residual_decay=decay) - old.forecast(x, u, uf, residual_decay=decay)
     assert not torch.allclose(shrunk, raw, atol=1e-3)  # the old forecast shrinks it
+
+
+def test_a_loop_drives_the_plant_with_its_forecast_control_clipped_to_its_limits_in_both_graphs() -> None:
+    """model.loop_feedback: a control left to its loop drives the latent state with the model's forecast of it,
+    clipped to the loop's output limits, and the loop's setpoint reaches the plant only through that control. A
+    higher setpoint where the loop already asks for more than its limit moves only what the decoder reads the
+    setpoint for (the fast outputs), not the slow ones; within the limits it moves them too. Both graphs agree."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, seasonal_steps=6, loop_feedback=True)
+    # u: 2 controls (the second looped), its loop flag, a setpoint and its flag, a calendar column. x: 3
+    # measurements (the first fast), then the looped control's forecast.
+    tight = PlanLayout(2, looped=(1,), setpoints=1, fast=(0, 3), limits=((-0.5, 0.5),))
+    wide = PlanLayout(2, looped=(1,), setpoints=1, fast=(0, 3), limits=((-50.0, 50.0),))
+    model, free = KoVAE(4, 6, cfg, tight).eval(), KoVAE(4, 6, cfg, wide).eval()
+    with torch.no_grad():
+        model.decoder[-1].bias[3] = 3.0  # the loop asks for 3 (normalised): above the tight limit of 0.5
+        assert model.skip is not None
+        model.skip.weight[3, 3] = 2.0  # and 2 more per unit of setpoint
+    free.load_state_dict(model.state_dict())
+    calib = {"spread_scale": [1.0] * 4, "residual_decay": [0.9] * 4}
+    graph = E.ForecastGraph(model, 12, calib)
+    assert E.parity(graph, E.to_onnx_bytes(graph, 10, {}), 10) < 1e-4
+    assert E.plans_parity(graph, E.to_onnx_bytes(E.ForecastGraph(model, 12, calib, plans=True), 10, {}), 10) < 1e-4
+    x, u, uf, noise = E._example(1, 10, 12, 0, (4, 6, 8), seed=3)
+    u[..., 2], u[..., 4] = 1.0, 1.0  # the history: the control applied, the setpoint logged
+    uf[..., 1:4], uf[..., 4] = 0.0, 1.0  # the plan: the control left to its loop, the setpoint sent (at 0)
+    higher = uf.clone()
+    higher[..., 3] += 1.0
+    with torch.no_grad():
+        z0 = model.encode(x, u)[0][:, -1]
+        z, used = model.rollout(z0, uf)
+        assert torch.all(model.decode_plan(z, used)[..., 3] == 0.5)  # the control forecast at its limit
+        served = graph(x, u, uf, E._example(1, 10, 12, 20, (4, 6, 8), seed=3)[3])
+        assert all(t[..., 3].abs().max() <= 0.5 + 1e-6 for t in served)  # mean and samples within the limits
+        effect = graph(x, u, higher, noise)[0] - graph(x, u, uf, noise)[0]
+        assert effect[..., 0].abs().max() > 1e-3  # the fast output reads the setpoint
+        assert effect[..., 1:].abs().max() < 1e-6  # no more air: the slow outputs stay
+        loose = free.forecast(x, u, higher, residual_decay=torch.full((4,), 0.9))
+        loose = loose - free.forecast(x, u, uf, residual_decay=torch.full((4,), 0.9))
+        assert loose[..., 1:3].abs().max() > 1e-3  # within the limits, the setpoint's air moves the plant
+        given = uf.clone()
+        given[..., 1:3] = torch.tensor([0.25, 1.0])  # the control's future given: it drives the plant as sent
+        assert torch.all(model.rollout(z0, given)[1][..., 1] == 0.25)
 
 
 def test_yesterdays_weight_follows_how_well_yesterday_repeated() -> None:
@@ -245,3 +288,36 @@ def test_yesterdays_weight_follows_how_well_yesterday_repeated() -> None:
     assert torch.allclose(blended, repeating[:, 6:10], atol=1e-6)  # yesterday, whole
     graph = E.ForecastGraph(model, 6, {"spread_scale": [1.0] * 2, "residual_decay": [0.9] * 2})
     assert E.parity(graph, E.to_onnx_bytes(graph, 12, {}), 12) < 1e-4
+
+
+def test_a_plan_held_drives_its_loops_at_their_served_forecast() -> None:
+    """model.loop_feedback with the naive blends: under the plan held, each step's loop drives the plant at the
+    value the served forecast gives the control (the decoder's value, its fading miss and the blends towards
+    yesterday and the last value), clipped to the loop's limits; a plan that is the plan held rolls out exactly
+    so. Checked step by step against the model's own ``seasonal`` and ``correction``."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, seasonal_steps=6, loop_feedback=True)
+    plan = PlanLayout(2, looped=(1,), setpoints=1, fast=(0, 3), limits=((-0.6, 0.6),))
+    model = KoVAE(4, 6, cfg, plan).eval()
+    with torch.no_grad():
+        model.seasonal_logit.fill_(0.0)
+        model.persistence_logit.fill_(-1.0)
+    x, u, uf, _ = E._example(1, 10, 12, 0, (4, 6, 8), seed=4)
+    u[..., 2], u[..., 4] = 1.0, 1.0  # the history: the control applied, the setpoint logged
+    uf[..., 1:3], uf[..., 4] = 0.0, 1.0  # the plan: the loop decides, the setpoint sent
+    uf[..., 0], uf[..., 3] = u[0, -1, 0], u[0, -1, 3]  # and the open-loop control and the setpoint held
+    decay = torch.full((4,), 0.9)
+    with torch.no_grad():
+        mu = model.encode(x, u)[0]
+        offset = model.held_shift(x, u, mu, uf, decay)[1]
+        z, used = model.rollout(mu[:, -1], uf, offset=offset)
+        corr = model.correction(x, mu, u, decay, 12)
+        state = mu[:, -1]
+        for k in range(12):
+            need = model.decode_looped(state, uf[:, k])
+            trajectory = torch.zeros(1, 12, 4)
+            trajectory[:, k, 3] = need[:, 0]
+            served = model.seasonal(x, trajectory + corr)[:, k, 3]
+            assert torch.allclose(used[:, k, 1], served.clamp(-0.6, 0.6), atol=1e-5)
+            state = z[:, k]
+        assert (used[..., 1].abs() < 0.6).any()  # not every step at a limit: the blend is what is checked

@@ -174,6 +174,7 @@ def test_the_model_endpoint_describes_the_loops(server, rt) -> None:
         "setpoint_unit": "g O2/m3",
         "measurement": "SO_5",
         "may_be_left_out": True,
+        "output_limits": [0.0, 240.0],  # the DO controller's limit (the catalog's output_max)
     }
     assert "left out" in loops["rule"]
 

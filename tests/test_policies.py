@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from modelcard.card import loop_limits
 from plant import bsm1
 from plant.branching import Plan, run_with_branches
 from plant.catalog import BSM1, CatalogError, catalog_from_dict
@@ -158,6 +159,18 @@ def test_catalog_loops_are_validated_by_name() -> None:
         ),
         ({"control": "KLa_5"}, r"loop 1: missing setpoint"),
         ({"control": "KLa_5", "setpoint": "SO_5_setpoint", "gain": 3}, r"unknown key\(s\) 'gain'"),
+        (
+            {"control": "KLa_5", "setpoint": "SO_5_setpoint", "output_max": 400},
+            r"loop 1: output_max must be a number within KLa_5's bounds 0.0 to 360.0",
+        ),
+        (
+            {"control": "KLa_5", "setpoint": "SO_5_setpoint", "output_min": "low"},
+            r"loop 1: output_min must be a number",
+        ),
+        (
+            {"control": "KLa_5", "setpoint": "SO_5_setpoint", "output_min": 200, "output_max": 100},
+            r"loop 1: output_min 200 must be below output_max 100",
+        ),
     ]
     for loop, message in cases:
         with pytest.raises(CatalogError, match=message):
@@ -165,3 +178,6 @@ def test_catalog_loops_are_validated_by_name() -> None:
     twice = [{"control": "KLa_5", "setpoint": "SO_5_setpoint"}, {"control": "KLa_5", "setpoint": "SNO_2_setpoint"}]
     with pytest.raises(CatalogError, match="control KLa_5 is in more than one loop"):
         catalog_from_dict({**data, "loops": twice})
+    # The controller's output limits: the DO loop's blower gives 240 1/d at most (the control's bounds say 360).
+    assert [(loop.output_min, loop.output_max) for loop in BSM1.loops] == [(None, 240.0), (None, 92230.0)]
+    assert loop_limits(BSM1.to_dict()) == [(0.0, 240.0), (0.0, 92230.0)]

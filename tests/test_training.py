@@ -792,3 +792,22 @@ def test_fast_outputs_are_the_catalogs_fast_variables_loop_measurements_and_loop
     assert [names[i] for i in fast_outputs(variables)] == ["SNO_2", "SO_5", "KLa_5", "Q_intr"]  # the loops' own
     variables.pop("loops")
     assert fast_outputs(variables) == []
+
+
+def test_calibration_leaves_the_loops_own_blends_as_trained() -> None:
+    """Under model.loop_feedback the loops drive the plant at their blended forecast, so the blends and the
+    fading of the looped controls move every other variable's forecast: calibration turns the others' blends off
+    (to fit them) but keeps the loops', and never refits the loops' own. Without feedback every output is fitted."""
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, seasonal_steps=6, loop_feedback=True)
+    plan = PlanLayout(2, looped=(1,), setpoints=1, fast=(0, 3), limits=((-1.0, 1.0),))
+    model = KoVAE(4, 6, cfg, plan)
+    assert calibration.calibrated_columns(model).tolist() == [True, True, True, False]
+    with torch.no_grad():
+        model.seasonal_logit.fill_(0.5)
+        model.persistence_logit.fill_(0.25)
+    with calibration.blends_off(model):
+        assert torch.all(model.seasonal_logit[:, :3] == -1e4) and torch.all(model.seasonal_logit[:, 3] == 0.5)
+        assert torch.all(model.persistence_logit[:, :3] == -1e4) and torch.all(model.persistence_logit[:, 3] == 0.25)
+    assert torch.all(model.seasonal_logit == 0.5)  # restored
+    plain = KoVAE(4, 6, replace(cfg, loop_feedback=False), plan)
+    assert calibration.calibrated_columns(plain).all()

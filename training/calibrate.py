@@ -95,15 +95,28 @@ def naive_forecasts(w: Windows, season: int) -> tuple[np.ndarray, np.ndarray]:
 
 @contextmanager
 def blends_off(model: KoVAE) -> Iterator[None]:
-    """The model's forecast without its two naive blends (weights ~0), restored on exit."""
+    """The model's forecast without its two naive blends (weights ~0), restored on exit. Under
+    model.loop_feedback the looped controls keep theirs: the loops drive the plant at their blended forecast, so
+    without it every other variable's forecast would be another one than the served (``calibrated_columns``)."""
     saved = model.seasonal_logit.data.clone(), model.persistence_logit.data.clone()
-    model.seasonal_logit.data.fill_(-1e4)
-    model.persistence_logit.data.fill_(-1e4)
+    off = torch.from_numpy(calibrated_columns(model))
+    model.seasonal_logit.data.masked_fill_(off, -1e4)
+    model.persistence_logit.data.masked_fill_(off, -1e4)
     try:
         yield
     finally:
         model.seasonal_logit.data.copy_(saved[0])
         model.persistence_logit.data.copy_(saved[1])
+
+
+def calibrated_columns(model: KoVAE) -> np.ndarray:
+    """(x,) which outputs calibration refits the fading and the naive blends of, each on its own: all but the
+    looped controls under model.loop_feedback, whose blended forecast drives the plant inside the rollout (so
+    their weights move every other variable's forecast, and keep what training learned)."""
+    columns = np.ones(model.x_dim, bool)
+    if model.feedback:
+        columns[model.x_dim - len(model.plan.looped) :] = False
+    return columns
 
 
 DECAY_GRID = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)  # per step: half-lives of 45 min to 7 days at 15 min
@@ -118,7 +131,8 @@ def fit_residual_decay(model: KoVAE, p: Prepared) -> np.ndarray:
     """
     with torch.no_grad():
         learned = model.residual_decay().double().numpy()
-    candidates = [learned, *(np.full(model.x_dim, g) for g in DECAY_GRID)]
+    own = calibrated_columns(model)
+    candidates = [learned, *(np.where(own, g, learned) for g in DECAY_GRID)]
     errors = []
     with blends_off(model):
         for g in candidates:
@@ -204,7 +218,7 @@ def fit_naive_blends(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[s
     with torch.no_grad():
         for logit, weights in refitted:
             rows = min(H, logit.shape[0])
-            take = torch.from_numpy(better[:rows])[:, None]
+            take = torch.from_numpy(better[:rows])[:, None] & torch.from_numpy(calibrated_columns(model))
             new = torch.logit(torch.from_numpy(weights[:rows]).float().clamp(1e-4, 1 - 1e-4))
             logit[:rows] = torch.where(take, new, logit[:rows])
     return {"refitted_steps": [int(k) + 1 for k in np.flatnonzero(better)]}

@@ -14,6 +14,12 @@ linear in u can only approximate. The dynamics stay in A and B. Only those fast 
 ``fast``, each loop's measurement and looped control) read u_c (``model.decoder_fast_only``); the rest are D(z, 0):
 under a DO loop more air comes with more ammonium, and a decoder reading KLa for effluent ammonium learned that
 correlation as an instant response of the wrong sign.
+A control a feedback loop drives (KLa_5 under the DO loop) is an output too: what the loop will apply. With
+``model.loop_feedback``, where a request leaves it to its loop, each step is driven by the model's own forecast of
+it (decoded from the state the step starts from and the step's setpoint), clipped to the loop's output limits, and
+the setpoint reaches the plant only through that control: a higher DO setpoint adds no air, and so takes no
+ammonium, once the blower runs at its limit. The dynamics stay linear in z and u; the loop closes around them, and
+the clip bounds what it feeds back, so z stays bounded under a stable A.
 The first ``model.exogenous_modes`` latent coordinates take no input from the plan (their rows of B are 0 in the
 plan's columns) and alone decode the exogenous outputs, the influent, through a head of their own: no plan can
 move the influent forecast, by construction, where the what-if pairs otherwise had to teach it.
@@ -204,10 +210,18 @@ class StableKoopman(nn.Module):
     """
 
     def __init__(
-        self, z_dim: int, u_dim: int, real_modes: int, rho_max: float, exogenous: int = 0, plan_columns: int = 0
+        self,
+        z_dim: int,
+        u_dim: int,
+        real_modes: int,
+        rho_max: float,
+        exogenous: int = 0,
+        plan_columns: int = 0,
+        silent: tuple[int, ...] = (),
     ) -> None:
         """``exogenous``: the first this many latent coordinates take no input from the first ``plan_columns``
-        columns of u (the plan): their rows of B are held at 0 there (``input_matrix``)."""
+        columns of u (the plan): their rows of B are held at 0 there (``input_matrix``). ``silent``: columns of u
+        that drive no latent coordinate (a loop's setpoint under model.loop_feedback acts through its control)."""
         super().__init__()
         self.z_dim, self.rho_max = z_dim, rho_max
         n_pairs = (z_dim - real_modes) // 2
@@ -224,14 +238,16 @@ class StableKoopman(nn.Module):
         self.c = nn.Parameter(torch.zeros(z_dim))
         self.log_noise = nn.Parameter(torch.full((z_dim,), -1.0))  # prior transition noise scale (log)
         mask = None
-        if exogenous and plan_columns:
+        if (exogenous and plan_columns) or silent:
             mask = torch.ones(z_dim, u_dim)
             mask[:exogenous, :plan_columns] = 0.0
+            mask[:, list(silent)] = 0.0
         self.input_mask: torch.Tensor | None
         self.register_buffer("input_mask", mask, persistent=False)
 
     def input_matrix(self) -> torch.Tensor:
-        """B as the dynamics use it: zero where the plan would drive an exogenous latent coordinate."""
+        """B as the dynamics use it: zero where the plan would drive an exogenous latent coordinate, and in the
+        silent columns."""
         return self.B if self.input_mask is None else self.B * self.input_mask
 
     def pair_radii(self) -> torch.Tensor:
@@ -277,6 +293,9 @@ class PlanLayout:
     # Output positions no plan can move (modelcard.card.exogenous_outputs: the influent), decoded from the
     # exogenous latent coordinates alone (model.exogenous_modes).
     exogenous: tuple[int, ...] = ()
+    # Each looped control's controller output limits in its normalised units (modelcard.card.loop_limits), what
+    # model.loop_feedback clips the control's forecast to.
+    limits: tuple[tuple[float, float], ...] = ()
 
     @property
     def fed(self) -> int:
@@ -287,6 +306,18 @@ class PlanLayout:
         """The u columns of the plan's values: the controls, then the setpoints (not their flags)."""
         nc, nl = self.controls, len(self.looped)
         return [*range(nc), *range(nc + nl, nc + nl + self.setpoints)]
+
+
+def scaled_limits(
+    limits: list[tuple[float, float]], looped: tuple[int, ...], u_mean: np.ndarray, u_std: np.ndarray
+) -> tuple[tuple[float, float], ...]:
+    """Each loop's output limits (engineering units, modelcard.card.loop_limits) in its control's normalised
+    units (``looped``: the controls' positions), for PlanLayout.limits. A looped control's forecast (x's column)
+    is scaled like the control itself, so one clip serves both."""
+    return tuple(
+        (float((lo - u_mean[j]) / u_std[j]), float((hi - u_mean[j]) / u_std[j]))
+        for (lo, hi), j in zip(limits, looped, strict=True)
+    )
 
 
 def plan_known(u: torch.Tensor, plan: PlanLayout) -> torch.Tensor:
@@ -334,7 +365,13 @@ class KoVAE(nn.Module):
         n_exo = cfg.exogenous_modes if self.plan.exogenous else 0
         if n_exo > cfg.z_dim - cfg.real_modes:
             raise ValueError(f"model.exogenous_modes {n_exo} exceeds the {cfg.z_dim - cfg.real_modes} paired modes")
-        self.koopman = StableKoopman(cfg.z_dim, u_dim, cfg.real_modes, cfg.rho_max, n_exo, self.plan.fed)
+        # model.loop_feedback: a control left to its loop drives z with the model's forecast of it (loop_inputs),
+        # and its setpoint (value and flag columns) drives z only through it.
+        plan = self.plan
+        self.feedback = bool(cfg.loop_feedback and plan.looped)
+        nc, nl, ns = plan.controls, len(plan.looped), plan.setpoints
+        silent = tuple(range(nc + nl, nc + nl + 2 * ns)) if self.feedback else ()
+        self.koopman = StableKoopman(cfg.z_dim, u_dim, cfg.real_modes, cfg.rho_max, n_exo, plan.fed, silent)
         # No LayerNorm in the decoder: it would make x blind to the scale of z, so latents could drift in
         # scale freely (inflating the KL) and forecast samples could not spread beyond a fixed width.
         layers: list[nn.Module] = []
@@ -372,6 +409,21 @@ class KoVAE(nn.Module):
             exo_place[range(len(outputs)), outputs] = 1.0
         self.register_buffer("exo_mask", exo_mask, persistent=False)
         self.register_buffer("exo_place", exo_place, persistent=False)
+        self.loop_lo: torch.Tensor | None
+        self.loop_hi: torch.Tensor | None
+        self.loop_place: torch.Tensor | None
+        lo = hi = place = None
+        if self.feedback:
+            if len(plan.limits) != nl:
+                raise ValueError(f"model.loop_feedback needs the output limits of all {nl} loops (PlanLayout.limits)")
+            if not cfg.decoder_controls or (mask is not None and not mask[x_dim - nl :].all()):
+                raise ValueError("model.loop_feedback needs the looped controls decoded with the plan")
+            lo, hi = (torch.tensor([lim[i] for lim in plan.limits], dtype=torch.float32) for i in (0, 1))
+            place = torch.zeros(nl, u_dim)  # one-hot rows: each loop's forecast into its control's column of u
+            place[range(nl), list(plan.looped)] = 1.0
+        self.register_buffer("loop_lo", lo, persistent=False)
+        self.register_buffer("loop_hi", hi, persistent=False)
+        self.register_buffer("loop_place", place, persistent=False)
         # Fading of the decoder's miss at the last history step, per variable: g = sigmoid(a) in (0, 1).
         self.decay_logit = nn.Parameter(torch.full((x_dim,), 2.0))
         # Blends towards the same time a day earlier and towards the last value, per lead time and variable.
@@ -499,17 +551,72 @@ class KoVAE(nn.Module):
         seen = ~torch.isnan(last)
         return forecast + q * seen * (torch.where(seen, last, 0.0) - forecast)
 
-    def rollout(self, z0: torch.Tensor, u_fut: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """z[k] for k = 1..H under the future controls; optional standard-normal noise (batch, H, z)."""
-        A = self.koopman.matrix()
-        drive = u_fut @ self.koopman.input_matrix().T + self.koopman.c  # (batch, H, z)
-        if noise is not None:
-            drive = drive + noise * self.koopman.log_noise.exp()
+    def decode_looped(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The decoder's outputs for the looped controls alone (x's last columns), (..., n_looped): what
+        ``loop_inputs`` needs at every step, without the other outputs' share of the last layer."""
+        nl, controls = len(self.plan.looped), u[..., : self.n_fed]
+        last = self.decoder[-1]
+        out = F.linear(self.decoder[:-1](torch.cat([z, controls], -1)), last.weight[-nl:], last.bias[-nl:])
+        return out if self.skip is None else out + F.linear(controls, self.skip.weight[-nl:])
+
+    def loop_inputs(
+        self, z: torch.Tensor, u: torch.Tensor, offset: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One step's known inputs u (N, n_u) with each control left to its loop (flag 0, its column 0) set to the
+        model's forecast of it from the state z (N, z) the step starts from (times ``scale``, plus ``offset``, each
+        (N, n_looped): what the served forecast's blends make of it, ``held_shift``), clipped to the loop's output
+        limits: the air a DO setpoint asks for, up to what the blower gives (model.loop_feedback). The clip bounds
+        what the loop can feed back, so z stays bounded under a stable A whatever the decoder says."""
+        nc, nl = self.plan.controls, len(self.plan.looped)
+        assert self.loop_lo is not None and self.loop_hi is not None and self.loop_place is not None
+        need = self.decode_looped(z, u)
+        need = need if scale is None else need * scale
+        need = need if offset is None else need + offset
+        fed = torch.minimum(torch.maximum(need, self.loop_lo), self.loop_hi)
+        return u + ((1 - u[..., nc : nc + nl]) * fed) @ self.loop_place
+
+    def rollout(
+        self,
+        z0: torch.Tensor,
+        u_fut: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        operator: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """z[k] for k = 1..H under the future controls, and the inputs that drove each step (u_fut, with the
+        controls left to their loops filled in under model.loop_feedback: ``loop_inputs``, with ``scale`` and
+        ``offset`` (batch, H, n_looped) before the clip); optional standard-normal noise (batch, H, z). ``operator``:
+        (A, B) frozen, as the exported graph holds them (their construction does not export)."""
+        A, B = operator if operator is not None else (self.koopman.matrix(), self.koopman.input_matrix())
+        shock = None if noise is None else noise * self.koopman.log_noise.exp()
         z, out = z0, []
+        if not self.feedback:
+            drive = u_fut @ B.T + self.koopman.c  # (batch, H, z)
+            drive = drive if shock is None else drive + shock
+            for k in range(u_fut.shape[1]):
+                z = z @ A.T + drive[:, k]
+                out.append(z)
+            return torch.stack(out, 1), u_fut
+        used = []
         for k in range(u_fut.shape[1]):
-            z = z @ A.T + drive[:, k]
+            u = self.loop_inputs(
+                z, u_fut[:, k], None if offset is None else offset[:, k], None if scale is None else scale[:, k]
+            )
+            z = z @ A.T + u @ B.T + self.koopman.c
+            z = z if shock is None else z + shock[:, k]
             out.append(z)
-        return torch.stack(out, 1)
+            used.append(u)
+        return torch.stack(out, 1), torch.stack(used, 1)
+
+    def decode_plan(self, z: torch.Tensor, u: torch.Tensor, *, complete: bool = False) -> torch.Tensor:
+        """A rollout's decoding from its states and the inputs that drove them (``rollout``): under
+        model.loop_feedback each looped control's forecast is the value that drove the step (its loop's, clipped,
+        or the one given), not a second reading of the decoder."""
+        x = self.decode(z, u, complete=complete)
+        if not self.feedback:
+            return x
+        return torch.cat([x[..., : self.x_dim - len(self.plan.looped)], u[..., list(self.plan.looped)]], -1)
 
     def forecast(
         self,
@@ -521,59 +628,115 @@ class KoVAE(nn.Module):
     ) -> torch.Tensor:
         """Normalised forecast from the posterior mean at the last history step: (batch, H, x_dim), or with
         noise (batch, samples, H, z_dim) the forecast samples (batch, samples, H, x_dim). ``residual_decay``
-        (x_dim,) adds the fading decoder's miss at the last step, then the naive blends (``finish``; none: the
+        (x_dim,) adds the fading decoder's miss at the last step, then the naive blends (``shift``; none: the
         latent forecast alone)."""
         mu, _ = self.encode(x_hist, u_hist)
         z0 = mu[:, -1]
+        shift = offset = None
+        if residual_decay is not None and self.cfg.blend_held_plan:
+            shift, offset = self.held_shift(x_hist, u_hist, mu, u_fut, residual_decay)
         if noise is None:
-            out = self.decode(self.rollout(z0, u_fut), u_fut)
+            out = self.decode_plan(*self.rollout(z0, u_fut, offset=offset))
         else:
             b, s = noise.shape[:2]
             rep = z0.repeat_interleave(s, 0), u_fut.repeat_interleave(s, 0)
-            z = self.rollout(*rep, noise.reshape(b * s, *noise.shape[2:]))
-            out = self.decode(z, rep[1]).reshape(b, s, *u_fut.shape[1:2], -1)
+            offset = None if offset is None else offset.repeat_interleave(s, 0)
+            out = self.decode_plan(*self.rollout(*rep, noise.reshape(b * s, *noise.shape[2:]), offset))
+            out = out.reshape(b, s, *u_fut.shape[1:2], -1)
         if residual_decay is None:
             return out
-        held = self.decode_held(z0, u_hist, u_fut) if self.cfg.blend_held_plan else out
-        return self.finish(x_hist, u_hist, mu, out, held, residual_decay)
+        if shift is None:
+            return self.blended_alone(x_hist, u_hist, mu, out, residual_decay)
+        return self.shifted(out, shift)
 
     def plan_effect(
         self, x_hist: torch.Tensor, u_hist: torch.Tensor, u_a: torch.Tensor, u_b: torch.Tensor
     ) -> torch.Tensor:
         """How the mean forecast (batch, H, x) changes from plan ``u_b`` to plan ``u_a`` after one history, what a
         what-if answer reports. The served forecast's fading miss and naive blends move every plan alike
-        (``finish``), so the change is the decoded rollouts' alone."""
+        (``shift``), so the change is the decoded rollouts' alone (under model.loop_feedback, each rolled out with
+        the loops' offset from the plan held, the same for both: ``held_shift``)."""
         mu, _ = self.encode(x_hist, u_hist)
-        z0 = mu[:, -1]
-        return self.decode(self.rollout(z0, u_a), u_a) - self.decode(self.rollout(z0, u_b), u_b)
+        z0, offset = mu[:, -1], None
+        if self.feedback:  # both plans leave the same columns to their loops: one plan held
+            offset = self.held_shift(x_hist, u_hist, mu, u_a, self.residual_decay())[1]
+        return self.decode_plan(*self.rollout(z0, u_a, offset=offset)) - self.decode_plan(
+            *self.rollout(z0, u_b, offset=offset)
+        )
 
-    def decode_held(self, z0: torch.Tensor, u_hist: torch.Tensor, u_fut: torch.Tensor) -> torch.Tensor:
-        """The mean forecast's decoded rollout under the plan held (``held_plan``): (batch, H, x)."""
-        u = held_plan(u_hist, u_fut, self.plan) if self.cfg.blend_held_plan else u_fut
-        return self.decode(self.rollout(z0, u), u)
+    def held_shift(
+        self,
+        x_hist: torch.Tensor,
+        u_hist: torch.Tensor,
+        z_hist: torch.Tensor,
+        u_fut: torch.Tensor,
+        decay: torch.Tensor,
+        decoded_hist: torch.Tensor | None = None,
+        operator: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The served forecast under the plan held (``held_plan``), as what it adds to every plan's decoded rollout
+        (``shift``, (batch, H, x)), and under model.loop_feedback the loops' offset (batch, H, n_looped) for the
+        plans' rollouts (None without).
 
-    def finish(
+        With loop feedback the plan held is rolled out with each loop driving the plant at its served forecast,
+        the naive blends' (yesterday's air at this hour tells how near its limit the blower will run; the blends
+        are affine in the forecast, so each step's is ``scale`` times the decoder's value plus ``base``), and a
+        plan's loops ask for their own decoded value plus the same step's difference between the held plan's
+        blended and decoded values: a plan that is the plan held rolls out exactly as it, and a plan's effect on
+        the air is not shrunk by the blends."""
+        z0 = z_hist[:, -1]
+        held = held_plan(u_hist, u_fut, self.plan) if self.cfg.blend_held_plan else u_fut
+        if not self.feedback:
+            decoded = self.decode_plan(*self.rollout(z0, held, operator=operator))
+            return self.shift(x_hist, u_hist, z_hist, decoded, decay, decoded_hist), None
+        corr = self.correction(x_hist, z_hist, u_hist, decay, u_fut.shape[1], decoded_hist)
+        looped = slice(self.x_dim - len(self.plan.looped), None)
+        base = self.seasonal(x_hist, corr)[..., looped]  # the served value of a decoded 0
+        scale = self.seasonal(x_hist, 1 + corr)[..., looped] - base  # and what each unit adds
+        z, used = self.rollout(z0, held, offset=base, scale=scale, operator=operator)
+        need = self.decode_looped(torch.cat([z0.unsqueeze(1), z[:, :-1]], 1), held)  # what each step's loops asked
+        shift = self.shift(x_hist, u_hist, z_hist, self.decode_plan(z, used), decay, decoded_hist)
+        return shift, (scale - 1) * need + base
+
+    def shift(
+        self,
+        x_hist: torch.Tensor,
+        u_hist: torch.Tensor,
+        z_hist: torch.Tensor,
+        decoded_held: torch.Tensor,
+        decay: torch.Tensor,
+        decoded_hist: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(batch, H, x) what the served forecast adds to every plan's decoded rollout: the decoder's fading miss
+        at each variable's last measured history step (``correction``; z_hist: the history's latent states),
+        plus what the naive blends (``seasonal``) add to the forecast under the plan held, ``decoded_held``
+        (batch, H, x). The blends then move every plan's forecast alike, and a plan's effect passes whole."""
+        corr = self.correction(x_hist, z_hist, u_hist, decay, decoded_held.shape[-2], decoded_hist)
+        held = decoded_held + corr
+        return corr + self.seasonal(x_hist, held) - held
+
+    def shifted(self, decoded: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """The served forecast, (batch, [samples,] H, x): the decoded rollouts plus the ``shift`` (batch, H, x).
+        Under model.loop_feedback a looped control's forecast is the value that drove the rollout, which holds its
+        share of the shift already (``held_shift``) and stays within the loop's limits."""
+        if self.feedback:
+            nl = len(self.plan.looped)
+            shift = torch.cat([shift[..., : self.x_dim - nl], torch.zeros_like(shift[..., self.x_dim - nl :])], -1)
+        return decoded + (shift.unsqueeze(1) if decoded.dim() == 4 else shift)
+
+    def blended_alone(
         self,
         x_hist: torch.Tensor,
         u_hist: torch.Tensor,
         z_hist: torch.Tensor,
         decoded: torch.Tensor,
-        decoded_held: torch.Tensor,
         decay: torch.Tensor,
         decoded_hist: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The served forecast from decoded rollouts, (batch, [samples,] H, x): plus the decoder's fading miss at
-        each variable's last measured history step (``correction``; z_hist: the history's latent states), plus
-        what the naive blends (``seasonal``) add to the forecast under the plan held, ``decoded_held`` (batch, H,
-        x). The blends then move every plan's forecast alike, and a plan's effect passes whole. Cards from before
-        it (``model.blend_held_plan`` false) blend each trajectory itself."""
-        samples = decoded.dim() == 4
+        """The served forecast of cards from before model.blend_held_plan: each decoded trajectory (batch,
+        [samples,] H, x) plus the fading miss, then blended itself (which shrank every plan's effect)."""
         corr = self.correction(x_hist, z_hist, u_hist, decay, decoded.shape[-2], decoded_hist)
-        if not self.cfg.blend_held_plan:
-            return self.seasonal(x_hist, decoded + (corr.unsqueeze(1) if samples else corr))
-        held = decoded_held + corr
-        shift = corr + self.seasonal(x_hist, held) - held
-        return decoded + (shift.unsqueeze(1) if samples else shift)
+        return self.seasonal(x_hist, decoded + (corr.unsqueeze(1) if decoded.dim() == 4 else corr))
 
     def losses(
         self,
@@ -611,11 +774,14 @@ class KoVAE(nn.Module):
         )
         kl = kl.mean()  # per latent dimension, so beta does not scale with z_dim
 
-        z_roll = self.rollout(zh[:, -1], u_fut)
-        R = u_fut.shape[1]
-        forecast = self.decode(z_roll, u_fut)
-        held = self.decode_held(zh[:, -1], u_hist, u_fut) if self.cfg.blend_held_plan else forecast
-        forecast = self.finish(x_hist, u_hist, zh, forecast, held, self.residual_decay(), rec_hist)
+        R, decay = u_fut.shape[1], self.residual_decay()
+        if self.cfg.blend_held_plan:
+            shift, offset = self.held_shift(x_hist, u_hist, zh, u_fut, decay, rec_hist)
+            z_roll, u_roll = self.rollout(zh[:, -1], u_fut, offset=offset)
+            forecast = self.shifted(self.decode_plan(z_roll, u_roll), shift)
+        else:
+            z_roll, u_roll = self.rollout(zh[:, -1], u_fut)
+            forecast = self.blended_alone(x_hist, u_hist, zh, self.decode_plan(z_roll, u_roll), decay, rec_hist)
         seen = torch.isfinite(x_fut)
         err = torch.where(seen, forecast - torch.nan_to_num(x_fut), 0.0) ** 2
         per_step = err.sum((0, 2)) / seen.sum((0, 2)).clamp(min=1)  # (R,): mean over what was measured

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from modelcard.card import Calendar, exogenous_outputs, fast_outputs, known_inputs, window_clock
+from modelcard.card import Calendar, exogenous_outputs, fast_outputs, known_inputs, loop_limits, window_clock
 from plant.catalog import BSM1, Catalog
 from plant.operation import HONEST_HELD
 from plant.whatif import WhatIf
 from training.config import ConfigError, RunConfig
 from training.data import Windows, heldout_windows, load_data, make_windows
-from training.model import PlanLayout
+from training.model import PlanLayout, scaled_limits
 from training.requests import closed_loops, request_arrays
 
 
@@ -82,7 +82,9 @@ class Prepared:
         if not self.looped:  # a model without loops: its card names none (training.publish)
             variables.pop("loops", None)
         fast = tuple(fast_outputs(variables))
-        return PlanLayout(len(self.u_mean), self.looped, self.n_setpoints, fast, tuple(exogenous_outputs(variables)))
+        limits = scaled_limits(loop_limits(variables), self.looped, self.u_mean, self.u_std) if self.looped else ()
+        exogenous = tuple(exogenous_outputs(variables))
+        return PlanLayout(len(self.u_mean), self.looped, self.n_setpoints, fast, exogenous, limits)
 
     def nx(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.x_mean) / self.x_std).astype(np.float32)
