@@ -20,7 +20,7 @@ import torch
 from modelcard.card import CARD_VERSION, CardError, atomic_write, last_observed
 from modelcard.runtime import ModelRuntime
 from modelcard.store import GATE_FILE, add_version, current_version, set_current, version_dir
-from plant.catalog import Catalog
+from plant.catalog import Catalog, loop_dict
 from training import evaluate as ev
 from training.config import RunConfig
 from training.model import KoVAE
@@ -88,10 +88,9 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
             ),
             **(
                 {
-                    "loops": [
-                        {"control": loop.control, "setpoint": loop.setpoint, "measurement": loop.measurement}
-                        for loop in p.catalog.loops
-                    ]
+                    # With the controller's output limits: the graph clips the loops' forecast to them
+                    # (model.loop_feedback), as training did (training.prepare.Prepared.plan).
+                    "loops": [{"measurement": "", **loop_dict(loop)} for loop in p.catalog.loops]
                 }
                 if p.looped
                 else {}
