@@ -96,6 +96,17 @@ def test_metadata_round_trips_through_onnxruntime(trained_store) -> None:
     assert np.allclose(eig[:, 0], [e["real"] for e in card["stability"]["eigenvalues"]])
 
 
+def test_the_card_carries_the_loops_output_limits_the_model_was_trained_with(trained_store) -> None:
+    """The graph clips a loop's forecast to the limits its card names (export.onnx_export.load_model): a card
+    without them once gave the exported default KLa_5's 360 1/d bound where training clipped at the loop's 240."""
+    store, version = trained_store
+    model, card = _load(store, version)
+    loops = {loop["control"]: loop for loop in card["variables"]["loops"]}
+    assert loops["KLa_5"]["output_max"] == 240.0 and loops["Q_intr"]["output_max"] == 92230.0
+    u_mean, u_std = (np.array([v[k] for v in card["variables"]["controls"]]) for k in ("mean", "std"))
+    assert np.isclose(model.plan.limits[0][1], (240.0 - u_mean[2]) / u_std[2], atol=1e-5)
+
+
 def test_card_eigenvalues_match_numpy_and_the_model(trained_store) -> None:
     store, version = trained_store
     model, card = _load(store, version)
