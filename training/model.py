@@ -686,32 +686,22 @@ class KoVAE(nn.Module):
         the air is not shrunk by the blends."""
         z0 = z_hist[:, -1]
         held = held_plan(u_hist, u_fut, self.plan) if self.cfg.blend_held_plan else u_fut
-        if not self.feedback:
-            decoded = self.decode_plan(*self.rollout(z0, held, operator=operator))
-            return self.shift(x_hist, u_hist, z_hist, decoded, decay, decoded_hist), None
         corr = self.correction(x_hist, z_hist, u_hist, decay, u_fut.shape[1], decoded_hist)
+        if not self.feedback:
+            return self.shift(x_hist, self.decode_plan(*self.rollout(z0, held, operator=operator)), corr), None
         looped = slice(self.x_dim - len(self.plan.looped), None)
         base = self.seasonal(x_hist, corr)[..., looped]  # the served value of a decoded 0
         scale = self.seasonal(x_hist, 1 + corr)[..., looped] - base  # and what each unit adds
         z, used = self.rollout(z0, held, offset=base, scale=scale, operator=operator)
         need = self.decode_looped(torch.cat([z0.unsqueeze(1), z[:, :-1]], 1), held)  # what each step's loops asked
-        shift = self.shift(x_hist, u_hist, z_hist, self.decode_plan(z, used), decay, decoded_hist)
+        shift = self.shift(x_hist, self.decode_plan(z, used), corr)
         return shift, (scale - 1) * need + base
 
-    def shift(
-        self,
-        x_hist: torch.Tensor,
-        u_hist: torch.Tensor,
-        z_hist: torch.Tensor,
-        decoded_held: torch.Tensor,
-        decay: torch.Tensor,
-        decoded_hist: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def shift(self, x_hist: torch.Tensor, decoded_held: torch.Tensor, corr: torch.Tensor) -> torch.Tensor:
         """(batch, H, x) what the served forecast adds to every plan's decoded rollout: the decoder's fading miss
-        at each variable's last measured history step (``correction``; z_hist: the history's latent states),
-        plus what the naive blends (``seasonal``) add to the forecast under the plan held, ``decoded_held``
-        (batch, H, x). The blends then move every plan's forecast alike, and a plan's effect passes whole."""
-        corr = self.correction(x_hist, z_hist, u_hist, decay, decoded_held.shape[-2], decoded_hist)
+        ``corr`` (``correction``), plus what the naive blends (``seasonal``) add to the forecast under the plan
+        held, ``decoded_held`` (batch, H, x). The blends then move every plan's forecast alike, and a plan's effect
+        passes whole."""
         held = decoded_held + corr
         return corr + self.seasonal(x_hist, held) - held
 
