@@ -108,17 +108,17 @@ class ForecastGraph(nn.Module):
         self.eval()
 
     def rollout(
-        self, z0: torch.Tensor, drive: torch.Tensor, u: torch.Tensor, offset: torch.Tensor | None = None
+        self, z0: torch.Tensor, drive: torch.Tensor, u: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """z[1..Hmax], each (N, z): z[k] = A z[k-1] + drive[k], unrolled over the card's maximum horizon from z0
         (N, z), with drive[k] = B u[k] + c (+ noise) time-major (Hmax, N, z): each step reads one contiguous block.
         Under model.loop_feedback each step also gets B times what the loops add to u[k] (the model's
-        ``loop_inputs``, with ``offset`` (Hmax, N, n_looped) before the clip); returns the states and the inputs
-        that drove them (Hmax, N, n_u)."""
+        ``loop_inputs``); returns the states and the inputs that drove them (Hmax, N, n_u). Cards from before
+        model.blend_held_plan only: the others roll out beside their plan held (``forward``)."""
         z, out, used = z0, [], []
         for k in range(self.max_horizon):
             if self.model.feedback:
-                step = self.model.loop_inputs(z, u[k], None if offset is None else offset[k])
+                step = self.model.loop_inputs(z, u[k])
                 z = z @ self.At + drive[k] + (step - u[k]) @ self.Bt
                 used.append(step)
             else:
@@ -126,12 +126,28 @@ class ForecastGraph(nn.Module):
             out.append(z)
         return out, torch.stack(used) if used else u
 
-    def decode(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, u: torch.Tensor, hz: torch.Tensor | None = None) -> torch.Tensor:
         """The model's decoder on the rows of 2-D views of z (B, ..., z_dim) and the known inputs of the same steps
-        u (B, ..., n_u) -> (B, ..., x_dim). The second axis is reshaped as -1: it may be 0 (no samples), and ONNX
-        reads a 0 in a shape as "keep that dim"."""
-        rows = self.model.decode_plan(z.reshape(-1, z.shape[-1]), u.reshape(-1, u.shape[-1]), complete=True)
+        u (B, ..., n_u) -> (B, ..., x_dim) (``hz``: z's share of the first layer, if the rollout has it). The
+        second axis is reshaped as -1: it may be 0 (no samples), and ONNX reads a 0 in a shape as "keep that
+        dim"."""
+        flat = None if hz is None else hz.reshape(-1, hz.shape[-1])
+        rows = self.model.decode_plan(z.reshape(-1, z.shape[-1]), u.reshape(-1, u.shape[-1]), complete=True, hz=flat)
         return rows.reshape(z.shape[0], -1, *z.shape[2:-1], self.model.x_dim)
+
+    def decode_steps(
+        self, z: list[torch.Tensor], u: list[torch.Tensor], hz: list[torch.Tensor] | None, horizon: int
+    ) -> torch.Tensor:
+        """Each step's states (N, z) and inputs (N, n_u), decoded to (N, h, x): every step of the unrolled maximum
+        horizon, then sliced to the requested one (a tensor slice, which the graph keeps dynamic). The plans graph
+        decodes step by step, so each step's (plans, hidden) activations stay in cache, and computes z's share of
+        the first layer again (``hz``, the rollout's, kept for every step of 1,000 plans is 100 MB, which made
+        1,000 plans 30% slower than computing it twice); the other stacks the steps and decodes them at once."""
+        if self.plans:
+            x = [self.model.decode_plan(zk, uk, complete=True) for zk, uk in zip(z, u, strict=True)]
+            return torch.stack(x, 1)[:, :horizon]
+        first = None if hz is None else torch.stack(hz)[:horizon]
+        return self.decode(torch.stack(z)[:horizon], torch.stack(u)[:horizon], first).transpose(0, 1)
 
     def forward(
         self, x_hist: torch.Tensor, u_hist: torch.Tensor, u_fut: torch.Tensor, noise: torch.Tensor
@@ -143,43 +159,47 @@ class ForecastGraph(nn.Module):
         z0 = mu[:, -1]
         horizon, (n, n_samples) = u_fut.shape[1], noise.shape[:2]  # n: series (or plans)
         pad, (z_dim, n_u) = self.max_horizon - horizon, (z0.shape[1], u_fut.shape[2])
-        u = F.pad(u_fut, (0, 0, 0, pad)).transpose(0, 1)  # (Hmax, n, n_u), time-major
-        shift = offset = None
+        u = F.pad(u_fut, (0, 0, 0, pad))  # (n, Hmax, n_u)
+        # The rows rolled out: the means (n, no noise), then the samples (n*S, noise on the drive); S = 0 (mean
+        # only) leaves the sample rows empty.
+        us = u.unsqueeze(1).expand(-1, n_samples, -1, -1).reshape(-1, self.max_horizon, n_u)  # (n*S, Hmax, .)
+        eps = F.pad(noise, (0, 0, 0, pad)).reshape(-1, self.max_horizon, z_dim)  # (n*S, Hmax, z)
         if m.cfg.blend_held_plan and self.residual_decay is not None:
-            # First the served forecast under the plan held (the model's ``held_shift``), over the maximum horizon
-            # (the step loop is unrolled for it): what the fading miss and the naive blends add to every plan, and
-            # the loops' offset. A plans graph's plans are alike (the same variables given at the same steps, and
-            # where the history gives none the same first value: modelcard.runtime.one_plan_held), so they have one
-            # plan held, rolled out and decoded once instead of once per plan.
-            padded = F.pad(u_fut[:1] if self.plans else u_fut, (0, 0, 0, pad))
+            # The rows roll out beside the plan held, in one step loop (the model's ``served``): its served
+            # forecast sets what the fading miss and the naive blends add to every row, and the loops' offset. A
+            # plans graph's plans are alike (the same variables given at the same steps, and where the history gives
+            # none the same first value: modelcard.runtime.one_plan_held), so they have one plan held, rolled out
+            # and decoded once instead of once per plan.
+            rows = torch.cat([u, us])  # (n + n*S, Hmax, n_u)
+            if self.plans:
+
+                def spread(t: torch.Tensor) -> torch.Tensor:  # the one history's value on every row
+                    return t + torch.zeros_like(rows[:, 0, :1])
+
+            else:
+
+                def spread(t: torch.Tensor) -> torch.Tensor:  # each series' value on its mean and sample rows
+                    return torch.cat([t, t.unsqueeze(1).expand(-1, n_samples, -1).reshape(-1, t.shape[-1])])
+
+            held, corr, base, scale = m.plan_held(x_hist, u_hist, mu, u[:1] if self.plans else u, self.residual_decay)
+            noise_rows = torch.cat([torch.zeros_like(u[..., :1]).expand(-1, -1, z_dim), eps])
             operator = (self.At.T, self.Bt.T)
-            shift, offset = m.held_shift(x_hist, u_hist, mu, padded, self.residual_decay, operator=operator)
-            shift = shift[:, :horizon]  # (n, or 1 for plans, h, x)
-        # Then one rollout for the means (n rows, no noise) and the samples (n*S rows, noise on the drive); S = 0
-        # (mean only) leaves the sample rows empty.
-        us = u.unsqueeze(2).expand(-1, -1, n_samples, -1).reshape(self.max_horizon, -1, n_u)  # (Hmax, n*S, .)
-        eps = F.pad(noise, (0, 0, 0, pad)).reshape(-1, self.max_horizon, z_dim).transpose(0, 1)  # (Hmax, n*S, z)
-        starts = z0.unsqueeze(1) + torch.zeros_like(noise[:, :, 0])  # (n, S, z)
-        rows = torch.cat([z0 + torch.zeros_like(u[0, :, :1]), starts.reshape(-1, z_dim)])  # (n + n*S, z)
-        drive = torch.cat([u @ self.Bt + self.c, us @ self.Bt + self.c + eps * self.noise_std], 1)
-        rows_offset = None
-        if offset is not None:  # (Hmax, n + n*S, n_looped): each series' (or the one history's) for its rows
-            o = offset.transpose(0, 1) + torch.zeros_like(u[..., :1])  # (Hmax, n, .)
-            samples = o.unsqueeze(2).expand(-1, -1, n_samples, -1).reshape(self.max_horizon, -1, o.shape[-1])
-            rows_offset = torch.cat([o, samples], 1)
-        # u_rows (Hmax, n + n*S, n_u): each row's known inputs, with what the loops add, for the decoder. Never
-        # NaN: a NaN future input would already have made the drive NaN, so the decoder builds no missing mask.
-        steps, u_rows = self.rollout(rows, drive, torch.cat([u, us], 1), rows_offset)
-        if self.plans:  # decoded step by step: each step's (plans, hidden) stays in cache
-            x = [m.decode_plan(z, u_rows[k], complete=True) for k, z in enumerate(steps)]
-            x = torch.stack(x, 1)[:, :horizon]  # (n + n*S, h, x)
-        else:
-            x = self.decode(torch.stack(steps)[:horizon], u_rows[:horizon]).transpose(0, 1)  # (n + n*S, h, x)
-        mean, raw = x[:n], x[n:].reshape(n, -1, horizon, m.x_dim)  # raw: (n, S, h, x)
-        if shift is not None:
+            z, used, hz = m.rollout_with_held(z0, held, rows, spread, base, scale, noise_rows, operator)
+            x = self.decode_steps(z, used, hz, horizon)  # (held + n + n*S, h, x)
+            nb = held.shape[0]
+            shift = m.shift(x_hist, x[:nb], corr[:, :horizon])
+            mean, raw = x[nb : nb + n], x[nb + n :].reshape(n, -1, horizon, m.x_dim)  # raw: (n, S, h, x)
             mean, raw = m.shifted(mean, shift), m.shifted(raw, shift)
-        elif self.residual_decay is not None:  # cards from before model.blend_held_plan
-            mean, raw = (m.blended_alone(x_hist, u_hist, mu, t, self.residual_decay) for t in (mean, raw))
+        else:  # cards from before model.blend_held_plan
+            ut, ust = u.transpose(0, 1), us.transpose(0, 1)  # time-major
+            starts = z0.unsqueeze(1) + torch.zeros_like(noise[:, :, 0])  # (n, S, z)
+            rows0 = torch.cat([z0 + torch.zeros_like(ut[0, :, :1]), starts.reshape(-1, z_dim)])  # (n + n*S, z)
+            drive = torch.cat([ut @ self.Bt + self.c, ust @ self.Bt + self.c + eps.transpose(0, 1) * self.noise_std], 1)
+            steps, u_rows = self.rollout(rows0, drive, torch.cat([ut, ust], 1))
+            x = self.decode_steps(steps, list(u_rows.unbind(0)), None, horizon)
+            mean, raw = x[:n], x[n:].reshape(n, -1, horizon, m.x_dim)
+            if self.residual_decay is not None:
+                mean, raw = (m.blended_alone(x_hist, u_hist, mu, t, self.residual_decay) for t in (mean, raw))
         return mean, calibrated_samples(mean, raw, self.width(x_hist, u_fut, u_hist), self.width.bounds)
 
 

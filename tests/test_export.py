@@ -320,8 +320,9 @@ def test_a_plan_held_drives_its_loops_at_their_served_forecast() -> None:
     decay = torch.full((4,), 0.9)
     with torch.no_grad():
         mu = model.encode(x, u)[0]
-        offset = model.held_shift(x, u, mu, uf, decay)[1]
-        z, used = model.rollout(mu[:, -1], uf, offset=offset)
+        decoded, shift, z = model.served(x, u, mu, uf, decay)
+        used = model.shifted(decoded, shift)[..., 3]  # the control's served forecast: the value that drove each step
+        assert torch.allclose(used, model.forecast(x, u, uf, residual_decay=decay)[..., 3])
         corr = model.correction(x, mu, u, decay, 12)
         state = mu[:, -1]
         for k in range(12):
@@ -329,6 +330,6 @@ def test_a_plan_held_drives_its_loops_at_their_served_forecast() -> None:
             trajectory = torch.zeros(1, 12, 4)
             trajectory[:, k, 3] = need[:, 0]
             served = model.seasonal(x, trajectory + corr)[:, k, 3]
-            assert torch.allclose(used[:, k, 1], served.clamp(-0.6, 0.6), atol=1e-5)
+            assert torch.allclose(used[:, k], served.clamp(-0.6, 0.6), atol=1e-5)
             state = z[:, k]
-        assert (used[..., 1].abs() < 0.6).any()  # not every step at a limit: the blend is what is checked
+        assert (used.abs() < 0.6).any()  # not every step at a limit: the blend is what is checked

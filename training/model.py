@@ -54,6 +54,7 @@ Everything here works in normalised units; the scalers live in the model card.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -347,6 +348,16 @@ def held_plan(u_hist: torch.Tensor, u_fut: torch.Tensor, plan: PlanLayout) -> to
     return torch.cat([held[..., :nc], u_fut[..., nc : nc + nl], held[..., nc:], u_fut[..., nc + nl + ns :]], -1)
 
 
+def _same(t: torch.Tensor) -> torch.Tensor:
+    """Each history's rows are its plan's (``KoVAE.served``'s default spread)."""
+    return t
+
+
+def _twice(t: torch.Tensor) -> torch.Tensor:
+    """Each history's rows for two plans, one after the other (``KoVAE.plan_effect``)."""
+    return torch.cat([t, t])
+
+
 class KoVAE(nn.Module):
     def __init__(self, x_dim: int, u_dim: int, cfg: ModelConfig, plan: PlanLayout | None = None) -> None:
         """``plan``: where the plan (controls, looped controls' flags, setpoints) leads the u columns (the rest:
@@ -430,32 +441,41 @@ class KoVAE(nn.Module):
         self.seasonal_logit = nn.Parameter(torch.full((max(cfg.seasonal_steps, 1), x_dim), -3.0))
         self.persistence_logit = nn.Parameter(torch.full((STEPS_PER_DAY, x_dim), -3.0))
 
-    def decode(self, z: torch.Tensor, u: torch.Tensor, *, complete: bool = False) -> torch.Tensor:
+    def decode(
+        self, z: torch.Tensor, u: torch.Tensor, *, complete: bool = False, hz: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x = D(z, u_c), pointwise: z (..., z_dim) and u (..., u_dim) of the same steps; u_c its first n_fed
         columns (the controls), a missing one (NaN, a history gap) read as 0, its training mean. ``complete``:
         the caller knows u has no NaN (planned controls), so no mask is built (the plans graph decodes per step).
-        The exogenous outputs, if the model has them, come from the exogenous coordinates alone."""
-        out = self._decode_plant(z, u, complete)
+        ``hz``: z's share of the decoder's first layer (``first_layer``), if the caller has it. The exogenous
+        outputs, if the model has them, come from the exogenous coordinates alone."""
+        out = self._decode_plant(z, u, complete, hz)
         if self.exo_head is None or self.exo_mask is None or self.exo_place is None:
             return out
         return torch.where(self.exo_mask, self.exo_head(z[..., : self.n_exo]) @ self.exo_place, out)
 
-    def _decode_plant(self, z: torch.Tensor, u: torch.Tensor, complete: bool) -> torch.Tensor:
+    def first_layer(self, z: torch.Tensor) -> torch.Tensor:
+        """z's share of the decoder's first layer, W_z z + b (..., hidden): most of the decoder's work per step,
+        and the same for a state's decoding and for the loops' forecast of the next step's control
+        (``decode_looped``), so a rollout under loop feedback computes it once per state."""
+        first = self.decoder[0]
+        return F.linear(z, first.weight[:, : z.shape[-1]], first.bias)
+
+    def _decode_plant(
+        self, z: torch.Tensor, u: torch.Tensor, complete: bool, hz: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if not self.n_fed:
             return self.decoder(z)
         controls = u[..., : self.n_fed]
         if not complete:
             controls = torch.where(torch.isnan(controls), 0.0, controls)
-        if self.fast_mask is None:
-            out = self.decoder(torch.cat([z, controls], -1))
-            return out if self.skip is None else out + self.skip(controls)
         # The fast outputs decode [z, u_c], the others [z, 0]: both share the first layer's product with z, so it
         # is computed once (it is most of the decoder's work per step, which each control plan pays).
         first, rest = self.decoder[0], self.decoder[1:]
-        shared = F.linear(z, first.weight[:, : z.shape[-1]], first.bias)
+        shared = self.first_layer(z) if hz is None else hz
         out = rest(shared + F.linear(controls, first.weight[:, z.shape[-1] :]))
         out = out if self.skip is None else out + self.skip(controls)
-        return torch.where(self.fast_mask, out, rest(shared))
+        return out if self.fast_mask is None else torch.where(self.fast_mask, out, rest(shared))
 
     def residual_decay(self) -> torch.Tensor:
         """g per variable, (x,): every value in (0, 1) for any parameter value."""
@@ -551,28 +571,26 @@ class KoVAE(nn.Module):
         seen = ~torch.isnan(last)
         return forecast + q * seen * (torch.where(seen, last, 0.0) - forecast)
 
-    def decode_looped(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def decode_looped(self, z: torch.Tensor, u: torch.Tensor, hz: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's outputs for the looped controls alone (x's last columns), (..., n_looped): what
-        ``loop_inputs`` needs at every step, without the other outputs' share of the last layer."""
+        ``loop_inputs`` needs at every step, without the other outputs' share of the last layer (``hz``: z's share
+        of the first layer, if the caller has it)."""
         nl, controls = len(self.plan.looped), u[..., : self.n_fed]
-        last = self.decoder[-1]
-        out = F.linear(self.decoder[:-1](torch.cat([z, controls], -1)), last.weight[-nl:], last.bias[-nl:])
+        first, last = self.decoder[0], self.decoder[-1]
+        shared = self.first_layer(z) if hz is None else hz
+        hidden = self.decoder[1:-1](shared + F.linear(controls, first.weight[:, z.shape[-1] :]))
+        out = F.linear(hidden, last.weight[-nl:], last.bias[-nl:])
         return out if self.skip is None else out + F.linear(controls, self.skip.weight[-nl:])
 
-    def loop_inputs(
-        self, z: torch.Tensor, u: torch.Tensor, offset: torch.Tensor | None = None, scale: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def loop_inputs(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """One step's known inputs u (N, n_u) with each control left to its loop (flag 0, its column 0) set to the
-        model's forecast of it from the state z (N, z) the step starts from (times ``scale``, plus ``offset``, each
-        (N, n_looped): what the served forecast's blends make of it, ``held_shift``), clipped to the loop's output
-        limits: the air a DO setpoint asks for, up to what the blower gives (model.loop_feedback). The clip bounds
-        what the loop can feed back, so z stays bounded under a stable A whatever the decoder says."""
+        model's forecast of it from the state z (N, z) the step starts from, clipped to the loop's output limits:
+        the air a DO setpoint asks for, up to what the blower gives (model.loop_feedback). The clip bounds what
+        the loop can feed back, so z stays bounded under a stable A whatever the decoder says. (A served forecast
+        adds the naive blends' share first: ``rollout_with_held``.)"""
         nc, nl = self.plan.controls, len(self.plan.looped)
         assert self.loop_lo is not None and self.loop_hi is not None and self.loop_place is not None
-        need = self.decode_looped(z, u)
-        need = need if scale is None else need * scale
-        need = need if offset is None else need + offset
-        fed = torch.minimum(torch.maximum(need, self.loop_lo), self.loop_hi)
+        fed = torch.minimum(torch.maximum(self.decode_looped(z, u), self.loop_lo), self.loop_hi)
         return u + ((1 - u[..., nc : nc + nl]) * fed) @ self.loop_place
 
     def rollout(
@@ -580,14 +598,12 @@ class KoVAE(nn.Module):
         z0: torch.Tensor,
         u_fut: torch.Tensor,
         noise: torch.Tensor | None = None,
-        offset: torch.Tensor | None = None,
-        scale: torch.Tensor | None = None,
         operator: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """z[k] for k = 1..H under the future controls, and the inputs that drove each step (u_fut, with the
-        controls left to their loops filled in under model.loop_feedback: ``loop_inputs``, with ``scale`` and
-        ``offset`` (batch, H, n_looped) before the clip); optional standard-normal noise (batch, H, z). ``operator``:
-        (A, B) frozen, as the exported graph holds them (their construction does not export)."""
+        controls left to their loops filled in under model.loop_feedback: ``loop_inputs``); optional
+        standard-normal noise (batch, H, z). The latent forecast alone: a served one rolls out beside its plan
+        held (``rollout_with_held``). ``operator``: (A, B) frozen, as the exported graph holds them."""
         A, B = operator if operator is not None else (self.koopman.matrix(), self.koopman.input_matrix())
         shock = None if noise is None else noise * self.koopman.log_noise.exp()
         z, out = z0, []
@@ -600,23 +616,130 @@ class KoVAE(nn.Module):
             return torch.stack(out, 1), u_fut
         used = []
         for k in range(u_fut.shape[1]):
-            u = self.loop_inputs(
-                z, u_fut[:, k], None if offset is None else offset[:, k], None if scale is None else scale[:, k]
-            )
+            u = self.loop_inputs(z, u_fut[:, k])
             z = z @ A.T + u @ B.T + self.koopman.c
             z = z if shock is None else z + shock[:, k]
             out.append(z)
             used.append(u)
         return torch.stack(out, 1), torch.stack(used, 1)
 
-    def decode_plan(self, z: torch.Tensor, u: torch.Tensor, *, complete: bool = False) -> torch.Tensor:
+    def decode_plan(
+        self, z: torch.Tensor, u: torch.Tensor, *, complete: bool = False, hz: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """A rollout's decoding from its states and the inputs that drove them (``rollout``): under
         model.loop_feedback each looped control's forecast is the value that drove the step (its loop's, clipped,
         or the one given), not a second reading of the decoder."""
-        x = self.decode(z, u, complete=complete)
+        x = self.decode(z, u, complete=complete, hz=hz)
         if not self.feedback:
             return x
         return torch.cat([x[..., : self.x_dim - len(self.plan.looped)], u[..., list(self.plan.looped)]], -1)
+
+    def rollout_with_held(
+        self,
+        z0: torch.Tensor,
+        held: torch.Tensor,
+        plans: torch.Tensor,
+        spread: Callable[[torch.Tensor], torch.Tensor],
+        base: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        operator: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
+        """The plan held (``held`` (b, H, n_u), one row per history, from z0 (b, z)) and the plans (``plans``
+        (N, H, n_u); ``spread`` maps a per-history tensor (b, ...) onto the plans' rows (N, ...)) rolled out in one
+        step loop. Per step, the held rows first: z (b + N, z), the inputs that drove the step (b + N, n_u) and,
+        under model.loop_feedback, the state's share of the decoder's first layer (b + N, hidden; else None),
+        which decoding it reuses (lists, not stacked: the plans graph decodes step by step, and a stack of 1,000
+        plans' first layers is 100 MB). ``noise`` (N, H, z), standard normal, drives the plans' rows.
+
+        Under model.loop_feedback each step's loops ask for the decoder's forecast of their control from the state
+        the step starts from. The plan held's loops drive the plant at their served forecast (the naive blends
+        make ``scale`` times the decoder's value plus ``base`` of it, (b, H, n_looped) each: yesterday's air at
+        this hour tells how near its limit the blower will run), and each plan's loops at their own decoded value
+        plus the same step's difference between the held plan's served and decoded values: a plan that is the plan
+        held rolls out exactly as it, and a plan's effect on the air is not shrunk by the blends. Each is clipped
+        to the loop's output limits (``loop_inputs``). ``operator``: (A, B) frozen, as the exported graph holds
+        them."""
+        A, B = operator if operator is not None else (self.koopman.matrix(), self.koopman.input_matrix())
+        nb = z0.shape[0]
+        u = torch.cat([held, plans]).transpose(0, 1)  # (H, b + N, n_u)
+        drive = u @ B.T + self.koopman.c
+        if noise is not None:
+            shock = (noise * self.koopman.log_noise.exp()).transpose(0, 1)
+            drive = torch.cat([drive[:, :nb], drive[:, nb:] + shock], 1)
+        z, states = torch.cat([z0, spread(z0)]), []
+        drives, inputs = drive.unbind(0), u.unbind(0)  # per step (an index per step would cost a full-size
+        # gradient buffer per step in the backward pass; unbind's is one stack)
+        if not self.feedback:
+            for d in drives:
+                z = z @ A.T + d
+                states.append(z)
+            return states, list(inputs), None
+        assert self.loop_lo is not None and self.loop_hi is not None and self.loop_place is not None
+        assert base is not None and scale is not None
+        nc, nl = self.plan.controls, len(self.plan.looped)
+        opens = (1 - u[..., nc : nc + nl]).unbind(0)  # per step (b + N, n_looped): 1 where the loop decides
+        gains, bases = (scale - 1).unbind(1), base.unbind(1)
+        to_z = self.loop_place @ B.T  # (n_looped, z): a looped control's column of B
+        hz, fed_steps, firsts = self.first_layer(z), [], []
+        for k, d in enumerate(drives):
+            need = self.decode_looped(z, inputs[k], hz)
+            offset = gains[k] * need[:nb] + bases[k]  # the plan held's: served minus decoded
+            fed = torch.minimum(torch.maximum(need + torch.cat([offset, spread(offset)]), self.loop_lo), self.loop_hi)
+            fed = fed * opens[k]
+            z = z @ A.T + d + fed @ to_z
+            hz = self.first_layer(z)
+            states.append(z)
+            fed_steps.append(fed)
+            firsts.append(hz)
+        used = [v + fed @ self.loop_place for v, fed in zip(inputs, fed_steps, strict=True)]
+        return states, used, firsts
+
+    def plan_held(
+        self,
+        x_hist: torch.Tensor,
+        u_hist: torch.Tensor,
+        z_hist: torch.Tensor,
+        u_fut: torch.Tensor,
+        decay: torch.Tensor,
+        decoded_hist: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """What a served forecast needs before its rollout: the plan held (``held_plan``, (b, H, n_u)), the
+        decoder's fading miss (``correction``, (b, H, x)) and, under model.loop_feedback, the naive blends' share
+        of the loops' forecast: the served value of a decoded 0 (``base``) and what each decoded unit adds
+        (``scale``), (b, H, n_looped) each (None without)."""
+        corr = self.correction(x_hist, z_hist, u_hist, decay, u_fut.shape[1], decoded_hist)
+        base = scale = None
+        if self.feedback:
+            looped = slice(self.x_dim - len(self.plan.looped), None)
+            base = self.seasonal(x_hist, corr)[..., looped]
+            scale = self.seasonal(x_hist, 1 + corr)[..., looped] - base
+        return held_plan(u_hist, u_fut, self.plan), corr, base, scale
+
+    def served(
+        self,
+        x_hist: torch.Tensor,
+        u_hist: torch.Tensor,
+        z_hist: torch.Tensor,
+        u_fut: torch.Tensor,
+        decay: torch.Tensor,
+        plans: torch.Tensor | None = None,
+        spread: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        noise: torch.Tensor | None = None,
+        decoded_hist: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The plans' decoded rollouts (N, H, x), what the served forecast adds to each (``shift``: (b, H, x) per
+        history) and their latent states (N, H, z). ``u_fut`` (b, H, n_u) is each history's plan, whose plan held
+        (``held_plan``) sets the shift and the loops' offsets (``rollout_with_held``); ``plans`` and ``spread``
+        (default: u_fut itself) are the rows rolled out, with ``noise`` (N, H, z) for samples. z_hist: the
+        history's latent states (``decoded_hist``: their decoding, if the caller has it)."""
+        held, corr, base, scale = self.plan_held(x_hist, u_hist, z_hist, u_fut, decay, decoded_hist)
+        plans, spread = (u_fut, _same) if plans is None or spread is None else (plans, spread)
+        z_steps, used_steps, hz_steps = self.rollout_with_held(z_hist[:, -1], held, plans, spread, base, scale, noise)
+        z, used = torch.stack(z_steps, 1), torch.stack(used_steps, 1)  # (b + N, H, .)
+        decoded = self.decode_plan(z, used, hz=None if hz_steps is None else torch.stack(hz_steps, 1))
+        nb = x_hist.shape[0]
+        return decoded[nb:], self.shift(x_hist, decoded[:nb], corr), z[nb:]
 
     def forecast(
         self,
@@ -632,20 +755,19 @@ class KoVAE(nn.Module):
         latent forecast alone)."""
         mu, _ = self.encode(x_hist, u_hist)
         z0 = mu[:, -1]
-        shift = offset = None
+        b, s = u_fut.shape[0], 1 if noise is None else noise.shape[1]
+        rows = u_fut.repeat_interleave(s, 0)
+        eps = None if noise is None else noise.reshape(b * s, *noise.shape[2:])
         if residual_decay is not None and self.cfg.blend_held_plan:
-            shift, offset = self.held_shift(x_hist, u_hist, mu, u_fut, residual_decay)
-        if noise is None:
-            out = self.decode_plan(*self.rollout(z0, u_fut, offset=offset))
+            out, shift, _ = self.served(
+                x_hist, u_hist, mu, u_fut, residual_decay, rows, lambda t: t.repeat_interleave(s, 0), eps
+            )
         else:
-            b, s = noise.shape[:2]
-            rep = z0.repeat_interleave(s, 0), u_fut.repeat_interleave(s, 0)
-            offset = None if offset is None else offset.repeat_interleave(s, 0)
-            out = self.decode_plan(*self.rollout(*rep, noise.reshape(b * s, *noise.shape[2:]), offset))
-            out = out.reshape(b, s, *u_fut.shape[1:2], -1)
+            out = self.decode_plan(*self.rollout(z0.repeat_interleave(s, 0), rows, eps))
+        out = out if noise is None else out.reshape(b, s, *u_fut.shape[1:2], -1)
         if residual_decay is None:
             return out
-        if shift is None:
+        if not self.cfg.blend_held_plan:
             return self.blended_alone(x_hist, u_hist, mu, out, residual_decay)
         return self.shifted(out, shift)
 
@@ -654,48 +776,15 @@ class KoVAE(nn.Module):
     ) -> torch.Tensor:
         """How the mean forecast (batch, H, x) changes from plan ``u_b`` to plan ``u_a`` after one history, what a
         what-if answer reports. The served forecast's fading miss and naive blends move every plan alike
-        (``shift``), so the change is the decoded rollouts' alone (under model.loop_feedback, each rolled out with
-        the loops' offset from the plan held, the same for both: ``held_shift``)."""
+        (``shift``), so the change is the decoded rollouts' alone (under model.loop_feedback, both rolled out beside
+        the plan held, whose loops' offset they share: ``rollout_with_held``)."""
         mu, _ = self.encode(x_hist, u_hist)
-        z0, offset = mu[:, -1], None
+        b, plans = u_a.shape[0], torch.cat([u_a, u_b])
         if self.feedback:  # both plans leave the same columns to their loops: one plan held
-            offset = self.held_shift(x_hist, u_hist, mu, u_a, self.residual_decay())[1]
-        return self.decode_plan(*self.rollout(z0, u_a, offset=offset)) - self.decode_plan(
-            *self.rollout(z0, u_b, offset=offset)
-        )
-
-    def held_shift(
-        self,
-        x_hist: torch.Tensor,
-        u_hist: torch.Tensor,
-        z_hist: torch.Tensor,
-        u_fut: torch.Tensor,
-        decay: torch.Tensor,
-        decoded_hist: torch.Tensor | None = None,
-        operator: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The served forecast under the plan held (``held_plan``), as what it adds to every plan's decoded rollout
-        (``shift``, (batch, H, x)), and under model.loop_feedback the loops' offset (batch, H, n_looped) for the
-        plans' rollouts (None without).
-
-        With loop feedback the plan held is rolled out with each loop driving the plant at its served forecast,
-        the naive blends' (yesterday's air at this hour tells how near its limit the blower will run; the blends
-        are affine in the forecast, so each step's is ``scale`` times the decoder's value plus ``base``), and a
-        plan's loops ask for their own decoded value plus the same step's difference between the held plan's
-        blended and decoded values: a plan that is the plan held rolls out exactly as it, and a plan's effect on
-        the air is not shrunk by the blends."""
-        z0 = z_hist[:, -1]
-        held = held_plan(u_hist, u_fut, self.plan) if self.cfg.blend_held_plan else u_fut
-        corr = self.correction(x_hist, z_hist, u_hist, decay, u_fut.shape[1], decoded_hist)
-        if not self.feedback:
-            return self.shift(x_hist, self.decode_plan(*self.rollout(z0, held, operator=operator)), corr), None
-        looped = slice(self.x_dim - len(self.plan.looped), None)
-        base = self.seasonal(x_hist, corr)[..., looped]  # the served value of a decoded 0
-        scale = self.seasonal(x_hist, 1 + corr)[..., looped] - base  # and what each unit adds
-        z, used = self.rollout(z0, held, offset=base, scale=scale, operator=operator)
-        need = self.decode_looped(torch.cat([z0.unsqueeze(1), z[:, :-1]], 1), held)  # what each step's loops asked
-        shift = self.shift(x_hist, self.decode_plan(z, used), corr)
-        return shift, (scale - 1) * need + base
+            decoded = self.served(x_hist, u_hist, mu, u_a, self.residual_decay(), plans, _twice)[0]
+        else:
+            decoded = self.decode_plan(*self.rollout(_twice(mu[:, -1]), plans))
+        return decoded[:b] - decoded[b:]
 
     def shift(self, x_hist: torch.Tensor, decoded_held: torch.Tensor, corr: torch.Tensor) -> torch.Tensor:
         """(batch, H, x) what the served forecast adds to every plan's decoded rollout: the decoder's fading miss
@@ -708,7 +797,7 @@ class KoVAE(nn.Module):
     def shifted(self, decoded: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """The served forecast, (batch, [samples,] H, x): the decoded rollouts plus the ``shift`` (batch, H, x).
         Under model.loop_feedback a looped control's forecast is the value that drove the rollout, which holds its
-        share of the shift already (``held_shift``) and stays within the loop's limits."""
+        share of the shift already (``rollout_with_held``) and stays within the loop's limits."""
         if self.feedback:
             nl = len(self.plan.looped)
             shift = torch.cat([shift[..., : self.x_dim - nl], torch.zeros_like(shift[..., self.x_dim - nl :])], -1)
@@ -766,9 +855,8 @@ class KoVAE(nn.Module):
 
         R, decay = u_fut.shape[1], self.residual_decay()
         if self.cfg.blend_held_plan:
-            shift, offset = self.held_shift(x_hist, u_hist, zh, u_fut, decay, rec_hist)
-            z_roll, u_roll = self.rollout(zh[:, -1], u_fut, offset=offset)
-            forecast = self.shifted(self.decode_plan(z_roll, u_roll), shift)
+            decoded, shift, z_roll = self.served(x_hist, u_hist, zh, u_fut, decay, decoded_hist=rec_hist)
+            forecast = self.shifted(decoded, shift)
         else:
             z_roll, u_roll = self.rollout(zh[:, -1], u_fut)
             forecast = self.blended_alone(x_hist, u_hist, zh, self.decode_plan(z_roll, u_roll), decay, rec_hist)
