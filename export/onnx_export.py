@@ -114,7 +114,7 @@ class ForecastGraph(nn.Module):
         (N, z), with drive[k] = B u[k] + c (+ noise) time-major (Hmax, N, z): each step reads one contiguous block.
         Under model.loop_feedback each step also gets B times what the loops add to u[k] (the model's
         ``loop_inputs``); returns the states and the inputs that drove them (Hmax, N, n_u). Cards from before
-        model.blend_held_plan only: the others roll out beside their plan held (``forward``)."""
+        model.blend_held_plan (or without the fading miss) only: the others roll out beside their plan held."""
         z, out, used = z0, [], []
         for k in range(self.max_horizon):
             if self.model.feedback:
@@ -190,7 +190,7 @@ class ForecastGraph(nn.Module):
             shift = m.shift(x_hist, x[:nb], corr[:, :horizon])
             mean, raw = x[nb : nb + n], x[nb + n :].reshape(n, -1, horizon, m.x_dim)  # raw: (n, S, h, x)
             mean, raw = m.shifted(mean, shift), m.shifted(raw, shift)
-        else:  # cards from before model.blend_held_plan
+        else:  # cards from before model.blend_held_plan (or without the decoder's fading miss)
             ut, ust = u.transpose(0, 1), us.transpose(0, 1)  # time-major
             starts = z0.unsqueeze(1) + torch.zeros_like(noise[:, :, 0])  # (n, S, z)
             rows0 = torch.cat([z0 + torch.zeros_like(ut[0, :, :1]), starts.reshape(-1, z_dim)])  # (n + n*S, z)

@@ -333,3 +333,16 @@ def test_a_plan_held_drives_its_loops_at_their_served_forecast() -> None:
             assert torch.allclose(used[:, k], served.clamp(-0.6, 0.6), atol=1e-5)
             state = z[:, k]
         assert (used.abs() < 0.6).any()  # not every step at a limit: the blend is what is checked
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_the_loops_forecast_is_the_decoders_for_any_depth(layers: int) -> None:
+    """``decode_looped`` (what each step's loops ask for, from z's first-layer product) is the decoder's own
+    output for the looped controls, with or without hidden layers (with none, the first layer is the output)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, decoder_layers=layers, loop_feedback=True)
+    model = KoVAE(4, 6, cfg, PlanLayout(2, looped=(1,), setpoints=1, fast=(0, 3), limits=((-2.0, 2.0),))).eval()
+    z, u = torch.randn(5, 8), torch.randn(5, 6)
+    with torch.no_grad():
+        assert torch.allclose(model.decode_looped(z, u), model.decode(z, u)[:, 3:], atol=1e-6)
+        assert torch.allclose(model.decode_looped(z, u, model.first_layer(z)), model.decode(z, u)[:, 3:], atol=1e-6)

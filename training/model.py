@@ -469,8 +469,8 @@ class KoVAE(nn.Module):
         controls = u[..., : self.n_fed]
         if not complete:
             controls = torch.where(torch.isnan(controls), 0.0, controls)
-        # The fast outputs decode [z, u_c], the others [z, 0]: both share the first layer's product with z, so it
-        # is computed once (it is most of the decoder's work per step, which each control plan pays).
+        # The outputs decode [z, u_c]; with a fast mask, the slow ones [z, 0]. Both share the first layer's product
+        # with z, computed once (it is most of the decoder's work per step, which each control plan pays).
         first, rest = self.decoder[0], self.decoder[1:]
         shared = self.first_layer(z) if hz is None else hz
         out = rest(shared + F.linear(controls, first.weight[:, z.shape[-1] :]))
@@ -578,8 +578,11 @@ class KoVAE(nn.Module):
         nl, controls = len(self.plan.looped), u[..., : self.n_fed]
         first, last = self.decoder[0], self.decoder[-1]
         shared = self.first_layer(z) if hz is None else hz
-        hidden = self.decoder[1:-1](shared + F.linear(controls, first.weight[:, z.shape[-1] :]))
-        out = F.linear(hidden, last.weight[-nl:], last.bias[-nl:])
+        pre = shared + F.linear(controls, first.weight[:, z.shape[-1] :])
+        if len(self.decoder) == 1:  # no hidden layer (model.decoder_layers 0): the first layer is the output
+            out = pre[..., -nl:]
+        else:
+            out = F.linear(self.decoder[1:-1](pre), last.weight[-nl:], last.bias[-nl:])
         return out if self.skip is None else out + F.linear(controls, self.skip.weight[-nl:])
 
     def loop_inputs(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -598,13 +601,12 @@ class KoVAE(nn.Module):
         z0: torch.Tensor,
         u_fut: torch.Tensor,
         noise: torch.Tensor | None = None,
-        operator: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """z[k] for k = 1..H under the future controls, and the inputs that drove each step (u_fut, with the
         controls left to their loops filled in under model.loop_feedback: ``loop_inputs``); optional
         standard-normal noise (batch, H, z). The latent forecast alone: a served one rolls out beside its plan
-        held (``rollout_with_held``). ``operator``: (A, B) frozen, as the exported graph holds them."""
-        A, B = operator if operator is not None else (self.koopman.matrix(), self.koopman.input_matrix())
+        held (``rollout_with_held``)."""
+        A, B = self.koopman.matrix(), self.koopman.input_matrix()
         shock = None if noise is None else noise * self.koopman.log_noise.exp()
         z, out = z0, []
         if not self.feedback:
@@ -649,8 +651,9 @@ class KoVAE(nn.Module):
         (N, H, n_u); ``spread`` maps a per-history tensor (b, ...) onto the plans' rows (N, ...)) rolled out in one
         step loop. Per step, the held rows first: z (b + N, z), the inputs that drove the step (b + N, n_u) and,
         under model.loop_feedback, the state's share of the decoder's first layer (b + N, hidden; else None),
-        which decoding it reuses (lists, not stacked: the plans graph decodes step by step, and a stack of 1,000
-        plans' first layers is 100 MB). ``noise`` (N, H, z), standard normal, drives the plans' rows.
+        which the next step's loops and a batched decoding reuse (lists, not stacked: the plans graph decodes step
+        by step and recomputes it, since a stack of 1,000 plans' is 100 MB). ``noise`` (N, H, z), standard
+        normal, drives the plans' rows.
 
         Under model.loop_feedback each step's loops ask for the decoder's forecast of their control from the state
         the step starts from. The plan held's loops drive the plant at their served forecast (the naive blends
@@ -714,7 +717,8 @@ class KoVAE(nn.Module):
             looped = slice(self.x_dim - len(self.plan.looped), None)
             base = self.seasonal(x_hist, corr)[..., looped]
             scale = self.seasonal(x_hist, 1 + corr)[..., looped] - base
-        return held_plan(u_hist, u_fut, self.plan), corr, base, scale
+        held = held_plan(u_hist, u_fut, self.plan) if self.cfg.blend_held_plan else u_fut
+        return held, corr, base, scale
 
     def served(
         self,
@@ -734,6 +738,8 @@ class KoVAE(nn.Module):
         (default: u_fut itself) are the rows rolled out, with ``noise`` (N, H, z) for samples. z_hist: the
         history's latent states (``decoded_hist``: their decoding, if the caller has it)."""
         held, corr, base, scale = self.plan_held(x_hist, u_hist, z_hist, u_fut, decay, decoded_hist)
+        if (plans is None) != (spread is None):
+            raise ValueError("served: give the plans' rows and their spread together, or neither")
         plans, spread = (u_fut, _same) if plans is None or spread is None else (plans, spread)
         z_steps, used_steps, hz_steps = self.rollout_with_held(z_hist[:, -1], held, plans, spread, base, scale, noise)
         z, used = torch.stack(z_steps, 1), torch.stack(used_steps, 1)  # (b + N, H, .)
