@@ -592,9 +592,13 @@ class KoVAE(nn.Module):
         the loop can feed back, so z stays bounded under a stable A whatever the decoder says. (A served forecast
         adds the naive blends' share first: ``rollout_with_held``.)"""
         nc, nl = self.plan.controls, len(self.plan.looped)
-        assert self.loop_lo is not None and self.loop_hi is not None and self.loop_place is not None
-        fed = torch.minimum(torch.maximum(self.decode_looped(z, u), self.loop_lo), self.loop_hi)
-        return u + ((1 - u[..., nc : nc + nl]) * fed) @ self.loop_place
+        assert self.loop_place is not None
+        return u + ((1 - u[..., nc : nc + nl]) * self.within_limits(self.decode_looped(z, u))) @ self.loop_place
+
+    def within_limits(self, need: torch.Tensor) -> torch.Tensor:
+        """What the loops ask for (..., n_looped), clipped to their output limits (PlanLayout.limits)."""
+        assert self.loop_lo is not None and self.loop_hi is not None
+        return torch.minimum(torch.maximum(need, self.loop_lo), self.loop_hi)
 
     def rollout(
         self,
@@ -678,7 +682,7 @@ class KoVAE(nn.Module):
                 z = z @ A.T + d
                 states.append(z)
             return states, list(inputs), None
-        assert self.loop_lo is not None and self.loop_hi is not None and self.loop_place is not None
+        assert self.loop_place is not None
         assert base is not None and scale is not None
         nc, nl = self.plan.controls, len(self.plan.looped)
         opens = (1 - u[..., nc : nc + nl]).unbind(0)  # per step (b + N, n_looped): 1 where the loop decides
@@ -688,8 +692,7 @@ class KoVAE(nn.Module):
         for k, d in enumerate(drives):
             need = self.decode_looped(z, inputs[k], hz)
             offset = gains[k] * need[:nb] + bases[k]  # the plan held's: served minus decoded
-            fed = torch.minimum(torch.maximum(need + torch.cat([offset, spread(offset)]), self.loop_lo), self.loop_hi)
-            fed = fed * opens[k]
+            fed = self.within_limits(need + torch.cat([offset, spread(offset)])) * opens[k]
             z = z @ A.T + d + fed @ to_z
             hz = self.first_layer(z)
             states.append(z)
