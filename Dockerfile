@@ -9,6 +9,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY modelcard ./modelcard
+COPY optimizer ./optimizer
 COPY export ./export
 COPY plant ./plant
 COPY training ./training

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from modelcard.card import CardError, role_items
+from modelcard.objective import card_names, objective_problems
 
 LISTED = 5
 """Problems named in the refusal (the count says how many more)."""
@@ -105,9 +106,18 @@ def _calibration_problems(card: dict[str, Any]) -> Iterator[str]:
         yield f"stability.stable is {stability.get('stable')!r}, not true or false"
 
 
+def _objective_problems(card: dict[str, Any]) -> Iterator[str]:
+    """The setpoint advice's objective (``optimizer``), where the card has one."""
+    if isinstance(card.get("optimizer"), dict):
+        _, problems = objective_problems(card["optimizer"], card_names(card))
+        yield from (f"{where}: {message}" for where, message in problems)
+    elif "optimizer" in card:
+        yield "optimizer is not a table"
+
+
 def card_problems(card: dict[str, Any]) -> list[str]:
-    """Everything wrong with a card's numbers, in the order scalers and bounds, limits, calibration."""
-    return [*_variable_problems(card), *_limit_problems(card), *_calibration_problems(card)]
+    """Everything wrong with a card's numbers, in the order scalers and bounds, limits, calibration, objective."""
+    return [*_variable_problems(card), *_limit_problems(card), *_calibration_problems(card), *_objective_problems(card)]
 
 
 def check_card(card: dict[str, Any], where: str) -> None:

@@ -27,9 +27,11 @@ import difflib
 import re
 import tomllib
 import zoneinfo
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from modelcard.objective import Objective, PlantNames, objective_problems
 
 ROLES = ("measurement", "disturbance", "control", "setpoint")
 BSM1_CATALOG = Path(__file__).with_name("catalogs") / "bsm1.toml"
@@ -88,6 +90,9 @@ class Catalog:
     timestamp_column: str = "timestamp"  # the export's time column
     timestamp_format: str = "iso8601"  # iso8601 (with or without UTC offset), epoch_seconds, or a strptime pattern
     missing_codes: tuple[MissingCode, ...] = ()  # codes every column may hold for "no value" (-9999, "Bad", ...)
+    # What setpoint advice minimises and under which limits (``[optimizer]``, modelcard.objective); not part of
+    # the catalog's identity (``to_dict``): a new energy price changes no data.
+    optimizer: Objective | None = field(default=None, compare=False)
 
     @property
     def targets(self) -> tuple[Variable, ...]:
@@ -338,6 +343,8 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
             f"{source}: name {cat.name!r} must be letters, digits, '.', '_' or '-' (at most 64): it also names the "
             "plant's model store, models/<name>"
         )
+    if "optimizer" in data:
+        cat = replace(cat, optimizer=parse_optimizer(data["optimizer"], cat, source))
     if cat.timestamp_format not in TIMESTAMP_FORMATS and "%" not in cat.timestamp_format:
         raise CatalogError(
             f"{source}: timestamp_format {cat.timestamp_format!r} is not one of {', '.join(TIMESTAMP_FORMATS)} "
@@ -360,6 +367,27 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
     if not cat.targets or not cat.controls:
         raise CatalogError(f"{source}: needs at least one measurement or disturbance and one control")
     return cat
+
+
+def plant_names(cat: Catalog) -> PlantNames:
+    """What an objective of this plant may name."""
+    return PlantNames(
+        measurements=cat.target_names,
+        controls=cat.control_names,
+        setpoints=tuple(loop.setpoint for loop in cat.loops),
+        looped=tuple(loop.control for loop in cat.loops),
+        sample_minutes=cat.sample_minutes,
+    )
+
+
+def parse_optimizer(data: Any, cat: Catalog, source: str) -> Objective:
+    """The ``[optimizer]`` table, each problem named by its key."""
+    if not isinstance(data, dict):
+        raise CatalogError(f"{source}: optimizer must be a table")
+    objective, problems = objective_problems(data, plant_names(cat))
+    if problems:
+        raise CatalogError(f"{source}: " + "; ".join(f"{f}: {m}" for f, m in problems))
+    return objective
 
 
 def columns_of(variables: list[Variable]) -> list[str]:

@@ -27,20 +27,31 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelcard.card import loop_limits
+from optimizer.search import optimize as search_plan
 from service import forecasting, metrics
 from service.decode import decode, publish_limits
 from service.encode import ForecastResponse, answer_response
 from service.logs import setup_logging
 from service.middleware import ObserveMiddleware, problem
+from service.optimize import (
+    OptimizeRequest,
+    OptimizeResponse,
+    encode_advice,
+    objective_of,
+    parse_optimize,
+    search_settings,
+    situation_of,
+)
 from service.parse import field_name, parse, size_limits
 from service.problems import PROBLEM, Errors, ProblemError
 from service.registry import ModelRegistry, ReloadError
 from service.request import DecodedRequest, ForecastRequest
 from service.settings import Settings, find_store, get_settings
 
-API_VERSION = "1.4.0"  # 1.1: time of day and week are inputs; 1.2: bounds, warnings, clipping, units, seed;
+API_VERSION = "1.5.0"  # 1.1: time of day and week are inputs; 1.2: bounds, warnings, clipping, units, seed;
 # 1.3: timestamps ISO 8601 only, answer-size bound, error lists capped (error_count); 1.4: looped controls left to
-# their loops and forecast, setpoint plans, local times in the plant's zone, warnings have a kind (flat lines)
+# their loops and forecast, setpoint plans, local times in the plant's zone, warnings have a kind (flat lines);
+# 1.5: POST /optimize (setpoint advice)
 log = logging.getLogger("kovae.app")
 CHALLENGE = {"WWW-Authenticate": 'ApiKey realm="kovae-forecast", header="X-API-Key"'}
 """A 401 names the scheme it wants (RFC 9110): the key, in the X-API-Key header."""
@@ -98,6 +109,11 @@ FORECAST_BODY_DOC = {
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ForecastRequest"}}},
 }
 
+OPTIMIZE_BODY_DOC = {
+    "required": True,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OptimizeRequest"}}},
+}
+
 PROBLEM_SCHEMA = {
     "description": "Problem details (RFC 9457)",
     "content": {
@@ -147,6 +163,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # blocked, and a request small enough for one ONNX call never queues behind a large one's pieces.
     inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     bulk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk")
+    # Setpoint advice has a lane of its own: a search (hundreds of plans, ~0.5 s) never holds up a forecast.
+    advising = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optimize")
+    waiting = {"optimize": 0}  # searches queued or running in this worker
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -156,6 +175,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry.stop()
         inference.shutdown(wait=True)
         bulk.shutdown(wait=True)
+        advising.shutdown(wait=True)
 
     app = FastAPI(
         title="kovae-forecast",
@@ -273,6 +293,46 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # jsonable_encoder over ~1,600 floats) cost several milliseconds. The shape is ForecastResponse's.
         return answer_response(forecasting.answer(rt, decoded, fragments))
 
+    @app.post(
+        "/optimize",
+        response_model=OptimizeResponse,
+        responses={**errors_doc, 409: PROBLEM_SCHEMA},
+        dependencies=[Depends(forecast_auth)],
+        openapi_extra={"requestBody": OPTIMIZE_BODY_DOC},
+    )
+    async def optimize(request: Request) -> Response:
+        """The setpoint plan (and open-loop controls) over the horizon that minimises the energy the model
+        forecasts, within the effluent limits on forecast quantiles (GET /model: optimizer), against holding
+        the current setpoints."""
+        check_body_headers(request)
+        body = await request.body()
+        rt = serving()
+        req = parse_optimize(body, rt, settings)
+        objective = objective_of(req, rt)
+        situation, facts = situation_of(req, rt, settings, objective)
+        if waiting["optimize"] >= settings.max_optimize_waiting:
+            metrics.ERRORS.labels("optimize_busy").inc()
+            detail = f"{waiting['optimize']} searches are queued or running in this worker: try again shortly"
+            raise ProblemError(503, "Optimizer busy", detail=detail, headers={"Retry-After": "1"})
+        waiting["optimize"] += 1
+        try:
+            advice = await asyncio.get_running_loop().run_in_executor(
+                advising,
+                search_plan,
+                rt,
+                situation,
+                objective,
+                req.horizon,
+                search_settings(rt, req.seed),
+                sorted(set(req.quantiles)),
+            )
+        finally:
+            waiting["optimize"] -= 1
+        metrics.OPTIMIZE_SECONDS.observe(advice.seconds)
+        metrics.OPTIMIZE_CALLS.labels(advice.status, str(advice.plan.feasible).lower()).inc()
+        metrics.OPTIMIZE_PLANS.observe(advice.plans_evaluated)
+        return Response(encode_advice(rt, req, objective, advice, facts), media_type="application/json")
+
     @app.get("/model", responses={401: PROBLEM_SCHEMA, 503: PROBLEM_SCHEMA}, dependencies=[Depends(info_auth)])
     async def model() -> dict[str, Any]:
         """The served model's card: variables, units, limits, metrics, eigenvalues and stability; with loops, what
@@ -336,11 +396,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             request_schema = ForecastRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(request_schema.pop("$defs", {}))
             schemas["ForecastRequest"] = request_schema
+            optimize_schema = OptimizeRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(optimize_schema.pop("$defs", {}))
+            schemas["OptimizeRequest"] = optimize_schema
             publish_limits(schemas, rt, settings)
             spec["components"]["securitySchemes"] = {
                 "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             }
-            secured = [("/forecast", "post"), ("/admin/reload", "post")]
+            secured = [("/forecast", "post"), ("/optimize", "post"), ("/admin/reload", "post")]
             secured += [("/model", "get"), ("/metrics", "get")] if settings.protect_info else []
             for path, method in secured:
                 spec["paths"][path][method]["security"] = [{"ApiKey": []}]

@@ -43,6 +43,19 @@ LAST_LOADED = Gauge(
     "kovae_model_last_loaded_timestamp_seconds", "Unix time the model was last loaded", multiprocess_mode="livemax"
 )
 RELOADS = Counter("kovae_model_reloads_total", "Model reload attempts by outcome", ["outcome"])
+OPTIMIZE_CALLS = Counter(
+    "kovae_optimize_total",
+    "Setpoint advice answered, by status and whether the plan meets every limit",
+    ["status", "feasible"],
+)
+OPTIMIZE_SECONDS = Histogram(
+    "kovae_optimize_duration_seconds",
+    "Setpoint advice: the search's time",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0),
+)
+OPTIMIZE_PLANS = Histogram(
+    "kovae_optimize_plans_evaluated", "Plans the search forecast per call", buckets=(50, 100, 200, 400, 800, 1600, 3200)
+)
 CANCELLED = Counter("kovae_forecasts_cancelled_total", "Forecasts stopped because the client went away")
 LIVE_FILE = re.compile(r"^gauge_live\w+?_(\d+)\.db$")
 

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(32_768, description="request line and headers, in bytes (431 above it)")
     max_headers: int = Field(100, description="header fields in one request (431 above it)")
     ort_threads: int = 1
+    max_optimize_waiting: int = Field(
+        4, ge=1, description="setpoint searches queued or running per worker; more are answered 503 (Retry-After)"
+    )
     poll_interval_s: float = Field(5.0, description="how often to check CURRENT for a new version; 0 disables")
     header_timeout_s: float = Field(10.0, description="close a connection that has not sent its headers by then")
     keep_alive_s: float = Field(5.0, description="close an idle keep-alive connection after this long")

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelcard.card import CARD_VERSION, CardError, atomic_write, last_observed
+from modelcard.card import CARD_VERSION, CardError, atomic_write, last_observed, role_items
+from modelcard.objective import Objective
 from modelcard.runtime import ModelRuntime
 from modelcard.store import GATE_FILE, add_version, current_version, set_current, version_dir
 from plant.catalog import Catalog, loop_dict
@@ -44,7 +45,7 @@ def card_variables(
 def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: dict, seconds: float) -> dict:
     cat = p.catalog.to_dict()
     L = cfg.train.history
-    return {
+    card = {
         "card_version": CARD_VERSION,
         "version": version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -122,6 +123,26 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
         "data": {"config_hash": p.data_hash, "splits": {k: list(v) for k, v in p.split_ids.items()}},
         "training": {"seconds": seconds, "epochs": cfg.train.epochs, "config": cfg.to_dict()},
     }
+    if p.catalog.optimizer is not None:
+        card["optimizer"] = narrowed_objective(p.catalog.optimizer, card["variables"])
+    return card
+
+
+def narrowed_objective(objective: Objective, variables: dict) -> dict:
+    """The catalog's objective for setpoint advice as the card keeps it, each bound narrowed to the training range
+    the card's ``variables`` give: a plan never asks the model about setpoints or controls outside its data."""
+    out = objective.to_dict()
+    seen = {
+        v["name"]: (v["training_range"]["min"], v["training_range"]["max"])
+        for role in ("controls", "setpoint_inputs")
+        for v in role_items({"variables": variables}, role)
+        if "training_range" in v
+    }
+    for key in ("setpoints", "controls"):
+        for name, (lo, hi) in out[key].items():
+            if name in seen and max(lo, seen[name][0]) < min(hi, seen[name][1]):
+                out[key][name] = [float(max(lo, seen[name][0])), float(min(hi, seen[name][1]))]
+    return out
 
 
 def check_comparable(rt: ModelRuntime, version: str, catalog: Catalog) -> None:

@@ -3,6 +3,9 @@
 Version 3 adds, per variable, the physical bounds (from the catalog) and the training range (min and max over
 the version's own training scenarios, regenerated from its stored config and checked against the card's data
 hash). The ONNX graph and weights are untouched, so the checksum in the card still holds.
+
+``--optimizer [--catalog PATH]`` instead adds the catalog's objective for setpoint advice (its ``[optimizer]``
+table, the bounds narrowed to the card's training range, as training writes it) to a card without one.
 """
 
 from __future__ import annotations
@@ -14,13 +17,18 @@ from pathlib import Path
 
 from modelcard.card import CARD_VERSION, read_card, write_card
 from modelcard.store import version_dir
+from modelcard.validate import check_card
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.upgrade_card", description=__doc__.splitlines()[0])
     parser.add_argument("--version", required=True, help="version folder name in the store")
     parser.add_argument("--store", default="models", help="model store folder (default: models)")
+    parser.add_argument("--optimizer", action="store_true", help="add the catalog's [optimizer] table only")
+    parser.add_argument("--catalog", help="the plant's catalog (TOML) for --optimizer; default: the BSM1 catalog")
     args = parser.parse_args(argv)
+    if args.optimizer:
+        return add_optimizer(Path(args.store), args.version, args.catalog)
 
     import numpy as np
 
@@ -51,6 +59,26 @@ def main(argv: list[str] | None = None) -> int:
     card["card_version"] = CARD_VERSION
     write_card(folder, card)
     print(f"{args.version}: card_version {CARD_VERSION}, physical bounds and training range added")
+    return 0
+
+
+def add_optimizer(store: Path, version: str, catalog_path: str | None) -> int:
+    from plant.catalog import load_catalog
+    from training.publish import narrowed_objective
+
+    folder = version_dir(store, version)
+    card = read_card(folder, verify=True)
+    cat = load_catalog(catalog_path)
+    if cat.name != card["catalog"]["name"] or cat.optimizer is None:
+        print(f"error: catalog {cat.name} is not {version}'s ({card['catalog']['name']}) or has no [optimizer] table")
+        return 1
+    if "optimizer" in card:
+        print(f"{version} has an optimizer table already: left as it is")
+        return 0
+    card["optimizer"] = narrowed_objective(cat.optimizer, card["variables"])
+    check_card(card, version)
+    write_card(folder, card)
+    print(f"{version}: optimizer table added")
     return 0
 
 

@@ -1,0 +1,575 @@
+"""Setpoint advice in the loop (issue 33): does the product's advice save aeration energy on the simulated plant?
+
+``python bench/closed_loop.py [--store models] [--version V] [--influents dry rain storm bsm2-36] [--days 7]
+[--json out.json]``
+
+For each influent window of the model version's own data config, bsm2-python's BSM1 (``plant.bsm1.Run``) runs
+the warm-up (``data.warmup_days``, from steady state where ``data.stabilize`` says so) and one day of history
+under BSM1's default strategy (DO 2.0 g O2/m3 through KLa_5, nitrate 1.0 g N/m3 through Q_intr, KLa_3 = KLa_4 =
+240), is saved, runs ``--days`` on under the default strategy, is restored, and runs the same days with the
+product in the loop: every hour the last day of 15-minute samples goes to ``POST /optimize`` of a real
+``python -m service`` on 127.0.0.1, and the answer's first hour of setpoints (and of the open-loop controls it
+plans, if any) goes into the plant's PI loops. The same influent from the same state, so the difference is the
+advice.
+
+Per window and strategy it prints bsm2-python's own figures, averaged over the evaluated minutes: aeration,
+pumping and mixing energy (kWh/d), EQI (kg PU/d), and the share of minutes with effluent ammonium above 4 g N/m3
+and total nitrogen above 18 g N/m3 (BSM1's limits); for the advised run the /optimize calls by answer status and
+their time, measured here around the HTTP call and by the solver itself. Then the verdict against the targets:
+aeration energy at least 10% below the default's, no more time above either limit than the default, EQI at most
+2% above it, and /optimize answered within 1 s at the 95th percentile over every call.
+
+``storm`` names the config's held-out storm window (a BSM2 window with added storms; the rain file is ``rain``),
+``later`` its held-out later window. A window shorter than warm-up, history and ``--days`` is extended when it
+is a BSM2 window of normal operation (its influent goes on), else the evaluation is cut to what fits (printed).
+``--fixed-do`` runs a constant DO setpoint instead of the service: what lowering the DO alone gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.service_load import start_server
+from modelcard.store import current_version, set_current
+from plant import bsm1
+from plant.catalog import BSM1, SAMPLE_MINUTES
+from plant.config import DataConfig
+from plant.operation import Scenario, operation, setpoints_at, standard_controls
+from plant.scenarios import scenarios
+from training.config import config_from_dict
+
+HOUR = 60 // SAMPLE_MINUTES  # samples between two calls of the advisor
+DAY = bsm1.MINUTES_PER_DAY // SAMPLE_MINUTES
+MONDAY = datetime(2026, 3, 2, tzinfo=UTC)  # the simulator's day 0 is a Monday at midnight
+DEFAULT_SETPOINTS = {"SO_5_setpoint": 2.0, "SNO_2_setpoint": 1.0}  # BSM1's default strategy
+SNH_LIMIT, TN_LIMIT = 4.0, 18.0  # g N/m3, BSM1's effluent limits
+TARGET_AERATION, TARGET_EQI, TARGET_P95_S = 0.10, 0.02, 1.0  # saving at least, rise at most, seconds
+TIMEOUT_S = 30.0
+
+
+class BenchError(RuntimeError):
+    """The service answered what the bench cannot use (a non-2xx status, no plan): the run stops, loudly."""
+
+
+@dataclass
+class History:
+    """What the plant's historian holds when the advisor is asked: every sample so far, oldest first."""
+
+    clock: np.ndarray  # (k,) minutes on the influent's clock at each sample's end (day 0: a Monday, 00:00)
+    x: np.ndarray  # (k, catalog measurements)
+    u: np.ndarray  # (k, catalog controls) the mean applied over each interval
+    s: np.ndarray  # (k, catalog setpoints) each loop's mean setpoint, NaN: no loop
+
+
+@dataclass
+class Advice:
+    """The first hour of a plan by catalog name, one value per sample interval; a name left out keeps the run's
+    own schedule (the default strategy's)."""
+
+    setpoints: dict[str, list[float]] = field(default_factory=dict)
+    controls: dict[str, list[float]] = field(default_factory=dict)
+
+
+Advisor = Callable[[History], Advice]
+
+
+def default_strategy(history: History) -> Advice:
+    """BSM1's default strategy: nothing moved, the loops at their schedule's setpoints."""
+    return Advice()
+
+
+def fixed_do(setpoint: float) -> Advisor:
+    """A constant DO setpoint, the nitrate loop left alone: a reference, and the bench's check without a service."""
+    return lambda history: Advice({"SO_5_setpoint": [setpoint] * HOUR})
+
+
+@dataclass
+class Case:
+    """One influent window's plant, run through the warm-up and the history under the default strategy."""
+
+    label: str  # as asked ("dry", "storm")
+    scenario: Scenario
+    run: bsm1.Run
+    past: History  # the warm-up and the history
+    samples: int  # the evaluated span, in samples
+    notes: list[str]
+    schedule: tuple[np.ndarray, list[np.ndarray]]  # the default strategy's controls and loop setpoints
+    state: dict[str, object]  # the plant at the end of the history (``bsm1.Run.state``)
+    seconds: float  # to simulate the warm-up and history
+
+    def reset(self) -> None:
+        """Back to the end of the history under the default strategy's schedule: nothing of a strategy leaks."""
+        self.run.restore(self.state)
+        self.run.controls = self.schedule[0].copy()
+        for loop, setpoint in zip(self.run.loops, self.schedule[1], strict=True):
+            loop.setpoint = setpoint.copy()
+
+
+@dataclass
+class Outcome:
+    """One strategy over the evaluated span: the samples (warm-up and history first) and bsm2-python's figures."""
+
+    first: int  # the first evaluated sample: the warm-up and history come before it
+    x: np.ndarray  # (samples, measurements)
+    u: np.ndarray
+    s: np.ndarray
+    aeration: float  # kWh/d
+    pumping: float
+    mixing: float
+    eqi: float  # kg PU/d
+    snh_over: float  # share of the evaluated minutes with SNH_eff above SNH_LIMIT
+    tn_over: float
+    advice: list[Advice]  # one per hour
+    seconds: float  # wall time, the advisor's included
+
+    def figures(self) -> dict[str, float]:
+        keys = ("aeration", "pumping", "mixing", "eqi", "snh_over", "tn_over")
+        return {k: float(getattr(self, k)) for k in keys} | {"do_setpoint": self.mean_setpoint("SO_5_setpoint")}
+
+    def mean_setpoint(self, name: str) -> float:
+        return float(np.mean(self.s[self.first :, BSM1.setpoint_names.index(name)]))
+
+
+def resolve(cfg: DataConfig, label: str) -> Scenario:
+    """The config's scenario for a window id or an alias: ``storm`` is its held-out storm window (a BSM2 window
+    with added storms, test before validation), ``later`` its held-out later window. Where a window is held out
+    under several policies, the entry under BSM1's constant setpoints is taken, else the first (its seed draws
+    the storms)."""
+    all_ = scenarios(cfg)
+    held = [name.partition("@")[0] for name in (*cfg.test_scenarios, *cfg.val_scenarios)]
+    if label in ("storm", "later"):
+        kinds = {sc.id.partition("@")[0]: sc for sc in all_}
+        wanted = [
+            w
+            for w in dict.fromkeys(held)
+            if kinds[w].influent == "bsm2" and (kinds[w].regime == "storm" if label == "storm" else kinds[w].later)
+        ]
+        if not wanted:
+            raise SystemExit(f"the config holds out no {label} window (held out: {sorted(set(held))})")
+        label = wanted[0]
+    runs = [sc for sc in all_ if sc.id.partition("@")[0] == label]
+    if not runs:
+        raise SystemExit(f"the config has no window {label!r} ({sorted({s.id.partition('@')[0] for s in all_})})")
+    return next((sc for sc in runs if sc.policy == "constant_setpoints"), runs[0])
+
+
+def prepare(cfg: DataConfig, label: str, history_days: float, days: float) -> Case:
+    """The window's plant under the default strategy (its influent, storms, caps and wastage from its scenario),
+    run through the warm-up and ``history_days``, ready for ``days`` of each strategy."""
+    sc = resolve(cfg, label)
+    notes = []
+    warm = round((cfg.warmup_days + history_days) * DAY)
+    wanted = warm + round(days * DAY)
+    if wanted * SAMPLE_MINUTES > round(sc.days * bsm1.MINUTES_PER_DAY):
+        need = wanted * SAMPLE_MINUTES / bsm1.MINUTES_PER_DAY
+        if sc.influent == "bsm2" and sc.regime == "normal":
+            notes.append(f"window extended from {sc.days:g} to {need:g} days (the BSM2 influent goes on)")
+            sc = replace(sc, days=need)
+        else:
+            notes.append(f"window holds {sc.days:g} days, not {need:g}: evaluation cut to what fits")
+    op = operation(cfg, sc)
+    for note in op.notes:
+        if note.get("kind") != "storm":
+            continue
+        day, hours, peak = note["start_day"], note["hours"], note["peak_factor"]
+        if warm < (day + hours / 24) * DAY and day * DAY < wanted:  # over the evaluated span
+            notes.append(f"storm on day {day:.1f}: {hours:.0f} h, peak flow x{peak:.1f}")
+    n = round(sc.days * bsm1.MINUTES_PER_DAY)
+    loops = [bsm1.do_loop(np.full(n, DEFAULT_SETPOINTS["SO_5_setpoint"]))]
+    loops.append(bsm1.nitrate_loop(np.full(n, DEFAULT_SETPOINTS["SNO_2_setpoint"])))
+    schedule = (standard_controls(n), [loop.setpoint.copy() for loop in loops])
+    start = time.perf_counter()
+    run = bsm1.Run(
+        op.influent, schedule[0], SAMPLE_MINUTES, stabilize=cfg.stabilize, loops=loops, caps=op.caps, wastage=op.wastage
+    )
+    samples = min(wanted, run.n_samples) - warm
+    if samples < HOUR:
+        raise SystemExit(f"{label}: {sc.days:g} days hold no hour after {warm / DAY:g} days of warm-up and history")
+    x, u, s = np.empty((warm, bsm1.N_MEASUREMENTS)), np.empty((warm, 4)), np.empty((warm, len(loops)))
+    for k in range(warm):
+        x[k], u[k], s[k] = run.advance()
+    clock = np.arange(1, warm + 1) * SAMPLE_MINUTES + sc.start_day * bsm1.MINUTES_PER_DAY
+    past = History(clock, x, u, setpoints_at(s, loops, BSM1.setpoint_names))
+    return Case(label, sc, run, past, samples, notes, schedule, run.state(), time.perf_counter() - start)
+
+
+def apply(run: bsm1.Run, advice: Advice) -> None:
+    """Write an hour's advice into the plant from its current minute on: setpoints into their loops, open-loop
+    controls into the schedule (within the actuators' caps); a control a loop drives is the loop's."""
+    loops = {loop.name: loop for loop in run.loops}
+    looped = {loop.control for loop in run.loops}
+    for name, values in advice.setpoints.items():
+        if name not in loops:
+            raise BenchError(f"advice for {name}, which no loop of the plant follows ({sorted(loops)})")
+        for k, value in enumerate(values):
+            first = run.minute + k * SAMPLE_MINUTES
+            loops[name].setpoint[first : first + SAMPLE_MINUTES] = value
+    for name, values in advice.controls.items():
+        j = BSM1.control_names.index(name)
+        if j in looped:
+            continue
+        for k, value in enumerate(values):
+            span = slice(run.minute + k * SAMPLE_MINUTES, run.minute + (k + 1) * SAMPLE_MINUTES)
+            cap = run.caps[span, j] if run.caps is not None else np.nan
+            run.controls[span, j] = np.fmin(value, cap)
+
+
+def effluent_tn(eff: np.ndarray) -> np.ndarray:
+    """Total nitrogen of bsm2-python's effluent streams (rows), as the catalog's TN_eff: nitrate plus TKN."""
+    tkn = eff[:, bsm1.SNH] + eff[:, bsm1.SND] + eff[:, bsm1.XND]
+    tkn += bsm1.I_XB * (eff[:, bsm1.XBH] + eff[:, bsm1.XBA]) + bsm1.I_XP * (eff[:, bsm1.XP] + eff[:, bsm1.XI])
+    return eff[:, bsm1.SNO] + tkn
+
+
+def run_strategy(case: Case, advise: Advisor) -> Outcome:
+    """The window's evaluated span from the saved state under ``advise``, asked at the start of every hour with
+    everything sampled so far. bsm2-python's per-minute figures are read at once: a restore rewinds its step
+    index, so the next strategy overwrites them."""
+    case.reset()
+    run, past = case.run, case.past
+    k0, n = len(past.clock), len(past.clock) + case.samples
+    x, u, s = (np.concatenate([a, np.empty((case.samples, a.shape[1]))]) for a in (past.x, past.u, past.s))
+    clock = past.clock[-1] + np.arange(n - k0 + 1) * SAMPLE_MINUTES
+    clock = np.concatenate([past.clock, clock[1:]])
+    first, start, advice = run.plant.i, time.perf_counter(), []
+    for k in range(k0, n):
+        if (k - k0) % HOUR == 0:
+            advice.append(advise(History(clock[:k], x[:k], u[:k], s[:k])))
+            apply(run, advice[-1])
+        x[k], u[k], sp = run.advance()
+        s[k] = setpoints_at(sp[None], run.loops, BSM1.setpoint_names)[0]
+    sim, last = run.plant.sim, run.plant.i
+    perf = sim.perf_factors_all[first:last].mean(axis=0)  # pumping, aeration, mixing (bsm1_base.BSM1Base.step)
+    eff = sim.ys_eff_all[first:last]
+    return Outcome(
+        k0,
+        x,
+        u,
+        s,
+        aeration=float(perf[1]),
+        pumping=float(perf[0]),
+        mixing=float(perf[2]),
+        eqi=float(sim.eqi_all[first:last].mean()),
+        snh_over=float(np.mean(eff[:, bsm1.SNH] > SNH_LIMIT)),
+        tn_over=float(np.mean(effluent_tn(eff) > TN_LIMIT)),
+        advice=advice,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@dataclass
+class Call:
+    """One POST /optimize: how long it took and what came back."""
+
+    seconds: float  # measured here, around the HTTP call
+    solver_seconds: float  # the answer's solver.seconds
+    status: str
+    feasible: bool  # the answer's: every limit met by the plan's forecast
+    answer: dict[str, object]
+
+
+class ServiceAdvisor:
+    """The product in the loop: each hour the last day of samples (or the model's longest history, if shorter)
+    goes to POST /optimize with the loops' setpoints and ``hold_controls``; the plan's first hour comes back as
+    advice, whatever the answer's status. A setpoint or open-loop control the plan leaves out is held at its last
+    value; a looped control in the plan is left to its loop."""
+
+    def __init__(
+        self, client: httpx.Client, model: dict, horizon: int = DAY, seed: int = 0, objective: dict | None = None
+    ) -> None:
+        variables = model["variables"]
+        self.client, self.seed, self.objective = client, seed, objective
+        self.measurements = [v["name"] for v in variables["measurements"]]
+        self.controls = [v["name"] for v in variables["controls"]]
+        self.setpoints = [v["name"] for v in (variables.get("setpoint_inputs") or {}).get("variables", [])]
+        self.looped = {loop["control"] for loop in variables.get("loops") or []}
+        limits = model["history"]
+        self.length = int(np.clip(DAY, limits["min"], limits["max"]))
+        self.horizon = min(horizon, int(model["max_horizon"]))
+        self.calls: list[Call] = []
+
+    def body(self, h: History) -> dict[str, object]:
+        """The request of the contract: one series as POST /forecast takes it, without plans or future setpoints."""
+        if len(h.clock) < self.length:
+            raise BenchError(f"{len(h.clock)} samples of history, the model asks for {self.length}")
+        last = slice(len(h.clock) - self.length, None)
+
+        def values(a: np.ndarray, names: list[str], catalog: tuple[str, ...]) -> dict[str, list[float | None]]:
+            return {n: [None if np.isnan(v) else float(v) for v in a[last, catalog.index(n)]] for n in names}
+
+        series = {
+            "timestamps": [(MONDAY + timedelta(minutes=float(m))).isoformat() for m in h.clock[last]],
+            "measurements": values(h.x, self.measurements, BSM1.target_names),
+            "controls": values(h.u, self.controls, BSM1.control_names),
+            "setpoints": values(h.s, self.setpoints, BSM1.setpoint_names),
+            "hold_controls": True,
+        }
+        body: dict[str, object] = {"series": series, "horizon": self.horizon, "seed": self.seed}
+        if self.objective is not None:
+            body["objective"] = self.objective
+        return body
+
+    def __call__(self, h: History) -> Advice:
+        content = json.dumps(self.body(h)).encode()
+        start = time.perf_counter()
+        r = self.client.post("/optimize", content=content, headers={"content-type": "application/json"})
+        seconds = time.perf_counter() - start
+        if not r.is_success:
+            raise BenchError(f"POST /optimize answered {r.status_code}: {r.text[:4000]}")
+        answer = r.json()
+        plan = answer.get("plan") or {}
+        solver = answer.get("solver") or {}
+        solver_seconds, status = float(solver.get("seconds", np.nan)), str(answer.get("status"))
+        self.calls.append(Call(seconds, solver_seconds, status, bool(answer.get("feasible", True)), answer))
+        advice = Advice()
+        for name in self.setpoints:
+            j = BSM1.setpoint_names.index(name)
+            advice.setpoints[name] = hour(plan.get("setpoints") or {}, name, float(h.s[-1, j]))
+        for name in self.controls:
+            if name not in self.looped:
+                j = BSM1.control_names.index(name)
+                advice.controls[name] = hour(plan.get("controls") or {}, name, float(h.u[-1, j]))
+        return advice
+
+
+def hour(plan: dict[str, list[float]], name: str, held: float) -> list[float]:
+    """A plan's first hour of one variable (its last value repeated if the plan is shorter), else ``held``."""
+    values = plan.get(name)
+    if not values:
+        return [held] * HOUR
+    return [float(v) for v in values[:HOUR]] + [float(values[-1])] * max(0, HOUR - len(values))
+
+
+@contextmanager
+def served(store: Path, version: str) -> Iterator[Path]:
+    """A store whose CURRENT is ``version`` (the service serves CURRENT): the store itself, or a copy of it."""
+    if current_version(store) == version:
+        yield store
+        return
+    with tempfile.TemporaryDirectory(prefix="closed-loop-") as tmp:
+        shutil.copytree(store / version, Path(tmp) / version, ignore=shutil.ignore_patterns("*.png", "weights.pt"))
+        set_current(Path(tmp), version)
+        yield Path(tmp)
+
+
+@contextmanager
+def service(store: Path, version: str) -> Iterator[tuple[httpx.Client, dict]]:
+    """A real ``python -m service`` on 127.0.0.1 serving ``version``, its client and GET /model; stopped at the
+    end whatever happens (its log is printed when the bench fails)."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise (bsm2-python's root logger)
+    with served(store, version) as where, tempfile.NamedTemporaryFile(suffix=".log") as log:
+        server, port = start_server(where, Path(log.name))
+        ok = False
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT_S) as client:
+                r = client.get("/model")
+                if not r.is_success:
+                    raise BenchError(f"GET /model answered {r.status_code}: {r.text[:4000]}")
+                model = r.json()
+                if model.get("version") != version:
+                    raise BenchError(f"the service serves {model.get('version')!r}, not {version!r}")
+                yield client, model
+                ok = True
+        finally:
+            stop(server)
+            tail = Path(log.name).read_text(errors="replace")[-4000:]
+            if not ok and tail.strip():
+                print(f"service log (last 4000 characters):\n{tail}", file=sys.stderr)
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+@dataclass
+class Result:
+    """One window: both strategies and, for the advised run, its calls to the service."""
+
+    case: Case
+    default: Outcome
+    advised: Outcome
+    calls: list[Call]
+
+    def verdict(self) -> dict[str, tuple[bool, str]]:
+        d, a = self.default, self.advised
+        saving, rise = 1 - a.aeration / d.aeration, a.eqi / d.eqi - 1
+        return {
+            "aeration": (saving >= TARGET_AERATION, f"{-saving:+.1%} (target <= {-TARGET_AERATION:+.0%})"),
+            "SNH_eff": (a.snh_over <= d.snh_over, f"{a.snh_over:.1%} of the time (default {d.snh_over:.1%})"),
+            "TN_eff": (a.tn_over <= d.tn_over, f"{a.tn_over:.1%} of the time (default {d.tn_over:.1%})"),
+            "EQI": (rise <= TARGET_EQI, f"{rise:+.1%} (target <= {TARGET_EQI:+.0%})"),
+        }
+
+    def summary(self) -> dict[str, object]:
+        sc = self.case.scenario
+        verdict = self.verdict()
+        return {
+            "influent": self.case.label,
+            "scenario": sc.id,
+            "regime": sc.regime,
+            "evaluated_days": self.case.samples / DAY,
+            "from_day": len(self.case.past.clock) / DAY,
+            "notes": self.case.notes,
+            "default": self.default.figures(),
+            "advised": self.advised.figures(),
+            "calls": call_stats(self.calls),
+            "targets": {k: {"met": met, "value": text} for k, (met, text) in verdict.items()},
+            "met": all(met for met, _ in verdict.values()),
+            "seconds": {"warm_up": self.case.seconds, "default": self.default.seconds, "advised": self.advised.seconds},
+        }
+
+
+def call_stats(calls: list[Call]) -> dict[str, object]:
+    """Count, statuses and times (median, 95th percentile) of /optimize calls."""
+    if not calls:
+        return {"count": 0, "status": {}}
+    client, solver = np.array([c.seconds for c in calls]), np.array([c.solver_seconds for c in calls])
+    return {
+        "count": len(calls),
+        "status": {s: sum(c.status == s for c in calls) for s in dict.fromkeys(c.status for c in calls)},
+        "infeasible": sum(not c.feasible for c in calls),
+        "seconds_median": float(np.median(client)),
+        "seconds_p95": float(np.percentile(client, 95)),
+        "solver_seconds_median": float(np.median(solver)),
+        "solver_seconds_p95": float(np.percentile(solver, 95)),
+    }
+
+
+UNITS = ("", "kWh/d", "kWh/d", "kWh/d", "kgPU/d", "time", "time", "g/m3")
+WIDTHS = (10, 9, 8, 7, 8, 6, 6, 6)
+
+
+def print_result(r: Result, advisor: str) -> None:
+    case, sc = r.case, r.case.scenario
+    first = len(case.past.clock) / DAY
+    print(
+        f"\n{case.label}: {sc.id} ({sc.regime}), days {first:g}-{first + case.samples / DAY:g} evaluated "
+        f"(warm-up and history {case.seconds:.1f} s, default {r.default.seconds:.1f} s, {advisor} "
+        f"{r.advised.seconds:.1f} s)"
+    )
+    for note in case.notes:
+        print(f"  {note}")
+    for head in (("strategy", "aeration", "pumping", "mixing", "EQI", "SNH>4", "TN>18", "DO sp"), UNITS):
+        cells = [f"{h:>{w}}" for h, w in zip(head[1:], WIDTHS[1:], strict=True)]
+        print(f"  {head[0]:<{WIDTHS[0]}} " + " ".join(cells))
+    for name, o in (("default", r.default), (advisor, r.advised)):
+        f = o.figures()
+        print(
+            f"  {name:<10} {f['aeration']:>9.1f} {f['pumping']:>8.1f} {f['mixing']:>7.1f} {f['eqi']:>8.1f} "
+            f"{f['snh_over']:>6.1%} {f['tn_over']:>6.1%} {f['do_setpoint']:>6.2f}"
+        )
+    d, a = r.default, r.advised
+    print(
+        f"  {'change':<10} {a.aeration / d.aeration - 1:>+9.1%} {a.pumping / d.pumping - 1:>+8.1%} "
+        f"{a.mixing - d.mixing:>+7.1f} {a.eqi / d.eqi - 1:>+8.1%}"
+    )
+    stats = call_stats(r.calls)
+    if stats["count"]:
+        statuses = ", ".join(f"{k} {v}" for k, v in stats["status"].items())
+        print(
+            f"  /optimize: {stats['count']} calls ({statuses}; {stats['infeasible']} infeasible); per call "
+            f"{stats['seconds_median']:.3f} s median, "
+            f"{stats['seconds_p95']:.3f} s p95 (solver {stats['solver_seconds_median']:.3f} / "
+            f"{stats['solver_seconds_p95']:.3f} s)"
+        )
+    for name, (met, text) in r.verdict().items():
+        print(f"  {'met    ' if met else 'NOT MET'}  {name}: {text}")
+    print(f"  verdict: {'MET' if all(m for m, _ in r.verdict().values()) else 'NOT MET'}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", default="models")
+    parser.add_argument("--version", help="default: the served version (models/CURRENT)")
+    parser.add_argument("--influents", nargs="*", default=["dry", "rain", "storm", "bsm2-36"], help="window ids")
+    parser.add_argument("--days", type=float, default=7.0, help="evaluated days per strategy")
+    parser.add_argument("--hours", type=float, help="evaluated hours per strategy, instead of --days")
+    parser.add_argument("--history-days", type=float, default=1.0, help="under the default strategy, after warm-up")
+    parser.add_argument("--fixed-do", type=float, help="a constant DO setpoint instead of the service (no server)")
+    parser.add_argument("--seed", type=int, default=0, help="the /optimize requests' seed")
+    parser.add_argument(
+        "--objective",
+        type=json.loads,
+        help="JSON object sent as every request's objective (parts of the card's replaced), e.g. "
+        '\'{"controls": {}, "move_kwh": 20}\'',
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, object]]:
+    """Every window under both strategies, printed as it completes; the results and their JSON summary."""
+    store = Path(args.store)
+    version = args.version or current_version(store)
+    if version is None:
+        raise SystemExit(f"no version given and none is current in {store}")
+    cfg = config_from_dict(json.loads((store / version / "config.json").read_text())).data
+    days = args.hours / 24 if args.hours is not None else args.days
+    for label in args.influents:  # refuse an unknown window before anything runs
+        resolve(cfg, label)
+    results: list[Result] = []
+
+    def each(advise: Advisor, calls: list[Call], name: str) -> None:
+        for label in args.influents:
+            case = prepare(cfg, label, args.history_days, days)
+            default = run_strategy(case, default_strategy)
+            before = len(calls)
+            advised = run_strategy(case, advise)
+            results.append(Result(case, default, advised, calls[before:]))
+            print_result(results[-1], name)
+
+    span = f"{days:g} days" if days >= 1 else f"{days * 24:g} h"
+    print(f"model {version}; {span} per strategy after {cfg.warmup_days:g} + {args.history_days:g} days")
+    if args.fixed_do is not None:
+        each(fixed_do(args.fixed_do), [], f"DO {args.fixed_do:g}")
+    else:
+        with service(store, version) as (client, model):
+            advisor = ServiceAdvisor(client, model, seed=args.seed, objective=args.objective)
+            print(f"service on 127.0.0.1: {advisor.length} samples of history, horizon {advisor.horizon}")
+            each(advisor, advisor.calls, "advised")
+    every = [c for r in results for c in r.calls]
+    summary: dict[str, object] = {"model_version": version, "days": days, "influents": [r.summary() for r in results]}
+    if every:
+        p95 = float(np.percentile([c.seconds for c in every], 95))
+        summary["optimize_p95_s"], summary["optimize_p95_met"] = p95, p95 < TARGET_P95_S
+        met = "met" if p95 < TARGET_P95_S else "NOT MET"
+        print(f"\n/optimize p95 over {len(every)} calls: {p95:.3f} s (target < {TARGET_P95_S:g} s): {met}")
+    summary["met"] = all(r["met"] for r in summary["influents"]) and summary.get("optimize_p95_met", True)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return results, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_args(argv))
+    except (BenchError, httpx.HTTPError) as exc:
+        print(f"closed-loop bench failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

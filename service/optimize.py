@@ -1,0 +1,300 @@
+"""POST /optimize as it arrives and as it answers: the request (one series' history and, optionally, its own
+objective), its decoding into the optimizer's arrays, and the answer's JSON. The search is ``optimizer.search``.
+
+The series is decoded exactly as /forecast decodes one (``service.decode``), so every rule of a forecast request
+holds here too; what /optimize adds is the objective (the card's ``optimizer``, any part of it replaced by the
+request's) and the rules between the two: the plan decides the setpoints and controls the objective names, so the
+request must not send their future, each decided setpoint's control is left to its loop, and the setpoints'
+history says where they are now (the plan is compared with holding them).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import jiter
+import numpy as np
+from pydantic import BaseModel, Field
+from pydantic_core import to_json
+
+from modelcard.objective import DEFAULT_PRICE, Objective, card_names, objective_problems
+from modelcard.runtime import ModelRuntime
+from optimizer.search import Advice, Outcome, Search, Situation
+from service.decode import decode
+from service.encode import SeriesFacts, encode_forecasts, quantile_key
+from service.parse import DUPLICATE, size_limits, validate
+from service.problems import Errors, ProblemError
+from service.request import FAIL_FAST, STRICT, ForecastRequest, SeriesIn
+from service.scan import check_sizes
+from service.settings import Settings
+
+MAX_LIMITS = 20
+DEFAULT_LEVELS = [0.1, 0.5, 0.9]
+
+
+class LimitIn(BaseModel):
+    model_config = STRICT
+
+    variable: str = Field(max_length=64, description="a measurement (e.g. SNH_eff)")
+    quantile: float = Field(gt=0, lt=1, description="the forecast quantile the limit is on, e.g. 0.9")
+    max: float = Field(description="the limit, in the variable's unit, at every step")
+    price_kwh: float = Field(
+        DEFAULT_PRICE,
+        ge=0,
+        description="kWh a plan may spend to bring the quantile one unit lower for an hour where it is above the "
+        "limit (high: a hard limit; where no plan meets it, the price decides how much air a peak is worth)",
+    )
+    hour_price_kwh: float = Field(
+        0.0, ge=0, description="kWh a plan may spend to shorten the expected time above the limit by an hour"
+    )
+
+
+class ObjectiveIn(BaseModel):
+    """Any part of the model's objective (GET /model: optimizer) to replace for this request."""
+
+    model_config = STRICT
+
+    block_minutes: int | None = Field(None, ge=1, description="how long the plan holds each value (e.g. 60)")
+    control_minutes: int | None = Field(
+        None, ge=1, description="the span the plan decides; after it, its last values are held to the horizon's end"
+    )
+    setpoints: dict[str, Annotated[list[float], FAIL_FAST]] | None = Field(
+        None, description="the loops' setpoints the plan decides, each [min, max] ({} for none)"
+    )
+    controls: dict[str, Annotated[list[float], FAIL_FAST]] | None = Field(
+        None, description="the open-loop controls the plan decides, each [min, max] ({} for none)"
+    )
+    limits: Annotated[list[LimitIn], FAIL_FAST] | None = Field(
+        None, max_length=MAX_LIMITS, description="effluent limits on forecast quantiles ([] for none)"
+    )
+    aeration_kw: dict[str, float] | None = Field(None, description="kW per unit of each aeration control")
+    pumping_kw: dict[str, float] | None = Field(None, description="kW per unit of each pumped flow")
+    constant_kw: float | None = Field(None, ge=0, description="power no plan moves")
+    price_per_kwh: float | None = Field(None, ge=0, description="energy price, for the plans' cost")
+    move_kwh: float | None = Field(
+        None, ge=0, description="kWh a move costs per whole bound's width (block to block, and from now)"
+    )
+
+
+class OptimizeRequest(BaseModel):
+    model_config = STRICT
+
+    series: SeriesIn = Field(
+        description="one plant series as in /forecast, without plans: its history with the loops' setpoints "
+        "(setpoints), the open-loop controls' plan (future_controls) or hold_controls; the decided setpoints' and "
+        "controls' future is the answer's"
+    )
+    horizon: int = Field(ge=1, description="steps planned and forecast; at most the model's max_horizon")
+    objective: ObjectiveIn | None = Field(None, description="replaces parts of the model's objective")
+    quantiles: Annotated[list[float], FAIL_FAST] = Field(
+        default_factory=lambda: list(DEFAULT_LEVELS),
+        max_length=9,
+        description="the answer's forecast quantiles (each limit's own quantile is added)",
+    )
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed of the sample draws")
+
+
+def parse_optimize(body: bytes, rt: ModelRuntime, settings: Settings) -> OptimizeRequest:
+    """The request from JSON bytes: the same size rules as /forecast first, then a strict parse, then keys given
+    twice."""
+    check_sizes(body, size_limits(rt, settings))
+    errors = Errors()
+    req = validate(OptimizeRequest, body, (), errors)
+    errors.raise_if_any("Invalid request body")
+    try:
+        jiter.from_json(body, catch_duplicate_keys=True)
+    except ValueError as exc:
+        m = DUPLICATE.search(str(exc))
+        msg = f'duplicate key "{m.group(1)}": a key may appear once in an object' if m else str(exc)
+        raise ProblemError(422, "Invalid request body", [{"field": "body", "message": msg}]) from None
+    assert req is not None
+    return req
+
+
+def objective_of(req: OptimizeRequest, rt: ModelRuntime) -> Objective:
+    """The card's objective with the request's parts in its place, every problem named; bounds outside what the
+    model saw in training are refused (it cannot say what a setpoint it never saw does)."""
+    if "optimizer" not in rt.card:
+        detail = f"model {rt.version} has no objective (card: optimizer): it cannot advise setpoints"
+        raise ProblemError(409, "No setpoint advice for this model", detail=detail)
+    merged = dict(rt.card["optimizer"])
+    if req.objective is not None:
+        merged |= req.objective.model_dump(exclude_none=True)
+    objective, problems = objective_problems(merged, card_names(rt.card), "objective")
+    seen = dict(zip(rt.setpoints, zip(*rt.s_range, strict=True), strict=True))
+    seen |= dict(zip(rt.controls, zip(*rt.u_range, strict=True), strict=True))
+    for key, bounds in (("setpoints", objective.setpoints), ("controls", objective.controls)):
+        for name, (lo, hi) in bounds.items():
+            t_lo, t_hi = seen[name]
+            if lo < t_lo - 1e-9 or hi > t_hi + 1e-9:
+                msg = f"[{lo:g}, {hi:g}] leaves the range the model was trained on, [{t_lo:g}, {t_hi:g}]"
+                problems.append((f"objective.{key}.{name}", msg))
+    if problems:
+        errors = Errors()
+        for where, message in problems:
+            errors.add(where, message)
+        errors.raise_if_any("Invalid objective")
+    return objective
+
+
+def situation_of(
+    req: OptimizeRequest, rt: ModelRuntime, settings: Settings, objective: Objective
+) -> tuple[Situation, SeriesFacts]:
+    """The series decoded as /forecast decodes it, and checked against what the plan decides: (situation, facts)."""
+    s, errors = req.series, Errors()
+    if s.plans is not None:
+        errors.add("series.plans", "/optimize chooses the plan: send the history only")
+    for name in objective.setpoints:
+        if s.future_setpoints and name in s.future_setpoints:
+            errors.add(f"series.future_setpoints.{name}", "the plan decides this setpoint: leave its future out")
+        if not s.setpoints or name not in s.setpoints:
+            errors.add(f"series.setpoints.{name}", "send its history: the plan is compared with holding it")
+    for name in objective.controls:
+        if s.future_controls and name in s.future_controls:
+            errors.add(f"series.future_controls.{name}", "the plan decides this control: leave its future out")
+    errors.raise_if_any("Invalid optimize request")
+    # The decided controls' futures are left out; /forecast's decoding needs every open-loop control's: held here.
+    series = s
+    if objective.controls and s.future_controls is not None:
+        last = {n: s.controls[n][-1] for n in objective.controls if n in s.controls}
+        filled = {**s.future_controls, **{n: [v if v is not None else 0.0] * req.horizon for n, v in last.items()}}
+        series = s.model_copy(update={"future_controls": filled})
+    forecast = ForecastRequest(series=[series], horizon=req.horizon, quantiles=[], seed=req.seed)
+    d = decode(forecast, rt, settings)
+    u_fut = d.u_fut[0]
+    decided = {loop["control"] for loop in rt.loops if loop["setpoint"] in objective.setpoints}
+    for name in sorted(decided):
+        if np.isfinite(u_fut[:, rt.controls.index(name)]).any():
+            errors.add(
+                f"series.future_controls.{name}",
+                "the plan decides its loop's setpoint: leave this control to its loop (send the setpoints' "
+                "history and hold_controls, or future_controls without it)",
+            )
+    errors.raise_if_any("Invalid optimize request")
+    s_fut = d.s_fut[0] if d.s_fut[0].size else None
+    situation = Situation(d.x_hist[0], d.u_hist[0], d.s_hist[0], d.last_minute[0], d.d_fut[0], u_fut, s_fut)
+    return situation, d.facts[0]
+
+
+def search_settings(rt: ModelRuntime, seed: int | None) -> Search:
+    """The pattern search, its quantiles drawn from as many samples as the model's intervals were fitted with."""
+    return Search(samples=rt.calibration_samples, seed=0 if seed is None else seed)
+
+
+# ----------------------------------------------------------------------------- the answer
+
+
+class EnergyOut(BaseModel):
+    aeration: float
+    pumping: float
+    constant: float
+    total: float
+    cost: float | None = None
+
+
+class LimitOut(BaseModel):
+    variable: str
+    quantile: float
+    max: float
+    price_kwh: float
+    met: bool = Field(description="the plan's quantile stays at or below the limit at every step")
+    worst: float = Field(description="the plan's highest quantile over the horizon")
+    worst_at: str
+    excess: float = Field(description="how far the worst step is above the limit (0: met)")
+    binding_at: list[str] = Field(description="the steps where the quantile is within 2% of the limit or above it")
+    current_worst: float = Field(description="the same quantile's highest value when the setpoints are held")
+    current_excess: float
+    hours_above: float = Field(description="expected hours above the limit under the plan (samples above it)")
+    current_hours_above: float
+
+
+class OptimizeResponse(BaseModel):
+    model_version: str
+    status: str = Field(
+        description="improved: the plan scores better than holding the current setpoints (less energy, or less "
+        "excess where a limit cannot be met); current_is_best: holding them is answered as the plan"
+    )
+    feasible: bool = Field(description="every limit met at every step by the plan")
+    plan: dict[str, Any] = Field(description="block_minutes, timestamps and per decided variable its value per step")
+    forecast: dict[str, Any] = Field(description="the plan's forecast, per variable: unit, mean and quantiles")
+    energy: dict[str, Any] = Field(description="kWh over the horizon of the plan and of holding, and the saving")
+    limits: list[LimitOut]
+    solver: dict[str, Any]
+
+
+def energy_out(o: Outcome, price: float | None) -> dict[str, float | None]:
+    out: dict[str, float | None] = dict(o.energy)
+    out["cost"] = None if price is None else o.energy["total"] * price
+    return out
+
+
+def encode_advice(rt: ModelRuntime, req: OptimizeRequest, objective: Objective, advice: Advice, facts: Any) -> bytes:
+    """The answer's JSON; a forecast that is not finite is refused (422) rather than sent as NaN."""
+    plan, cur = advice.plan, advice.current
+    if not (np.isfinite(plan.mean).all() and np.isfinite(plan.quantiles).all()):
+        msg = "the forecast is not finite for these inputs: check the history"
+        raise ProblemError(422, "No finite forecast", [{"field": "series", "message": msg}])
+    times = [t.isoformat() for t in facts.timestamps]
+    forecast, clipped = encode_forecasts(rt, plan.levels, plan.mean[None], plan.quantiles[:, None], facts.outputs)[0]
+    wanted = {quantile_key(q) for q in req.quantiles}
+    for var in forecast.values():
+        var["quantiles"] = {k: v for k, v in var["quantiles"].items() if k in wanted or k in limit_keys(objective)}
+    limits = []
+    for c, h in zip(plan.limits, cur.limits, strict=True):
+        m = c.limit
+        limits.append(
+            {
+                "variable": m.variable,
+                "quantile": m.quantile,
+                "max": m.max,
+                "price_kwh": m.price_kwh,
+                "met": c.excess == 0,
+                "worst": c.worst,
+                "worst_at": times[c.worst_step],
+                "excess": c.excess,
+                "binding_at": [times[k] for k in c.binding_steps],
+                "current_worst": h.worst,
+                "current_excess": h.excess,
+                "hours_above": c.hours_above,
+                "current_hours_above": h.hours_above,
+            }
+        )
+    saving = cur.energy["total"] - plan.energy["total"]
+    answer = {
+        "model_version": rt.version,
+        "status": advice.status,
+        "feasible": plan.feasible,
+        "plan": {
+            "block_minutes": objective.block_minutes,
+            "control_minutes": objective.control_minutes,
+            "timestamps": times,
+            "setpoints": {n: plan.s[:, rt.setpoints.index(n)].tolist() for n in objective.setpoints},
+            "controls": {n: plan.u[:, rt.controls.index(n)].tolist() for n in objective.controls},
+            "current": {
+                **{n: float(cur.s[0, rt.setpoints.index(n)]) for n in objective.setpoints},
+                **{n: float(cur.u[0, rt.controls.index(n)]) for n in objective.controls},
+            },
+        },
+        "forecast": {"variables": forecast, "clipped": clipped},
+        "energy": {
+            "unit": "kWh over the horizon",
+            "hours": req.horizon * rt.step_minutes / 60,
+            "plan": energy_out(plan, objective.price_per_kwh),
+            "current": energy_out(cur, objective.price_per_kwh),
+            "saving": saving,
+            "saving_share": saving / cur.energy["total"] if cur.energy["total"] > 0 else 0.0,
+        },
+        "limits": limits,
+        "solver": {
+            "method": "pattern search over the plans graph (model means, quantile margins from samples)",
+            "sweeps": advice.sweeps,
+            "plans_evaluated": advice.plans_evaluated,
+            "samples": search_settings(rt, req.seed).samples,
+            "seconds": advice.seconds,
+        },
+    }
+    return to_json(answer)
+
+
+def limit_keys(objective: Objective) -> set[str]:
+    return {quantile_key(m.quantile) for m in objective.limits}

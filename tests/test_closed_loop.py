@@ -1,0 +1,131 @@
+"""bench/closed_loop.py: the closed-loop bench runs end to end on a short tiny-preset configuration, through the
+real service, applies what the service answers, and compares against the default strategy run from the very
+same state."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import closed_loop as bench
+from plant import bsm1
+from plant.catalog import BSM1
+from plant.operation import operation, standard_controls
+from training.config import config_from_dict, load_config
+
+HOURS = 3
+
+
+@pytest.fixture(scope="module")
+def bench_run(trained_store: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory):
+    """One short run of the bench on the tiny model: the dry window, 0.25 day of history after the warm-up,
+    three hours with the service in the loop."""
+    store, version = trained_store
+    out = tmp_path_factory.mktemp("closed-loop") / "results.json"
+    argv = ["--store", str(store), "--version", version, "--influents", "dry", "--history-days", "0.25"]
+    args = bench.parse_args([*argv, "--hours", str(HOURS), "--json", str(out)])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results, summary = bench.run(args)
+    cfg = config_from_dict(json.loads((store / version / "config.json").read_text())).data
+    return results, summary, printed.getvalue(), out, cfg
+
+
+@pytest.mark.slow
+def test_the_bench_runs_end_to_end_through_the_service(bench_run) -> None:
+    """One call per hour, every figure positive and finite, the statuses the contract names; the table, the
+    verdict and the JSON written."""
+    results, summary, printed, out, _ = bench_run
+    (r,) = results
+    assert len(r.calls) == HOURS == len(r.advised.advice) == len(r.default.advice)
+    assert all(c.status in ("improved", "current_is_best", "infeasible") for c in r.calls)
+    assert all(0 < c.seconds < bench.TIMEOUT_S and np.isfinite(c.solver_seconds) for c in r.calls)
+    for outcome in (r.default, r.advised):
+        figures = outcome.figures()
+        assert all(np.isfinite(v) for v in figures.values()), figures
+        assert figures["aeration"] > 0 and figures["pumping"] > 0 and figures["eqi"] > 0
+        assert 0 <= figures["snh_over"] <= 1 and 0 <= figures["tn_over"] <= 1
+        assert len(outcome.x) == outcome.first + HOURS * bench.HOUR
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(summary))
+    (window,) = written["influents"]
+    assert window["calls"]["count"] == HOURS and sum(window["calls"]["status"].values()) == HOURS
+    assert set(window["targets"]) == {"aeration", "SNH_eff", "TN_eff", "EQI"} and "optimize_p95_s" in written
+    assert "verdict:" in printed and "/optimize p95 over 3 calls" in printed
+
+
+@pytest.mark.slow
+def test_the_plant_runs_the_answers_first_hour(bench_run) -> None:
+    """Each hour the loops follow the setpoints of the answer's first hour (a setpoint the plan leaves out held
+    at its last value), and an open-loop control the plan gives is applied as given."""
+    results, *_ = bench_run
+    (r,) = results
+    advised = r.advised
+    for i, call in enumerate(r.calls):
+        hour = slice(advised.first + i * bench.HOUR, advised.first + (i + 1) * bench.HOUR)
+        plan = call.answer.get("plan") or {}
+        for j, name in enumerate(BSM1.setpoint_names):
+            given = (plan.get("setpoints") or {}).get(name)
+            want = given[: bench.HOUR] if given else [advised.s[hour.start - 1, j]] * bench.HOUR
+            np.testing.assert_allclose(advised.s[hour, j], want, rtol=1e-12, err_msg=f"hour {i}, {name}")
+        for name, values in (plan.get("controls") or {}).items():
+            j = BSM1.control_names.index(name)
+            if j not in (loop.control for loop in r.case.run.loops):
+                np.testing.assert_allclose(advised.u[hour, j], values[: bench.HOUR], rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_the_default_strategy_is_a_plain_simulation(bench_run) -> None:
+    """The bench's default run (warm-up, history and the evaluated hours) is bit for bit the plant simulated
+    start to end under BSM1's default strategy without saves or restores, and its energy and EQI are that run's
+    (to the summation order)."""
+    results, _, _, _, cfg = bench_run
+    (r,) = results
+    op = operation(cfg, r.case.scenario)
+    n = round(r.case.scenario.days * bsm1.MINUTES_PER_DAY)
+    loops = [bsm1.do_loop(np.full(n, 2.0)), bsm1.nitrate_loop(np.full(n, 1.0))]
+    run = bsm1.Run(
+        op.influent, standard_controls(n), stabilize=cfg.stabilize, loops=loops, caps=op.caps, wastage=op.wastage
+    )
+    x = np.array([run.advance()[0] for _ in range(len(r.default.x))])
+    np.testing.assert_array_equal(x, r.default.x)
+    evaluated = slice(r.default.first * 15, len(x) * 15)
+    np.testing.assert_allclose(run.plant.sim.perf_factors_all[evaluated, 1].mean(), r.default.aeration, rtol=1e-12)
+    np.testing.assert_allclose(run.plant.sim.eqi_all[evaluated].mean(), r.default.eqi, rtol=1e-12)
+
+
+def test_a_strategy_leaves_nothing_behind() -> None:
+    """Without a service: an advisor that sends the default setpoints, run after a lower DO setpoint from the
+    same saved state, gives the default run bit for bit (the restore leaks nothing, the advice is applied); the
+    lower DO setpoint runs the plant at it and saves air."""
+    cfg = replace(load_config("tiny").data, scenario_days=1.0)
+    case = bench.prepare(cfg, "dry", 0.25, HOURS / 24)
+    default = bench.run_strategy(case, bench.default_strategy)
+    lower = bench.run_strategy(case, bench.fixed_do(1.0))
+    defaults = bench.Advice({name: [value] * bench.HOUR for name, value in bench.DEFAULT_SETPOINTS.items()})
+    same = bench.run_strategy(case, lambda history: defaults)
+    for a in ("x", "u", "s"):
+        np.testing.assert_array_equal(getattr(same, a), getattr(default, a))
+    assert same.figures() == default.figures()
+    do = BSM1.setpoint_names.index("SO_5_setpoint")
+    np.testing.assert_array_equal(lower.s[lower.first :, do], 1.0)
+    assert lower.aeration < default.aeration
+
+
+def test_storm_and_later_name_the_held_out_windows() -> None:
+    """``storm`` is the config's held-out BSM2 window with added storms, ``later`` its held-out later window; a
+    window held out under BSM1's constant setpoints is taken under them."""
+    default = load_config("default").data
+    assert bench.resolve(default, "storm").id.startswith("bsm2-14@")
+    assert bench.resolve(default, "later").id == "bsm2-36@constant_setpoints"
+    assert bench.resolve(default, "dry").id == "dry@constant_setpoints"
+    tiny = load_config("tiny").data
+    assert bench.resolve(tiny, "storm").id.startswith("bsm2-01@")
+    with pytest.raises(SystemExit, match="no later window"):
+        bench.resolve(tiny, "later")
