@@ -288,8 +288,8 @@ class Call:
 class ServiceAdvisor:
     """The product in the loop: each hour the last day of samples (or the model's longest history, if shorter)
     goes to POST /optimize with the loops' setpoints and ``hold_controls``; the plan's first hour comes back as
-    advice, whatever the answer's status. A setpoint or open-loop control the plan leaves out is held at its last
-    value; a looped control in the plan is left to its loop."""
+    advice, whatever the answer's status. A setpoint or open-loop control the plan leaves out keeps the run's
+    schedule; a looped control in the plan is left to its loop."""
 
     def __init__(
         self, client: httpx.Client, model: dict, horizon: int = DAY, seed: int = 0, objective: dict | None = None
@@ -338,22 +338,20 @@ class ServiceAdvisor:
         solver = answer.get("solver") or {}
         solver_seconds, status = float(solver.get("seconds", np.nan)), str(answer.get("status"))
         self.calls.append(Call(seconds, solver_seconds, status, bool(answer.get("feasible", True)), answer))
+        # Only what the plan decides: the rest keeps the run's own schedule (the default strategy's, with any
+        # actuator caps of the scenario), as in the default run.
         advice = Advice()
-        for name in self.setpoints:
-            j = BSM1.setpoint_names.index(name)
-            advice.setpoints[name] = hour(plan.get("setpoints") or {}, name, float(h.s[-1, j]))
-        for name in self.controls:
-            if name not in self.looped:
-                j = BSM1.control_names.index(name)
-                advice.controls[name] = hour(plan.get("controls") or {}, name, float(h.u[-1, j]))
+        for name, values in (plan.get("setpoints") or {}).items():
+            if name in self.setpoints and values:
+                advice.setpoints[name] = hour(values)
+        for name, values in (plan.get("controls") or {}).items():
+            if name in self.controls and name not in self.looped and values:
+                advice.controls[name] = hour(values)
         return advice
 
 
-def hour(plan: dict[str, list[float]], name: str, held: float) -> list[float]:
-    """A plan's first hour of one variable (its last value repeated if the plan is shorter), else ``held``."""
-    values = plan.get(name)
-    if not values:
-        return [held] * HOUR
+def hour(values: list[float]) -> list[float]:
+    """A plan's first hour of one variable (its last value repeated if the plan is shorter)."""
     return [float(v) for v in values[:HOUR]] + [float(values[-1])] * max(0, HOUR - len(values))
 
 

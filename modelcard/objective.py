@@ -96,8 +96,18 @@ class PlantNames:
 Problems = list[tuple[str, str]]  # (field, message)
 
 
+MAX_MAGNITUDE = 1e9
+"""No coefficient, price, bound or limit is larger: beyond it, a sum over a day's steps could leave the floats."""
+
+
 def _number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    """A real number (not a bool), finite and at most ``MAX_MAGNITUDE`` in size."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and abs(value) <= MAX_MAGNITUDE
+    )
 
 
 def _bounds(given: Any, where: str, allowed: tuple[str, ...], what: str, problems: Problems) -> dict:
@@ -126,19 +136,18 @@ def _limits(given: Any, where: str, names: PlantNames, problems: Problems) -> tu
         if not isinstance(entry, dict) or not {"variable", "quantile", "max"} <= set(entry) <= LIMIT_KEYS:
             problems.append((at, "expected variable, quantile, max and optionally price_kwh, hour_price_kwh"))
             continue
+        before = len(problems)
         if entry["variable"] not in names.measurements:
             problems.append((f"{at}.variable", f"{str(entry['variable'])[:60]!r} is not a measurement of the plant"))
-        elif not (_number(entry["quantile"]) and 0 < entry["quantile"] < 1):
+        if not (_number(entry["quantile"]) and 0 < entry["quantile"] < 1):
             problems.append((f"{at}.quantile", "expected a number between 0 and 1 (e.g. 0.9)"))
-        elif not _number(entry["max"]):
-            problems.append((f"{at}.max", "expected a finite number"))
-        elif not (_number(price := entry.get("price_kwh", DEFAULT_PRICE)) and price >= 0):
-            problems.append(
-                (f"{at}.price_kwh", "expected a finite number >= 0 (kWh per unit above the limit, per hour)")
-            )
-        elif not (_number(hours := entry.get("hour_price_kwh", 0.0)) and hours >= 0):
-            problems.append((f"{at}.hour_price_kwh", "expected a finite number >= 0 (kWh per expected hour above)"))
-        else:
+        if not _number(entry["max"]):
+            problems.append((f"{at}.max", f"expected a finite number, at most {MAX_MAGNITUDE:g} in size"))
+        price, hours = entry.get("price_kwh", DEFAULT_PRICE), entry.get("hour_price_kwh", 0.0)
+        for key, value in (("price_kwh", price), ("hour_price_kwh", hours)):
+            if not (_number(value) and value >= 0):
+                problems.append((f"{at}.{key}", f"expected a number from 0 to {MAX_MAGNITUDE:g} (kWh)"))
+        if len(problems) == before:
             limit = EffluentLimit(entry["variable"], float(entry["quantile"]), float(entry["max"]), float(price))
             out.append(replace(limit, hour_price_kwh=float(hours)))
     return tuple(out)
@@ -153,7 +162,9 @@ def _coefficients(given: Any, where: str, names: PlantNames, problems: Problems)
         if name not in names.controls:
             problems.append((f"{where}.{name}", f"not a control of the plant: {', '.join(names.controls)}"))
         elif not (_number(value) and value >= 0):
-            problems.append((f"{where}.{name}", "expected a finite number >= 0 (kW per unit of the control)"))
+            problems.append(
+                (f"{where}.{name}", f"expected a number from 0 to {MAX_MAGNITUDE:g} (kW per unit of the control)")
+            )
         else:
             out[name] = float(value)
     return out
@@ -162,6 +173,8 @@ def _coefficients(given: Any, where: str, names: PlantNames, problems: Problems)
 def objective_problems(data: dict[str, Any], names: PlantNames, where: str = "optimizer") -> tuple[Objective, Problems]:
     """An objective from a table (catalog, card or a request's complete objective) and every problem in it."""
     problems: Problems = []
+    if not isinstance(data, dict):
+        return objective_problems({}, names, where)[0], [(where, "expected a table (JSON object)")]
     for key in sorted(set(data) - KEYS):
         problems.append((f"{where}.{key}", f"unknown key; known: {', '.join(sorted(KEYS))}"))
     block = data.get("block_minutes", 60)
@@ -170,7 +183,8 @@ def objective_problems(data: dict[str, Any], names: PlantNames, where: str = "op
         block = names.sample_minutes
     control = data.get("control_minutes")
     if control is not None and (isinstance(control, bool) or not isinstance(control, int) or control < block):
-        problems.append((f"{where}.control_minutes", f"expected a whole number of minutes >= block_minutes ({block})"))
+        msg = f"{control!r} is not a whole number of minutes at least block_minutes ({block})"
+        problems.append((f"{where}.control_minutes", msg))
         control = None
     open_loop = tuple(c for c in names.controls if c not in names.looped)
     setpoints = _bounds(data.get("setpoints", {}), f"{where}.setpoints", names.setpoints, "setpoint", problems)
@@ -183,13 +197,15 @@ def objective_problems(data: dict[str, Any], names: PlantNames, where: str = "op
         problems.append((f"{where}.aeration_kw", "no energy coefficient: there is nothing to minimise"))
     constant, price, move = data.get("constant_kw", 0.0), data.get("price_per_kwh"), data.get("move_kwh", 0.0)
     if not (_number(move) and move >= 0):
-        problems.append((f"{where}.move_kwh", "expected a finite number >= 0 (kWh per whole bound's width moved)"))
+        problems.append(
+            (f"{where}.move_kwh", f"expected a number from 0 to {MAX_MAGNITUDE:g} (kWh per whole bound's width moved)")
+        )
         move = 0.0
     if not (_number(constant) and constant >= 0):
-        problems.append((f"{where}.constant_kw", "expected a finite number >= 0"))
+        problems.append((f"{where}.constant_kw", f"expected a number from 0 to {MAX_MAGNITUDE:g}"))
         constant = 0.0
     if price is not None and not (_number(price) and price >= 0):
-        problems.append((f"{where}.price_per_kwh", "expected a finite number >= 0"))
+        problems.append((f"{where}.price_per_kwh", f"expected a number from 0 to {MAX_MAGNITUDE:g}"))
         price = None
     objective = Objective(
         block,

@@ -33,7 +33,7 @@ from modelcard.objective import EffluentLimit, Objective
 from modelcard.runtime import ModelRuntime
 
 RANDOM_BATCH = 500  # plans per forecast call of the random search
-IMPROVEMENT = 1e-3  # a plan must save at least this share of the current plan's energy to be advised
+IMPROVEMENT = 1e-3  # a plan's score must beat holding's by this much (units: holding's energy) to be advised
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Search:
     """The pattern search's settings."""
 
     sweeps: int = 14  # rounds of moves at most
-    groups: int = 12  # spans of consecutive blocks a move shifts together (24 hourly blocks: 2 h each)
+    groups: int = 12  # spans of consecutive blocks a move shifts together (at most; the card's 12 blocks: 1 h each)
     step: float = 0.25  # the first move, as a share of each bound's width; halved when no move helps
     min_step: float = 0.03  # the search ends when every step is below this share
     samples: int = 100  # sampled forecasts for the quantiles (margins and the final check)
@@ -265,11 +265,17 @@ def optimize(
 ) -> Advice:
     """The best plan found, the current plan (every decided variable held), and how the search went."""
     start = time.perf_counter()
-    rng = np.random.default_rng(search.seed)
+
+    # The current plan and the answer's are sampled with the same draws (common random numbers), so that the
+    # comparison between them is the plans', not the draws' (100 draws of the same plan score +-0.05 apart).
+    def draws() -> np.random.Generator:
+        return np.random.default_rng([search.seed, 0])
+
+    rng = np.random.default_rng([search.seed, 1])  # everything else: the random search, the widening
     p = Problem(rt, sit, objective, horizon)
     levels = sorted({*levels, *(m.quantile for m in objective.limits)})
     current = p.current()
-    mean, samples = p.forecast(current, search.samples, rng)
+    mean, samples = p.forecast(current, search.samples, draws())
     assert samples is not None
     spread = p.spread(mean, samples)
     cur = p.outcome(current, mean, samples, levels)
@@ -294,6 +300,12 @@ def optimize(
     step = np.tile(search.step * (p.hi - p.lo), (len(groups), 1))
     floor = search.min_step * (p.hi - p.lo)
     while sweeps < search.sweeps and (step >= floor).any():
+        if sweeps == 2 and objective.limits:
+            # The spread at the best plan so far (a lower DO widens the ammonium's), then rescored.
+            b_mean, b_samples = p.forecast(best_v, search.samples, rng)
+            assert b_samples is not None
+            spread = spread.widened(p.spread(b_mean, b_samples))
+            best_score = float(scored(best_v)[0])
         sweeps += 1
         moves, candidates = [], []
         for g, blocks in enumerate(groups):
@@ -333,20 +345,19 @@ def optimize(
                 step[g, k] = min(step[g, k] * 1.5, 0.5 * (p.hi[k] - p.lo[k]))
         else:
             step /= 2
-        if sweeps == 2 and objective.limits:
-            # The margins at the best plan so far (a lower DO widens the ammonium's spread), then rescored.
-            b_mean, b_samples = p.forecast(best_v, search.samples, rng)
-            assert b_samples is not None
-            spread = spread.widened(p.spread(b_mean, b_samples))
-            best_score = float(scored(best_v)[0])
-    mean, samples = p.forecast(best_v, search.samples, rng)
+    if np.array_equal(best_v, current):  # nothing moved: holding is the answer, whatever the draws say
+        held = p.score(cur, reference)
+        seconds = time.perf_counter() - start
+        return Advice("current_is_best", cur, cur, sweeps, p.evaluated, seconds, p.names, held, held)
+    mean, samples = p.forecast(best_v, search.samples, draws())
     assert samples is not None
     plan = p.outcome(best_v, mean, samples, levels)
 
-    # Advised if it scores better than holding, each on its own samples.
+    # Advised if it scores better than holding, each on its own samples (the same draws).
     scores = [p.score(o, reference) for o in (plan, cur)]
     status = "improved" if scores[0] < scores[1] - IMPROVEMENT else "current_is_best"
     if status == "current_is_best":
         plan = cur
     seconds = time.perf_counter() - start
-    return Advice(status, plan, cur, sweeps, p.evaluated, seconds, p.names, min(scores), scores[1])
+    score = scores[0] if status == "improved" else scores[1]
+    return Advice(status, plan, cur, sweeps, p.evaluated, seconds, p.names, score, scores[1])

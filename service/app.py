@@ -328,10 +328,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         finally:
             waiting["optimize"] -= 1
+        answer = encode_advice(rt, req, objective, advice, facts)
         metrics.OPTIMIZE_SECONDS.observe(advice.seconds)
         metrics.OPTIMIZE_CALLS.labels(advice.status, str(advice.plan.feasible).lower()).inc()
         metrics.OPTIMIZE_PLANS.observe(advice.plans_evaluated)
-        return Response(encode_advice(rt, req, objective, advice, facts), media_type="application/json")
+        return Response(answer, media_type="application/json")
 
     @app.get("/model", responses={401: PROBLEM_SCHEMA, 503: PROBLEM_SCHEMA}, dependencies=[Depends(info_auth)])
     async def model() -> dict[str, Any]:

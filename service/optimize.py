@@ -56,7 +56,10 @@ class ObjectiveIn(BaseModel):
 
     block_minutes: int | None = Field(None, ge=1, description="how long the plan holds each value (e.g. 60)")
     control_minutes: int | None = Field(
-        None, ge=1, description="the span the plan decides; after it, its last values are held to the horizon's end"
+        None,
+        ge=1,
+        description="the span the plan decides; after it, its last values are held to the horizon's end (omitted "
+        "or null: the card's)",
     )
     setpoints: dict[str, Annotated[list[float], FAIL_FAST]] | None = Field(
         None, description="the loops' setpoints the plan decides, each [min, max] ({} for none)"
@@ -86,7 +89,7 @@ class OptimizeRequest(BaseModel):
     )
     horizon: int = Field(ge=1, description="steps planned and forecast; at most the model's max_horizon")
     objective: ObjectiveIn | None = Field(None, description="replaces parts of the model's objective")
-    quantiles: Annotated[list[float], FAIL_FAST] = Field(
+    quantiles: Annotated[list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]], FAIL_FAST] = Field(
         default_factory=lambda: list(DEFAULT_LEVELS),
         max_length=9,
         description="the answer's forecast quantiles (each limit's own quantile is added)",
@@ -121,10 +124,14 @@ def objective_of(req: OptimizeRequest, rt: ModelRuntime) -> Objective:
     if req.objective is not None:
         merged |= req.objective.model_dump(exclude_none=True)
     objective, problems = objective_problems(merged, card_names(rt.card), "objective")
-    seen = dict(zip(rt.setpoints, zip(*rt.s_range, strict=True), strict=True))
-    seen |= dict(zip(rt.controls, zip(*rt.u_range, strict=True), strict=True))
+    seen: dict[str, tuple[float, float]] = {}  # cards before card_version 3 have no training range: no check
+    for names, seen_range in ((rt.setpoints, rt.s_range), (rt.controls, rt.u_range)):
+        if seen_range is not None:
+            seen |= dict(zip(names, zip(*seen_range, strict=True), strict=True))
     for key, bounds in (("setpoints", objective.setpoints), ("controls", objective.controls)):
         for name, (lo, hi) in bounds.items():
+            if name not in seen:
+                continue
             t_lo, t_hi = seen[name]
             if lo < t_lo - 1e-9 or hi > t_hi + 1e-9:
                 msg = f"[{lo:g}, {hi:g}] leaves the range the model was trained on, [{t_lo:g}, {t_hi:g}]"
@@ -147,17 +154,23 @@ def situation_of(
     for name in objective.setpoints:
         if s.future_setpoints and name in s.future_setpoints:
             errors.add(f"series.future_setpoints.{name}", "the plan decides this setpoint: leave its future out")
-        if not s.setpoints or name not in s.setpoints:
+        if not s.setpoints or not any(v is not None for v in s.setpoints.get(name, [])):
             errors.add(f"series.setpoints.{name}", "send its history: the plan is compared with holding it")
+    last: dict[str, float] = {}
     for name in objective.controls:
         if s.future_controls and name in s.future_controls:
             errors.add(f"series.future_controls.{name}", "the plan decides this control: leave its future out")
+        seen = [v for v in s.controls.get(name, []) if v is not None]
+        if not seen:
+            errors.add(f"series.controls.{name}", "send its history: the plan is compared with holding it")
+        else:
+            last[name] = seen[-1]
     errors.raise_if_any("Invalid optimize request")
-    # The decided controls' futures are left out; /forecast's decoding needs every open-loop control's: held here.
+    # The decided controls' futures are left out; /forecast's decoding needs every open-loop control's: each is
+    # held at its last value there (what holding means; the plan replaces them).
     series = s
-    if objective.controls and s.future_controls is not None:
-        last = {n: s.controls[n][-1] for n in objective.controls if n in s.controls}
-        filled = {**s.future_controls, **{n: [v if v is not None else 0.0] * req.horizon for n, v in last.items()}}
+    if last and s.future_controls is not None:
+        filled = {**s.future_controls, **{n: [v] * req.horizon for n, v in last.items()}}
         series = s.model_copy(update={"future_controls": filled})
     forecast = ForecastRequest(series=[series], horizon=req.horizon, quantiles=[], seed=req.seed)
     d = decode(forecast, rt, settings)
@@ -197,6 +210,7 @@ class LimitOut(BaseModel):
     quantile: float
     max: float
     price_kwh: float
+    hour_price_kwh: float
     met: bool = Field(description="the plan's quantile stays at or below the limit at every step")
     worst: float = Field(description="the plan's highest quantile over the horizon")
     worst_at: str
@@ -231,11 +245,12 @@ def energy_out(o: Outcome, price: float | None) -> dict[str, float | None]:
 def encode_advice(rt: ModelRuntime, req: OptimizeRequest, objective: Objective, advice: Advice, facts: Any) -> bytes:
     """The answer's JSON; a forecast that is not finite is refused (422) rather than sent as NaN."""
     plan, cur = advice.plan, advice.current
-    if not (np.isfinite(plan.mean).all() and np.isfinite(plan.quantiles).all()):
+    mean, quantiles = plan.mean[..., facts.outputs], plan.quantiles[..., facts.outputs]  # the loops in effect
+    if not (np.isfinite(mean).all() and np.isfinite(quantiles).all()):
         msg = "the forecast is not finite for these inputs: check the history"
         raise ProblemError(422, "No finite forecast", [{"field": "series", "message": msg}])
     times = [t.isoformat() for t in facts.timestamps]
-    forecast, clipped = encode_forecasts(rt, plan.levels, plan.mean[None], plan.quantiles[:, None], facts.outputs)[0]
+    forecast, clipped = encode_forecasts(rt, plan.levels, mean[None], quantiles[:, None], facts.outputs)[0]
     wanted = {quantile_key(q) for q in req.quantiles}
     for var in forecast.values():
         var["quantiles"] = {k: v for k, v in var["quantiles"].items() if k in wanted or k in limit_keys(objective)}
@@ -248,6 +263,7 @@ def encode_advice(rt: ModelRuntime, req: OptimizeRequest, objective: Objective, 
                 "quantile": m.quantile,
                 "max": m.max,
                 "price_kwh": m.price_kwh,
+                "hour_price_kwh": m.hour_price_kwh,
                 "met": c.excess == 0,
                 "worst": c.worst,
                 "worst_at": times[c.worst_step],
@@ -293,6 +309,10 @@ def encode_advice(rt: ModelRuntime, req: OptimizeRequest, objective: Objective, 
             "seconds": advice.seconds,
         },
     }
+    numbers = [v for part in (answer["energy"], *limits) for v in part.values() if isinstance(v, float)]
+    if not all(np.isfinite(numbers)):  # bounded inputs make this unreachable; a guard, never NaN in JSON
+        msg = "the plan's energy or limits are not finite numbers: check the objective's coefficients and prices"
+        raise ProblemError(422, "No finite answer", [{"field": "objective", "message": msg}])
     return to_json(answer)
 
 

@@ -62,8 +62,8 @@ def test_the_bench_runs_end_to_end_through_the_service(bench_run) -> None:
 
 @pytest.mark.slow
 def test_the_plant_runs_the_answers_first_hour(bench_run) -> None:
-    """Each hour the loops follow the setpoints of the answer's first hour (a setpoint the plan leaves out held
-    at its last value), and an open-loop control the plan gives is applied as given."""
+    """Each hour the loops follow the setpoints of the answer's first hour (a setpoint the plan leaves out keeps
+    the default schedule's), and an open-loop control the plan gives is applied as given."""
     results, *_ = bench_run
     (r,) = results
     advised = r.advised
@@ -72,7 +72,7 @@ def test_the_plant_runs_the_answers_first_hour(bench_run) -> None:
         plan = call.answer.get("plan") or {}
         for j, name in enumerate(BSM1.setpoint_names):
             given = (plan.get("setpoints") or {}).get(name)
-            want = given[: bench.HOUR] if given else [advised.s[hour.start - 1, j]] * bench.HOUR
+            want = given[: bench.HOUR] if given else [bench.DEFAULT_SETPOINTS[name]] * bench.HOUR
             np.testing.assert_allclose(advised.s[hour, j], want, rtol=1e-12, err_msg=f"hour {i}, {name}")
         for name, values in (plan.get("controls") or {}).items():
             j = BSM1.control_names.index(name)

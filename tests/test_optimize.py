@@ -131,13 +131,15 @@ def test_an_hour_price_buys_time_below_the_limit() -> None:
     assert np.all(advice.plan.s[:, 0] >= need - 1e-9) and np.all(advice.plan.s[:, 0] < need + 0.1)
 
 
-def test_moves_that_cost_more_than_they_save_are_not_advised() -> None:
+@pytest.mark.parametrize("seed", range(4))
+def test_moves_that_cost_more_than_they_save_are_not_advised(seed: int) -> None:
     load = np.full(8, 3.0)  # any DO meets the limit: lower saves energy
     rt, sit, objective = synthetic(load, current_do=2.0)
-    free = optimize(rt, sit, objective, 8, Search(samples=len(Z)), [0.5])  # type: ignore[arg-type]
-    costly = optimize(rt, sit, replace(objective, move_kwh=1e4), 8, Search(samples=len(Z)), [0.5])  # type: ignore[arg-type]
+    free = optimize(rt, sit, objective, 8, Search(samples=len(Z), seed=seed), [0.5])  # type: ignore[arg-type]
+    costly = optimize(rt, sit, replace(objective, move_kwh=1e4), 8, Search(samples=len(Z), seed=seed), [0.5])  # type: ignore[arg-type]
     assert free.status == "improved" and np.allclose(free.plan.s[:, 0], 0.5, atol=0.1)
     assert costly.status == "current_is_best" and np.all(costly.plan.s[:, 0] == 2.0)
+    assert costly.score == costly.current_score
 
 
 # ----------------------------------------------------------------------------- the objective in catalog and card
@@ -252,6 +254,32 @@ def test_optimize_answers_a_plan_within_bounds_with_its_forecast_energy_and_limi
     assert "kovae_optimize_total{" in metrics and "kovae_optimize_duration_seconds_count 1.0" in metrics
 
 
+def test_optimize_advises_the_do_alone_with_the_nitrate_loop_not_in_effect(server, rt, tiny_data) -> None:
+    """No nitrate setpoint sent: its control is held (hold_controls) and not forecast; the DO is advised."""
+    body = optimize_body(rt, tiny_data)
+    body["series"]["setpoints"].pop("SNO_2_setpoint")
+    body["objective"] = {"setpoints": {"SO_5_setpoint": rt.card["optimizer"]["setpoints"]["SO_5_setpoint"]}}
+    body["quantiles"] = [0.25]
+    r = server.client.post("/optimize", json=body)
+    assert r.status_code == 200, r.text
+    a = r.json()
+    assert set(a["plan"]["setpoints"]) == {"SO_5_setpoint"} and "KLa_5" in a["forecast"]["variables"]
+    assert "Q_intr" not in a["forecast"]["variables"]
+    assert set(a["forecast"]["variables"]["SNH_eff"]["quantiles"]) == {"0.25", "0.9"}  # and the limits' own
+
+
+def test_holding_a_control_with_a_gap_holds_its_last_value(server, rt, tiny_data) -> None:
+    """A decided control whose last history value is missing is held at its last value, not at 0."""
+    body = optimize_body(rt, tiny_data)
+    series = body["series"]
+    last = series["controls"]["KLa_3"][-2]
+    series["controls"]["KLa_3"][-1] = None
+    series.pop("hold_controls")
+    series["future_controls"] = {}  # KLa_3 and KLa_4 are the plan's, KLa_5 and Q_intr their loops'
+    a = server.client.post("/optimize", json=body).json()
+    assert a["plan"]["current"]["KLa_3"] == pytest.approx(last)
+
+
 def test_optimize_reports_a_limit_no_plan_can_meet(server, rt, tiny_data) -> None:
     body = optimize_body(rt, tiny_data)
     body["objective"] = {"limits": [{"variable": "SNH_eff", "quantile": 0.9, "max": 1e-3}]}
@@ -294,6 +322,11 @@ def test_optimize_answers_the_current_plan_when_it_is_already_the_cheapest(serve
         (lambda b: b["series"].update(plans=[]), "series.plans"),
         (lambda b: b.update(horizon=10_000), "horizon"),
         (lambda b: b["objective"].update(block_minutes=7), "objective.block_minutes"),
+        (lambda b: b.update(quantiles=[0.5, 1.5]), "quantiles[1]"),
+        (lambda b: b["objective"].update(constant_kw=1e308), "objective.constant_kw"),
+        (lambda b: b["objective"].update(limits=[{"variable": "SNH_eff", "quantile": 0.9, "max": -1e300}]),
+         "objective.limits[0].max"),
+        (lambda b: b["series"]["setpoints"].update(SO_5_setpoint=[None] * 40), "series.setpoints.SO_5_setpoint"),
     ],
 )  # fmt: skip
 def test_a_bad_optimize_request_is_refused_naming_the_field(server, rt, tiny_data, change, field: str) -> None:

@@ -123,14 +123,17 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
         "data": {"config_hash": p.data_hash, "splits": {k: list(v) for k, v in p.split_ids.items()}},
         "training": {"seconds": seconds, "epochs": cfg.train.epochs, "config": cfg.to_dict()},
     }
-    if p.catalog.optimizer is not None:
-        card["optimizer"] = narrowed_objective(p.catalog.optimizer, card["variables"])
+    objective = None if p.catalog.optimizer is None else narrowed_objective(p.catalog.optimizer, card["variables"])
+    if objective is not None:
+        card["optimizer"] = objective
     return card
 
 
-def narrowed_objective(objective: Objective, variables: dict) -> dict:
+def narrowed_objective(objective: Objective, variables: dict) -> dict | None:
     """The catalog's objective for setpoint advice as the card keeps it, each bound narrowed to the training range
-    the card's ``variables`` give: a plan never asks the model about setpoints or controls outside its data."""
+    the card's ``variables`` give: a plan never asks the model about setpoints or controls outside its data. A
+    variable whose bounds the data do not span (a setpoint never moved in training) is left to the plant; with
+    none left, there is no advice (None)."""
     out = objective.to_dict()
     seen = {
         v["name"]: (v["training_range"]["min"], v["training_range"]["max"])
@@ -139,10 +142,15 @@ def narrowed_objective(objective: Objective, variables: dict) -> dict:
         if "training_range" in v
     }
     for key in ("setpoints", "controls"):
-        for name, (lo, hi) in out[key].items():
-            if name in seen and max(lo, seen[name][0]) < min(hi, seen[name][1]):
-                out[key][name] = [float(max(lo, seen[name][0])), float(min(hi, seen[name][1]))]
-    return out
+        for name, (lo, hi) in list(out[key].items()):
+            if name not in seen:
+                continue
+            lo, hi = max(lo, seen[name][0]), min(hi, seen[name][1])
+            if lo < hi:
+                out[key][name] = [float(lo), float(hi)]
+            else:
+                del out[key][name]
+    return out if out["setpoints"] or out["controls"] else None
 
 
 def check_comparable(rt: ModelRuntime, version: str, catalog: Catalog) -> None:

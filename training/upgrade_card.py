@@ -75,7 +75,11 @@ def add_optimizer(store: Path, version: str, catalog_path: str | None) -> int:
     if "optimizer" in card:
         print(f"{version} has an optimizer table already: left as it is")
         return 0
-    card["optimizer"] = narrowed_objective(cat.optimizer, card["variables"])
+    objective = narrowed_objective(cat.optimizer, card["variables"])
+    if objective is None:
+        print(f"error: {version}'s training data span none of the variables the objective decides")
+        return 1
+    card["optimizer"] = objective
     check_card(card, version)
     write_card(folder, card)
     print(f"{version}: optimizer table added")
