@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from modelcard.card import loops
+from modelcard.card import loops, role_items
 
 ENERGY_GROUPS = ("aeration_kw", "pumping_kw")
 DEFAULT_PRICE = 1000.0  # kWh per unit above a limit and hour: as good as hard for BSM1 (~150 kWh an hour)
@@ -241,6 +241,17 @@ def card_names(card: dict[str, Any]) -> PlantNames:
         looped=tuple(loop["control"] for loop in plant_loops),
         sample_minutes=int(card["sample_minutes"]),
     )
+
+
+def trained_ranges(variables: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """(min, max) each control and setpoint took in training, from a card's ``variables`` (cards before
+    card_version 3: none): what a plan may move within."""
+    return {
+        v["name"]: (float(v["training_range"]["min"]), float(v["training_range"]["max"]))
+        for role in ("controls", "setpoint_inputs")
+        for v in role_items({"variables": variables}, role)
+        if "training_range" in v
+    }
 
 
 def card_objective(card: dict[str, Any]) -> Objective | None:

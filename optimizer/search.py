@@ -145,6 +145,7 @@ class Problem:
         self.names = list(objective.setpoints) + list(objective.controls)
         self.lo = np.array([d[2] for d in self.decisions])
         self.hi = np.array([d[3] for d in self.decisions])
+        self.now = np.array([d[4] for d in self.decisions])
         block_steps = objective.block_minutes // rt.step_minutes
         self.block_of_step = np.arange(horizon) // block_steps
         if objective.control_minutes is not None:  # the last decided block is held to the horizon's end
@@ -152,6 +153,7 @@ class Problem:
             self.block_of_step = np.minimum(self.block_of_step, last)
         self.n_blocks = int(self.block_of_step[-1]) + 1
         self.limit_outputs = [rt.outputs.index(m.variable) for m in objective.limits]
+        self.limit_pairs = list(zip(objective.limits, self.limit_outputs, strict=True))
         self.step_hours = rt.step_minutes / 60
         self.evaluated = 0
 
@@ -165,8 +167,7 @@ class Problem:
 
     def current(self) -> np.ndarray:
         """The current plan as block values (1, blocks, decisions): every decided variable held where it is."""
-        values = np.array([d[4] for d in self.decisions])
-        return np.broadcast_to(values, (1, self.n_blocks, len(values))).copy()
+        return np.broadcast_to(self.now, (1, self.n_blocks, len(self.now))).copy()
 
     def expand(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Block values (P, blocks, decisions) to every plan's controls (P, H, n_u) and setpoints (P, H, n_s)."""
@@ -215,7 +216,7 @@ class Problem:
         each limit's price for every unit its quantile (the mean plus the spread's margin) is above it, per hour,
         and its price per expected hour above it (the mean plus the spread's residuals)."""
         total = np.zeros(len(mean))
-        for k, (m, o) in enumerate(self._limit_pairs()):
+        for k, (m, o) in enumerate(self.limit_pairs):
             if m.price_kwh:
                 over = np.clip(mean[:, :, o] + spread.margin(k, m.quantile) - m.max, 0, None)  # (P, H)
                 total += m.price_kwh * self.step_hours * over.sum(1) / reference
@@ -228,8 +229,7 @@ class Problem:
         where each variable is now and from block to block."""
         if not self.obj.move_kwh:
             return np.zeros(len(v))
-        now = np.array([d[4] for d in self.decisions])
-        path = np.concatenate([np.broadcast_to(now, (len(v), 1, len(now))), v], 1)
+        path = np.concatenate([np.broadcast_to(self.now, (len(v), 1, len(self.now))), v], 1)
         return self.obj.move_kwh * (np.abs(np.diff(path, axis=1)) / (self.hi - self.lo)).sum((1, 2))
 
     def score(self, o: Outcome, reference: float) -> float:
@@ -238,25 +238,19 @@ class Problem:
         costs = self.penalty(o.mean[None], o.spread, reference) + self.moves(o.blocks[None]) / reference
         return o.energy["total"] / reference + float(costs[0])
 
-    def _limit_pairs(self) -> list[tuple[EffluentLimit, int]]:
-        return list(zip(self.obj.limits, self.limit_outputs, strict=True))
-
     def outcome(self, v: np.ndarray, mean: np.ndarray, samples: np.ndarray, levels: list[float]) -> Outcome:
         """One plan (1, blocks, decisions), checked against the limits on its own samples."""
         u, s = self.expand(v)
-        q = np.quantile(samples[0], levels, axis=0)  # (Q, H, n_out)
+        q = np.quantile(samples[0], levels, axis=0)  # (Q, H, n_out): ``levels`` hold every limit's quantile
+        spread = self.spread(mean, samples)
         checks = []
-        for m, o in zip(self.obj.limits, self.limit_outputs, strict=True):
-            qm = np.quantile(samples[0, :, :, o], m.quantile, axis=0)
+        for k, (m, o) in enumerate(self.limit_pairs):
+            qm = q[levels.index(m.quantile), :, o]
             worst = int(np.argmax(qm))
             binding = np.nonzero(qm >= m.max - 0.02 * abs(m.max))[0].tolist()
-            checks.append(LimitCheck(m, float(qm[worst]), worst, float(max(qm[worst] - m.max, 0.0)), binding))
+            hours = float(spread.above(k, mean[:, :, o], m.max).sum()) * self.step_hours
+            checks.append(LimitCheck(m, float(qm[worst]), worst, float(max(qm[worst] - m.max, 0.0)), binding, hours))
         energy = {k: float(e[0]) for k, e in self.energy(v, mean).items()}
-        spread = self.spread(mean, samples)
-        for c, k in zip(checks, range(len(checks)), strict=True):
-            c.hours_above = (
-                float(spread.above(k, mean[:, :, self.limit_outputs[k]], c.limit.max).sum()) * self.step_hours
-            )
         return Outcome(u[0], s[0], mean[0], q, levels, energy, checks, v[0], spread)
 
 
@@ -324,11 +318,12 @@ def optimize(
         for (g, k, sign), gain in zip(moves, gains, strict=True):
             if gain > best_gain.get((g, k), 0.0):
                 best_gain[(g, k)], chosen[(g, k)] = float(gain), sign
-        for g, k in {(g, k) for g, k, _ in moves} - set(chosen):
+        movable = {(g, k) for g, k, _ in moves}
+        for g, k in movable - set(chosen):
             step[g, k] /= 2
         for g in range(len(groups)):  # a step that can move neither way (at both bounds) is done
             for k in range(len(p.decisions)):
-                if (g, k) not in {(m[0], m[1]) for m in moves}:
+                if (g, k) not in movable:
                     step[g, k] = 0.0
         if not chosen:
             continue
@@ -336,12 +331,13 @@ def optimize(
         combined = best_v[0].copy()
         for (g, k), sign in chosen.items():
             combined[groups[g], k] = np.clip(combined[groups[g], k] + sign * step[g, k], p.lo[k], p.hi[k])
-        tried = np.stack([combined, candidates[int(np.argmax(gains))]])
+        top = int(np.argmax(gains))
+        tried = np.stack([combined, candidates[top]])
         scores = scored(tried)
         i = int(np.argmin(scores))
         if scores[i] < best_score:
             best_v, best_score = tried[i : i + 1], float(scores[i])
-            for g, k in chosen if i == 0 else [moves[int(np.argmax(gains))][:2]]:
+            for g, k in chosen if i == 0 else [moves[top][:2]]:
                 step[g, k] = min(step[g, k] * 1.5, 0.5 * (p.hi[k] - p.lo[k]))
         else:
             step /= 2

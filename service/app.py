@@ -27,10 +27,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelcard.card import loop_limits
+from modelcard.objective import Objective
+from optimizer.search import Situation
 from optimizer.search import optimize as search_plan
 from service import forecasting, metrics
 from service.decode import decode, publish_limits
-from service.encode import ForecastResponse, answer_response
+from service.encode import ForecastResponse, SeriesFacts, answer_response
 from service.logs import setup_logging
 from service.middleware import ObserveMiddleware, problem
 from service.optimize import (
@@ -246,6 +248,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Bytes to the runtime's arrays, every size rule first (service.parse, then service.decode)."""
         return decode(parse(body, size_limits(rt, settings)), rt, settings)
 
+    def read_optimize(body: bytes, rt: Any) -> tuple[OptimizeRequest, Objective, Situation, SeriesFacts]:
+        """Bytes to the search's inputs: the request, its objective, and the series decoded and checked."""
+        req = parse_optimize(body, rt, settings)
+        objective = objective_of(req, rt)
+        situation, facts = situation_of(req, rt, settings, objective)
+        return req, objective, situation, facts
+
     errors_doc: dict[int | str, dict[str, Any]] = {code: PROBLEM_SCHEMA for code in (401, 408, 413, 415, 422, 503)}
 
     # ------------------------------------------------------------------ routes
@@ -307,9 +316,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         check_body_headers(request)
         body = await request.body()
         rt = serving()
-        req = parse_optimize(body, rt, settings)
-        objective = objective_of(req, rt)
-        situation, facts = situation_of(req, rt, settings, objective)
+        # As /forecast's: a large body is read off the event loop, so that other requests' I/O goes on meanwhile.
+        if len(body) < LARGE_BODY:
+            req, objective, situation, facts = read_optimize(body, rt)
+        else:
+            req, objective, situation, facts = await run_in_threadpool(read_optimize, body, rt)
         if waiting["optimize"] >= settings.max_optimize_waiting:
             metrics.ERRORS.labels("optimize_busy").inc()
             detail = f"{waiting['optimize']} searches are queued or running in this worker: try again shortly"

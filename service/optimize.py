@@ -12,17 +12,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import jiter
 import numpy as np
 from pydantic import BaseModel, Field
 from pydantic_core import to_json
 
-from modelcard.objective import DEFAULT_PRICE, Objective, card_names, objective_problems
+from modelcard.objective import DEFAULT_PRICE, Objective, card_names, objective_problems, trained_ranges
 from modelcard.runtime import ModelRuntime
 from optimizer.search import Advice, Outcome, Search, Situation
 from service.decode import decode
 from service.encode import SeriesFacts, encode_forecasts, quantile_key
-from service.parse import DUPLICATE, size_limits, validate
+from service.parse import SCAN_FROM, refuse_duplicate_keys, size_limits, validate
 from service.problems import Errors, ProblemError
 from service.request import FAIL_FAST, STRICT, ForecastRequest, SeriesIn
 from service.scan import check_sizes
@@ -98,18 +97,13 @@ class OptimizeRequest(BaseModel):
 
 
 def parse_optimize(body: bytes, rt: ModelRuntime, settings: Settings) -> OptimizeRequest:
-    """The request from JSON bytes: the same size rules as /forecast first, then a strict parse, then keys given
-    twice."""
-    check_sizes(body, size_limits(rt, settings))
+    """The request from JSON bytes as /forecast's is read (``service.parse``): a large body's structure counted
+    first, a strict parse, then keys given twice."""
+    structure = check_sizes(body, size_limits(rt, settings)) if len(body) >= SCAN_FROM else None
     errors = Errors()
     req = validate(OptimizeRequest, body, (), errors)
     errors.raise_if_any("Invalid request body")
-    try:
-        jiter.from_json(body, catch_duplicate_keys=True)
-    except ValueError as exc:
-        m = DUPLICATE.search(str(exc))
-        msg = f'duplicate key "{m.group(1)}": a key may appear once in an object' if m else str(exc)
-        raise ProblemError(422, "Invalid request body", [{"field": "body", "message": msg}]) from None
+    refuse_duplicate_keys(body, structure)
     assert req is not None
     return req
 
@@ -124,10 +118,7 @@ def objective_of(req: OptimizeRequest, rt: ModelRuntime) -> Objective:
     if req.objective is not None:
         merged |= req.objective.model_dump(exclude_none=True)
     objective, problems = objective_problems(merged, card_names(rt.card), "objective")
-    seen: dict[str, tuple[float, float]] = {}  # cards before card_version 3 have no training range: no check
-    for names, seen_range in ((rt.setpoints, rt.s_range), (rt.controls, rt.u_range)):
-        if seen_range is not None:
-            seen |= dict(zip(names, zip(*seen_range, strict=True), strict=True))
+    seen = trained_ranges(rt.card["variables"])  # cards before card_version 3 have none: no check
     for key, bounds in (("setpoints", objective.setpoints), ("controls", objective.controls)):
         for name, (lo, hi) in bounds.items():
             if name not in seen:
@@ -197,14 +188,6 @@ def search_settings(rt: ModelRuntime, seed: int | None) -> Search:
 # ----------------------------------------------------------------------------- the answer
 
 
-class EnergyOut(BaseModel):
-    aeration: float
-    pumping: float
-    constant: float
-    total: float
-    cost: float | None = None
-
-
 class LimitOut(BaseModel):
     variable: str
     quantile: float
@@ -242,7 +225,9 @@ def energy_out(o: Outcome, price: float | None) -> dict[str, float | None]:
     return out
 
 
-def encode_advice(rt: ModelRuntime, req: OptimizeRequest, objective: Objective, advice: Advice, facts: Any) -> bytes:
+def encode_advice(
+    rt: ModelRuntime, req: OptimizeRequest, objective: Objective, advice: Advice, facts: SeriesFacts
+) -> bytes:
     """The answer's JSON; a forecast that is not finite is refused (422) rather than sent as NaN."""
     plan, cur = advice.plan, advice.current
     mean, quantiles = plan.mean[..., facts.outputs], plan.quantiles[..., facts.outputs]  # the loops in effect
@@ -251,9 +236,9 @@ def encode_advice(rt: ModelRuntime, req: OptimizeRequest, objective: Objective, 
         raise ProblemError(422, "No finite forecast", [{"field": "series", "message": msg}])
     times = [t.isoformat() for t in facts.timestamps]
     forecast, clipped = encode_forecasts(rt, plan.levels, mean[None], quantiles[:, None], facts.outputs)[0]
-    wanted = {quantile_key(q) for q in req.quantiles}
+    wanted = {quantile_key(q) for q in (*req.quantiles, *(m.quantile for m in objective.limits))}
     for var in forecast.values():
-        var["quantiles"] = {k: v for k, v in var["quantiles"].items() if k in wanted or k in limit_keys(objective)}
+        var["quantiles"] = {k: v for k, v in var["quantiles"].items() if k in wanted}
     limits = []
     for c, h in zip(plan.limits, cur.limits, strict=True):
         m = c.limit
@@ -276,7 +261,7 @@ def encode_advice(rt: ModelRuntime, req: OptimizeRequest, objective: Objective, 
             }
         )
     saving = cur.energy["total"] - plan.energy["total"]
-    answer = {
+    answer: dict[str, Any] = {
         "model_version": rt.version,
         "status": advice.status,
         "feasible": plan.feasible,
@@ -309,12 +294,10 @@ def encode_advice(rt: ModelRuntime, req: OptimizeRequest, objective: Objective, 
             "seconds": advice.seconds,
         },
     }
-    numbers = [v for part in (answer["energy"], *limits) for v in part.values() if isinstance(v, float)]
+    energy = answer["energy"]
+    parts = (energy, energy["plan"], energy["current"], *limits)
+    numbers = [v for part in parts for v in part.values() if isinstance(v, float)]
     if not all(np.isfinite(numbers)):  # bounded inputs make this unreachable; a guard, never NaN in JSON
         msg = "the plan's energy or limits are not finite numbers: check the objective's coefficients and prices"
         raise ProblemError(422, "No finite answer", [{"field": "objective", "message": msg}])
     return to_json(answer)
-
-
-def limit_keys(objective: Objective) -> set[str]:
-    return {quantile_key(m.quantile) for m in objective.limits}

@@ -71,14 +71,20 @@ def parse(body: bytes, limits: SizeLimits) -> ForecastRequest:
             parsed.append(plan)
         req.series[i].plans = parsed
     errors.raise_if_any("Invalid request body")
+    refuse_duplicate_keys(body, structure)
+    assert req is not None
+    return req
+
+
+def refuse_duplicate_keys(body: bytes, structure: Structure | None) -> None:
+    """A 422 for a key given twice in one object, which pydantic-core silently resolves to the last: jiter (the
+    same parser) over the body, or over a scanned body's keys only."""
     try:
         jiter.from_json(keys_only(structure) if structure is not None else body, catch_duplicate_keys=True)
     except ValueError as exc:  # 'Detected duplicate key "horizon" at line 1 column 40'
         m = DUPLICATE.search(str(exc))
         msg = f'duplicate key "{m.group(1)}": a key may appear once in an object' if m else str(exc)
         raise ProblemError(422, "Invalid request body", [{"field": "body", "message": msg}]) from None
-    assert req is not None
-    return req
 
 
 def validate(model: Any, data: bytes, where: tuple[Any, ...], errors: Errors) -> Any:

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelcard.card import CARD_VERSION, CardError, atomic_write, last_observed, role_items
-from modelcard.objective import Objective
+from modelcard.card import CARD_VERSION, CardError, atomic_write, last_observed
+from modelcard.objective import Objective, trained_ranges
 from modelcard.runtime import ModelRuntime
 from modelcard.store import GATE_FILE, add_version, current_version, set_current, version_dir
 from plant.catalog import Catalog, loop_dict
@@ -134,13 +134,7 @@ def narrowed_objective(objective: Objective, variables: dict) -> dict | None:
     the card's ``variables`` give: a plan never asks the model about setpoints or controls outside its data. A
     variable whose bounds the data do not span (a setpoint never moved in training) is left to the plant; with
     none left, there is no advice (None)."""
-    out = objective.to_dict()
-    seen = {
-        v["name"]: (v["training_range"]["min"], v["training_range"]["max"])
-        for role in ("controls", "setpoint_inputs")
-        for v in role_items({"variables": variables}, role)
-        if "training_range" in v
-    }
+    out, seen = objective.to_dict(), trained_ranges(variables)
     for key in ("setpoints", "controls"):
         for name, (lo, hi) in list(out[key].items()):
             if name not in seen:
