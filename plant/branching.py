@@ -26,7 +26,8 @@ class Plan:
     Open loop (``closed`` false): every loop (and cascade) switched off, each control held at what was applied
     over the last interval before the origin, times ``factors`` (control index -> factor, e.g. KLa_5 x 1.3).
     Closed loop: the loops stay on, each named setpoint shifted by ``shifts`` (setpoint name -> offset, e.g.
-    SO_5_setpoint + 0.5), the other controls as scheduled.
+    SO_5_setpoint + 0.5), and each control no loop drives scaled by ``factors`` from its schedule (the blowers of
+    tanks 3 and 4 turned down while the DO loop runs: what ``POST /optimize`` advises); the rest as scheduled.
     """
 
     name: str
@@ -111,6 +112,13 @@ def branch(run: bsm1.Run, plan: Plan, last_u: np.ndarray, horizon: int) -> Itera
             run.controls[span] = held if run.caps is None else np.fmin(held, run.caps[span])
             run.loops, run.cascades = [], []
         else:
+            driven = {loop.control for loop in run.loops}
+            for j, factor in plan.factors.items():
+                if j in driven:
+                    raise ValueError(f"plan {plan.name!r}: control {j} is driven by a loop; shift its setpoint")
+                scaled = run.controls[span].copy()
+                scaled[:, j] *= factor
+                run.controls[span] = bsm1.clipped_controls(scaled)
             for loop in run.loops:
                 loop.setpoint = loop.setpoint.copy()
                 loop.setpoint[span] += plan.shifts.get(loop.name, 0.0)

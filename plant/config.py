@@ -59,6 +59,10 @@ class DataConfig:
     whatif_setpoint_share: float = 0.5
     whatif_do_shift: tuple[float, float] = (0.3, 0.8)
     whatif_no_shift: tuple[float, float] = (0.2, 0.5)
+    # Blower pairs (a second stream, plants under their loops only; 0: none): every this many hours, the blowers of
+    # tanks 3 and 4 as scheduled against both turned down by f, the loops on (what POST /optimize advises).
+    whatif_blower_every_hours: float = 0.0
+    whatif_blower_factor: tuple[float, float] = (0.2, 0.5)
     # moving_setpoints: DO in reactor 5 (through KLa5) and nitrate in reactor 2 (through Qintr) follow setpoints
     # an operator moves, with excitation on the loop outputs; KLa3 and KLa4 move open loop. The other closed-loop
     # policies draw their setpoints from the same ranges.

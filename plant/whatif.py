@@ -8,6 +8,12 @@ so a loss on the difference of the model's two forecasts (``training.loop.pair_l
 effect apart from the load. The plans are those of ``bench/counterfactual.py`` with random sizes: a control (KLa_5
 or Q_intr) scaled up and down with every loop off and every other control held, or, on a plant under its loops,
 a loop's setpoint shifted up and down with the loops on. Each scenario's pairs are cached beside its data.
+
+A second stream (``data.whatif_blower_every_hours``), on plants under their loops only, holds the blowers of
+tanks 3 and 4 or turns both down while the loops run: what ``POST /optimize`` advises. Under a DO loop the air
+taken from tanks 3 and 4 comes back in tank 5 (the loop raises KLa_5), which no other pair or policy shows: the
+model without them answered 11% of that air (``bench/counterfactual.py``), so advice saved less than it said.
+It is cached apart, so adding it simulates the first stream's pairs again nowhere.
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ from plant.operation import Scenario, operation, setpoints_at
 from plant.scenarios import DataError, read_cache_file, scenario_key, scenarios
 
 FORMAT_VERSION = 1
-KLA5, QINTR = BSM1.control_names.index("KLa_5"), BSM1.control_names.index("Q_intr")
+KLA3, KLA4, KLA5, QINTR = (BSM1.control_names.index(c) for c in ("KLa_3", "KLa_4", "KLa_5", "Q_intr"))
 # What a pair moves: a control open loop (its index) or a loop's setpoint with the loops on (its name).
 OPEN_MOVES = {"KLa_5": KLA5, "Q_intr": QINTR}
 CLOSED_MOVES = ("SO_5_setpoint", "SNO_2_setpoint")
 SETPOINT_FLOOR = {"SO_5_setpoint": 0.3, "SNO_2_setpoint": 0.2}  # g/m3: a shifted setpoint stays above this
+BLOWERS = "KLa_3,4"  # the move of a blower pair: tanks 3 and 4 held (a) or turned down together (b), loops on
+STREAMS = ("main", "blowers")  # the first stream's pairs, and the blower pairs
 
 
 @dataclass
@@ -88,15 +96,23 @@ def draw_plans(
     return name, False, [Plan("up", False, {j: 1 + f}), Plan("down", False, {j: 1 - f})]
 
 
-def simulate_pairs(cfg: DataConfig, sc: Scenario, history: int) -> WhatIf:
+def draw_blowers(cfg: DataConfig, rng: np.random.Generator) -> tuple[str, bool, list[Plan]]:
+    """The two plans of a blower pair: tanks 3 and 4 as scheduled, or both turned down by f, the loops on."""
+    f = rng.uniform(*cfg.whatif_blower_factor)
+    return BLOWERS, True, [Plan("up", True), Plan("down", True, {KLA3: 1 - f, KLA4: 1 - f})]
+
+
+def simulate_pairs(cfg: DataConfig, sc: Scenario, history: int, stream: str = "main") -> WhatIf:
     """Run the scenario as ``plant.scenarios.simulate_scenario`` does, branched every ``whatif_every_hours``
-    from ``history`` samples after its warm-up on."""
+    (the blower stream: ``whatif_blower_every_hours``, on a plant under its loops) from ``history`` samples
+    after its warm-up on."""
     op = operation(cfg, sc)
     per_hour = 60 // SAMPLE_MINUTES
     warm = round(cfg.warmup_days * bsm1.MINUTES_PER_DAY / SAMPLE_MINUTES)
-    every, steps = max(1, round(cfg.whatif_every_hours * per_hour)), pair_steps(cfg)
+    hours = cfg.whatif_every_hours if stream == "main" else cfg.whatif_blower_every_hours
+    every, steps = max(1, round(hours * per_hour)), pair_steps(cfg)
     origins = list(range(warm + history - 1, len(op.controls) // SAMPLE_MINUTES - steps - 1, every))
-    rng = np.random.default_rng([sc.seed, 7])
+    rng = np.random.default_rng([sc.seed, 7 if stream == "main" else 8])
     names = BSM1.setpoint_names
     drawn: dict[int, tuple[str, bool]] = {}
     closed = bool(op.loops)
@@ -105,7 +121,7 @@ def simulate_pairs(cfg: DataConfig, sc: Scenario, history: int) -> WhatIf:
         # The loops' setpoints at the origin's minute, as the schedule (or a cascade's start) has them.
         minute = (k + 1) * SAMPLE_MINUTES - 1
         now = {loop.name: float(loop.setpoint[minute]) for loop in op.loops}
-        move, is_closed, plans = draw_plans(cfg, closed, now, rng)
+        move, is_closed, plans = draw_plans(cfg, closed, now, rng) if stream == "main" else draw_blowers(cfg, rng)
         drawn[k] = (move, is_closed)
         return plans
 
@@ -132,11 +148,18 @@ def simulate_pairs(cfg: DataConfig, sc: Scenario, history: int) -> WhatIf:
     )
 
 
-def pairs_path(cfg: DataConfig, sc: Scenario, history: int) -> Path:
-    how = {k: v for k, v in asdict(cfg).items() if k.startswith("whatif_")}
+def pairs_path(cfg: DataConfig, sc: Scenario, history: int, stream: str = "main") -> Path:
+    """The cache file of one scenario's pairs of one stream, keyed by what that stream's pairs depend on."""
+    blower = ("whatif_blower_", "whatif_hours")
+    how = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if (k.startswith(blower) if stream == "blowers" else k.startswith("whatif_") and not k.startswith(blower[0]))
+    }
     spec = {"format": FORMAT_VERSION, "scenario": scenario_key(cfg, sc), "how": how, "history": history}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cfg.cache_dir) / f"whatif-{sc.id}-{key}.npz"
+    prefix = "whatif" if stream == "main" else f"whatif-{stream}"
+    return Path(cfg.cache_dir) / f"{prefix}-{sc.id}-{key}.npz"
 
 
 def save_pairs(path: Path, w: WhatIf) -> None:
@@ -156,27 +179,31 @@ def load_pairs(path: Path) -> WhatIf:
     return w
 
 
-def _simulate(task: tuple[DataConfig, Scenario, int]) -> tuple[WhatIf, float]:
-    cfg, sc, history = task
+def _simulate(task: tuple[DataConfig, Scenario, int, str]) -> tuple[WhatIf, str, float]:
+    cfg, sc, history, stream = task
     start = time.perf_counter()
-    return simulate_pairs(cfg, sc, history), time.perf_counter() - start
+    return simulate_pairs(cfg, sc, history, stream), stream, time.perf_counter() - start
 
 
 def generate_pairs(cfg: DataConfig, ids: tuple[str, ...], history: int, *, progress: bool = True) -> list[WhatIf]:
-    """The pairs of the scenarios ``ids`` (the training ones), simulated where not cached; none when
-    ``data.whatif_every_hours`` is 0."""
+    """The pairs of the scenarios ``ids`` (the training ones), simulated where not cached, the blower stream's
+    after the first's (plants under their loops only); none when ``data.whatif_every_hours`` is 0."""
     if not enabled(cfg):
         return []
     chosen = [sc for sc in scenarios(cfg) if sc.id in ids]
-    todo = [sc for sc in chosen if not pairs_path(cfg, sc, history).exists()]
+    looped = [sc for sc in chosen if operation(cfg, sc).loops] if cfg.whatif_blower_every_hours > 0 else []
+    wanted = [(sc, "main") for sc in chosen] + [(sc, "blowers") for sc in looped]
+    todo = [(sc, stream) for sc, stream in wanted if not pairs_path(cfg, sc, history, stream).exists()]
     if todo:
         where = cfg.executor if is_cluster(cfg.executor) else f"{cfg.workers} local worker(s)"
         if progress:
-            print(f"simulating what-if pairs of {len(todo)} scenario(s) on {where}...", file=sys.stderr)
-        by_id = {sc.id: sc for sc in todo}
-        results = run_all(_simulate, [(cfg, sc, history) for sc in todo], cfg.executor, cfg.workers)
-        for done, (w, secs) in enumerate(results, 1):
-            save_pairs(pairs_path(cfg, by_id[w.scenario], history), w)
+            print(f"simulating what-if pairs of {len(todo)} scenario(s) and stream(s) on {where}...", file=sys.stderr)
+        by_id = {sc.id: sc for sc, _ in todo}
+        results = run_all(_simulate, [(cfg, sc, history, stream) for sc, stream in todo], cfg.executor, cfg.workers)
+        for done, (w, stream, secs) in enumerate(results, 1):
+            save_pairs(pairs_path(cfg, by_id[w.scenario], history, stream), w)
             if progress:
-                print(f"  [{done}/{len(todo)}] {w.scenario}: {len(w)} pairs in {secs:.1f} s", file=sys.stderr)
-    return [load_pairs(pairs_path(cfg, sc, history)) for sc in chosen]
+                print(
+                    f"  [{done}/{len(todo)}] {w.scenario} ({stream}): {len(w)} pairs in {secs:.1f} s", file=sys.stderr
+                )
+    return [load_pairs(pairs_path(cfg, sc, history, stream)) for sc, stream in wanted]

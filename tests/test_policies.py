@@ -120,8 +120,9 @@ def test_the_counterfactual_bench_tells_where_the_loop_has_no_air_left(capsys: p
 
 
 def test_a_branch_does_not_leak_into_the_base_run() -> None:
-    """Branching at two origins under four plans gives the base run of an unbranched simulation bit for bit,
-    and the plans themselves move the plant (more air, more oxygen, open loop)."""
+    """Branching at two origins under five plans gives the base run of an unbranched simulation bit for bit,
+    and the plans themselves move the plant (more air, more oxygen, open loop; the blowers of tanks 3 and 4
+    turned down under the loops, and the DO loop adds air in tank 5)."""
     cfg = replace(load_config("tiny").data, scenario_days=0.5)
     sc = Scenario("dry@constant_setpoints", "dry", 0.0, 0.5, 5, "normal", False, "constant_setpoints")
     plans = [
@@ -129,6 +130,7 @@ def test_a_branch_does_not_leak_into_the_base_run() -> None:
         Plan("down", False, {control("KLa_5"): 0.7}),
         Plan("do+", True, shifts={"SO_5_setpoint": 0.5}),
         Plan("do-", True, shifts={"SO_5_setpoint": -0.5}),
+        Plan("blowers-", True, {control("KLa_3"): 0.6, control("KLa_4"): 0.6}),
     ]
     op = operation(cfg, sc)
     op.loops[0].setpoint[:] = 1.0  # a DO the loop can still raise: KLa5 keeps room below its limit
@@ -144,6 +146,12 @@ def test_a_branch_does_not_leak_into_the_base_run() -> None:
     assert (branched.x_plan["do+"][:, -1, so5] > branched.x_plan["do-"][:, -1, so5] + 0.5).all()
     kla5 = control("KLa_5")
     assert (branched.u_plan["do+"][:, -1, kla5] > branched.u_plan["do-"][:, -1, kla5]).all()  # the air it needs
+    after = np.array(branched.origins)[:, None] + np.arange(1, 9)  # the base run over each branch's horizon
+    for name in ("KLa_3", "KLa_4"):
+        np.testing.assert_allclose(branched.u_plan["blowers-"][..., control(name)], 0.6 * u[after, control(name)])
+    assert (branched.u_plan["blowers-"][:, -1, kla5] > u[after[:, -1], kla5]).all()  # the loop makes up for it
+    with pytest.raises(ValueError, match="driven by a loop"):
+        run_with_branches(operation(cfg, sc), [12], [Plan("kla5", True, {kla5: 0.5})], 8)
 
 
 def test_catalog_loops_are_validated_by_name() -> None:

@@ -11,8 +11,8 @@ import torch
 
 from plant.catalog import BSM1
 from plant.config import DataConfig
-from plant.scenarios import splits
-from plant.whatif import CLOSED_MOVES, WhatIf, draw_plans, generate_pairs
+from plant.scenarios import scenarios, splits
+from plant.whatif import BLOWERS, CLOSED_MOVES, WhatIf, draw_plans, generate_pairs, pairs_path
 from training.config import ConfigError, with_overrides
 from training.loop import combined_gradient, pair_loss, pair_scale, train
 from training.prepare import Prepared, pair_tensors, prepare
@@ -33,6 +33,14 @@ def pairs(pair_cfg) -> list[WhatIf]:
 @pytest.fixture(scope="module")
 def prepared(pair_cfg) -> Prepared:
     return prepare(pair_cfg)
+
+
+@pytest.fixture(scope="module")
+def blower_pairs(pair_cfg) -> list[WhatIf]:
+    """The blower stream's pairs alone (data.whatif_blower_every_hours): plants under their loops only."""
+    cfg = with_overrides(pair_cfg, ["data.whatif_blower_every_hours=6"])
+    every = generate_pairs(cfg.data, splits(cfg.data)["train"], cfg.train.history, progress=False)
+    return [w for w in every if len(w) and (w.move == BLOWERS).all()]
 
 
 def test_pairs_start_from_the_scenarios_own_history(pairs: list[WhatIf], tiny_data) -> None:
@@ -86,6 +94,34 @@ def test_a_pair_is_told_what_a_plant_tells(prepared: Prepared, pairs: list[WhatI
     n = prepared.n_targets
     np.testing.assert_allclose(dx[..., :n].numpy(), (x_a - x_b) / prepared.x_std[:n], rtol=1e-4, atol=1e-5)
     assert len(x_hist) == len(closed) and closed.any() and (~closed).any()
+
+
+def test_blower_pairs_turn_tanks_3_and_4_down_while_the_loops_run(
+    pair_cfg, prepared: Prepared, pairs: list[WhatIf], blower_pairs: list[WhatIf]
+) -> None:
+    """A blower pair holds the blowers of tanks 3 and 4 (a) or turns both down by one factor in
+    data.whatif_blower_factor (b) with the loops on, and the DO loop makes up for the air in tank 5. It is told
+    as POST /optimize tells a plan: KLa_3 and KLa_4 planned, the looped controls left to their loops. The stream
+    is cached apart: adding it leaves the first stream's pairs where they were."""
+    kla3, kla4, kla5 = (BSM1.control_names.index(c) for c in ("KLa_3", "KLa_4", "KLa_5"))
+    assert sum(len(w) for w in blower_pairs) >= 4
+    assert {w.scenario for w in blower_pairs} == {w.scenario for w in pairs if w.closed.any()}
+    for w in blower_pairs:
+        assert w.closed.all()
+        ratio = w.u_b[..., kla3] / w.u_a[..., kla3]
+        np.testing.assert_allclose(w.u_b[..., kla4] / w.u_a[..., kla4], ratio)
+        np.testing.assert_allclose(ratio, ratio[:, :1] * np.ones_like(ratio))
+        assert ((ratio > 0.5 - 1e-9) & (ratio < 0.8 + 1e-9)).all()  # 1 - f, f in (0.2, 0.5)
+        assert (w.u_b[:, -1, kla5] >= w.u_a[:, -1, kla5] - 1e-9).all()  # the DO loop adds air in tank 5
+        assert (w.u_b[:, -1, kla5] > w.u_a[:, -1, kla5]).mean() > 0.5
+    _, _, u_a, u_b, _ = pair_tensors(prepared, blower_pairs)
+    assert (u_a[..., prepared.flag_columns("controls")] == 0).all()  # left to their loops
+    assert (u_a[..., kla3] > u_b[..., kla3]).all()  # the blowers planned, as applied
+    with_blowers = with_overrides(pair_cfg, ["data.whatif_blower_every_hours=6"]).data
+    sc = next(sc for sc in scenarios(pair_cfg.data) if sc.id == blower_pairs[0].scenario)
+    history = pair_cfg.train.history
+    assert pairs_path(with_blowers, sc, history) == pairs_path(pair_cfg.data, sc, history)
+    assert pairs_path(with_blowers, sc, history, "blowers") != pairs_path(with_blowers, sc, history)
 
 
 def test_a_pair_holds_the_setpoint_its_plant_cannot_know(prepared: Prepared, pairs: list[WhatIf]) -> None:
@@ -158,6 +194,8 @@ def test_what_if_settings_are_validated_by_name(tiny_cfg) -> None:
         with_overrides(tiny_cfg, ["data.whatif_factor=[0.2,1.5]"])
     with pytest.raises(ConfigError, match=r"data\.whatif_do_shift"):
         with_overrides(tiny_cfg, ["data.whatif_do_shift=[0,0.5]"])
+    with pytest.raises(ConfigError, match=r"data\.whatif_blower_factor"):
+        with_overrides(tiny_cfg, ["data.whatif_blower_factor=[0.2,1.0]"])
     with pytest.raises(ConfigError, match=r"train\.pair_weight"):
         with_overrides(tiny_cfg, ["train.pair_weight=-1"])
 

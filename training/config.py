@@ -123,9 +123,11 @@ class RunConfig:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # What-if pairs every 3 h, 80% of a looped plant's moving a setpoint: the DO setpoint's effect on effluent
     # ammonium needs many (R^2 -1.94 with pairs every 12 h at half, 0.42 every 6 h, 0.59 here; README), and the
-    # loops driving the plant with the control they will apply, up to their limits (model.loop_feedback).
+    # loops driving the plant with the control they will apply, up to their limits (model.loop_feedback); and
+    # every 6 h of a looped plant the blowers of tanks 3 and 4 turned down under the loops (KLa_5's answer to
+    # them: R^2 0.20, gain 0.11 without; README).
     "default": {
-        "data": {"whatif_every_hours": 3.0, "whatif_setpoint_share": 0.8},
+        "data": {"whatif_every_hours": 3.0, "whatif_setpoint_share": 0.8, "whatif_blower_every_hours": 6.0},
         "model": {"loop_feedback": True},
         "train": {"pair_weight": 0.1},
     },
@@ -276,6 +278,10 @@ def validate(cfg: RunConfig) -> None:
         problems.append("data.whatif_every_hours must be >= 0 (0: no what-if pairs) and data.whatif_hours > 0")
     if not 0 < d.whatif_factor[0] <= d.whatif_factor[1] < 1:
         problems.append("data.whatif_factor must be [lo, hi] with 0 < lo <= hi < 1 (a control x (1 +- f))")
+    if d.whatif_blower_every_hours < 0:
+        problems.append("data.whatif_blower_every_hours must be >= 0 (0: no blower pairs)")
+    if len(d.whatif_blower_factor) != 2 or not 0 < d.whatif_blower_factor[0] <= d.whatif_blower_factor[1] < 1:
+        problems.append("data.whatif_blower_factor must be [lo, hi] with 0 < lo <= hi < 1 (the blowers x (1 - f))")
     if not 0 <= d.whatif_setpoint_share <= 1:
         problems.append("data.whatif_setpoint_share must be in [0, 1] (a share of a closed-loop plant's origins)")
     for name in ("whatif_do_shift", "whatif_no_shift"):
