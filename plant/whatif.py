@@ -44,7 +44,6 @@ OPEN_MOVES = {"KLa_5": KLA5, "Q_intr": QINTR}
 CLOSED_MOVES = ("SO_5_setpoint", "SNO_2_setpoint")
 SETPOINT_FLOOR = {"SO_5_setpoint": 0.3, "SNO_2_setpoint": 0.2}  # g/m3: a shifted setpoint stays above this
 BLOWERS = "KLa_3,4"  # the move of a blower pair: tanks 3 and 4 held (a) or turned down together (b), loops on
-STREAMS = ("main", "blowers")  # the first stream's pairs, and the blower pairs
 
 
 @dataclass
@@ -73,7 +72,7 @@ class WhatIf:
 
 def enabled(cfg: DataConfig) -> bool:
     """Pairs need the simulator: the built-in plant only (a historian's plant cannot be branched)."""
-    return cfg.whatif_every_hours > 0 and cfg.source == "bsm1"
+    return (cfg.whatif_every_hours > 0 or cfg.whatif_blower_every_hours > 0) and cfg.source == "bsm1"
 
 
 def pair_steps(cfg: DataConfig) -> int:
@@ -186,13 +185,15 @@ def _simulate(task: tuple[DataConfig, Scenario, int, str]) -> tuple[WhatIf, str,
 
 
 def generate_pairs(cfg: DataConfig, ids: tuple[str, ...], history: int, *, progress: bool = True) -> list[WhatIf]:
-    """The pairs of the scenarios ``ids`` (the training ones), simulated where not cached, the blower stream's
-    after the first's (plants under their loops only); none when ``data.whatif_every_hours`` is 0."""
+    """The pairs of the scenarios ``ids`` (the training ones), simulated where not cached: the first stream's
+    (none when ``data.whatif_every_hours`` is 0), then the blower stream's (plants under their loops only; none
+    when ``data.whatif_blower_every_hours`` is 0)."""
     if not enabled(cfg):
         return []
     chosen = [sc for sc in scenarios(cfg) if sc.id in ids]
     looped = [sc for sc in chosen if operation(cfg, sc).loops] if cfg.whatif_blower_every_hours > 0 else []
-    wanted = [(sc, "main") for sc in chosen] + [(sc, "blowers") for sc in looped]
+    main = chosen if cfg.whatif_every_hours > 0 else []
+    wanted = [(sc, "main") for sc in main] + [(sc, "blowers") for sc in looped]
     todo = [(sc, stream) for sc, stream in wanted if not pairs_path(cfg, sc, history, stream).exists()]
     if todo:
         where = cfg.executor if is_cluster(cfg.executor) else f"{cfg.workers} local worker(s)"

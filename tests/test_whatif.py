@@ -37,10 +37,12 @@ def prepared(pair_cfg) -> Prepared:
 
 @pytest.fixture(scope="module")
 def blower_pairs(pair_cfg) -> list[WhatIf]:
-    """The blower stream's pairs alone (data.whatif_blower_every_hours): plants under their loops only."""
-    cfg = with_overrides(pair_cfg, ["data.whatif_blower_every_hours=6"])
+    """The blower stream's pairs alone (data.whatif_blower_every_hours, the first stream off): plants under their
+    loops only."""
+    cfg = with_overrides(pair_cfg, ["data.whatif_every_hours=0", "data.whatif_blower_every_hours=6"])
     every = generate_pairs(cfg.data, splits(cfg.data)["train"], cfg.train.history, progress=False)
-    return [w for w in every if len(w) and (w.move == BLOWERS).all()]
+    assert all((w.move == BLOWERS).all() for w in every)  # the first stream off gives none of its pairs
+    return [w for w in every if len(w)]
 
 
 def test_pairs_start_from_the_scenarios_own_history(pairs: list[WhatIf], tiny_data) -> None:
