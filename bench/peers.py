@@ -255,7 +255,7 @@ def counterfactual_signs(
         parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         for _, branched, clock in runs:
             fc = cf.forecasts(model, branched, clock, history)
-            for label, up, down, wanted in cf.PAIRS:
+            for label, up, down, wanted in cf.PAIRS[: cf.TARGET_PAIRS]:  # the targets' pairs only
                 if up not in fc:
                     continue
                 for name in wanted:

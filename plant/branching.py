@@ -118,7 +118,8 @@ def branch(run: bsm1.Run, plan: Plan, last_u: np.ndarray, horizon: int) -> Itera
                     raise ValueError(f"plan {plan.name!r}: control {j} is driven by a loop; shift its setpoint")
                 scaled = run.controls[span].copy()
                 scaled[:, j] *= factor
-                run.controls[span] = bsm1.clipped_controls(scaled)
+                scaled = bsm1.clipped_controls(scaled)  # what the blowers can deliver, within any episode's caps
+                run.controls[span] = scaled if run.caps is None else np.fmin(scaled, run.caps[span])
             for loop in run.loops:
                 loop.setpoint = loop.setpoint.copy()
                 loop.setpoint[span] += plan.shifts.get(loop.name, 0.0)

@@ -154,6 +154,19 @@ def test_a_branch_does_not_leak_into_the_base_run() -> None:
         run_with_branches(operation(cfg, sc), [12], [Plan("kla5", True, {kla5: 0.5})], 8)
 
 
+def test_a_closed_loop_branch_keeps_the_blowers_within_their_caps() -> None:
+    """A blower failure caps KLa_3 at 100 1/d: a plan under the loops that scales tanks 3 and 4 up runs them at
+    the cap, never past it (as an open-loop plan does)."""
+    cfg = replace(load_config("tiny").data, scenario_days=0.5)
+    sc = Scenario("dry@constant_setpoints", "dry", 0.0, 0.5, 5, "normal", False, "constant_setpoints")
+    op = operation(cfg, sc)
+    op.caps = np.full_like(op.controls, np.nan)
+    op.caps[:, control("KLa_3")] = 100.0
+    branched = run_with_branches(op, [12], [Plan("blowers+", True, {control("KLa_3"): 1.5, control("KLa_4"): 0.5})], 8)
+    kla3 = branched.u_plan["blowers+"][..., control("KLa_3")]
+    assert (kla3 <= 100.0 + 1e-9).all() and (kla3 > 99.0).all()
+
+
 def test_catalog_loops_are_validated_by_name() -> None:
     data = BSM1.to_dict()
     assert [loop["control"] for loop in data["loops"]] == ["KLa_5", "Q_intr"]
