@@ -72,6 +72,7 @@ PLANS = {
     ],
 }
 PLANS["closed"] = PLANS["open"] + PLANS["closed"]  # the closed-loop plant is opened for the open-loop plans too
+LOOPS_ON = {plan.name for plan in PLANS["closed"] if plan.closed}  # the plans run with the loops on
 # (pair label, plan up, plan down, the variables the targets name)
 PAIRS = [
     ("KLa_5 +-30% (open loop)", "KLa_5 +30%", "KLa_5 -30%", ("SO_5", "SNH_5", "SNH_eff")),
@@ -235,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                     for base in (task.base, "both"):
                         rows.setdefault((label, base, name, lead), []).append(change)
                 n = len(BSM1.target_names)
-                loops_on = "loops on" in label  # the air a plan under the loops needs, as the loop applies it
-                for j, c in enumerate(rt.looped if loops_on else []):
+                for j, c in enumerate(rt.looped if up in LOOPS_ON else []):  # the air it needs, as the loop applies it
                     pred = fc[up][:, step - 1, n + j] - fc[down][:, step - 1, n + j]
                     true = branched.u_plan[up][:, step - 1, c] - branched.u_plan[down][:, step - 1, c]
                     for base in (task.base, "both"):

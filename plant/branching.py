@@ -96,6 +96,13 @@ def run_with_branches(
     return Branched(t, x, u, s, origins, x_plan, u_plan, s_plan)
 
 
+def deliverable(run: bsm1.Run, planned: np.ndarray, span: slice) -> np.ndarray:
+    """What the blowers and the pump can deliver of a planned schedule over ``span``: their limits, and any
+    episode's caps (a blower failure)."""
+    planned = bsm1.clipped_controls(planned)
+    return planned if run.caps is None else np.fmin(planned, run.caps[span])
+
+
 @contextmanager
 def branch(run: bsm1.Run, plan: Plan, last_u: np.ndarray, horizon: int) -> Iterator[None]:
     """``run`` switched to ``plan`` from its current minute over ``horizon`` samples, on copies of its schedule
@@ -108,8 +115,7 @@ def branch(run: bsm1.Run, plan: Plan, last_u: np.ndarray, horizon: int) -> Itera
             held = last_u.copy()
             for j, factor in plan.factors.items():
                 held[j] *= factor
-            held = bsm1.clipped_controls(held)  # what the blowers and the pump can deliver
-            run.controls[span] = held if run.caps is None else np.fmin(held, run.caps[span])
+            run.controls[span] = deliverable(run, held, span)
             run.loops, run.cascades = [], []
         else:
             driven = {loop.control for loop in run.loops}
@@ -118,8 +124,7 @@ def branch(run: bsm1.Run, plan: Plan, last_u: np.ndarray, horizon: int) -> Itera
                     raise ValueError(f"plan {plan.name!r}: control {j} is driven by a loop; shift its setpoint")
                 scaled = run.controls[span].copy()
                 scaled[:, j] *= factor
-                scaled = bsm1.clipped_controls(scaled)  # what the blowers can deliver, within any episode's caps
-                run.controls[span] = scaled if run.caps is None else np.fmin(scaled, run.caps[span])
+                run.controls[span] = deliverable(run, scaled, span)
             for loop in run.loops:
                 loop.setpoint = loop.setpoint.copy()
                 loop.setpoint[span] += plan.shifts.get(loop.name, 0.0)

@@ -34,6 +34,10 @@ POLICIES = {
 """How a plant is run: its operating policy, a dimension of the data like the regime (every scenario has one,
 stored in its file and the manifest, and forecasts are judged per regime and policy)."""
 
+OPEN_LOOP = frozenset({"open_loop_excited", "open_loop_fixed"})
+"""The policies that run with every loop off; every other policy runs the DO and nitrate loops (known without
+building a scenario's operation, which draws its whole influent and schedule)."""
+
 HONEST_HELD = {"ammonia_cascade": ("SO_5_setpoint",)}
 """Per policy, the setpoints a plant cannot plan, only hold: the cascade decides the DO setpoint from an ammonium
 load nobody has seen yet. An honest request sends them held at their last value; the others are planned."""

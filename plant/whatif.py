@@ -34,7 +34,7 @@ from plant.branching import Plan, run_with_branches
 from plant.catalog import BSM1, SAMPLE_MINUTES
 from plant.config import DataConfig
 from plant.executor import is_cluster, run_all
-from plant.operation import Scenario, operation, setpoints_at
+from plant.operation import OPEN_LOOP, Scenario, operation, setpoints_at
 from plant.scenarios import DataError, read_cache_file, scenario_key, scenarios
 
 FORMAT_VERSION = 1
@@ -44,6 +44,7 @@ OPEN_MOVES = {"KLa_5": KLA5, "Q_intr": QINTR}
 CLOSED_MOVES = ("SO_5_setpoint", "SNO_2_setpoint")
 SETPOINT_FLOOR = {"SO_5_setpoint": 0.3, "SNO_2_setpoint": 0.2}  # g/m3: a shifted setpoint stays above this
 BLOWERS = "KLa_3,4"  # the move of a blower pair: tanks 3 and 4 held (a) or turned down together (b), loops on
+BLOWER_SETTINGS = "whatif_blower_"  # the blower stream's own settings (DataConfig)
 
 
 @dataclass
@@ -149,12 +150,11 @@ def simulate_pairs(cfg: DataConfig, sc: Scenario, history: int, stream: str = "m
 
 def pairs_path(cfg: DataConfig, sc: Scenario, history: int, stream: str = "main") -> Path:
     """The cache file of one scenario's pairs of one stream, keyed by what that stream's pairs depend on."""
-    blower = ("whatif_blower_", "whatif_hours")
-    how = {
-        k: v
-        for k, v in asdict(cfg).items()
-        if (k.startswith(blower) if stream == "blowers" else k.startswith("whatif_") and not k.startswith(blower[0]))
-    }
+    settings = asdict(cfg)
+    if stream == "main":  # every what-if setting but the blower stream's: its keys are those from before it
+        how = {k: v for k, v in settings.items() if k.startswith("whatif_") and not k.startswith(BLOWER_SETTINGS)}
+    else:
+        how = {k: v for k, v in settings.items() if k.startswith(BLOWER_SETTINGS) or k == "whatif_hours"}
     spec = {"format": FORMAT_VERSION, "scenario": scenario_key(cfg, sc), "how": how, "history": history}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     prefix = "whatif" if stream == "main" else f"whatif-{stream}"
@@ -191,7 +191,7 @@ def generate_pairs(cfg: DataConfig, ids: tuple[str, ...], history: int, *, progr
     if not enabled(cfg):
         return []
     chosen = [sc for sc in scenarios(cfg) if sc.id in ids]
-    looped = [sc for sc in chosen if operation(cfg, sc).loops] if cfg.whatif_blower_every_hours > 0 else []
+    looped = [sc for sc in chosen if sc.policy not in OPEN_LOOP] if cfg.whatif_blower_every_hours > 0 else []
     main = chosen if cfg.whatif_every_hours > 0 else []
     wanted = [(sc, "main") for sc in main] + [(sc, "blowers") for sc in looped]
     todo = [(sc, stream) for sc, stream in wanted if not pairs_path(cfg, sc, history, stream).exists()]

@@ -12,7 +12,7 @@ from modelcard.card import loop_limits
 from plant import bsm1
 from plant.branching import Plan, run_with_branches
 from plant.catalog import BSM1, CatalogError, catalog_from_dict
-from plant.operation import HONEST_HELD, POLICIES, Scenario, operation, setpoints_at
+from plant.operation import HONEST_HELD, OPEN_LOOP, POLICIES, Scenario, operation, setpoints_at
 from training.config import load_config
 
 DAYS = 0.75  # a short dry-weather run per policy, no stabilisation: enough to see each policy at work
@@ -50,6 +50,12 @@ def test_open_loop_excited_applies_its_designed_moves_and_logs_no_setpoint(runs)
         assert len(np.unique(op.controls[:, j])) >= 3, name  # stepped, not held
     starts = np.flatnonzero(np.diff(op.controls[:, control("KLa_5")]))
     assert len(starts) > 1 and np.diff(starts).min() >= 15  # each level held at least 15 minutes
+
+
+def test_the_open_loop_policies_are_those_without_loops(runs) -> None:
+    """plant.operation.OPEN_LOOP (what the blower pairs read, without building a scenario) says which policies
+    run with every loop off."""
+    assert {policy for policy, (op, *_) in runs.items() if not op.loops} == OPEN_LOOP
 
 
 def test_open_loop_fixed_runs_one_output(runs) -> None:
