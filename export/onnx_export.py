@@ -213,6 +213,7 @@ BEFORE = {
     "correction_last_seen": False,
     "exogenous_modes": 0,
     "loop_feedback": False,
+    "dropout_per_sequence": False,
 }
 
 

@@ -684,6 +684,29 @@ def test_calibration_covers_a_plan_that_moved_and_one_that_stood_still_alike(tra
         assert abs(ev.interval_coverage(band[rows], p.val.x_fut[rows]) - 0.8) < 0.04
 
 
+def test_a_held_forecast_copies_only_the_windows_the_honest_request_tells_alike(trained_store, tiny_cfg) -> None:
+    """``predict(..., same_as=honest)``, how a run scores the held request without paying for its sampled forecast
+    twice: the windows the two requests tell alike (the open-loop plant's) are the honest forecast's, band and
+    all, and the others (the moving setpoints', whose plan moves) are the held request's own forecast."""
+    from export.onnx_export import load_model
+
+    store, version = trained_store
+    model, card = load_model(store / version)
+    calib, n = card["calibration"], card["calibration"]["samples"]
+    p = preparation.prepare(tiny_cfg)
+    honest = calibration.predict(model, p, p.val, n, calib, seed=2)
+    full = calibration.predict(model, p, p.val, n, calib, seed=2, request="held")
+    copied = calibration.predict(model, p, p.val, n, calib, seed=2, request="held", same_as=("honest", *honest))
+    told = [preparation.tensors(p, p.val, request=r) for r in ("honest", "held")]
+    alike = calibration.told_alike(told[0][1], told[1][1]) & calibration.told_alike(told[0][3], told[1][3])
+    assert 0 < alike.sum() < len(alike)
+    np.testing.assert_allclose(copied[0], full[0], rtol=1e-5, atol=1e-5)  # every window's mean is the held one
+    assert np.array_equal(copied[1][alike], honest[1][alike])
+    np.testing.assert_allclose(full[1][alike], honest[1][alike], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(copied[1][~alike], honest[1][~alike])  # forecast, not copied
+    assert np.isfinite(copied[1]).all()
+
+
 def test_residual_fading_chosen_on_validation_is_no_worse_than_the_learned_one(trained_store, tiny_cfg) -> None:
     """Per variable, the fading calibration picks gives validation errors (before the blends) no larger than the
     learned one, and each g stays in (0, 1)."""
@@ -704,6 +727,29 @@ def test_residual_fading_chosen_on_validation_is_no_worse_than_the_learned_one(t
 
     assert np.all(errors(chosen) <= errors(learned) + 1e-12)
     assert np.any(chosen != learned)  # the tiny model too is better served by another fading somewhere
+
+
+def test_dropout_keeps_one_mask_per_sequence_and_old_cards_keep_element_wise_dropout() -> None:
+    """A (batch, steps, features) tensor loses the same features at every step of a sequence, a different set
+    per sequence; the kept ones are scaled by 1 / (1 - p); eval mode passes x through. A card written before
+    model.dropout_per_sequence rebuilds nn.Dropout (its training, as run)."""
+    from export.onnx_export import model_config
+    from training.model import SequenceDropout, dropout
+
+    torch.manual_seed(0)
+    layer = SequenceDropout(0.5).train()
+    out = layer(torch.ones(64, 96, 32))
+    kept = out != 0
+    assert torch.equal(kept, kept[:, :1].expand_as(kept))  # the same features at every step
+    assert not torch.equal(kept[0], kept[1])  # another mask per sequence
+    assert set(out.unique().tolist()) == {0.0, 2.0} and 0.4 < kept.float().mean().item() < 0.6
+    rows = layer(torch.ones(512, 32)) != 0
+    assert not torch.equal(rows[:, :1].expand_as(rows), rows)  # (rows, features): a mask per element
+    x = torch.randn(4, 8, 16)
+    assert torch.equal(layer.eval()(x), x)
+    assert isinstance(dropout(ModelConfig()), SequenceDropout)
+    old = model_config({"model": {"type": "kovae", "dropout": 0.2}})
+    assert not old.dropout_per_sequence and isinstance(dropout(old), torch.nn.Dropout)
 
 
 def test_decoder_width_is_its_own_setting_and_old_cards_keep_h_dim() -> None:

@@ -83,7 +83,7 @@ def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any
     if p.disturbances:
         metrics["influent_forecast"] = forecast_scores(model, p, calib, metrics["by_regime"])
     if p.n_setpoints:
-        metrics["requests"] = request_scores(model, p, cfg, calib)
+        metrics["requests"] = request_scores(model, p, cfg, calib, (mean, band))
     if p.looped:
         metrics["loop_outputs"] = loop_scores(mean, p, w)
     metrics["score"] = ev.gate_score(metrics["regimes"])
@@ -91,15 +91,19 @@ def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any
     return metrics, {"forecasts": forecasts, "band": band[..., :n], "windows": scored}
 
 
-def request_scores(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any]) -> dict[str, Any]:
+def request_scores(
+    model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any], honest: tuple[np.ndarray, np.ndarray]
+) -> dict[str, Any]:
     """Per regime/policy cell, pooled skill told each other request (``training.requests.REQUESTS``), and the
-    coverage of the held one (the diagnostics' is not scored)."""
+    coverage of the held one (the diagnostics' is not scored). ``honest``: the honest request's (mean, band), from
+    which the held request copies the windows it tells alike."""
     out = {}
     for request in ("held", "applied", "bare"):
         # The diagnostics (every control's true future) are scored on their mean alone: 200 samples a window
         # for three more requests would double the run's evaluation time.
         samples = cfg.train.calibration_samples if request == "held" else 0
-        mean, band = predict(model, p, p.test, samples, calib, seed=2, request=request)
+        same = ("honest", *honest) if request == "held" else None
+        mean, band = predict(model, p, p.test, samples, calib, seed=2, request=request, same_as=same)
         out[request] = {"words": REQUESTS[request], "regimes": scored_table(p, mean, band, p.test)}
     return out
 
