@@ -65,8 +65,8 @@ def predict(
     if same_as is not None:
         _, uh_o, _, uf_o = tensors(p, w, forecast, seed, same_as[0])
         todo = ~(told_alike(uh, uh_o) & told_alike(uf, uf_o))
-        if same_as[2] is None and n_samples:
-            raise ValueError("predict: same_as has no band to copy")
+        if held or (same_as[2] is None and n_samples):
+            raise ValueError("predict: same_as copies a forecast of its request's own plan, with its band")
         xh, uh, uf = xh[todo], uh[todo], uf[todo]
     calib = calib or {}
     decay = calib.get("residual_decay")
