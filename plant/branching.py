@@ -119,12 +119,13 @@ def branch(run: bsm1.Run, plan: Plan, last_u: np.ndarray, horizon: int) -> Itera
             run.loops, run.cascades = [], []
         else:
             driven = {loop.control for loop in run.loops}
-            for j, factor in plan.factors.items():
-                if j in driven:
-                    raise ValueError(f"plan {plan.name!r}: control {j} is driven by a loop; shift its setpoint")
+            if plan.factors:
                 scaled = run.controls[span].copy()
-                scaled[:, j] *= factor
-                run.controls[span] = deliverable(run, scaled, span)
+                for j, factor in plan.factors.items():
+                    if j in driven:
+                        raise ValueError(f"plan {plan.name!r}: control {j} is driven by a loop; shift its setpoint")
+                    scaled[:, j] *= factor
+                run.controls[span] = deliverable(run, scaled, span)  # every factor applied, then one clip
             for loop in run.loops:
                 loop.setpoint = loop.setpoint.copy()
                 loop.setpoint[span] += plan.shifts.get(loop.name, 0.0)

@@ -351,14 +351,14 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
         margin = torch.from_numpy(BAND_MARGIN * p.x_std.astype(np.float64))  # the graph's, in engineering units
         return band_space(torch.from_numpy(np.asarray(v, np.float64)), *map(torch.from_numpy, (lo, hi)), margin).numpy()
 
-    engineering: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # the unforecast runs, to copy from
+    honest: list[tuple[np.ndarray, np.ndarray | None]] = []  # its run in engineering units, which held copies
 
     def run(request: str, forecast: str = "none") -> tuple[np.ndarray, np.ndarray]:
         if (request, forecast) not in runs:
-            same = ("honest", *engineering["honest"]) if request == "held" and "honest" in engineering else None
+            same = ("honest", *honest[0]) if request == "held" and forecast == "none" and honest else None
             mean_, band_ = predict(model, p, w, n, base, seed=1, forecast=forecast, request=request, same_as=same)
-            if forecast == "none":
-                engineering[request] = mean_, band_
+            if (request, forecast) == ("honest", "none"):
+                honest.append((mean_, band_))
             runs[request, forecast] = to_band(mean_), to_band(band_ if band_ is not None else mean_[:, None])
         return runs[request, forecast]
 
