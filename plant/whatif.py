@@ -23,6 +23,7 @@ import io
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -102,6 +103,37 @@ def draw_blowers(cfg: DataConfig, rng: np.random.Generator) -> tuple[str, bool, 
     return BLOWERS, True, [Plan("up", True), Plan("down", True, {KLA3: 1 - f, KLA4: 1 - f})]
 
 
+@dataclass(frozen=True)
+class Stream:
+    """What sets one stream of pairs apart: how often it branches, its random draws, its plans, the settings its
+    cache key holds and its cache files' prefix."""
+
+    every_hours: Callable[[DataConfig], float]
+    seed_tag: int  # the stream's draws: np.random.default_rng([scenario seed, seed_tag])
+    draw: Callable[[DataConfig, bool, dict[str, float], np.random.Generator], tuple[str, bool, list[Plan]]]
+    keyed: Callable[[str], bool]  # the DataConfig fields its pairs depend on (their cache key)
+    prefix: str
+
+
+STREAMS = {
+    "main": Stream(
+        lambda cfg: cfg.whatif_every_hours,
+        7,
+        draw_plans,
+        # every what-if setting but the blower stream's: its keys are those from before it
+        lambda k: k.startswith("whatif_") and not k.startswith(BLOWER_SETTINGS),
+        "whatif",
+    ),
+    "blowers": Stream(
+        lambda cfg: cfg.whatif_blower_every_hours,
+        8,
+        lambda cfg, closed, now, rng: draw_blowers(cfg, rng),
+        lambda k: k.startswith(BLOWER_SETTINGS) or k == "whatif_hours",
+        "whatif-blowers",
+    ),
+}
+
+
 def simulate_pairs(cfg: DataConfig, sc: Scenario, history: int, stream: str = "main") -> WhatIf:
     """Run the scenario as ``plant.scenarios.simulate_scenario`` does, branched every ``whatif_every_hours``
     (the blower stream: ``whatif_blower_every_hours``, on a plant under its loops) from ``history`` samples
@@ -109,10 +141,10 @@ def simulate_pairs(cfg: DataConfig, sc: Scenario, history: int, stream: str = "m
     op = operation(cfg, sc)
     per_hour = 60 // SAMPLE_MINUTES
     warm = round(cfg.warmup_days * bsm1.MINUTES_PER_DAY / SAMPLE_MINUTES)
-    hours = cfg.whatif_every_hours if stream == "main" else cfg.whatif_blower_every_hours
-    every, steps = max(1, round(hours * per_hour)), pair_steps(cfg)
+    kind = STREAMS[stream]
+    every, steps = max(1, round(kind.every_hours(cfg) * per_hour)), pair_steps(cfg)
     origins = list(range(warm + history - 1, len(op.controls) // SAMPLE_MINUTES - steps - 1, every))
-    rng = np.random.default_rng([sc.seed, 7 if stream == "main" else 8])
+    rng = np.random.default_rng([sc.seed, kind.seed_tag])
     names = BSM1.setpoint_names
     drawn: dict[int, tuple[str, bool]] = {}
     closed = bool(op.loops)
@@ -121,7 +153,7 @@ def simulate_pairs(cfg: DataConfig, sc: Scenario, history: int, stream: str = "m
         # The loops' setpoints at the origin's minute, as the schedule (or a cascade's start) has them.
         minute = (k + 1) * SAMPLE_MINUTES - 1
         now = {loop.name: float(loop.setpoint[minute]) for loop in op.loops}
-        move, is_closed, plans = draw_plans(cfg, closed, now, rng) if stream == "main" else draw_blowers(cfg, rng)
+        move, is_closed, plans = kind.draw(cfg, closed, now, rng)
         drawn[k] = (move, is_closed)
         return plans
 
@@ -150,15 +182,11 @@ def simulate_pairs(cfg: DataConfig, sc: Scenario, history: int, stream: str = "m
 
 def pairs_path(cfg: DataConfig, sc: Scenario, history: int, stream: str = "main") -> Path:
     """The cache file of one scenario's pairs of one stream, keyed by what that stream's pairs depend on."""
-    settings = asdict(cfg)
-    if stream == "main":  # every what-if setting but the blower stream's: its keys are those from before it
-        how = {k: v for k, v in settings.items() if k.startswith("whatif_") and not k.startswith(BLOWER_SETTINGS)}
-    else:
-        how = {k: v for k, v in settings.items() if k.startswith(BLOWER_SETTINGS) or k == "whatif_hours"}
+    kind = STREAMS[stream]
+    how = {k: v for k, v in asdict(cfg).items() if kind.keyed(k)}
     spec = {"format": FORMAT_VERSION, "scenario": scenario_key(cfg, sc), "how": how, "history": history}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    prefix = "whatif" if stream == "main" else f"whatif-{stream}"
-    return Path(cfg.cache_dir) / f"{prefix}-{sc.id}-{key}.npz"
+    return Path(cfg.cache_dir) / f"{kind.prefix}-{sc.id}-{key}.npz"
 
 
 def save_pairs(path: Path, w: WhatIf) -> None:
