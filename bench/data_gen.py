@@ -9,13 +9,14 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from plant import bsm1
+from plant.influent import influent_window, load_influent
 
 
 def simulate_window(args: tuple[int, float]) -> float:
     """Simulate one BSM2-influent window under random control moves; returns wall seconds."""
     window, days = args
-    data, _ = bsm1.load_influent("bsm2")
-    influent = bsm1.influent_window(data, window * days, days)
+    data, _ = load_influent("bsm2")
+    influent = influent_window(data, window * days, days)
     rng = np.random.default_rng(window)
     n = round(days * bsm1.MINUTES_PER_DAY)
     controls = bsm1.control_schedule(n, rng, [(120, 240), (120, 240), (20, 200), (9223, 92230)], (60, 480))

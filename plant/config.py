@@ -79,7 +79,7 @@ class DataConfig:
     # temperature between wastage_temperatures (degC); plant.bsm1.seasonal_wastage.
     wastage: tuple[float, float] = (140.0, 385.0)
     wastage_temperatures: tuple[float, float] = (11.0, 18.0)
-    design_load: bool = True  # scale BSM2's influent to BSM1's design load (plant.bsm1.design_load_factors)
+    design_load: bool = True  # scale BSM2's influent to BSM1's design load (plant.influent.design_load_factors)
     # Regimes: BSM2 window w runs regime_cycle[w % len(regime_cycle)]: normal operation, added storms, or stress
     # (a low-aeration and an overload episode). dry is normal, rain is storm.
     regime_cycle: tuple[str, ...] = ("normal", "storm", "normal", "stress", "normal", "normal", "storm", "normal")

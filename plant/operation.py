@@ -14,6 +14,15 @@ import numpy as np
 
 from plant import bsm1
 from plant.config import DataConfig
+from plant.influent import (
+    add_overload,
+    add_storm,
+    cap_inflow,
+    design_load_factors,
+    influent_window,
+    load_influent,
+    random_storms,
+)
 
 REGIMES = ("normal", "storm", "stress")
 """What the plant goes through: normal operation (dry weather and the BSM2 influent's own weather), with
@@ -48,7 +57,7 @@ class Scenario:
     """One simulated stretch of plant life: which influent window, with which seed, under which regime."""
 
     id: str  # "dry", "rain" or "bsm2-NN" (the NN-th window of the BSM2 influent)
-    influent: str  # key of plant.bsm1.INFLUENT_FILES
+    influent: str  # key of plant.influent.INFLUENT_FILES
     start_day: float
     days: float
     seed: int
@@ -78,10 +87,10 @@ def piecewise(
 def bsm2_design_influent(start_day: float, days: float, scale: bool) -> tuple[np.ndarray, list[object]]:
     """A window of the BSM2 influent, brought to BSM1's design load (the dry influent's mean flow and
     flow-weighted concentrations) when ``scale``."""
-    data, repairs = bsm1.load_influent("bsm2")
+    data, repairs = load_influent("bsm2")
     if scale:
-        data = data * bsm1.design_load_factors(data, bsm1.load_influent("dry")[0])
-    return bsm1.influent_window(data, start_day, days), repairs
+        data = data * design_load_factors(data, load_influent("dry")[0])
+    return influent_window(data, start_day, days), repairs
 
 
 @dataclass
@@ -106,19 +115,19 @@ def operation(cfg: DataConfig, sc: Scenario) -> Operation:
     if sc.influent == "bsm2":
         influent, repairs = bsm2_design_influent(sc.start_day, sc.days, cfg.design_load)
     else:
-        influent, repairs = bsm1.load_influent(sc.influent)
+        influent, repairs = load_influent(sc.influent)
     rng = np.random.default_rng(sc.seed)
     n = round(sc.days * bsm1.MINUTES_PER_DAY)
     episodes: list[dict[str, object]] = []
     if sc.regime == "storm" and sc.influent != "rain":
-        for storm in bsm1.random_storms(sc.days, rng, cfg.storms_per_week):
-            influent = bsm1.add_storm(influent, storm)
+        for storm in random_storms(sc.days, rng, cfg.storms_per_week):
+            influent = add_storm(influent, storm)
             episodes.append({"kind": "storm", **asdict(storm)})
-    influent = bsm1.cap_inflow(influent, cfg.max_inflow)
+    influent = cap_inflow(influent, cfg.max_inflow)
     caps = np.full((n, 4), np.nan)
     if sc.regime == "stress":
         start, hours, factor = rng.uniform(cfg.warmup_days, sc.days - 1), rng.uniform(12, 48), rng.uniform(1.4, 2.0)
-        influent = bsm1.add_overload(influent, start, hours, factor)
+        influent = add_overload(influent, start, hours, factor)
         episodes.append({"kind": "overload", "start_day": start, "hours": hours, "factor": factor})
         start, hours, cap = rng.uniform(cfg.warmup_days, sc.days - 0.5), rng.uniform(4, 24), rng.uniform(20, 60)
         first = int(start * bsm1.MINUTES_PER_DAY)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from plant import bsm1
+from plant import bsm1, influent
 from plant.catalog import BSM1
 
 
 def test_rain_influent_repairs_malformed_flows_and_converts_units() -> None:
-    data, repairs = bsm1.load_influent("rain")
+    data, repairs = influent.load_influent("rain")
     assert [(r.row, r.column, r.raw) for r in repairs] == [
         (997, 15, "30.044.50"),
         (999, 15, "27.446.67"),
@@ -20,7 +20,7 @@ def test_rain_influent_repairs_malformed_flows_and_converts_units() -> None:
     assert q[997] == pytest.approx(30044.5)  # 1000 m3/d -> m3/d
     assert q[997] == pytest.approx((q[996] + q[998]) / 2, rel=0.01)
     assert 15_000 < np.median(q) < 25_000
-    dry, dry_repairs = bsm1.load_influent("dry")
+    dry, dry_repairs = influent.load_influent("dry")
     assert dry_repairs == []
     assert np.median(dry[:, 1 + bsm1.Q]) == pytest.approx(np.median(q), rel=0.05)  # same units now
 
@@ -32,28 +32,28 @@ def _rows(n: int = 6) -> list[list[str]]:
 def test_parse_refuses_what_it_cannot_repair() -> None:
     rows = _rows()
     rows[3][15] = "abc"
-    with pytest.raises(bsm1.InfluentError, match=r"row 3 column 15: cannot parse 'abc'"):
-        bsm1.parse_influent_rows(rows, "x.csv", 1000.0)
+    with pytest.raises(influent.InfluentError, match=r"row 3 column 15: cannot parse 'abc'"):
+        influent.parse_influent_rows(rows, "x.csv", 1000.0)
     rows = _rows()
     rows[3][15] = "90.1.2"  # repairs to 90.12, far from its neighbours (20.5)
-    with pytest.raises(bsm1.InfluentError, match="does not fit its neighbours"):
-        bsm1.parse_influent_rows(rows, "x.csv", 1000.0)
+    with pytest.raises(influent.InfluentError, match="does not fit its neighbours"):
+        influent.parse_influent_rows(rows, "x.csv", 1000.0)
     rows = _rows()
-    with pytest.raises(bsm1.InfluentError, match="unit of Q"):
-        bsm1.parse_influent_rows(rows, "x.csv", 1.0)  # 20.5 m3/d is no plant
+    with pytest.raises(influent.InfluentError, match="unit of Q"):
+        influent.parse_influent_rows(rows, "x.csv", 1.0)  # 20.5 m3/d is no plant
 
 
 def test_influent_window_slices_and_shifts_time() -> None:
-    data, _ = bsm1.load_influent("bsm2")
-    w = bsm1.influent_window(data, 28.0, 1.0)
+    data, _ = influent.load_influent("bsm2")
+    w = influent.influent_window(data, 28.0, 1.0)
     assert w[0, 0] == 0.0 and w[-1, 0] >= 1.0
     assert len(w) < 200  # a window, not the 58k-row file the simulator would scan every step
-    with pytest.raises(bsm1.InfluentError, match="outside the influent"):
-        bsm1.influent_window(data, 600.0, 14.0)
+    with pytest.raises(influent.InfluentError, match="outside the influent"):
+        influent.influent_window(data, 600.0, 14.0)
 
 
 def _short_influent(days: float = 0.25) -> np.ndarray:
-    data, _ = bsm1.load_influent("dry")
+    data, _ = influent.load_influent("dry")
     return data[data[:, 0] <= days + 0.02]
 
 
@@ -63,7 +63,7 @@ def test_blanket_estimate_stays_in_the_layer_it_is_in() -> None:
     monotone profile's estimate as it is, and calls a settler full of sludge full."""
     from bsm2_python.bsm2.settler1d_bsm2 import get_output
 
-    plant = bsm1.Plant(bsm1.influent_window(bsm1.load_influent("dry")[0], 0.0, 0.05))
+    plant = bsm1.Plant(influent.influent_window(influent.load_influent("dry")[0], 0.0, 0.05))
     st = plant.sim.settler
     n, height, threshold = int(st.layer[1]), float(st.dim[1]), float(st.sedpar[6])
 
@@ -106,10 +106,10 @@ def test_plant_keeps_effluent_flow_positive_across_recycle_moves() -> None:
     for qintr in (5 * bsm1.Q0, 0.0, 3 * bsm1.Q0, 4.5 * bsm1.Q0):
         plant.set_controls(np.array([240.0, 240.0, 84.0, qintr]))
         for _ in range(3):
-            influent = plant.step()
+            inflow = plant.step()
             flows.append(plant.sim.ys_eff[bsm1.Q])
             # Mass balance of water: effluent = influent - waste sludge (385 m3/d), within the settler's lag.
-            assert plant.sim.ys_eff[bsm1.Q] == pytest.approx(influent[bsm1.Q] - 385.0, rel=0.05)
+            assert plant.sim.ys_eff[bsm1.Q] == pytest.approx(inflow[bsm1.Q] - 385.0, rel=0.05)
     assert min(flows) > 0
 
 
@@ -147,12 +147,12 @@ def test_carbon_dosing_corrupts_upstream_state_and_plant_refuses_it() -> None:
 
 
 def test_kla_step_changes_oxygen_in_that_reactor() -> None:
-    influent = _short_influent(0.3)
+    inflow = _short_influent(0.3)
     n = 6 * 60
     low = np.tile([240.0, 240.0, 20.0, 3 * bsm1.Q0], (n, 1))
     high = np.tile([240.0, 240.0, 220.0, 3 * bsm1.Q0], (n, 1))
-    _, x_low, _, _ = bsm1.simulate(influent, low)
-    _, x_high, _, _ = bsm1.simulate(influent, high)
+    _, x_low, _, _ = bsm1.simulate(inflow, low)
+    _, x_high, _, _ = bsm1.simulate(inflow, high)
     so5 = 7  # SO_5 in plant.catalog.MEASUREMENTS
     assert x_high[-1, so5] - x_low[-1, so5] > 0.3  # g O2/m3, from the (oxygen-hungry) unstabilised start
     assert np.all(x_high[4:, so5] > x_low[4:, so5])  # after the first hour, at every sample
@@ -162,7 +162,7 @@ def test_kla_step_changes_oxygen_in_that_reactor() -> None:
 @pytest.mark.parametrize("name", ["dry", "bsm2"])
 def test_influent_clock_starts_on_a_monday_at_midnight(name: str) -> None:
     """The calendar inputs assume influent day 0 is a Monday starting at midnight: check both cycles."""
-    data, _ = bsm1.load_influent(name)
+    data, _ = influent.load_influent(name)
     t, q = data[:, 0], data[:, 1 + bsm1.Q]
     days = min(int(t[-1]), 448)
     day = np.floor(t).astype(int)
@@ -179,7 +179,7 @@ def test_influent_repairs_are_reported_once() -> None:
     import subprocess
     import sys
 
-    code = "from plant import bsm1; bsm1.import_bsm1ol(); bsm1.load_influent('rain')"
+    code = "from plant import bsm1, influent; bsm1.import_bsm1ol(); influent.load_influent('rain')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     lines = [line for line in (out.stdout + out.stderr).splitlines() if "repaired row 997" in line]
     assert len(lines) == 1, out.stdout + out.stderr
@@ -203,7 +203,7 @@ def test_pi_saturates_without_winding_up() -> None:
 def test_do_and_nitrate_loops_follow_a_setpoint_step() -> None:
     """One day of dry weather under the BSM1 benchmark's two PI loops, with setpoint steps at noon: dissolved
     oxygen in reactor 5 reaches its new setpoint within 1 hour, nitrate in reactor 2 within 4 hours."""
-    data, _ = bsm1.load_influent("dry")
+    data, _ = influent.load_influent("dry")
     n = 1440
     sp_do = np.where(np.arange(n) < 720, 2.0, 1.0)
     sp_no = np.where(np.arange(n) < 720, 1.0, 2.0)
@@ -220,9 +220,9 @@ def test_do_and_nitrate_loops_follow_a_setpoint_step() -> None:
 
 
 def test_a_storm_raises_flow_dilutes_solubles_and_flushes_particulates() -> None:
-    data, _ = bsm1.load_influent("dry")
-    storm = bsm1.Storm(start_day=2.0, hours=12.0, peak_factor=3.0, flush_factor=2.0, flush_hours=2.0)
-    wet = bsm1.add_storm(data, storm)
+    data, _ = influent.load_influent("dry")
+    storm = influent.Storm(start_day=2.0, hours=12.0, peak_factor=3.0, flush_factor=2.0, flush_hours=2.0)
+    wet = influent.add_storm(data, storm)
     t = data[:, 0]
     q, q_wet = data[:, 1 + bsm1.Q], wet[:, 1 + bsm1.Q]
     during = (t > 2.0) & (t < 2.5)
@@ -230,7 +230,7 @@ def test_a_storm_raises_flow_dilutes_solubles_and_flushes_particulates() -> None
     assert np.allclose(wet[outside], data[outside])  # nothing changes outside the event
     assert (q_wet[during] / q[during]).max() == pytest.approx(3.0, rel=0.01)  # the peak, at mid-event
     assert np.all(q_wet[during] >= q[during])
-    for c in bsm1.SOLUBLE:  # dissolved load conserved, concentration diluted
+    for c in influent.SOLUBLE:  # dissolved load conserved, concentration diluted
         assert np.allclose(wet[:, 1 + c] * q_wet, data[:, 1 + c] * q)
     assert np.all(wet[during, 1 + bsm1.SNH] <= data[during, 1 + bsm1.SNH])
     tss_load, tss_load_wet = data[:, 1 + bsm1.TSS] * q, wet[:, 1 + bsm1.TSS] * q_wet
@@ -244,13 +244,13 @@ def test_a_storm_raises_flow_dilutes_solubles_and_flushes_particulates() -> None
 def test_inlet_capacity_overflows_the_peak_of_overlapping_storms() -> None:
     """Two storms on top of each other multiply their peaks; the plant's inlet passes at most its capacity, the
     rest overflows upstream with the same composition, and flows below the capacity are untouched."""
-    data, _ = bsm1.load_influent("dry")
+    data, _ = influent.load_influent("dry")
     both = data
     for start in (2.0, 2.05):
-        both = bsm1.add_storm(both, bsm1.Storm(start, 12.0, 4.0, 2.0, 2.0))
+        both = influent.add_storm(both, influent.Storm(start, 12.0, 4.0, 2.0, 2.0))
     q = both[:, 1 + bsm1.Q]
     assert q.max() > 10 * bsm1.Q0
-    capped = bsm1.cap_inflow(both, 5 * bsm1.Q0)
+    capped = influent.cap_inflow(both, 5 * bsm1.Q0)
     q_cap = capped[:, 1 + bsm1.Q]
     assert q_cap.max() == pytest.approx(5 * bsm1.Q0)
     assert np.array_equal(q_cap[q <= 5 * bsm1.Q0], q[q <= 5 * bsm1.Q0])
@@ -258,8 +258,8 @@ def test_inlet_capacity_overflows_the_peak_of_overlapping_storms() -> None:
 
 
 def test_random_storms_are_seeded_and_varied() -> None:
-    a = bsm1.random_storms(28.0, np.random.default_rng(7), per_week=1.5)
-    b = bsm1.random_storms(28.0, np.random.default_rng(7), per_week=1.5)
+    a = influent.random_storms(28.0, np.random.default_rng(7), per_week=1.5)
+    b = influent.random_storms(28.0, np.random.default_rng(7), per_week=1.5)
     assert a == b and len(a) >= 2
     assert len({round(s.hours, 3) for s in a}) == len(a) and all(1.5 <= s.peak_factor <= 4.0 for s in a)
     assert all(0 <= s.start_day <= 28 for s in a) and [s.start_day for s in a] == sorted(s.start_day for s in a)
@@ -268,13 +268,13 @@ def test_random_storms_are_seeded_and_varied() -> None:
 def test_design_load_scaling_brings_bsm2_to_bsm1_design_and_keeps_its_dynamics() -> None:
     """BSM2's raw influent carries 1.8 times BSM1's particulate load; scaled, its mean flow and flow-weighted
     concentrations equal the dry (design) influent's, while its daily pattern and temperature are untouched."""
-    raw, _ = bsm1.load_influent("bsm2")
-    dry, _ = bsm1.load_influent("dry")
-    f = bsm1.design_load_factors(raw, dry)
+    raw, _ = influent.load_influent("bsm2")
+    dry, _ = influent.load_influent("dry")
+    f = influent.design_load_factors(raw, dry)
     scaled = raw * f
     q, q_dry = scaled[:, 1 + bsm1.Q], dry[:, 1 + bsm1.Q]
     assert q.mean() == pytest.approx(q_dry.mean())
-    for c in bsm1.DESIGN_COMPONENTS:
+    for c in influent.DESIGN_COMPONENTS:
         want = (dry[:, 1 + c] * q_dry).sum() / q_dry.sum()
         assert (scaled[:, 1 + c] * q).sum() / q.sum() == pytest.approx(want, rel=1e-9, abs=1e-12)
     assert f[1 + bsm1.XS] < 0.6 and f[0] == 1.0 and f[1 + bsm1.TEMP] == 1.0
@@ -282,8 +282,8 @@ def test_design_load_scaling_brings_bsm2_to_bsm1_design_and_keeps_its_dynamics()
 
 
 def test_overload_multiplies_concentrations_inside_the_episode_only() -> None:
-    data, _ = bsm1.load_influent("dry")
-    out = bsm1.add_overload(data, start_day=3.0, hours=12.0, factor=1.5)
+    data, _ = influent.load_influent("dry")
+    out = influent.add_overload(data, start_day=3.0, hours=12.0, factor=1.5)
     t = data[:, 0]
     inside = (t >= 3.0) & (t <= 3.5)
     assert np.allclose(out[~inside], data[~inside])
@@ -299,7 +299,7 @@ def test_seasonal_wastage_lengthens_sludge_age_in_the_cold() -> None:
 def test_actuator_cap_limits_a_loop_without_winding_it_up() -> None:
     """A blower that cannot deliver (KLa capped at 30 for 2 hours) holds KLa5 at the cap although the DO loop
     asks for more; afterwards DO is back at its setpoint within an hour."""
-    data, _ = bsm1.load_influent("dry")
+    data, _ = influent.load_influent("dry")
     n = 8 * 60
     controls = np.tile(np.array(bsm1.DEFAULT_CONTROLS), (n, 1))
     caps = np.full((n, 4), np.nan)
