@@ -225,6 +225,10 @@ def main() -> None:
             print("\n".join(ev.regime_lines(table, card["sample_minutes"])))
     perfect = {**requested(rt, everything, "honest", held), "d_fut": everything.x_fut[..., rt.disturbances]}
     told["true influent"] = score(rt, everything, perfect, x_std, top5, 0)["mean"]
+    # Which cells' shortfall is the influent nobody knows ahead (rain), and which is the model's own.
+    table = ev.regime_table(told["true influent"][..., :n], None, everything, cell_of, scale, plant)
+    print("\ndiagnostic, the honest request with the true future influent as its forecast (no caller has it):")
+    print("\n".join(ev.regime_lines(table, card["sample_minutes"])))
     h0 = int(horizons[0])
     print(f"\nplant pooled skill at {h0 * steps_h:g} h per regime/policy, as the model is told more or less:")
     print(f"{'':<32} " + " ".join(f"{k:>14}" for k in told))

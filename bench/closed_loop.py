@@ -23,6 +23,8 @@ aeration energy at least 10% below the default's, no more time above either limi
 ``later`` its held-out later window. A window shorter than warm-up, history and ``--days`` is extended when it
 is a BSM2 window of normal operation (its influent goes on), else the evaluation is cut to what fits (printed).
 ``--fixed-do`` runs a constant DO setpoint instead of the service: what lowering the DO alone gives.
+``--oracle`` runs the simulator itself as the advisor, with the true future influent (``simulator_oracle``): a
+diagnostic of what the plant allows under the same prices, never the product's figure.
 """
 
 from __future__ import annotations
@@ -98,6 +100,71 @@ def default_strategy(history: History) -> Advice:
 def fixed_do(setpoint: float) -> Advisor:
     """A constant DO setpoint, the nitrate loop left alone: a reference, and the bench's check without a service."""
     return lambda history: Advice({"SO_5_setpoint": [setpoint] * HOUR})
+
+
+ORACLE_DO = (1.0, 1.5, 2.0, 3.0)  # g O2/m3: the DO setpoints the simulator oracle tries
+ORACLE_KLA34 = (120.0, 180.0, 240.0)  # 1/d: KLa_3 = KLa_4, within the card's bounds
+
+
+@dataclass(frozen=True)
+class Prices:
+    """The simulator oracle's score per candidate, in kWh: aeration, plus per limit a price per unit above it and
+    hour and one per hour above it (the card's objective's, on the true effluent instead of a quantile)."""
+
+    snh_unit: float = 20.0
+    snh_hour: float = 100.0
+    tn_unit: float = 20.0
+    tn_hour: float = 0.0
+
+
+def simulator_oracle(case: Case, prices: Prices, look_hours: int = 6) -> Advisor:
+    """A diagnostic, never a product figure: the simulator itself, with the true future influent, as the advisor.
+    Every hour each candidate (a DO setpoint and KLa_3 = KLa_4 from ``ORACLE_DO`` x ``ORACLE_KLA34``, held for
+    ``look_hours``, the nitrate loop left alone) runs on the plant branched from its state; the cheapest one's
+    first hour goes in. What a perfect model and a perfect influent forecast advise under the same prices, with a
+    coarse grid of constant plans chosen hour by hour: a reference for the prices and the plant, not a bound."""
+    run = case.run
+
+    def advise(history: History) -> Advice:
+        saved, schedule = run.state(), run.controls.copy()
+        setpoints = [loop.setpoint.copy() for loop in run.loops]
+
+        def rewind() -> None:
+            run.restore(saved)
+            run.controls[:] = schedule
+            for loop, values in zip(run.loops, setpoints, strict=True):
+                loop.setpoint[:] = values
+
+        best, best_cost = (ORACLE_DO[0], ORACLE_KLA34[0]), np.inf
+        steps = min(look_hours * HOUR, (len(run.controls) - run.minute) // SAMPLE_MINUTES)
+        for do in ORACLE_DO:
+            for kla in ORACLE_KLA34:
+                rewind()
+                apply(run, Advice({"SO_5_setpoint": [do] * steps}, {"KLa_3": [kla] * steps, "KLa_4": [kla] * steps}))
+                first = run.plant.i
+                for _ in range(steps):
+                    run.advance()
+                sim, last = run.plant.sim, run.plant.i
+                air = sim.perf_factors_all[first:last, 1].sum() / bsm1.MINUTES_PER_DAY  # kWh/d per minute -> kWh
+                eff = sim.ys_eff_all[first:last]
+                snh, tn = eff[:, bsm1.SNH], effluent_tn(eff)
+                cost = (
+                    air
+                    + (
+                        prices.snh_unit * np.clip(snh - SNH_LIMIT, 0, None).sum()
+                        + prices.snh_hour * np.sum(snh > SNH_LIMIT)
+                        + prices.tn_unit * np.clip(tn - TN_LIMIT, 0, None).sum()
+                        + prices.tn_hour * np.sum(tn > TN_LIMIT)
+                    )
+                    / 60  # minutes above -> hours
+                )
+                if cost < best_cost:
+                    best, best_cost = (do, kla), cost
+        rewind()
+        do, kla = best
+        return Advice({"SO_5_setpoint": [do] * HOUR}, {"KLa_3": [kla] * HOUR, "KLa_4": [kla] * HOUR})
+
+    return advise
 
 
 @dataclass
@@ -506,6 +573,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hours", type=float, help="evaluated hours per strategy, instead of --days")
     parser.add_argument("--history-days", type=float, default=1.0, help="under the default strategy, after warm-up")
     parser.add_argument("--fixed-do", type=float, help="a constant DO setpoint instead of the service (no server)")
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="a diagnostic instead of the service: the simulator with the true future influent as the advisor",
+    )
+    parser.add_argument(
+        "--oracle-prices",
+        type=float,
+        nargs=4,
+        default=[20.0, 100.0, 20.0, 0.0],
+        metavar=("SNH_UNIT", "SNH_HOUR", "TN_UNIT", "TN_HOUR"),
+        help="the oracle's kWh per g/m3 above a limit and hour, and per hour above it (the card's by default)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the /optimize requests' seed")
     parser.add_argument(
         "--objective",
@@ -529,24 +609,26 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, object]]:
         resolve(cfg, label)
     results: list[Result] = []
 
-    def each(advise: Advisor, calls: list[Call], name: str) -> None:
+    def each(advisor: Callable[[Case], Advisor], calls: list[Call], name: str) -> None:
         for label in args.influents:
             case = prepare(cfg, label, args.history_days, days)
             default = run_strategy(case, default_strategy)
             before = len(calls)
-            advised = run_strategy(case, advise)
+            advised = run_strategy(case, advisor(case))
             results.append(Result(case, default, advised, calls[before:]))
             print_result(results[-1], name)
 
     span = f"{days:g} days" if days >= 1 else f"{days * 24:g} h"
     print(f"model {version}; {span} per strategy after {cfg.warmup_days:g} + {args.history_days:g} days")
     if args.fixed_do is not None:
-        each(fixed_do(args.fixed_do), [], f"DO {args.fixed_do:g}")
+        each(lambda case: fixed_do(args.fixed_do), [], f"DO {args.fixed_do:g}")
+    elif args.oracle:
+        each(lambda case: simulator_oracle(case, Prices(*args.oracle_prices)), [], "oracle")
     else:
         with service(store, version) as (client, model):
             advisor = ServiceAdvisor(client, model, seed=args.seed, objective=args.objective)
             print(f"service on 127.0.0.1: {advisor.length} samples of history, horizon {advisor.horizon}")
-            each(advisor, advisor.calls, "advised")
+            each(lambda case: advisor, advisor.calls, "advised")
     every = [c for r in results for c in r.calls]
     summary: dict[str, object] = {"model_version": version, "days": days, "influents": [r.summary() for r in results]}
     if every:

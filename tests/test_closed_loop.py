@@ -118,6 +118,30 @@ def test_a_strategy_leaves_nothing_behind() -> None:
     assert lower.aeration < default.aeration
 
 
+def test_the_simulator_oracle_leaks_none_of_its_branches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle runs every candidate on the plant branched from its state: its run is bit for bit a replay of
+    its own choices without branches, the choices are from its grid, and each branch is scored on what it did:
+    with only air to pay, the least air; with ammonium costly, tanks 3 and 4 at full air."""
+    cfg = replace(load_config("tiny").data, scenario_days=1.0)
+    case = bench.prepare(cfg, "dry", 0.25, 2 / 24)
+    oracle = bench.run_strategy(case, bench.simulator_oracle(case, bench.Prices(), look_hours=1))
+    replayed = iter(oracle.advice)
+    replay = bench.run_strategy(case, lambda history: next(replayed))
+    for a in ("x", "u", "s"):
+        np.testing.assert_array_equal(getattr(replay, a), getattr(oracle, a))
+    for advice in oracle.advice:
+        assert advice.setpoints["SO_5_setpoint"][0] in bench.ORACLE_DO
+        assert advice.controls["KLa_3"][0] in bench.ORACLE_KLA34
+    # Air alone: the least of it. Ammonium at a million kWh per g/m3 and hour from zero: tanks 3 and 4 at full air.
+    free = bench.run_strategy(case, bench.simulator_oracle(case, bench.Prices(0.0, 0.0, 0.0, 0.0), look_hours=1))
+    assert all(a.setpoints["SO_5_setpoint"][0] == min(bench.ORACLE_DO) for a in free.advice)
+    assert all(a.controls["KLa_3"][0] == min(bench.ORACLE_KLA34) for a in free.advice)
+    monkeypatch.setattr(bench, "SNH_LIMIT", 0.0)
+    eager = bench.Prices(snh_unit=1e6, snh_hour=0.0, tn_unit=0.0)
+    most = bench.run_strategy(case, bench.simulator_oracle(case, eager, look_hours=1))
+    assert all(a.controls["KLa_3"][0] == max(bench.ORACLE_KLA34) for a in most.advice)
+
+
 def test_storm_and_later_name_the_held_out_windows() -> None:
     """``storm`` is the config's held-out BSM2 window with added storms, ``later`` its held-out later window; a
     window held out under BSM1's constant setpoints is taken under them."""
