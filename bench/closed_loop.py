@@ -39,7 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -109,7 +109,7 @@ ORACLE_KLA34 = (120.0, 180.0, 240.0)  # 1/d: KLa_3 = KLa_4, within the card's bo
 @dataclass(frozen=True)
 class Prices:
     """The simulator oracle's score per candidate, in kWh: aeration, plus per limit a price per unit above it and
-    hour and one per hour above it (the card's objective's, on the true effluent instead of a quantile)."""
+    hour and one per hour above it (the card's objective's limits, on the true effluent instead of a quantile)."""
 
     snh_unit: float = 20.0
     snh_hour: float = 100.0
@@ -121,8 +121,10 @@ def simulator_oracle(case: Case, prices: Prices, look_hours: int = 6) -> Advisor
     """A diagnostic, never a product figure: the simulator itself, with the true future influent, as the advisor.
     Every hour each candidate (a DO setpoint and KLa_3 = KLa_4 from ``ORACLE_DO`` x ``ORACLE_KLA34``, held for
     ``look_hours``, the nitrate loop left alone) runs on the plant branched from its state; the cheapest one's
-    first hour goes in. What a perfect model and a perfect influent forecast advise under the same prices, with a
-    coarse grid of constant plans chosen hour by hour: a reference for the prices and the plant, not a bound."""
+    first hour goes in. The cost is the aeration (the target's measure; the pumping, which the card's objective
+    also counts, is left out) plus the limit prices on the true effluent. What a perfect model and a perfect
+    influent forecast advise under those prices, with a coarse grid of constant plans chosen hour by hour: a
+    reference for the prices and the plant, not a bound."""
     run = case.run
 
     def advise(history: History) -> Advice:
@@ -136,7 +138,8 @@ def simulator_oracle(case: Case, prices: Prices, look_hours: int = 6) -> Advisor
                 loop.setpoint[:] = values
 
         best, best_cost = (ORACLE_DO[0], ORACLE_KLA34[0]), np.inf
-        steps = min(look_hours * HOUR, (len(run.controls) - run.minute) // SAMPLE_MINUTES)
+        # The simulator may hold fewer minutes than the schedule (the 14-day files: 20,144 of 20,160).
+        steps = min(look_hours * HOUR, run.n_samples - run.minute // SAMPLE_MINUTES)
         for do in ORACLE_DO:
             for kla in ORACLE_KLA34:
                 rewind()
@@ -572,8 +575,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--days", type=float, default=7.0, help="evaluated days per strategy")
     parser.add_argument("--hours", type=float, help="evaluated hours per strategy, instead of --days")
     parser.add_argument("--history-days", type=float, default=1.0, help="under the default strategy, after warm-up")
-    parser.add_argument("--fixed-do", type=float, help="a constant DO setpoint instead of the service (no server)")
-    parser.add_argument(
+    instead = parser.add_mutually_exclusive_group()
+    instead.add_argument("--fixed-do", type=float, help="a constant DO setpoint instead of the service (no server)")
+    instead.add_argument(
         "--oracle",
         action="store_true",
         help="a diagnostic instead of the service: the simulator with the true future influent as the advisor",
@@ -620,17 +624,23 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, object]]:
 
     span = f"{days:g} days" if days >= 1 else f"{days * 24:g} h"
     print(f"model {version}; {span} per strategy after {cfg.warmup_days:g} + {args.history_days:g} days")
+    advisor_name = "service"
     if args.fixed_do is not None:
-        each(lambda case: fixed_do(args.fixed_do), [], f"DO {args.fixed_do:g}")
+        advisor_name = f"DO {args.fixed_do:g}"
+        each(lambda case: fixed_do(args.fixed_do), [], advisor_name)
     elif args.oracle:
-        each(lambda case: simulator_oracle(case, Prices(*args.oracle_prices)), [], "oracle")
+        advisor_name = "oracle"
+        each(lambda case: simulator_oracle(case, Prices(*args.oracle_prices)), [], advisor_name)
     else:
         with service(store, version) as (client, model):
             advisor = ServiceAdvisor(client, model, seed=args.seed, objective=args.objective)
             print(f"service on 127.0.0.1: {advisor.length} samples of history, horizon {advisor.horizon}")
             each(lambda case: advisor, advisor.calls, "advised")
     every = [c for r in results for c in r.calls]
-    summary: dict[str, object] = {"model_version": version, "days": days, "influents": [r.summary() for r in results]}
+    summary: dict[str, object] = {"model_version": version, "days": days, "advisor": advisor_name}
+    if args.oracle:  # a diagnostic: it knows the true future influent
+        summary["oracle_prices"] = asdict(Prices(*args.oracle_prices))
+    summary["influents"] = [r.summary() for r in results]
     if every:
         p95 = float(np.percentile([c.seconds for c in every], 95))
         summary["optimize_p95_s"], summary["optimize_p95_met"] = p95, p95 < TARGET_P95_S

@@ -1,6 +1,7 @@
 """The plant side: what a plant is and the data it gives, read without the training loop.
 
-``catalog`` (a plant's variables), ``bsm1`` (the simulated plant), ``operation`` (how a scenario's plant is run),
+``catalog`` (a plant's variables), ``bsm1`` (the simulated plant), ``influent`` (its influent files, storms and
+overloads), ``operation`` (how a scenario's plant is run),
 ``scenarios`` (the simulated dataset: cache, files, splits), ``historian`` (a plant's own export imported),
 ``config`` (the ``[data]`` settings) and ``executor`` (local processes or a Dask cluster). Imports flow one way:
 training -> plant -> modelcard; nothing here imports training, the service or export.

@@ -27,8 +27,6 @@ import numpy as np
 # The stream's columns (plant.influent), also read as bsm1.SNH by the plant's users.
 from plant.influent import SALK, SI, SND, SNH, SNO, SO, SS, TEMP, TSS, XBA, XBH, XI, XND, XP, XS, Q  # noqa: F401
 
-log = logging.getLogger(__name__)
-
 MINUTES_PER_DAY = 1440
 STEP_DAYS = 1.0 / MINUTES_PER_DAY
 """Integration step: 1 minute. Larger steps cost accuracy linearly (15 min: ~3 g N/m3 in tank-5 SNH)."""

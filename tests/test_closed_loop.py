@@ -142,6 +142,23 @@ def test_the_simulator_oracle_leaks_none_of_its_branches(monkeypatch: pytest.Mon
     assert all(a.controls["KLa_3"][0] == max(bench.ORACLE_KLA34) for a in most.advice)
 
 
+@pytest.mark.slow
+def test_the_simulator_oracle_looks_no_further_than_the_simulation() -> None:
+    """BSM1's 14-day files hold 20,144 simulated minutes for a schedule of 20,160: in the last hour of the dry
+    window the oracle's look-ahead stops where the simulator does (it ran past it: an IndexError)."""
+    cfg = load_config("default").data
+    probe = bench.prepare(cfg, "dry", 0.0, 1 / 24)
+    last = probe.run.n_samples  # samples the simulator holds
+    assert last * bench.SAMPLE_MINUTES < len(probe.run.controls)
+    history_days = (last - bench.HOUR) / bench.DAY - cfg.warmup_days
+    case = bench.prepare(cfg, "dry", history_days, 1 / 24)
+    assert case.samples == bench.HOUR
+    outcome = bench.run_strategy(case, bench.simulator_oracle(case, bench.Prices()))
+    (advice,) = outcome.advice
+    assert advice.setpoints["SO_5_setpoint"][0] in bench.ORACLE_DO
+    assert np.isfinite(outcome.aeration) and outcome.aeration > 0
+
+
 def test_storm_and_later_name_the_held_out_windows() -> None:
     """``storm`` is the config's held-out BSM2 window with added storms, ``later`` its held-out later window; a
     window held out under BSM1's constant setpoints is taken under them."""
