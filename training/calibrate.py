@@ -58,6 +58,8 @@ def predict(
     and only the others forecast: the held request differs from the honest one only where a setpoint plan moves,
     a third of the held-out windows, and a sampled forecast is most of a run's evaluation time.
     """
+    if same_as is not None and (held or (same_as[2] is None and n_samples)):
+        raise ValueError("predict: same_as copies a forecast of its request's own plan, with its band")
     xh, uh, _, uf = tensors(p, w, forecast, seed, request)
     if held:
         uf = held_plan(uh, uf, model.plan)
@@ -65,8 +67,6 @@ def predict(
     if same_as is not None:
         _, uh_o, _, uf_o = tensors(p, w, forecast, seed, same_as[0])
         todo = ~(told_alike(uh, uh_o) & told_alike(uf, uf_o))
-        if held or (same_as[2] is None and n_samples):
-            raise ValueError("predict: same_as copies a forecast of its request's own plan, with its band")
         xh, uh, uf = xh[todo], uh[todo], uf[todo]
     calib = calib or {}
     decay = calib.get("residual_decay")
