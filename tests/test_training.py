@@ -705,6 +705,12 @@ def test_a_held_forecast_copies_only_the_windows_the_honest_request_tells_alike(
     np.testing.assert_allclose(full[1][alike], honest[1][alike], rtol=1e-5, atol=1e-5)
     assert not np.allclose(copied[1][~alike], honest[1][~alike])  # forecast, not copied
     assert np.isfinite(copied[1]).all()
+    # What it cannot honour it refuses: a held plan (it would copy a forecast of another plan), or a band asked
+    # of a forecast that has none.
+    with pytest.raises(ValueError, match="same_as"):
+        calibration.predict(model, p, p.val, 0, calib, request="held", held=True, same_as=("honest", *honest))
+    with pytest.raises(ValueError, match="same_as"):
+        calibration.predict(model, p, p.val, n, calib, request="held", same_as=("honest", honest[0], None))
 
 
 def test_residual_fading_chosen_on_validation_is_no_worse_than_the_learned_one(trained_store, tiny_cfg) -> None:
