@@ -49,6 +49,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.service_load import start_server
+from modelcard.card import read_card
+from modelcard.objective import Objective, card_objective
 from modelcard.store import current_version, set_current
 from plant import bsm1
 from plant.catalog import BSM1, SAMPLE_MINUTES
@@ -111,10 +113,22 @@ class Prices:
     """The simulator oracle's score per candidate, in kWh: aeration, plus per limit a price per unit above it and
     hour and one per hour above it (the card's objective's limits, on the true effluent instead of a quantile)."""
 
-    snh_unit: float = 20.0
-    snh_hour: float = 100.0
-    tn_unit: float = 20.0
-    tn_hour: float = 0.0
+    snh_unit: float
+    snh_hour: float
+    tn_unit: float
+    tn_hour: float
+
+    @classmethod
+    def of(cls, objective: Objective) -> Prices:
+        """The objective's prices on effluent ammonium and total nitrogen (0 where it sets no such limit)."""
+        limits = {m.variable: m for m in objective.limits}
+        snh, tn = limits.get("SNH_eff"), limits.get("TN_eff")
+        return cls(
+            snh.price_kwh if snh else 0.0,
+            snh.hour_price_kwh if snh else 0.0,
+            tn.price_kwh if tn else 0.0,
+            tn.hour_price_kwh if tn else 0.0,
+        )
 
 
 def simulator_oracle(case: Case, prices: Prices, look_hours: int = 6) -> Advisor:
@@ -586,9 +600,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--oracle-prices",
         type=float,
         nargs=4,
-        default=[20.0, 100.0, 20.0, 0.0],
         metavar=("SNH_UNIT", "SNH_HOUR", "TN_UNIT", "TN_HOUR"),
-        help="the oracle's kWh per g/m3 above a limit and hour, and per hour above it (the card's by default)",
+        help="the oracle's kWh per g/m3 above a limit and hour, and per hour above it (default: the card's)",
     )
     parser.add_argument("--seed", type=int, default=0, help="the /optimize requests' seed")
     parser.add_argument(
@@ -611,6 +624,12 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, object]]:
     days = args.hours / 24 if args.hours is not None else args.days
     for label in args.influents:  # refuse an unknown window before anything runs
         resolve(cfg, label)
+    prices = Prices(*args.oracle_prices) if args.oracle_prices else None  # the oracle's, else the card's
+    if args.oracle and prices is None:
+        objective = card_objective(read_card(store / version))
+        if objective is None:
+            raise SystemExit(f"{version} has no objective: give --oracle-prices")
+        prices = Prices.of(objective)
     results: list[Result] = []
 
     def each(advisor: Callable[[Case], Advisor], calls: list[Call], name: str) -> None:
@@ -628,9 +647,9 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, object]]:
     if args.fixed_do is not None:
         advisor_name = f"DO {args.fixed_do:g}"
         each(lambda case: fixed_do(args.fixed_do), [], advisor_name)
-    elif args.oracle:
+    elif args.oracle and prices is not None:
         advisor_name = "oracle"
-        each(lambda case: simulator_oracle(case, Prices(*args.oracle_prices)), [], advisor_name)
+        each(lambda case: simulator_oracle(case, prices), [], advisor_name)
     else:
         with service(store, version) as (client, model):
             advisor = ServiceAdvisor(client, model, seed=args.seed, objective=args.objective)
@@ -638,8 +657,8 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, object]]:
             each(lambda case: advisor, advisor.calls, "advised")
     every = [c for r in results for c in r.calls]
     summary: dict[str, object] = {"model_version": version, "days": days, "advisor": advisor_name}
-    if args.oracle:  # a diagnostic: it knows the true future influent
-        summary["oracle_prices"] = asdict(Prices(*args.oracle_prices))
+    if args.oracle and prices is not None:  # a diagnostic: it knows the true future influent
+        summary["oracle_prices"] = asdict(prices)
     summary["influents"] = [r.summary() for r in results]
     if every:
         p95 = float(np.percentile([c.seconds for c in every], 95))

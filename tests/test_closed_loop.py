@@ -14,12 +14,16 @@ import numpy as np
 import pytest
 
 from bench import closed_loop as bench
+from modelcard.card import read_card
+from modelcard.objective import card_objective
+from modelcard.store import current_version
 from plant import bsm1
 from plant.catalog import BSM1
 from plant.operation import operation, standard_controls
 from training.config import config_from_dict, load_config
 
 HOURS = 3
+CARD_PRICES = bench.Prices(20.0, 100.0, 20.0, 0.0)  # the BSM1 catalog's objective (plant/catalogs/bsm1.toml)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +128,7 @@ def test_the_simulator_oracle_leaks_none_of_its_branches(monkeypatch: pytest.Mon
     with only air to pay, the least air; with ammonium costly, tanks 3 and 4 at full air."""
     cfg = replace(load_config("tiny").data, scenario_days=1.0)
     case = bench.prepare(cfg, "dry", 0.25, 2 / 24)
-    oracle = bench.run_strategy(case, bench.simulator_oracle(case, bench.Prices(), look_hours=1))
+    oracle = bench.run_strategy(case, bench.simulator_oracle(case, CARD_PRICES, look_hours=1))
     replayed = iter(oracle.advice)
     replay = bench.run_strategy(case, lambda history: next(replayed))
     for a in ("x", "u", "s"):
@@ -137,9 +141,29 @@ def test_the_simulator_oracle_leaks_none_of_its_branches(monkeypatch: pytest.Mon
     assert all(a.setpoints["SO_5_setpoint"][0] == min(bench.ORACLE_DO) for a in free.advice)
     assert all(a.controls["KLa_3"][0] == min(bench.ORACLE_KLA34) for a in free.advice)
     monkeypatch.setattr(bench, "SNH_LIMIT", 0.0)
-    eager = bench.Prices(snh_unit=1e6, snh_hour=0.0, tn_unit=0.0)
+    eager = bench.Prices(snh_unit=1e6, snh_hour=0.0, tn_unit=0.0, tn_hour=0.0)
     most = bench.run_strategy(case, bench.simulator_oracle(case, eager, look_hours=1))
     assert all(a.controls["KLa_3"][0] == max(bench.ORACLE_KLA34) for a in most.advice)
+
+
+def test_the_simulator_oracle_prices_are_the_cards_unless_given() -> None:
+    """Without ``--oracle-prices`` the oracle scores with the served card's limit prices (one contract, one
+    place); a limit the objective does not set costs nothing."""
+    store = Path(__file__).resolve().parents[1] / "models"
+    card = read_card(store / current_version(store))
+    limits = {m["variable"]: m for m in card["optimizer"]["limits"]}
+    objective = card_objective(card)
+    assert objective is not None
+    prices = bench.Prices.of(objective)
+    assert prices == bench.Prices(
+        limits["SNH_eff"]["price_kwh"],
+        limits["SNH_eff"].get("hour_price_kwh", 0.0),
+        limits["TN_eff"]["price_kwh"],
+        limits["TN_eff"].get("hour_price_kwh", 0.0),
+    )
+    assert prices == CARD_PRICES  # the catalog's, as the test above uses
+    no_tn = replace(objective, limits=tuple(m for m in objective.limits if m.variable != "TN_eff"))
+    assert bench.Prices.of(no_tn) == replace(prices, tn_unit=0.0, tn_hour=0.0)
 
 
 @pytest.mark.slow
@@ -153,7 +177,7 @@ def test_the_simulator_oracle_looks_no_further_than_the_simulation() -> None:
     history_days = (last - bench.HOUR) / bench.DAY - cfg.warmup_days
     case = bench.prepare(cfg, "dry", history_days, 1 / 24)
     assert case.samples == bench.HOUR
-    outcome = bench.run_strategy(case, bench.simulator_oracle(case, bench.Prices()))
+    outcome = bench.run_strategy(case, bench.simulator_oracle(case, CARD_PRICES))
     (advice,) = outcome.advice
     assert advice.setpoints["SO_5_setpoint"][0] in bench.ORACLE_DO
     assert np.isfinite(outcome.aeration) and outcome.aeration > 0
