@@ -211,6 +211,7 @@ BEFORE = {
     "blend_held_plan": False,
     "seasonal_adaptive": False,
     "correction_last_seen": False,
+    "blend_last_seen": False,
     "exogenous_modes": 0,
     "loop_feedback": False,
     "dropout_per_sequence": False,
@@ -385,13 +386,18 @@ def _compare(graph: ForecastGraph, sess: ort.InferenceSession, feeds: tuple[torc
 
 def naive_blend_summary(model: KoVAE, card: dict[str, Any]) -> dict[str, Any]:
     """The learned weights of the two naive forecasts in the forecast, per variable at 15 min, 5 h and 24 h
-    (0: the model alone, 1: the naive forecast alone)."""
+    (0: the model alone, 1: the naive forecast alone). With the adaptive weight of yesterday
+    (``model.seasonal_adaptive``) each window's is s = c / (c + m2): the card gives c, the model's own error, and
+    a history whose yesterday missed today by m2 = c (mean squared, in units of the variable's std) takes half."""
     names = output_names(card)
+    adaptive = model.cfg.seasonal_adaptive
     with torch.no_grad():
-        seasonal = torch.sigmoid(model.seasonal_logit).numpy()
+        seasonal = (model.seasonal_logit.exp() if adaptive else torch.sigmoid(model.seasonal_logit)).numpy()
         persistence = torch.sigmoid(model.persistence_logit).numpy()
     steps = [s for s in (1, 20, 96) if s <= card["max_horizon"]]
     out: dict[str, Any] = {"seasonal_steps": model.cfg.seasonal_steps, "steps": steps}
+    if adaptive:
+        out["seasonal_is"] = "c in s = c / (c + m2), m2: how far yesterday missed today over the history's end"
     for key, w in (("seasonal", seasonal), ("persistence", persistence)):
         out[key] = {n: [round(float(w[min(s, len(w)) - 1, j]), 4) for s in steps] for j, n in enumerate(names)}
     if model.cfg.seasonal_steps <= 0:

@@ -301,6 +301,32 @@ def test_yesterdays_weight_follows_how_well_yesterday_repeated() -> None:
     assert E.parity(graph, E.to_onnx_bytes(graph, 12, {}), 12) < 1e-4
 
 
+@pytest.mark.parametrize("last_seen", [True, False])
+def test_a_sensor_down_takes_the_blends_of_a_longer_lead_in_both_graphs(last_seen: bool) -> None:
+    """model.blend_last_seen: a variable whose last 2 samples are missing takes the weight of its last value that
+    lead k + 2 has (its last value is 2 steps older than the others'), the others that of lead k; cards written
+    before it, lead k for every variable. The graph computes the same with the gap in the history."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, seasonal_steps=6, blend_last_seen=last_seen)
+    model = KoVAE(2, 2, cfg).eval()
+    q = torch.linspace(0.9, 0.1, model.persistence_logit.shape[0])  # the pull to the last value falls with the lead
+    with torch.no_grad():
+        model.seasonal_logit.fill_(-1e4)  # no pull to yesterday
+        model.persistence_logit.copy_(torch.logit(q)[:, None].expand(-1, 2))
+    x = torch.randn(1, 12, 2)
+    x[:, -2:, 0] = float("nan")
+    with torch.no_grad():
+        out = model.seasonal(x, torch.zeros(1, 4, 2))
+    shift = 2 if last_seen else 0
+    assert torch.allclose(out[0, :, 0], q[shift : shift + 4] * x[0, -3, 0], atol=1e-6)
+    assert torch.allclose(out[0, :, 1], q[:4] * x[0, -1, 1], atol=1e-6)
+    graph = E.ForecastGraph(model, 6, {"spread_scale": [1.0] * 2, "residual_decay": [0.9] * 2})
+    u_hist, u_fut = (
+        np.random.default_rng(i).standard_normal((1, n, 2)).astype(np.float32) for i, n in ((1, 12), (2, 6))
+    )
+    assert E.parity(graph, E.to_onnx_bytes(graph, 12, {}), 12, [(x.numpy(), u_hist, u_fut)]) < 1e-4
+
+
 def test_a_plan_held_drives_its_loops_at_their_served_forecast() -> None:
     """model.loop_feedback with the naive blends: under the plan held, each step's loop drives the plant at the
     value the served forecast gives the control (the decoder's value, its fading miss and the blends towards

@@ -544,6 +544,27 @@ def test_blend_weights_fit_one_weight_where_the_naive_forecasts_coincide() -> No
     assert np.allclose(q[1], 0.7) and np.allclose(s[1], 0.0)
 
 
+def test_adaptive_blend_weights_find_the_factor_of_the_models_own_error() -> None:
+    """Each window keeps its own weight of yesterday, s = c / (c + m2); the fit finds by how much c should be
+    scaled (here 1/4 at the first step, as the 15-min forecast needed, 4 at the second) and the weight of the last
+    value, from truths that are exactly such blends. Windows whose truth was not measured count for nothing,
+    whatever their T holds."""
+    rng = np.random.default_rng(1)
+    n = 600
+    s = rng.uniform(0.05, 0.95, (n, 2, 3))
+    A, B = rng.standard_normal((n, 2, 3)), rng.standard_normal((n, 2, 3))
+    factor = np.array([0.25, 4.0])[None, :, None]
+    a = calibration.rescaled(s, factor) * A
+    T = a + 0.3 * (B - a)
+    seen = np.ones((n, 2, 3), bool)
+    seen[:50] = False
+    T[:50] = 1e3  # a missing truth (the caller fills it with anything)
+    f, q = calibration.adaptive_blend_weights(s, A, B, T, seen)
+    assert np.allclose(f[0], 0.25) and np.allclose(f[1], 4.0)
+    assert np.allclose(q, 0.3)
+    assert calibration.rescaled(np.array([0.0, 0.5, 1.0]), 3.0) == pytest.approx([0.0, 0.75, 1.0])
+
+
 def test_naive_blends_are_refitted_only_where_held_out_validation_says_so(trained_store, tiny_cfg) -> None:
     """The blend weights towards the naive forecasts are refitted on validation at the lead times where refits
     on either half beat the learned weights on the other half; elsewhere the learned weights stay. At the

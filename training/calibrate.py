@@ -186,6 +186,41 @@ def blend_weights(A: np.ndarray, B: np.ndarray, T: np.ndarray) -> tuple[np.ndarr
     return np.where(two, np.clip(((bb * at - ab * bt) / det) / (1 - q), 0.0, 1.0), 0.0), q
 
 
+C_FACTORS = tuple(float(2.0**e) for e in range(-4, 5))  # the factors of the model's own error c tried per (k, v)
+# c is refitted at a lead time only where that cuts the validation error by this share on each half (fitted on
+# the other): on the default's validation windows, beyond 5 h the refits cut the error of the windows they were
+# fitted on by 1-4% and that of the other half by -1% to +2%, so a smaller gain says nothing. Elsewhere q alone.
+C_MIN_GAIN = 0.02
+
+
+def rescaled(s: np.ndarray, factor: np.ndarray | float) -> np.ndarray:
+    """The adaptive weight of yesterday, s = c / (c + m2), with c multiplied by ``factor``."""
+    return factor * s / np.maximum(factor * s + 1.0 - s, 1e-12)
+
+
+def adaptive_blend_weights(
+    s: np.ndarray, A: np.ndarray, B: np.ndarray, T: np.ndarray, seen: np.ndarray, factors: tuple[float, ...] = C_FACTORS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per (step, variable), over the windows (axis 0): the factor of c (of ``factors``) and the weight q of
+    the last value that fit T ~ s' A + q (B - s' A) best in least squares, with s' each window's own weight
+    ``s`` rescaled by the factor (``rescaled``), A the day-earlier and B the last value minus the forecast, T the
+    truth minus it, counted where ``seen`` (the truth measured)."""
+    best_err = best_f = best_q = None
+    for f in factors:
+        a = rescaled(s, f) * A
+        r = (B - a) * seen
+        q = np.clip(((T - a) * r).sum(0) / np.maximum((r**2).sum(0), 1e-12), 0.0, 0.999)
+        err = (((a + q * (B - a) - T) * seen) ** 2).sum(0)
+        if best_err is None:
+            best_err, best_f, best_q = err, np.full(err.shape, f), q
+        else:
+            better = err < best_err
+            best_err, best_f, best_q = (
+                np.where(better, new, old) for new, old in ((err, best_err), (f, best_f), (q, best_q))
+            )
+    return best_f, best_q
+
+
 def fit_naive_blends(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[str, Any]:
     """Refit the blend weights towards the two naive forecasts on validation, per lead time and variable, where
     that helps on windows it was not fitted on; writes them into the model (and so into the graph).
@@ -196,8 +231,11 @@ def fit_naive_blends(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[s
     itself when the plan is held), i.e. s = a / (1 - b), q = b, clipped to [0, 1]. A lead time k takes the
     refitted weights only if, fitted on either half of the validation windows, they beat the learned ones on the
     other half (pooled NMSE).
-    With the adaptive weight of yesterday (``model.seasonal_adaptive``) each window's own s stands and only q is
-    refitted, by least squares given s.
+    With the adaptive weight of yesterday (``model.seasonal_adaptive``, s = c / (c + m2) per window) the model's
+    own error c is rescaled per (k, v) and q fitted given it (``adaptive_blend_weights``) at the lead times where
+    that cuts the error of the other half by ``C_MIN_GAIN`` on both halves; elsewhere q alone is fitted, c kept.
+    Each window keeps its own s; validation says how far to trust yesterday against the model. (Refitting q alone
+    left c as training learned it, 16 times too high at 15 min: the first steps leaned on yesterday.)
     Where the two naive forecasts coincide (a day ahead) only the weight towards the last value is fitted:
     solving for both there once left the learned weights at the last 11 steps, and the 24-h pooled skill of
     normal operation at 0.09 instead of 0.23.
@@ -214,41 +252,54 @@ def fit_naive_blends(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[s
     T = np.nan_to_num(w.x_fut - base)  # a missing truth adds nothing to either side
     H = base.shape[1]
 
+    known = np.isfinite(last)
     adaptive = model.cfg.seasonal_adaptive
-    if adaptive:  # yesterday's weight is each window's own (KoVAE.seasonal_weights): only q is refitted
+    if adaptive:  # yesterday's weight is each window's own (KoVAE.seasonal_weights): its c is rescaled
         with torch.no_grad():
             s_window = model.seasonal_weights(tensors(p, w)[0], H).double().numpy()
+        seen = np.isfinite(w.x_fut - base)
 
-    def fit(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def fit(rows: np.ndarray, factors: tuple[float, ...] = C_FACTORS) -> tuple[np.ndarray, np.ndarray]:
+        """(s, q), or with the adaptive weight (c's factor, q)."""
         if not adaptive:
             return blend_weights(A[rows], B[rows], T[rows])
-        a = s_window[rows] * A[rows]
-        q = ((T[rows] - a) * (B[rows] - a)).sum(0) / np.maximum(((B[rows] - a) ** 2).sum(0), 1e-12)
-        return s_window[rows], np.clip(q, 0.0, 0.999)
+        return adaptive_blend_weights(s_window[rows], A[rows], B[rows] * known[rows], T[rows], seen[rows], factors)
+
+    own = calibrated_columns(model)
 
     def blended(s_: np.ndarray, q_: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        s_ = s_window[rows] if adaptive else s_
-        return base[rows] + s_ * A[rows] + q_ * (B[rows] - s_ * A[rows]) * np.isfinite(last[rows])
+        s_ = rescaled(s_window[rows], s_) if adaptive else s_
+        out = base[rows] + s_ * A[rows] + q_ * (B[rows] - s_ * A[rows]) * known[rows]
+        return np.where(own, out, learned[rows])  # the columns calibration leaves alone are the learned forecast
 
-    scale = p.x_std
-    halves = [np.arange(len(base)) % 2 == 0, np.arange(len(base)) % 2 == 1]
-    better = np.ones(H, bool)
-    for fit_rows, check_rows in (halves, halves[::-1]):
-        refit = ev.nmse_by_step(blended(*fit(fit_rows), check_rows), w.x_fut[check_rows], scale)
-        better &= refit < ev.nmse_by_step(learned[check_rows], w.x_fut[check_rows], scale)
-    s_all, q_all = fit(np.ones(len(base), bool))
-    refitted = (
-        [(model.persistence_logit, q_all)]
-        if adaptive
-        else [(model.seasonal_logit, s_all), (model.persistence_logit, q_all)]
-    )
+    def held_out_gain(factors: tuple[float, ...]) -> np.ndarray:
+        """(H,): the smaller of the two halves' relative cut of the pooled NMSE, each refitted on the other."""
+        halves = [np.arange(len(base)) % 2 == 0, np.arange(len(base)) % 2 == 1]
+        gains = []
+        for fit_rows, check_rows in (halves, halves[::-1]):
+            refit = ev.nmse_by_step(blended(*fit(fit_rows, factors), check_rows), w.x_fut[check_rows], p.x_std)
+            gains.append(1 - refit / ev.nmse_by_step(learned[check_rows], w.x_fut[check_rows], p.x_std))
+        return np.min(gains, axis=0)
+
+    every = np.ones(len(base), bool)
+    plain = (1.0,)  # c as learned: q alone
+    with_c = held_out_gain(C_FACTORS) >= C_MIN_GAIN if adaptive else np.zeros(H, bool)
+    better = with_c | (held_out_gain(plain) > 0)
+    s_all, q_all = fit(every, plain)
+    if with_c.any():
+        f_c, q_c = fit(every)
+        s_all, q_all = np.where(with_c[:, None], f_c, s_all), np.where(with_c[:, None], q_c, q_all)
     with torch.no_grad():
-        for logit, weights in refitted:
+        for logit, weights in [(model.seasonal_logit, s_all), (model.persistence_logit, q_all)]:
             rows = min(H, logit.shape[0])
-            take = torch.from_numpy(better[:rows])[:, None] & torch.from_numpy(calibrated_columns(model))
-            new = torch.logit(torch.from_numpy(weights[:rows]).float().clamp(1e-4, 1 - 1e-4))
+            take = torch.from_numpy(better[:rows])[:, None] & torch.from_numpy(own)
+            if adaptive and logit is model.seasonal_logit:  # c = exp(logit): its factor adds log(factor)
+                new = logit[:rows] + torch.from_numpy(np.log(weights[:rows])).float()
+            else:
+                new = torch.logit(torch.from_numpy(weights[:rows]).float().clamp(1e-4, 1 - 1e-4))
             logit[:rows] = torch.where(take, new, logit[:rows])
-    return {"refitted_steps": [int(k) + 1 for k in np.flatnonzero(better)]}
+    steps = {"refitted_steps": [int(k) + 1 for k in np.flatnonzero(better)]}
+    return steps | ({"c_refitted_steps": [int(k) + 1 for k in np.flatnonzero(with_c)]} if adaptive else {})
 
 
 WIDTH_GAMMAS = tuple(round(0.05 * i, 2) for i in range(21))  # log-width per z-score of the width's driver

@@ -53,6 +53,10 @@ class ModelConfig:
     # The decoder's miss is carried from each variable's last measured step, faded by its age (a sensor down for
     # the last 2 h still hands on its level); cards written before it: from the last step only.
     correction_last_seen: bool = True
+    # A variable whose last measurement is a steps old takes the naive blends' weights of lead time k + a: a sensor
+    # down for 2 h is forecast 2 h further from what it last said (training.model.KoVAE.blend_leads). Cards written
+    # before it: lead k for every variable.
+    blend_last_seen: bool = True
     seasonal_check: int = 32
     # The first this many latent coordinates (the daily harmonics first) take no input from the plan and alone
     # decode the exogenous outputs, the influent (training.model.KoVAE.exo_head): no what-if can move the influent.

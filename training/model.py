@@ -186,13 +186,17 @@ class IntervalWidth(nn.Module):
         return self.spread * torch.exp(log_width)
 
 
-def last_measured(x_hist: torch.Tensor) -> torch.Tensor:
-    """(batch, x): each variable's last value in the history that is not missing (NaN where none is)."""
+def last_seen_step(x_hist: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, x): the history index of each variable's last measured step (0 where it never was)."""
     seen = ~torch.isnan(x_hist)
     steps = torch.arange(1, x_hist.shape[1] + 1, dtype=x_hist.dtype)[:, None]
-    last = (seen.to(x_hist.dtype) * steps).argmax(1, keepdim=True)  # (batch, 1, x): index of the last seen step
-    value = torch.gather(x_hist, 1, last).squeeze(1)
-    return torch.where(seen.any(1), value, torch.full_like(value, float("nan")))
+    return (seen.to(x_hist.dtype) * steps).argmax(1, keepdim=True)
+
+
+def last_measured(x_hist: torch.Tensor) -> torch.Tensor:
+    """(batch, x): each variable's last value in the history that is not missing (NaN where none is)."""
+    value = torch.gather(x_hist, 1, last_seen_step(x_hist)).squeeze(1)
+    return torch.where((~torch.isnan(x_hist)).any(1), value, torch.full_like(value, float("nan")))
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -534,7 +538,7 @@ class KoVAE(nn.Module):
             return miss.unsqueeze(1) * decay**steps
         L = x_hist.shape[1]
         seen = ~torch.isnan(x_hist)
-        last = (seen.to(x_hist.dtype) * torch.arange(1, L + 1, dtype=x_hist.dtype)[:, None]).argmax(1, keepdim=True)
+        last = last_seen_step(x_hist)
         if decoded_hist is not None:
             decoded = torch.gather(decoded_hist, 1, last)  # (batch, 1, x)
         else:  # only the steps needed: variable v's row decoded at v's last step, its own output kept
@@ -560,9 +564,10 @@ class KoVAE(nn.Module):
         k = torch.arange(1, horizon + 1)
         idx = k + (L - 1 - P)  # history index of step t+k-P
         valid = ((idx >= 0) & (k <= P)).to(x_hist.dtype)[:, None]  # (H, 1)
-        logit = self.seasonal_logit[(k - 1).clamp(max=P - 1)]  # (H, x)
+        logit = self.per_lead(self.seasonal_logit, self.blend_leads(x_hist, horizon))  # (H, x) or (batch, H, x)
         if not self.cfg.seasonal_adaptive:
-            return (torch.sigmoid(logit) * valid).unsqueeze(0)
+            weight = torch.sigmoid(logit) * valid
+            return weight if weight.dim() == 3 else weight.unsqueeze(0)
         J = self.cfg.seasonal_check
         # Padded in front so that both slices exist for any history length (a constant pad exports cleanly).
         padded = torch.cat([torch.full_like(x_hist[:, :1], float("nan")).repeat(1, P + J, 1), x_hist], 1)
@@ -573,9 +578,27 @@ class KoVAE(nn.Module):
         c = logit.exp()
         return c / (c + m2[:, None]) * valid
 
+    def blend_leads(self, x_hist: torch.Tensor, horizon: int) -> torch.Tensor:
+        """The lead time whose blend weights each variable takes at each step: k, or (``model.blend_last_seen``)
+        k + a for a variable last measured a steps before the history's end, (H, 1) or (batch, H, x)."""
+        k = torch.arange(1, horizon + 1)[:, None]
+        if not self.cfg.blend_last_seen:
+            return k
+        return k + (x_hist.shape[1] - 1 - last_seen_step(x_hist))  # never measured: as old as the history
+
+    @staticmethod
+    def per_lead(table: torch.Tensor, leads: torch.Tensor) -> torch.Tensor:
+        """Rows of a (lead time, x) table at ``leads`` (``blend_leads``), each column at its own lead; past the
+        table's last row, its last row."""
+        rows = (leads - 1).clamp(max=table.shape[0] - 1)
+        if rows.dim() == 2:
+            return table[rows[:, 0]]  # (H, x)
+        return table[rows, torch.arange(table.shape[1])]  # (batch, H, x)
+
     def seasonal(self, x_hist: torch.Tensor, forecast: torch.Tensor) -> torch.Tensor:
         """The forecast (batch, [samples,] H, x) blended with the two naive forecasts: + s[k] (x[t+k-P] - forecast)
-        where that sample is in the history (not before it, k <= P, P > 0; s: ``seasonal_weights``), then + q[k]
+        where that sample is in the history (not before it, k <= P, P > 0; s: ``seasonal_weights``; each weight of
+        the lead time from the variable's last measurement, ``blend_leads``), then + q[k]
         (x_last - forecast) with x_last each variable's last measured value. A missing sample leaves the forecast
         as it is."""
         P, horizon, L = self.cfg.seasonal_steps, forecast.shape[-2], x_hist.shape[1]
@@ -591,7 +614,8 @@ class KoVAE(nn.Module):
             forecast = forecast + weight * seen * (torch.where(seen, yesterday, 0.0) - forecast)
         last = last_measured(x_hist).unsqueeze(-2)  # (batch, 1, x)
         last = last.unsqueeze(1) if samples else last
-        q = torch.sigmoid(self.persistence_logit)[(k - 1).clamp(max=self.persistence_logit.shape[0] - 1)]
+        q = torch.sigmoid(self.per_lead(self.persistence_logit, self.blend_leads(x_hist, horizon)))
+        q = q.unsqueeze(1) if samples and q.dim() == 3 else q
         seen = ~torch.isnan(last)
         return forecast + q * seen * (torch.where(seen, last, 0.0) - forecast)
 
