@@ -236,9 +236,10 @@ def fit_naive_blends(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[s
     that cuts the error of the other half by ``C_MIN_GAIN`` on both halves; elsewhere q alone is fitted, c kept.
     Each window keeps its own s; validation says how far to trust yesterday against the model. (Refitting q alone
     left c as training learned it, 16 times too high at 15 min: the first steps leaned on yesterday.)
-    Where the two naive forecasts coincide (a day ahead) only the weight towards the last value is fitted:
-    solving for both there once left the learned weights at the last 11 steps, and the 24-h pooled skill of
-    normal operation at 0.09 instead of 0.23.
+    Without the adaptive weight, where the two naive forecasts coincide (a day ahead) only the weight towards the
+    last value is fitted (``blend_weights``): solving for both there once left the learned weights at the last 11
+    steps, and the 24-h pooled skill of normal operation at 0.09 instead of 0.23. (With it, each window's own s
+    keeps the two apart, and the factor of c is fitted there too.)
     """
     w = p.val
     learned = predict(model, p, w, 0, calib)[0]
