@@ -246,6 +246,9 @@ def load_model(version_dir: Path, *, verify: bool = True) -> tuple[KoVAE, dict[s
     n_u = plan.fed + Calendar.from_card(card).size + 2 * n_d
     model = KoVAE(len(card["variables"]["measurements"]) + len(looped), n_u, cfg, plan)
     model.load_state_dict(torch.load(Path(version_dir) / "weights.pt", weights_only=True))
+    pull = card["calibration"].get("gap_pull")  # not in the weights: calibration sets it (KoVAE.gap_pull)
+    if pull is not None:
+        model.gap_pull = torch.tensor(pull, dtype=torch.float32)
     return model.eval(), card
 
 
@@ -325,14 +328,15 @@ def parity(graph: ForecastGraph, onnx_bytes: bytes, history: int, windows: list[
     return worst
 
 
-def plans_parity(graph: ForecastGraph, plans_bytes: bytes, history: int) -> float:
-    """Largest |ORT plans graph - torch| where torch runs the ordinary graph on the history repeated per plan."""
+def plans_parity(graph: ForecastGraph, plans_bytes: bytes, history: int, x_hist: torch.Tensor | None = None) -> float:
+    """Largest |ORT plans graph - torch| where torch runs the ordinary graph on the history repeated per plan
+    (``x_hist``, (1, history, x): that history's measurements, e.g. with a gap)."""
     m = graph.model
     sess = ort.InferenceSession(plans_bytes, providers=["CPUExecutionProvider"])
     H, worst = graph.max_horizon, 0.0
     for i, (n_plans, h, s) in enumerate([(1, H, 2), (5, max(1, H // 3), 0), (9, H, 1)]):
         x, u, uf, noise = _example(n_plans, history, h, s, (m.x_dim, m.u_dim, m.cfg.z_dim), seed=200 + i)
-        x, u = x[:1], u[:1]
+        x, u = (x[:1] if x_hist is None else x_hist), u[:1]
         # Plans alike, as the service sends them: only their values differ (not the flags, calendar, influent).
         shared = [c for c in range(m.u_dim) if c not in m.plan.values]
         uf[:, :, shared] = uf[:1, :, shared]
@@ -457,7 +461,8 @@ def export_version(
         "operator": {
             "form": "z[t+1] = A z[t] + B u[t+1] + c (+ noise_std * eps for samples), normalised units; "
             "forecast x[t+k] = D(z[t+k]) + g^k (x[t] - D(z[t])) with g = calibration.residual_decay per variable, "
-            "then blended with the same time a day earlier and with the last measured value (naive_blend)",
+            "then blended with the same time a day earlier and with the last measured value (naive_blend); "
+            "a sensor down at the history's end is pulled further to its last value (calibration.gap_pull)",
             "naive_blend": naive_blend_summary(model, card),
             "A": graph.At.T.tolist(),
             "B": graph.Bt.T.tolist(),

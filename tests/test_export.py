@@ -327,6 +327,36 @@ def test_a_sensor_down_takes_the_blends_of_a_longer_lead_in_both_graphs(last_see
     assert E.parity(graph, E.to_onnx_bytes(graph, 12, {}), 12, [(x.numpy(), u_hist, u_fut)]) < 1e-4
 
 
+def test_a_down_sensor_is_pulled_to_its_last_value_by_the_weight_of_its_age_in_both_graphs() -> None:
+    """KoVAE.gap_pull (calibration.gap_pull): a variable whose last 3 samples are missing moves towards its last
+    value by the table's weight at row k + 3 (its lead time from that value), on top of the blends; a variable
+    measured at the history's end is left alone, and a model without the table is unchanged. The forecast and
+    plans graphs compute the same."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, seasonal_steps=6)
+    model = KoVAE(2, 2, cfg).eval()
+    with torch.no_grad():
+        model.seasonal_logit.fill_(-1e4)
+        model.persistence_logit.fill_(-1e4)  # no blends: what moves is the pull
+    x = torch.randn(1, 12, 2)
+    x[:, -3:, 0] = float("nan")
+    with torch.no_grad():
+        assert torch.equal(model.seasonal(x, torch.ones(1, 4, 2)), torch.ones(1, 4, 2))
+        model.gap_pull = torch.linspace(0.0, 0.9, 10)[:, None].repeat(1, 2)
+        out = model.seasonal(x, torch.ones(1, 4, 2))
+    g = model.gap_pull[3:7, 0]  # rows k + 3 - 1 for k = 1..4
+    assert torch.allclose(out[0, :, 0], 1 + g * (x[0, -4, 0] - 1), atol=1e-6)
+    assert torch.equal(out[0, :, 1], torch.ones(4))
+    calib = {"spread_scale": [1.0] * 2, "residual_decay": [0.9] * 2}
+    u_hist, u_fut = (
+        np.random.default_rng(i).standard_normal((1, n, 2)).astype(np.float32) for i, n in ((1, 12), (2, 6))
+    )
+    graph = E.ForecastGraph(model, 6, calib)
+    assert E.parity(graph, E.to_onnx_bytes(graph, 12, {}), 12, [(x.numpy(), u_hist, u_fut)]) < 1e-4
+    plans = E.to_onnx_bytes(E.ForecastGraph(model, 6, calib, plans=True), 12, {})
+    assert E.plans_parity(graph, plans, 12, x) < 1e-4
+
+
 def test_a_plan_held_drives_its_loops_at_their_served_forecast() -> None:
     """model.loop_feedback with the naive blends: under the plan held, each step's loop drives the plant at the
     value the served forecast gives the control (the decoder's value, its fading miss and the blends towards

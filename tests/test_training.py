@@ -516,7 +516,8 @@ def test_served_accuracy_with_a_sensor_down_is_what_the_report_states(trained_st
     service runs, with NaN for the missing samples as the service sends them): the served model forecasts
     through the gap as accurately as the report says."""
     from modelcard.runtime import ModelRuntime
-    from training.report import scored_table, with_gap
+    from training.gaps import with_gap
+    from training.report import scored_table
 
     store, version = trained_store
     metrics = json.loads((store / version / "metrics.json").read_text())
@@ -589,6 +590,52 @@ def test_naive_blends_are_refitted_only_where_held_out_validation_says_so(traine
     assert torch.equal(before_s[kept], model.seasonal_logit.data[kept])
     idx = np.array(steps) - 1
     assert np.all(after[idx] <= before[idx] * 1.001)
+
+
+def test_the_gap_pull_comes_back_for_each_lead_time_from_the_last_value() -> None:
+    """Truths that move from the forecast towards a down sensor's last value by a weight that depends on the
+    lead time from that value (0.8 two steps after it, falling by 0.1 a row) give that weight back, per row
+    and variable; a variable that takes no pull gets 0, a missing truth counts for nothing, and the pull cuts
+    the down variables' error."""
+    from training.gaps import DownSensors, pull_table
+
+    rng = np.random.default_rng(0)
+    n, H, nx = 400, 4, 3
+    forecast, last = rng.standard_normal((n, H, nx)), rng.standard_normal((n, H, nx))
+    var, age = rng.integers(0, 2, n), rng.integers(1, 3, n)  # variable 2 is never down
+    rows = age[:, None] + np.arange(H)[None]
+    g = np.where(var[:, None] == 0, 0.9 - 0.1 * rows, 0.0)
+    truth = forecast.copy()
+    i = np.arange(n)
+    truth[i, :, var] += g * (last[i, :, var] - forecast[i, :, var])
+    truth[:20] = np.nan  # not measured: counts for nothing (a NaN let through would spoil every sum)
+    down = DownSensors(forecast, last, truth, var, age)
+    table = pull_table(*down.pull_sums(np.ones(nx), n_rows=6), smooth=1)
+    assert np.allclose(table[1:6, 0], 0.9 - 0.1 * np.arange(1, 6), atol=1e-9)
+    assert np.allclose(table[:, 1:], 0.0)
+    without, with_pull = down.errors(table, np.ones(nx))
+    assert with_pull[0] < 1e-12 < without[0] and without[2] == with_pull[2] == 0.0
+
+
+def test_the_card_carries_the_gap_pull_that_calibration_fitted(trained_store, tiny_cfg) -> None:
+    """calibration.gap_pull is fitted on validation with sensors down and comes back into the rebuilt model
+    (export.onnx_export.load_model, what re-export and these tests read): without it a re-exported graph would
+    lose the pull. Refitting the loaded model gives the same table; a variable takes it only where it cut that
+    variable's error on held-out validation halves."""
+    from export.onnx_export import load_model
+
+    store, version = trained_store
+    model, card = load_model(store / version)
+    stored = card["calibration"]["gap_pull"]
+    fit = card["calibration"]["gap_pull_fit"]
+    p = preparation.prepare(tiny_cfg)
+    assert stored is not None and fit["variables"], "the tiny model takes a pull for some variable"
+    assert torch.allclose(model.gap_pull, torch.tensor(stored))
+    refit = calibration.fit_gap_pull(model, p, {"residual_decay": card["calibration"]["residual_decay"]})
+    assert np.allclose(refit["table"], stored, atol=1e-4)
+    names = p.output_names
+    taken = {names[j] for j in np.flatnonzero(np.abs(np.array(stored)).sum(0))}
+    assert taken <= set(fit["variables"]) and all(fit["held_out_gain"][v] > 0 for v in fit["variables"])
 
 
 def test_interval_width_follows_its_driver_so_every_regime_is_covered_alike() -> None:

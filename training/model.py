@@ -468,6 +468,10 @@ class KoVAE(nn.Module):
         # Blends towards the same time a day earlier and towards the last value, per lead time and variable.
         self.seasonal_logit = nn.Parameter(torch.full((max(cfg.seasonal_steps, 1), x_dim), -3.0))
         self.persistence_logit = nn.Parameter(torch.full((STEPS_PER_DAY, x_dim), -3.0))
+        # A down sensor's pull towards its last value, per lead time from that value and variable: not learned, set
+        # from the card's calibration.gap_pull (training.calibrate.fit_gap_pull; none: no such term).
+        self.gap_pull: torch.Tensor | None
+        self.register_buffer("gap_pull", None, persistent=False)
 
     def decode(
         self, z: torch.Tensor, u: torch.Tensor, *, complete: bool = False, hz: torch.Tensor | None = None
@@ -599,8 +603,9 @@ class KoVAE(nn.Module):
         """The forecast (batch, [samples,] H, x) blended with the two naive forecasts: + s[k] (x[t+k-P] - forecast)
         where that sample is in the history (not before it, k <= P, P > 0; s: ``seasonal_weights``; each weight of
         the lead time from the variable's last measurement, ``blend_leads``), then + q[k]
-        (x_last - forecast) with x_last each variable's last measured value. A missing sample leaves the forecast
-        as it is."""
+        (x_last - forecast) with x_last each variable's last measured value, and for a variable not measured at the
+        history's last step + ``gap_pull`` (of the lead time from its last measurement) (x_last - forecast). A
+        missing sample leaves the forecast as it is."""
         P, horizon, L = self.cfg.seasonal_steps, forecast.shape[-2], x_hist.shape[1]
         k = torch.arange(1, horizon + 1)
         samples = forecast.dim() == 4
@@ -617,7 +622,16 @@ class KoVAE(nn.Module):
         q = torch.sigmoid(self.per_lead(self.persistence_logit, self.blend_leads(x_hist, horizon)))
         q = q.unsqueeze(1) if samples and q.dim() == 3 else q
         seen = ~torch.isnan(last)
-        return forecast + q * seen * (torch.where(seen, last, 0.0) - forecast)
+        last = torch.where(seen, last, 0.0)
+        forecast = forecast + q * seen * (last - forecast)
+        if self.gap_pull is None:
+            return forecast
+        # A variable whose last measurements are missing (a sensor down now) is pulled further towards its last
+        # value, by the weight of the lead time counted from it: the blends above were fitted on whole histories.
+        age = L - 1 - last_seen_step(x_hist)  # (batch, 1, x)
+        pull = self.per_lead(self.gap_pull, k[:, None] + age) * (age > 0)
+        pull = pull.unsqueeze(1) if samples else pull
+        return forecast + pull * seen * (last - forecast)
 
     def decode_looped(self, z: torch.Tensor, u: torch.Tensor, hz: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's outputs for the looped controls alone (x's last columns), (..., n_looped): what

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from training import evaluate as ev
 from training.calibrate import predict
 from training.config import RunConfig
 from training.data import Windows
+from training.gaps import with_gap
 from training.model import KoVAE
 from training.prepare import Prepared
 from training.requests import REQUESTS
@@ -130,21 +130,6 @@ def loop_scores(mean: np.ndarray, p: Prepared, w: Windows) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- reports
-
-
-def with_gap(w: Windows, case: str, sample_minutes: int, n_sensors: int, seed: int = 0) -> Windows:
-    """The windows with one randomly chosen measured variable (of x's first ``n_sensors``) missing in each
-    history: over its last 2 hours ("last_2h", the sensor is down right now) or over a quarter of the history
-    somewhere ("quarter")."""
-    rng = np.random.default_rng(seed)
-    x = w.x_hist.copy()
-    N, L, _ = x.shape
-    nx = n_sensors
-    n = min(L // 2, round(120 / sample_minutes)) if case == "last_2h" else L // 4
-    for i, j in enumerate(rng.integers(0, nx, N)):
-        end = L if case == "last_2h" else int(rng.integers(n, L + 1))
-        x[i, end - n : end, j] = np.nan
-    return replace(w, x_hist=x)
 
 
 def gap_scores(

@@ -1,0 +1,101 @@
+"""Sensor gaps in the history: the cases the report scores, and the pull towards a down sensor's last value that
+calibration fits on validation windows given such gaps (``training.calibrate.fit_gap_pull``).
+
+A sensor down right now is forecast from a value hours old. The naive blends were fitted on whole histories, so
+they trust the model's forecast of it as much as if it had just been measured; validation says by how much more
+its last value should count, per lead time from that value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from training.data import Windows
+
+GAP_DRAWS = 10  # gapped copies of the validation windows the pull is fitted on (546 windows each, the default)
+GAP_SMOOTH = 5  # neighbouring lead times pooled into each weight (about 60 windows per cell before)
+
+
+def with_gap(w: Windows, case: str, sample_minutes: int, n_sensors: int, seed: int = 0) -> Windows:
+    """The windows with one randomly chosen measured variable (of x's first ``n_sensors``) missing in each
+    history: over its last 2 hours ("last_2h", the sensor is down right now) or over a quarter of the history
+    somewhere ("quarter")."""
+    rng = np.random.default_rng(seed)
+    x = w.x_hist.copy()
+    N, L, _ = x.shape
+    nx = n_sensors
+    n = min(L // 2, round(120 / sample_minutes)) if case == "last_2h" else L // 4
+    for i, j in enumerate(rng.integers(0, nx, N)):
+        end = L if case == "last_2h" else int(rng.integers(n, L + 1))
+        x[i, end - n : end, j] = np.nan
+    return replace(w, x_hist=x)
+
+
+def down_sensors(w: Windows, n_sensors: int, seed: int) -> tuple[Windows, np.ndarray, np.ndarray]:
+    """The windows with one randomly chosen measured variable per window down over the last 1 to L/2 steps of
+    its history (a uniform length); returns them, each window's variable and its gap's length."""
+    rng = np.random.default_rng(seed)
+    x = w.x_hist.copy()
+    N, L, _ = x.shape
+    var, age = rng.integers(0, n_sensors, N), rng.integers(1, L // 2 + 1, N)
+    for i in range(N):
+        x[i, L - age[i] :, var[i]] = np.nan
+    return replace(w, x_hist=x), var, age
+
+
+@dataclass(frozen=True)
+class DownSensors:
+    """Forecasts of windows each with one variable down at the history's end: the forecast, the last measured
+    values and the truth (N, H, x), each window's down variable and its gap's length (N,)."""
+
+    forecast: np.ndarray
+    last: np.ndarray
+    truth: np.ndarray
+    var: np.ndarray
+    age: np.ndarray
+
+    def subset(self, rows: np.ndarray) -> DownSensors:
+        return DownSensors(self.forecast[rows], self.last[rows], self.truth[rows], self.var[rows], self.age[rows])
+
+    def regressors(self, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each window's down variable, in units of ``scale`` (x's std), (N, H) each: last - forecast and
+        truth - forecast (0 where either is missing), and the row of the pull's table, lead time + gap - 1."""
+        i, H = np.arange(len(self.var)), self.forecast.shape[1]
+        f = self.forecast[i, :, self.var]
+        X = (self.last[i, :, self.var] - f) / scale[self.var][:, None]
+        T = (self.truth[i, :, self.var] - f) / scale[self.var][:, None]
+        ok = np.isfinite(X) & np.isfinite(T)
+        return np.where(ok, X, 0.0), np.where(ok, T, 0.0), self.age[:, None] + np.arange(H)[None]
+
+    def pull_sums(self, scale: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Least-squares sums of truth - forecast ~ g (last - forecast), per row of the table (``regressors``;
+        past ``n_rows``, its last row) and variable: (n_rows, x) each."""
+        X, T, rows = self.regressors(scale)
+        cols = np.repeat(self.var[:, None], X.shape[1], 1)
+        rows = np.minimum(rows, n_rows - 1)
+        xt, xx = np.zeros((n_rows, self.forecast.shape[2])), np.zeros((n_rows, self.forecast.shape[2]))
+        np.add.at(xt, (rows, cols), X * T)
+        np.add.at(xx, (rows, cols), X * X)
+        return xt, xx
+
+    def errors(self, table: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The down variables' summed squared errors (normalised) without and with the pull ``table``, per
+        variable: (x,) each."""
+        X, T, rows = self.regressors(scale)
+        g = table[np.minimum(rows, len(table) - 1), np.repeat(self.var[:, None], X.shape[1], 1)]
+        nx = self.forecast.shape[2]
+        without = np.bincount(self.var, (T**2).sum(1), minlength=nx)
+        return without, np.bincount(self.var, ((T - g * X) ** 2).sum(1), minlength=nx)
+
+
+def pull_table(xt: np.ndarray, xx: np.ndarray, smooth: int = GAP_SMOOTH) -> np.ndarray:
+    """The weights g in [0, 1] (R, x) from ``pull_sums``, each pooling ``smooth`` neighbouring rows; a cell
+    without data weighs 0."""
+    kernel = np.ones(smooth)
+
+    def pooled(a: np.ndarray) -> np.ndarray:
+        return np.stack([np.convolve(a[:, j], kernel, "same") for j in range(a.shape[1])], 1)
+
+    return np.clip(pooled(xt) / np.maximum(pooled(xx), 1e-12), 0.0, 1.0)
