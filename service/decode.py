@@ -44,7 +44,7 @@ from service.problems import Errors
 from service.request import DecodedRequest, ForecastRequest, PlanIn, SeriesIn
 from service.settings import Settings
 from service.times import future_times, read_times
-from service.warn import flat_warnings, range_warnings
+from service.warn import flat_warnings, range_warnings, stale_warnings
 
 
 def requested_samples(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> int:
@@ -213,6 +213,7 @@ def decode_series(
         + flat_warnings(x, inputs.measurements, f"{where}.measurements", step)
         + flat_warnings(u, inputs.controls, f"{where}.controls", step)
         + flat_warnings(s_hist, inputs.setpoints, f"{where}.setpoints", step)
+        + stale_warnings(x, inputs.measurements, f"{where}.measurements", step)
     )
     decided = decide(s, where, loops, uf, s_hist, s_fut, errors)
     if decided is None:

@@ -57,7 +57,17 @@ class FlatWarning(BaseModel):
     max_flat_minutes: float
 
 
-Warning = Annotated[InputWarning | FlatWarning, Field(discriminator="kind")]
+class StaleWarning(BaseModel):
+    kind: Literal["stale"] = Field(description="missing at the history's end: a sensor down now")
+    field: str
+    variable: str
+    message: str
+    value: float = Field(description="its last measured value, which its forecast starts from")
+    minutes: float = Field(description="from that value to the history's last timestamp")
+    last_index: int = Field(description="history index of that value")
+
+
+Warning = Annotated[InputWarning | FlatWarning | StaleWarning, Field(discriminator="kind")]
 
 
 class Clipped(BaseModel):
@@ -94,7 +104,8 @@ class SeriesOut(BaseModel):
     warnings: list[Warning] = Field(
         default_factory=list,
         description="inputs answered but worth a look: inside the physical bounds but outside the training range "
-        "(kind training_range), or flat for longer than the catalog allows (kind flat: a stuck sensor?)",
+        "(kind training_range), flat for longer than the catalog allows (kind flat: a stuck sensor?), or a "
+        "measurement missing at the history's end (kind stale: a sensor down now)",
     )
     clipped: list[Clipped] = Field(
         default_factory=list, description="forecast values held at a physical bound (e.g. a concentration at 0)"

@@ -1,6 +1,7 @@
 """What an answer warns about in its inputs without refusing them: values outside the training range (the forecast
-is an extrapolation), and a flat line longer than the catalog allows (``max_flat_minutes``: a stuck sensor, as
-the historian import calls it, where the import sets it to missing; here the caller decides)."""
+is an extrapolation), a flat line longer than the catalog allows (``max_flat_minutes``: a stuck sensor, as
+the historian import calls it, where the import sets it to missing; here the caller decides), and a measurement
+missing at the history's end (a sensor down now: its forecast starts from an older value)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,30 @@ def flat_warnings(arr: np.ndarray, role: Inputs, where: str, step_minutes: int) 
                 "first_index": first,
                 "last_index": last,
                 "max_flat_minutes": float(role.max_flat[j]),
+            }
+        )
+    return out
+
+
+def stale_warnings(arr: np.ndarray, role: Inputs, where: str, step_minutes: int) -> list[dict[str, Any]]:
+    """A warning per variable missing at the history's last step(s): how long since its last value, and that
+    value. The model starts it from there and leans on it more the older it is (the card's
+    ``calibration.gap_pull``), and it is the least sure variable of the answer."""
+    out = []
+    seen = np.isfinite(arr)
+    for j in np.flatnonzero(~seen[-1] & seen.any(0)) if arr.size else []:
+        last = int(np.flatnonzero(seen[:, j])[-1])
+        name, value, minutes = role.names[j], float(arr[last, j]), float((len(arr) - 1 - last) * step_minutes)
+        out.append(
+            {
+                "kind": "stale",
+                "field": f"{where}.{name}",
+                "variable": name,
+                "message": f"not measured for the last {minutes:g} minutes (last value {value:g} {role.units[j]} "
+                f"at index {last}): its forecast starts from that value, {minutes:g} minutes older than the others",
+                "value": value,
+                "minutes": minutes,
+                "last_index": last,
             }
         )
     return out

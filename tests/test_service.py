@@ -426,6 +426,11 @@ def test_sensor_gaps_in_the_history_are_forecast_through_up_to_the_cards_limit(s
     out = r.json()["series"][0]
     assert out["gaps"] == {sensor: L // 8, control: 1}
     assert all(np.isfinite(v["mean"]).all() for v in out["forecast"].values())
+    # The sensor down now is named, with its last value and how old it is; the control is not a sensor.
+    (stale,) = [w for w in out["warnings"] if w["kind"] == "stale"]
+    assert stale["variable"] == sensor and stale["field"] == f"series[0].measurements.{sensor}"
+    assert stale["last_index"] == L - L // 8 - 1 and stale["minutes"] == L // 8 * rt.step_minutes
+    assert stale["value"] == s["measurements"][sensor][L - L // 8 - 1]
     # Held controls: the last value before the gap, as if it had been sent for the future.
     explicit = json.loads(json.dumps(body))
     held = s["controls"][control][-2]

@@ -623,6 +623,7 @@ def test_the_card_carries_the_gap_pull_that_calibration_fitted(trained_store, ti
     lose the pull. Refitting the loaded model gives the same table; a variable takes it only where it cut that
     variable's error on held-out validation halves."""
     from export.onnx_export import load_model
+    from training.gaps import fit_gap_pull
 
     store, version = trained_store
     model, card = load_model(store / version)
@@ -631,7 +632,8 @@ def test_the_card_carries_the_gap_pull_that_calibration_fitted(trained_store, ti
     p = preparation.prepare(tiny_cfg)
     assert stored is not None and fit["variables"], "the tiny model takes a pull for some variable"
     assert torch.allclose(model.gap_pull, torch.tensor(stored))
-    refit = calibration.fit_gap_pull(model, p, {"residual_decay": card["calibration"]["residual_decay"]})
+    decay = {"residual_decay": card["calibration"]["residual_decay"]}
+    refit = fit_gap_pull(model, p, lambda w: calibration.predict(model, p, w, 0, decay)[0])
     assert np.allclose(refit["table"], stored, atol=1e-4)
     names = p.output_names
     taken = {names[j] for j in np.flatnonzero(np.abs(np.array(stored)).sum(0))}

@@ -16,7 +16,7 @@ from modelcard.card import last_observed
 from training import evaluate as ev
 from training.config import RunConfig
 from training.data import Windows
-from training.gaps import GAP_DRAWS, DownSensors, down_sensors, pull_table
+from training.gaps import fit_gap_pull
 from training.model import (
     BAND_MARGIN,
     DRIVER_CLIP,
@@ -304,50 +304,6 @@ def fit_naive_blends(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[s
     return steps | ({"c_refitted_steps": [int(k) + 1 for k in np.flatnonzero(with_c)]} if adaptive else {})
 
 
-def fit_gap_pull(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[str, Any]:
-    """The pull towards a down sensor's last value (``KoVAE.gap_pull``), per lead time from that value and
-    variable, fitted on validation windows with one sensor down over its last 1 to L/2 steps (``GAP_DRAWS``
-    copies, ``training.gaps``); writes it into the model (and so into the graph).
-
-    A variable takes it only where it cuts its error when down on windows it was not fitted on: each half of the
-    windows checked with the pull fitted on the other, both halves' errors summed. (Checked per lead time, with
-    30 or so windows a cell in each half, it kept a quarter of the cells and half the gain.) The blends were
-    fitted on whole histories: with one sensor's last 2 h missing, its 15-min forecast's squared error was 2.6
-    times that of all the other variables together.
-    """
-    w, season = p.val, max(model.cfg.seasonal_steps, 1)
-    model.gap_pull = None
-    parts = []
-    for d in range(GAP_DRAWS):
-        gapped, var, age = down_sensors(w, p.n_targets, seed=1000 + d)
-        forecast = predict(model, p, gapped, 0, calib)[0].astype(np.float64)
-        parts.append(DownSensors(forecast, naive_forecasts(gapped, season)[1], w.x_fut, var, age))
-    n_rows = w.x_fut.shape[1] + w.x_hist.shape[1] // 2
-
-    def table(rows: np.ndarray) -> np.ndarray:
-        sums = [d.subset(rows).pull_sums(p.x_std, n_rows) for d in parts]
-        return pull_table(sum(s[0] for s in sums), sum(s[1] for s in sums))
-
-    halves = [np.arange(len(w.x_fut)) % 2 == 0, np.arange(len(w.x_fut)) % 2 == 1]
-    without = with_pull = np.zeros(model.x_dim)
-    for fit_rows, check_rows in (halves, halves[::-1]):  # each half checked with the pull the other fitted
-        g = table(fit_rows)
-        for d in parts:
-            e = d.subset(check_rows).errors(g, p.x_std)
-            without, with_pull = without + e[0], with_pull + e[1]
-    keep = with_pull < without  # 0 < 0 for a column never down (the looped controls): not kept
-    pull = table(np.ones(len(w.x_fut), bool)) * keep
-    if keep.any():
-        model.gap_pull = torch.from_numpy(pull).float()
-    names = p.output_names
-    gain = 1 - with_pull / np.maximum(without, 1e-12)
-    return {
-        "table": np.round(pull, 4).tolist() if keep.any() else None,
-        "variables": [names[j] for j in np.flatnonzero(keep)],
-        "held_out_gain": {names[j]: round(float(gain[j]), 4) for j in range(p.n_targets)},
-    }
-
-
 WIDTH_GAMMAS = tuple(round(0.05 * i, 2) for i in range(21))  # log-width per z-score of the width's driver
 
 
@@ -437,7 +393,7 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
     groups = np.array([f"{p.groups.get(s, 'all')}/{p.policies.get(s, '-')}" for s in w.scenario])
     decay = fit_residual_decay(model, p)
     blends = fit_naive_blends(model, p, {"residual_decay": decay.tolist()})
-    gaps = fit_gap_pull(model, p, {"residual_decay": decay.tolist()})
+    gaps = fit_gap_pull(model, p, lambda w_: predict(model, p, w_, 0, {"residual_decay": decay.tolist()})[0])
     lo, hi = p.output_bounds()
     bounds = {"lo": ((lo - p.x_mean) / p.x_std).tolist(), "hi": ((hi - p.x_mean) / p.x_std).tolist()}
     base = {"residual_decay": decay.tolist(), "band_bounds": bounds}

@@ -469,7 +469,7 @@ class KoVAE(nn.Module):
         self.seasonal_logit = nn.Parameter(torch.full((max(cfg.seasonal_steps, 1), x_dim), -3.0))
         self.persistence_logit = nn.Parameter(torch.full((STEPS_PER_DAY, x_dim), -3.0))
         # A down sensor's pull towards its last value, per lead time from that value and variable: not learned, set
-        # from the card's calibration.gap_pull (training.calibrate.fit_gap_pull; none: no such term).
+        # from the card's calibration.gap_pull (training.gaps.fit_gap_pull; none: no such term).
         self.gap_pull: torch.Tensor | None
         self.register_buffer("gap_pull", None, persistent=False)
 
