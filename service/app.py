@@ -283,6 +283,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 asyncio.get_running_loop().run_in_executor(bulk, release_memory)
         metrics.HORIZON.observe(decoded.horizon)
         metrics.BATCH.observe(len(decoded.x_hist))
+        for facts in decoded.facts:
+            metrics.count_warnings(facts.warnings)
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         lane = inference if decoded.work <= settings.chunk_work else bulk
@@ -340,6 +342,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             waiting["optimize"] -= 1
         answer = encode_advice(rt, req, objective, advice, facts)
+        metrics.count_warnings(facts.warnings)
         metrics.OPTIMIZE_SECONDS.observe(advice.seconds)
         metrics.OPTIMIZE_CALLS.labels(advice.status, str(advice.plan.feasible).lower()).inc()
         metrics.OPTIMIZE_PLANS.observe(advice.plans_evaluated)

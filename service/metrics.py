@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -57,6 +58,20 @@ OPTIMIZE_PLANS = Histogram(
     "kovae_optimize_plans_evaluated", "Plans the search forecast per call", buckets=(50, 100, 200, 400, 800, 1600, 3200)
 )
 CANCELLED = Counter("kovae_forecasts_cancelled_total", "Forecasts stopped because the client went away")
+INPUT_WARNINGS = Counter(
+    "kovae_input_warnings_total",
+    "Warnings answered about a series' inputs, by kind (training_range, flat, stale: a sensor down now) and the "
+    "card's variable name (bounded by the card)",
+    ["kind", "variable"],
+)
+
+
+def count_warnings(warnings: list[dict[str, Any]]) -> None:
+    """One count per warning answered: which sensors are down, stuck or out of range, across all callers."""
+    for w in warnings:
+        INPUT_WARNINGS.labels(w["kind"], w["variable"]).inc()
+
+
 LIVE_FILE = re.compile(r"^gauge_live\w+?_(\d+)\.db$")
 
 

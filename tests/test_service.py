@@ -431,6 +431,8 @@ def test_sensor_gaps_in_the_history_are_forecast_through_up_to_the_cards_limit(s
     assert stale["variable"] == sensor and stale["field"] == f"series[0].measurements.{sensor}"
     assert stale["last_index"] == L - L // 8 - 1 and stale["minutes"] == L // 8 * rt.step_minutes
     assert stale["value"] == s["measurements"][sensor][L - L // 8 - 1]
+    counted = f'kovae_input_warnings_total{{kind="stale",variable="{sensor}"}}'
+    assert _metric(server.client.get("/metrics").text, counted) >= 1  # which sensors are down, for the dashboard
     # Held controls: the last value before the gap, as if it had been sent for the future.
     explicit = json.loads(json.dumps(body))
     held = s["controls"][control][-2]

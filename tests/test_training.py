@@ -609,19 +609,56 @@ def test_the_gap_pull_comes_back_for_each_lead_time_from_the_last_value() -> Non
     i = np.arange(n)
     truth[i, :, var] += g * (last[i, :, var] - forecast[i, :, var])
     truth[:20] = np.nan  # not measured: counts for nothing (a NaN let through would spoil every sum)
-    down = DownSensors(forecast, last, truth, var, age)
+    down = DownSensors(forecast, forecast, last, truth, var, age)
     table = pull_table(*down.pull_sums(np.ones(nx), n_rows=6), smooth=1)
     assert np.allclose(table[1:6, 0], 0.9 - 0.1 * np.arange(1, 6), atol=1e-9)
     assert np.allclose(table[:, 1:], 0.0)
-    without, with_pull = down.errors(table, np.ones(nx))
+    without, with_pull = (e.sum(0) for e in down.errors(table, np.ones(nx)))
     assert with_pull[0] < 1e-12 < without[0] and without[2] == with_pull[2] == 0.0
+
+
+def test_the_gap_pull_fit_reads_what_the_model_serves(trained_store, tiny_cfg) -> None:
+    """What fit_gap_pull regresses on is what the model serves: with a table set, the served forecast of a
+    window with one sensor down is the forecast without it plus g[age + k - 1] (last value - the forecast the
+    naive blends read, under the plan held). Checked on validation windows whose plans move (the plan held
+    differs from the plan) and with gaps that meet an earlier outage of every sensor, 5 to 10 steps before the
+    end (the age counts from before both)."""
+    from export.onnx_export import load_model
+    from modelcard.card import last_observed
+    from training.gaps import DownSensors, down_sensors
+
+    store, version = trained_store
+    model, card = load_model(store / version)
+    p = preparation.prepare(tiny_cfg)
+    faded = {"residual_decay": card["calibration"]["residual_decay"]}
+    w = p.val
+    L, H = w.x_hist.shape[1], w.x_fut.shape[1]
+    x = w.x_hist.copy()
+    x[:, L - 10 : L - 5, : p.n_targets] = np.nan
+    gapped, var, age = down_sensors(replace(w, x_hist=x), p.n_targets, seed=3)
+    assert np.isin(age, np.arange(5, 10)).sum() == 0 and (age == 10).sum() > 1  # gaps of 5-10 steps count 10
+
+    def served(held: bool) -> np.ndarray:
+        return calibration.predict(model, p, gapped, 0, faded, held=held)[0].astype(np.float64)
+
+    model.gap_pull = None
+    without, reads = served(False), served(True)
+    assert np.abs(reads - without).max() > 1e-3  # the plan held is not the plan everywhere
+    g = np.random.default_rng(0).uniform(0.0, 1.0, (H + L, model.x_dim))
+    model.gap_pull = torch.tensor(g, dtype=torch.float32)
+    pulled = served(False)
+    last = np.repeat(last_observed(gapped.x_hist)[:, None], H, 1)
+    X, _, rows = DownSensors(without, reads, last, w.x_fut, var, age).regressors(p.x_std)
+    i = np.arange(len(var))
+    expected = without[i, :, var] + g[rows, var[:, None]] * X * p.x_std[var][:, None]
+    assert np.allclose(pulled[i, :, var], expected, atol=1e-4 * p.x_std[var].max())
 
 
 def test_the_card_carries_the_gap_pull_that_calibration_fitted(trained_store, tiny_cfg) -> None:
     """calibration.gap_pull is fitted on validation with sensors down and comes back into the rebuilt model
     (export.onnx_export.load_model, what re-export and these tests read): without it a re-exported graph would
-    lose the pull. Refitting the loaded model gives the same table; a variable takes it only where it cut that
-    variable's error on held-out validation halves."""
+    lose the pull. Refitting the loaded model gives the same table; a variable takes it only at the lead times
+    where it cut that variable's error on held-out validation halves."""
     from export.onnx_export import load_model
     from training.gaps import fit_gap_pull
 
@@ -633,11 +670,12 @@ def test_the_card_carries_the_gap_pull_that_calibration_fitted(trained_store, ti
     assert stored is not None and fit["variables"], "the tiny model takes a pull for some variable"
     assert torch.allclose(model.gap_pull, torch.tensor(stored))
     decay = {"residual_decay": card["calibration"]["residual_decay"]}
-    refit = fit_gap_pull(model, p, lambda w: calibration.predict(model, p, w, 0, decay)[0])
+    refit = fit_gap_pull(model, p, lambda w, held: calibration.predict(model, p, w, 0, decay, held=held)[0])
     assert np.allclose(refit["table"], stored, atol=1e-4)
     names = p.output_names
     taken = {names[j] for j in np.flatnonzero(np.abs(np.array(stored)).sum(0))}
-    assert taken <= set(fit["variables"]) and all(fit["held_out_gain"][v] > 0 for v in fit["variables"])
+    assert taken <= set(fit["variables"]) and all(fit["kept_hours"][v] > 0 for v in fit["variables"])
+    assert all(h == 0 for v, h in fit["kept_hours"].items() if v not in fit["variables"])
 
 
 def test_interval_width_follows_its_driver_so_every_regime_is_covered_alike() -> None:

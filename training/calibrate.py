@@ -392,8 +392,9 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
     w = p.val
     groups = np.array([f"{p.groups.get(s, 'all')}/{p.policies.get(s, '-')}" for s in w.scenario])
     decay = fit_residual_decay(model, p)
-    blends = fit_naive_blends(model, p, {"residual_decay": decay.tolist()})
-    gaps = fit_gap_pull(model, p, lambda w_: predict(model, p, w_, 0, {"residual_decay": decay.tolist()})[0])
+    faded = {"residual_decay": decay.tolist()}
+    blends = fit_naive_blends(model, p, faded)
+    gaps = fit_gap_pull(model, p, lambda w_, held: predict(model, p, w_, 0, faded, held=held)[0])
     lo, hi = p.output_bounds()
     bounds = {"lo": ((lo - p.x_mean) / p.x_std).tolist(), "hi": ((hi - p.x_mean) / p.x_std).tolist()}
     base = {"residual_decay": decay.tolist(), "band_bounds": bounds}

@@ -414,6 +414,14 @@ def report_markdown(
         ]
         names = {"none": "complete", "last_2h": "last 2 h missing", "quarter": "a quarter missing"}
         lines += [f"| {names[c]} | " + " | ".join(f"{v:.3f}" for v in r.values()) + " |" for c, r in gaps.items()]
+        fit = calib.get("gap_pull_fit")
+        if fit:
+            gains = ", ".join(f"{v} {100 * fit['held_out_gain'][v]:.1f}%" for v in fit["variables"]) or "none"
+            lines += [
+                "",
+                "A down sensor's pull towards its last value (calibration.gap_pull), taken by the variables where it "
+                f"cut their error on held-out validation windows (by): {gains}.",
+            ]
     forecasts = metrics.get("influent_forecast", {})
     if forecasts:
         steps = list(next(iter(forecasts["none"].values()))["pooled_skill_all"])
