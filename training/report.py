@@ -12,7 +12,7 @@ from training import evaluate as ev
 from training.calibrate import predict
 from training.config import RunConfig
 from training.data import Windows
-from training.gaps import with_gap
+from training.gaps import GAP_BLOCK, with_gap
 from training.model import KoVAE
 from training.prepare import Prepared
 from training.requests import REQUESTS
@@ -416,11 +416,12 @@ def report_markdown(
         lines += [f"| {names[c]} | " + " | ".join(f"{v:.3f}" for v in r.values()) + " |" for c, r in gaps.items()]
         fit = calib.get("gap_pull_fit")
         if fit:
-            gains = ", ".join(f"{v} {100 * fit['held_out_gain'][v]:.1f}%" for v in fit["variables"]) or "none"
+            kept = [f"{v} {fit['kept_hours'][v]:g} h, {100 * fit['held_out_gain'][v]:.1f}%" for v in fit["variables"]]
             lines += [
                 "",
-                "A down sensor's pull towards its last value (calibration.gap_pull), taken by the variables where it "
-                f"cut their error on held-out validation windows (by): {gains}.",
+                "A down sensor's pull towards its last value (calibration.gap_pull), kept at the lead times "
+                f"({GAP_BLOCK * step / 60:g}-h blocks, counted from the last value) where it cut that variable's error "
+                f"on held-out validation windows; hours kept and the cut of its error: {'; '.join(kept) or 'none'}.",
             ]
     forecasts = metrics.get("influent_forecast", {})
     if forecasts:
