@@ -365,13 +365,20 @@ def optional_columns(values: np.ndarray) -> np.ndarray:
     return np.concatenate([np.where(known, values, 0.0), known], -1).astype(np.float32)
 
 
+def last_observed_step(x: np.ndarray) -> np.ndarray:
+    """(..., L, n) -> (..., n): the index of each variable's last step that is not missing (NaN), -1 where none
+    is."""
+    seen = ~np.isnan(x)
+    last = x.shape[-2] - 1 - np.argmax(seen[..., ::-1, :], axis=-2)
+    return np.where(seen.any(-2), last, -1)
+
+
 def last_observed(x: np.ndarray) -> np.ndarray:
     """(..., L, n) -> (..., n): each variable's last value that is not missing (NaN) over the L steps, NaN where
     none is. Persistence after a sensor gap, and what holding a control means after one."""
-    seen = ~np.isnan(x)
-    last = x.shape[-2] - 1 - np.argmax(seen[..., ::-1, :], axis=-2)  # index of the last seen step
-    value = np.take_along_axis(x, last[..., None, :], axis=-2)[..., 0, :]
-    return np.where(seen.any(-2), value, np.nan)
+    last = last_observed_step(x)
+    value = np.take_along_axis(x, np.maximum(last, 0)[..., None, :], axis=-2)[..., 0, :]
+    return np.where(last >= 0, value, np.nan)
 
 
 def minutes_since_monday(t: datetime) -> float:

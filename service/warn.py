@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from modelcard.card import last_observed_step
 from service.inputs import Inputs
 
 
@@ -86,9 +87,9 @@ def stale_warnings(arr: np.ndarray, role: Inputs, where: str, step_minutes: int)
     value. The model starts it from there and leans on it more the older it is (the card's
     ``calibration.gap_pull``), and it is the least sure variable of the answer."""
     out = []
-    seen = np.isfinite(arr)
-    for j in np.flatnonzero(~seen[-1] & seen.any(0)) if arr.size else []:
-        last = int(np.flatnonzero(seen[:, j])[-1])
+    steps = last_observed_step(arr) if arr.size else np.zeros(0, int)
+    for j in np.flatnonzero((steps >= 0) & (steps < len(arr) - 1)):
+        last = int(steps[j])
         name, value, minutes = role.names[j], float(arr[last, j]), float((len(arr) - 1 - last) * step_minutes)
         out.append(
             {

@@ -648,9 +648,9 @@ def test_the_gap_pull_fit_reads_what_the_model_serves(trained_store, tiny_cfg) -
     model.gap_pull = torch.tensor(g, dtype=torch.float32)
     pulled = served(False)
     last = np.repeat(last_observed(gapped.x_hist)[:, None], H, 1)
-    X, _, rows = DownSensors(without, reads, last, w.x_fut, var, age).regressors(p.x_std)
+    X, _, cells = DownSensors(without, reads, last, w.x_fut, var, age).regressors(p.x_std, len(g))
     i = np.arange(len(var))
-    expected = without[i, :, var] + g[rows, var[:, None]] * X * p.x_std[var][:, None]
+    expected = without[i, :, var] + g[cells] * X * p.x_std[var][:, None]
     assert np.allclose(pulled[i, :, var], expected, atol=1e-4 * p.x_std[var].max())
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from modelcard.card import last_observed
+from modelcard.card import last_observed, last_observed_step
 from training.data import Windows
 
 if TYPE_CHECKING:  # torch only where the pull is fitted: bench/accuracy.py reads the gaps without it
@@ -44,7 +44,7 @@ def with_gap(w: Windows, case: str, sample_minutes: int, n_sensors: int, seed: i
 def down_sensors(w: Windows, n_sensors: int, seed: int) -> tuple[Windows, np.ndarray, np.ndarray]:
     """The windows with one randomly chosen measured variable per window down over the last 1 to L/2 steps of
     its history (a uniform length); returns them, each window's variable and how many steps before the history's
-    end it was last measured, as the model counts it (``training.model.last_seen_step``: a gap that meets an
+    end it was last measured, as the model counts it (``training.model.steps_since_seen``: a gap that meets an
     earlier one counts from before both; never measured, L - 1)."""
     rng = np.random.default_rng(seed)
     x = w.x_hist.copy()
@@ -52,9 +52,8 @@ def down_sensors(w: Windows, n_sensors: int, seed: int) -> tuple[Windows, np.nda
     var, length = rng.integers(0, n_sensors, N), rng.integers(1, L // 2 + 1, N)
     for i in range(N):
         x[i, L - length[i] :, var[i]] = np.nan
-    seen = np.isfinite(x[np.arange(N), :, var])  # (N, L)
-    age = np.where(seen.any(1), np.argmax(seen[:, ::-1], 1), L - 1)
-    return replace(w, x_hist=x), var, age
+    last = last_observed_step(x[np.arange(N), :, var, None])[:, 0]
+    return replace(w, x_hist=x), var, np.where(last >= 0, L - 1 - last, L - 1)
 
 
 @dataclass(frozen=True)
@@ -74,36 +73,36 @@ class DownSensors:
     def subset(self, rows: np.ndarray) -> DownSensors:
         return DownSensors(*(a[rows] for a in (self.forecast, self.reads, self.last, self.truth, self.var, self.age)))
 
-    def regressors(self, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def regressors(
+        self, scale: np.ndarray, n_rows: int
+    ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
         """For each window's down variable, in units of ``scale`` (x's std), (N, H) each: last - what the pull
-        reads and truth - forecast (0 where either is missing), and the row of the pull's table, lead time + age
-        - 1. The served forecast with the pull is forecast + g (last - reads) (``KoVAE.shift``)."""
+        reads and truth - forecast (0 where either is missing); and the cell of the pull's table each falls in,
+        (row, variable) with row = lead time + age - 1 (past ``n_rows``, the last row). The served forecast with
+        the pull is forecast + g (last - reads) (``KoVAE.shift``)."""
         i, H = np.arange(len(self.var)), self.forecast.shape[1]
         X = (self.last[i, :, self.var] - self.reads[i, :, self.var]) / scale[self.var][:, None]
         T = (self.truth[i, :, self.var] - self.forecast[i, :, self.var]) / scale[self.var][:, None]
         ok = np.isfinite(X) & np.isfinite(T)
-        return np.where(ok, X, 0.0), np.where(ok, T, 0.0), self.age[:, None] + np.arange(H)[None]
+        rows = np.minimum(self.age[:, None] + np.arange(H)[None], n_rows - 1)
+        return np.where(ok, X, 0.0), np.where(ok, T, 0.0), (rows, np.repeat(self.var[:, None], H, 1))
 
     def pull_sums(self, scale: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """Least-squares sums of truth - forecast ~ g (last - reads), per row of the table (``regressors``; past
-        ``n_rows``, its last row) and variable: (n_rows, x) each."""
-        X, T, rows = self.regressors(scale)
-        cols = np.repeat(self.var[:, None], X.shape[1], 1)
-        rows = np.minimum(rows, n_rows - 1)
+        """Least-squares sums of truth - forecast ~ g (last - reads), per cell of the table (``regressors``):
+        (n_rows, x) each."""
+        X, T, cells = self.regressors(scale, n_rows)
         xt, xx = np.zeros((n_rows, self.forecast.shape[2])), np.zeros((n_rows, self.forecast.shape[2]))
-        np.add.at(xt, (rows, cols), X * T)
-        np.add.at(xx, (rows, cols), X * X)
+        np.add.at(xt, cells, X * T)
+        np.add.at(xx, cells, X * X)
         return xt, xx
 
     def errors(self, table: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The down variables' summed squared errors (normalised) without and with the pull ``table``, per row of
-        the table and variable: (rows, x) each."""
-        X, T, rows = self.regressors(scale)
-        rows = np.minimum(rows, len(table) - 1)
-        cols = np.repeat(self.var[:, None], X.shape[1], 1)
+        """The down variables' summed squared errors (normalised) without and with the pull ``table``, per cell
+        of the table: (rows, x) each."""
+        X, T, cells = self.regressors(scale, len(table))
         without, with_pull = np.zeros(table.shape), np.zeros(table.shape)
-        np.add.at(without, (rows, cols), T**2)
-        np.add.at(with_pull, (rows, cols), (T - table[rows, cols] * X) ** 2)
+        np.add.at(without, cells, T**2)
+        np.add.at(with_pull, cells, (T - table[cells] * X) ** 2)
         return without, with_pull
 
 

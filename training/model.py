@@ -193,6 +193,12 @@ def last_seen_step(x_hist: torch.Tensor) -> torch.Tensor:
     return (seen.to(x_hist.dtype) * steps).argmax(1, keepdim=True)
 
 
+def steps_since_seen(x_hist: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, x): how many steps before the history's end each variable was last measured (0: at its last
+    step; never: as old as the history, L - 1)."""
+    return x_hist.shape[1] - 1 - last_seen_step(x_hist)
+
+
 def last_measured(x_hist: torch.Tensor) -> torch.Tensor:
     """(batch, x): each variable's last value in the history that is not missing (NaN where none is)."""
     value = torch.gather(x_hist, 1, last_seen_step(x_hist)).squeeze(1)
@@ -588,7 +594,7 @@ class KoVAE(nn.Module):
         k = torch.arange(1, horizon + 1)[:, None]
         if not self.cfg.blend_last_seen:
             return k
-        return k + (x_hist.shape[1] - 1 - last_seen_step(x_hist))  # never measured: as old as the history
+        return k + steps_since_seen(x_hist)
 
     @staticmethod
     def per_lead(table: torch.Tensor, leads: torch.Tensor) -> torch.Tensor:
@@ -628,7 +634,7 @@ class KoVAE(nn.Module):
             return forecast
         # A variable whose last measurements are missing (a sensor down now) is pulled further towards its last
         # value, by the weight of the lead time counted from it: the blends above were fitted on whole histories.
-        age = L - 1 - last_seen_step(x_hist)  # (batch, 1, x)
+        age = steps_since_seen(x_hist)  # (batch, 1, x)
         pull = self.per_lead(self.gap_pull, k[:, None] + age) * (age > 0)
         pull = pull.unsqueeze(1) if samples else pull
         return forecast + pull * seen * (last - forecast)
