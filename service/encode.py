@@ -32,24 +32,26 @@ class VariableForecast(BaseModel):
     quantiles: dict[str, list[float]] = Field(default_factory=dict)
 
 
-class InputWarning(BaseModel):
-    kind: Literal["training_range"] = Field(description="inside the physical bounds, outside the training range")
+class WarningBase(BaseModel):
+    """What every warning names (the Prometheus count of warnings reads kind and variable)."""
+
     field: str
     variable: str
     message: str
+
+
+class InputWarning(WarningBase):
+    kind: Literal["training_range"] = Field(description="inside the physical bounds, outside the training range")
     training_min: float
     training_max: float
     value: float = Field(description="the value furthest outside the training range")
     beyond: float = Field(description="how far outside, as a fraction of the training range's width")
 
 
-class FlatWarning(BaseModel):
+class FlatWarning(WarningBase):
     kind: Literal["flat"] = Field(
         description="identical values for longer than the variable's max_flat_minutes (GET /model): a stuck sensor?"
     )
-    field: str
-    variable: str
-    message: str
     value: float = Field(description="the value repeated")
     minutes: float = Field(description="from the run's first sample to its last (the longest such run)")
     first_index: int = Field(description="history index of the run's first sample")
@@ -57,11 +59,8 @@ class FlatWarning(BaseModel):
     max_flat_minutes: float
 
 
-class StaleWarning(BaseModel):
+class StaleWarning(WarningBase):
     kind: Literal["stale"] = Field(description="missing at the history's end: a sensor down now")
-    field: str
-    variable: str
-    message: str
     value: float = Field(description="its last measured value, which its forecast starts from")
     minutes: float = Field(description="from that value to the history's last timestamp")
     last_index: int = Field(description="history index of that value")
