@@ -123,6 +123,11 @@ def check_series_sizes(
     if not hist_min <= L <= hist_max:
         errors.add(f"{where}.timestamps", f"{L} steps; the model takes {hist_min}..{hist_max}")
         return
+    lengths = {len(v) for v in (*s.measurements.values(), *s.controls.values())}
+    if len(lengths) == 1 and L not in lengths:  # the arrays agree: the timestamps are at fault, not 21 arrays
+        n = lengths.pop()
+        errors.add(f"{where}.timestamps", f"{L} timestamps, but every history array has {n} values: one per sample")
+        return
     check_names(s.measurements, inputs.measurements, f"{where}.measurements", L, errors)
     check_names(s.controls, inputs.controls, f"{where}.controls", L, errors)
     if sum((s.hold_controls, s.future_controls is not None, s.plans is not None)) > 1:
@@ -281,8 +286,14 @@ def publish_limits(schemas: dict[str, Any], rt: ModelRuntime | None, settings: S
     series["timestamps"].update(minItems=lo, maxItems=hi)
 
     def named(
-        role: Inputs, limits: tuple[Any, Any], min_items: int, max_items: int, optional: tuple[str, ...] = ()
+        role: Inputs,
+        limits: tuple[Any, Any],
+        min_items: int,
+        max_items: int,
+        optional: tuple[str, ...] = (),
+        gaps: bool = False,
     ) -> dict[str, Any]:
+        """Each input's array within its physical bounds; ``gaps``: null marks a missing sample (a history)."""
         props = {}
         for name, low, high in zip(role.names, *limits, strict=True):
             item: dict[str, Any] = {"type": "number"}
@@ -290,12 +301,13 @@ def publish_limits(schemas: dict[str, Any], rt: ModelRuntime | None, settings: S
                 item["minimum"] = float(low)
             if np.isfinite(high):
                 item["maximum"] = float(high)
-            props[name] = {"type": "array", "items": item, "minItems": min_items, "maxItems": max_items}
+            items = {"anyOf": [item, {"type": "null"}]} if gaps else item
+            props[name] = {"type": "array", "items": items, "minItems": min_items, "maxItems": max_items}
         required = [n for n in role.names if n not in optional]
         return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
 
     inputs = ModelInputs.of(rt)
-    series["measurements"] = named(inputs.measurements, rt.x_bounds, lo, hi)
-    series["controls"] = named(inputs.controls, rt.u_bounds, lo, hi)
+    series["measurements"] = named(inputs.measurements, rt.x_bounds, lo, hi, gaps=True)
+    series["controls"] = named(inputs.controls, rt.u_bounds, lo, hi, gaps=True)
     looped = tuple(loop.control for loop in model_loops(rt))  # may be left to their loops
     series["future_controls"]["anyOf"][0] = named(inputs.controls, rt.u_bounds, 1, rt.max_horizon, looped)

@@ -10,6 +10,7 @@ history says where they are now (the plan is compared with holding them).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from modelcard.objective import DEFAULT_PRICE, Objective, card_names, objective_
 from modelcard.runtime import ModelRuntime
 from optimizer.search import Advice, Outcome, Search, Situation
 from service.decode import decode
-from service.encode import SeriesFacts, encode_forecasts, quantile_key
+from service.encode import SeriesFacts, Warning, encode_forecasts, quantile_key
 from service.parse import SCAN_FROM, refuse_duplicate_keys, size_limits, validate
 from service.problems import Errors, ProblemError
 from service.request import FAIL_FAST, STRICT, ForecastRequest, SeriesIn
@@ -164,7 +165,13 @@ def situation_of(
         filled = {**s.future_controls, **{n: [v] * req.horizon for n, v in last.items()}}
         series = s.model_copy(update={"future_controls": filled})
     forecast = ForecastRequest(series=[series], horizon=req.horizon, quantiles=[], seed=req.seed)
-    d = decode(forecast, rt, settings)
+    try:
+        d = decode(forecast, rt, settings)
+    except ProblemError as exc:  # /forecast's rules, answered in /optimize's own terms
+        if exc.status != 422:
+            raise
+        listed = [{"field": optimize_field(e["field"]), "message": optimize_field(e["message"])} for e in exc.errors]
+        raise ProblemError(422, "Invalid optimize request", listed, count=exc.count) from None
     u_fut = d.u_fut[0]
     decided = {loop["control"] for loop in rt.loops if loop["setpoint"] in objective.setpoints}
     for name in sorted(decided):
@@ -177,7 +184,15 @@ def situation_of(
     errors.raise_if_any("Invalid optimize request")
     s_fut = d.s_fut[0] if d.s_fut[0].size else None
     situation = Situation(d.x_hist[0], d.u_hist[0], d.s_hist[0], d.last_minute[0], d.d_fut[0], u_fut, s_fut)
-    return situation, d.facts[0]
+    facts = d.facts[0]
+    warnings = [{**w, "field": optimize_field(w["field"])} for w in facts.warnings]
+    return situation, replace(facts, warnings=warnings)
+
+
+def optimize_field(text: str) -> str:
+    """A field path (or a message naming one) of /forecast's decoding in /optimize's terms: its one series is
+    ``series``, not ``series[0]``."""
+    return text.replace("series[0]", "series")
 
 
 def search_settings(rt: ModelRuntime, seed: int | None) -> Search:
@@ -217,6 +232,14 @@ class OptimizeResponse(BaseModel):
     energy: dict[str, Any] = Field(description="kWh over the horizon of the plan and of holding, and the saving")
     limits: list[LimitOut]
     solver: dict[str, Any]
+    warnings: list[Warning] = Field(
+        default_factory=list,
+        description="the history's inputs worth a look, as /forecast names them (training_range, flat, stale): "
+        "advice built on an extrapolated or stale input says so",
+    )
+    gaps: dict[str, int] = Field(
+        default_factory=dict, description="history inputs that had missing samples (null), with how many"
+    )
 
 
 def energy_out(o: Outcome, price: float | None) -> dict[str, float | None]:
@@ -293,6 +316,8 @@ def encode_advice(
             "samples": search_settings(rt, req.seed).samples,
             "seconds": advice.seconds,
         },
+        "warnings": facts.warnings,
+        "gaps": facts.gaps,
     }
     energy = answer["energy"]
     parts = (energy, energy["plan"], energy["current"], *limits)

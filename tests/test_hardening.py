@@ -365,6 +365,13 @@ def test_the_published_schema_states_the_model_limits(server, rt) -> None:
     assert (ts["minItems"], ts["maxItems"]) == (rt.card["history"]["min"], rt.card["history"]["max"])
     assert schemas["ForecastRequest"]["properties"]["horizon"]["maximum"] == rt.max_horizon
     assert schemas["SeriesIn"]["properties"]["measurements"]["required"] == rt.measurements
+    # A history may hold gaps (null), within each input's physical bounds; the future controls may not.
+    so5 = schemas["SeriesIn"]["properties"]["measurements"]["properties"]["SO_5"]["items"]["anyOf"]
+    assert so5 == [{"type": "number", "minimum": 0.0, "maximum": 20.0}, {"type": "null"}]
+    kla5 = schemas["SeriesIn"]["properties"]["controls"]["properties"]["KLa_5"]["items"]["anyOf"]
+    assert {"type": "null"} in kla5
+    plan = schemas["SeriesIn"]["properties"]["future_controls"]["anyOf"][0]["properties"]["KLa_5"]["items"]
+    assert plan["type"] == "number"
     assert spec["components"]["securitySchemes"]["ApiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
     assert spec["paths"]["/forecast"]["post"]["security"] == [{"ApiKey": []}]
 

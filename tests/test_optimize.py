@@ -338,6 +338,34 @@ def test_a_bad_optimize_request_is_refused_naming_the_field(server, rt, tiny_dat
     assert field in problem_fields(r)
 
 
+def test_the_series_rules_of_forecast_are_answered_in_optimizes_own_terms(server, rt, tiny_data) -> None:
+    """A value /forecast's decoding refuses is named as /optimize's one series has it, never as series[0]."""
+    body = optimize_body(rt, tiny_data)
+    body["series"]["measurements"]["SO_5"][3] = -1.0
+    r = server.client.post("/optimize", json=body)
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert problem["title"] == "Invalid optimize request"
+    assert problem_fields(r) == ["series.measurements.SO_5[3]"] and "series[0]" not in problem["detail"]
+
+
+def test_optimize_answers_the_warnings_and_gaps_of_its_history(server, rt, tiny_data) -> None:
+    """Advice built on a sensor down now, or on an input outside the training range, says so in its answer."""
+    body = optimize_body(rt, tiny_data)
+    series = body["series"]
+    series["measurements"]["SO_5"][-8:] = [None] * 8
+    j = rt.measurements.index("SNH_in")
+    lo, hi = rt.x_range[0][j], rt.x_range[1][j]
+    series["measurements"]["SNH_in"][-1] = float(hi + 0.5 * (hi - lo))  # inside the physical [0, 500]
+    r = server.client.post("/optimize", json=body)
+    assert r.status_code == 200, r.text
+    a = r.json()
+    kinds = {(w["kind"], w["variable"], w["field"]) for w in a["warnings"]}
+    assert ("stale", "SO_5", "series.measurements.SO_5") in kinds
+    assert ("training_range", "SNH_in", "series.measurements.SNH_in") in kinds
+    assert a["gaps"] == {"SO_5": 8}
+
+
 def test_a_model_without_an_objective_answers_409(serve, store_copy, rt, tiny_data) -> None:
     store, version = store_copy
     folder = Path(store) / version

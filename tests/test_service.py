@@ -152,6 +152,17 @@ def test_bad_requests_get_a_problem_naming_the_field(server, rt, mutate, status,
     assert field in problem_fields(r)
 
 
+def test_timestamps_of_the_wrong_length_are_named_rather_than_every_array(server, rt) -> None:
+    """One timestamp short: the fault is the timestamps', not each of the arrays that agree with one another."""
+    body = make_body(rt)
+    body["series"][0]["timestamps"].pop()
+    assert rt.card["history"]["min"] <= len(body["series"][0]["timestamps"])
+    r = server.client.post("/forecast", json=body)
+    assert r.status_code == 422, r.text
+    assert problem_fields(r) == ["series[0].timestamps"]
+    assert f"has {rt.card['history']['length']} values" in r.json()["detail"]
+
+
 def test_non_finite_values_malformed_json_and_huge_bodies(server, rt) -> None:
     body = make_body(rt)
     text = json.dumps(body).replace(str(body["series"][0]["measurements"]["SO_3"][2]), "NaN", 1)
