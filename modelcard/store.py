@@ -73,9 +73,36 @@ def list_versions(store: Path) -> list[str]:
 
 def set_current(store: Path, version: str) -> None:
     """Point CURRENT at a version after checking its name, its card (checksum and servable numbers) and its ONNX
-    checksum: what the service would refuse is not promoted."""
-    check_card(read_card(version_dir(store, version), verify=True, sealed=True), version)
+    checksum, and that it is a model of the served one's plant: what the service would refuse is not promoted."""
+    card = read_card(version_dir(store, version), verify=True, sealed=True)
+    check_card(card, version)
+    check_same_plant(store, card)
     atomic_write(Path(store) / POINTER, (version + "\n").encode())
+
+
+def plant_of(card: dict) -> str:
+    """The name of the catalog whose plant a card's model forecasts."""
+    catalog = card.get("catalog")
+    return str(catalog.get("name", "")) if isinstance(catalog, dict) else ""
+
+
+def check_same_plant(store: Path, card: dict) -> None:
+    """A store serves one plant: a version of another catalog than the served version's is refused, so that a
+    wrong ``--store`` cannot put a plant's model where another plant's callers are served. Each catalog's models
+    live in a store of their own (``models/<catalog name>``; BSM1's in ``models``). A served card that cannot be
+    read does not block (a rollback away from it must stay possible)."""
+    try:
+        served_version = current_version(store)
+        served = None if served_version is None else read_card(version_dir(store, served_version), verify=False)
+    except CardError:
+        return
+    if served is None or plant_of(served) == plant_of(card):
+        return
+    raise CardError(
+        f"{store} serves {served_version}, a model of catalog {plant_of(served)!r}; version {card.get('version')} "
+        f"is one of catalog {plant_of(card)!r}: each catalog's models belong in a store of their own "
+        f"(models/{plant_of(card)}, where python -m training.run puts them)"
+    )
 
 
 def remove_stale(store: Path, older_than_s: float = 3600.0) -> list[str]:
@@ -104,9 +131,12 @@ def remove_stale(store: Path, older_than_s: float = 3600.0) -> list[str]:
 
 def add_version(store: Path, source: Path) -> str:
     """Copy a complete version folder (card and verified ONNX) into the store under its card's name, through a
-    staging folder that is fsync'd and then renamed: the version appears whole or not at all. Never overwrites."""
+    staging folder that is fsync'd and then renamed: the version appears whole or not at all. Never overwrites,
+    and never adds another plant's model (``check_same_plant``)."""
     source = Path(source)
-    version = check_version_name(check_card_names_folder(source, read_card(source, verify=True)))
+    card = read_card(source, verify=True)
+    version = check_version_name(check_card_names_folder(source, card))
+    check_same_plant(store, card)
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     target = version_dir(store, version)

@@ -90,12 +90,17 @@ class Table:
 def read_table(path: Path, catalog: Catalog) -> Table:
     """Read a wide CSV or Parquet export in one pass; every problem of the file is reported at once."""
     header, records, first_row = read_records(path)
+    if not header:
+        raise ImportRefused(f"{path}: the file is empty (no header row)")
     time_col = catalog.timestamp_column
     absent = [v.source_column for v in catalog.variables if v.source_column not in header]
     if time_col not in header or absent:
         why = [f"no {time_col!r} column (the catalog's timestamp_column)"] if time_col not in header else []
         why += [f"the catalog's column(s) {', '.join(absent)} are not in the file"] if absent else []
-        raise ImportRefused(f"{path}: {'; '.join(why)} (columns: {', '.join(header)})")
+        hint = ""
+        if len(header) == 1 and ";" in header[0]:
+            hint = "; the header holds ';': write the export comma-separated, with '.' as the decimal mark"
+        raise ImportRefused(f"{path}: {'; '.join(why)} (columns: {', '.join(header)}){hint}")
     problems = Problems(path)
     rows = np.arange(first_row, first_row + len(records))
     keep = [i for i, rec in enumerate(records) if len(rec) > 0]  # a blank line (the file's last) is no record
@@ -350,8 +355,17 @@ def read_values(
                     "value, list it in the catalog's missing_codes)",
                 )
                 continue
-            if not math.isfinite(value):
+            if math.isnan(value):
                 continue  # NaN in a Parquet float column: missing
+            if math.isinf(value):  # no sensor reads infinity: a historian's overflow, never a value
+                problems.add(
+                    f"values that do not parse in column {v.source_column}",
+                    rows[i],
+                    c,
+                    f"column {v.source_column}: {cell!r} is not a finite number (if the historian writes it for a "
+                    "missing value, list it in the catalog's missing_codes)",
+                )
+                continue
             if value not in numbers:
                 out[i] = value
                 continue

@@ -17,7 +17,7 @@ import pytest
 
 from modelcard.card import CardError, read_card, seal_card, write_card
 from modelcard.runtime import ModelRuntime
-from modelcard.store import POINTER, set_current
+from modelcard.store import POINTER, add_version, current_version, set_current
 from modelcard.validate import card_problems
 from service.registry import ReloadError, warm_up
 from tests.conftest import clone_version, wait_for
@@ -117,6 +117,29 @@ def test_an_unsealed_card_is_not_served_or_promoted_until_sealed(store_copy) -> 
     seal_card(store / name)
     set_current(store, name)
     assert ModelRuntime(store / name).version == name
+
+
+def test_a_store_serves_one_plant_and_a_broken_served_card_does_not_block_a_rollback(store_copy, tmp_path) -> None:
+    """Another catalog's version is neither added to a store nor promoted in it (a wrong --store put the example
+    plant's model where BSM1's callers are served); with the served card unreadable, a rollback still goes."""
+    store, version = store_copy
+    other = tmp_path / "v-other"
+    clone_version(store, version, "v-other")
+    (store / "v-other").rename(other)
+    card = read_card(other, verify=False)
+    card["catalog"]["name"] = "example-plant"
+    write_card(other, card)
+    with pytest.raises(CardError, match=r"serves v1, a model of catalog 'bsm1'.*one of catalog 'example-plant'"):
+        add_version(store, other)
+    assert not (store / "v-other").exists()
+    other.rename(store / "v-other")  # copied in by hand: still not served
+    with pytest.raises(CardError, match="each catalog's models belong in a store of their own"):
+        set_current(store, "v-other")
+    assert current_version(store) == version
+    clone_version(store, version, "v-back")
+    (store / version / "card.json").write_text("{")  # the served card broken
+    set_current(store, "v-back")
+    assert current_version(store) == "v-back"
 
 
 def test_readyz_clears_a_refusal_once_current_names_the_served_version(serve, store_copy) -> None:

@@ -191,6 +191,8 @@ def test_resampling_averages_each_interval_and_bridges_only_short_gaps(tmp_path:
     [
         ([("2026-05-04T00:00:00+00:00", "1000", "abc", "100")], r"row 2 column DO \[mg/l\]: cannot parse 'abc'"),
         ([("2026-05-04T00:00:00+00:00", "1000", "25", "100")], r"row 2 column DO \[mg/l\]: 25 is outside oxygen"),
+        ([("2026-05-04T00:00:00+00:00", "inf", "2", "100")], r"row 2 column flow: 'inf' is not a finite number"),
+        ([("2026-05-04T00:00:00+00:00", "1000", "2", "-Infinity")], r"row 2 column .*: '-Infinity' is not a finite"),
         ([("2026-05-04T00:00:00+00:00", "-3", "2", "100")], r"row 2 column flow: -3 is outside"),
         ([("yesterday", "1000", "2", "100")], r"row 2 column timestamp: cannot parse timestamp 'yesterday'"),
         (
@@ -333,6 +335,17 @@ def test_missing_column_is_refused(tmp_path: Path, small) -> None:
     path.write_text("timestamp,flow,air\n2026-05-04T00:00:00+00:00,1,2\n")
     with pytest.raises(hist.ImportRefused, match=r"short\.csv: the catalog's column\(s\) DO \[mg/l\] are not"):
         hist.read_table(path, small)
+
+
+def test_an_empty_file_and_a_semicolon_export_are_named_as_such(tmp_path: Path, small) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(hist.ImportRefused, match=r"empty\.csv: the file is empty \(no header row\)"):
+        hist.read_table(empty, small)
+    german = tmp_path / "german.csv"
+    german.write_text("timestamp;flow;DO [mg/l];air\n2026-05-04T00:00:00+00:00;1000;2,5;100\n")
+    with pytest.raises(hist.ImportRefused, match=r"german\.csv: no 'timestamp' column .*the header holds ';'"):
+        hist.read_table(german, small)
 
 
 def test_dst_in_both_directions(tmp_path: Path, small) -> None:
@@ -494,6 +507,10 @@ def test_the_example_plants_export_imports_in_one_run_and_reports_every_repair(
     cfg = load_config("default", overrides=["data.source=historian", f"data.cache_dir={out}"])
     with pytest.raises(ConfigError, match=r"imported for history \+ horizon = 36 samples, this run's are 128 \+ 96"):
         load_data(cfg)
+    with pytest.raises(ConfigError) as refused:
+        load_data(cfg)
+    again = f"python -m training.data import plant.csv --catalog CATALOG.toml --out {out} --history 128 --horizon 96"
+    assert str(refused.value).endswith(again)
 
 
 @pytest.mark.slow
@@ -504,6 +521,7 @@ def test_a_new_plants_first_model_is_served_by_the_readme_flow(
     model with the README's commands and no --force: its models live in models/<catalog name>, its next version
     is compared with its first, and a run told to use BSM1's store says why it is not comparable."""
     from training.data import main as data_main
+    from training.promote import main as promote_main
     from training.run import main as run_main
 
     shutil.copytree(trained_store[0], tmp_path / "models")
@@ -523,12 +541,18 @@ def test_a_new_plants_first_model_is_served_by_the_readme_flow(
     assert run_main([*train, "--run-dir", "runs/p2", "--no-promote"]) == 0
     gate = json.loads((store / "p2" / "gate.json").read_text())
     assert gate["served_version"] == "p1" and "on the same held-out windows" in gate["why"]
-    assert run_main([*train, "--run-dir", "runs/p3", "--store", "models"]) == 0
-    assert (
-        "not comparable with the served model: served version v1 is a model of catalog 'bsm1', this run's is "
-        "'example-plant': each catalog's models belong in a store of their own"
-    ) in capsys.readouterr().err
+    # BSM1's store named by mistake: not stored there, not even with --force, nor by the promote CLI.
+    for force in ([], ["--force"]):
+        assert run_main([*train, "--run-dir", "runs/p3", "--store", "models", *force]) == 2
+        err = capsys.readouterr().err
+        assert "not stored: models serves v1, a model of catalog 'bsm1'; version p3 is one of catalog" in err
+        assert "python -m training.promote --store models/example-plant --add runs/p3/export/p3 --promote" in err
+        assert not (tmp_path / "models" / "p3").exists()
+    assert promote_main(["--store", "models", "--add", "runs/p3/export/p3", "--promote"]) == 2
+    assert "each catalog's models belong in a store of their own" in capsys.readouterr().err
     assert not (tmp_path / "models" / "p3").exists()
+    assert (tmp_path / "models" / "CURRENT").read_text() == bsm1_current
+    assert promote_main(["--store", "models/example-plant", "--add", "runs/p3/export/p3"]) == 0
 
     card = json.loads((store / "p1" / "card.json").read_text())
     measurements = {v["name"]: v for v in card["variables"]["measurements"]}

@@ -135,10 +135,15 @@ def check_blocks_apart(manifest: dict, cfg: RunConfig, folder: str) -> None:
     score on what it trained on: refused, with the command that fits."""
     need, gap = cfg.train.history + cfg.train.horizon, int(manifest.get("gap_between_splits", 0))
     if need > gap:
+        source = manifest.get("imported_from", "EXPORT.csv")
+        catalog = cfg.data.catalog or "CATALOG.toml"
+        again = (
+            f"python -m training.data import {source} --catalog {catalog} --out {folder} "
+            f"--history {cfg.train.history} --horizon {cfg.train.horizon}"
+        )
         raise ConfigError(
             f"{folder} was imported for history + horizon = {gap} samples, this run's are {cfg.train.history} + "
-            f"{cfg.train.horizon}: import it again with this run's preset (python -m training.data import ... "
-            "--preset P, or --history/--horizon)"
+            f"{cfg.train.horizon}: import it again for this run's windows: {again}"
         )
 
 
@@ -231,7 +236,9 @@ def export_table_main(argv: list[str]) -> int:
     parser.add_argument("out", help="the CSV file to write")
     parser.add_argument("--preset", default="tiny", help="the data preset whose scenarios are exported")
     parser.add_argument(
-        "--scenarios", nargs="*", help="scenario ids in time order (default: every BSM2 window, consecutive in time)"
+        "--scenarios",
+        nargs="*",
+        help="scenario ids in time order (default: each BSM2 window once, under its first policy, in time order)",
     )
     parser.add_argument(
         "--plant",
@@ -244,7 +251,11 @@ def export_table_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.preset).data
     data = generate(cfg)
-    ids = args.scenarios or [i for i in data if i.startswith("bsm2-")]
+    windows: dict[str, str] = {}  # each BSM2 window once: the same influent twice would replay it in the export
+    for i in data:
+        if i.startswith("bsm2-"):
+            windows.setdefault(i.partition("@")[0], i)
+    ids = args.scenarios or list(windows.values())
     unknown = [i for i in ids if i not in data]
     if unknown:
         print(f"error: unknown scenario(s) {unknown}; the preset has {list(data)}", file=sys.stderr)

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelcard.card import CARD_VERSION, CardError, atomic_write, last_observed
+from modelcard.card import CARD_VERSION, CardError, atomic_write, last_observed, read_card
 from modelcard.objective import Objective, trained_ranges
 from modelcard.runtime import ModelRuntime
-from modelcard.store import GATE_FILE, add_version, current_version, set_current, version_dir
+from modelcard.store import GATE_FILE, add_version, check_same_plant, current_version, set_current, version_dir
 from plant.catalog import Catalog, loop_dict
 from training import evaluate as ev
 from training.config import RunConfig
@@ -227,6 +227,15 @@ def promote_if_better(
         "rule": GATE_RULE,
     }
     atomic_write(candidate / GATE_FILE, json.dumps(gate, indent=1).encode())
+    try:
+        check_same_plant(store, read_card(candidate, verify=False))
+    except CardError as exc:  # the wrong store: neither --force nor --no-promote puts the model there
+        print(
+            f"not stored: {exc}. The version is in {candidate}: `python -m training.promote --store "
+            f"models/{p.catalog.name} --add {candidate} --promote` serves it from its own store",
+            file=sys.stderr,
+        )
+        return 2
     if never or passed or force:
         add_version(store, candidate)
         shutil.rmtree(candidate)

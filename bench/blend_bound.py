@@ -1,0 +1,108 @@
+"""How far can reweighting take the served model? An upper bound per held-out cell: a diagnostic.
+
+``python bench/blend_bound.py [--store models] [--version V] [section.field=value ...]``
+
+The served forecast is the model's own, blended with the last measured value and the same time yesterday
+(``training.model.KoVAE.seasonal``) by weights calibration fitted on validation windows. Here the blend is fitted
+again for each regime x policy cell, variable and lead time, by least squares on that held-out cell's own windows
+(truth ~ last + a (model - last) + b (yesterday - last)). The answers are in the fit, so this is an oracle, never a
+product figure. Where even it falls short of a target, no weighting of these three forecasts gets there: the
+model's own forecast has to get better. Where it meets one the served model misses, the blend's weights are what
+to look at.
+
+Prints per cell the pooled skill (all variables; ``training.report.scored_table``, the product's metric) at 15 min,
+5 h and 24 h of the served forecast (the honest request), the model alone (blends off) and the oracle blend.
+Needs torch (the model alone is not in the served graph): the ``train`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
+
+from export.onnx_export import load_model
+from modelcard.card import read_card
+from modelcard.store import current_version
+from training.calibrate import blends_off, naive_forecasts, predict
+from training.config import config_from_dict, with_overrides
+from training.data import Windows
+from training.prepare import prepare
+from training.report import scored_table
+
+FORECASTS = ("served", "model alone", "oracle blend")
+
+
+def oracle_blend(truth: np.ndarray, model: np.ndarray, yesterday: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """(N, H, x) the least-squares blend of the three forecasts per lead time and variable, fitted on ``truth``
+    itself; yesterday missing (before the history) stands at the last value, and where the model or the last
+    value is missing the model's forecast is kept."""
+    out = model.copy()
+    yesterday = np.where(np.isfinite(yesterday), yesterday, last)
+    for k in range(truth.shape[1]):
+        for j in range(truth.shape[2]):
+            t, m, y, lv = truth[:, k, j], model[:, k, j], yesterday[:, k, j], last[:, k, j]
+            usable = np.isfinite(m) & np.isfinite(lv)
+            fit = usable & np.isfinite(t)
+            if fit.sum() < 3:
+                continue
+            design = np.stack([m - lv, y - lv], 1)
+            coef = np.linalg.lstsq(design[fit], (t - lv)[fit], rcond=None)[0]
+            out[usable, k, j] = lv[usable] + design[usable] @ coef
+    return out
+
+
+def cell_windows(w: Windows, keep: np.ndarray) -> Windows:
+    """The windows at ``keep`` (a boolean mask over them)."""
+    n = len(w.scenario)
+    fields = {name: getattr(w, name) for name in w.__dataclass_fields__}
+    return Windows(**{k: v[keep] if isinstance(v, np.ndarray) and len(v) == n else v for k, v in fields.items()})
+
+
+def bound(store: Path, version: str | None, overrides: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per cell, per forecast (``FORECASTS``), the pooled skill (all variables) at each headline step."""
+    version = version or current_version(store)
+    if version is None:
+        raise SystemExit(f"no version given and none is current in {store}")
+    vdir = store / version
+    card = read_card(vdir)
+    model, _ = load_model(vdir)
+    p = prepare(with_overrides(config_from_dict(card["training"]["config"]), overrides))
+    calibration = card["calibration"]
+    cells = p.cells()
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for cell in sorted({cells[str(s)] for s in p.test.scenario}):
+        w = cell_windows(p.test, np.array([cells[str(s)] == cell for s in p.test.scenario]))
+        served = predict(model, p, w, 0, calibration)[0]
+        with blends_off(model):
+            alone = predict(model, p, w, 0, calibration)[0]
+        yesterday, last = naive_forecasts(w, model.cfg.seasonal_steps)
+        blend = oracle_blend(w.x_fut.astype(np.float64), alone, yesterday, last)
+        out[cell] = {}
+        for name, forecast in zip(FORECASTS, (served, alone, blend), strict=True):
+            table = scored_table(p, forecast, None, w, {s: cell for s in set(w.scenario)})
+            out[cell][name] = dict(table[cell]["pooled_skill_all"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--store", type=Path, default=Path("models"))
+    parser.add_argument("--version", help="default: the served version (models/CURRENT)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.cache_dir=...")
+    args = parser.parse_args(argv)
+    result = bound(args.store, args.version, args.overrides)
+    steps = list(next(iter(next(iter(result.values())).values())))
+    print("pooled skill (all variables), held-out windows, honest request; oracle blend: fitted on each cell itself")
+    print(f"{'cell':<34}" + "".join(f"{name + ' ' + '/'.join(steps):>30}" for name in FORECASTS))
+    for cell, row in result.items():
+        print(f"{cell:<34}" + "".join(f"{'/'.join(f'{row[n][s]:.3f}' for s in steps):>30}" for n in FORECASTS))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""bench/blend_bound.py on the tiny model: the oracle blend is the least-squares blend it says it is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bench import blend_bound as bench
+
+
+def test_the_oracle_blend_recovers_a_known_mixture_and_keeps_what_it_cannot_fit() -> None:
+    rng = np.random.default_rng(0)
+    model, yesterday, last = (rng.normal(size=(50, 3, 2)) for _ in range(3))
+    truth = last + 0.3 * (model - last) + 0.6 * (yesterday - last)
+    truth[:, 2, 1] = np.nan  # nothing to fit on: the model's forecast stays
+    yesterday[:5, 0, 0] = np.nan  # before the history: the last value stands in
+    out = bench.oracle_blend(truth, model, yesterday, last)
+    np.testing.assert_allclose(out[:, 1], truth[:, 1], atol=1e-9)
+    np.testing.assert_array_equal(out[:, 2, 1], model[:, 2, 1])
+    assert np.isfinite(out).all()
+
+
+def test_no_fixed_blend_falls_below_the_model_alone_or_the_better_naive_forecast(
+    trained_store: tuple[Path, str], tiny_cache: str
+) -> None:
+    """Fitted in sample, the blend is at least as good as each forecast it blends, in every cell and step: the
+    model alone (a = 1, b = 0) and both naive forecasts (skill 0)."""
+    store, version = trained_store
+    result = bench.bound(store, version, [f"data.cache_dir={tiny_cache}"])
+    assert result
+    for cell, row in result.items():
+        for step, oracle in row["oracle blend"].items():
+            assert oracle >= max(row["model alone"][step], 0.0) - 1e-9, (cell, step)
