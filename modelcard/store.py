@@ -90,14 +90,14 @@ def check_same_plant(store: Path, card: dict) -> None:
     """A store serves one plant: a version of another catalog than the served version's is refused, so that a
     wrong ``--store`` cannot put a plant's model where another plant's callers are served. Each catalog's models
     live in a store of their own (``models/<catalog name>``; BSM1's in ``models``). A served card that cannot be
-    read does not block (a rollback away from it must stay possible)."""
+    read, or one from before cards named their catalog, does not block (a rollback must stay possible)."""
     try:
         served_version = current_version(store)
         served = None if served_version is None else read_card(version_dir(store, served_version), verify=False)
     except CardError:
         return
-    if served is None or plant_of(served) == plant_of(card):
-        return
+    if served is None or plant_of(served) == plant_of(card) or not (plant_of(served) and plant_of(card)):
+        return  # the same plant, or a card too old to name its catalog
     raise CardError(
         f"{store} serves {served_version}, a model of catalog {plant_of(served)!r}; version {card.get('version')} "
         f"is one of catalog {plant_of(card)!r}: each catalog's models belong in a store of their own "
