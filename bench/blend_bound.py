@@ -5,10 +5,12 @@
 The served forecast is the model's own, blended with the last measured value and the same time yesterday
 (``training.model.KoVAE.seasonal``) by weights calibration fitted on validation windows. Here the blend is fitted
 again for each regime x policy cell, variable and lead time, by least squares on that held-out cell's own windows
-(truth ~ last + a (model - last) + b (yesterday - last)). The answers are in the fit, so this is an oracle, never a
-product figure. Where even it falls short of a target, no weighting of these three forecasts gets there: the
-model's own forecast has to get better. Where it meets one the served model misses, the blend's weights are what
-to look at.
+(truth ~ last + a (model - last) + b (yesterday - last), with the last value and yesterday the references the
+pooled skill is measured against, ``training.evaluate``'s). The answers are in the fit, so this is an oracle, never
+a product figure; by construction it is at least as good as the model alone and as each naive forecast (skill >=
+0). The served blend's weight of yesterday adapts to each window, so the oracle is no bound on it; but where even
+the oracle falls short of a target, no fixed weighting of these three forecasts gets there: the model's own
+forecast has to get better. Where it meets one the served model misses, the blend's weights are what to look at.
 
 Prints per cell the pooled skill (all variables; ``training.report.scored_table``, the product's metric) at 15 min,
 5 h and 24 h of the served forecast (the honest request), the model alone (blends off) and the oracle blend.
@@ -28,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from export.onnx_export import load_model
 from modelcard.card import read_card
 from modelcard.store import current_version
-from training.calibrate import blends_off, naive_forecasts, predict
+from training import evaluate as ev
+from training.calibrate import blends_off, predict
 from training.config import config_from_dict, with_overrides
 from training.data import Windows
 from training.prepare import prepare
@@ -80,8 +83,7 @@ def bound(store: Path, version: str | None, overrides: list[str]) -> dict[str, d
         served = predict(model, p, w, 0, calibration)[0]
         with blends_off(model):
             alone = predict(model, p, w, 0, calibration)[0]
-        yesterday, last = naive_forecasts(w, model.cfg.seasonal_steps)
-        blend = oracle_blend(w.x_fut.astype(np.float64), alone, yesterday, last)
+        blend = oracle_blend(w.x_fut.astype(np.float64), alone, ev.seasonal_naive(w), ev.persistence(w))
         out[cell] = {}
         for name, forecast in zip(FORECASTS, (served, alone, blend), strict=True):
             table = scored_table(p, forecast, None, w, {s: cell for s in set(w.scenario)})

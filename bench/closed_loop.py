@@ -23,8 +23,9 @@ aeration energy at least 10% below the default's, no more time above either limi
 ``later`` its held-out later window. A window shorter than warm-up, history and ``--days`` is extended when it
 is a BSM2 window of normal operation (its influent goes on), else the evaluation is cut to what fits (printed).
 ``--fixed-do`` runs a constant DO setpoint instead of the service: what lowering the DO alone gives.
-``--oracle`` runs the simulator itself as the advisor, with the true future influent (``simulator_oracle``): a
-diagnostic of what the plant allows under the same prices, never the product's figure.
+``--oracle`` runs the simulator itself as the advisor, with the true future influent (``simulator_oracle``, each
+candidate run ``--oracle-hours`` ahead): a diagnostic of what the plant allows under the same prices, never the
+product's figure.
 """
 
 from __future__ import annotations
@@ -603,6 +604,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar=("SNH_UNIT", "SNH_HOUR", "TN_UNIT", "TN_HOUR"),
         help="the oracle's kWh per g/m3 above a limit and hour, and per hour above it (default: the card's)",
     )
+    parser.add_argument(
+        "--oracle-hours", type=int, default=6, help="how far ahead the oracle runs each candidate plan (hours)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="the /optimize requests' seed")
     parser.add_argument(
         "--objective",
@@ -649,7 +653,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, object]]:
         each(lambda case: fixed_do(args.fixed_do), [], advisor_name)
     elif args.oracle and prices is not None:
         advisor_name = "oracle"
-        each(lambda case: simulator_oracle(case, prices), [], advisor_name)
+        each(lambda case: simulator_oracle(case, prices, args.oracle_hours), [], advisor_name)
     else:
         with service(store, version) as (client, model):
             advisor = ServiceAdvisor(client, model, seed=args.seed, objective=args.objective)
@@ -658,7 +662,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, object]]:
     every = [c for r in results for c in r.calls]
     summary: dict[str, object] = {"model_version": version, "days": days, "advisor": advisor_name}
     if args.oracle and prices is not None:  # a diagnostic: it knows the true future influent
-        summary["oracle_prices"] = asdict(prices)
+        summary["oracle_prices"], summary["oracle_hours"] = asdict(prices), args.oracle_hours
     summary["influents"] = [r.summary() for r in results]
     if every:
         p95 = float(np.percentile([c.seconds for c in every], 95))

@@ -73,22 +73,21 @@ def list_versions(store: Path) -> list[str]:
 
 def set_current(store: Path, version: str) -> None:
     """Point CURRENT at a version after checking its name, its card (checksum and servable numbers) and its ONNX
-    checksum, and that it is a model of the served one's plant: what the service would refuse is not promoted."""
-    card = read_card(version_dir(store, version), verify=True, sealed=True)
-    check_card(card, version)
-    check_same_plant(store, card)
+    checksum: what the service would refuse is not promoted. (Which plant it forecasts was checked when it entered
+    the store, ``add_version``; a switch between stored versions is also a rollback, which must always go.)"""
+    check_card(read_card(version_dir(store, version), verify=True, sealed=True), version)
     atomic_write(Path(store) / POINTER, (version + "\n").encode())
 
 
 def plant_of(card: dict) -> str:
     """The name of the catalog whose plant a card's model forecasts."""
-    catalog = card.get("catalog")
-    return str(catalog.get("name", "")) if isinstance(catalog, dict) else ""
+    name = card.get("catalog", {}).get("name") if isinstance(card.get("catalog"), dict) else None
+    return name if isinstance(name, str) else ""
 
 
 def check_same_plant(store: Path, card: dict) -> None:
-    """A store serves one plant: a version of another catalog than the served version's is refused, so that a
-    wrong ``--store`` cannot put a plant's model where another plant's callers are served. Each catalog's models
+    """A store serves one plant: a version of another catalog than the served version's is not added to it, so
+    that a wrong ``--store`` cannot put a plant's model where another plant's callers are served. Each catalog's models
     live in a store of their own (``models/<catalog name>``; BSM1's in ``models``). A served card that cannot be
     read, or one from before cards named their catalog, does not block (a rollback must stay possible)."""
     try:
@@ -100,8 +99,8 @@ def check_same_plant(store: Path, card: dict) -> None:
         return  # the same plant, or a card too old to name its catalog
     raise CardError(
         f"{store} serves {served_version}, a model of catalog {plant_of(served)!r}; version {card.get('version')} "
-        f"is one of catalog {plant_of(card)!r}: each catalog's models belong in a store of their own "
-        f"(models/{plant_of(card)}, where python -m training.run puts them)"
+        f"is one of catalog {plant_of(card)!r}: each catalog's models belong in a store of their own (the one "
+        "python -m training.run picks without --store)"
     )
 
 

@@ -419,6 +419,11 @@ MEASUREMENT_NAMES = BSM1.target_names
 CONTROL_NAMES = BSM1.control_names
 
 
+def model_store(catalog: Catalog) -> Path:
+    """Where a catalog's models live: ``models`` for the built-in BSM1 plant, ``models/<name>`` for any other."""
+    return Path("models") if catalog.to_dict() == BSM1.to_dict() else Path("models") / catalog.name
+
+
 def catalog_dict(*, bounds: bool = True) -> dict[str, Any]:
     """The BSM1 catalog as plain data: ``bounds=False`` is its data identity (``Catalog.data_dict``)."""
     return BSM1.to_dict() if bounds else BSM1.data_dict()

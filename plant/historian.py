@@ -357,7 +357,7 @@ def read_values(
                 continue
             if math.isnan(value):
                 continue  # NaN in a Parquet float column: missing
-            if math.isinf(value):  # no sensor reads infinity: a historian's overflow, never a value
+            if math.isinf(value) and value not in numbers:  # no sensor reads infinity: an overflow, unless listed
                 problems.add(
                     f"values that do not parse in column {v.source_column}",
                     rows[i],
@@ -566,6 +566,8 @@ def import_table(
     manifest = {
         "source": "historian",
         "imported_from": source.name,
+        "imported_path": str(source),
+        "shares": {"val": shares[0], "test": shares[1]},
         "catalog": catalog.to_dict(),
         "config_hash": digest.hexdigest()[:16],
         "sample_minutes": catalog.sample_minutes,

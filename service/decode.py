@@ -127,7 +127,7 @@ def check_series_sizes(
     if len(lengths) == 1 and L not in lengths:  # the arrays agree: the timestamps are at fault, not 21 arrays
         n = lengths.pop()
         errors.add(f"{where}.timestamps", f"{L} timestamps, but every history array has {n} values: one per sample")
-        return
+        L = n  # the other rules are checked against the arrays' own length, so none is blamed for this one
     check_names(s.measurements, inputs.measurements, f"{where}.measurements", L, errors)
     check_names(s.controls, inputs.controls, f"{where}.controls", L, errors)
     if sum((s.hold_controls, s.future_controls is not None, s.plans is not None)) > 1:

@@ -185,7 +185,8 @@ def situation_of(
     s_fut = d.s_fut[0] if d.s_fut[0].size else None
     situation = Situation(d.x_hist[0], d.u_hist[0], d.s_hist[0], d.last_minute[0], d.d_fut[0], u_fut, s_fut)
     facts = d.facts[0]
-    warnings = [{**w, "field": optimize_field(w["field"])} for w in facts.warnings]
+    filled = {f"series[0].future_controls.{name}" for name in last} if series is not s else set()
+    warnings = [{**w, "field": optimize_field(w["field"])} for w in facts.warnings if w["field"] not in filled]
     return situation, replace(facts, warnings=warnings)
 
 

@@ -285,6 +285,14 @@ def test_missing_codes_numbers_and_texts_are_read_as_missing_and_counted(tmp_pat
     rows[5] = (rows[5][0], "1000", "2", "Comm Fail")  # oxygen's own code, not the aeration's
     with pytest.raises(hist.ImportRefused, match=r"row 7 column air: cannot parse 'Comm Fail'"):
         hist.read_table(write_csv(tmp_path / "export.csv", rows), catalog)
+    # An overflow the historian writes as inf is refused, unless the catalog lists it as its code.
+    rows[5] = (rows[5][0], "inf", "2", "100")
+    with pytest.raises(hist.ImportRefused, match=r"row 7 column flow: 'inf' is not a finite number"):
+        hist.read_table(write_csv(tmp_path / "export.csv", rows), catalog)
+    path.write_text('missing_codes = [-9999, "Bad", "inf"]\n' + BERLIN_CATALOG.replace("max = 20", oxygen_codes))
+    table = hist.read_table(write_csv(tmp_path / "export.csv", rows), load_catalog(path))
+    assert np.isnan(table.values["flow"]).sum() == 2
+    assert {(r["column"], r["code"]) for r in table.repairs} >= {("flow", float("inf"))}
 
 
 def test_a_stuck_sensor_is_set_to_missing_and_reported(tmp_path: Path) -> None:
@@ -509,7 +517,10 @@ def test_the_example_plants_export_imports_in_one_run_and_reports_every_repair(
         load_data(cfg)
     with pytest.raises(ConfigError) as refused:
         load_data(cfg)
-    again = f"python -m training.data import plant.csv --catalog CATALOG.toml --out {out} --history 128 --horizon 96"
+    again = (
+        f"python -m training.data import {csv} --catalog YOUR_CATALOG.toml --out {out} --history 128 --horizon 96 "
+        "--val 0.15 --test 0.15"
+    )
     assert str(refused.value).endswith(again)
 
 

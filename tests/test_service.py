@@ -161,6 +161,11 @@ def test_timestamps_of_the_wrong_length_are_named_rather_than_every_array(server
     assert r.status_code == 422, r.text
     assert problem_fields(r) == ["series[0].timestamps"]
     assert f"has {rt.card['history']['length']} values" in r.json()["detail"]
+    body["series"][0]["measurements"].pop("SO_5")  # and what else is wrong is still named
+    body["series"][0].pop("future_controls")
+    r = server.client.post("/forecast", json=body)
+    fields = ["series[0].timestamps", "series[0].measurements.SO_5", "series[0].future_controls"]
+    assert r.status_code == 422 and problem_fields(r) == fields
 
 
 def test_non_finite_values_malformed_json_and_huge_bodies(server, rt) -> None:

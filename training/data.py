@@ -135,11 +135,13 @@ def check_blocks_apart(manifest: dict, cfg: RunConfig, folder: str) -> None:
     score on what it trained on: refused, with the command that fits."""
     need, gap = cfg.train.history + cfg.train.horizon, int(manifest.get("gap_between_splits", 0))
     if need > gap:
-        source = manifest.get("imported_from", "EXPORT.csv")
-        catalog = cfg.data.catalog or "CATALOG.toml"
+        source = manifest.get("imported_path", manifest.get("imported_from", "EXPORT.csv"))
+        catalog = cfg.data.catalog or "YOUR_CATALOG.toml"
+        shares = manifest.get("shares", {})
+        split = "".join(f" --{k} {shares[k]:g}" for k in ("val", "test") if k in shares)
         again = (
             f"python -m training.data import {source} --catalog {catalog} --out {folder} "
-            f"--history {cfg.train.history} --horizon {cfg.train.horizon}"
+            f"--history {cfg.train.history} --horizon {cfg.train.horizon}{split}"
         )
         raise ConfigError(
             f"{folder} was imported for history + horizon = {gap} samples, this run's are {cfg.train.history} + "

@@ -21,7 +21,7 @@ from modelcard.card import CARD_VERSION, CardError, atomic_write, last_observed,
 from modelcard.objective import Objective, trained_ranges
 from modelcard.runtime import ModelRuntime
 from modelcard.store import GATE_FILE, add_version, check_same_plant, current_version, set_current, version_dir
-from plant.catalog import Catalog, loop_dict
+from plant.catalog import Catalog, loop_dict, model_store
 from training import evaluate as ev
 from training.config import RunConfig
 from training.model import KoVAE
@@ -232,7 +232,7 @@ def promote_if_better(
     except CardError as exc:  # the wrong store: neither --force nor --no-promote puts the model there
         print(
             f"not stored: {exc}. The version is in {candidate}: `python -m training.promote --store "
-            f"models/{p.catalog.name} --add {candidate} --promote` serves it from its own store",
+            f"{model_store(p.catalog)} --add {candidate} --promote` serves it from its own store",
             file=sys.stderr,
         )
         return 2

@@ -29,7 +29,7 @@ from training.config import ConfigError, RunConfig, load_config
 def default_store(cfg: RunConfig) -> Path:
     """``models`` for the built-in BSM1 catalog, ``models/<name>`` for any other: the catalog given, else the one
     the data were imported with (read from the import's manifest; an unreadable one is reported by stage 1)."""
-    from plant.catalog import BSM1, CatalogError, catalog_from_dict, load_catalog
+    from plant.catalog import CatalogError, catalog_from_dict, load_catalog, model_store
 
     try:
         if cfg.data.catalog:
@@ -41,7 +41,7 @@ def default_store(cfg: RunConfig) -> Path:
             return Path("models")
     except (OSError, ValueError, KeyError, CatalogError):
         return Path("models")
-    return Path("models") if catalog.to_dict() == BSM1.to_dict() else Path("models") / catalog.name
+    return model_store(catalog)
 
 
 def new_version_name(preset: str) -> str:
