@@ -258,7 +258,7 @@ def encode_advice(
     if not (np.isfinite(mean).all() and np.isfinite(quantiles).all()):
         msg = "the forecast is not finite for these inputs: check the history"
         raise ProblemError(422, "No finite forecast", [{"field": "series", "message": msg}])
-    times = [t.isoformat() for t in facts.timestamps]
+    times = [to_json(t).decode().strip('"') for t in facts.timestamps]  # written as /forecast writes them
     forecast, clipped = encode_forecasts(rt, plan.levels, mean[None], quantiles[:, None], facts.outputs)[0]
     wanted = {quantile_key(q) for q in (*req.quantiles, *(m.quantile for m in objective.limits))}
     for var in forecast.values():

@@ -366,6 +366,14 @@ def test_optimize_answers_the_warnings_and_gaps_of_its_history(server, rt, tiny_
     assert a["gaps"] == {"SO_5": 8}
 
 
+def test_optimize_writes_its_times_as_forecast_does(server, rt, tiny_data) -> None:
+    body = optimize_body(rt, tiny_data)
+    advice = server.client.post("/optimize", json=body).json()
+    forecast = server.client.post("/forecast", json={"series": [body["series"]], "horizon": body["horizon"]})
+    assert forecast.status_code == 200, forecast.text
+    assert advice["plan"]["timestamps"] == forecast.json()["series"][0]["timestamps"]
+
+
 def test_a_model_without_an_objective_answers_409(serve, store_copy, rt, tiny_data) -> None:
     store, version = store_copy
     folder = Path(store) / version
