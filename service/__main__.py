@@ -16,10 +16,11 @@ from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from service.http import LimitedHttpProtocol
 from service.logs import setup_logging
-from service.settings import get_settings
+from service.settings import get_settings, unknown_settings
 
 log = logging.getLogger("kovae.app")
 
@@ -32,7 +33,15 @@ def main() -> int:
         problems = "; ".join(f"KOVAE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
         log.error("settings refused, not starting: %s", problems, extra={"event": "settings_refused"})
         return 2
+    except SettingsError as exc:  # e.g. a list setting that is not JSON (KOVAE_API_KEYS=abc)
+        setup_logging("INFO")
+        hint = "list settings take JSON, e.g. KOVAE_API_KEYS='[\"key\"]'"
+        log.error("settings refused, not starting: %s; %s", exc, hint, extra={"event": "settings_refused"})
+        return 2
     setup_logging(settings.log_level)
+    for name, hint in unknown_settings(os.environ):
+        # Not refused: an orchestrator may inject KOVAE_* variables of its own (Kubernetes' service links).
+        log.warning("%s is no setting and is ignored%s", name, hint, extra={"event": "unknown_setting"})
     shared: Path | None = None  # created here, so removed here
     if settings.workers > 1:
         runtime = settings.runtime_dir

@@ -22,7 +22,7 @@ from service.problems import PROBLEM, problem_body
 
 log = logging.getLogger("kovae.app")
 access_log = logging.getLogger("kovae.access")
-ROUTES = {"/forecast", "/model", "/healthz", "/readyz", "/metrics", "/admin/reload", "/openapi.json"}
+ROUTES = {"/forecast", "/optimize", "/model", "/healthz", "/readyz", "/metrics", "/admin/reload", "/openapi.json"}
 """Route label values for metrics; anything else is 'other' so a scanner cannot explode label cardinality."""
 CLIENT_CLOSED = 499  # nginx's code for a client that closed the connection before its answer
 

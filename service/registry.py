@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from modelcard.card import CARD_FILE, CARD_SUM_FILE, ONNX_FILE, CardError, atomic_write
+from modelcard.card import CardError, atomic_write
 from modelcard.runtime import ModelRuntime
 from modelcard.store import POINTER, check_card_names_folder, current_version, version_dir
 from service import metrics
@@ -140,8 +140,8 @@ class ModelRegistry:
     # ------------------------------------------------------------------ loading
 
     def _state(self) -> tuple:
-        """What a reload would read: CURRENT's text and the (mtime, size) of that version's card, its checksum
-        file and its ONNX."""
+        """What a reload would read: CURRENT's text and the name, mtime and size of every file of that version
+        (its card, checksum and both graphs among them: a refused version is tried again once any is fixed)."""
         try:
             raw = (self.store / POINTER).read_bytes()
         except OSError:
@@ -149,9 +149,9 @@ class ModelRegistry:
         files = []
         try:
             folder = version_dir(self.store, raw.decode().strip())
-            for name in (CARD_FILE, CARD_SUM_FILE, ONNX_FILE):
-                st = (folder / name).stat()
-                files.append((st.st_mtime_ns, st.st_size))
+            for path in sorted(folder.iterdir()):
+                st = path.stat()
+                files.append((path.name, st.st_mtime_ns, st.st_size))
         except (CardError, OSError, UnicodeDecodeError):
             pass
         return (raw, tuple(files))

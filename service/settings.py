@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -91,3 +93,13 @@ def find_store(configured: Path | None) -> tuple[Path, str]:
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def unknown_settings(environ: Mapping[str, str]) -> Iterator[tuple[str, str]]:
+    """Each ``KOVAE_*`` variable that names no setting, with a hint at the one meant (a typo such as
+    ``KOVAE_API_KEY`` would otherwise leave /forecast open without a word)."""
+    known = {f"KOVAE_{name.upper()}" for name in Settings.model_fields}
+    for name in sorted(environ):
+        if name.startswith("KOVAE_") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            yield name, f" (did you mean {close[0]}?)" if close else ""

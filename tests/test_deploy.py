@@ -176,3 +176,14 @@ def test_kubernetes_deployment_matches_the_service_and_the_image() -> None:
     assert limits["memory"] and requests["memory"] and requests["cpu"]
     service = yaml.safe_load((K8S / "service.yaml").read_text())
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    # Production habits: the HPA owns the count (an apply must not reset it), /forecast is never open for want of
+    # a Secret, no Service injects KOVAE_* variables, endpoints drop a pod before it stops, one pod out at a time.
+    assert "replicas" not in deployment["spec"]
+    keys = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert not keys["KOVAE_API_KEYS"].get("optional", False)
+    assert pod["spec"]["enableServiceLinks"] is False
+    assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    assert yaml.safe_load((K8S / "pdb.yaml").read_text())["spec"] == {
+        "maxUnavailable": 1,
+        "selector": deployment["spec"]["selector"],
+    }

@@ -102,6 +102,21 @@ def test_a_refused_version_is_retried_once_its_folder_appears(serve, store_copy)
     assert wait_for(lambda: s.client.get("/readyz").json()["model_version"] == "v-later")
 
 
+def test_a_version_refused_for_its_plans_graph_is_retried_once_that_file_is_whole(serve, store_copy) -> None:
+    """A copy that had written the card and model.onnx but not yet all of plans.onnx: refused, then served once the
+    file is complete (the poller watched only the card, its checksum and model.onnx)."""
+    store, version = store_copy
+    s = serve(store, KOVAE_POLL_INTERVAL_S="0.1")
+    clone_version(store, version, "v-copying")
+    plans = store / "v-copying" / "plans.onnx"
+    whole = plans.read_bytes()
+    plans.write_bytes(whole[: len(whole) // 2])
+    (store / POINTER).write_text("v-copying\n")
+    assert wait_for(lambda: (s.client.get("/readyz").json()["refused"] or {}).get("version") == "v-copying")
+    plans.write_bytes(whole)
+    assert wait_for(lambda: s.client.get("/readyz").json()["model_version"] == "v-copying")
+
+
 # ----------------------------------------------------------------------------- 2, 12: the store
 
 

@@ -200,6 +200,25 @@ def test_empty_api_keys_stop_the_start(variable, trained_store) -> None:
     assert "s3cret" not in out.stderr + out.stdout
 
 
+def test_a_list_setting_that_is_not_json_stops_the_start_in_one_line(trained_store) -> None:
+    env = {**os.environ, "KOVAE_API_KEYS": "s3cret-key", "KOVAE_MODEL_STORE": str(trained_store[0])}
+    out = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout
+    (line,) = log_lines(out.stderr + out.stdout)
+    assert line["event"] == "settings_refused" and "api_keys" in line["message"] and "JSON" in line["message"]
+    assert "s3cret" not in out.stderr + out.stdout
+
+
+def test_a_mistyped_setting_is_named_at_the_start(serve, trained_store) -> None:
+    """KOVAE_API_KEY (no S) left /forecast open without a word; it is served, and the log says what was meant."""
+    s = serve(trained_store[0], KOVAE_API_KEY='["k1"]')
+    assert wait_for(lambda: any(b"unknown_setting" in line for line in s.output))
+    (line,) = [e for e in log_lines(s.stop()) if e.get("event") == "unknown_setting"]
+    assert line["message"] == "KOVAE_API_KEY is no setting and is ignored (did you mean KOVAE_API_KEYS?)"
+
+
 # ----------------------------------------------------------------------------- low: logs of several workers
 
 

@@ -252,6 +252,7 @@ def test_optimize_answers_a_plan_within_bounds_with_its_forecast_energy_and_limi
     assert a["solver"]["plans_evaluated"] > 10 and 0 < a["solver"]["seconds"] < 30
     metrics = server.client.get("/metrics").text
     assert "kovae_optimize_total{" in metrics and "kovae_optimize_duration_seconds_count 1.0" in metrics
+    assert 'route="/optimize"' in metrics  # its own label in the request metrics, not "other"
 
 
 def test_optimize_advises_the_do_alone_with_the_nitrate_loop_not_in_effect(server, rt, tiny_data) -> None:
