@@ -42,6 +42,7 @@ def prometheus_binary(tmp_root: Path) -> str:
 def running_prometheus(folder: Path, config: str) -> Iterator[httpx.Client]:
     """A real Prometheus with ``config`` on a free port of 127.0.0.1, ready; yields a client of its API."""
     (folder / "prometheus.yml").write_text(config)
+    shutil.copy(DEPLOY / "prometheus" / "alerts.yml", folder / "alerts.yml")  # rule_files, beside the config
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -133,6 +134,28 @@ def test_dashboard_queries_parse_and_use_only_exported_metrics(prometheus, train
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("request rate", "error", "latency", "inference", "batch", "horizon", "version", "spectral", "reload"):
         assert topic in titles
+
+
+def test_the_alert_rules_load_evaluate_and_use_only_exported_metrics(prometheus) -> None:
+    """The shipped rules: Prometheus loads every one from the shipped config and evaluates it without error, and
+    each names only metrics the service exports (a renamed metric would leave an alert that never fires)."""
+    service, api = prometheus
+    exported = set(re.findall(r"^# TYPE (\S+) ", service.client.get("/metrics").text, re.M))
+    deadline, rules = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        groups = api.get("/api/v1/rules").json()["data"]["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        if rules and all(r.get("lastEvaluation", "").startswith("20") for r in rules):
+            break
+        time.sleep(0.5)
+    names = {r["name"] for r in rules}
+    assert {"KovaeDown", "KovaeModelRefused", "KovaeServerErrors", "KovaeSlowForecasts"} <= names
+    for rule in rules:
+        assert rule["health"] == "ok", rule
+        for name in re.findall(r"\b(kovae_[a-z_]+)", rule["query"]):
+            base = re.sub(r"_(bucket|sum|count|total)$", "", name)
+            assert name in exported or base in exported, f"{rule['name']}: {name} is not exported"
+    assert not [r for r in rules if r["name"] == "KovaeDown" and r["state"] != "inactive"]  # the service is up
 
 
 K8S = DEPLOY / "k8s"

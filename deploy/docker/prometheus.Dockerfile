@@ -8,7 +8,7 @@ LABEL org.opencontainers.image.vendor="kovae-forecast"
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
     && rm -rf /var/lib/apt/lists/*
-COPY prometheus/prometheus.yml /etc/prometheus/prometheus.yml
+COPY prometheus/prometheus.yml prometheus/alerts.yml /etc/prometheus/
 USER 65534
 EXPOSE 9090
 ENTRYPOINT ["/usr/bin/prometheus"]
