@@ -8,10 +8,12 @@ Rebuilds the KoVAE from the version's ``weights.pt`` and ``card.json``, checks p
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from modelcard.card import CardError
+from modelcard.card import CardError, check_seal
+from modelcard.store import version_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,16 +23,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from export.onnx_export import ParityError, export_version, load_model  # torch: after --help
 
-    version_dir = Path(args.store) / args.version
     try:
-        model, card = load_model(version_dir, verify=False)  # re-export does not need the old checksum
+        folder = version_dir(Path(args.store), args.version)  # a version name, inside the store
+        check_seal(folder)  # a card edited by hand is refused, never sealed again
+        model, card = load_model(folder, verify=False)  # the graphs' old checksums may be stale: not checked
     except CardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not os.access(folder, os.W_OK):
+        print(f"error: {folder} is not writable: nothing was exported", file=sys.stderr)
+        return 2
     try:
-        card = export_version(model, card, version_dir)
+        card = export_version(model, card, folder)
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: writing {args.version} failed ({exc.strerror or exc})", file=sys.stderr)
         return 1
     st = card["stability"]
     print(

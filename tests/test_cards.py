@@ -143,6 +143,26 @@ def test_a_store_takes_one_plants_models_and_a_rollback_always_goes(store_copy, 
     assert current_version(store) == "v-back"
 
 
+def test_a_card_edited_by_hand_is_never_sealed_again_by_a_re_export(store_copy, capsys) -> None:
+    """python -m export rewrote the card's checksum over a hand-edited score, and promote then served it."""
+    from export.__main__ import main as export_main
+    from training.promote import main as promote_main
+
+    store, version = store_copy
+    name = clone_version(store, version, "v-edited")
+    card_path = store / name / "card.json"
+    card = json.loads(card_path.read_text())
+    card["metrics"]["score"] = 0.9
+    card_path.write_text(json.dumps(card, indent=1))
+    assert export_main(["--version", name, "--store", str(store)]) == 2
+    assert "changed after it was written" in capsys.readouterr().err
+    assert promote_main(["--store", str(store), name]) == 2
+    assert promote_main(["--store", str(store)]) == 0
+    assert f"{name}  unreadable or changed by hand" in capsys.readouterr().out
+    assert export_main(["--version", "../x", "--store", str(store)]) == 2  # never a folder outside the store
+    assert "is not a version name" in capsys.readouterr().err
+
+
 def test_readyz_clears_a_refusal_once_current_names_the_served_version(serve, store_copy) -> None:
     """/readyz still reported the refused version 30 s after CURRENT was put back."""
     store, version = store_copy

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from modelcard.card import CardError, read_card
+from modelcard.card import CardError, check_seal, read_card
 from modelcard.store import GATE_FILE, add_version, current_version, list_versions, remove_stale, set_current
 
 
@@ -24,8 +24,9 @@ def describe(store: Path, version: str) -> str:
     """'score 0.4212, gate: passed (why)' for a version, from its card and gate.json."""
     try:
         card = read_card(store / version, verify=False)
+        check_seal(store / version)
     except CardError as exc:
-        return f"unreadable ({exc})"
+        return f"unreadable or changed by hand ({exc})"
     score = card.get("metrics", {}).get("score")
     text = f"score {score:.4f}" if isinstance(score, int | float) else "score -"
     try:
