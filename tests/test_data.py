@@ -199,6 +199,25 @@ def test_bad_configs_are_refused_with_a_clear_message(tiny_cache) -> None:
         load_config("tiny", overrides=['data.regime_cycle=["normal","flood"]'])
     with pytest.raises(ConfigError, match=r"section\.field=value"):
         load_config("tiny", overrides=["epochs=3"])
+    # Values that would train nothing, or fail after the first epoch, are refused before any work.
+    for override, named in [
+        ("model.dropout=2", r"model\.dropout must be in \[0, 1\): 2\.0"),
+        ("model.dropout=1", r"model\.dropout"),
+        ("train.checkpoint_every=0", r"train\.checkpoint_every >= 1"),
+        ("train.lr=nan", r"train\.lr must be a positive number"),
+        ("train.min_lr=1", r"train\.min_lr in \[0, lr\]"),
+        ("model.h_dim=0", r"model\.h_dim >= 1"),
+        ("train.epochs=-1", r"train\.epochs >= 1 .*: 20, 16, -1, "),
+    ]:
+        with pytest.raises(ConfigError, match=named):
+            load_config("tiny", overrides=[override])
+    bad_toml = tiny_cache + "-bad.toml"
+    Path(bad_toml).write_text("train = 3\n")
+    with pytest.raises(ConfigError, match=r"config section train must be a table"):
+        load_config("tiny", bad_toml)
+    from training.run import main as run_main
+
+    assert run_main(["--preset", "tiny", "--version", "d v1", f"data.cache_dir={tiny_cache}"]) == 2
     cfg = load_config("tiny", overrides=[f"data.cache_dir={tiny_cache}", 'data.test_scenarios=["bsm2-09"]'])
     with pytest.raises(ConfigError, match="bsm2-09"):
         S.splits(cfg.data)

@@ -6,6 +6,7 @@ A run's configuration is a preset (``tiny`` or ``default``), optionally overlaid
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -229,6 +230,8 @@ def _merge(cfg: RunConfig, tables: dict[str, dict[str, Any]]) -> RunConfig:
     for name, values in tables.items():
         if name not in ("data", "model", "train"):
             raise ConfigError(f"unknown config section [{name}]; use [data], [model] or [train]")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {name} must be a table ([{name}] with settings under it): {values!r}")
         cfg = replace(cfg, **{name: _apply(getattr(cfg, name), values, name)})
     return cfg
 
@@ -342,10 +345,24 @@ def validate(cfg: RunConfig) -> None:
     if not 0 < m.rho_max < 1:
         problems.append("model.rho_max must be in (0, 1): with |lambda| = 1 a constant input grows without bound")
     if t.history < 2 or t.horizon < 1 or t.epochs < 1 or t.batch_size < 1:
-        problems.append("train.history >= 2, train.horizon >= 1, train.epochs >= 1 and train.batch_size >= 1")
+        problems.append(
+            "train.history >= 2, train.horizon >= 1, train.epochs >= 1 and train.batch_size >= 1: "
+            f"{t.history}, {t.horizon}, {t.epochs}, {t.batch_size}"
+        )
     if t.eig_target not in ("<=1", "==1"):
         problems.append("train.eig_target must be '<=1' or '==1'")
     if any(not 0 < q < 1 for q in t.quantiles):
         problems.append("train.quantiles must lie in (0, 1)")
+    if not 0 <= m.dropout < 1:
+        problems.append(f"model.dropout must be in [0, 1): {m.dropout} (at 1 every feature is dropped)")
+    if m.h_dim < 1 or m.decoder_layers < 0 or m.decoder_dim < 0:
+        problems.append("model.h_dim >= 1, model.decoder_layers >= 0 and model.decoder_dim >= 0")
+    if not (math.isfinite(t.lr) and t.lr > 0 and math.isfinite(t.min_lr) and 0 <= t.min_lr <= t.lr):
+        problems.append(f"train.lr must be a positive number and train.min_lr in [0, lr]: {t.lr}, {t.min_lr}")
+    if t.checkpoint_every < 1 or t.threads < 1 or t.calibration_samples < 2:
+        problems.append(
+            f"train.checkpoint_every >= 1, train.threads >= 1 and train.calibration_samples >= 2: "
+            f"{t.checkpoint_every}, {t.threads}, {t.calibration_samples}"
+        )
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

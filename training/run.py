@@ -96,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --resume needs --run-dir (the folder of the interrupted run)", file=sys.stderr)
         return 2
     version = args.version or (Path(args.run_dir).name if args.run_dir else new_version_name(args.preset))
+    from modelcard.card import CardError
+    from modelcard.store import check_version_name
+
+    try:
+        check_version_name(version)  # refused now, not after the whole run
+    except CardError as exc:
+        print(f"error: --version: {exc}", file=sys.stderr)
+        return 2
     store, run_dir = Path(args.store) if args.store else default_store(cfg), Path(args.run_dir or f"runs/{version}")
     if (store / version).exists():
         print(f"error: version {version} already exists in {store}", file=sys.stderr)
