@@ -971,3 +971,38 @@ def test_calibration_leaves_the_loops_own_blends_as_trained() -> None:
     assert torch.all(model.seasonal_logit == 0.5)  # restored
     plain = KoVAE(4, 6, replace(cfg, loop_feedback=False), plan)
     assert calibration.calibrated_columns(plain).all()
+
+
+@pytest.mark.slow
+def test_a_terminated_run_says_how_to_resume_and_leaves_the_store_alone(
+    tmp_path: Path, tiny_cache: str, tiny_data
+) -> None:
+    """SIGTERM (or Ctrl-C) in the middle of training: exit 130 with the command that resumes the run from its
+    last checkpoint, no traceback, and nothing in the store."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    store, run_dir = tmp_path / "store", tmp_path / "runs" / "t1"
+    argv = ["--preset", "tiny", "--store", str(store), "--run-dir", str(run_dir), f"data.cache_dir={tiny_cache}"]
+    argv += ["train.epochs=1000", "train.checkpoint_every=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.run", *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (run_dir / "checkpoints" / "last.pt").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    resume = f"resume with: python -m training.run {' '.join(argv)} --resume"
+    assert resume in err
+    assert not store.exists() or not any(store.iterdir())

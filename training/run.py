@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
+import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,7 +110,30 @@ def main(argv: list[str] | None = None) -> int:
     if (store / version).exists():
         print(f"error: version {version} already exists in {store}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a TERM stops the run as Ctrl-C does
+    try:
+        return run(args, cfg, version, store, run_dir)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: {run_dir} keeps the last checkpoint (every train.checkpoint_every epochs), nothing in the "
+            f"store is half-written; resume with: {resume_command(sys.argv[1:] if argv is None else argv, run_dir)}",
+            file=sys.stderr,
+        )
+        return 130
 
+
+def resume_command(argv: list[str], run_dir: Path) -> str:
+    """The command that resumes an interrupted run: its own arguments, with --run-dir and --resume."""
+    args = list(argv)
+    if not any(a == "--run-dir" or a.startswith("--run-dir=") for a in args):
+        args += ["--run-dir", str(run_dir)]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["python", "-m", "training.run", *args])
+
+
+def run(args: argparse.Namespace, cfg: RunConfig, version: str, store: Path, run_dir: Path) -> int:
+    """The five stages, in order (the module's docstring)."""
     # Imported here, after the arguments are checked: torch and the simulator take seconds to import.
     import numpy as np
 
