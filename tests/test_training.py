@@ -217,6 +217,20 @@ def test_resume_continues_exactly(prepared, tmp_path: Path) -> None:
         assert torch.equal(a, b), name
 
 
+def test_resume_with_other_settings_than_the_run_is_refused_naming_them(prepared, tmp_path: Path) -> None:
+    """A run started with 300 epochs and resumed without the override stopped at the preset's 20 and exported,
+    silently; another width crashed in load_state_dict. Both are refused, naming the setting."""
+    cfg, p = prepared
+    loop.train(cfg, p, tmp_path / "r", stop_after=2)
+    for change, named in [
+        (replace(cfg, train=replace(cfg.train, epochs=cfg.train.epochs + 5)), r"train\.epochs: \d+ in the checkpoint"),
+        (replace(cfg, model=replace(cfg.model, h_dim=cfg.model.h_dim * 2)), r"model\.h_dim: \d+ in the checkpoint"),
+    ]:
+        with pytest.raises(loop.TrainingFailed, match=named):
+            loop.train(change, p, tmp_path / "r", resume=True)
+    loop.train(replace(cfg, train=replace(cfg.train, calibration_samples=40)), p, tmp_path / "r", resume=True)
+
+
 def test_weight_decay_spares_the_operator_spectrum() -> None:
     """Decay would pull every radius towards rho_max / 2: only weight matrices are decayed."""
     model = KoVAE(3, 2, ModelConfig(z_dim=6, h_dim=8, real_modes=2))

@@ -186,6 +186,27 @@ def evaluate_loss(
     return {k: v / n for k, v in sums.items()}
 
 
+# What shapes the weights: a resumed run that differs in one of these would train another model than it started.
+RESUME_KEYS = ("epochs", "history", "horizon", "batch_size", "lr", "min_lr", "seed")
+
+
+def check_resumed_config(saved: dict[str, Any], given: dict[str, Any]) -> None:
+    """A resumed run must train what the interrupted one did: every model setting and the training settings that
+    shape the weights (``RESUME_KEYS``) as the checkpoint has them, else refused naming each difference (the
+    run's own settings are the checkpoint's, shown by ``--show-config``). A setting only one side knows (a
+    checkpoint from before it existed) is not compared; calibration and evaluation settings may change."""
+    keys = [("model", k) for k in saved.get("model", {})] + [("train", k) for k in RESUME_KEYS]
+    differ = [
+        f"{section}.{key}: {saved[section][key]!r} in the checkpoint, {given[section][key]!r} now"
+        for section, key in keys
+        if key in saved.get(section, {})
+        and key in given.get(section, {})
+        and saved[section][key] != given[section][key]
+    ]
+    if differ:
+        raise TrainingFailed("--resume with other settings than the run's: " + "; ".join(differ))
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -266,7 +287,9 @@ def train(
     if resume:
         if not last_ckpt.exists():
             raise TrainingFailed(f"--resume: no checkpoint at {last_ckpt}")
-        restore(torch.load(last_ckpt, weights_only=False))
+        ck = torch.load(last_ckpt, weights_only=False)
+        check_resumed_config(ck.get("config", {}), cfg.to_dict())
+        restore(ck)
         print(f"resumed from {last_ckpt} at epoch {state['epoch']}", file=sys.stderr)
     else:
         save_checkpoint(last_ckpt, snapshot())
