@@ -1020,3 +1020,19 @@ def test_a_terminated_run_says_how_to_resume_and_leaves_the_store_alone(
     resume = f"resume with: python -m training.run {' '.join(argv)} --resume"
     assert resume in err
     assert not store.exists() or not any(store.iterdir())
+
+
+def test_one_run_per_folder_and_no_resume_of_nothing(tmp_path: Path) -> None:
+    """Two runs writing one --run-dir at once deleted each other's export; --resume of a folder with no run
+    prepared the data first and left an empty folder behind."""
+    import fcntl
+
+    busy = tmp_path / "runs" / "busy"
+    busy.mkdir(parents=True)
+    with open(busy / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a run writing it now
+        assert run.main(["--preset", "tiny", "--store", str(tmp_path / "s"), "--run-dir", str(busy)]) == 2
+    assert not (tmp_path / "s").exists()
+    nothing = tmp_path / "runs" / "nothing"
+    assert run.main(["--preset", "tiny", "--run-dir", str(nothing), "--resume"]) == 2
+    assert not nothing.exists()

@@ -17,6 +17,7 @@ ones are compared with it, never with another plant's.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import random
 import shlex
@@ -110,16 +111,27 @@ def main(argv: list[str] | None = None) -> int:
     if (store / version).exists():
         print(f"error: version {version} already exists in {store}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a TERM stops the run as Ctrl-C does
-    try:
-        return run(args, cfg, version, store, run_dir)
-    except KeyboardInterrupt:
-        print(
-            f"interrupted: {run_dir} keeps the last checkpoint (every train.checkpoint_every epochs), nothing in the "
-            f"store is half-written; resume with: {resume_command(sys.argv[1:] if argv is None else argv, run_dir)}",
-            file=sys.stderr,
-        )
-        return 130
+    if args.resume and not (run_dir / "checkpoints").is_dir():
+        print(f"error: --resume: {run_dir} holds no checkpoints (no run was started there)", file=sys.stderr)
+        return 2
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as lock:  # one run per folder at a time, held for the whole run
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"error: another run is writing {run_dir}: wait for it, or give another --run-dir", file=sys.stderr)
+            return 2
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a TERM stops the run as Ctrl-C does
+        try:
+            return run(args, cfg, version, store, run_dir)
+        except KeyboardInterrupt:
+            again = resume_command(sys.argv[1:] if argv is None else argv, run_dir)
+            print(
+                f"interrupted: {run_dir} keeps the last checkpoint (every train.checkpoint_every epochs), nothing in "
+                f"the store is half-written; resume with: {again}",
+                file=sys.stderr,
+            )
+            return 130
 
 
 def resume_command(argv: list[str], run_dir: Path) -> str:
