@@ -28,12 +28,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
 
 from export.onnx_export import load_model
-from modelcard.card import read_card
 from modelcard.store import current_version
 from training import evaluate as ev
 from training.calibrate import blends_off, predict
 from training.config import config_from_dict, with_overrides
-from training.data import Windows
 from training.prepare import prepare
 from training.report import scored_table
 
@@ -59,36 +57,29 @@ def oracle_blend(truth: np.ndarray, model: np.ndarray, yesterday: np.ndarray, la
     return out
 
 
-def cell_windows(w: Windows, keep: np.ndarray) -> Windows:
-    """The windows at ``keep`` (a boolean mask over them)."""
-    n = len(w.scenario)
-    fields = {name: getattr(w, name) for name in w.__dataclass_fields__}
-    return Windows(**{k: v[keep] if isinstance(v, np.ndarray) and len(v) == n else v for k, v in fields.items()})
-
-
 def bound(store: Path, version: str | None, overrides: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     """Per cell, per forecast (``FORECASTS``), the pooled skill (all variables) at each headline step."""
     version = version or current_version(store)
     if version is None:
         raise SystemExit(f"no version given and none is current in {store}")
-    vdir = store / version
-    card = read_card(vdir)
-    model, _ = load_model(vdir)
+    model, card = load_model(store / version)
     p = prepare(with_overrides(config_from_dict(card["training"]["config"]), overrides))
-    calibration = card["calibration"]
+    w = p.test
+    served = predict(model, p, w, 0, card["calibration"])[0]
+    with blends_off(model):
+        alone = predict(model, p, w, 0, card["calibration"])[0]
+    truth, seasonal, last = w.x_fut.astype(np.float64), ev.seasonal_naive(w), ev.persistence(w)
     cells = p.cells()
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for cell in sorted({cells[str(s)] for s in p.test.scenario}):
-        w = cell_windows(p.test, np.array([cells[str(s)] == cell for s in p.test.scenario]))
-        served = predict(model, p, w, 0, calibration)[0]
-        with blends_off(model):
-            alone = predict(model, p, w, 0, calibration)[0]
-        blend = oracle_blend(w.x_fut.astype(np.float64), alone, ev.seasonal_naive(w), ev.persistence(w))
-        out[cell] = {}
-        for name, forecast in zip(FORECASTS, (served, alone, blend), strict=True):
-            table = scored_table(p, forecast, None, w, {s: cell for s in set(w.scenario)})
-            out[cell][name] = dict(table[cell]["pooled_skill_all"])
-    return out
+    cell_of = np.array([cells[str(s)] for s in w.scenario])
+    blend = alone.copy()
+    for cell in np.unique(cell_of):  # fitted on each cell's own windows
+        rows = cell_of == cell
+        blend[rows] = oracle_blend(truth[rows], alone[rows], seasonal[rows], last[rows])
+    tables = {name: scored_table(p, f, None, w) for name, f in zip(FORECASTS, (served, alone, blend), strict=True)}
+    return {
+        cell: {name: dict(tables[name][cell]["pooled_skill_all"]) for name in FORECASTS}
+        for cell in sorted(set(cell_of))
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -346,26 +346,21 @@ def read_values(
         if code is None:
             try:
                 value = float(cell)
+                # No sensor reads infinity: a historian's overflow, unless the catalog lists it as a code.
+                unread = f"{cell!r} is not a finite number" if math.isinf(value) and value not in numbers else ""
             except (TypeError, ValueError):
+                unread = f"cannot parse {cell!r}"
+            if unread:
                 problems.add(
                     f"values that do not parse in column {v.source_column}",
                     rows[i],
                     c,
-                    f"column {v.source_column}: cannot parse {cell!r} (if the historian writes it for a missing "
-                    "value, list it in the catalog's missing_codes)",
+                    f"column {v.source_column}: {unread} (if the historian writes it for a missing value, list it "
+                    "in the catalog's missing_codes)",
                 )
                 continue
             if math.isnan(value):
                 continue  # NaN in a Parquet float column: missing
-            if math.isinf(value) and value not in numbers:  # no sensor reads infinity: an overflow, unless listed
-                problems.add(
-                    f"values that do not parse in column {v.source_column}",
-                    rows[i],
-                    c,
-                    f"column {v.source_column}: {cell!r} is not a finite number (if the historian writes it for a "
-                    "missing value, list it in the catalog's missing_codes)",
-                )
-                continue
             if value not in numbers:
                 out[i] = value
                 continue

@@ -98,8 +98,9 @@ def get_settings() -> Settings:
 def unknown_settings(environ: Mapping[str, str]) -> Iterator[tuple[str, str]]:
     """Each ``KOVAE_*`` variable that names no setting, with a hint at the one meant (a typo such as
     ``KOVAE_API_KEY`` would otherwise leave /forecast open without a word)."""
-    known = {f"KOVAE_{name.upper()}" for name in Settings.model_fields}
+    prefix = Settings.model_config["env_prefix"]
+    known = {f"{prefix}{name.upper()}" for name in Settings.model_fields}
     for name in sorted(environ):
-        if name.startswith("KOVAE_") and name not in known:
+        if name.startswith(prefix) and name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             yield name, f" (did you mean {close[0]}?)" if close else ""

@@ -20,7 +20,15 @@ import torch
 from modelcard.card import CARD_VERSION, CardError, atomic_write, last_observed, read_card
 from modelcard.objective import Objective, trained_ranges
 from modelcard.runtime import ModelRuntime
-from modelcard.store import GATE_FILE, add_version, check_same_plant, current_version, set_current, version_dir
+from modelcard.store import (
+    GATE_FILE,
+    add_version,
+    check_same_plant,
+    current_version,
+    plant_of,
+    set_current,
+    version_dir,
+)
 from plant.catalog import Catalog, loop_dict, model_store
 from training import evaluate as ev
 from training.config import RunConfig
@@ -152,7 +160,7 @@ def check_comparable(rt: ModelRuntime, version: str, catalog: Catalog) -> None:
     controls. A store serving another catalog's model is the wrong store for this run: raises saying so."""
     if rt.measurements == list(catalog.target_names) and rt.controls == list(catalog.control_names):
         return
-    served = str(rt.card.get("catalog", {}).get("name", "?"))
+    served = plant_of(rt.card) or "?"
     if served != catalog.name:
         raise CardError(
             f"served version {version} is a model of catalog {served!r}, this run's is {catalog.name!r}: each "

@@ -26,6 +26,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from modelcard.card import CardError
+from modelcard.store import check_version_name
 from training.config import ConfigError, RunConfig, load_config
 
 
@@ -99,9 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --resume needs --run-dir (the folder of the interrupted run)", file=sys.stderr)
         return 2
     version = args.version or (Path(args.run_dir).name if args.run_dir else new_version_name(args.preset))
-    from modelcard.card import CardError
-    from modelcard.store import check_version_name
-
     try:
         check_version_name(version)  # refused now, not after the whole run
     except CardError as exc:
