@@ -161,6 +161,12 @@ def test_a_card_edited_by_hand_is_never_sealed_again_by_a_re_export(store_copy, 
     assert f"{name}  unreadable or changed by hand" in capsys.readouterr().out
     assert export_main(["--version", "../x", "--store", str(store)]) == 2  # never a folder outside the store
     assert "is not a version name" in capsys.readouterr().err
+    # A mistyped --store is named, not listed as a store without versions.
+    assert promote_main(["--store", str(store / "nostore")]) == 2
+    assert "no model store at" in capsys.readouterr().err
+    (store / "empty").mkdir()
+    assert promote_main(["--store", str(store / "empty")]) == 0
+    assert "no versions in" in capsys.readouterr().out
 
 
 def test_readyz_clears_a_refusal_once_current_names_the_served_version(serve, store_copy) -> None:

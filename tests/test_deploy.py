@@ -125,9 +125,17 @@ def test_dashboard_queries_parse_and_use_only_exported_metrics(prometheus, train
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "kovae.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert len(exprs) >= 10
+    # The request panels' rates follow the scrape interval, as Grafana sets $__rate_interval: at least four scrapes
+    # (the datasource's timeInterval, which must be the shipped scrape interval). A fixed [1m] leaves a plant whose
+    # Prometheus scrapes every 30 s or more with gaps.
+    datasource = (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    scrape = re.search(r"scrape_interval: (\d+)s", (DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert scrape and f"timeInterval: {scrape.group(1)}s" in datasource
+    rates = [e for e in exprs if "rate(kovae_http_request" in e or "rate(kovae_inference" in e]
+    assert rates and all("[$__rate_interval]" in e for e in rates), rates
     exported = set(re.findall(r"^# TYPE (\S+) ", service.client.get("/metrics").text, re.M))
     for expr in exprs:
-        query(api, expr)  # Prometheus parses and evaluates it
+        query(api, expr.replace("$__rate_interval", f"{4 * int(scrape.group(1))}s"))  # Prometheus evaluates it
         for name in re.findall(r"\b(kovae_[a-z_]+)", expr):
             base = re.sub(r"_(bucket|sum|count|total)$", "", name)
             assert name in exported or base in exported, f"{expr}: {name} is not exported"
@@ -175,7 +183,7 @@ def test_kubernetes_manifests_validate_against_the_schemas() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("passed for resource") == len(manifests)
     kinds = {yaml.safe_load((K8S / m).read_text())["kind"] for m in manifests}
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Job"} <= kinds
 
 
 def test_kubernetes_deployment_matches_the_service_and_the_image() -> None:
@@ -210,3 +218,44 @@ def test_kubernetes_deployment_matches_the_service_and_the_image() -> None:
         "maxUnavailable": 1,
         "selector": deployment["spec"]["selector"],
     }
+
+
+def test_the_seed_job_fills_an_empty_store_once_and_needs_no_torch(tmp_path) -> None:
+    """The seed Job's own command, run as the manifest has it (sh, its env), with the repository's store as the
+    image's and torch shadowed by a module that refuses import (the serving image has none): an empty store gets
+    the committed default whole and serves it; a store that serves a version is left as it is."""
+    import sys
+
+    import yaml
+
+    job = yaml.safe_load((K8S / "seed-models-job.yaml").read_text())
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    volume = job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert volume == yaml.safe_load((K8S / "models-pvc.yaml").read_text())["metadata"]["name"]
+    assert {m["mountPath"]: m.get("readOnly", False) for m in container["volumeMounts"]} == {"/models": False}
+    no_torch = tmp_path / "no_torch" / "torch"
+    no_torch.mkdir(parents=True)
+    (no_torch / "__init__.py").write_text("raise ImportError('torch is not in the serving image')\n")
+    store = tmp_path / "models"
+    env = {
+        **{e["name"]: e["value"] for e in container["env"]},
+        "SEED_FROM": str(ROOT / "models"),
+        "KOVAE_MODEL_STORE": str(store),
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "PYTHONPATH": f"{no_torch.parent}:{ROOT}",
+    }
+
+    def seed() -> subprocess.CompletedProcess:
+        return subprocess.run(container["command"], env=env, capture_output=True, text=True, timeout=120)
+
+    first = seed()
+    assert first.returncode == 0, first.stdout + first.stderr
+    served = (ROOT / "models" / "CURRENT").read_text().strip()
+    assert (store / "CURRENT").read_text().strip() == served
+    for f in (ROOT / "models" / served).iterdir():
+        assert (store / served / f.name).read_bytes() == f.read_bytes(), f.name
+    (store / "CURRENT").write_text("a-version-the-training-job-promoted\n")  # the store is no longer the seed's
+    again = seed()
+    assert again.returncode == 0 and "left as it is" in again.stdout, again.stdout + again.stderr
+    assert (store / "CURRENT").read_text() == "a-version-the-training-job-promoted\n"
+    assert sorted(p.name for p in store.iterdir()) == sorted(["CURRENT", served])

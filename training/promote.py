@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args.version = added
     if args.version is None:
+        if not store.is_dir():
+            print(f"error: no model store at {store} (--store names the folder that holds CURRENT)", file=sys.stderr)
+            return 2
+        if not list_versions(store):
+            print(f"no versions in {store}; add one with --add DIR")
         for v in list_versions(store):
             print(("* " if v == current else "  ") + f"{v}  {describe(store, v)}")
         return 0
