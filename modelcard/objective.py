@@ -23,6 +23,7 @@ DEFAULT_PRICE = 1000.0  # kWh per unit above a limit and hour: as good as hard f
 LIMIT_KEYS = {"variable", "quantile", "max", "price_kwh", "hour_price_kwh"}
 KEYS = {"block_minutes", "control_minutes", "setpoints", "controls", "limits", *ENERGY_GROUPS, "constant_kw"}
 KEYS |= {"price_per_kwh", "move_kwh"}
+MAX_PLAN_MINUTES = 7 * 24 * 60  # a block or a plan's span: a week is past any model's horizon
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,10 @@ def _coefficients(given: Any, where: str, names: PlantNames, problems: Problems)
     return out
 
 
+def _minutes(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_PLAN_MINUTES
+
+
 def objective_problems(data: dict[str, Any], names: PlantNames, where: str = "optimizer") -> tuple[Objective, Problems]:
     """An objective from a table (catalog, card or a request's complete objective) and every problem in it."""
     problems: Problems = []
@@ -178,12 +183,17 @@ def objective_problems(data: dict[str, Any], names: PlantNames, where: str = "op
     for key in sorted(set(data) - KEYS):
         problems.append((f"{where}.{key}", f"unknown key; known: {', '.join(sorted(KEYS))}"))
     block = data.get("block_minutes", 60)
-    if isinstance(block, bool) or not isinstance(block, int) or block <= 0 or block % names.sample_minutes:
-        problems.append((f"{where}.block_minutes", f"expected a positive multiple of {names.sample_minutes} minutes"))
+    if not _minutes(block) or block % names.sample_minutes:
+        msg = f"expected a positive multiple of {names.sample_minutes} minutes, at most {MAX_PLAN_MINUTES}"
+        problems.append((f"{where}.block_minutes", msg))
         block = names.sample_minutes
     control = data.get("control_minutes")
-    if control is not None and (isinstance(control, bool) or not isinstance(control, int) or control < block):
-        msg = f"{control!r} is not a whole number of minutes at least block_minutes ({block})"
+    if control is not None and not _minutes(control):
+        msg = f"{control!r} is not a whole number of minutes from 1 to {MAX_PLAN_MINUTES}"
+        problems.append((f"{where}.control_minutes", msg))
+        control = None
+    elif control is not None and control < block:
+        msg = f"{control} minutes is shorter than block_minutes ({block}): the plan decides at least one block"
         problems.append((f"{where}.control_minutes", msg))
         control = None
     open_loop = tuple(c for c in names.controls if c not in names.looped)

@@ -25,6 +25,7 @@ from modelcard.card import (
     CardError,
     bounds,
     known_inputs,
+    loop_limits,
     looped_controls,
     loops,
     onnx_bytes,
@@ -101,13 +102,15 @@ class ModelRuntime:
         self.s_bounds = bounds(self.card, "setpoint_inputs")
         self.s_range = training_range(self.card, "setpoint_inputs")
         # What the answer may hold: every measurement, and each looped control a request leaves to its loop, with
-        # its unit and physical bounds (the air, the recycle its loop will apply).
+        # its unit and bounds: its controller's output limits (the air, the recycle its loop can apply; a sample
+        # past them is one the loop would never run), within the control's physical bounds.
         self.loops = loops(self.card)
         u_units = [v["unit"] for v in self.card["variables"]["controls"]]
         self.out_units = [self.units[n] for n in self.measurements] + [u_units[j] for j in self.looped]
+        limits = np.array(loop_limits(self.card["variables"]), dtype=np.float64).reshape(-1, 2)
         self.out_bounds = (
-            np.concatenate([self.x_bounds[0], self.u_bounds[0][self.looped]]),
-            np.concatenate([self.x_bounds[1], self.u_bounds[1][self.looped]]),
+            np.concatenate([self.x_bounds[0], np.maximum(self.u_bounds[0][self.looped], limits[:, 0])]),
+            np.concatenate([self.x_bounds[1], np.minimum(self.u_bounds[1][self.looped], limits[:, 1])]),
         )
         self.zone = plant_zone(self.card)
 

@@ -13,6 +13,7 @@ with a warning).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -83,28 +84,37 @@ def check_request_sizes(req: ForecastRequest, rt: ModelRuntime, settings: Settin
         errors.add("horizon", f"{req.horizon} exceeds the model's max_horizon {rt.max_horizon}")
     if len(req.series) > settings.max_series:
         errors.add("series", f"{len(req.series)} series exceed the limit {settings.max_series}")
-    if len(req.quantiles) > settings.max_quantiles:
-        errors.add("quantiles", f"{len(req.quantiles)} quantiles; at most {settings.max_quantiles}")
-    else:
-        seen: dict[str, int] = {}
-        for i, q in enumerate(req.quantiles):
-            if not (math.isfinite(q) and 0 < q < 1):
-                errors.add(f"quantiles[{i}]", f"{q} is not strictly between 0 and 1")
-            elif quantile_key(q) in seen:
-                errors.add(f"quantiles[{i}]", f"repeats quantiles[{seen[quantile_key(q)]}]")
-            seen.setdefault(quantile_key(q), i)
+    check_quantiles(req.quantiles, settings, errors)
     samples = requested_samples(req, rt, settings)
     if samples > settings.max_samples:
         errors.add("samples", f"{samples} exceeds the limit {settings.max_samples}")
-    forecasts = sum(len(s.plans) if s.plans else 1 for s in req.series)
-    work = forecasts * max(samples, 1) * req.horizon
-    if work > settings.max_work:
+    # Plans whose forecasts the answer leaves out (plan_forecasts false) draw no samples: only their means count.
+    means_only = sum(len(s.plans) for s in req.series if s.plans and not s.plan_forecasts)
+    forecasts = sum(len(s.plans) if s.plans else 1 for s in req.series) - means_only
+    work = (forecasts * max(samples, 1) + means_only) * req.horizon
+    if work > settings.max_work and req.horizon <= rt.max_horizon:  # a horizon too long is named alone
+        without = f" + {means_only} plans without forecasts x {req.horizon}" if means_only else ""
         errors.add(
-            "samples" if samples else "series",
-            f"forecasts x samples x horizon = {forecasts} x {max(samples, 1)} x {req.horizon} = {work} exceeds the "
-            f"limit {settings.max_work} per request (a series counts one forecast per plan): send fewer samples, "
-            "series or plans, or split the request",
+            "samples" if samples and forecasts else "series",
+            f"forecasts x samples x horizon = {forecasts} x {max(samples, 1)} x {req.horizon}{without} = {work} "
+            f"exceeds the limit {settings.max_work} per request (a series counts one forecast per plan): send "
+            "fewer samples, series or plans, or split the request",
         )
+
+
+def check_quantiles(quantiles: list[float], settings: Settings, errors: Errors) -> None:
+    """The quantiles asked for (/forecast's and /optimize's alike): at most the setting's count, each strictly
+    between 0 and 1, none twice."""
+    if len(quantiles) > settings.max_quantiles:
+        errors.add("quantiles", f"{len(quantiles)} quantiles; at most {settings.max_quantiles}")
+        return
+    seen: dict[str, int] = {}
+    for i, q in enumerate(quantiles):
+        if not (math.isfinite(q) and 0 < q < 1):
+            errors.add(f"quantiles[{i}]", f"{q} is not strictly between 0 and 1")
+        elif quantile_key(q) in seen:
+            errors.add(f"quantiles[{i}]", f"repeats quantiles[{seen[quantile_key(q)]}]")
+        seen.setdefault(quantile_key(q), i)
 
 
 def check_series_sizes(
@@ -210,6 +220,7 @@ def decode_series(
         + range_warnings(u, inputs.controls, f"{where}.controls")
         + range_warnings(s_hist, inputs.setpoints, f"{where}.setpoints")
         + range_warnings(s_fut.reshape(-1, s_fut.shape[-1]), inputs.setpoints, f"{where}.future_setpoints")
+        + range_warnings(d_fut, inputs.disturbances, f"{where}.future_disturbances")
         + (
             []
             if s.hold_controls
@@ -311,3 +322,30 @@ def publish_limits(schemas: dict[str, Any], rt: ModelRuntime | None, settings: S
     series["controls"] = named(inputs.controls, rt.u_bounds, lo, hi, gaps=True)
     looped = tuple(loop.control for loop in model_loops(rt))  # may be left to their loops
     series["future_controls"]["anyOf"][0] = named(inputs.controls, rt.u_bounds, 1, rt.max_horizon, looped)
+    publish_optimize_limits(schemas, rt, settings)
+
+
+def publish_optimize_limits(schemas: dict[str, Any], rt: ModelRuntime, settings: Settings) -> None:
+    """/optimize's request: its horizon and quantiles as /forecast's, and its one series as /forecast's without
+    plans, whose future_controls leave out what the card's objective decides (its controls, and the controls of
+    the loops whose setpoints it decides): a schema-valid request is one the service takes."""
+    if "OptimizeRequest" not in schemas:
+        return
+    req = schemas["OptimizeRequest"]["properties"]
+    req["horizon"]["maximum"] = rt.max_horizon
+    req["quantiles"]["maxItems"] = settings.max_quantiles
+    objective = rt.card.get("optimizer") or {}
+    decided = set(objective.get("controls", {}))
+    decided |= {loop["control"] for loop in rt.loops if loop["setpoint"] in objective.get("setpoints", {})}
+    series = copy.deepcopy(schemas["SeriesIn"])
+    series["title"] = "OptimizeSeriesIn"
+    series["properties"].pop("plans")
+    plan = series["properties"]["future_controls"]["anyOf"][0]
+    plan["properties"] = {n: v for n, v in plan["properties"].items() if n not in decided}
+    plan["required"] = [n for n in plan["required"] if n not in decided]
+    series["properties"]["future_controls"]["description"] += (
+        ". In /optimize: without the controls the card's objective decides (GET /model: optimizer) and those of "
+        "the loops whose setpoints it decides"
+    )
+    schemas["OptimizeSeriesIn"] = series
+    req["series"] = {**req["series"], "$ref": "#/components/schemas/OptimizeSeriesIn"}

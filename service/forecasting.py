@@ -48,7 +48,7 @@ def plan_pieces(d: DecodedRequest, i: int, chunk_work: int, piece_bytes: int = P
     n_plans, facts = len(d.u_fut[i]), d.facts[i]
     per_plan = forecast_bytes(len(facts.outputs), len(d.quantiles), d.horizon) if facts.plan_forecasts else 1
     step = max(1, piece_bytes // per_plan)
-    if d.samples:
+    if d.samples and facts.plan_forecasts:
         step = min(step, max(1, chunk_work // (d.samples * d.horizon)))
     return [(k, min(k + step, n_plans)) for k in range(0, n_plans, step)]
 
@@ -81,14 +81,16 @@ def run_series(
 def run_plans(
     rt: ModelRuntime, d: DecodedRequest, i: int, first: int, stop: int, rng: np.random.Generator
 ) -> SeriesResult:
-    """Plans ``first``..``stop`` of series ``i`` under its one history: the encoder runs once per call."""
+    """Plans ``first``..``stop`` of series ``i`` under its one history: the encoder runs once per call. Without
+    the plans' forecasts in the answer (plan_forecasts false) no samples are drawn: their quantiles would be
+    dropped."""
     s_fut = d.s_fut[i] if d.s_fut[i].ndim == 2 else d.s_fut[i][first:stop]  # shared, or each plan's own
     fc = rt.predict_plans(
         d.x_hist[i],
         d.u_hist[i],
         d.u_fut[i][first:stop],
         d.last_minute[i],
-        d.samples,
+        d.samples if d.facts[i].plan_forecasts else 0,
         rng,
         d.d_fut[i],
         d.s_hist[i],

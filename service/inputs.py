@@ -94,8 +94,12 @@ class ModelInputs:
             setpoints=Inputs(
                 rt.setpoints, rt.s_bounds, rt.s_units, rt.s_range, "setpoint input", max_flat(card, "setpoint_inputs")
             ),
-            disturbances=Inputs(
-                d_names, (rt.x_bounds[0][d], rt.x_bounds[1][d]), [x_units[j] for j in d], None, "disturbance input"
+            disturbances=Inputs(  # an influent forecast: the measured influent's bounds and training range
+                d_names,
+                (rt.x_bounds[0][d], rt.x_bounds[1][d]),
+                [x_units[j] for j in d],
+                None if rt.x_range is None else (rt.x_range[0][d], rt.x_range[1][d]),
+                "disturbance input",
             ),
         )
 
@@ -147,9 +151,10 @@ def named_values(
         limit = f"at most {allowed} ({100 * max_missing:.0f}%)" if allowed else "none"
         n_gap = int(gap[:, j].sum())
         errors.add(f"{where}.{names[j]}", f"{n_gap} of {length} values missing (null); the model takes {limit}")
-    finite = gap | (np.abs(arr) <= FLOAT32_MAX)  # beyond float32 the model cannot take it
+    finite = gap | np.isfinite(arr)
     lo, hi = role.limits
-    inside = gap | ((arr >= lo) & (arr <= hi))
+    # Beyond float32 the model cannot take it; a bound in the way names the bound (1e39 is above the maximum).
+    inside = gap | ((arr >= lo) & (arr <= hi) & (np.abs(arr) <= FLOAT32_MAX))
     if finite.all() and inside.all() and len(errors) == before:
         return arr
     for j in np.flatnonzero(~(finite & inside).all(0)):
@@ -159,6 +164,9 @@ def named_values(
             errors.add(f"{where}.{name}[{k}]", f"{given[name][k]} is not a finite number")
             continue
         k = int(np.argmin(inside[:, j]))
+        if lo[j] <= col[k] <= hi[j]:  # within bounds that do not stop it, but beyond float32
+            errors.add(f"{where}.{name}[{k}]", f"{col[k]:g} is beyond the largest number the model takes")
+            continue
         side = f"below the physical minimum {lo[j]:g}" if col[k] < lo[j] else f"above the physical maximum {hi[j]:g}"
         n_out = int(np.sum(~inside[:, j]))
         more = f" ({n_out} values outside [{lo[j]:g}, {hi[j]:g}])" if n_out > 1 else ""

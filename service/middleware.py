@@ -64,11 +64,19 @@ class ObserveMiddleware:
         route = scope["path"] if scope["path"] in ROUTES else "other"
         status, received, started, body_done = 500, 0, False, False
 
+        head = scope["method"] == "HEAD"
+
         async def send_with_id(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                # Every answer is this request's own (a forecast, the served version, health): no cache keeps it.
+                extra = [(b"x-request-id", rid.encode())]
+                if not any(k.lower() == b"cache-control" for k, _ in message.get("headers", [])):
+                    extra.append((b"cache-control", b"no-store"))
+                message["headers"] = [*message.get("headers", []), *extra]
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}  # HEAD: GET's status and headers, no body (RFC 9110 9.3.2)
             await send(message)
 
         async def receive_limited() -> Message:
@@ -98,7 +106,9 @@ class ObserveMiddleware:
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
                 raise BodyTooLarge
-            await self.app(scope, receive_limited, send_with_id)
+            # HEAD is answered wherever GET is, as GET without its body (send_with_id drops it).
+            inner = {**scope, "method": "GET"} if head else scope
+            await self.app(inner, receive_limited, send_with_id)
         except BodyTooLarge:
             metrics.ERRORS.labels("body_too_large").inc()
             if started:

@@ -17,10 +17,17 @@ import numpy as np
 from pydantic import BaseModel, Field
 from pydantic_core import to_json
 
-from modelcard.objective import DEFAULT_PRICE, Objective, card_names, objective_problems, trained_ranges
+from modelcard.objective import (
+    DEFAULT_PRICE,
+    MAX_PLAN_MINUTES,
+    Objective,
+    card_names,
+    objective_problems,
+    trained_ranges,
+)
 from modelcard.runtime import ModelRuntime
 from optimizer.search import Advice, Outcome, Search, Situation
-from service.decode import decode
+from service.decode import check_quantiles, decode
 from service.encode import SeriesFacts, Warning, encode_forecasts, quantile_key
 from service.parse import SCAN_FROM, refuse_duplicate_keys, size_limits, validate
 from service.problems import Errors, ProblemError
@@ -54,10 +61,13 @@ class ObjectiveIn(BaseModel):
 
     model_config = STRICT
 
-    block_minutes: int | None = Field(None, ge=1, description="how long the plan holds each value (e.g. 60)")
+    block_minutes: int | None = Field(
+        None, ge=1, le=MAX_PLAN_MINUTES, description="how long the plan holds each value (e.g. 60)"
+    )
     control_minutes: int | None = Field(
         None,
         ge=1,
+        le=MAX_PLAN_MINUTES,
         description="the span the plan decides; after it, its last values are held to the horizon's end (omitted "
         "or null: the card's)",
     )
@@ -89,10 +99,10 @@ class OptimizeRequest(BaseModel):
     )
     horizon: int = Field(ge=1, description="steps planned and forecast; at most the model's max_horizon")
     objective: ObjectiveIn | None = Field(None, description="replaces parts of the model's objective")
-    quantiles: Annotated[list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]], FAIL_FAST] = Field(
+    quantiles: Annotated[list[float], FAIL_FAST] = Field(
         default_factory=lambda: list(DEFAULT_LEVELS),
-        max_length=9,
-        description="the answer's forecast quantiles (each limit's own quantile is added)",
+        description="the answer's forecast quantiles, each strictly between 0 and 1 and none twice, as /forecast's "
+        "(each limit's own quantile is added)",
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed of the sample draws")
 
@@ -106,6 +116,8 @@ def parse_optimize(body: bytes, rt: ModelRuntime, settings: Settings) -> Optimiz
     errors.raise_if_any("Invalid request body")
     refuse_duplicate_keys(body, structure)
     assert req is not None
+    check_quantiles(req.quantiles, settings, errors)  # as /forecast checks them
+    errors.raise_if_any("Invalid optimize request")
     return req
 
 
@@ -223,6 +235,7 @@ class LimitOut(BaseModel):
 
 class OptimizeResponse(BaseModel):
     model_version: str
+    id: str | None = Field(None, description="the series' id, echoed back")
     status: str = Field(
         description="improved: the plan scores better than holding the current setpoints (less energy, or less "
         "excess where a limit cannot be met); current_is_best: holding them is answered as the plan"
@@ -287,6 +300,7 @@ def encode_advice(
     saving = cur.energy["total"] - plan.energy["total"]
     answer: dict[str, Any] = {
         "model_version": rt.version,
+        "id": facts.id,
         "status": advice.status,
         "feasible": plan.feasible,
         "plan": {

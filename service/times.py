@@ -50,7 +50,9 @@ def read_times(stamps: list[str], where: str, step: int, zone: tzinfo, errors: E
         try:
             parsed.append(parse_stamp(text))
         except ValueError as exc:
-            errors.add(f"{where}[{k}]", f"not a valid date-time: {exc}")
+            # Python's own words, except where they are its internals (an offset's timedelta repr).
+            why = "its UTC offset is not under 24 hours (e.g. +01:00)" if "timedelta" in str(exc) else str(exc)
+            errors.add(f"{where}[{k}]", f"not a valid date-time: {why}")
             return None
     gap = timedelta(minutes=step)
     try:

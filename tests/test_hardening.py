@@ -198,6 +198,8 @@ def test_values_beyond_float32_are_refused_not_answered_with_nan(server, rt, whe
         ("controls", "KLa_5", 5000.0, "above the physical maximum 360"),
         ("controls", "KLa_3", -1e9, "below the physical minimum 0"),
         ("future_controls", "Q_intr", -1.0, "below the physical minimum 0"),
+        ("measurements", "SO_5", 1e39, "above the physical maximum 20"),  # beyond float32: "not finite" before
+        ("controls", "KLa_3", -1e300, "below the physical minimum 0"),
     ],
 )
 def test_inputs_outside_physical_bounds_are_refused_naming_field_and_index(
@@ -223,6 +225,11 @@ def test_inputs_outside_the_training_range_are_answered_with_a_warning(server, r
     assert warnings[0]["field"] == "series[0].measurements.SNH_in" and warnings[0]["beyond"] == pytest.approx(0.5)
     plain = server.client.post("/forecast", json=make_body(rt)).json()
     assert plain["series"][0]["warnings"] == []
+    # An influent forecast beyond anything seen in training is an extrapolation too.
+    told = make_body(rt)
+    told["series"][0]["future_disturbances"] = {"SNH_in": [float(hi + 0.5 * (hi - lo))] * told["horizon"]}
+    warnings = server.client.post("/forecast", json=told).json()["series"][0]["warnings"]
+    assert [(w["kind"], w["field"]) for w in warnings] == [("training_range", "series[0].future_disturbances.SNH_in")]
 
 
 def test_forecasts_stay_within_physical_bounds_and_say_where_they_were_held(server, rt) -> None:
@@ -318,6 +325,26 @@ def test_far_future_timestamps_are_refused(server, rt) -> None:
     body["series"][0]["timestamps"] = [(end - timedelta(minutes=15 * (L - 1 - k))).isoformat() for k in range(L)]
     r = server.client.post("/forecast", json=body)
     assert r.status_code == 422 and f"series[0].timestamps[{L - 1}]" in problem_fields(r)
+
+
+def test_an_offset_past_a_day_is_named_in_words_not_pythons(server, rt) -> None:
+    body = make_body(rt)
+    body["series"][0]["timestamps"][0] = "2026-03-01T00:00:00+99:00"
+    r = server.client.post("/forecast", json=body)
+    assert problem_fields(r) == ["series[0].timestamps[0]"]
+    assert "UTC offset is not under 24 hours" in r.text and "timedelta" not in r.text
+
+
+def test_head_answers_as_get_without_a_body_and_no_answer_is_cached(server) -> None:
+    """A HEAD where GET is supported (RFC 9110) was a 405; health, the served version and forecasts are each
+    request's own, so no cache may keep them."""
+    for path in ("/healthz", "/readyz", "/model", "/metrics"):
+        get, head = server.client.get(path), server.client.head(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+        assert get.headers["cache-control"] == head.headers["cache-control"] == "no-store"
+    assert server.client.head("/forecast").status_code == 405  # a POST route, as GET would be
+    assert server.client.post("/forecast", json={}).headers["cache-control"] == "no-store"
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,8 @@ def closed_loop_body(rt: ModelRuntime, do: float = 2.0) -> dict:
 
 
 def test_a_looped_control_left_out_is_forecast_with_its_unit_quantiles_and_bounds(server, rt) -> None:
-    """KLa_5 left to its loop: the answer forecasts the air it will need (1/d, quantiles, within [0, 360]), the
+    """KLa_5 left to its loop: the answer forecasts the air it will need (1/d, quantiles, within the DO
+    controller's output limits [0, 240], inside the physical [0, 360]), the
     setpoint held at its last value over the horizon, exactly what the runtime gives for that request; Q_intr,
     planned, is not forecast. hold_controls leaves the looped control whose setpoint is sent to its loop."""
     assert [loop["control"] for loop in rt.loops] == ["KLa_5", "Q_intr"]
@@ -58,9 +59,19 @@ def test_a_looped_control_left_out_is_forecast_with_its_unit_quantiles_and_bound
     assert kla["unit"] == "1/d" and set(kla["quantiles"]) == {"0.1", "0.5", "0.9"} and len(kla["mean"]) == H
     j = rt.outputs.index("KLa_5")
     lo, hi = rt.out_bounds[0][j], rt.out_bounds[1][j]
-    assert (lo, hi) == (0.0, 360.0)
+    assert (lo, hi) == (0.0, 240.0)  # the loop never runs the blower past its controller's limit
     for values in [kla["mean"], *kla["quantiles"].values()]:
         assert all(lo <= v <= hi for v in values)
+    # A DO setpoint the blower cannot hold: no sample of the air past the limit either (they reached 360).
+    high = closed_loop_body(rt, do=4.0) | {"quantiles": [0.99], "samples": 100, "seed": 1}
+    high["series"][0]["controls"]["KLa_5"] = [235.0] * len(high["series"][0]["timestamps"])
+    r = post(server, high)
+    assert r.status_code == 200, r.text
+    answer = r.json()["series"][0]
+    assert max(answer["forecast"]["KLa_5"]["quantiles"]["0.99"]) <= 240.0
+    assert {"variable": "KLa_5", "output": "quantiles.0.99", "bound": "max"}.items() <= next(
+        c for c in answer["clipped"] if c["variable"] == "KLa_5"
+    ).items()  # the samples did go past it: held there, and said so
     assert np.all(np.array(kla["quantiles"]["0.1"]) <= np.array(kla["quantiles"]["0.9"]))
 
     x, u, uf, last = arrays(make_body(rt, horizon=H), rt)  # the same history and plan, KLa_5 then left out

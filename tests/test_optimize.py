@@ -223,11 +223,13 @@ def optimize_body(rt, data, horizon: int = 16, at: int = 120) -> dict:
 
 def test_optimize_answers_a_plan_within_bounds_with_its_forecast_energy_and_limits(server, rt, tiny_data) -> None:
     body = optimize_body(rt, tiny_data)
+    body["series"]["id"] = "line-2"
     r = server.client.post("/optimize", json=body)
     assert r.status_code == 200, r.text
     a = r.json()
     H, objective = body["horizon"], rt.card["optimizer"]
     assert a["model_version"] == rt.version and a["status"] in ("improved", "current_is_best")
+    assert a["id"] == "line-2"  # echoed, as /forecast echoes it
     plan = a["plan"]
     assert len(plan["timestamps"]) == H and set(plan["setpoints"]) == set(objective["setpoints"])
     for name, values in {**plan["setpoints"], **plan["controls"]}.items():
@@ -324,6 +326,10 @@ def test_optimize_answers_the_current_plan_when_it_is_already_the_cheapest(serve
         (lambda b: b.update(horizon=10_000), "horizon"),
         (lambda b: b["objective"].update(block_minutes=7), "objective.block_minutes"),
         (lambda b: b.update(quantiles=[0.5, 1.5]), "quantiles[1]"),
+        (lambda b: b.update(quantiles=[0.0]), "quantiles[0]"),  # as /forecast: strictly between 0 and 1
+        (lambda b: b.update(quantiles=[0.5, 0.5]), "quantiles[1]"),  # and none twice
+        (lambda b: b["objective"].update(control_minutes=10**22), "objective.control_minutes"),  # a 500 before
+        (lambda b: b["objective"].update(block_minutes=10**22), "objective.block_minutes"),
         (lambda b: b["objective"].update(constant_kw=1e308), "objective.constant_kw"),
         (lambda b: b["objective"].update(limits=[{"variable": "SNH_eff", "quantile": 0.9, "max": -1e300}]),
          "objective.limits[0].max"),
@@ -365,6 +371,29 @@ def test_optimize_answers_the_warnings_and_gaps_of_its_history(server, rt, tiny_
     assert ("stale", "SO_5", "series.measurements.SO_5") in kinds
     assert ("training_range", "SNH_in", "series.measurements.SNH_in") in kinds
     assert a["gaps"] == {"SO_5": 8}
+
+
+def test_the_published_optimize_schema_takes_what_the_service_takes(server, rt, tiny_data) -> None:
+    """openapi.json's /optimize request: its series is /forecast's without plans, whose future_controls leave out
+    what the objective decides (the schema required KLa_3 and KLa_4, which the service refuses there), and its
+    horizon and quantiles carry the limits the service checks."""
+    import jsonschema
+
+    spec = server.client.get("/openapi.json").json()
+    validator = jsonschema.Draft202012Validator(
+        {"$ref": "#/components/schemas/OptimizeRequest", "components": spec["components"]}
+    )
+    body = optimize_body(rt, tiny_data)
+    body["series"].pop("hold_controls")
+    body["series"]["future_controls"] = {}  # KLa_3, KLa_4: the plan's; KLa_5, Q_intr: their loops'
+    assert list(validator.iter_errors(body)) == []
+    assert server.client.post("/optimize", json=body).status_code == 200
+    planned = [float(v) for v in body["series"]["controls"]["KLa_3"][-body["horizon"] :]]
+    body["series"]["future_controls"] = {"KLa_3": planned, "KLa_4": planned}
+    assert list(validator.iter_errors(body))
+    assert server.client.post("/optimize", json=body).status_code == 422
+    req = spec["components"]["schemas"]["OptimizeRequest"]["properties"]
+    assert req["horizon"]["maximum"] == rt.max_horizon and req["quantiles"]["maxItems"] >= 3
 
 
 def test_optimize_writes_its_times_as_forecast_does(server, rt, tiny_data) -> None:

@@ -598,6 +598,11 @@ def test_plans_roll_one_history_out_under_many_control_plans(serve, trained_stor
     assert "4 plans exceed 3" in refused({"plans": many}, "series[0].plans")
     r = server.client.post("/forecast", json={**body, "quantiles": [0.5], "samples": 20})  # 2 plans x 20 x 4 > 100
     assert r.status_code == 422 and "forecasts x samples x horizon = 2 x 20 x 4" in r.text
+    # Without the plans' forecasts in the answer no samples are drawn (their quantiles would be dropped), so none
+    # count against the work: the means alone, 2 plans x 4 steps.
+    r = server.client.post("/forecast", json={**brief, "quantiles": [0.5], "samples": 20})
+    assert r.status_code == 200, r.text
+    assert r.json()["series"][0]["plans"] == short
 
 
 def test_an_influent_forecast_is_an_optional_known_input(server, rt) -> None:
