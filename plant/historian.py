@@ -592,4 +592,5 @@ def load_dataset(folder: Path, catalog: Catalog | None = None) -> tuple[Catalog,
     if catalog is not None and stored.to_dict() != catalog.to_dict():
         raise DataError(f"{folder}: imported with another catalog ({stored.name}); import it again with this one")
     data = {sid: load_scenario(folder / entry["file"], stored) for sid, entry in manifest["scenarios"].items()}
-    return stored, data, manifest
+    # The catalog given is the same plant with what the manifest does not keep (its [optimizer] table).
+    return catalog or stored, data, manifest

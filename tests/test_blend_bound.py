@@ -19,6 +19,11 @@ def test_the_oracle_blend_recovers_a_known_mixture_and_keeps_what_it_cannot_fit(
     np.testing.assert_allclose(out[:, 1], truth[:, 1], atol=1e-9)
     np.testing.assert_array_equal(out[:, 2, 1], model[:, 2, 1])
     assert np.isfinite(out).all()
+    # Yesterday shifted by today's offset is a fourth forecast: a truth that follows it is recovered with it.
+    offset = rng.normal(size=(50, 3, 2))
+    shifted = last + 0.5 * (yesterday + offset - last)
+    out = bench.oracle_blend(shifted, model, yesterday, last, offset)
+    np.testing.assert_allclose(out[5:, 0], shifted[5:, 0], atol=1e-9)
 
 
 def test_no_fixed_blend_falls_below_the_model_alone_or_the_better_naive_forecast(
@@ -32,3 +37,4 @@ def test_no_fixed_blend_falls_below_the_model_alone_or_the_better_naive_forecast
     for cell, row in result.items():
         for step, oracle in row["oracle blend"].items():
             assert oracle >= max(row["model alone"][step], 0.0) - 1e-9, (cell, step)
+            assert row["oracle + offset"][step] >= oracle - 1e-9, (cell, step)  # one more forecast to blend

@@ -590,6 +590,15 @@ def test_a_new_plants_first_model_is_served_by_the_readme_flow(
     forecast = r.json()["series"][0]["forecast"]
     assert set(forecast) == set(measurements) and len(forecast["nh4_out"]["mean"]) == H
     assert server.client.get("/model").json()["version"] == "p1"
+    # The catalog's [optimizer] reaches the card, narrowed to the data: the new plant gets setpoint advice too.
+    lo, hi = card["optimizer"]["setpoints"]["o2_sp_bb5"]
+    assert 0.5 <= lo < hi <= 3.0 and card["optimizer"]["aeration_kw"] == {"air_bb5": 0.0198}
+    series = {**body["series"][0], "setpoints": {"o2_sp_bb5": [(lo + hi) / 2] * L}}
+    r = server.client.post("/optimize", json={"horizon": H, "series": series})
+    assert r.status_code == 200, r.text
+    advice = r.json()
+    assert set(advice["plan"]["setpoints"]) == {"o2_sp_bb5"} and "air_bb5" in advice["forecast"]["variables"]
+    assert [m["variable"] for m in advice["limits"]] == ["nh4_out"]
 
 
 def test_parquet_export_with_nulls_reads_like_csv(tmp_path: Path, small) -> None:
