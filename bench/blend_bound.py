@@ -63,6 +63,15 @@ def oracle_blend(
     return out
 
 
+def day_offset(x_hist: np.ndarray, last: np.ndarray, day: int) -> np.ndarray:
+    """(N, H, x) today's offset from yesterday at the history's last step, x[t] - x[t-day], as ``last`` (N, H, x,
+    the last value over the horizon) minus the history's sample a day before its last; 0 where either is missing
+    or the history is no longer than a day."""
+    if x_hist.shape[1] <= day:
+        return np.zeros_like(last)
+    return np.nan_to_num(last - x_hist[:, -1 - day][:, None].astype(np.float64))
+
+
 def bound(store: Path, version: str | None, overrides: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     """Per cell, per forecast (``FORECASTS``), the pooled skill (all variables) at each headline step."""
     version = version or current_version(store)
@@ -75,10 +84,7 @@ def bound(store: Path, version: str | None, overrides: list[str]) -> dict[str, d
     with blends_off(model):
         alone = predict(model, p, w, 0, card["calibration"])[0]
     truth, seasonal, last = w.x_fut.astype(np.float64), ev.seasonal_naive(w), ev.persistence(w)
-    day = 1440 // p.catalog.sample_minutes  # the reference's "same time yesterday" (training.evaluate)
-    offset = np.zeros_like(truth)  # a history shorter than a day: none
-    if w.x_hist.shape[1] > day:
-        offset = np.nan_to_num(last - np.repeat(w.x_hist[:, -1 - day][:, None], truth.shape[1], 1))
+    offset = day_offset(w.x_hist, last, 1440 // p.catalog.sample_minutes)  # the reference's day (training.evaluate)
     cells = p.cells()
     cell_of = np.array([cells[str(s)] for s in w.scenario])
     blend, shifted = alone.copy(), alone.copy()

@@ -172,6 +172,7 @@ def _coefficients(given: Any, where: str, names: PlantNames, problems: Problems)
 
 
 def _minutes(value: Any) -> bool:
+    """A whole number of minutes from 1 to MAX_PLAN_MINUTES (an unbounded one overflowed the search's arrays)."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_PLAN_MINUTES
 
 

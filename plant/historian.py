@@ -563,7 +563,8 @@ def import_table(
         "imported_from": source.name,
         "imported_path": str(source),
         "shares": {"val": shares[0], "test": shares[1]},
-        "catalog": catalog.to_dict(),
+        # With its [optimizer] table (not part of the catalog's identity), so that a run without --catalog has it.
+        "catalog": catalog.to_dict() | ({"optimizer": catalog.optimizer.to_dict()} if catalog.optimizer else {}),
         "config_hash": digest.hexdigest()[:16],
         "sample_minutes": catalog.sample_minutes,
         "records": len(table.utc),
@@ -592,5 +593,6 @@ def load_dataset(folder: Path, catalog: Catalog | None = None) -> tuple[Catalog,
     if catalog is not None and stored.to_dict() != catalog.to_dict():
         raise DataError(f"{folder}: imported with another catalog ({stored.name}); import it again with this one")
     data = {sid: load_scenario(folder / entry["file"], stored) for sid, entry in manifest["scenarios"].items()}
-    # The catalog given is the same plant with what the manifest does not keep (its [optimizer] table).
+    # The catalog given is the same plant; its [optimizer] table is the one to train with (an import from before
+    # the manifest kept the table has none).
     return catalog or stored, data, manifest

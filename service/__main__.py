@@ -8,6 +8,7 @@ served (an empty API key) stop the start with one JSON line saying which.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -25,7 +26,19 @@ from service.settings import get_settings, unknown_settings
 log = logging.getLogger("kovae.app")
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None) -> None:
+    """The service takes no arguments, only settings; ``--help`` says so (and where they are) without starting."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Start the forecast service. It is configured by KOVAE_* environment variables (or a .env "
+        "file in the working directory), not by arguments: KOVAE_HOST, KOVAE_PORT, KOVAE_WORKERS, "
+        "KOVAE_MODEL_STORE, KOVAE_API_KEYS and the rest of the README's settings table (service/settings.py).",
+    )
+    parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parse_args(argv)
     try:
         settings = get_settings()
     except ValidationError as exc:

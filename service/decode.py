@@ -42,7 +42,7 @@ from service.loops import (
     setpoint_sources,
 )
 from service.problems import Errors
-from service.request import DecodedRequest, ForecastRequest, PlanIn, SeriesIn
+from service.request import DecodedRequest, ForecastRequest, PlanIn, SeriesIn, sample_steps
 from service.settings import Settings
 from service.times import future_times, read_times
 from service.warn import flat_warnings, range_warnings, stale_warnings
@@ -91,7 +91,7 @@ def check_request_sizes(req: ForecastRequest, rt: ModelRuntime, settings: Settin
     # Plans whose forecasts the answer leaves out (plan_forecasts false) draw no samples: only their means count.
     means_only = sum(len(s.plans) for s in req.series if s.plans and not s.plan_forecasts)
     forecasts = sum(len(s.plans) if s.plans else 1 for s in req.series) - means_only
-    work = (forecasts * max(samples, 1) + means_only) * req.horizon
+    work = sample_steps(forecasts, means_only, samples, req.horizon)
     if work > settings.max_work and req.horizon <= rt.max_horizon:  # a horizon too long is named alone
         without = f" + {means_only} plans without forecasts x {req.horizon}" if means_only else ""
         errors.add(
@@ -327,8 +327,9 @@ def publish_limits(schemas: dict[str, Any], rt: ModelRuntime | None, settings: S
 
 def publish_optimize_limits(schemas: dict[str, Any], rt: ModelRuntime, settings: Settings) -> None:
     """/optimize's request: its horizon and quantiles as /forecast's, and its one series as /forecast's without
-    plans, whose future_controls leave out what the card's objective decides (its controls, and the controls of
-    the loops whose setpoints it decides): a schema-valid request is one the service takes."""
+    plans, whose future_controls require none of what the card's objective decides (its controls, and the
+    controls of the loops whose setpoints it decides): every request the service takes is schema-valid. The
+    service still refuses a decided one sent (which ones depend on the request's own objective), by name."""
     if "OptimizeRequest" not in schemas:
         return
     req = schemas["OptimizeRequest"]["properties"]
@@ -341,11 +342,10 @@ def publish_optimize_limits(schemas: dict[str, Any], rt: ModelRuntime, settings:
     series["title"] = "OptimizeSeriesIn"
     series["properties"].pop("plans")
     plan = series["properties"]["future_controls"]["anyOf"][0]
-    plan["properties"] = {n: v for n, v in plan["properties"].items() if n not in decided}
     plan["required"] = [n for n in plan["required"] if n not in decided]
     series["properties"]["future_controls"]["description"] += (
-        ". In /optimize: without the controls the card's objective decides (GET /model: optimizer) and those of "
-        "the loops whose setpoints it decides"
+        ". In /optimize: leave out the controls the objective decides (the card's: GET /model, optimizer; or the "
+        "request's own) and those of the loops whose setpoints it decides"
     )
     schemas["OptimizeSeriesIn"] = series
     req["series"] = {**req["series"], "$ref": "#/components/schemas/OptimizeSeriesIn"}

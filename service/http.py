@@ -127,7 +127,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         body = json.dumps(problem_body(status, title, detail, "", rid)).encode()
         head = (
             f"HTTP/1.1 {status} {REASONS.get(status, title)}\r\ncontent-type: {PROBLEM}\r\n"
-            f"content-length: {len(body)}\r\nx-request-id: {rid}\r\nconnection: close\r\n\r\n"
+            f"content-length: {len(body)}\r\nx-request-id: {rid}\r\ncache-control: no-store\r\n"
+            "connection: close\r\n\r\n"
         )
         self.transport.write(head.encode() + body)
         self.transport.close()

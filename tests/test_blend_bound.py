@@ -26,6 +26,17 @@ def test_the_oracle_blend_recovers_a_known_mixture_and_keeps_what_it_cannot_fit(
     np.testing.assert_allclose(out[5:, 0], shifted[5:, 0], atol=1e-9)
 
 
+def test_the_day_offset_is_todays_last_value_less_the_same_time_yesterday() -> None:
+    day, H = 4, 3
+    x_hist = np.arange(2 * 7 * 2, dtype=float).reshape(2, 7, 2)  # 7 steps: longer than a day of 4
+    x_hist[1, 2, 1] = np.nan  # a day before the last step of window 1, variable 1: unknown
+    last = np.repeat(x_hist[:, -1][:, None], H, 1)
+    offset = bench.day_offset(x_hist, last, day)
+    np.testing.assert_array_equal(offset[0], np.full((H, 2), 2.0 * day))  # each step is 2 above the one before
+    np.testing.assert_array_equal(offset[1, :, 1], np.zeros(H))
+    assert (bench.day_offset(x_hist[:, -day:], last, day) == 0).all()  # no day before: nothing to shift by
+
+
 def test_no_fixed_blend_falls_below_the_model_alone_or_the_better_naive_forecast(
     trained_store: tuple[Path, str], tiny_cache: str
 ) -> None:

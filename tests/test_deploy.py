@@ -254,6 +254,10 @@ def test_the_seed_job_fills_an_empty_store_once_and_needs_no_torch(tmp_path) -> 
     assert (store / "CURRENT").read_text().strip() == served
     for f in (ROOT / "models" / served).iterdir():
         assert (store / served / f.name).read_bytes() == f.read_bytes(), f.name
+    (store / "CURRENT").unlink()  # a seed stopped between its copy and CURRENT: the next try serves the copy
+    again = seed()
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (store / "CURRENT").read_text().strip() == served
     (store / "CURRENT").write_text("a-version-the-training-job-promoted\n")  # the store is no longer the seed's
     again = seed()
     assert again.returncode == 0 and "left as it is" in again.stdout, again.stdout + again.stderr

@@ -151,7 +151,9 @@ def test_malformed_http_is_answered_as_a_problem_and_counted(serve, trained_stor
     answer = read_all(conn)
     conn.close()
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
-    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    head, raw_body = answer.split(b"\r\n\r\n", 1)
+    assert b"\r\ncache-control: no-store\r\n" in head  # as every answer the app writes
+    body = json.loads(raw_body)
     assert body["status"] == 400 and body["title"] == "Malformed HTTP request" and body["request_id"]
     text = s.client.get("/metrics").text
     assert metric(text, "kovae_errors_total", type="malformed_http") == 1
@@ -209,6 +211,21 @@ def test_a_list_setting_that_is_not_json_stops_the_start_in_one_line(trained_sto
     (line,) = log_lines(out.stderr + out.stdout)
     assert line["event"] == "settings_refused" and "api_keys" in line["message"] and "JSON" in line["message"]
     assert "s3cret" not in out.stderr + out.stdout
+
+
+def test_help_and_arguments_never_start_a_server() -> None:
+    """``python -m service --help`` started the server (it takes settings, not arguments)."""
+    env = {**os.environ, "KOVAE_PORT": "1"}  # a port it could never bind: a start would fail, not hang
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "service", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+    shown, refused = run("--help"), run("--port", "9000")
+    assert shown.returncode == 0 and "KOVAE_MODEL_STORE" in shown.stdout
+    assert refused.returncode == 2 and "unrecognized arguments: --port 9000" in refused.stderr
+    for out in (shown, refused):
+        assert "Uvicorn running" not in out.stdout + out.stderr and "model_loaded" not in out.stdout + out.stderr
 
 
 def test_a_mistyped_setting_is_named_at_the_start(serve, trained_store) -> None:

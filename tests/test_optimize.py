@@ -17,6 +17,7 @@ from modelcard.objective import EffluentLimit, Objective
 from modelcard.runtime import Forecast
 from optimizer.search import Search, Situation, Spread, optimize
 from plant.catalog import BSM1, BSM1_CATALOG, CatalogError, catalog_from_dict
+from plant.example_export import EXAMPLE_CATALOG
 from tests.test_service import problem_fields
 
 # ----------------------------------------------------------------------------- a plant with a known optimum
@@ -374,9 +375,10 @@ def test_optimize_answers_the_warnings_and_gaps_of_its_history(server, rt, tiny_
 
 
 def test_the_published_optimize_schema_takes_what_the_service_takes(server, rt, tiny_data) -> None:
-    """openapi.json's /optimize request: its series is /forecast's without plans, whose future_controls leave out
-    what the objective decides (the schema required KLa_3 and KLa_4, which the service refuses there), and its
-    horizon and quantiles carry the limits the service checks."""
+    """openapi.json's /optimize request: its series is /forecast's without plans, whose future_controls require
+    none of what the card's objective decides (the schema required KLa_3 and KLa_4, which the service refuses
+    there), and its horizon and quantiles carry the limits the service checks. A request whose own objective
+    leaves the blowers alone sends their plan, and the schema takes that too."""
     import jsonschema
 
     spec = server.client.get("/openapi.json").json()
@@ -390,8 +392,10 @@ def test_the_published_optimize_schema_takes_what_the_service_takes(server, rt, 
     assert server.client.post("/optimize", json=body).status_code == 200
     planned = [float(v) for v in body["series"]["controls"]["KLa_3"][-body["horizon"] :]]
     body["series"]["future_controls"] = {"KLa_3": planned, "KLa_4": planned}
-    assert list(validator.iter_errors(body))
-    assert server.client.post("/optimize", json=body).status_code == 422
+    assert server.client.post("/optimize", json=body).status_code == 422  # the card's objective decides them
+    body["objective"] = {"controls": {}}
+    assert list(validator.iter_errors(body)) == []
+    assert server.client.post("/optimize", json=body).status_code == 200
     req = spec["components"]["schemas"]["OptimizeRequest"]["properties"]
     assert req["horizon"]["maximum"] == rt.max_horizon and req["quantiles"]["maxItems"] >= 3
 
@@ -416,7 +420,7 @@ def test_a_model_without_an_objective_answers_409(serve, store_copy, rt, tiny_da
     assert json.loads(server.client.get("/model").text).get("optimizer") is None
 
 
-def test_a_card_without_an_objective_gets_the_catalogs(store_copy) -> None:
+def test_a_card_without_an_objective_gets_the_catalogs(store_copy, capsys) -> None:
     """``python -m training.upgrade_card --optimizer``: the catalog's objective, its bounds narrowed to the card's
     training range, sealed with the card; a second run leaves the card as it is."""
     from training.upgrade_card import main
@@ -432,6 +436,19 @@ def test_a_card_without_an_objective_gets_the_catalogs(store_copy) -> None:
     before = (folder / "card.json").read_bytes()
     assert main(["--store", str(store), "--version", version, "--optimizer"]) == 0
     assert (folder / "card.json").read_bytes() == before
+
+    # A card at card_version 3 is left as it is (it crashed on the loops' columns); mistakes are one line each.
+    assert main(["--store", str(store), "--version", version]) == 0
+    assert (folder / "card.json").read_bytes() == before
+    assert "left as it is" in capsys.readouterr().out
+    for args, words in (
+        (["--version", "nope"], "no model card"),
+        (["--version", version, "--optimizer", "--catalog", "/nonexistent.toml"], "nonexistent.toml"),
+        (["--version", version, "--optimizer", "--catalog", str(EXAMPLE_CATALOG)], "is not"),
+    ):
+        assert main(["--store", str(store), *args]) in (1, 2)
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
 
 
 def test_searches_past_the_queue_bound_are_answered_503_and_forecasts_go_on(

@@ -580,7 +580,9 @@ def test_plans_roll_one_history_out_under_many_control_plans(serve, trained_stor
     brief["series"][0]["plan_forecasts"] = False
     short = server.client.post("/forecast", json=brief).json()["series"][0]["plans"]
     assert [p["forecast"] for p in short] == [{}, {}]
-    assert [(p["summary"], p["clipped"]) for p in short] == [(p["summary"], p["clipped"]) for p in out["plans"]]
+    # Their clip notes are the mean's: no samples are drawn for quantiles the answer would not hold.
+    full = [(p["summary"], [c for c in p["clipped"] if c["output"] == "mean"]) for p in out["plans"]]
+    assert [(p["summary"], p["clipped"]) for p in short] == full
 
     def refused(change: dict, field: str) -> str:
         bad = json.loads(json.dumps(body))

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from modelcard.card import CARD_VERSION, read_card, write_card
+from modelcard.card import CARD_VERSION, CardError, read_card, write_card
 from modelcard.store import version_dir
 from modelcard.validate import check_card
 
@@ -27,9 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", action="store_true", help="add the catalog's [optimizer] table only")
     parser.add_argument("--catalog", help="the plant's catalog (TOML) for --optimizer; default: the BSM1 catalog")
     args = parser.parse_args(argv)
-    if args.optimizer:
-        return add_optimizer(Path(args.store), args.version, args.catalog)
+    if args.catalog and not args.optimizer:
+        parser.error("--catalog is read with --optimizer only")
+    from plant.catalog import CatalogError
+    from training.config import ConfigError
 
+    try:
+        if args.optimizer:
+            return add_optimizer(Path(args.store), args.version, args.catalog)
+        return upgrade(Path(args.store), args.version)
+    except (CardError, CatalogError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def upgrade(store: Path, version: str) -> int:
+    """Bounds and training range into a card from before card_version 3; a card at 3 is left as it is."""
     import numpy as np
 
     from plant.catalog import catalog_dict
@@ -38,17 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     from training.prepare import prepare
     from training.publish import card_variables
 
-    folder = version_dir(Path(args.store), args.version)
+    folder = version_dir(store, version)
     card = read_card(folder, verify=True)
+    if card.get("card_version", 1) >= CARD_VERSION:
+        print(f"{version} is at card_version {card['card_version']} already: left as it is")
+        return 0
     cfg = config_from_dict(json.loads((folder / "config.json").read_text()))
     if config_hash(cfg.data) != card["data"]["config_hash"]:
-        print(f"error: the data this code generates for {args.version} differ from what it was trained on")
+        print(f"error: the data this code generates for {version} differ from what it was trained on", file=sys.stderr)
         return 1
     p = prepare(cfg)  # scalers and training range, exactly as training computes them
     cat, var = catalog_dict(), card["variables"]
     for role, fitted, seen in (("measurements", p.x_mean, p.x_range), ("controls", p.u_mean, p.u_range)):
         if [v["name"] for v in cat[role]] != [v["name"] for v in var[role]]:
-            print(f"error: {args.version} has other {role} than the catalog", file=sys.stderr)
+            print(f"error: {version} has other {role} than the catalog", file=sys.stderr)
             return 1
         mean = np.array([v["mean"] for v in var[role]])
         std = np.array([v["std"] for v in var[role]])
@@ -58,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         var[role] = card_variables(cat[role], mean, std, seen)
     card["card_version"] = CARD_VERSION
     write_card(folder, card)
-    print(f"{args.version}: card_version {CARD_VERSION}, physical bounds and training range added")
+    print(f"{version}: card_version {CARD_VERSION}, physical bounds and training range added")
     return 0
 
 
@@ -69,15 +85,18 @@ def add_optimizer(store: Path, version: str, catalog_path: str | None) -> int:
     folder = version_dir(store, version)
     card = read_card(folder, verify=True)
     cat = load_catalog(catalog_path)
-    if cat.name != card["catalog"]["name"] or cat.optimizer is None:
-        print(f"error: catalog {cat.name} is not {version}'s ({card['catalog']['name']}) or has no [optimizer] table")
+    if cat.name != card["catalog"]["name"]:
+        print(f"error: catalog {cat.name} is not {version}'s ({card['catalog']['name']})", file=sys.stderr)
+        return 1
+    if cat.optimizer is None:
+        print(f"error: catalog {cat.name} has no [optimizer] table", file=sys.stderr)
         return 1
     if "optimizer" in card:
         print(f"{version} has an optimizer table already: left as it is")
         return 0
     objective = narrowed_objective(cat.optimizer, card["variables"])
     if objective is None:
-        print(f"error: {version}'s training data span none of the variables the objective decides")
+        print(f"error: {version}'s training data span none of the variables the objective decides", file=sys.stderr)
         return 1
     card["optimizer"] = objective
     check_card(card, version)
