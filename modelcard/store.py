@@ -137,6 +137,8 @@ def add_version(store: Path, source: Path) -> str:
     version = check_version_name(check_card_names_folder(source, card))
     check_same_plant(store, card)
     store = Path(store)
+    if store.exists() and not store.is_dir():
+        raise CardError(f"{store} is a file, not a model store folder")
     store.mkdir(parents=True, exist_ok=True)
     target = version_dir(store, version)
     if target.exists():

@@ -167,6 +167,13 @@ def test_a_card_edited_by_hand_is_never_sealed_again_by_a_re_export(store_copy, 
     (store / "empty").mkdir()
     assert promote_main(["--store", str(store / "empty")]) == 0
     assert "no versions in" in capsys.readouterr().out
+    (store / "a-file").write_text("")
+    assert promote_main(["--store", str(store / "a-file")]) == 2  # a traceback from mkdir with --add before
+    assert promote_main(["--store", str(store / "a-file"), "--add", str(store / version)]) == 2
+    assert capsys.readouterr().err.count("is a file, not a model store folder") == 2
+    for flags in (["--promote"], [version, "--add", str(store / version)]):  # ignored silently before
+        with pytest.raises(SystemExit):
+            promote_main(["--store", str(store), *flags])
 
 
 def test_readyz_clears_a_refusal_once_current_names_the_served_version(serve, store_copy) -> None:

@@ -1036,3 +1036,27 @@ def test_one_run_per_folder_and_no_resume_of_nothing(tmp_path: Path) -> None:
     nothing = tmp_path / "runs" / "nothing"
     assert run.main(["--preset", "tiny", "--run-dir", str(nothing), "--resume"]) == 2
     assert not nothing.exists()
+
+
+def test_flags_that_contradict_or_name_a_file_are_refused_before_any_work(tmp_path: Path, capsys, monkeypatch) -> None:
+    """--store or --run-dir naming a file failed with a traceback after the whole run; --force with --no-promote
+    dropped --force silently; a run stopped before its first checkpoint was told to --resume, which is refused."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for flags, words in (
+        (["--force", "--no-promote"], "give one"),
+        (["--store", str(a_file)], "--store"),
+        (["--run-dir", str(a_file)], "--run-dir"),
+    ):
+        assert run.main(["--preset", "tiny", "--store", str(tmp_path / "s"), *flags]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+    def stopped(*_: object) -> int:
+        raise KeyboardInterrupt  # as Ctrl-C (or SIGTERM, its handler) during data preparation
+
+    monkeypatch.setattr(run, "run", stopped)
+    argv = ["--preset", "tiny", "--store", str(tmp_path / "s"), "--run-dir", str(tmp_path / "runs" / "early")]
+    assert run.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "nothing to resume; rerun: python -m training.run --preset tiny" in err and "--resume" not in err

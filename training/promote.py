@@ -46,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--add", metavar="DIR", help="copy this version folder into the store")
     parser.add_argument("--promote", action="store_true", help="with --add: also serve the added version")
     args = parser.parse_args(argv)
+    if args.promote and not args.add:
+        parser.error("--promote serves the version --add adds; to serve a stored version, name it: promote VERSION")
+    if args.add and args.version:
+        parser.error(f"give {args.version} or --add, not both (--add DIR --promote adds and serves DIR's version)")
     store = Path(args.store)
+    if store.exists() and not store.is_dir():
+        print(f"error: --store {store} is a file, not a model store folder", file=sys.stderr)
+        return 2
     for name in remove_stale(store):
         print(f"removed {name} (left by an interrupted write)", file=sys.stderr)
     try:
@@ -74,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             print(("* " if v == current else "  ") + f"{v}  {describe(store, v)}")
         return 0
     if args.version not in list_versions(store):
-        print(f"error: no version {args.version!r} in {store}; have {', '.join(list_versions(store))}", file=sys.stderr)
+        have = ", ".join(list_versions(store)) or "none" if store.is_dir() else f"no store at {store}"
+        print(f"error: no version {args.version!r} in {store}; have {have}", file=sys.stderr)
         return 2
     try:
         set_current(store, args.version)

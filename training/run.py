@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and not args.run_dir:
         print("error: --resume needs --run-dir (the folder of the interrupted run)", file=sys.stderr)
         return 2
+    if args.force and args.no_promote:
+        print("error: --force promotes past the gate and --no-promote never promotes: give one", file=sys.stderr)
+        return 2
     version = args.version or (Path(args.run_dir).name if args.run_dir else new_version_name(args.preset))
     try:
         check_version_name(version)  # refused now, not after the whole run
@@ -107,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --version: {exc}", file=sys.stderr)
         return 2
     store, run_dir = Path(args.store) if args.store else default_store(cfg), Path(args.run_dir or f"runs/{version}")
+    for flag, folder in (("--store", store), ("--run-dir", run_dir)):
+        if folder.exists() and not folder.is_dir():
+            print(f"error: {flag} {folder} is a file, not a folder", file=sys.stderr)
+            return 2
     if (store / version).exists():
         print(f"error: version {version} already exists in {store}", file=sys.stderr)
         return 2
@@ -124,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run(args, cfg, version, store, run_dir)
         except KeyboardInterrupt:
-            again = resume_command(sys.argv[1:] if argv is None else argv, run_dir)
+            given = sys.argv[1:] if argv is None else argv
+            if not (run_dir / "checkpoints").is_dir():  # stopped before its first epoch ended: nothing to resume
+                again = shlex.join(["python", "-m", "training.run", *(a for a in given if a != "--resume")])
+                print(f"interrupted before the first checkpoint, nothing to resume; rerun: {again}", file=sys.stderr)
+                return 130
+            again = resume_command(given, run_dir)
             print(
                 f"interrupted: {run_dir} keeps the last checkpoint (every train.checkpoint_every epochs), nothing in "
                 f"the store is half-written; resume with: {again}",
