@@ -208,6 +208,14 @@ def test_bad_configs_are_refused_with_a_clear_message(tiny_cache) -> None:
         ("train.min_lr=1", r"train\.min_lr in \[0, lr\]"),
         ("model.h_dim=0", r"model\.h_dim >= 1"),
         ("train.epochs=-1", r"train\.epochs >= 1 .*: 20, 16, -1, "),
+        # A traceback, or a misleading "no window fits", after the data were prepared; NaN printed as no JSON.
+        ("train.window_stride=0", r"train\.window_stride >= 1"),
+        ("train.max_eval_windows=0", r"train\.max_eval_windows >= 1"),
+        ("train.curriculum_start=0", r"train\.curriculum_start must be in 1\.\.train\.horizon"),
+        ("train.beta=-1", r"loss weights must be >= 0 .*train\.beta"),
+        ("train.quantiles=[0.9,0.1]", r"train\.quantiles must be a non-empty increasing list"),
+        ("model.seasonal_check=0", r"model\.seasonal_check >= 1"),
+        ("data.whatif_hours=nan", r"data\.whatif_hours must be a finite number"),
     ]:
         with pytest.raises(ConfigError, match=named):
             load_config("tiny", overrides=[override])
@@ -215,6 +223,11 @@ def test_bad_configs_are_refused_with_a_clear_message(tiny_cache) -> None:
     Path(bad_toml).write_text("train = 3\n")
     with pytest.raises(ConfigError, match=r"config section train must be a table"):
         load_config("tiny", bad_toml)
+    Path(bad_toml).write_text("[train]\nepochs = true\n")  # int(True): one epoch, silently
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected a number, got True"):
+        load_config("tiny", bad_toml)
+    # A list the preset leaves empty still takes numbers (it compared "40" with 2 and crashed).
+    assert load_config("tiny", overrides=["data.later_windows=[40]"]).data.later_windows == (40,)
     from training.run import main as run_main
 
     assert run_main(["--preset", "tiny", "--version", "d v1", f"data.cache_dir={tiny_cache}"]) == 2

@@ -206,6 +206,8 @@ def _coerce(value: Any, like: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         inner = like[0] if like else ""
         return tuple(_coerce(v, inner, where) for v in value)
+    if isinstance(value, bool):  # TOML's true is no number: int(True) would train 1 epoch
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
     try:
         if isinstance(like, int):
             return int(value)
@@ -216,8 +218,18 @@ def _coerce(value: Any, like: Any, where: str) -> Any:
     return str(value)
 
 
+def _element_like(section: Any, f: Any) -> Any:
+    """A list field's value to coerce to: its current one, unless empty (a preset's ()), then an element of the
+    annotated type, so that data.later_windows=[40] reads 40 as a number there too."""
+    current = getattr(section, f.name)
+    if not isinstance(current, tuple) or current:
+        return current
+    inner = str(f.type).removeprefix("tuple[").split(",")[0].split("]")[0].strip()
+    return ({"int": 0, "float": 0.0, "bool": False}.get(inner, ""),)
+
+
 def _apply(section: Any, values: dict[str, Any], name: str) -> Any:
-    known = {f.name: getattr(section, f.name) for f in fields(section)}
+    known = {f.name: _element_like(section, f) for f in fields(section)}
     changes = {}
     for key, value in values.items():
         if key not in known:
@@ -364,5 +376,32 @@ def validate(cfg: RunConfig) -> None:
             f"train.checkpoint_every >= 1, train.threads >= 1 and train.calibration_samples >= 2: "
             f"{t.checkpoint_every}, {t.threads}, {t.calibration_samples}"
         )
+    if t.window_stride < 1 or t.max_eval_windows < 1 or t.curriculum_epochs < 0:
+        problems.append(
+            "train.window_stride >= 1, train.max_eval_windows >= 1 and train.curriculum_epochs >= 0: "
+            f"{t.window_stride}, {t.max_eval_windows}, {t.curriculum_epochs}"
+        )
+    if not 1 <= t.curriculum_start <= t.horizon:
+        problems.append(f"train.curriculum_start must be in 1..train.horizon ({t.horizon}): {t.curriculum_start}")
+    weights = ("alpha", "beta", "gamma", "lin_weight", "rec_weight", "weight_decay", "step_weight_power")
+    negative = [f"train.{w}" for w in weights if getattr(t, w) < 0]
+    if negative or not t.grad_clip > 0:
+        problems.append(f"loss weights must be >= 0 and train.grad_clip > 0: {', '.join(negative) or 'grad_clip'}")
+    if not t.quantiles or list(t.quantiles) != sorted(set(t.quantiles)):
+        problems.append(f"train.quantiles must be a non-empty increasing list: {list(t.quantiles)}")
+    if m.seasonal_steps < 0 or m.seasonal_check < 1:
+        problems.append(
+            f"model.seasonal_steps >= 0 and model.seasonal_check >= 1: {m.seasonal_steps}, {m.seasonal_check}"
+        )
+    if d.storms_per_week < 0:
+        problems.append(f"data.storms_per_week must be >= 0: {d.storms_per_week}")
+    # NaN passes every comparison above (and --show-config would print it, which is no JSON): refused by name.
+    for section, name in ((d, "data"), (m, "model"), (t, "train")):
+        for f in fields(section):
+            values = getattr(section, f.name)
+            for v in values if isinstance(values, tuple) else (values,):
+                if isinstance(v, float) and not math.isfinite(v):
+                    problems.append(f"{name}.{f.name} must be a finite number: {values}")
+                    break
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
