@@ -589,6 +589,8 @@ def load_dataset(folder: Path, catalog: Catalog | None = None) -> tuple[Catalog,
         raise DataError(
             f"{folder}: no readable manifest.json ({exc}); import with python -m training.data import"
         ) from None
+    if not isinstance(manifest, dict) or "catalog" not in manifest:
+        raise DataError(f"{folder} holds simulated BSM1 data, not an import: train on it without --data")
     stored = catalog_from_dict(manifest["catalog"], f"{folder}/manifest.json")
     if catalog is not None and stored.to_dict() != catalog.to_dict():
         raise DataError(f"{folder}: imported with another catalog ({stored.name}); import it again with this one")

@@ -17,7 +17,7 @@ import torch
 from plant import example_export as example
 from plant import historian as hist
 from plant.catalog import BSM1, CatalogError, catalog_from_dict, load_catalog
-from plant.scenarios import load_scenario
+from plant.scenarios import DataError, load_scenario
 
 BERLIN_CATALOG = """
 name = "small"
@@ -354,6 +354,33 @@ def test_an_empty_file_and_a_semicolon_export_are_named_as_such(tmp_path: Path, 
     german.write_text("timestamp;flow;DO [mg/l];air\n2026-05-04T00:00:00+00:00;1000;2,5;100\n")
     with pytest.raises(hist.ImportRefused, match=r"german\.csv: no 'timestamp' column .*the header holds ';'"):
         hist.read_table(german, small)
+
+
+def test_impossible_windows_and_a_simulated_cache_are_refused_by_name(tmp_path: Path, capsys) -> None:
+    """--history -30 imported overlapping blocks, --val nan crashed, --history 0 was the preset's silently; an
+    import into the simulated cache overwrote its manifest, and training on that cache as an import crashed."""
+    from training.data import main as data_main
+
+    catalog = str(example.EXAMPLE_CATALOG)
+    for flags, words in (
+        (["--history", "-30"], "--history must be at least 2"),
+        (["--history", "0"], "--history must be at least 2"),
+        (["--horizon", "0"], "--horizon must be at least 1"),
+        (["--val", "nan"], "--val and --test are shares"),
+        (["--val", "0.6", "--test", "0.5"], "--val and --test are shares"),
+    ):
+        with pytest.raises(SystemExit):
+            data_main(["import", "never-read.csv", "--catalog", catalog, *flags])
+        assert words in capsys.readouterr().err
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    manifest = '{"config_hash": "x", "splits": {}, "scenarios": {}}'  # what training.data writes: no catalog
+    (cache / "manifest.json").write_text(manifest)
+    assert data_main(["import", "never-read.csv", "--catalog", catalog, "--out", str(cache)]) == 2
+    assert "holds simulated BSM1 data, not an import" in capsys.readouterr().err
+    assert (cache / "manifest.json").read_text() == manifest
+    with pytest.raises(DataError, match="holds simulated BSM1 data, not an import"):
+        hist.load_dataset(cache)
 
 
 def test_dst_in_both_directions(tmp_path: Path, small) -> None:

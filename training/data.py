@@ -179,6 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def simulated_cache(folder: Path) -> bool:
+    """Whether ``folder`` holds simulated BSM1 scenarios (a manifest without an import's catalog), which an import
+    must not overwrite."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "catalog" not in manifest
+
+
 def import_main(argv: list[str]) -> int:
     """``python -m training.data import SOURCE --catalog CATALOG``: a historian export into training data. It
     reads the whole file once and reports every problem; the history and horizon its blocks are kept apart for
@@ -197,12 +207,24 @@ def import_main(argv: list[str]) -> int:
     parser.add_argument("--val", type=float, default=0.15, help="share of the time for validation")
     parser.add_argument("--test", type=float, default=0.15, help="share of the time for the test block")
     args = parser.parse_args(argv)
+    if args.history is not None and args.history < 2:
+        parser.error(f"--history must be at least 2 samples: {args.history}")
+    if args.horizon is not None and args.horizon < 1:
+        parser.error(f"--horizon must be at least 1 sample: {args.horizon}")
+    if not (0 <= args.val < 1 and 0 <= args.test < 1 and args.val + args.test < 1):  # NaN fails too
+        parser.error(
+            f"--val and --test are shares of the time in [0, 1) that leave some for training: {args.val}, {args.test}"
+        )
     source = Path(args.source)
     out = Path(args.out or f"data_cache/import-{source.stem}")
+    if simulated_cache(out):
+        print(f"refused: {out} holds simulated BSM1 data, not an import: give another --out", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         train = load_config(args.preset, args.config).train
-        history, horizon = args.history or train.history, args.horizon or train.horizon
+        history = train.history if args.history is None else args.history
+        horizon = train.horizon if args.horizon is None else args.horizon
         catalog = load_catalog(args.catalog)
         manifest = import_table(source, catalog, out, history=history, horizon=horizon, shares=(args.val, args.test))
         _, data, _ = load_dataset(out, catalog)
