@@ -18,13 +18,16 @@ targets are met. The data come from the cache, or are simulated if missing (abou
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
+
+from bench.cli import served_version
 from modelcard.card import Calendar, exogenous_outputs, last_observed, loops, read_card, scalers
 from modelcard.runtime import ModelRuntime
-from modelcard.store import current_version
 from plant.executor import run_all
 from plant.operation import HONEST_HELD
 from plant.scenarios import ScenarioData
@@ -152,7 +155,7 @@ def main() -> None:
         "--executor", default="local", help='"local", or "tcp://HOST:PORT" to score each held-out scenario on Dask'
     )
     args = parser.parse_args()
-    version = args.version or current_version(Path(args.store))
+    version = served_version(parser, Path(args.store), args.version)
     if version is None:
         raise SystemExit(f"no version given and none is current in {args.store}")
     vdir = Path(args.store) / version

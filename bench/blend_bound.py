@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
 
+from bench.cli import served_version
 from export.onnx_export import load_model
 from modelcard.store import current_version
 from training import evaluate as ev
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", help="default: the served version (models/CURRENT)")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.cache_dir=...")
     args = parser.parse_args(argv)
-    result = bound(args.store, args.version, args.overrides)
+    result = bound(args.store, served_version(parser, args.store, args.version), args.overrides)
     steps = list(next(iter(next(iter(result.values())).values())))
     print("pooled skill (all variables), held-out windows, honest request; oracle blend: fitted on each cell itself")
     print(f"{'cell':<34}" + "".join(f"{name + ' ' + '/'.join(steps):>30}" for name in FORECASTS))

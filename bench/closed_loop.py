@@ -50,9 +50,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.service_load import start_server
-from modelcard.card import read_card
+from modelcard.card import CardError, read_card
 from modelcard.objective import Objective, card_objective
-from modelcard.store import current_version, set_current
+from modelcard.store import current_version, resolve_version, set_current
 from plant import bsm1
 from plant.catalog import BSM1, SAMPLE_MINUTES
 from plant.config import DataConfig
@@ -621,9 +621,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, object]]:
     """Every window under both strategies, printed as it completes; the results and their JSON summary."""
     store = Path(args.store)
-    version = args.version or current_version(store)
-    if version is None:
-        raise SystemExit(f"no version given and none is current in {store}")
+    try:
+        version = resolve_version(store, args.version)
+    except CardError as exc:
+        raise SystemExit(f"error: {exc}") from None
     cfg = config_from_dict(json.loads((store / version / "config.json").read_text())).data
     days = args.hours / 24 if args.hours is not None else args.days
     for label in args.influents:  # refuse an unknown window before anything runs

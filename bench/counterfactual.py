@@ -42,9 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
+
+from bench.cli import served_version
 from modelcard.card import read_card
 from modelcard.runtime import ModelRuntime
-from modelcard.store import current_version
 from plant import bsm1
 from plant.branching import Branched, Plan, run_with_branches
 from plant.catalog import BSM1
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--all", action="store_true", help="every measurement, not only those the targets name")
     args = parser.parse_args(argv)
-    version = args.version or current_version(Path(args.store))
+    version = served_version(parser, Path(args.store), args.version)
     if version is None:
         print(f"no version given and none is current in {args.store}", file=sys.stderr)
         return 2

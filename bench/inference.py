@@ -6,15 +6,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
+
+from bench.cli import served_version
 from export.onnx_export import load_model
 from modelcard.runtime import ModelRuntime
-from modelcard.store import current_version
 
 
 def timed(fn, iters: int) -> np.ndarray:
@@ -35,7 +38,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1, help="threads for both runtimes")
     args = parser.parse_args()
-    version = args.version or current_version(Path(args.store))
+    version = served_version(parser, Path(args.store), args.version)
     rt = ModelRuntime(Path(args.store) / version, threads=args.threads)
     model, card = load_model(Path(args.store) / version)
     cfg = model.cfg

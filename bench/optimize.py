@@ -26,10 +26,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cli import served_version
 from bench.closed_loop import DAY, default_strategy, prepare, run_strategy
 from modelcard.objective import card_objective
 from modelcard.runtime import ModelRuntime
-from modelcard.store import current_version
 from optimizer.search import Search, Situation, optimize
 from plant.catalog import BSM1
 from training.config import config_from_dict
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--plans", type=int, default=8000, help="plans the random search draws")
     args = parser.parse_args()
     store = Path(args.store)
-    version = args.version or current_version(store)
+    version = served_version(parser, store, args.version)
     rt = ModelRuntime(store / version)
     objective = card_objective(rt.card)
     if objective is None:

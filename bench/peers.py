@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench import counterfactual as cf
 from bench.accuracy import requested
+from bench.cli import served_version
 from bench.peers_models import DEFAULT, QUICK, LightGBMDirect, Sizes, TorchPeer, make_peers
 from modelcard.card import read_card
 from modelcard.runtime import Forecast, ModelRuntime
@@ -350,7 +351,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--every-hours", type=float, default=12.0, help="time between counterfactual origins")
     parser.add_argument("--no-counterfactual", action="store_true")
     parser.add_argument("overrides", nargs="*", help="section.field=value over the card's config (data.cache_dir)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.version = served_version(parser, Path(args.store), args.version)  # checked before any training
+    return args
 
 
 def run(args: argparse.Namespace) -> Bench:

@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cli import served_version
 from bench.service_load import start_server
 from modelcard.runtime import ModelRuntime
-from modelcard.store import current_version
 
 TARGET_MS = 100.0  # 1,000 plans for one history, on 2 cores
 
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (the service default is 1)")
     args = parser.parse_args()
     store = Path(args.store)
-    version = current_version(store)
+    version = served_version(parser, store)
     rt = ModelRuntime(store / version, threads=args.threads)
     rng = np.random.default_rng(0)
     L, H = rt.card["history"]["length"], rt.max_horizon

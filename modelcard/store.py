@@ -61,6 +61,21 @@ def current_version(store: Path) -> str | None:
     return check_version_name(name) if name else None
 
 
+def resolve_version(store: Path, version: str | None = None) -> str:
+    """The version a command was told to use, else the one CURRENT names, checked to be in the store: raises
+    CardError with what is wrong (no store, no such version and which there are, nothing current)."""
+    store = Path(store)
+    if not store.is_dir():
+        raise CardError(f"no model store at {store} (a folder holding CURRENT and the versions)")
+    version = version or current_version(store)
+    have = ", ".join(list_versions(store)) or "none"
+    if version is None:
+        raise CardError(f"no version given and none is current in {store}; have {have}")
+    if version not in list_versions(store):
+        raise CardError(f"no version {version!r} in {store}; have {have}")
+    return version
+
+
 def list_versions(store: Path) -> list[str]:
     """Complete versions only: a folder with a valid name and a card (never a staging folder)."""
     store = Path(store)

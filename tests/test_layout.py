@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,23 @@ def test_help_imports_neither_torch_nor_the_simulator(module: str) -> None:
     assert out.returncode == 0 and "usage:" in out.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time")}
     assert not {"torch", "bsm2_python", "matplotlib"} & imported
+
+
+MODEL_BENCHES = ["accuracy", "blend_bound", "closed_loop", "counterfactual", "inference", "optimize", "peers"]
+
+
+@pytest.mark.parametrize("bench", [*MODEL_BENCHES, "plans", "service_load", "service_probe"])
+def test_a_bench_told_a_missing_store_or_version_says_so_in_one_line(bench: str, tmp_path: Path) -> None:
+    """Each printed a traceback (CardError, FileNotFoundError, a TypeError on None), some after minutes of work
+    or leaving a temporary store behind; they now stop before any work, naming what is missing."""
+    tries = [(["--store", str(tmp_path / "nostore")], "no model store at")]
+    if bench in MODEL_BENCHES:
+        tries.append((["--version", "nope"], "no version 'nope' in models; have"))
+    before = set(Path(tempfile.gettempdir()).glob("kovae-bench-*"))
+    for args, words in tries:
+        out = subprocess.run(
+            [sys.executable, f"bench/{bench}.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode in (1, 2) and words in out.stderr, out.stderr[-800:]
+        assert "Traceback" not in out.stderr
+    assert set(Path(tempfile.gettempdir()).glob("kovae-bench-*")) == before
