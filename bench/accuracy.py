@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.cli import served_version
 from modelcard.card import Calendar, exogenous_outputs, last_observed, loops, read_card, scalers
 from modelcard.runtime import ModelRuntime
-from plant.executor import run_all
+from plant.executor import executor_arg, run_all
 from plant.operation import HONEST_HELD
 from plant.scenarios import ScenarioData
 from training import evaluate as ev
@@ -152,7 +152,10 @@ def main() -> None:
         "--samples", type=int, help="forecast samples for the interval coverage (default: the card's calibration)"
     )
     parser.add_argument(
-        "--executor", default="local", help='"local", or "tcp://HOST:PORT" to score each held-out scenario on Dask'
+        "--executor",
+        default="local",
+        type=executor_arg,
+        help='"local", or "tcp://HOST:PORT" to score each held-out scenario on Dask',
     )
     args = parser.parse_args()
     version = served_version(parser, Path(args.store), args.version)

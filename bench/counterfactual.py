@@ -51,7 +51,7 @@ from plant import bsm1
 from plant.branching import Branched, Plan, run_with_branches
 from plant.catalog import BSM1
 from plant.config import DataConfig
-from plant.executor import run_all
+from plant.executor import executor_arg, run_all
 from plant.operation import operation, standard_controls
 from plant.scenarios import scenarios
 from training.config import config_from_dict, load_config
@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--origins", type=int, default=20, help="forecast origins per window and plant")
     parser.add_argument("--every-hours", type=float, default=12.0, help="time between origins")
     parser.add_argument("--preset", help="simulate with this preset's data config instead of the card's (tiny: tests)")
-    parser.add_argument("--executor", default="local", help='"local", or "tcp://HOST:PORT" (a Dask scheduler)')
+    parser.add_argument(
+        "--executor", default="local", type=executor_arg, help='"local", or "tcp://HOST:PORT" (a Dask scheduler)'
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--all", action="store_true", help="every measurement, not only those the targets name")
     args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ whose results come back here, so what is written to disk does not depend on wher
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
@@ -15,6 +16,13 @@ from typing import Any
 
 def is_cluster(executor: str) -> bool:
     return executor.startswith("tcp://")
+
+
+def executor_arg(value: str) -> str:
+    """An ``--executor`` on a command line: "local" or a Dask scheduler's address (anything else ran locally)."""
+    if value == "local" or (is_cluster(value) and len(value) > len("tcp://")):
+        return value
+    raise argparse.ArgumentTypeError(f'{value!r}: give "local" or a Dask scheduler address "tcp://HOST:PORT"')
 
 
 def run_all(fn: Callable[..., Any], items: Sequence[Any], executor: str = "local", workers: int = 1) -> Iterator[Any]:

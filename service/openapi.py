@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from service.app import create_app
+from service.registry import ReloadError
 from service.settings import Settings
 
 
@@ -35,10 +37,22 @@ def as_yaml(document: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.openapi", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m service.openapi",
+        description=__doc__.splitlines()[0] + " The document holds the limits of the model KOVAE_MODEL_STORE's "
+        "CURRENT names (default: models).",
+    )
     parser.add_argument("target", nargs="?", default="openapi.json", help="JSON file to write (default: openapi.json)")
     target = Path(parser.parse_args(argv).target)
-    document = spec()
+    if target.suffix != ".json":  # the YAML goes beside it, under the same name: a .yaml target would be both
+        parser.error(f"the target is the JSON file (its YAML is written beside it): {target} does not end in .json")
+    if not target.parent.is_dir():
+        parser.error(f"no folder {target.parent} to write {target.name} into")
+    try:
+        document = spec()
+    except ReloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     target.write_text(json.dumps(document, indent=2) + "\n")
     target.with_suffix(".yaml").write_text(as_yaml(document))
     print(f"wrote {target} and {target.with_suffix('.yaml')}")

@@ -256,3 +256,25 @@ def test_one_analyser_out_is_masked_and_the_window_kept(tiny_data) -> None:
     w = D.make_windows([sd], history=16, horizon=8)
     # Dropped: a future control missing (starts 127-154) or more than half of the history missing (143-162).
     assert w.dropped == 162 - 127 + 1 and len(w.x_hist) == len(sd.t_minutes) - 24 + 1 - w.dropped
+
+
+def test_export_table_and_executors_refuse_before_any_simulation(tmp_path: Path, capsys) -> None:
+    """An unknown scenario was named only after the preset's scenarios were simulated, an unknown preset was a
+    traceback, --no-faults beside --plant was dropped, and any --executor but tcp:// ran locally."""
+    import argparse
+
+    from plant.executor import executor_arg
+
+    out = str(tmp_path / "x.csv")
+    assert D.main(["export-table", out, "--scenarios", "nope"]) == 2
+    assert "unknown scenario(s) ['nope']" in capsys.readouterr().err
+    assert D.main(["export-table", out, "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        D.main(["export-table", out, "--plant", "--no-faults"])
+    assert "--no-faults is for the plain table" in capsys.readouterr().err
+    assert not Path(out).exists()
+    assert executor_arg("local") == "local" and executor_arg("tcp://10.0.0.5:8786") == "tcp://10.0.0.5:8786"
+    for bad in ("bogus", "tcp//host:1", "tcp://"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            executor_arg(bad)

@@ -322,6 +322,19 @@ def test_openapi_json_and_yaml_are_what_the_app_serves(serve) -> None:
     assert served["info"]["version"]
 
 
+def test_the_openapi_writer_refuses_a_target_it_would_overwrite_or_cannot_write(tmp_path, monkeypatch, capsys) -> None:
+    """spec.yaml was written as JSON and then overwritten by its YAML; a missing folder or store was a traceback."""
+    from service.openapi import main
+
+    for target, words in ((tmp_path / "spec.yaml", "does not end in .json"), (tmp_path / "no" / "x.json", "no folder")):
+        with pytest.raises(SystemExit):
+            main([str(target)])
+        assert words in capsys.readouterr().err
+    monkeypatch.setenv("KOVAE_MODEL_STORE", str(tmp_path / "nostore"))
+    assert main([str(tmp_path / "spec.json")]) == 2
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "spec.json").exists()
+
+
 def test_the_service_finds_the_committed_model_from_any_folder(tmp_path) -> None:
     """No KOVAE_MODEL_STORE and another working folder: the project's own models/ is served, and the log says
     which store was used."""

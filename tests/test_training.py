@@ -1047,6 +1047,7 @@ def test_flags_that_contradict_or_name_a_file_are_refused_before_any_work(tmp_pa
         (["--force", "--no-promote"], "give one"),
         (["--store", str(a_file)], "--store"),
         (["--run-dir", str(a_file)], "--run-dir"),
+        (["--run-dir", str(tmp_path / "bad name")], "--run-dir's folder name"),  # it blamed --version, not given
     ):
         assert run.main(["--preset", "tiny", "--store", str(tmp_path / "s"), *flags]) == 2
         assert words in capsys.readouterr().err

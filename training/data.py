@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from plant.catalog import BSM1, Catalog, load_catalog
-from plant.scenarios import DataError, ScenarioData, config_hash, generate, splits, summary_table
+from plant.scenarios import DataError, ScenarioData, config_hash, generate, scenarios, splits, summary_table
 from training.config import ConfigError, RunConfig, load_config
 
 
@@ -273,17 +273,24 @@ def export_table_main(argv: list[str]) -> int:
     parser.add_argument("--no-faults", action="store_true", help="exact values: no noise, dropouts, stuck or spikes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    cfg = load_config(args.preset).data
-    data = generate(cfg)
+    if args.plant and args.no_faults:
+        parser.error("--plant writes the example plant's export with its faults; --no-faults is for the plain table")
+    try:
+        cfg = load_config(args.preset).data
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    known = [s.id for s in scenarios(cfg)]  # checked before anything is simulated
     windows: dict[str, str] = {}  # each BSM2 window once: the same influent twice would replay it in the export
-    for i in data:
+    for i in known:
         if i.startswith("bsm2-"):
             windows.setdefault(i.partition("@")[0], i)
     ids = args.scenarios or list(windows.values())
-    unknown = [i for i in ids if i not in data]
+    unknown = [i for i in ids if i not in known]
     if unknown:
-        print(f"error: unknown scenario(s) {unknown}; the preset has {list(data)}", file=sys.stderr)
+        print(f"error: unknown scenario(s) {unknown}; the preset has {known}", file=sys.stderr)
         return 2
+    data = generate(cfg)
     if args.plant:
         truth = export_plant([data[i] for i in ids], Path(args.out), args.seed)
         print(f"wrote {args.out}: {truth['rows']} rows of the example plant ({EXAMPLE_CATALOG.name}), with")

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_version_name(version)  # refused now, not after the whole run
     except CardError as exc:
-        print(f"error: --version: {exc}", file=sys.stderr)
+        source = "--version" if args.version else "--run-dir's folder name (the version's, unless --version names one)"
+        print(f"error: {source}: {exc}", file=sys.stderr)
         return 2
     store, run_dir = Path(args.store) if args.store else default_store(cfg), Path(args.run_dir or f"runs/{version}")
     for flag, folder in (("--store", store), ("--run-dir", run_dir)):
