@@ -31,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench.cli import served_version
 from export.onnx_export import load_model
+from modelcard.card import read_card
 from modelcard.store import current_version
 from training import evaluate as ev
 from training.calibrate import blends_off, predict
-from training.config import config_from_dict, with_overrides
+from training.config import ConfigError, config_from_dict, with_overrides
 from training.prepare import prepare
 from training.report import scored_table
 
@@ -107,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", help="default: the served version (models/CURRENT)")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.cache_dir=...")
     args = parser.parse_args(argv)
-    result = bound(args.store, served_version(parser, args.store, args.version), args.overrides)
+    version = served_version(parser, args.store, args.version)
+    try:
+        with_overrides(config_from_dict(read_card(args.store / version)["training"]["config"]), args.overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    result = bound(args.store, version, args.overrides)
     steps = list(next(iter(next(iter(result.values())).values())))
     print("pooled skill (all variables), held-out windows, honest request; oracle blend: fitted on each cell itself")
     print(f"{'cell':<34}" + "".join(f"{name + ' ' + '/'.join(steps):>30}" for name in FORECASTS))

@@ -26,7 +26,7 @@ from training import calibrate as calibration
 from training import evaluate as ev
 from training import loop, report
 from training import prepare as preparation
-from training.config import RunConfig, load_config
+from training.config import ConfigError, RunConfig, load_config
 from training.data import Windows
 
 MEASUREMENTS = BSM1.targets
@@ -80,7 +80,12 @@ def main() -> None:
     # (the served model's "perfect" influent forecast figures are in its report); no setpoints either, so it
     # compares with the served model as every caller gets it.
     off = ["model.disturbance_inputs=false", "model.setpoint_inputs=false"]
-    cfg = load_config(args.preset, None, [*args.overrides, *off])
+    try:  # a bad preset or override, and a --store that is not one, before ten minutes of training
+        cfg = load_config(args.preset, None, [*args.overrides, *off])
+        if Path(args.store).exists() and not Path(args.store).is_dir():
+            raise ConfigError(f"--store {args.store} is a file, not a model store folder")
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     p = influent_known(preparation.prepare(cfg))
     metrics, calib = train_and_score(cfg, p)
     print(f"\nwith the true future influent as a known input ({', '.join(MEASUREMENTS[i].name for i in INFLUENT)}):")

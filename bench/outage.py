@@ -19,7 +19,7 @@ from plant.catalog import load_catalog
 from plant.example_export import EXAMPLE_CATALOG, export_plant
 from plant.historian import import_table, load_dataset
 from plant.scenarios import generate
-from training.config import load_config
+from training.config import ConfigError, load_config
 from training.data import heldout_windows, make_windows
 
 
@@ -40,17 +40,20 @@ def kept_shares(folder: Path, preset: str) -> dict[str, tuple[int, int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--days", type=float, default=72.0, help="length of the export")
     parser.add_argument("--outage-days", type=float, default=3.0, help="the effluent nitrate analyser's outage")
     parser.add_argument("--preset", default="default", help="the training preset whose windows are cut")
     args = parser.parse_args()
+    try:  # before the tiny scenarios are simulated
+        train = load_config(args.preset).train
+    except ConfigError as exc:
+        parser.error(str(exc))
     start = time.perf_counter()
     tiny = generate(load_config("tiny").data, progress=False)
     block = [tiny[i] for i in ("bsm2-00", "bsm2-01", "bsm2-02")]
     days = sum(len(sd.t_minutes) for sd in block) / 96
     scenarios = block * max(1, round(args.days / days))
-    train = load_config(args.preset).train
     catalog = load_catalog(EXAMPLE_CATALOG)
     with tempfile.TemporaryDirectory() as tmp:
         for outage in (0.0, args.outage_days):

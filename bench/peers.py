@@ -43,7 +43,7 @@ from modelcard.runtime import Forecast, ModelRuntime
 from modelcard.store import current_version
 from plant.executor import run_all
 from training import evaluate as ev
-from training.config import RunConfig, config_from_dict, with_overrides
+from training.config import ConfigError, RunConfig, config_from_dict, with_overrides
 from training.data import Windows
 from training.prepare import Prepared, prepare
 from training.report import scored_table, top5_indices
@@ -353,6 +353,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="section.field=value over the card's config (data.cache_dir)")
     args = parser.parse_args(argv)
     args.version = served_version(parser, Path(args.store), args.version)  # checked before any training
+    try:
+        with_overrides(
+            config_from_dict(read_card(Path(args.store) / args.version)["training"]["config"]), args.overrides
+        )
+    except ConfigError as exc:
+        parser.error(str(exc))
     return args
 
 

@@ -189,6 +189,8 @@ def test_windows_never_straddle_scenarios(tiny_data) -> None:
 def test_bad_configs_are_refused_with_a_clear_message(tiny_cache) -> None:
     with pytest.raises(ConfigError, match=r"unknown setting data\.nope"):
         load_config("tiny", overrides=["data.nope=1"])
+    with pytest.raises(ConfigError, match=r"unknown setting model\.h_dimm; did you mean model\.h_dim\?"):
+        load_config("tiny", overrides=["model.h_dimm=8"])
     with pytest.raises(ConfigError, match=r"data\.kla_ranges"):
         load_config("tiny", overrides=["data.kla_ranges=[[0,300],[0,240],[0,240]]"])
     with pytest.raises(ConfigError, match="beyond BSM2's 609 days"):

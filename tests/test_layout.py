@@ -156,3 +156,11 @@ def test_a_bench_told_a_missing_store_or_version_says_so_in_one_line(bench: str,
         assert out.returncode in (1, 2) and words in out.stderr, out.stderr[-800:]
         assert "Traceback" not in out.stderr
     assert set(Path(tempfile.gettempdir()).glob("kovae-bench-*")) == before
+
+
+@pytest.mark.parametrize("bench", ["blend_bound", "peers"])
+def test_a_bench_told_a_mistyped_setting_says_so_before_any_work(bench: str) -> None:
+    out = subprocess.run(
+        [sys.executable, f"bench/{bench}.py", "model.h_dimm=3"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2 and "did you mean model.h_dim?" in out.stderr and "Traceback" not in out.stderr

@@ -6,6 +6,7 @@ A run's configuration is a preset (``tiny`` or ``default``), optionally overlaid
 
 from __future__ import annotations
 
+import difflib
 import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -233,7 +234,9 @@ def _apply(section: Any, values: dict[str, Any], name: str) -> Any:
     changes = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"unknown setting {name}.{key}; known: {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(key, known, n=1)
+            meant = f"did you mean {name}.{close[0]}? " if close else ""
+            raise ConfigError(f"unknown setting {name}.{key}; {meant}known: {', '.join(sorted(known))}")
         changes[key] = _coerce(value, known[key], f"{name}.{key}")
     return replace(section, **changes)
 
