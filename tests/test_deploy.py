@@ -80,6 +80,14 @@ def prometheus(tmp_path: Path, serve, trained_store):
         yield service, api
 
 
+def as_grafana_sends(expr: str) -> str:
+    """A dashboard query as Grafana sends it: $__rate_interval at four scrapes of the shipped config (the
+    datasource's timeInterval)."""
+    scrape = re.search(r"scrape_interval: (\d+)s", (DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert scrape, "the shipped prometheus.yml states its scrape interval in seconds"
+    return expr.replace("$__rate_interval", f"{4 * int(scrape.group(1))}s")
+
+
 def query(api: httpx.Client, expr: str) -> dict:
     r = api.get("/api/v1/query", params={"query": expr})
     body = r.json()
@@ -135,7 +143,7 @@ def test_dashboard_queries_parse_and_use_only_exported_metrics(prometheus, train
     assert rates and all("[$__rate_interval]" in e for e in rates), rates
     exported = set(re.findall(r"^# TYPE (\S+) ", service.client.get("/metrics").text, re.M))
     for expr in exprs:
-        query(api, expr.replace("$__rate_interval", f"{4 * int(scrape.group(1))}s"))  # Prometheus evaluates it
+        query(api, as_grafana_sends(expr))  # Prometheus parses and evaluates it
         for name in re.findall(r"\b(kovae_[a-z_]+)", expr):
             base = re.sub(r"_(bucket|sum|count|total)$", "", name)
             assert name in exported or base in exported, f"{expr}: {name} is not exported"

@@ -163,7 +163,9 @@ def test_round_trip_simulate_export_import_gives_the_same_arrays(tmp_path: Path,
                 continue
             assert np.allclose(p.x[j], x[at[0]], rtol=1e-8) and np.allclose(p.u[j], u[at[0]], rtol=1e-8)
     assert np.isclose(imported % week, minutes[0] % week).any()  # the clock is the scenarios' clock
-    assert manifest["gap_between_splits"] == 32 and manifest["catalog"] == BSM1.to_dict()
+    assert manifest["gap_between_splits"] == 32 and manifest["catalog"] == BSM1.to_dict() | {
+        "optimizer": BSM1.optimizer.to_dict()
+    }
 
 
 def test_resampling_averages_each_interval_and_bridges_only_short_gaps(tmp_path: Path, small) -> None:

@@ -18,7 +18,7 @@ import pytest
 from modelcard.runtime import ModelRuntime
 from modelcard.store import set_current
 from tests.conftest import clone_version, free_port, wait_for
-from tests.test_deploy import DEPLOY, query, running_prometheus
+from tests.test_deploy import DEPLOY, as_grafana_sends, query, running_prometheus
 from tests.test_service import make_body
 
 HAPROXY_CFG = """
@@ -126,7 +126,7 @@ def test_promotion_and_a_killed_replica_behind_haproxy(cluster, tmp_path: Path) 
         total = query(api, 'sum(kovae_http_requests_total{route="/forecast"})')["result"]
         panels = json.loads((DEPLOY / "grafana" / "dashboards" / "kovae.json").read_text())["panels"]
         rate_expr = next(p["targets"][0]["expr"] for p in panels if p["title"] == "Request rate by route")
-        rate = {r["metric"]["route"]: float(r["value"][1]) for r in query(api, rate_expr)["result"]}
+        rate = {r["metric"]["route"]: float(r["value"][1]) for r in query(api, as_grafana_sends(rate_expr))["result"]}
         version_expr = next(p["targets"][0]["expr"] for p in panels if p["title"].startswith("Model version"))
         by_version = query(api, version_expr)["result"]
 
