@@ -587,8 +587,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--store", default="models")
     parser.add_argument("--version", help="default: the served version (models/CURRENT)")
     parser.add_argument("--influents", nargs="*", default=["dry", "rain", "storm", "bsm2-36"], help="window ids")
-    parser.add_argument("--days", type=float, default=7.0, help="evaluated days per strategy")
-    parser.add_argument("--hours", type=float, help="evaluated hours per strategy, instead of --days")
+    span = parser.add_mutually_exclusive_group()
+    span.add_argument("--days", type=float, default=7.0, help="evaluated days per strategy (default 7)")
+    span.add_argument("--hours", type=float, help="evaluated hours per strategy, instead of --days")
     parser.add_argument("--history-days", type=float, default=1.0, help="under the default strategy, after warm-up")
     instead = parser.add_mutually_exclusive_group()
     instead.add_argument("--fixed-do", type=float, help="a constant DO setpoint instead of the service (no server)")
@@ -605,17 +606,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the oracle's kWh per g/m3 above a limit and hour, and per hour above it (default: the card's)",
     )
     parser.add_argument(
-        "--oracle-hours", type=int, default=6, help="how far ahead the oracle runs each candidate plan (hours)"
+        "--oracle-hours", type=int, help="how far ahead the oracle runs each candidate plan (hours; default 6)"
     )
     parser.add_argument("--seed", type=int, default=0, help="the /optimize requests' seed")
     parser.add_argument(
         "--objective",
-        type=json.loads,
+        type=json_object,
         help="JSON object sent as every request's objective (parts of the card's replaced), e.g. "
         '\'{"controls": {}, "move_kwh": 20}\'',
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.oracle and (args.oracle_prices is not None or args.oracle_hours is not None):
+        parser.error("--oracle-prices and --oracle-hours set the oracle: give --oracle too")
+    args.oracle_hours = 6 if args.oracle_hours is None else args.oracle_hours
+    return args
+
+
+def json_object(text: str) -> dict:
+    """--objective's value: a JSON object (the parts of the card's objective a request replaces)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg} at {exc.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, e.g. '{{\"move_kwh\": 20}}': {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, object]]:

@@ -194,3 +194,20 @@ def test_storm_and_later_name_the_held_out_windows() -> None:
     assert bench.resolve(tiny, "storm").id.startswith("bsm2-01@")
     with pytest.raises(SystemExit, match="no later window"):
         bench.resolve(tiny, "later")
+
+
+def test_arguments_that_would_be_ignored_or_misread_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """--hours silently replaced --days, --oracle-prices without --oracle was ignored, and --objective abc was
+    "invalid loads value"."""
+    for argv, words in (
+        (["--days", "3", "--hours", "6"], "not allowed with argument"),
+        (["--oracle-prices", "1", "2", "3", "4"], "give --oracle too"),
+        (["--oracle-hours", "12"], "give --oracle too"),
+        (["--objective", "abc"], "not JSON"),
+        (["--objective", "[1]"], "a JSON object is needed"),
+    ):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert words in capsys.readouterr().err, argv
+    args = bench.parse_args(["--oracle", "--oracle-hours", "12"])
+    assert args.oracle_hours == 12 and bench.parse_args([]).oracle_hours == 6 and bench.parse_args([]).days == 7.0
