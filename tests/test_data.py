@@ -186,7 +186,7 @@ def test_windows_never_straddle_scenarios(tiny_data) -> None:
     assert w.t_last[0] == a.t_minutes[15] and w.t_last[per] == b.t_minutes[15]
 
 
-def test_bad_configs_are_refused_with_a_clear_message(tiny_cache) -> None:
+def test_bad_configs_are_refused_with_a_clear_message(tiny_cache, capsys) -> None:
     with pytest.raises(ConfigError, match=r"unknown setting data\.nope"):
         load_config("tiny", overrides=["data.nope=1"])
     with pytest.raises(ConfigError, match=r"unknown setting model\.h_dimm; did you mean model\.h_dim\?"):
@@ -237,6 +237,10 @@ def test_bad_configs_are_refused_with_a_clear_message(tiny_cache) -> None:
     with pytest.raises(ConfigError, match="bsm2-09"):
         S.splits(cfg.data)
     assert D.main(["--preset", "tiny", 'data.val_scenarios=["dry"]', 'data.test_scenarios=["dry"]']) == 2
+    assert D.main(["--preset", "tiny", "data.source=historian"]) == 2  # it simulated BSM1 regardless
+    assert "python -m training.data import SOURCE" in capsys.readouterr().err
+    assert D.main(["--preset", "tiny", f"data.cache_dir={tiny_cache}", "model.h_dim=8"]) == 0  # from the cache
+    assert "note: model.h_dim is a training setting; the simulation does not read it" in capsys.readouterr().err
 
 
 def test_one_analyser_out_is_masked_and_the_window_kept(tiny_data) -> None:

@@ -163,14 +163,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--preset", default="default", help="tiny or default")
     parser.add_argument("--config", help="TOML file with a [data] table")
-    parser.add_argument("overrides", nargs="*", help="data.field=value, e.g. data.bsm2_windows=4")
+    parser.add_argument("overrides", nargs="*", help="data.field=value, e.g. data.workers=1")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.preset, args.config, args.overrides).data
         splits(cfg)
+        if cfg.source != "bsm1":
+            raise ConfigError(
+                "data.source=historian: this command simulates BSM1; a plant's export is read by "
+                "python -m training.data import SOURCE --catalog CATALOG"
+            )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for setting in (o.partition("=")[0] for o in args.overrides if not o.startswith("data.")):
+        # Accepted (a script may pass training.run's settings to both), but said: they change no simulation.
+        print(f"note: {setting} is a training setting; the simulation does not read it", file=sys.stderr)
     start = time.perf_counter()
     data = generate(cfg)
     print(summary_table(data))
