@@ -159,8 +159,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     version = served_version(parser, Path(args.store), args.version)
-    if version is None:
-        raise SystemExit(f"no version given and none is current in {args.store}")
     vdir = Path(args.store) / version
     card = read_card(vdir)
     cfg = config_from_dict(card["training"]["config"])

@@ -29,13 +29,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
 
-from bench.cli import served_version
+from bench.cli import served_version, version_config
 from export.onnx_export import load_model
-from modelcard.card import read_card
-from modelcard.store import current_version
 from training import evaluate as ev
 from training.calibrate import blends_off, predict
-from training.config import ConfigError, config_from_dict, with_overrides
+from training.config import RunConfig
 from training.prepare import prepare
 from training.report import scored_table
 
@@ -74,13 +72,11 @@ def day_offset(x_hist: np.ndarray, last: np.ndarray, day: int) -> np.ndarray:
     return np.nan_to_num(last - x_hist[:, -1 - day][:, None].astype(np.float64))
 
 
-def bound(store: Path, version: str | None, overrides: list[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per cell, per forecast (``FORECASTS``), the pooled skill (all variables) at each headline step."""
-    version = version or current_version(store)
-    if version is None:
-        raise SystemExit(f"no version given and none is current in {store}")
+def bound(store: Path, version: str, cfg: RunConfig) -> dict[str, dict[str, dict[str, float]]]:
+    """Per cell, per forecast (``FORECASTS``), the pooled skill (all variables) at each headline step; ``cfg`` the
+    version's training config (``bench.cli.version_config``)."""
     model, card = load_model(store / version)
-    p = prepare(with_overrides(config_from_dict(card["training"]["config"]), overrides))
+    p = prepare(cfg)
     w = p.test
     served = predict(model, p, w, 0, card["calibration"])[0]
     with blends_off(model):
@@ -109,11 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.cache_dir=...")
     args = parser.parse_args(argv)
     version = served_version(parser, args.store, args.version)
-    try:
-        with_overrides(config_from_dict(read_card(args.store / version)["training"]["config"]), args.overrides)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    result = bound(args.store, version, args.overrides)
+    result = bound(args.store, version, version_config(parser, args.store, version, args.overrides))
     steps = list(next(iter(next(iter(result.values())).values())))
     print("pooled skill (all variables), held-out windows, honest request; oracle blend: fitted on each cell itself")
     print(f"{'cell':<34}" + "".join(f"{name + ' ' + '/'.join(steps):>30}" for name in FORECASTS))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from modelcard.card import CardError
+from modelcard.card import CardError, read_card
 from modelcard.store import resolve_version
+from training.config import ConfigError, RunConfig, config_from_dict, with_overrides
 
 
 def served_version(parser: argparse.ArgumentParser, store: Path, version: str | None = None) -> str:
@@ -15,4 +16,13 @@ def served_version(parser: argparse.ArgumentParser, store: Path, version: str | 
     try:
         return resolve_version(store, version)
     except CardError as exc:
+        parser.error(str(exc))
+
+
+def version_config(parser: argparse.ArgumentParser, store: Path, version: str, overrides: list[str]) -> RunConfig:
+    """The version's training config with ``section.field=value`` overrides (e.g. a data cache folder); a bad
+    override stops the bench in one line (exit 2) before any work."""
+    try:
+        return with_overrides(config_from_dict(read_card(Path(store) / version)["training"]["config"]), overrides)
+    except ConfigError as exc:
         parser.error(str(exc))

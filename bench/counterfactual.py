@@ -209,9 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="every measurement, not only those the targets name")
     args = parser.parse_args(argv)
     version = served_version(parser, Path(args.store), args.version)
-    if version is None:
-        print(f"no version given and none is current in {args.store}", file=sys.stderr)
-        return 2
     vdir = Path(args.store) / version
     card = read_card(vdir)
     rt = ModelRuntime(vdir)

@@ -36,14 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench import counterfactual as cf
 from bench.accuracy import requested
-from bench.cli import served_version
+from bench.cli import served_version, version_config
 from bench.peers_models import DEFAULT, QUICK, LightGBMDirect, Sizes, TorchPeer, make_peers
-from modelcard.card import read_card
 from modelcard.runtime import Forecast, ModelRuntime
-from modelcard.store import current_version
 from plant.executor import run_all
 from training import evaluate as ev
-from training.config import ConfigError, RunConfig, config_from_dict, with_overrides
+from training.config import RunConfig
 from training.data import Windows
 from training.prepare import Prepared, prepare
 from training.report import scored_table, top5_indices
@@ -66,15 +64,9 @@ class Scored:
     honest_mean: np.ndarray | None = None  # kept for the plot
 
 
-def load(store: Path, version: str | None, overrides: list[str]) -> tuple[ModelRuntime, RunConfig, Prepared]:
-    """The served version, its training config (with ``section.field=value`` overrides, e.g. a data cache
-    folder) and its prepared data."""
-    version = version or current_version(store)
-    if version is None:
-        raise SystemExit(f"no version given and none is current in {store}")
-    vdir = store / version
-    cfg = with_overrides(config_from_dict(read_card(vdir)["training"]["config"]), overrides)
-    return ModelRuntime(vdir), cfg, prepare(cfg)
+def load(store: Path, version: str, cfg: RunConfig) -> tuple[ModelRuntime, RunConfig, Prepared]:
+    """The version's runtime, its training config (``bench.cli.version_config``) and its prepared data."""
+    return ModelRuntime(store / version), cfg, prepare(cfg)
 
 
 CHUNK = 128  # windows per forecast call: every model's memory bounded whatever the number of windows
@@ -353,19 +345,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="section.field=value over the card's config (data.cache_dir)")
     args = parser.parse_args(argv)
     args.version = served_version(parser, Path(args.store), args.version)  # checked before any training
-    try:
-        with_overrides(
-            config_from_dict(read_card(Path(args.store) / args.version)["training"]["config"]), args.overrides
-        )
-    except ConfigError as exc:
-        parser.error(str(exc))
+    args.config = version_config(parser, Path(args.store), args.version, args.overrides)
     return args
 
 
 def run(args: argparse.Namespace) -> Bench:
     """Train the peers, score every model, print the tables and targets, write the plot and peers.json."""
     start = time.perf_counter()
-    rt, cfg, p = load(Path(args.store), args.version, args.overrides)
+    rt, cfg, p = load(Path(args.store), args.version, args.config)
     sizes: Sizes = QUICK if args.quick else DEFAULT
     if args.epochs:
         sizes = Sizes(**{**sizes.__dict__, "epochs": args.epochs})

@@ -30,9 +30,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from modelcard.card import CardError, read_card, write_card
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
+
+from bench.cli import served_version
+from modelcard.card import read_card, write_card
 from modelcard.runtime import ModelRuntime
-from modelcard.store import POINTER, current_version, resolve_version, set_current
+from modelcard.store import POINTER, current_version, set_current
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -321,10 +324,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rate * args.seconds > 20_000 or any(r * args.ramp_seconds > 20_000 for r in args.ramp):
         sys.exit("refusing: more than 20,000 requests in one phase")
-    try:  # a missing store or version stops here, before any copy (bench.cli's check; run as a sibling here)
-        resolve_version(Path(args.store))
-    except CardError as exc:
-        parser.error(str(exc))
+    served_version(parser, Path(args.store))  # a missing store or version stops here, before any copy
 
     tmp, store, version = private_store(Path(args.store))
     rt = ModelRuntime(store / version)

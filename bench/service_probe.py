@@ -56,9 +56,10 @@ from service_load import (
     start_server,
 )
 
-from modelcard.card import CardError, read_card, write_card
+from bench.cli import served_version
+from modelcard.card import read_card, write_card
 from modelcard.runtime import ModelRuntime
-from modelcard.store import POINTER, resolve_version
+from modelcard.store import POINTER
 from service.settings import Settings
 
 
@@ -523,10 +524,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds > 200 or args.load_seconds > 120:
         sys.exit("refusing: at most 200 rounds and 120 s of load")
-    try:  # a missing store or version stops here, before any copy (bench.cli's check; run as a sibling here)
-        resolve_version(Path(args.store))
-    except CardError as exc:
-        parser.error(str(exc))
+    served_version(parser, Path(args.store))  # a missing store or version stops here, before any copy
     tmp, store, version = private_store(Path(args.store))
     try:
         rt = ModelRuntime(store / version)

@@ -67,11 +67,11 @@ def resolve_version(store: Path, version: str | None = None) -> str:
     store = Path(store)
     if not store.is_dir():
         raise CardError(f"no model store at {store} (a folder holding CURRENT and the versions)")
-    version = version or current_version(store)
-    have = ", ".join(list_versions(store)) or "none"
+    version, versions = version or current_version(store), list_versions(store)
+    have = ", ".join(versions) or "none"
     if version is None:
         raise CardError(f"no version given and none is current in {store}; have {have}")
-    if version not in list_versions(store):
+    if version not in versions:
         raise CardError(f"no version {version!r} in {store}; have {have}")
     return version
 

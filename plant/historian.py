@@ -580,6 +580,21 @@ def import_table(
     return manifest
 
 
+def imported(manifest: Any) -> bool:
+    """Whether a data folder's manifest is an import's (it names the plant's catalog); simulated BSM1 scenarios'
+    does not."""
+    return isinstance(manifest, dict) and "catalog" in manifest
+
+
+def simulated_cache(folder: Path) -> bool:
+    """Whether ``folder`` holds simulated BSM1 scenarios, which an import must not overwrite."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not imported(manifest)
+
+
 def load_dataset(folder: Path, catalog: Catalog | None = None) -> tuple[Catalog, dict[str, Any], dict[str, Any]]:
     """An imported dataset: (catalog, scenarios by id, manifest). With ``catalog``, refuse data imported with
     another one."""
@@ -589,7 +604,7 @@ def load_dataset(folder: Path, catalog: Catalog | None = None) -> tuple[Catalog,
         raise DataError(
             f"{folder}: no readable manifest.json ({exc}); import with python -m training.data import"
         ) from None
-    if not isinstance(manifest, dict) or "catalog" not in manifest:
+    if not imported(manifest):
         raise DataError(f"{folder} holds simulated BSM1 data, not an import: train on it without --data")
     stored = catalog_from_dict(manifest["catalog"], f"{folder}/manifest.json")
     if catalog is not None and stored.to_dict() != catalog.to_dict():

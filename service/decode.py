@@ -42,7 +42,7 @@ from service.loops import (
     setpoint_sources,
 )
 from service.problems import Errors
-from service.request import DecodedRequest, ForecastRequest, PlanIn, SeriesIn, sample_steps
+from service.request import DecodedRequest, ForecastRequest, PlanIn, SeriesIn
 from service.settings import Settings
 from service.times import future_times, read_times
 from service.warn import flat_warnings, range_warnings, stale_warnings
@@ -58,7 +58,7 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
     """Check a request against the model card and settings and turn it into arrays: every size rule first
     (refused together, before any value is looked at), then each series' values."""
     errors = Errors()
-    check_request_sizes(req, rt, settings, errors)
+    work = check_request_sizes(req, rt, settings, errors)
     inputs, loops = ModelInputs.of(rt), model_loops(rt)
     for i, s in enumerate(req.series):
         check_series_sizes(s, f"series[{i}]", rt, inputs, loops, req.horizon, settings, errors)
@@ -71,15 +71,19 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
         settings.max_answer_bytes,
     )
     samples = requested_samples(req, rt, settings)
-    out = DecodedRequest(horizon=req.horizon, quantiles=sorted(req.quantiles), samples=samples, seed=req.seed)
+    out = DecodedRequest(
+        horizon=req.horizon, quantiles=sorted(req.quantiles), samples=samples, seed=req.seed, work=work
+    )
     for i, s in enumerate(req.series):
         decode_series(s, f"series[{i}]", rt, inputs, loops, req.horizon, out, errors)
     errors.raise_if_any()
     return out
 
 
-def check_request_sizes(req: ForecastRequest, rt: ModelRuntime, settings: Settings, errors: Errors) -> None:
-    """Horizon, series, quantiles, samples, plans and the work, each checked once (no error per quantile)."""
+def check_request_sizes(req: ForecastRequest, rt: ModelRuntime, settings: Settings, errors: Errors) -> int:
+    """Horizon, series, quantiles, samples, plans and the work, each checked once (no error per quantile); returns
+    the work: forecasts x samples x horizon in sample steps (the mean counts as one sample, a series with plans one
+    forecast per plan)."""
     if req.horizon > rt.max_horizon:
         errors.add("horizon", f"{req.horizon} exceeds the model's max_horizon {rt.max_horizon}")
     if len(req.series) > settings.max_series:
@@ -91,7 +95,7 @@ def check_request_sizes(req: ForecastRequest, rt: ModelRuntime, settings: Settin
     # Plans whose forecasts the answer leaves out (plan_forecasts false) draw no samples: only their means count.
     means_only = sum(len(s.plans) for s in req.series if s.plans and not s.plan_forecasts)
     forecasts = sum(len(s.plans) if s.plans else 1 for s in req.series) - means_only
-    work = sample_steps(forecasts, means_only, samples, req.horizon)
+    work = (forecasts * max(samples, 1) + means_only) * req.horizon
     if work > settings.max_work and req.horizon <= rt.max_horizon:  # a horizon too long is named alone
         without = f" + {means_only} plans without forecasts x {req.horizon}" if means_only else ""
         errors.add(
@@ -100,6 +104,7 @@ def check_request_sizes(req: ForecastRequest, rt: ModelRuntime, settings: Settin
             f"exceeds the limit {settings.max_work} per request (a series counts one forecast per plan): send "
             "fewer samples, series or plans, or split the request",
         )
+    return work
 
 
 def check_quantiles(quantiles: list[float], settings: Settings, errors: Errors) -> None:

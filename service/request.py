@@ -148,19 +148,4 @@ class DecodedRequest:
     quantiles: list[float] = field(default_factory=list)
     samples: int = 0  # 0 when no quantiles are asked for: samples are drawn only to give quantiles
     seed: int | None = None
-
-    @property
-    def work(self) -> int:
-        """What one request costs in sample steps (``sample_steps``), as the work bound counted it."""
-        means_only = sum(
-            len(u) for u, f in zip(self.u_fut, self.facts, strict=True) if u.ndim == 3 and not f.plan_forecasts
-        )
-        forecasts = sum(len(u) if u.ndim == 3 else 1 for u in self.u_fut) - means_only
-        return sample_steps(forecasts, means_only, self.samples, self.horizon)
-
-
-def sample_steps(forecasts: int, means_only: int, samples: int, horizon: int) -> int:
-    """Forecasts x samples x horizon: a request's cost (the mean counts as one sample; a series with plans counts
-    one forecast per plan), plus the plans whose forecasts the answer leaves out (plan_forecasts false), which
-    draw no samples: their means alone."""
-    return (forecasts * max(samples, 1) + means_only) * horizon
+    work: int = 0  # sample steps, as the work bound counted them (service.decode): which lane runs the request

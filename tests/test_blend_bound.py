@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from bench import blend_bound as bench
+from modelcard.card import read_card
+from training.config import config_from_dict, with_overrides
 
 
 def test_the_oracle_blend_recovers_a_known_mixture_and_keeps_what_it_cannot_fit() -> None:
@@ -43,7 +45,10 @@ def test_no_fixed_blend_falls_below_the_model_alone_or_the_better_naive_forecast
     """Fitted in sample, the blend is at least as good as each forecast it blends, in every cell and step: the
     model alone (a = 1, b = 0) and both naive forecasts (skill 0)."""
     store, version = trained_store
-    result = bench.bound(store, version, [f"data.cache_dir={tiny_cache}"])
+    card = read_card(store / version)
+    result = bench.bound(
+        store, version, with_overrides(config_from_dict(card["training"]["config"]), [f"data.cache_dir={tiny_cache}"])
+    )
     assert result
     for cell, row in result.items():
         for step, oracle in row["oracle blend"].items():

@@ -80,12 +80,16 @@ def prometheus(tmp_path: Path, serve, trained_store):
         yield service, api
 
 
+def shipped_scrape_seconds() -> int:
+    scrape = re.search(r"scrape_interval: (\d+)s", (DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert scrape, "the shipped prometheus.yml states its scrape interval in seconds"
+    return int(scrape.group(1))
+
+
 def as_grafana_sends(expr: str) -> str:
     """A dashboard query as Grafana sends it: $__rate_interval at four scrapes of the shipped config (the
     datasource's timeInterval)."""
-    scrape = re.search(r"scrape_interval: (\d+)s", (DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    assert scrape, "the shipped prometheus.yml states its scrape interval in seconds"
-    return expr.replace("$__rate_interval", f"{4 * int(scrape.group(1))}s")
+    return expr.replace("$__rate_interval", f"{4 * shipped_scrape_seconds()}s")
 
 
 def query(api: httpx.Client, expr: str) -> dict:
@@ -137,8 +141,7 @@ def test_dashboard_queries_parse_and_use_only_exported_metrics(prometheus, train
     # (the datasource's timeInterval, which must be the shipped scrape interval). A fixed [1m] leaves a plant whose
     # Prometheus scrapes every 30 s or more with gaps.
     datasource = (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
-    scrape = re.search(r"scrape_interval: (\d+)s", (DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    assert scrape and f"timeInterval: {scrape.group(1)}s" in datasource
+    assert f"timeInterval: {shipped_scrape_seconds()}s" in datasource
     rates = [e for e in exprs if "rate(kovae_http_request" in e or "rate(kovae_inference" in e]
     assert rates and all("[$__rate_interval]" in e for e in rates), rates
     exported = set(re.findall(r"^# TYPE (\S+) ", service.client.get("/metrics").text, re.M))

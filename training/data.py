@@ -187,22 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def simulated_cache(folder: Path) -> bool:
-    """Whether ``folder`` holds simulated BSM1 scenarios (a manifest without an import's catalog), which an import
-    must not overwrite."""
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and "catalog" not in manifest
-
-
 def import_main(argv: list[str]) -> int:
     """``python -m training.data import SOURCE --catalog CATALOG``: a historian export into training data. It
     reads the whole file once and reports every problem; the history and horizon its blocks are kept apart for
     come from the training preset (and --config) the data will be trained with."""
     from plant.catalog import CatalogError
-    from plant.historian import ImportRefused, describe, import_table, load_dataset
+    from plant.historian import ImportRefused, describe, import_table, load_dataset, simulated_cache
 
     parser = argparse.ArgumentParser(prog="python -m training.data import", description=import_main.__doc__)
     parser.add_argument("source", help="a wide CSV or Parquet file: a timestamp column, one column per variable")

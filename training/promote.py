@@ -17,7 +17,15 @@ import sys
 from pathlib import Path
 
 from modelcard.card import CardError, check_seal, read_card
-from modelcard.store import GATE_FILE, add_version, current_version, list_versions, remove_stale, set_current
+from modelcard.store import (
+    GATE_FILE,
+    add_version,
+    current_version,
+    list_versions,
+    remove_stale,
+    resolve_version,
+    set_current,
+)
 
 
 def describe(store: Path, version: str) -> str:
@@ -80,12 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         for v in list_versions(store):
             print(("* " if v == current else "  ") + f"{v}  {describe(store, v)}")
         return 0
-    if args.version not in list_versions(store):
-        have = ", ".join(list_versions(store)) or "none" if store.is_dir() else f"no store at {store}"
-        print(f"error: no version {args.version!r} in {store}; have {have}", file=sys.stderr)
-        return 2
     try:
-        set_current(store, args.version)
+        set_current(store, resolve_version(store, args.version))  # a name not in the store is named with those there
     except CardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
