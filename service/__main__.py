@@ -21,7 +21,7 @@ from pydantic_settings import SettingsError
 
 from service.http import LimitedHttpProtocol
 from service.logs import setup_logging
-from service.settings import get_settings, unknown_settings
+from service.settings import env_file_settings, get_settings, unknown_settings
 
 log = logging.getLogger("kovae.app")
 
@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("settings refused, not starting: %s; %s", exc, hint, extra={"event": "settings_refused"})
         return 2
     setup_logging(settings.log_level)
-    for name, hint in unknown_settings(os.environ):
-        # Not refused: an orchestrator may inject KOVAE_* variables of its own (Kubernetes' service links).
-        log.warning("%s is no setting and is ignored%s", name, hint, extra={"event": "unknown_setting"})
+    # Not refused: an orchestrator may inject KOVAE_* variables of its own (Kubernetes' service links).
+    for where, variables in (("", os.environ), (" (in .env)", env_file_settings())):
+        for name, hint in unknown_settings(variables):
+            log.warning("%s%s is no setting and is ignored%s", name, where, hint, extra={"event": "unknown_setting"})
     shared: Path | None = None  # created here, so removed here
     if settings.workers > 1:
         runtime = settings.runtime_dir
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             access_log=False,  # the service logs each request itself, as JSON with its request id
             http=LimitedHttpProtocol,
             timeout_keep_alive=settings.keep_alive_s,
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # uvicorn waits on a float
         )
     finally:
         if shared is not None:

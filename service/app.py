@@ -148,6 +148,16 @@ PROBLEM_SCHEMA = {
 }
 
 
+def presented_key(request: Request) -> str | None:
+    """The key a caller sends: the X-API-Key header, else an ``Authorization: Bearer`` token (what a Prometheus,
+    which cannot send other headers, scrapes a protected /metrics with)."""
+    key = request.headers.get("x-api-key")
+    if key is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        key = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return key
+
+
 def _key_ok(given: str | None, keys: list[SecretStr]) -> bool:
     """Constant-time comparison against every configured key."""
     if given is None:
@@ -226,15 +236,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # async, so FastAPI runs them inline: a plain def dependency costs a hop through the thread pool.
     async def forecast_auth(request: Request) -> None:
-        if settings.api_keys and not _key_ok(request.headers.get("x-api-key"), settings.api_keys):
-            detail = "send a valid X-API-Key header"
+        if settings.api_keys and not _key_ok(presented_key(request), settings.api_keys):
+            detail = "send a valid X-API-Key header (or Authorization: Bearer <key>)"
             raise ProblemError(401, "Missing or invalid API key", detail=detail, headers=CHALLENGE)
 
     async def admin_auth(request: Request) -> None:
         if not settings.admin_api_keys:
             raise ProblemError(403, "Admin endpoints are disabled", detail="set KOVAE_ADMIN_API_KEYS to enable them")
-        if not _key_ok(request.headers.get("x-api-key"), settings.admin_api_keys):
-            detail = "send a valid admin X-API-Key header"
+        if not _key_ok(presented_key(request), settings.admin_api_keys):
+            detail = "send a valid admin X-API-Key header (or Authorization: Bearer <key>)"
             raise ProblemError(401, "Missing or invalid API key", detail=detail, headers=CHALLENGE)
 
     async def info_auth(request: Request) -> None:
@@ -420,11 +430,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             publish_limits(schemas, rt, settings)
             spec["components"]["securitySchemes"] = {
                 "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "Bearer": {"type": "http", "scheme": "bearer", "description": "the same key, as a bearer token"},
             }
             secured = [("/forecast", "post"), ("/optimize", "post"), ("/admin/reload", "post")]
             secured += [("/model", "get"), ("/metrics", "get")] if settings.protect_info else []
             for path, method in secured:
-                spec["paths"][path][method]["security"] = [{"ApiKey": []}]
+                spec["paths"][path][method]["security"] = [{"ApiKey": []}, {"Bearer": []}]  # either
             documents.clear()
             documents[key] = spec
         return documents[key]

@@ -22,7 +22,29 @@ from prometheus_client import (
     multiprocess,
 )
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Up to a minute: the largest request KOVAE_MAX_WORK lets in takes seconds, and a quantile past the last bucket
+# reads as that bucket's bound.
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 
 REQUESTS = Counter("kovae_http_requests_total", "HTTP requests handled", ["route", "method", "status_class"])
 REQUEST_SECONDS = Histogram(
@@ -44,6 +66,18 @@ LAST_LOADED = Gauge(
     "kovae_model_last_loaded_timestamp_seconds", "Unix time the model was last loaded", multiprocess_mode="livemax"
 )
 RELOADS = Counter("kovae_model_reloads_total", "Model reload attempts by outcome", ["outcome"])
+for _outcome in ("success", "failure"):  # both exported from the start: increase() needs the 0 before the first 1
+    RELOADS.labels(_outcome)
+READY = Gauge(
+    "kovae_model_ready",
+    "1 while a model is served (what /readyz says), 0 before one loads",
+    multiprocess_mode="livemin",
+)
+REFUSED = Gauge(
+    "kovae_model_refused",
+    "1 while the version CURRENT names is refused (another keeps serving, or none: GET /readyz says why)",
+    multiprocess_mode="livemax",
+)
 OPTIMIZE_CALLS = Counter(
     "kovae_optimize_total",
     "Setpoint advice answered, by status and whether the plan meets every limit",

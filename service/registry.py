@@ -183,6 +183,7 @@ class ModelRegistry:
                 metrics.RELOADS.labels("failure").inc()
                 reason = self._describe(exc)
                 self.refused, self._refused_state = {"version": version, "reason": reason}, state
+                metrics.REFUSED.set(1)
                 log.error(
                     "reload of %s refused: %s (store %s)",
                     version,
@@ -193,6 +194,8 @@ class ModelRegistry:
                 self._write_worker_state()
                 raise ReloadError(f"version {version} refused: {reason}") from None
             self.runtime, self.refused, self._refused_state = rt, None, None
+            metrics.READY.set(1)
+            metrics.REFUSED.set(0)
             if old is not None and old.version != rt.version:
                 metrics.MODEL_INFO.labels(old.version).set(0)
             metrics.MODEL_INFO.labels(rt.version).set(1)
@@ -213,6 +216,7 @@ class ModelRegistry:
                 extra={"event": "refusal_cleared"},
             )
             self.refused, self._refused_state = None, None
+            metrics.REFUSED.set(0)
             self._write_worker_state()
 
     def submit(self, force: bool = False) -> Future:

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -65,7 +66,22 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(5.0, description="how often to check CURRENT for a new version; 0 disables")
     header_timeout_s: float = Field(10.0, description="close a connection that has not sent its headers by then")
     keep_alive_s: float = Field(5.0, description="close an idle keep-alive connection after this long")
+    shutdown_grace_s: float = Field(
+        30.0,
+        gt=0,
+        description="on SIGTERM, how long requests in flight may still run (the largest KOVAE_MAX_WORK request "
+        "takes seconds); any still running then are answered 503. Keep the orchestrator's grace period above it",
+    )
     log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def known_level(cls, level: str) -> str:
+        """A level logging does not know stopped the start with a traceback, past the one-line refusal."""
+        levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+        if level.upper() not in levels:
+            raise ValueError(f"{level!r} is no log level: one of {', '.join(levels)}")
+        return level.upper()
 
     @field_validator("api_keys", "admin_api_keys")
     @classmethod
@@ -95,12 +111,19 @@ def get_settings() -> Settings:
     return Settings()
 
 
-def unknown_settings(environ: Mapping[str, str]) -> Iterator[tuple[str, str]]:
+def unknown_settings(environ: Mapping[str, str | None]) -> Iterator[tuple[str, str]]:
     """Each ``KOVAE_*`` variable that names no setting, with a hint at the one meant (a typo such as
-    ``KOVAE_API_KEY`` would otherwise leave /forecast open without a word)."""
+    ``KOVAE_API_KEY`` would otherwise leave /forecast open without a word). Names are matched as the settings
+    read them: in any case."""
     prefix = Settings.model_config["env_prefix"]
     known = {f"{prefix}{name.upper()}" for name in Settings.model_fields}
     for name in sorted(environ):
-        if name.startswith(prefix) and name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
+        if name.upper().startswith(prefix) and name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
             yield name, f" (did you mean {close[0]}?)" if close else ""
+
+
+def env_file_settings() -> dict[str, str | None]:
+    """The variables of the .env file the settings read (in the working directory), if there is one."""
+    path = Path(Settings.model_config["env_file"])
+    return dict(dotenv_values(path)) if path.is_file() else {}

@@ -315,6 +315,29 @@ def test_work_stops_when_the_client_goes_away(serve, trained_store, rt) -> None:
     assert wait_for(lambda: _metric(s.client.get("/metrics").text, "kovae_forecasts_cancelled_total") == 1)
 
 
+def test_a_request_still_running_when_the_shutdown_grace_ends_gets_a_503_not_a_500(serve, trained_store, rt) -> None:
+    """On SIGTERM uvicorn cancels what is still running after KOVAE_SHUTDOWN_GRACE_S: that was a 500 and an ERROR
+    traceback ("Exception in ASGI application"), paging on every rolling update; now a 503 to send again."""
+    store, _ = trained_store
+    s = serve(store, KOVAE_CHUNK_WORK="256", KOVAE_SHUTDOWN_GRACE_S="0.5")
+    large = make_body(rt, n_series=64, horizon=rt.max_horizon)  # seconds of work, in small pieces
+    large.update(quantiles=[0.1, 0.9], samples=1000)
+    answer: dict[str, httpx.Response] = {}
+
+    def send_large() -> None:
+        with httpx.Client(base_url=s.url, timeout=60) as client:
+            answer["large"] = client.post("/forecast", json=large)
+
+    thread = threading.Thread(target=send_large)
+    thread.start()
+    time.sleep(1.0)
+    log = s.stop()  # SIGTERM, as an orchestrator sends it
+    thread.join(timeout=60)
+    r = answer["large"]
+    assert r.status_code == 503 and r.json()["title"] == "Service shutting down", r.text[:300]
+    assert "shutdown_cancelled" in log and "Exception in ASGI application" not in log and "Traceback" not in log
+
+
 # ----------------------------------------------------------------------------- 6, 9: the protocol
 
 
@@ -415,7 +438,7 @@ def test_the_published_schema_states_the_model_limits(server, rt) -> None:
     plan = schemas["SeriesIn"]["properties"]["future_controls"]["anyOf"][0]["properties"]["KLa_5"]["items"]
     assert plan["type"] == "number"
     assert spec["components"]["securitySchemes"]["ApiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
-    assert spec["paths"]["/forecast"]["post"]["security"] == [{"ApiKey": []}]
+    assert spec["paths"]["/forecast"]["post"]["security"] == [{"ApiKey": []}, {"Bearer": []}]
 
 
 # ----------------------------------------------------------------------------- 10, 11: exposure, connections
@@ -428,6 +451,10 @@ def test_no_page_loads_scripts_from_a_cdn_and_info_can_be_protected(serve, train
     for path in ("/model", "/metrics"):
         assert s.client.get(path).status_code == 401
         assert s.client.get(path, headers={"x-api-key": "k1"}).status_code == 200
+        # A Prometheus sends no other header: the key as a bearer token (its scrape config's authorization).
+        assert s.client.get(path, headers={"authorization": "Bearer k1"}).status_code == 200
+        for wrong in ("Bearer k2", "Bearer", "Basic k1", "k1"):
+            assert s.client.get(path, headers={"authorization": wrong}).status_code == 401, wrong
     assert s.client.get("/readyz").status_code == 200  # probes stay open
 
 

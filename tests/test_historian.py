@@ -581,19 +581,17 @@ def test_a_new_plants_first_model_is_served_by_the_readme_flow(
     assert run_main([*train, "--run-dir", "runs/p2", "--no-promote"]) == 0
     gate = json.loads((store / "p2" / "gate.json").read_text())
     assert gate["served_version"] == "p1" and "on the same held-out windows" in gate["why"]
-    # BSM1's store named by mistake: not stored there, not even with --force, nor by the promote CLI.
+    # BSM1's store named by mistake: refused before training, not even with --force, nor by the promote CLI.
     for force in ([], ["--force"]):
         assert run_main([*train, "--run-dir", "runs/p3", "--store", "models", *force]) == 2
         err = capsys.readouterr().err
-        assert "not stored: models serves v1, a model of catalog 'bsm1'; version p3 is one of catalog" in err
-        assert "python -m training.promote --store models/example-plant --add runs/p3/export/p3 --promote" in err
-        assert not (tmp_path / "models" / "p3").exists()
-    assert promote_main(["--store", "models", "--add", "runs/p3/export/p3", "--promote"]) == 2
+        assert "error: --store models: models serves v1, a model of catalog 'bsm1'; version p3 is one of" in err
+        assert "this catalog's is models/example-plant" in err
+        assert not (tmp_path / "runs" / "p3" / "checkpoints").exists() and not (tmp_path / "models" / "p3").exists()
+    assert promote_main(["--store", "models", "--add", str(store / "p2"), "--promote"]) == 2
     assert "each catalog's models belong in a store of their own" in capsys.readouterr().err
-    assert not (tmp_path / "models" / "p3").exists()
+    assert not (tmp_path / "models" / "p2").exists()
     assert (tmp_path / "models" / "CURRENT").read_text() == bsm1_current
-    assert promote_main(["--store", "models/example-plant", "--add", "runs/p3/export/p3"]) == 0
-
     card = json.loads((store / "p1" / "card.json").read_text())
     measurements = {v["name"]: v for v in card["variables"]["measurements"]}
     assert list(measurements) == ["inflow", "nh4_in", "no3_bb2", "o2_bb5", "nh4_bb5", "nh4_out", "no3_out", "temp_bb5"]

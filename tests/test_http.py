@@ -213,6 +213,18 @@ def test_a_list_setting_that_is_not_json_stops_the_start_in_one_line(trained_sto
     assert "s3cret" not in out.stderr + out.stdout
 
 
+def test_an_unknown_log_level_stops_the_start_in_one_line(trained_store) -> None:
+    """KOVAE_LOG_LEVEL=verbose ended in a plain-text traceback (logging's ValueError), past the one JSON line."""
+    env = {**os.environ, "KOVAE_LOG_LEVEL": "verbose", "KOVAE_MODEL_STORE": str(trained_store[0])}
+    out = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout
+    (line,) = log_lines(out.stderr + out.stdout)
+    assert line["event"] == "settings_refused" and "KOVAE_LOG_LEVEL" in line["message"]
+    assert "'verbose' is no log level" in line["message"]
+
+
 def test_help_and_arguments_never_start_a_server() -> None:
     """``python -m service --help`` started the server (it takes settings, not arguments)."""
     env = {**os.environ, "KOVAE_PORT": "1"}  # a port it could never bind: a start would fail, not hang
@@ -234,6 +246,18 @@ def test_a_mistyped_setting_is_named_at_the_start(serve, trained_store) -> None:
     assert wait_for(lambda: any(b"unknown_setting" in line for line in s.output))
     (line,) = [e for e in log_lines(s.stop()) if e.get("event") == "unknown_setting"]
     assert line["message"] == "KOVAE_API_KEY is no setting and is ignored (did you mean KOVAE_API_KEYS?)"
+
+
+def test_a_mistyped_setting_in_the_env_file_is_named_too(serve, trained_store, tmp_path) -> None:
+    """A .env line is read as the environment is: its typo left /forecast open without a word."""
+    (tmp_path / ".env").write_text('KOVAE_API_KEY=["k1"]\nkovae_port_x=1\nOTHER=2\n')
+    s = serve(trained_store[0], cwd=tmp_path)
+    assert wait_for(lambda: sum(b"unknown_setting" in line for line in s.output) == 2)
+    lines = [e["message"] for e in log_lines(s.stop()) if e.get("event") == "unknown_setting"]
+    assert lines == [
+        "KOVAE_API_KEY (in .env) is no setting and is ignored (did you mean KOVAE_API_KEYS?)",
+        "kovae_port_x (in .env) is no setting and is ignored (did you mean KOVAE_PORT?)",
+    ]
 
 
 # ----------------------------------------------------------------------------- low: logs of several workers

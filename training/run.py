@@ -25,28 +25,37 @@ import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modelcard.card import CardError
-from modelcard.store import check_version_name
+from modelcard.store import check_same_plant, check_version_name
 from training.config import ConfigError, RunConfig, load_config
 
+if TYPE_CHECKING:
+    from plant.catalog import Catalog
 
-def default_store(cfg: RunConfig) -> Path:
-    """``models`` for the built-in BSM1 catalog, ``models/<name>`` for any other: the catalog given, else the one
-    the data were imported with (read from the import's manifest; an unreadable one is reported by stage 1)."""
-    from plant.catalog import CatalogError, catalog_from_dict, load_catalog, model_store
+
+def run_catalog(cfg: RunConfig) -> Catalog | None:
+    """The catalog a run trains on: the one given, else the one the data were imported with (read from the
+    import's manifest), else BSM1's; None where it cannot be read (stage 1 reports why)."""
+    from plant.catalog import BSM1, CatalogError, catalog_from_dict, load_catalog
 
     try:
         if cfg.data.catalog:
-            catalog = load_catalog(cfg.data.catalog)
-        elif cfg.data.source == "historian":
+            return load_catalog(cfg.data.catalog)
+        if cfg.data.source == "historian":
             manifest = json.loads((Path(cfg.data.cache_dir) / "manifest.json").read_text())
-            catalog = catalog_from_dict(manifest["catalog"])
-        else:
-            return Path("models")
-    except (OSError, ValueError, KeyError, CatalogError):
-        return Path("models")
-    return model_store(catalog)
+            return catalog_from_dict(manifest["catalog"])
+    except (OSError, ValueError, KeyError, TypeError, CatalogError):
+        return None
+    return BSM1
+
+
+def default_store(catalog: Catalog | None) -> Path:
+    """``models`` for the built-in BSM1 catalog (or one that cannot be read), ``models/<name>`` for any other."""
+    from plant.catalog import model_store
+
+    return Path("models") if catalog is None else model_store(catalog)
 
 
 def new_version_name(preset: str) -> str:
@@ -110,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         source = "--version" if args.version else "--run-dir's folder name (the version's, unless --version names one)"
         print(f"error: {source}: {exc}", file=sys.stderr)
         return 2
-    store, run_dir = Path(args.store) if args.store else default_store(cfg), Path(args.run_dir or f"runs/{version}")
+    catalog = run_catalog(cfg)
+    store, run_dir = Path(args.store) if args.store else default_store(catalog), Path(args.run_dir or f"runs/{version}")
     for flag, folder in (("--store", store), ("--run-dir", run_dir)):
         if folder.exists() and not folder.is_dir():
             print(f"error: {flag} {folder} is a file, not a folder", file=sys.stderr)
@@ -118,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     if (store / version).exists():
         print(f"error: version {version} already exists in {store}", file=sys.stderr)
         return 2
+    if catalog is not None:
+        try:  # refused now, not at the gate after the whole run
+            check_same_plant(store, {"version": version, "catalog": {"name": catalog.name}})
+        except CardError as exc:
+            print(f"error: --store {store}: {exc}; this catalog's is {default_store(catalog)}", file=sys.stderr)
+            return 2
     if args.resume and not (run_dir / "checkpoints").is_dir():
         print(f"error: --resume: {run_dir} holds no checkpoints (no run was started there)", file=sys.stderr)
         return 2
