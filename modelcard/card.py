@@ -393,7 +393,8 @@ def last_observed(x: np.ndarray) -> np.ndarray:
 
 
 def minutes_since_monday(t: datetime) -> float:
-    """Clock position of a timestamp in its own UTC offset, the calendar's input."""
+    """Clock position of a timestamp on its own wall clock, the calendar's input (callers pass the plant's: the
+    same instant written in UTC or with another offset must give the same calendar)."""
     return t.weekday() * MINUTES_PER_DAY + t.hour * 60 + t.minute + t.second / 60
 
 

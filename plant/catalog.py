@@ -24,6 +24,7 @@ the control too (the aeration a setpoint plan will need).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import tomllib
 import zoneinfo
@@ -275,6 +276,16 @@ def parse_codes(value: Any, where: str) -> tuple[MissingCode, ...]:
     return tuple(codes)
 
 
+def finite_number(value: Any, what: str) -> float:
+    """A catalog number: finite, and never a bool (TOML's true read as 1.0 went unseen); ValueError names it."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{what} must be a number, not {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, not {value!r}")
+    return number
+
+
 def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
     """A catalog from TOML (``[[variables]]`` with ``role``) or from a card/manifest (``measurements`` and
     ``controls`` lists); every problem names ``source`` and the entry, unknown keys at every level included."""
@@ -304,13 +315,13 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
                 name=str(entry["name"]),
                 unit=str(entry["unit"]),
                 description=str(entry["description"]),
-                min=float(entry["min"]),
-                max=float(entry["max"]),
+                min=finite_number(entry["min"], "min"),
+                max=finite_number(entry["max"], "max"),
                 role=str(entry.get("role", "measurement")),
                 column=str(entry.get("column", "")),
-                max_gap_minutes=float(entry.get("max_gap_minutes", 0.0)),
+                max_gap_minutes=finite_number(entry.get("max_gap_minutes", 0.0), "max_gap_minutes"),
                 missing_codes=parse_codes(entry.get("missing_codes", []), where),
-                max_flat_minutes=float(entry.get("max_flat_minutes", 0.0)),
+                max_flat_minutes=finite_number(entry.get("max_flat_minutes", 0.0), "max_flat_minutes"),
                 fast=entry.get("fast", False),
             )
         except (TypeError, ValueError) as exc:
@@ -328,9 +339,12 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
         if not v.name.replace("_", "").isalnum():
             raise CatalogError(f"{where}: a name has letters, digits and underscores only")
         variables.append(v)
+    sample_minutes = data.get("sample_minutes", 0)
+    if isinstance(sample_minutes, bool) or not isinstance(sample_minutes, int):
+        raise CatalogError(f"{source}: sample_minutes must be a whole number of minutes, not {sample_minutes!r}")
     cat = Catalog(
         name=str(data.get("name", "plant")),
-        sample_minutes=int(data.get("sample_minutes", 0)),
+        sample_minutes=sample_minutes,
         timezone=str(data.get("timezone", "UTC")),
         variables=tuple(variables),
         loops=parse_loops(list(data.get("loops", [])), variables, source),

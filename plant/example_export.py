@@ -47,10 +47,10 @@ def export_table(
     seed: int = 0,
     *,
     faults: bool = True,
-    tz: str = "Europe/Berlin",
 ) -> dict[str, int]:
     """Write scenarios (in time order) as a historian export: one row per sample, a timestamp with its UTC offset
-    in ``tz`` (the scenarios' day 0 is Monday 2 March 2026), and the faults of real sensors when ``faults``:
+    in the catalog's zone (the scenarios' day 0 is midnight there on Monday 2 March 2026, so that an import with
+    the same catalog reads the scenarios' own clock), and the faults of real sensors when ``faults``:
     1% noise, dropouts of 15 minutes to 6 hours, one sensor stuck for a day, and a few spikes (within bounds).
     Returns counts of what was done."""
     rng = np.random.default_rng(seed)
@@ -78,7 +78,7 @@ def export_table(
             counts["spikes"] += 1
         for j, v in enumerate(columns):
             values[:, j] = np.clip(values[:, j], v.min, v.max)
-    zone = zoneinfo.ZoneInfo(tz)
+    zone = zoneinfo.ZoneInfo(catalog.timezone)
     monday = datetime(2026, 3, 2, tzinfo=zone).astimezone(UTC)  # the scenarios' day 0, 4 weeks before a DST change
     minutes = np.concatenate([d.t_minutes for d in data])
     lines = [",".join(["timestamp", *[v.source_column for v in columns]])]

@@ -18,9 +18,11 @@ repeated autumn hour placed by the order of its records. ``plant.example_export`
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import json
 import math
+import re
 import zoneinfo
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,8 +40,10 @@ from plant.scenarios import DataError, ScenarioData, load_scenario, save_scenari
 CLOCK_EPOCH = datetime(1970, 1, 5)  # a Monday: clock minutes count from here, so the week's calendar is right
 CLOCK_EPOCH_S = CLOCK_EPOCH.replace(tzinfo=UTC).timestamp()
 MISSING = {"", "nan", "NaN", "NA", "null", "None"}  # empty cells: missing without a word
+DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+")  # 761,7996: a European export's number
 SHOWN = 50  # refusals listed one by one; the rest are counted
 UNIT_FACTORS = (1000.0, 3.6, 24.0, 60.0, 100.0, 1440.0, 3600.0, 86400.0)  # mg/g, m3/h-l/s, per day-hour-minute, %
+KELVIN = 273.15  # a temperature in K where the catalog has degrees C
 
 
 class ImportRefused(ValueError):
@@ -96,11 +100,15 @@ def read_table(path: Path, catalog: Catalog) -> Table:
     absent = [v.source_column for v in catalog.variables if v.source_column not in header]
     if time_col not in header or absent:
         why = [f"no {time_col!r} column (the catalog's timestamp_column)"] if time_col not in header else []
-        why += [f"the catalog's column(s) {', '.join(absent)} are not in the file"] if absent else []
+        for col in absent:  # a renamed tag, or a trailing space only repr shows
+            close = difflib.get_close_matches(col, header, n=1, cutoff=0.6)
+            why.append(
+                f"the catalog's column {col!r} is not in the file" + (f" (is it {close[0]!r}?)" if close else "")
+            )
         hint = ""
         if len(header) == 1 and ";" in header[0]:
             hint = "; the header holds ';': write the export comma-separated, with '.' as the decimal mark"
-        raise ImportRefused(f"{path}: {'; '.join(why)} (columns: {', '.join(header)}){hint}")
+        raise ImportRefused(f"{path}: {'; '.join(why)} (columns: {', '.join(map(repr, header))}){hint}")
     problems = Problems(path)
     rows = np.arange(first_row, first_row + len(records))
     keep = [i for i, rec in enumerate(records) if len(rec) > 0]  # a blank line (the file's last) is no record
@@ -151,6 +159,10 @@ def _parquet_records(path: Path) -> tuple[list[str], list[list[Any]], int]:
         raise ImportRefused(f"{path}: reading Parquet needs pyarrow (pip install -e '.[train]')") from None
     try:
         table = pq.read_table(path)
+    except OSError as exc:
+        if not path.is_file():
+            raise ImportRefused(f"{path}: cannot read (No such file)") from None
+        raise ImportRefused(f"{path}: unreadable Parquet ({exc})") from None
     except Exception as exc:  # pyarrow raises its own error types for corrupt files
         raise ImportRefused(f"{path}: unreadable Parquet ({exc})") from None
     header = table.column_names
@@ -169,8 +181,10 @@ def read_times(
     repairs: list[dict[str, Any]],
     broken: set[int],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(UTC seconds, UTC offset seconds of the plant's clock) per record. A local time without offset is read in
-    the catalog's zone; one that the autumn change repeats is placed by its neighbours (``place_repeated``)."""
+    """(UTC seconds, UTC offset seconds of the plant's clock) per record. The plant's clock is the catalog's zone's
+    wall clock at that instant, however the export writes it (local, with an offset, in UTC). A local time without
+    offset is read in the catalog's zone; one that the autumn change repeats is placed by its neighbours
+    (``place_repeated``)."""
     tz = zoneinfo.ZoneInfo(catalog.timezone)
     col, fmt = catalog.timestamp_column, catalog.timestamp_format
     n = len(cells)
@@ -197,8 +211,8 @@ def read_times(
         if isinstance(t, float):  # epoch seconds: the plant's clock is the zone's local time at that instant
             utc[i], offset[i] = t, _offset(datetime.fromtimestamp(t, tz))
             continue
-        if t.tzinfo is not None:
-            utc[i], offset[i] = t.timestamp(), _offset(t)
+        if t.tzinfo is not None:  # that instant; the plant's clock is still its zone's (a UTC export reads the same)
+            utc[i], offset[i] = t.timestamp(), _offset(t.astimezone(tz))
             continue
         first, second = t.replace(tzinfo=tz, fold=0), t.replace(tzinfo=tz, fold=1)
         if first.astimezone(UTC).astimezone(tz).replace(tzinfo=None) != t:
@@ -351,12 +365,17 @@ def read_values(
             except (TypeError, ValueError):
                 unread = f"cannot parse {cell!r}"
             if unread:
+                decimal_comma = isinstance(cell, str) and DECIMAL_COMMA.fullmatch(cell.strip())
+                hint = (
+                    "a decimal comma: write the export with '.' as the decimal mark"
+                    if decimal_comma
+                    else "if the historian writes it for a missing value, list it in the catalog's missing_codes"
+                )
                 problems.add(
                     f"values that do not parse in column {v.source_column}",
                     rows[i],
                     c,
-                    f"column {v.source_column}: {unread} (if the historian writes it for a missing value, list it "
-                    "in the catalog's missing_codes)",
+                    f"column {v.source_column}: {unread} ({hint})",
                 )
                 continue
             if math.isnan(value):
@@ -385,6 +404,7 @@ def read_values(
 
 def check_bounds(col: np.ndarray, rows: np.ndarray, v: Variable, c: int, problems: Problems) -> None:
     bad = np.flatnonzero((col < v.min) | (col > v.max))
+    typical = float(np.median(col[bad])) if len(bad) else 0.0  # the level of what is out, for the unit hint
     kind = f"values outside {v.name}'s physical bounds in column {v.source_column}"
     for i in bad:
         value = float(col[i])
@@ -393,7 +413,7 @@ def check_bounds(col: np.ndarray, rows: np.ndarray, v: Variable, c: int, problem
             rows[i],
             c,
             f"column {v.source_column}: {value:g} is outside {v.name}'s physical bounds [{v.min:g}, {v.max:g}] "
-            f"{v.unit}{bounds_hint(value, v)}",
+            f"{v.unit}{bounds_hint(value, v, typical)}",
         )
 
 
@@ -407,19 +427,25 @@ def looks_like_code(value: float) -> bool:
     return any(float(10 ** round(math.log10(b))) == b for b in (a, a + 1))
 
 
-def bounds_hint(value: float, v: Variable) -> str:
-    """Why a value may be outside the bounds: an error code, or a wrong unit where a common factor brings it
-    inside them (only for values far outside: more than the bounds' width beyond them)."""
+def bounds_hint(value: float, v: Variable, typical: float) -> str:
+    """Why a value may be outside the bounds: an error code, or a wrong unit where a common factor (or kelvin's
+    offset) brings it inside them, only for values far outside (more than the bounds' width beyond them). Of the
+    conversions that do, the one that brings the ``typical`` (median) value outside the bounds nearest their
+    middle is named: a recycle flow in m3/d where the catalog has m3/h is / 24, though / 1000 fits one value too."""
     if looks_like_code(value):
         return " (a historian error code? list it in the catalog's missing_codes)"
-    width = v.max - v.min
+    width, middle = v.max - v.min, (v.min + v.max) / 2
     if v.min - width <= value <= v.max + width:
         return ""
-    for factor in UNIT_FACTORS:
-        for scaled, op in ((value / factor, "/"), (value * factor, "x")):
-            if v.min <= scaled <= v.max:
-                return f" ({value:g} {op} {factor:g} = {scaled:.4g} is inside them: a wrong unit?)"
-    return ""
+    conversions = [(f"/ {f:g}", lambda x, f=f: x / f) for f in UNIT_FACTORS]
+    conversions += [(f"x {f:g}", lambda x, f=f: x * f) for f in UNIT_FACTORS]
+    conversions += [(f"- {KELVIN:g}", lambda x: x - KELVIN)]
+    fits = [(abs(convert(typical) - middle), name, convert(value)) for name, convert in conversions]
+    fits = sorted(fit for fit in fits if v.min <= fit[2] <= v.max)
+    if not fits:
+        return ""
+    _, name, scaled = fits[0]
+    return f" ({value:g} {name} = {scaled:.4g} is inside them: a wrong unit?)"
 
 
 def remove_flat_runs(
@@ -499,8 +525,8 @@ def resample(table: Table, catalog: Catalog) -> tuple[np.ndarray, np.ndarray, np
             "missing_share": float(np.isnan(out[:, j]).mean()),
             "bridged_samples": missing_before - int(np.isnan(out[:, j]).sum()),
         }
-    # Clock minutes of each grid point in the plant's local time: the UTC offset of the export's own record in
-    # (or last before) that interval, so the plant's clock is what its historian wrote.
+    # Clock minutes of each grid point in the plant's local time: the zone's UTC offset at the export's own record
+    # in (or last before) that interval.
     epoch = CLOCK_EPOCH.replace(tzinfo=UTC).timestamp()
     offsets = table.clock - (table.utc - epoch) / 60
     nearest = np.clip(np.searchsorted(table.utc, grid, side="right") - 1, 0, len(table.utc) - 1)
@@ -530,6 +556,29 @@ def split_blocks(n: int, shares: tuple[float, float], gap: int) -> dict[str, sli
     return {"train": slice(0, a), "val": slice(a + gap, b), "test": slice(b + gap, n)}
 
 
+def check_measured(
+    values: np.ndarray, grid: np.ndarray, blocks: dict[str, slice], catalog: Catalog, source: Path
+) -> None:
+    """Refuse a variable without one value in the train block (a dead transmitter, a setpoint never logged, an
+    analyser installed later): a model cannot learn it, and training went on to a model no service can load. A
+    target without one value in the validation or test block cannot be scored there."""
+    problems = []
+    for j, v in enumerate(catalog.variables):
+        for block, sl in blocks.items():
+            if (block == "train" or v.role in ("measurement", "disturbance")) and not np.isfinite(values[sl, j]).any():
+                first, last = (datetime.fromtimestamp(grid[i], UTC).isoformat() for i in (sl.start, sl.stop - 1))
+                problems.append(
+                    f"  column {v.source_column!r} ({v.name}) has no value in the {block} block ({first} .. {last})"
+                )
+    if problems:
+        loops = ", ".join(f"{lp.setpoint} ({lp.control}'s loop)" for lp in catalog.loops)
+        raise ImportRefused(
+            f"{source}: {len(problems)} problem(s); nothing was imported\n" + "\n".join(problems) + "\n  import a "
+            "period in which it was measured, or leave it out of the catalog"
+            + (f" (a setpoint never logged: leave out its loop too; the catalog's: {loops})" if loops else "")
+        )
+
+
 def import_table(
     source: Path,
     catalog: Catalog,
@@ -549,6 +598,7 @@ def import_table(
     u = values[:, [pos[n] for n in catalog.control_names]]
     sp = values[:, [pos[n] for n in catalog.setpoint_names]]
     blocks = split_blocks(len(grid), shares, history + horizon)
+    check_measured(values, grid, blocks, catalog, source)
     out_dir.mkdir(parents=True, exist_ok=True)
     scenarios, digest = {}, hashlib.sha256()
     for name, sl in blocks.items():

@@ -243,7 +243,7 @@ def decode_series(
     out.x_hist.append(x)
     out.u_hist.append(u)
     out.u_fut.append(uf)
-    out.last_minute.append(minutes_since_monday(times[-1]))  # its own clock: the offset given, or the plant's zone
+    out.last_minute.append(minutes_since_monday(times[-1].astimezone(rt.zone)))  # the plant's wall clock, as trained
     out.d_fut.append(d_fut)
     out.s_hist.append(s_hist)
     out.s_fut.append(s_fut)

@@ -1,11 +1,14 @@
 """A request's timestamps: read as the import reads a plant's export, and the forecast's times after them.
 
-A timestamp with a UTC offset is that instant, on the clock of that offset. One without an offset is the
-plant's local time, in its catalog's time zone (the card's ``catalog.timezone``, as ``plant.historian`` reads
-an export). Across the autumn change a local hour happens twice: a history is a regular series in real time,
-so each repeated local time is placed by the order of its neighbours (02:45, 02:00 is the second pass of the
-hour). A local time the spring change skips, and a history that lies wholly in the repeated hour (nothing
-tells which pass it is), are refused naming the index.
+A timestamp with a UTC offset is that instant. One without an offset is the plant's local time, in its
+catalog's time zone (the card's ``catalog.timezone``, as ``plant.historian`` reads an export). Either way the
+model's calendar reads the plant's wall clock at that instant (``service.decode``), as training read it: a
+history sent in UTC gets the forecast of the same history in local time.
+
+Across the autumn change a local hour happens twice: a history is a regular series in real time, so each
+repeated local time is placed by the order of its neighbours (02:45, 02:00 is the second pass of the hour).
+A local time the spring change skips, and a history that lies wholly in the repeated hour (nothing tells which
+pass it is), are refused naming the index.
 
 The answer's times are in the request's own offset: after a last timestamp with an offset, in that offset;
 after one without, in the plant's zone with its offset written out (``+01:00``, ``+02:00`` across a change),

@@ -343,7 +343,31 @@ def test_timestamp_column_and_format_come_from_the_catalog(tmp_path: Path) -> No
 def test_missing_column_is_refused(tmp_path: Path, small) -> None:
     path = tmp_path / "short.csv"
     path.write_text("timestamp,flow,air\n2026-05-04T00:00:00+00:00,1,2\n")
-    with pytest.raises(hist.ImportRefused, match=r"short\.csv: the catalog's column\(s\) DO \[mg/l\] are not"):
+    with pytest.raises(hist.ImportRefused, match=r"short\.csv: the catalog's column 'DO \[mg/l\]' is not in the file"):
+        hist.read_table(path, small)
+    # A renamed tag, or one with a trailing space: the column meant is named, and repr shows the space.
+    path.write_text("timestamp,flow,DO [mg/l] ,air\n2026-05-04T00:00:00+00:00,1,2,3\n")
+    with pytest.raises(hist.ImportRefused, match=r"'DO \[mg/l\]' is not in the file \(is it 'DO \[mg/l\] '\?\)"):
+        hist.read_table(path, small)
+    with pytest.raises(hist.ImportRefused, match=r"nothing\.parquet: cannot read \(No such file\)"):
+        hist.read_table(tmp_path / "nothing.parquet", small)
+
+
+def test_the_unit_hint_names_the_conversion_that_fits_the_column() -> None:
+    """A recycle flow exported in m3/d was hinted '/ 1000' (the first factor that fit one value), a temperature in
+    kelvin likewise; the conversion that brings what is out nearest the middle of the bounds is named."""
+    from plant.catalog import Variable
+
+    recycle, temperature = Variable("recycle", "m3/h", "", 0, 5000), Variable("temp", "degC", "", 0, 40)
+    assert hist.bounds_hint(21689.2, recycle, 21000.0) == " (21689.2 / 24 = 903.7 is inside them: a wrong unit?)"
+    assert hist.bounds_hint(289.85, temperature, 290.0) == " (289.85 - 273.15 = 16.7 is inside them: a wrong unit?)"
+
+
+def test_a_decimal_comma_is_named_as_such(tmp_path: Path, small) -> None:
+    """A quoted comma-separated export with decimal commas was told to list 761,7996 as a missing code."""
+    path = tmp_path / "comma.csv"
+    path.write_text('timestamp,flow,DO [mg/l],air\n2026-05-04T00:00:00+00:00,"761,7996",2,100\n')
+    with pytest.raises(hist.ImportRefused, match=r"cannot parse '761,7996' \(a decimal comma: write the export with"):
         hist.read_table(path, small)
 
 
@@ -411,6 +435,42 @@ def test_dst_in_both_directions(tmp_path: Path, small) -> None:
     grid, clock, values, _ = hist.resample(table, small)
     assert sorted(set(np.diff(clock).tolist())) == [-45.0, 15.0]  # the grid keeps the jump back
     assert np.all(np.diff(grid) == 900) and np.isfinite(values).all()
+
+
+def test_the_plants_clock_is_its_zones_however_the_export_writes_the_instants(tmp_path: Path, small) -> None:
+    """The same instants written in UTC, with Berlin's offsets and as Berlin local times give the same clock (the
+    calendar's input): a UTC export (Parquet's usual) trained on a day 1-2 h off, without a word."""
+    start = datetime(2026, 10, 24, 22, 0, tzinfo=UTC)  # across the autumn change
+    instants = [start + timedelta(minutes=15 * k) for k in range(24)]
+    clocks = []
+    for name, text in (
+        ("utc", lambda t: t.isoformat().replace("+00:00", "Z")),
+        ("offset", lambda t: t.astimezone(ZoneInfo(small.timezone)).isoformat()),
+        ("local", lambda t: naive(t)),
+    ):
+        rows = [(text(t), "1000", "2.0", "100") for t in instants]
+        table = hist.read_table(write_csv(tmp_path / f"{name}.csv", rows), small)
+        assert np.all(table.utc == [t.timestamp() for t in instants])
+        clocks.append(hist.resample(table, small)[1])
+    assert np.array_equal(clocks[0], clocks[1]) and np.array_equal(clocks[1], clocks[2])
+    local_midnight = datetime(2026, 10, 25, 0, 0) - hist.CLOCK_EPOCH  # 22:00 UTC is Berlin's midnight (CEST)
+    assert clocks[0][0] == local_midnight.total_seconds() / 60
+
+
+def test_a_variable_never_measured_in_a_block_is_refused_by_name(tmp_path: Path, small) -> None:
+    """A dead transmitter ("Bad" in every row) was imported without a word; training then ran to a model whose card
+    no service could load (its scaler NaN). Refused, naming the column and the block."""
+    rows = [(t, f, "", a) for t, f, _, a in regular(datetime(2026, 5, 4, tzinfo=UTC), 400)]
+    with pytest.raises(hist.ImportRefused) as refused:
+        hist.import_table(write_csv(tmp_path / "dead.csv", rows), small, tmp_path / "out", history=8, horizon=4)
+    message = str(refused.value)
+    assert "column 'DO [mg/l]' (oxygen) has no value in the train block (2026-05-04" in message
+    assert "has no value in the val block" in message and "has no value in the test block" in message
+    assert "flow" not in message.split("\n", 1)[1] and not (tmp_path / "out").exists()
+    # Measured in training but not after: a target the test block cannot score.
+    rows = [(t, f, "2.0" if k < 300 else "", a) for k, (t, f, _, a) in enumerate(rows)]
+    with pytest.raises(hist.ImportRefused, match=r"\(oxygen\) has no value in the test block"):
+        hist.import_table(write_csv(tmp_path / "late.csv", rows), small, tmp_path / "out", history=8, horizon=4)
 
 
 def naive(t: datetime) -> str:
@@ -558,7 +618,8 @@ def test_a_new_plants_first_model_is_served_by_the_readme_flow(
     tmp_path: Path, tiny_data, trained_store, serve, monkeypatch, capsys
 ) -> None:
     """Issue 30: in a folder whose models/ serves the BSM1 plant, a new plant goes from its export to a served
-    model with the README's commands and no --force: its models live in models/<catalog name>, its next version
+    model with the README's commands (--force: a first model must beat the naive forecasts, the tiny one does not):
+    its models live in models/<catalog name>, its next version
     is compared with its first, and a run told to use BSM1's store says why it is not comparable."""
     from training.data import main as data_main
     from training.promote import main as promote_main
@@ -572,9 +633,14 @@ def test_a_new_plants_first_model_is_served_by_the_readme_flow(
     assert data_main(["import", "plant.csv", "--catalog", catalog, "--preset", "tiny"]) == 0
     assert f"--preset tiny --catalog {catalog} --data data_cache/import-plant" in capsys.readouterr().out
     train = ["--preset", "tiny", "--catalog", catalog, "--data", "data_cache/import-plant"]
-    assert run_main([*train, "--run-dir", "runs/p1"]) == 0
-    assert "serve it: KOVAE_MODEL_STORE=models/example-plant python -m service" in capsys.readouterr().err
+    # The tiny example's model loses to the naive forecasts in its worst regime: not served as a first model...
+    assert run_main([*train, "--run-dir", "runs/p0"]) == 0
+    assert "no model was served, but score -" in capsys.readouterr().err
     store = tmp_path / "models" / "example-plant"
+    assert not (store / "CURRENT").exists()
+    # ... but with the README's --force.
+    assert run_main([*train, "--run-dir", "runs/p1", "--force"]) == 0
+    assert "serve it: KOVAE_MODEL_STORE=models/example-plant python -m service" in capsys.readouterr().err
     assert (store / "CURRENT").read_text().strip() == "p1"
     assert (tmp_path / "models" / "CURRENT").read_text() == bsm1_current  # BSM1's store untouched
 

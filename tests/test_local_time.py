@@ -55,6 +55,14 @@ def test_a_local_history_is_read_in_the_plants_zone_and_answered_with_its_offset
     assert all(t.endswith("+01:00") for t in local["timestamps"])
     first = datetime.fromisoformat(local["timestamps"][0])
     assert first == instants[-1] + STEP and first.utcoffset() == timedelta(hours=1)
+    # The same instants sent in UTC (Z): the plant's wall clock all the same, so the same forecast (it was the
+    # forecast of a history an hour earlier in the day); the answer's times in the request's own offset.
+    body = body_at(rt, instants, False)
+    body["series"][0]["timestamps"] = [t.isoformat().replace("+00:00", "Z") for t in instants]
+    in_utc = answer(berlin, body)
+    assert in_utc["forecast"] == local["forecast"] and all(
+        t.endswith("Z") or "+00:00" in t for t in in_utc["timestamps"]
+    )
     as_utc = answer(server, body_at(rt, instants, True))  # the tiny model's own card: UTC
     assert datetime.fromisoformat(as_utc["timestamps"][0]) == first + timedelta(hours=1)
     assert as_utc["forecast"] == local["forecast"]  # the same wall clock: the same calendar inputs

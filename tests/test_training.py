@@ -176,6 +176,25 @@ def test_tiny_model_beats_persistence_on_held_out_scenarios(trained_store) -> No
         assert (store / version / name).stat().st_size > 0
 
 
+def test_the_report_says_where_the_model_loses_to_the_naive_forecasts() -> None:
+    """A model with the best mean NRMSE that loses in one regime was reported as beating every baseline, while the
+    gate (the worst regime's pooled skill) scored it below 0."""
+    from training.report import losses_in_words
+
+    headline = {"kovae": {"16": {"nrmse_all": 0.5}}, "persistence": {"16": {"nrmse_all": 0.7}}}
+    regimes = {
+        "normal/constant_setpoints": {"pooled_skill_all": {"1": 0.1, "16": -0.139}},
+        "storm/open_loop_fixed": {"pooled_skill_all": {"1": 0.2, "16": 0.3}},
+        "all": {"pooled_skill_all": {"1": 0.15, "16": 0.05}},
+    }
+    lines = losses_in_words({"headline": headline, "regimes": regimes}, 15)
+    assert lines[0] == "- At 4 h the KoVAE (mean NRMSE 0.500) beats every baseline's mean NRMSE."
+    assert lines[1:] == [
+        "- **In normal/constant_setpoints the KoVAE loses to the better naive forecast** (pooled skill, all "
+        "variables: -0.139 at 4 h)."
+    ]
+
+
 @pytest.fixture
 def prepared(tiny_cfg, tiny_data):
     cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, epochs=4, checkpoint_every=2))

@@ -243,6 +243,10 @@ def import_main(argv: list[str]) -> int:
         print(f"  {name:<12} {100 * r['missing_share']:5.1f}%  ({r['bridged_samples']} samples bridged)")
     blocks = ", ".join(f"{k} {v['from']} .. {v['to']}" for k, v in manifest["scenarios"].items())
     print(f"\nblocks: {blocks}; {manifest['gap_between_splits']} samples dropped between them")
+    print(
+        f"the plant's clock (the calendar's input): wall time in {catalog.timezone} (the catalog's timezone, UTC "
+        "where it names none), whatever offset the export writes"
+    )
     print(f"(history {history} + horizon {horizon} samples, the {args.preset} preset's unless given)")
     print(f"imported {manifest['records']} records into {out} in {time.perf_counter() - start:.1f} s")
     config = f" --config {args.config}" if args.config else ""

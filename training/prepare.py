@@ -13,6 +13,7 @@ import torch
 from modelcard.card import Calendar, exogenous_outputs, fast_outputs, known_inputs, loop_limits, window_clock
 from plant.catalog import BSM1, Catalog
 from plant.operation import HONEST_HELD
+from plant.scenarios import DataError
 from plant.whatif import WhatIf
 from training.config import ConfigError, RunConfig
 from training.data import Windows, heldout_windows, load_data, make_windows
@@ -204,6 +205,18 @@ def prepare(cfg: RunConfig) -> Prepared:
     train = [data[i] for i in ids["train"]]
     x_all = np.concatenate([d.x for d in train])
     u_all = np.concatenate([d.u for d in train])
+    # A variable never measured in training gets no scaler: refused by name now, not as a NaN card after the run.
+    read = cfg.model.setpoint_inputs and bool(catalog.setpoints)  # the setpoints, where the model reads them
+    columns = [*catalog.target_names, *catalog.control_names, *(catalog.setpoint_names if read else ())]
+    logged = np.concatenate(
+        [np.concatenate([d.x[:, : len(catalog.targets)], d.u, *([d.s] if read else [])], 1) for d in train]
+    )
+    never = [name for name, col in zip(columns, logged.T, strict=True) if np.isnan(col).all()]
+    if never:
+        raise DataError(
+            f"{', '.join(never)}: no value in the training data; import a period in which it was measured, or "
+            "leave it out of the catalog (a setpoint never logged: its loop too)"
+        )
     (x_mean, x_std), (u_mean, u_std) = fitted_scalers(x_all), fitted_scalers(u_all)
     test_x = np.concatenate([data[i].x for i in ids["test"]])
     t = cfg.train
@@ -228,8 +241,6 @@ def prepare(cfg: RunConfig) -> Prepared:
     s_scalers: tuple[np.ndarray | None, ...] = (None, None, None)
     if cfg.model.setpoint_inputs and catalog.setpoints:
         s_all = np.concatenate([d.s for d in train])
-        if np.isnan(s_all).all(0).any():
-            raise ValueError("model.setpoint_inputs: a setpoint is never logged in the training data (set it false)")
         s_scalers = (*fitted_scalers(s_all), (np.nanmin(s_all, 0), np.nanmax(s_all, 0)))
 
     missing = {k: missing_share(ids[k]) for k in ("train", "val", "test")}

@@ -8,6 +8,7 @@ runs that are not promoted never litter the served store.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from datetime import UTC, datetime
@@ -217,11 +218,19 @@ def promote_if_better(
         problem = None
     except CardError as exc:
         served, problem = None, str(exc)
-    passed = problem is None and (served is None or score > served[1] + GATE_TIE)
+    # A first model must beat the naive forecasts in every regime (score >= 0): serving one that loses to the last
+    # value or yesterday somewhere is worse than serving none. A NaN score (nothing scored) never passes.
+    first_ok = math.isfinite(score) and score >= 0
+    passed = problem is None and (first_ok if served is None else score > served[1] + GATE_TIE)
     if problem is not None:
         why = f"not comparable with the served model: {problem}"
     elif served is None:
-        why = "no model was served"
+        why = (
+            f"no model was served; score {score:.4f} >= 0"
+            if passed
+            else f"no model was served, but score {score:.4f} is not >= 0: in its worst regime the forecast loses to "
+            "the better of the last value and the same time yesterday (report.md's table says where)"
+        )
     else:
         verdict = ">" if passed else (f"ties (within {GATE_TIE:g})" if abs(score - served[1]) <= GATE_TIE else "<=")
         why = f"score {score:.4f} {verdict} served {served[0]}'s {served[1]:.4f} on the same held-out windows"

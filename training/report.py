@@ -322,7 +322,8 @@ def write_plots(
 
 
 def losses_in_words(metrics: dict[str, Any], step_minutes: int) -> list[str]:
-    """Sentences naming every baseline that beats the KoVAE (mean NRMSE at a headline horizon), or saying none."""
+    """Sentences naming every baseline that beats the KoVAE (mean NRMSE at a headline horizon), or saying none,
+    and every regime where the KoVAE's pooled skill is below 0 (the gate's measure)."""
     head = metrics["headline"]
     lines = []
     for h, kovae in head["kovae"].items():
@@ -336,7 +337,19 @@ def losses_in_words(metrics: dict[str, Any], step_minutes: int) -> list[str]:
             who = ", ".join(f"{name} ({v:.3f})" for name, v in sorted(better.items(), key=lambda kv: kv[1]))
             lines.append(f"- **At {lead} the KoVAE loses** (mean NRMSE {kovae['nrmse_all']:.3f}) to: {who}.")
         else:
-            lines.append(f"- At {lead} the KoVAE (mean NRMSE {kovae['nrmse_all']:.3f}) beats every baseline.")
+            lines.append(
+                f"- At {lead} the KoVAE (mean NRMSE {kovae['nrmse_all']:.3f}) beats every baseline's mean NRMSE."
+            )
+    # The gate's measure: a regime where the forecast loses to the better of the last value and yesterday is said
+    # too, whatever the averages above (the pooled NRMSE can win while a regime loses).
+    for regime, table in metrics.get("regimes", {}).items():
+        losing = {h: v for h, v in table["pooled_skill_all"].items() if not v >= 0}
+        if regime != "all" and losing:
+            where = ", ".join(f"{v:.3f} at {int(h) * step_minutes / 60:g} h" for h, v in losing.items())
+            lines.append(
+                f"- **In {regime} the KoVAE loses to the better naive forecast** (pooled skill, all variables: "
+                f"{where})."
+            )
     return lines
 
 
