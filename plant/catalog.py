@@ -35,6 +35,7 @@ from typing import Any
 from modelcard.objective import Objective, PlantNames, objective_problems
 
 ROLES = ("measurement", "disturbance", "control", "setpoint")
+FILLS = ("linear", "hold")  # how an import bridges a gap (Variable.fill)
 BSM1_CATALOG = Path(__file__).with_name("catalogs") / "bsm1.toml"
 TIMESTAMP_FORMATS = ("iso8601", "epoch_seconds")  # or a strptime pattern, e.g. "%d.%m.%Y %H:%M:%S"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a catalog's name is also its model store's folder
@@ -54,7 +55,10 @@ class Variable:
     max: float
     role: str = "measurement"
     column: str = ""  # the column of a historian export ("": the name)
-    max_gap_minutes: float = 0.0  # an import bridges gaps up to this long by linear interpolation
+    max_gap_minutes: float = 0.0  # an import bridges gaps up to this long (``fill``)
+    # How: "linear" interpolation (a sensor), or "hold" the last value (a setpoint or state the historian logs only
+    # when it changes: it holds until the next record, up to max_gap_minutes).
+    fill: str = "linear"
     missing_codes: tuple[MissingCode, ...] = ()  # this column's own codes for "no value" (besides the catalog's)
     max_flat_minutes: float = 0.0  # identical values for longer than this are a stuck sensor (0: never checked)
     # Settles within one sample of a control move (dissolved oxygen under its air, anoxic nitrate under the
@@ -191,6 +195,8 @@ def variable_dict(v: Variable, *, bounds: bool = True) -> dict[str, Any]:
             out["missing_codes"] = list(v.missing_codes)
     if v.fast:
         out["fast"] = True
+    if v.fill != "linear":  # only where it differs: a catalog's identity stays what it was
+        out["fill"] = v.fill
     return out
 
 
@@ -323,6 +329,7 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
                 missing_codes=parse_codes(entry.get("missing_codes", []), where),
                 max_flat_minutes=finite_number(entry.get("max_flat_minutes", 0.0), "max_flat_minutes"),
                 fast=entry.get("fast", False),
+                fill=str(entry.get("fill", "linear")),
             )
         except (TypeError, ValueError) as exc:
             if isinstance(exc, CatalogError):
@@ -330,6 +337,8 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
             raise CatalogError(f"{where}: {exc}") from None
         if not isinstance(v.fast, bool):
             raise CatalogError(f"{where}: fast must be true or false, not {v.fast!r}")
+        if v.fill not in FILLS:
+            raise CatalogError(f"{where}: fill {v.fill!r} is not one of {', '.join(FILLS)}")
         if v.role not in ROLES:
             raise CatalogError(f"{where}: role {v.role!r} is not one of {', '.join(ROLES)}")
         if not v.min < v.max:

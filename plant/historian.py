@@ -520,7 +520,7 @@ def resample(table: Table, catalog: Catalog) -> tuple[np.ndarray, np.ndarray, np
         with np.errstate(invalid="ignore", divide="ignore"):
             out[:, j] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
         missing_before = int(np.isnan(out[:, j]).sum())
-        bridge(out[:, j], int(v.max_gap_minutes // catalog.sample_minutes))
+        bridge(out[:, j], int(v.max_gap_minutes // catalog.sample_minutes), hold=v.fill == "hold")
         report[v.name] = {
             "missing_share": float(np.isnan(out[:, j]).mean()),
             "bridged_samples": missing_before - int(np.isnan(out[:, j]).sum()),
@@ -534,9 +534,16 @@ def resample(table: Table, catalog: Catalog) -> tuple[np.ndarray, np.ndarray, np
     return grid, clock, out, report
 
 
-def bridge(col: np.ndarray, max_steps: int) -> None:
-    """Linear interpolation, in place, across interior gaps of at most ``max_steps`` samples."""
-    for a, b in pairwise(np.flatnonzero(~np.isnan(col))):
+def bridge(col: np.ndarray, max_steps: int, *, hold: bool = False) -> None:
+    """In place, across gaps of at most ``max_steps`` samples: linear interpolation between the values on either
+    side, or with ``hold`` the last value carried on (also after the last record: a setpoint logged only when it
+    changes holds until it does)."""
+    seen = np.flatnonzero(~np.isnan(col))
+    if hold:
+        for a, b in pairwise([*seen, len(col)]):
+            col[a + 1 : min(b, a + 1 + max_steps)] = col[a]
+        return
+    for a, b in pairwise(seen):
         if 1 < b - a <= max_steps + 1:
             col[a + 1 : b] = np.interp(np.arange(a + 1, b), [a, b], [col[a], col[b]])
 

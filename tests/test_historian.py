@@ -363,6 +363,30 @@ def test_the_unit_hint_names_the_conversion_that_fits_the_column() -> None:
     assert hist.bounds_hint(289.85, temperature, 290.0) == " (289.85 - 273.15 = 16.7 is inside them: a wrong unit?)"
 
 
+def test_a_setpoint_logged_only_when_it_changes_is_held(tmp_path: Path) -> None:
+    """A historian that records a setpoint only on change left it 95% missing (linear bridging ramps a step, and
+    only across short gaps); fill = "hold" carries each value on, up to max_gap_minutes, past the last record too."""
+    catalog_path = tmp_path / "held.toml"
+    catalog_path.write_text(
+        BERLIN_CATALOG
+        + '[[variables]]\nname = "o2_sp"\nunit = "g O2/m3"\ndescription = "DO setpoint"\nrole = "setpoint"\n'
+        + 'min = 0\nmax = 5\nmax_gap_minutes = 1440\nfill = "hold"\n'
+    )
+    catalog = load_catalog(catalog_path)
+    assert catalog_from_dict(catalog.to_dict()).variables[-1].fill == "hold"
+    rows = [(t, f, o, a, "") for t, f, o, a in regular(datetime(2026, 5, 4, tzinfo=UTC), 12)]
+    rows[0] = (*rows[0][:4], "2.0")
+    rows[5] = (*rows[5][:4], "1.5")  # changed at the sixth record, then never logged again
+    path = tmp_path / "held.csv"
+    path.write_text("timestamp,flow,DO [mg/l],air,o2_sp\n" + "\n".join(",".join(r) for r in rows) + "\n")
+    _, _, values, _ = hist.resample(hist.read_table(path, catalog), catalog)
+    assert values[:, -1].tolist() == [2.0] * 5 + [1.5] * 7  # a step, not a ramp
+    with pytest.raises(CatalogError, match=r"fill 'ramp' is not one of linear, hold"):
+        catalog_from_dict(
+            {**catalog.to_dict(), "measurements": [{**catalog.to_dict()["measurements"][0], "fill": "ramp"}]}
+        )
+
+
 def test_a_decimal_comma_is_named_as_such(tmp_path: Path, small) -> None:
     """A quoted comma-separated export with decimal commas was told to list 761,7996 as a missing code."""
     path = tmp_path / "comma.csv"
