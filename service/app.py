@@ -50,13 +50,15 @@ from service.registry import ModelRegistry, ReloadError
 from service.request import DecodedRequest, ForecastRequest
 from service.settings import Settings, find_store, get_settings
 
-API_VERSION = "1.8.0"  # 1.1: time of day and week are inputs; 1.2: bounds, warnings, clipping, units, seed;
+API_VERSION = "1.9.0"  # 1.1: time of day and week are inputs; 1.2: bounds, warnings, clipping, units, seed;
 # 1.3: timestamps ISO 8601 only, answer-size bound, error lists capped (error_count); 1.4: looped controls left to
 # their loops and forecast, setpoint plans, local times in the plant's zone, warnings have a kind (flat lines);
 # 1.5: POST /optimize (setpoint advice); 1.6: a warning for a measurement missing at the history's end (stale);
 # 1.7: /optimize answers the history's warnings and gaps; the schema allows null in history arrays; 1.8: /optimize
 # echoes the series' id and checks quantiles as /forecast, its schema's series (OptimizeSeriesIn) requires none of
 # what the objective decides; a looped control's forecast stays within its controller's limits; HEAD; no-store
+# 1.9: the calendar reads the plant's wall clock whatever offset a timestamp has; keys also as bearer tokens;
+# a request cut by the shutdown is a 503
 log = logging.getLogger("kovae.app")
 CHALLENGE = {"WWW-Authenticate": 'ApiKey realm="kovae-forecast", header="X-API-Key"'}
 """A 401 names the scheme it wants (RFC 9110): the key, in the X-API-Key header."""
