@@ -171,9 +171,13 @@ def test_a_card_edited_by_hand_is_never_sealed_again_by_a_re_export(store_copy, 
     assert promote_main(["--store", str(store / "a-file")]) == 2  # a traceback from mkdir with --add before
     assert promote_main(["--store", str(store / "a-file"), "--add", str(store / version)]) == 2
     assert capsys.readouterr().err.count("is a file, not a model store folder") == 2
-    for flags in (["--promote"], [version, "--add", str(store / version)]):  # ignored silently before
-        with pytest.raises(SystemExit):
+    for flags, words in (  # ignored silently before: now argparse's usage error, named
+        (["--promote"], "--promote serves the version --add adds"),
+        ([version, "--add", str(store / version)], f"give {version} or --add, not both"),
+    ):
+        with pytest.raises(SystemExit) as exc:
             promote_main(["--store", str(store), *flags])
+        assert exc.value.code == 2 and words in capsys.readouterr().err
 
 
 def test_readyz_clears_a_refusal_once_current_names_the_served_version(serve, store_copy) -> None:

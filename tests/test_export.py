@@ -158,6 +158,32 @@ def test_exporter_refuses_on_parity_failure_and_writes_nothing(trained_store, tm
     assert not target.exists()
 
 
+def test_exporter_refuses_a_graph_that_is_not_the_model_and_writes_nothing(
+    trained_store, tmp_path, monkeypatch
+) -> None:
+    """The parity checks must measure a real mismatch, not only a tolerance set below zero: the stored graphs
+    against the model with one decoder bias moved by 1e-2 differ by more than 1e-3, and an exporter that wrote
+    such a graph (either one) is refused at the normal tolerance with nothing written."""
+    store, version = trained_store
+    model, card = _load(store, version)
+    history = card["history"]["length"]
+    stale = {plans: (store / version / (E.PLANS_FILE if plans else E.ONNX_FILE)).read_bytes() for plans in (0, 1)}
+    graph = E.ForecastGraph(model, card["max_horizon"], card["calibration"])
+    assert E.parity(graph, stale[0], history) <= E.PARITY_TOL  # the stored graph is this model
+    with torch.no_grad():
+        model.decoder[-1].bias += 1e-2
+    assert E.parity(graph, stale[0], history) > 1e-3
+    assert E.plans_parity(graph, stale[1], history) > 1e-3
+    real = E.to_onnx_bytes
+    for broken, words in ((0, "ONNX Runtime differs from PyTorch by"), (1, "the plans graph differs from PyTorch")):
+        # An exporter whose graph (the forecast one, then the plans one) was frozen before the bias moved.
+        monkeypatch.setattr(E, "to_onnx_bytes", lambda g, h, m, b=broken: stale[b] if g.plans == b else real(g, h, m))
+        target = tmp_path / f"v-{broken}"
+        with pytest.raises(E.ParityError, match=words):
+            E.export_version(model, card, target)
+        assert not target.exists()
+
+
 def test_calendar_contract_reads_every_card_version_and_repeats_weekly() -> None:
     from modelcard.card import Calendar
 

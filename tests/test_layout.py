@@ -14,13 +14,14 @@ import pytest
 from tests.conftest import ROOT
 
 FORBIDDEN = {
-    "modelcard": {"service", "plant", "training", "export", "torch", "fastapi", "bench", "tests"},
+    "modelcard": {"service", "optimizer", "plant", "training", "export", "torch", "fastapi", "bench", "tests"},
     "service": {"plant", "training", "export", "torch", "bench", "tests"},
     # Setpoint advice searches over the contract's runtime: no web framework, no training, no simulator.
     "optimizer": {"service", "plant", "training", "export", "torch", "fastapi", "bench", "tests"},
     # The plant side (catalogs, simulator, scenarios, historian import) is read without the training loop.
-    "plant": {"training", "service", "export", "torch", "bench", "tests"},
-    "training": {"service", "bench", "tests"},  # training imports plant, modelcard and export
+    "plant": {"training", "service", "optimizer", "export", "torch", "bench", "tests"},
+    "training": {"service", "optimizer", "bench", "tests"},  # training imports plant, modelcard and export
+    "export": {"service", "optimizer", "bench", "tests"},  # export imports modelcard, training and plant
 }
 PROJECT = ("modelcard", "optimizer", "plant", "training", "export", "service", "bench")
 

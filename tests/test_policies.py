@@ -96,9 +96,35 @@ def test_ammonia_cascade_moves_the_do_setpoint_with_ammonium(runs) -> None:
 
 
 def test_moving_setpoints_dither_the_loop_outputs_and_move_kla3_open_loop(runs) -> None:
-    op, _, _, s = runs["moving_setpoints"]
-    assert np.isfinite(s).all() and op.loops[0].dither is not None
-    assert len(np.unique(op.controls[:, control("KLa_3")])) >= 2
+    """The dither must reach what the simulator applied, not only the operation: against the same window run
+    without it, each loop's applied output (KLa_5, Q_intr) moves wherever its dither is on and the undithered
+    output has room inside the loop's limits (at a limit, a push outwards is clipped away). KLa_3, open loop,
+    takes several values."""
+    op, _, u, s = runs["moving_setpoints"]
+    assert np.isfinite(s).all()
+    plain = operation(
+        load_config("tiny").data,
+        Scenario("dry@moving_setpoints", "dry", 0.0, DAYS, 11, "normal", False, "moving_setpoints"),
+    )
+    for loop, same in zip(op.loops, plain.loops, strict=True):
+        assert np.array_equal(loop.dither, same.dither)  # the fixture's window, drawn again
+        same.dither = None
+    _, _, u_plain, _ = bsm1.simulate(
+        plain.influent,
+        plain.controls,
+        15,
+        loops=plain.loops,
+        cascades=plain.cascades,
+        caps=plain.caps,
+        wastage=plain.wastage,
+    )
+    assert [BSM1.control_names[loop.control] for loop in op.loops] == ["KLa_5", "Q_intr"]
+    for loop in op.loops:
+        on = (loop.dither[: len(u) * 15].reshape(len(u), 15) != 0).any(1)
+        was = u_plain[:, loop.control]
+        room = on & (was > loop.pi.lo) & (was < loop.pi.hi)
+        assert room.sum() >= 3 and np.all(u[room, loop.control] != was[room])
+    assert len(np.unique(u[:, control("KLa_3")])) >= 2
 
 
 def test_the_counterfactual_bench_tells_where_the_loop_has_no_air_left(capsys: pytest.CaptureFixture[str]) -> None:
