@@ -392,6 +392,22 @@ def last_observed(x: np.ndarray) -> np.ndarray:
     return np.where(last >= 0, value, np.nan)
 
 
+def hold_forward(col: np.ndarray, max_steps: int) -> None:
+    """In place: each value carried on over the missing (NaN) samples after it, at most ``max_steps`` of them
+    (also after the last value): a setpoint a historian logs only when it changes holds until it does. The import
+    (``plant.historian``) and the service (``service.inputs``) hold a catalog's ``fill = "hold"`` variables alike."""
+    seen = np.flatnonzero(~np.isnan(col))
+    for a, b in zip(seen, [*seen[1:], len(col)], strict=True):
+        col[a + 1 : min(b, a + 1 + max_steps)] = col[a]
+
+
+def hold_steps(items: list[dict[str, Any]], step_minutes: int) -> np.ndarray | None:
+    """Per card or catalog entry, how many samples a ``fill = "hold"`` value is carried on (its max_gap_minutes);
+    0 for the others; None where none holds."""
+    steps = [int(float(v.get("max_gap_minutes") or 0) // step_minutes) if v.get("fill") == "hold" else 0 for v in items]
+    return np.array(steps) if any(steps) else None
+
+
 def minutes_since_monday(t: datetime) -> float:
     """Clock position of a timestamp on its own wall clock, the calendar's input (callers pass the plant's: the
     same instant written in UTC or with another offset must give the same calendar)."""

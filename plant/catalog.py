@@ -339,6 +339,8 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
             raise CatalogError(f"{where}: fast must be true or false, not {v.fast!r}")
         if v.fill not in FILLS:
             raise CatalogError(f"{where}: fill {v.fill!r} is not one of {', '.join(FILLS)}")
+        if v.fill == "hold" and v.max_flat_minutes > 0:  # a held value is a flat line: the hold would undo the check
+            raise CatalogError(f'{where}: fill = "hold" and max_flat_minutes contradict each other: give one')
         if v.role not in ROLES:
             raise CatalogError(f"{where}: role {v.role!r} is not one of {', '.join(ROLES)}")
         if not v.min < v.max:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from modelcard.card import atomic_write
+from modelcard.card import atomic_write, hold_forward
 from plant.catalog import Catalog, MissingCode, Variable, catalog_from_dict
 from plant.scenarios import DataError, ScenarioData, load_scenario, save_scenario
 
@@ -212,7 +212,10 @@ def read_times(
             utc[i], offset[i] = t, _offset(datetime.fromtimestamp(t, tz))
             continue
         if t.tzinfo is not None:  # that instant; the plant's clock is still its zone's (a UTC export reads the same)
-            utc[i], offset[i] = t.timestamp(), _offset(t.astimezone(tz))
+            try:
+                utc[i], offset[i] = t.timestamp(), _offset(t.astimezone(tz))
+            except OverflowError:
+                problems.add("timestamps out of range", rows[i], -1, where + f"{cell} is too near the year 1 or 9999")
             continue
         first, second = t.replace(tzinfo=tz, fold=0), t.replace(tzinfo=tz, fold=1)
         if first.astimezone(UTC).astimezone(tz).replace(tzinfo=None) != t:
@@ -535,15 +538,13 @@ def resample(table: Table, catalog: Catalog) -> tuple[np.ndarray, np.ndarray, np
 
 
 def bridge(col: np.ndarray, max_steps: int, *, hold: bool = False) -> None:
-    """In place, across gaps of at most ``max_steps`` samples: linear interpolation between the values on either
-    side, or with ``hold`` the last value carried on (also after the last record: a setpoint logged only when it
-    changes holds until it does)."""
-    seen = np.flatnonzero(~np.isnan(col))
+    """In place: linear interpolation across interior gaps of at most ``max_steps`` samples (longer ones stay
+    gaps), or with ``hold`` each value carried on for at most ``max_steps`` samples, after the last record too
+    (``modelcard.card.hold_forward``: the service holds a request's values alike)."""
     if hold:
-        for a, b in pairwise([*seen, len(col)]):
-            col[a + 1 : min(b, a + 1 + max_steps)] = col[a]
+        hold_forward(col, max_steps)
         return
-    for a, b in pairwise(seen):
+    for a, b in pairwise(np.flatnonzero(~np.isnan(col))):
         if 1 < b - a <= max_steps + 1:
             col[a + 1 : b] = np.interp(np.arange(a + 1, b), [a, b], [col[a], col[b]])
 
@@ -566,23 +567,23 @@ def split_blocks(n: int, shares: tuple[float, float], gap: int) -> dict[str, sli
 def check_measured(
     values: np.ndarray, grid: np.ndarray, blocks: dict[str, slice], catalog: Catalog, source: Path
 ) -> None:
-    """Refuse a variable without one value in the train block (a dead transmitter, a setpoint never logged, an
+    """Refuse a measurement, disturbance or control without one value in the train block (a dead transmitter, an
     analyser installed later): a model cannot learn it, and training went on to a model no service can load. A
     target without one value in the validation or test block cannot be scored there."""
     problems = []
     for j, v in enumerate(catalog.variables):
         for block, sl in blocks.items():
-            if (block == "train" or v.role in ("measurement", "disturbance")) and not np.isfinite(values[sl, j]).any():
+            # A setpoint is left to training: it needs one only where the model reads setpoints (prepare says so).
+            needed = (block == "train" and v.role != "setpoint") or v.role in ("measurement", "disturbance")
+            if needed and not np.isfinite(values[sl, j]).any():
                 first, last = (datetime.fromtimestamp(grid[i], UTC).isoformat() for i in (sl.start, sl.stop - 1))
                 problems.append(
                     f"  column {v.source_column!r} ({v.name}) has no value in the {block} block ({first} .. {last})"
                 )
     if problems:
-        loops = ", ".join(f"{lp.setpoint} ({lp.control}'s loop)" for lp in catalog.loops)
         raise ImportRefused(
             f"{source}: {len(problems)} problem(s); nothing was imported\n" + "\n".join(problems) + "\n  import a "
             "period in which it was measured, or leave it out of the catalog"
-            + (f" (a setpoint never logged: leave out its loop too; the catalog's: {loops})" if loops else "")
         )
 
 

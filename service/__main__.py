@@ -19,7 +19,6 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service.http import LimitedHttpProtocol
 from service.logs import setup_logging
 from service.settings import env_file_settings, get_settings, unknown_settings
 
@@ -78,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             log_level=settings.log_level.lower(),
             log_config=None,  # set up above (and by each worker's app): JSON lines, never uvicorn's plain text
             access_log=False,  # the service logs each request itself, as JSON with its request id
-            http=LimitedHttpProtocol,
+            # By name, so that this process (the workers' supervisor) never imports service.metrics: with
+            # PROMETHEUS_MULTIPROC_DIR set its gauges would count as a live worker's (kovae_model_ready at 0).
+            http="service.http:LimitedHttpProtocol",
             timeout_keep_alive=settings.keep_alive_s,
             timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # uvicorn waits on a float
         )

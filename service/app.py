@@ -150,23 +150,22 @@ PROBLEM_SCHEMA = {
 }
 
 
-def presented_key(request: Request) -> str | None:
-    """The key a caller sends: the X-API-Key header, else an ``Authorization: Bearer`` token (what a Prometheus,
-    which cannot send other headers, scrapes a protected /metrics with)."""
-    key = request.headers.get("x-api-key")
-    if key is None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        key = token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    return key
+def presented_keys(request: Request) -> list[str]:
+    """The keys a caller sends: the X-API-Key header, and an ``Authorization: Bearer`` token (what a Prometheus,
+    which cannot send other headers, scrapes a protected /metrics with); either may let it in."""
+    keys = [request.headers.get("x-api-key")]
+    parts = request.headers.get("authorization", "").split(None, 1)  # any whitespace after the scheme
+    if len(parts) == 2 and parts[0].lower() == "bearer":
+        keys.append(parts[1].strip())
+    return [k for k in keys if k]
 
 
-def _key_ok(given: str | None, keys: list[SecretStr]) -> bool:
-    """Constant-time comparison against every configured key."""
-    if given is None:
-        return False
+def _key_ok(given: list[str], keys: list[SecretStr]) -> bool:
+    """Constant-time comparison of every key given against every configured key."""
     ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(given.encode(), key.get_secret_value().encode())
+    for g in given:
+        for key in keys:
+            ok |= hmac.compare_digest(g.encode(), key.get_secret_value().encode())
     return ok
 
 
@@ -238,14 +237,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # async, so FastAPI runs them inline: a plain def dependency costs a hop through the thread pool.
     async def forecast_auth(request: Request) -> None:
-        if settings.api_keys and not _key_ok(presented_key(request), settings.api_keys):
+        if settings.api_keys and not _key_ok(presented_keys(request), settings.api_keys):
             detail = "send a valid X-API-Key header (or Authorization: Bearer <key>)"
             raise ProblemError(401, "Missing or invalid API key", detail=detail, headers=CHALLENGE)
 
     async def admin_auth(request: Request) -> None:
         if not settings.admin_api_keys:
             raise ProblemError(403, "Admin endpoints are disabled", detail="set KOVAE_ADMIN_API_KEYS to enable them")
-        if not _key_ok(presented_key(request), settings.admin_api_keys):
+        if not _key_ok(presented_keys(request), settings.admin_api_keys):
             detail = "send a valid admin X-API-Key header (or Authorization: Bearer <key>)"
             raise ProblemError(401, "Missing or invalid API key", detail=detail, headers=CHALLENGE)
 

@@ -236,6 +236,11 @@ def decode_series(
         + flat_warnings(s_hist, inputs.setpoints, f"{where}.setpoints", step)
         + stale_warnings(x, inputs.measurements, f"{where}.measurements", step)
     )
+    try:
+        wall_clock = times[-1].astimezone(rt.zone)  # the plant's, as training read its data
+    except OverflowError:
+        errors.add(f"{where}.timestamps[{L - 1}]", "lies too near the year 1 or 9999 to be read in the plant's zone")
+        return
     decided = decide(s, where, loops, uf, s_hist, s_fut, errors)
     if decided is None:
         return
@@ -243,7 +248,7 @@ def decode_series(
     out.x_hist.append(x)
     out.u_hist.append(u)
     out.u_fut.append(uf)
-    out.last_minute.append(minutes_since_monday(times[-1].astimezone(rt.zone)))  # the plant's wall clock, as trained
+    out.last_minute.append(minutes_since_monday(wall_clock))
     out.d_fut.append(d_fut)
     out.s_hist.append(s_hist)
     out.s_fut.append(s_fut)

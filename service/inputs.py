@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from modelcard.card import role_items
+from modelcard.card import hold_forward, hold_steps, role_items
 from modelcard.runtime import ModelRuntime
 from service.problems import Errors
 
@@ -31,6 +31,7 @@ class Inputs:
     seen: tuple[np.ndarray, np.ndarray] | None
     kind: str = "variable"
     max_flat: np.ndarray | None = None  # minutes per name; None: no card entry says any
+    hold: np.ndarray | None = None  # samples a value is carried on over nulls (fill = "hold"); None: none is
 
     def subset(self, given: dict[str, Any]) -> tuple[list[int], Inputs]:
         """The positions and the Inputs of the names in ``given`` (optional inputs: any subset is sent)."""
@@ -38,7 +39,8 @@ class Inputs:
         names, units = [self.names[j] for j in idx], [self.units[j] for j in idx]
         seen = None if self.seen is None else (self.seen[0][idx], self.seen[1][idx])
         flat = None if self.max_flat is None else self.max_flat[idx]
-        return idx, Inputs(names, (self.limits[0][idx], self.limits[1][idx]), units, seen, self.kind, flat)
+        hold = None if self.hold is None else self.hold[idx]
+        return idx, Inputs(names, (self.limits[0][idx], self.limits[1][idx]), units, seen, self.kind, flat, hold)
 
 
 def input_limits(
@@ -83,6 +85,7 @@ class ModelInputs:
                 x_units,
                 rt.x_range,
                 max_flat=max_flat(card, "measurements"),
+                hold=hold_steps(role_items(card, "measurements"), rt.step_minutes),
             ),
             controls=Inputs(
                 rt.controls,
@@ -90,9 +93,16 @@ class ModelInputs:
                 u_units,
                 rt.u_range,
                 max_flat=max_flat(card, "controls"),
+                hold=hold_steps(role_items(card, "controls"), rt.step_minutes),
             ),
             setpoints=Inputs(
-                rt.setpoints, rt.s_bounds, rt.s_units, rt.s_range, "setpoint input", max_flat(card, "setpoint_inputs")
+                rt.setpoints,
+                rt.s_bounds,
+                rt.s_units,
+                rt.s_range,
+                "setpoint input",
+                max_flat(card, "setpoint_inputs"),
+                hold_steps(role_items(card, "setpoint_inputs"), rt.step_minutes),
             ),
             disturbances=Inputs(  # an influent forecast: the measured influent's bounds and training range
                 d_names,
@@ -144,6 +154,10 @@ def named_values(
     arr = np.array([[np.nan if v is None else v for v in given[name]] for name in names], dtype=np.float64).T
     gap = np.array([[v is None for v in given[name]] for name in names], dtype=bool).T.reshape(arr.shape)
     length = len(arr)
+    for j in [] if role.hold is None else np.flatnonzero(role.hold):  # logged only on change: held, as trained
+        if not np.isnan(arr[~gap[:, j], j]).any():  # a NaN literal is refused below, never held over
+            hold_forward(arr[:, j], int(role.hold[j]))
+            gap[:, j] &= np.isnan(arr[:, j])
     # Only null is a gap: a NaN literal (some JSON writers emit it) is refused below as not finite.
     allowed = int(max_missing * length)
     before = len(errors)

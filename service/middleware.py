@@ -124,10 +124,10 @@ class ObserveMiddleware:
             log.info("client closed the connection before its answer", extra={"event": "client_closed"})
         except asyncio.CancelledError:
             # The server's shutdown ran out of KOVAE_SHUTDOWN_GRACE_S: not the request's fault nor a bug.
-            status = 503
             metrics.ERRORS.labels("shutdown").inc()
             log.warning("stopped by the server's shutdown before its answer", extra={"event": "shutdown_cancelled"})
             if not started:
+                status = 503
                 await answer(503, "Service shutting down", "the server stopped before this answer: send it again", True)
         except Exception:
             log.exception("unhandled error")

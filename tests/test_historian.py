@@ -381,6 +381,22 @@ def test_a_setpoint_logged_only_when_it_changes_is_held(tmp_path: Path) -> None:
     path.write_text("timestamp,flow,DO [mg/l],air,o2_sp\n" + "\n".join(",".join(r) for r in rows) + "\n")
     _, _, values, _ = hist.resample(hist.read_table(path, catalog), catalog)
     assert values[:, -1].tolist() == [2.0] * 5 + [1.5] * 7  # a step, not a ramp
+    # The service holds a request's nulls the same way, before counting them as gaps.
+    from service.inputs import Inputs, named_values
+    from service.problems import Errors
+
+    role = Inputs(["o2_sp"], (np.array([0.0]), np.array([5.0])), ["g O2/m3"], None, hold=np.array([96]))
+    sent = {"o2_sp": [2.0, None, None, None, None, 1.5, None, None]}
+    errors = Errors()
+    assert named_values(sent, role, "series[0].setpoints", errors).ravel().tolist() == [2.0] * 5 + [1.5] * 3
+    assert not errors.listed
+    with pytest.raises(CatalogError, match=r"fill = \"hold\" and max_flat_minutes contradict each other"):
+        catalog_from_dict(
+            {
+                **catalog.to_dict(),
+                "measurements": [{**catalog.to_dict()["measurements"][0], "fill": "hold", "max_flat_minutes": 60}],
+            }
+        )
     with pytest.raises(CatalogError, match=r"fill 'ramp' is not one of linear, hold"):
         catalog_from_dict(
             {**catalog.to_dict(), "measurements": [{**catalog.to_dict()["measurements"][0], "fill": "ramp"}]}
@@ -491,6 +507,17 @@ def test_a_variable_never_measured_in_a_block_is_refused_by_name(tmp_path: Path,
     assert "column 'DO [mg/l]' (oxygen) has no value in the train block (2026-05-04" in message
     assert "has no value in the val block" in message and "has no value in the test block" in message
     assert "flow" not in message.split("\n", 1)[1] and not (tmp_path / "out").exists()
+    # A setpoint never logged is left to training (it needs one only where the model reads setpoints).
+    with_setpoint = tmp_path / "sp.toml"
+    with_setpoint.write_text(
+        BERLIN_CATALOG
+        + '[[variables]]\nname = "o2_sp"\nunit = "g O2/m3"\ndescription = "DO setpoint"\nrole = "setpoint"\n'
+        + "min = 0\nmax = 5\n"
+    )
+    alive = [(t, f, "2.0", a, "") for t, f, _, a in rows]
+    path = tmp_path / "no_setpoint.csv"
+    path.write_text("timestamp,flow,DO [mg/l],air,o2_sp\n" + "\n".join(",".join(r) for r in alive) + "\n")
+    hist.import_table(path, load_catalog(with_setpoint), tmp_path / "sp-out", history=8, horizon=4)
     # Measured in training but not after: a target the test block cannot score.
     rows = [(t, f, "2.0" if k < 300 else "", a) for k, (t, f, _, a) in enumerate(rows)]
     with pytest.raises(hist.ImportRefused, match=r"\(oxygen\) has no value in the test block"):

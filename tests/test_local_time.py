@@ -63,6 +63,12 @@ def test_a_local_history_is_read_in_the_plants_zone_and_answered_with_its_offset
     assert in_utc["forecast"] == local["forecast"] and all(
         t.endswith("Z") or "+00:00" in t for t in in_utc["timestamps"]
     )
+    # The last instant a UTC text can name, in the plant's zone, is past the year 9999: a 422, not a 500.
+    end = datetime(9999, 12, 31, 23, 30, tzinfo=UTC)
+    body["series"][0]["timestamps"] = [(end - STEP * (L - 1 - k)).isoformat() for k in range(L)]
+    body["series"][0]["future_controls"] = {k: v[:1] for k, v in body["series"][0]["future_controls"].items()}
+    r = berlin.client.post("/forecast", json=body | {"horizon": 1})
+    assert r.status_code == 422 and "the plant's zone" in r.text and f"series[0].timestamps[{L - 1}]" in r.text
     as_utc = answer(server, body_at(rt, instants, True))  # the tiny model's own card: UTC
     assert datetime.fromisoformat(as_utc["timestamps"][0]) == first + timedelta(hours=1)
     assert as_utc["forecast"] == local["forecast"]  # the same wall clock: the same calendar inputs

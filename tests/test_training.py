@@ -542,6 +542,10 @@ def test_gate_score_is_the_worst_regime() -> None:
         "all": {"pooled_skill_all": {"1": 0.5, "20": 0.7, "96": 0.7}},
     }
     assert gate_score(regimes) == pytest.approx(0.1)
+    # A regime with nothing scored (NaN) makes the score NaN in any order: min() skipped it when it came second.
+    for order in (["normal", "unscored"], ["unscored", "normal"]):
+        scored = {"unscored": {"pooled_skill_all": {"1": float("nan")}}, "normal": regimes["normal"]}
+        assert np.isnan(gate_score({k: scored[k] for k in order}))
 
 
 def test_served_accuracy_with_a_sensor_down_is_what_the_report_states(trained_store, tiny_cfg) -> None:

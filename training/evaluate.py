@@ -227,7 +227,9 @@ def gate_score(regimes: dict[str, dict[str, Any]]) -> float:
     """The promotion gate's score, higher is better: the worst group's pooled skill (all variables) averaged
     over the pooled-skill steps, so a model cannot buy its average with one regime's failure."""
     groups = [g for g in regimes if g != "all"] or ["all"]
-    return float(min(np.mean(list(regimes[g]["pooled_skill_all"].values())) for g in groups))
+    # np.min, not min: a regime scored NaN (nothing to score) makes the score NaN, which no gate passes; Python's
+    # min skipped it or not by the order of the regimes.
+    return float(np.min([np.mean(list(regimes[g]["pooled_skill_all"].values())) for g in groups]))
 
 
 def headline(
