@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     max_values: int = Field(
         600_000,
         description="most JSON values a request body of 64 kB or more may hold (counted before it is parsed: "
-        "parsing holds the interpreter, ~0.05 s per 600,000 values); 64 series of 192 steps hold ~330,000, 1,000 "
+        "parsing holds the interpreter, ~0.05 s per 600,000 values); 64 series of 256 steps hold ~440,000, 1,000 "
         "plans of 96 steps ~390,000",
     )
     max_answer_bytes: int = Field(

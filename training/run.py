@@ -7,11 +7,13 @@ Read this file first: it is the whole run, one stage per module.
 3. ``training.calibrate``: fit the residual fading and the interval width on validation.
 4. ``training.report``: evaluate against baselines on the held-out scenarios; metrics, plots and report.md.
 5. ``training.publish``: export to ONNX into ``<run dir>/export/<version>``; the version enters the model store
-   and becomes current only if it beats the version being served (or with --force; --no-promote stores it only).
+   and becomes current only if it beats the version being served, or, with none served, scores >= 0 (or with
+   --force; --no-promote stores it only).
 
 Each plant catalog has a store of its own: ``models/`` holds the simulated BSM1 plant's models, any other
-catalog's go to ``models/<catalog name>`` (``default_store``), so a plant's first model is served and its next
-ones are compared with it, never with another plant's.
+catalog's go to ``models/<catalog name>`` (``default_store``), so a plant's first model is served (where it at
+least ties the naive forecasts: a gate score >= 0) and its next ones are compared with it, never with another
+plant's.
 """
 
 from __future__ import annotations
