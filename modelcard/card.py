@@ -274,7 +274,7 @@ class Calendar:
             "weekly_harmonics": self.weekly,
             "features": names,
             "formula": "sin/cos(2 pi k m / P), m = minutes since Monday 00:00 mod P, P = 1 day and 1 week",
-            "clock": "the wall-clock time in each timestamp's own UTC offset: send the plant's local time",
+            "clock": CALENDAR_CLOCK,
             "where": "appended to the scaled controls, in this order",
         }
 
@@ -390,6 +390,13 @@ def last_observed(x: np.ndarray) -> np.ndarray:
     last = last_observed_step(x)
     value = np.take_along_axis(x, np.maximum(last, 0)[..., None, :], axis=-2)[..., 0, :]
     return np.where(last >= 0, value, np.nan)
+
+
+CALENDAR_CLOCK = (
+    "the plant's wall-clock time in catalog.timezone at each instant, whatever UTC offset it is written with"
+)
+"""How the calendar reads a timestamp (API 1.9: before, in the timestamp's own offset): GET /model says it for
+every card, older ones included (``service.app``)."""
 
 
 def hold_forward(col: np.ndarray, max_steps: int) -> None:

@@ -45,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         problems = "; ".join(f"KOVAE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
         log.error("settings refused, not starting: %s", problems, extra={"event": "settings_refused"})
         return 2
+    except UnicodeDecodeError as exc:  # pydantic-settings reads .env as UTF-8 text
+        setup_logging("INFO")
+        log.error(
+            "settings refused, not starting: .env is not UTF-8 text (%s)",
+            exc.reason,
+            extra={"event": "settings_refused"},
+        )
+        return 2
     except SettingsError as exc:  # e.g. a list setting that is not JSON (KOVAE_API_KEYS=abc)
         setup_logging("INFO")
         hint = "list settings take JSON, e.g. KOVAE_API_KEYS='[\"key\"]'"

@@ -26,7 +26,7 @@ from pydantic import BaseModel, SecretStr
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modelcard.card import loop_limits
+from modelcard.card import CALENDAR_CLOCK, loop_limits
 from modelcard.objective import Objective
 from optimizer.search import Situation
 from optimizer.search import optimize as search_plan
@@ -60,7 +60,7 @@ API_VERSION = "1.9.0"  # 1.1: time of day and week are inputs; 1.2: bounds, warn
 # 1.9: the calendar reads the plant's wall clock whatever offset a timestamp has; keys also as bearer tokens;
 # a request cut by the shutdown is a 503
 log = logging.getLogger("kovae.app")
-CHALLENGE = {"WWW-Authenticate": 'ApiKey realm="kovae-forecast", header="X-API-Key"'}
+CHALLENGE = {"WWW-Authenticate": 'ApiKey realm="kovae-forecast", header="X-API-Key", Bearer realm="kovae-forecast"'}
 """A 401 names the scheme it wants (RFC 9110): the key, in the X-API-Key header."""
 
 
@@ -369,6 +369,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         rt = serving()
         card = dict(rt.card)
         card.pop("operator", None)  # large matrices; the eigenvalues summarise them
+        if isinstance(card["variables"].get("calendar"), dict):  # how this service reads the clock, older cards too
+            calendar = {**card["variables"]["calendar"], "clock": CALENDAR_CLOCK}
+            card["variables"] = {**card["variables"], "calendar": calendar}
         if rt.loops:
             card["closed_loops"] = closed_loops(rt)
         return card

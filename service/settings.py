@@ -25,50 +25,62 @@ class Settings(BaseSettings):
         None, description="folder shared by the workers of one server (set by `python -m service` for workers > 1)"
     )
     host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1)
     api_keys: list[SecretStr] = Field(default_factory=list, description="if set, /forecast needs one (X-API-Key)")
     admin_api_keys: list[SecretStr] = Field(default_factory=list, description="needed for /admin/*; none: disabled")
     protect_info: bool = Field(False, description="also require an API key (X-API-Key) for /model and /metrics")
-    max_series: int = 64
+    max_series: int = Field(64, ge=1)
     max_plans: int = Field(1000, ge=1, description="most control plans in one series")
-    max_samples: int = 1000
+    max_samples: int = Field(1000, ge=1)
     default_samples: int | None = Field(
         None,
         ge=1,
         description="samples drawn for quantiles when a request gives none; none: the count the served model's "
         "intervals were fitted for (its card's calibration.samples)",
     )
-    max_quantiles: int = 9
+    max_quantiles: int = Field(9, ge=1)
     max_work: int = Field(
-        1_500_000, description="most series x samples x horizon one request may ask for (422 above it)"
+        1_500_000, ge=1, description="most series x samples x horizon one request may ask for (422 above it)"
     )
     chunk_work: int = Field(
-        8192, description="sample steps per ONNX call of a large request: bounds its memory, lets others through"
+        8192, ge=1, description="sample steps per ONNX call of a large request: bounds its memory, lets others through"
     )
-    max_body_bytes: int = 8_000_000
+    max_body_bytes: int = Field(8_000_000, ge=1)
     max_values: int = Field(
         600_000,
+        ge=1,
         description="most JSON values a request body of 64 kB or more may hold (counted before it is parsed: "
         "parsing holds the interpreter, ~0.05 s per 600,000 values); 64 series of 256 steps hold ~440,000, 1,000 "
         "plans of 96 steps ~390,000",
     )
     max_answer_bytes: int = Field(
-        64_000_000, description="largest answer, predicted from the request's shape before any work (422 above it)"
+        64_000_000,
+        ge=1,
+        description="largest answer, predicted from the request's shape before any work (422 above it)",
     )
-    body_timeout_s: float = Field(30.0, description="close a request whose body has not all arrived by then (408)")
-    max_header_bytes: int = Field(32_768, description="request line and headers, in bytes (431 above it)")
-    max_headers: int = Field(100, description="header fields in one request (431 above it)")
-    ort_threads: int = 1
+    body_timeout_s: float = Field(
+        30.0, gt=0, allow_inf_nan=False, description="close a request whose body has not all arrived by then (408)"
+    )
+    max_header_bytes: int = Field(32_768, ge=1024, description="request line and headers, in bytes (431 above it)")
+    max_headers: int = Field(100, ge=8, description="header fields in one request (431 above it)")
+    ort_threads: int = Field(1, ge=1)
     max_optimize_waiting: int = Field(
         4, ge=1, description="setpoint searches queued or running per worker; more are answered 503 (Retry-After)"
     )
-    poll_interval_s: float = Field(5.0, description="how often to check CURRENT for a new version; 0 disables")
-    header_timeout_s: float = Field(10.0, description="close a connection that has not sent its headers by then")
-    keep_alive_s: float = Field(5.0, description="close an idle keep-alive connection after this long")
+    poll_interval_s: float = Field(
+        5.0, ge=0, allow_inf_nan=False, description="how often to check CURRENT for a new version; 0 disables"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="close a connection that has not sent its headers by then"
+    )
+    keep_alive_s: float = Field(
+        5.0, gt=0, allow_inf_nan=False, description="close an idle keep-alive connection after this long"
+    )
     shutdown_grace_s: float = Field(
         30.0,
         gt=0,
+        allow_inf_nan=False,
         description="on SIGTERM, how long requests in flight may still run (the largest KOVAE_MAX_WORK request "
         "takes seconds); any still running then are answered 503. Keep the orchestrator's grace period above it",
     )
@@ -90,6 +102,9 @@ class Settings(BaseSettings):
         for k, key in enumerate(keys):
             if not key.get_secret_value().strip():
                 raise ValueError(f"key {k} is empty; every API key must have characters")
+            if not (key.get_secret_value().isascii() and key.get_secret_value().isprintable()):
+                # A header carries bytes: a client's UTF-8 never matched, and a key Python cannot encode was a 500.
+                raise ValueError(f"key {k} has characters an HTTP header does not carry: printable ASCII only")
         return keys
 
 

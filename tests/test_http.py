@@ -208,6 +208,11 @@ def test_empty_api_keys_stop_the_start(variable, trained_store) -> None:
         ("KOVAE_API_KEYS", "s3cret-key", ("api_keys", "JSON")),  # a list setting that is not JSON
         # logging's ValueError ended in a plain-text traceback, past the one JSON line
         ("KOVAE_LOG_LEVEL", "verbose", ("KOVAE_LOG_LEVEL", "'verbose' is no log level")),
+        # a NaN timeout started a service that answered nothing; port 70000 listened on 4464 (mod 65536)
+        ("KOVAE_HEADER_TIMEOUT_S", "nan", ("KOVAE_HEADER_TIMEOUT_S", "finite")),
+        ("KOVAE_PORT", "70000", ("KOVAE_PORT", "65535")),
+        # a key a header cannot carry: a client's UTF-8 never matched it, and an unencodable one was a 500
+        ("KOVAE_API_KEYS", '["ké"]', ("KOVAE_API_KEYS", "printable ASCII only")),
     ],
 )
 def test_a_setting_that_cannot_be_served_stops_the_start_in_one_line(variable, value, words, trained_store) -> None:
@@ -219,6 +224,17 @@ def test_a_setting_that_cannot_be_served_stops_the_start_in_one_line(variable, v
     (line,) = log_lines(out.stderr + out.stdout)
     assert line["event"] == "settings_refused" and all(w in line["message"] for w in words), line
     assert "s3cret" not in out.stderr + out.stdout
+
+
+def test_an_env_file_that_is_not_utf8_stops_the_start_in_one_line(tmp_path) -> None:
+    (tmp_path / ".env").write_bytes(b"KOVAE_LOG_LEVEL=\xff\xfe\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout
+    (line,) = log_lines(out.stderr + out.stdout)
+    assert line["event"] == "settings_refused" and ".env is not UTF-8 text" in line["message"]
 
 
 def test_help_and_arguments_never_start_a_server() -> None:

@@ -133,6 +133,11 @@ def test_time_of_day_and_week_are_inputs_read_in_the_plant_clock(serve) -> None:
     server = serve(store)
     rt = ModelRuntime(store / current_version(store))
     assert rt.calendar.daily > 0 and rt.calendar.weekly > 0
+    # Its card says API 1.8's rule ("each timestamp's own UTC offset"); GET /model says the rule the service follows.
+    from modelcard.card import CALENDAR_CLOCK
+
+    assert "own UTC offset" in rt.card["variables"]["calendar"]["clock"]
+    assert server.client.get("/model").json()["variables"]["calendar"]["clock"] == CALENDAR_CLOCK
 
     def forecast(shift: timedelta, tz: timezone = UTC) -> np.ndarray:
         body = make_body(rt, horizon=8)
@@ -260,6 +265,10 @@ def test_model_endpoint_reports_stability(server, rt) -> None:
     assert [v["name"] for v in card["variables"]["measurements"]] == rt.measurements
     assert card["variables"]["measurements"][0]["unit"] == "m3/d"
     assert "operator" not in card
+    # How this service reads the clock, whatever an older card wrote ("each timestamp's own UTC offset": API 1.8).
+    from modelcard.card import CALENDAR_CLOCK
+
+    assert card["variables"]["calendar"]["clock"] == CALENDAR_CLOCK
 
 
 def _metric(text: str, name: str) -> float:
