@@ -103,18 +103,24 @@ def plant_of(card: dict) -> str:
 def check_same_plant(store: Path, card: dict) -> None:
     """A store serves one plant: a version of another catalog than the served version's is not added to it, so
     that a wrong ``--store`` cannot put a plant's model where another plant's callers are served. Each catalog's models
-    live in a store of their own (``models/<catalog name>``; BSM1's in ``models``). A served card that cannot be
-    read, or one from before cards named their catalog, does not block (a rollback must stay possible)."""
+    live in a store of their own (``models/<catalog name>``; BSM1's in ``models``)."""
+    check_store_serves(store, plant_of(card), str(card.get("version")))
+
+
+def check_store_serves(store: Path, plant: str, version: str) -> None:
+    """``check_same_plant`` for a ``version`` of catalog ``plant`` that has no card yet (a run checks its store
+    before it trains). A served card that cannot be read, or one from before cards named their catalog, does not
+    block (a rollback must stay possible)."""
     try:
         served_version = current_version(store)
         served = None if served_version is None else read_card(version_dir(store, served_version), verify=False)
     except CardError:
         return
-    if served is None or plant_of(served) == plant_of(card) or not (plant_of(served) and plant_of(card)):
+    if served is None or plant_of(served) == plant or not (plant_of(served) and plant):
         return  # the same plant, or a card too old to name its catalog
     raise CardError(
-        f"{store} serves {served_version}, a model of catalog {plant_of(served)!r}; version {card.get('version')} "
-        f"is one of catalog {plant_of(card)!r}: each catalog's models belong in a store of their own (the one "
+        f"{store} serves {served_version}, a model of catalog {plant_of(served)!r}; version {version} "
+        f"is one of catalog {plant!r}: each catalog's models belong in a store of their own (the one "
         "python -m training.run picks without --store)"
     )
 

@@ -61,7 +61,7 @@ API_VERSION = "1.9.0"  # 1.1: time of day and week are inputs; 1.2: bounds, warn
 # a request cut by the shutdown is a 503
 log = logging.getLogger("kovae.app")
 CHALLENGE = {"WWW-Authenticate": 'ApiKey realm="kovae-forecast", header="X-API-Key", Bearer realm="kovae-forecast"'}
-"""A 401 names the scheme it wants (RFC 9110): the key, in the X-API-Key header."""
+"""A 401 names the schemes it takes (RFC 9110): the key in the X-API-Key header, or as a bearer token."""
 
 
 class Health(BaseModel):

@@ -99,10 +99,10 @@ class Settings(BaseSettings):
     @classmethod
     def no_empty_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
         """An empty (or blank) key would let in anyone who sends an empty X-API-Key header: refused at start-up."""
-        for k, key in enumerate(keys):
-            if not key.get_secret_value().strip():
+        for k, value in enumerate(key.get_secret_value() for key in keys):
+            if not value.strip():
                 raise ValueError(f"key {k} is empty; every API key must have characters")
-            if not (key.get_secret_value().isascii() and key.get_secret_value().isprintable()):
+            if not (value.isascii() and value.isprintable()):
                 # A header carries bytes: a client's UTF-8 never matched, and a key Python cannot encode was a 500.
                 raise ValueError(f"key {k} has characters an HTTP header does not carry: printable ASCII only")
         return keys

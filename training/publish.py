@@ -218,8 +218,9 @@ def promote_if_better(
         problem = None
     except CardError as exc:
         served, problem = None, str(exc)
-    # A first model must beat the naive forecasts in every regime (score >= 0): serving one that loses to the last
-    # value or yesterday somewhere is worse than serving none. A NaN score (nothing scored) never passes.
+    # A first model must at least tie the naive forecasts in its worst regime (score >= 0, that regime's skill
+    # averaged over the scored lead times): serving one that loses to the last value or yesterday there is worse
+    # than serving none. A NaN score (nothing scored) never passes.
     first_ok = math.isfinite(score) and score >= 0
     passed = problem is None and (first_ok if served is None else score > served[1] + GATE_TIE)
     if problem is not None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelcard.card import CardError
-from modelcard.store import check_same_plant, check_version_name
+from modelcard.store import check_store_serves, check_version_name
 from training.config import ConfigError, RunConfig, load_config
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if catalog is not None:
         try:  # refused now, not at the gate after the whole run
-            check_same_plant(store, {"version": version, "catalog": {"name": catalog.name}})
+            check_store_serves(store, catalog.name, version)
         except CardError as exc:
             print(f"error: --store {store}: {exc}; this catalog's is {default_store(catalog)}", file=sys.stderr)
             return 2
