@@ -18,7 +18,6 @@ Defects of bsm2-python 0.0.16 this module works around (each has a test in tests
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -93,14 +92,12 @@ def check_no_carbon_dosing(sim: object) -> None:
 
 
 def import_bsm1ol() -> type:
-    """bsm2-python's BSM1OL, imported without the two handlers bsm2-python adds to the root logger on import
-    (with them, every warning of ours printed twice)."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    from bsm2_python.bsm1_ol import BSM1OL  # slow (numba) and only needed to simulate
+    """bsm2-python's BSM1OL, imported without the handlers bsm2-python adds to the root logger on import
+    (``plant.influent.root_logging_kept``)."""
+    from plant.influent import root_logging_kept
 
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    with root_logging_kept():
+        from bsm2_python.bsm1_ol import BSM1OL  # slow (numba) and only needed to simulate
     return BSM1OL
 
 

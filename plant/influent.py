@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 
@@ -26,6 +28,20 @@ INFLUENT_FILES = {
     "rain": ("raininfluent.csv", 1000.0),
     "bsm2": ("dyninfluent_bsm2.csv", 1.0),
 }
+
+
+@contextmanager
+def root_logging_kept() -> Iterator[None]:
+    """Around anything that may import bsm2-python first: on import it adds two handlers to the root logger
+    (stdout and tqdm), and with them every warning of ours was printed twice (and a service's JSON log lines
+    once more as plain text). The root logger's handlers and level are put back as they were."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 class InfluentError(ValueError):
@@ -89,7 +105,8 @@ def load_influent(name: str) -> tuple[np.ndarray, list[Repair]]:
     if name not in INFLUENT_FILES:
         raise InfluentError(f"unknown influent {name!r}; choose from {sorted(INFLUENT_FILES)}")
     filename, q_factor = INFLUENT_FILES[name]
-    path = resources.files("bsm2_python") / "data" / filename
+    with root_logging_kept():  # resources.files imports the package
+        path = resources.files("bsm2_python") / "data" / filename
     with path.open(encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     return parse_influent_rows(rows, filename, q_factor)

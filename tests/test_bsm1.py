@@ -308,3 +308,19 @@ def test_actuator_cap_limits_a_loop_without_winding_it_up() -> None:
     during = (t > 120) & (t <= 240)
     assert np.all(u[during, :3] <= 30.0 + 1e-9) and x[during, 7].min() < 1.0  # DO collapses
     assert abs(x[(t > 300), 7].mean() - 2.0) < 0.1
+
+
+def test_a_repair_warning_is_printed_once_though_bsm2_python_adds_root_handlers() -> None:
+    """bsm2-python adds two handlers to the root logger when first imported: each repair of the rain file (and
+    every later log line of a process that reads an influent first) came out twice."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from plant.influent import load_influent; load_influent('rain'); "
+        "print(logging.getLogger().handlers)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    printed = out.stdout + out.stderr
+    assert printed.count("repaired row 997 column 15") == 1, printed
+    assert "[]" in out.stdout  # the root logger as it was
