@@ -1,8 +1,11 @@
-"""Export a trained KoVAE to one ONNX graph, check parity with PyTorch, and write it into its version folder.
+"""Export a trained KoVAE to its two ONNX graphs, check parity with PyTorch, and write them into its version
+folder: ``model.onnx`` (series, each with its own history) and ``plans.onnx`` (one history under many plans,
+the encoder run once).
 
 Graph inputs (all normalised, float32):
     x_hist (batch, history, n_x), u_hist (batch, history, n_u), u_fut (batch, horizon, n_u),
-    where the n_u columns are the scaled controls then the card's calendar features,
+    where the n_u columns are ``modelcard.card.known_inputs``' (the scaled controls, the looped controls' flags,
+    the setpoints and their flags, the card's calendar features, the disturbances and their flags),
     noise (batch, samples, horizon, z_dim) standard normal, for forecast samples.
 Graph outputs: mean (batch, horizon, n_x) and samples (batch, samples, horizon, n_x).
 

@@ -25,7 +25,7 @@ as exact as the model on every plan it ranks.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -122,7 +122,6 @@ class Advice:
     sweeps: int
     plans_evaluated: int
     seconds: float
-    decided: list[str] = field(default_factory=list)  # the variables the plan decides
     score: float = 0.0  # the plan's: energy relative to holding's, plus its limits' and moves' cost
     current_score: float = 0.0
 
@@ -344,7 +343,7 @@ def optimize(
     if np.array_equal(best_v, current):  # nothing moved: holding is the answer, whatever the draws say
         held = p.score(cur, reference)
         seconds = time.perf_counter() - start
-        return Advice("current_is_best", cur, cur, sweeps, p.evaluated, seconds, p.names, held, held)
+        return Advice("current_is_best", cur, cur, sweeps, p.evaluated, seconds, held, held)
     mean, samples = p.forecast(best_v, search.samples, draws())
     assert samples is not None
     plan = p.outcome(best_v, mean, samples, levels)
@@ -356,4 +355,4 @@ def optimize(
         plan = cur
     seconds = time.perf_counter() - start
     score = scores[0] if status == "improved" else scores[1]
-    return Advice(status, plan, cur, sweeps, p.evaluated, seconds, p.names, score, scores[1])
+    return Advice(status, plan, cur, sweeps, p.evaluated, seconds, score, scores[1])

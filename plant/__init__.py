@@ -2,7 +2,9 @@
 
 ``catalog`` (a plant's variables), ``bsm1`` (the simulated plant), ``influent`` (its influent files, storms and
 overloads), ``operation`` (how a scenario's plant is run),
-``scenarios`` (the simulated dataset: cache, files, splits), ``historian`` (a plant's own export imported),
-``config`` (the ``[data]`` settings) and ``executor`` (local processes or a Dask cluster). Imports flow one way:
+``scenarios`` (the simulated dataset: cache, files, splits), ``whatif`` and ``branching`` (the simulator branched
+from saved states under other plans), ``historian`` (a plant's own export imported), ``example_export`` (a
+simulated plant's historian export, for the walk-through), ``config`` (the ``[data]`` settings) and ``executor``
+(local processes or a Dask cluster). Imports flow one way:
 training -> plant -> modelcard; nothing here imports training, the service or export.
 """

@@ -57,7 +57,7 @@ def blanket_height(tss_layers: np.ndarray, threshold: float, height: float, esti
 
 
 def measurements_from_plant(plant: Plant, influent_row: np.ndarray) -> np.ndarray:
-    """The catalog's measurement vector (plant.catalog.MEASUREMENTS order) from the plant's current streams."""
+    """The catalog's measurement vector (the order of plant.catalog.BSM1's targets) from the plant's current streams."""
     sim = plant.sim
     eff = sim.ys_eff
     tkn_eff = eff[SNH] + eff[SND] + eff[XND] + I_XB * (eff[XBH] + eff[XBA]) + I_XP * (eff[XP] + eff[XI])

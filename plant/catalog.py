@@ -37,6 +37,9 @@ from modelcard.objective import Objective, PlantNames, objective_problems
 ROLES = ("measurement", "disturbance", "control", "setpoint")
 FILLS = ("linear", "hold")  # how an import bridges a gap (Variable.fill)
 BSM1_CATALOG = Path(__file__).with_name("catalogs") / "bsm1.toml"
+# The one sample interval a model trains on: its daily modes, yesterday's lag, its blends and the report's lead
+# times are counted in 15-minute steps (training.model.STEPS_PER_DAY, training.evaluate).
+TRAINED_SAMPLE_MINUTES = 15
 TIMESTAMP_FORMATS = ("iso8601", "epoch_seconds")  # or a strptime pattern, e.g. "%d.%m.%Y %H:%M:%S"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a catalog's name is also its model store's folder
 MissingCode = float | str  # a number or a text a historian writes where it has no value
@@ -377,8 +380,12 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
         )
     if cat.timestamp_column in columns_of(variables):
         raise CatalogError(f"{source}: timestamp_column {cat.timestamp_column!r} is also a variable's column")
-    if cat.sample_minutes <= 0 or (24 * 60) % cat.sample_minutes:
-        raise CatalogError(f"{source}: sample_minutes must divide a day (1440 minutes), got {cat.sample_minutes}")
+    if cat.sample_minutes != TRAINED_SAMPLE_MINUTES:
+        raise CatalogError(
+            f"{source}: sample_minutes must be {TRAINED_SAMPLE_MINUTES}, got {cat.sample_minutes}: the model counts "
+            f"its daily modes, yesterday and its lead times in {TRAINED_SAMPLE_MINUTES}-minute steps (the import "
+            "averages a finer export onto them)"
+        )
     try:
         zoneinfo.ZoneInfo(cat.timezone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
@@ -436,10 +443,9 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
 
 
 BSM1 = load_catalog(BSM1_CATALOG)
-"""The simulated plant's catalog; only the BSM1 source (plant.bsm1, plant.scenarios' simulator) uses it."""
+"""The simulated plant's catalog: the built-in plant's data (plant.scenarios, plant.whatif), and training's
+default when no catalog is given."""
 SAMPLE_MINUTES = BSM1.sample_minutes
-MEASUREMENTS = BSM1.targets
-CONTROLS = BSM1.controls
 MEASUREMENT_NAMES = BSM1.target_names
 CONTROL_NAMES = BSM1.control_names
 
@@ -449,6 +455,6 @@ def model_store(catalog: Catalog) -> Path:
     return Path("models") if catalog.to_dict() == BSM1.to_dict() else Path("models") / catalog.name
 
 
-def catalog_dict(*, bounds: bool = True) -> dict[str, Any]:
-    """The BSM1 catalog as plain data: ``bounds=False`` is its data identity (``Catalog.data_dict``)."""
-    return BSM1.to_dict() if bounds else BSM1.data_dict()
+def catalog_dict() -> dict[str, Any]:
+    """The BSM1 catalog as plain data (what a card from before catalogs is given: training.upgrade_card)."""
+    return BSM1.to_dict()

@@ -530,10 +530,9 @@ def resample(table: Table, catalog: Catalog) -> tuple[np.ndarray, np.ndarray, np
         }
     # Clock minutes of each grid point in the plant's local time: the zone's UTC offset at the export's own record
     # in (or last before) that interval.
-    epoch = CLOCK_EPOCH.replace(tzinfo=UTC).timestamp()
-    offsets = table.clock - (table.utc - epoch) / 60
+    offsets = table.clock - (table.utc - CLOCK_EPOCH_S) / 60
     nearest = np.clip(np.searchsorted(table.utc, grid, side="right") - 1, 0, len(table.utc) - 1)
-    clock = (grid - epoch) / 60 + offsets[nearest]
+    clock = (grid - CLOCK_EPOCH_S) / 60 + offsets[nearest]
     return grid, clock, out, report
 
 

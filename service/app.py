@@ -108,7 +108,8 @@ def release_memory() -> None:
 
 JSON_TYPES = ("application/json", "application/problem+json")
 LARGE_BODY = 256_000
-"""Bodies from this many bytes on are read off the event loop (a day of history for one series is ~40 kB)."""
+"""Bodies from this many bytes on are parsed and decoded off the event loop, in a worker thread (a day of history
+for one series is ~40 kB)."""
 
 
 FORECAST_BODY_DOC = {

@@ -340,8 +340,6 @@ def publish_optimize_limits(schemas: dict[str, Any], rt: ModelRuntime, settings:
     plans, whose future_controls require none of what the card's objective decides (its controls, and the
     controls of the loops whose setpoints it decides): every request the service takes is schema-valid. The
     service still refuses a decided one sent (which ones depend on the request's own objective), by name."""
-    if "OptimizeRequest" not in schemas:
-        return
     req = schemas["OptimizeRequest"]["properties"]
     req["horizon"]["maximum"] = rt.max_horizon
     req["quantiles"]["maxItems"] = settings.max_quantiles

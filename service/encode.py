@@ -4,8 +4,8 @@ Every cost of an answer is here. Its size is predicted from the request's shape 
 (series x plans x (mean + quantiles) x horizon x variables: the measurements, and the controls a request leaves
 to their loops, which are forecast too), and a request whose answer would pass
 ``KOVAE_MAX_ANSWER_BYTES`` is refused saying how to make it smaller. Forecasts are encoded a piece at a time
-straight to JSON bytes (pydantic-core), so that only one piece's Python lists exist at once, and the answer
-goes out as those pieces, never joined into one more copy.
+straight to JSON bytes (pydantic-core), so that only one piece's Python lists exist at once, and an answer of
+``SMALL_ANSWER`` bytes or more goes out as those pieces, never joined into one more copy.
 """
 
 from __future__ import annotations
@@ -209,12 +209,12 @@ class SeriesResult:
         return SeriesResult(self.mean[..., outputs], None if self.quantiles is None else self.quantiles[..., outputs])
 
 
-def _check_finite(res: SeriesResult, i: int) -> None:
-    """A forecast that is not finite is refused rather than sent as NaN or Infinity, which strict JSON parsers
-    reject."""
+def check_finite(res: SeriesResult, field: str) -> None:
+    """A forecast that is not finite is refused (422 naming the series' ``field``) rather than sent as NaN or
+    Infinity, which strict JSON parsers reject."""
     if not (np.all(np.isfinite(res.mean)) and (res.quantiles is None or np.all(np.isfinite(res.quantiles)))):
         msg = "the forecast is not finite for these inputs: check the history"
-        raise ProblemError(422, "No finite forecast", [{"field": f"series[{i}]", "message": msg}])
+        raise ProblemError(422, "No finite forecast", [{"field": field, "message": msg}])
 
 
 def encode_forecasts(
@@ -294,7 +294,7 @@ class SeriesFacts:
 def encode_series(rt: ModelRuntime, quantiles: list[float], i: int, facts: SeriesFacts, res: SeriesResult) -> bytes:
     """A series without plans, whole: its forecast held within the physical bounds (and where it was held)."""
     res = res.answered(facts.outputs)
-    _check_finite(res, i)
+    check_finite(res, f"series[{i}]")
     qs = None if res.quantiles is None else res.quantiles[:, None]
     forecast, clipped = encode_forecasts(rt, quantiles, res.mean[None], qs, facts.outputs)[0]
     out = {"id": facts.id, "timestamps": facts.timestamps, "forecast": forecast, "clipped": clipped}
@@ -314,7 +314,7 @@ def encode_plans(
     """Plans ``first``.. of series ``i`` (as many as ``res`` holds), comma-separated: each its forecast
     (unless plan_forecasts is false), summary and clipping notes."""
     res = res.answered(facts.outputs)
-    _check_finite(res, i)
+    check_finite(res, f"series[{i}]")
     names = (facts.plan_names or [])[first : first + len(res.mean)]
     forecasts = encode_forecasts(rt, quantiles, res.mean, res.quantiles, facts.outputs, values=facts.plan_forecasts)
     summaries = plan_summaries(rt, res.mean, facts.outputs)

@@ -28,7 +28,7 @@ from modelcard.objective import (
 from modelcard.runtime import ModelRuntime
 from optimizer.search import Advice, Outcome, Search, Situation
 from service.decode import check_quantiles, decode
-from service.encode import SeriesFacts, Warning, encode_forecasts, quantile_key
+from service.encode import SeriesFacts, SeriesResult, Warning, check_finite, encode_forecasts, quantile_key
 from service.parse import SCAN_FROM, refuse_duplicate_keys, size_limits, validate
 from service.problems import Errors, ProblemError
 from service.request import FAIL_FAST, STRICT, ForecastRequest, SeriesIn
@@ -268,9 +268,7 @@ def encode_advice(
     """The answer's JSON; a forecast that is not finite is refused (422) rather than sent as NaN."""
     plan, cur = advice.plan, advice.current
     mean, quantiles = plan.mean[..., facts.outputs], plan.quantiles[..., facts.outputs]  # the loops in effect
-    if not (np.isfinite(mean).all() and np.isfinite(quantiles).all()):
-        msg = "the forecast is not finite for these inputs: check the history"
-        raise ProblemError(422, "No finite forecast", [{"field": "series", "message": msg}])
+    check_finite(SeriesResult(mean, quantiles), "series")
     times = [to_json(t).decode().strip('"') for t in facts.timestamps]  # written as /forecast writes them
     forecast, clipped = encode_forecasts(rt, plan.levels, mean[None], quantiles[:, None], facts.outputs)[0]
     wanted = {quantile_key(q) for q in (*req.quantiles, *(m.quantile for m in objective.limits))}

@@ -153,7 +153,7 @@ def test_kla_step_changes_oxygen_in_that_reactor() -> None:
     high = np.tile([240.0, 240.0, 220.0, 3 * bsm1.Q0], (n, 1))
     _, x_low, _, _ = bsm1.simulate(inflow, low)
     _, x_high, _, _ = bsm1.simulate(inflow, high)
-    so5 = 7  # SO_5 in plant.catalog.MEASUREMENTS
+    so5 = 7  # SO_5 among plant.catalog.BSM1's targets
     assert x_high[-1, so5] - x_low[-1, so5] > 0.3  # g O2/m3, from the (oxygen-hungry) unstabilised start
     assert np.all(x_high[4:, so5] > x_low[4:, so5])  # after the first hour, at every sample
     assert x_low.shape == (n // 15, len(BSM1.targets)) and np.all(np.isfinite(x_low))

@@ -85,6 +85,10 @@ def test_catalog_errors_name_the_file_and_entry(tmp_path: Path) -> None:
     bad.write_text(BERLIN_CATALOG.replace("max = 20", "max = -1"))
     with pytest.raises(CatalogError, match=r"oxygen\): min 0.0 must be below max -1.0"):
         load_catalog(bad)
+    # A 5-minute plant would train with its "yesterday" 8 h back and its daily modes three times a day.
+    bad.write_text(BERLIN_CATALOG.replace("sample_minutes = 15", "sample_minutes = 5"))
+    with pytest.raises(CatalogError, match=r"bad\.toml: sample_minutes must be 15, got 5: the model counts"):
+        load_catalog(bad)
 
 
 def test_catalog_refuses_unknown_keys_at_every_level_by_name(tmp_path: Path) -> None:

@@ -1,5 +1,8 @@
 """Imports flow one way: service -> optimizer -> modelcard, training -> plant -> modelcard; the contract imports
-none of them, and no module imports itself back through others."""
+none of them, and no module imports itself back through others. export sits inside training's layers: it builds
+its graph from training's model (training.model, training.config) and training's pipeline (training.run,
+training.publish) calls it to write a version, so the two packages import each other, their modules never in a
+cycle (``test_export_sits_between_trainings_model_and_its_pipeline``)."""
 
 from __future__ import annotations
 
@@ -108,6 +111,22 @@ def test_no_import_cycle_anywhere() -> None:
     assert {"plant.scenarios", "training.data", "service.app"} <= set(graph)
     assert "plant.scenarios" in graph["plant.historian"] and "plant.historian" in graph["training.data"]
     assert not find_cycle(graph), " -> ".join(find_cycle(graph))
+
+
+EXPORT_READS = {"training.model", "training.config"}  # what a graph is built from
+EXPORT_CALLED_BY = {"training.run", "training.publish"}  # the pipeline that writes a version
+
+
+def test_export_sits_between_trainings_model_and_its_pipeline() -> None:
+    graph = import_graph()
+    reads = {m for mod, deps in graph.items() if mod.startswith("export.") for m in deps if m.startswith("training.")}
+    callers = {
+        mod for mod, deps in graph.items() if mod.startswith("training.") and any(d.startswith("export") for d in deps)
+    }
+    assert reads <= EXPORT_READS, f"export imports training's {sorted(reads - EXPORT_READS)}"
+    assert callers <= EXPORT_CALLED_BY, f"{sorted(callers - EXPORT_CALLED_BY)} import export"
+    below = set().union(*(graph[m] for m in EXPORT_READS))
+    assert not below & EXPORT_CALLED_BY  # the model never reaches the pipeline back
 
 
 def test_a_cycle_through_a_function_level_import_is_found(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelcard.card import last_observed
 from training import evaluate as ev
 from training.config import RunConfig
 from training.data import Windows
@@ -49,7 +48,7 @@ def predict(
     samples per window never sit in memory at once.
 
     ``forecast`` is what the model is told of the future disturbances, ``request`` what it is told of the
-    controls and setpoints (training.prepare.REQUESTS); ``held``: the forecast under the plan held
+    controls and setpoints (training.requests.REQUESTS); ``held``: the forecast under the plan held
     (training.model.held_plan), what the naive blends read.
     ``calib`` is the calibration the graph applies: ``residual_decay`` fades the decoder's miss at the last
     history step into the forecast, and ``spread_scale`` and ``width`` (``IntervalWidth``) widen each sample's
@@ -118,7 +117,7 @@ def naive_forecasts(w: Windows, season: int) -> tuple[np.ndarray, np.ndarray]:
     idx = k + L - 1 - season
     yesterday = w.x_hist[:, np.clip(idx, 0, L - 1)].astype(np.float64)
     yesterday[:, (idx < 0) | (k > season)] = np.nan
-    return yesterday, np.repeat(last_observed(w.x_hist)[:, None], H, 1).astype(np.float64)
+    return yesterday, ev.persistence(w).astype(np.float64)
 
 
 @contextmanager

@@ -64,7 +64,7 @@ from torch.nn import functional as F
 
 from training.config import ModelConfig, TrainConfig
 
-STEPS_PER_DAY = 96  # 15-minute samples
+STEPS_PER_DAY = 96  # at 15-minute samples, the only ones a catalog may have (plant.catalog.TRAINED_SAMPLE_MINUTES)
 
 
 BAND_MARGIN = 0.1  # in training stds: no closer to a physical bound than this is a value read in band space
