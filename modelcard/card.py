@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -413,6 +413,17 @@ def hold_steps(items: list[dict[str, Any]], step_minutes: int) -> np.ndarray | N
     0 for the others; None where none holds."""
     steps = [int(float(v.get("max_gap_minutes") or 0) // step_minutes) if v.get("fill") == "hold" else 0 for v in items]
     return np.array(steps) if any(steps) else None
+
+
+def local_instants(t: datetime, zone: tzinfo) -> tuple[datetime, ...]:
+    """The instants (in UTC) a wall-clock time ``t`` (naive) of ``zone`` may mean: one; both passes of an hour the
+    autumn change repeats (earlier first); or none, for one the spring change skips. The import
+    (``plant.historian``) and the service (``service.times``) read a plant's local timestamps alike. (In UTC
+    because Python compares and subtracts two times of one zone on the wall clock, DST ignored.)"""
+    first, second = t.replace(tzinfo=zone, fold=0).astimezone(UTC), t.replace(tzinfo=zone, fold=1).astimezone(UTC)
+    if first.astimezone(zone).replace(tzinfo=None) != t:  # a skipped time comes back as another wall-clock time
+        return ()
+    return (first,) if first == second else tuple(sorted((first, second)))
 
 
 def minutes_since_monday(t: datetime) -> float:

@@ -97,6 +97,12 @@ class PlantNames:
 Problems = list[tuple[str, str]]  # (field, message)
 
 
+def looped_controls_of(setpoints: Any, card_loops: list[dict[str, str]]) -> set[str]:
+    """The controls whose loops' setpoints a plan decides (``setpoints``: their names): their future is the
+    loops', never a request's."""
+    return {loop["control"] for loop in card_loops if loop["setpoint"] in setpoints}
+
+
 MAX_MAGNITUDE = 1e9
 """No coefficient, price, bound or limit is larger: beyond it, a sum over a day's steps could leave the floats."""
 

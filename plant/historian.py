@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from modelcard.card import atomic_write, hold_forward
+from modelcard.card import atomic_write, hold_forward, local_instants
 from plant.catalog import Catalog, MissingCode, Variable, catalog_from_dict
 from plant.scenarios import DataError, ScenarioData, load_scenario, save_scenario
 
@@ -217,18 +217,19 @@ def read_times(
             except OverflowError:
                 problems.add("timestamps out of range", rows[i], -1, where + f"{cell} is too near the year 1 or 9999")
             continue
-        first, second = t.replace(tzinfo=tz, fold=0), t.replace(tzinfo=tz, fold=1)
-        if first.astimezone(UTC).astimezone(tz).replace(tzinfo=None) != t:
+        instants = [u.astimezone(tz) for u in local_instants(t, tz)]
+        if not instants:
             problems.add(
                 "local times skipped by the DST change",
                 rows[i],
                 -1,
                 where + f"{cell} does not exist in {tz.key} (skipped by the DST change)",
             )
-        elif first.utcoffset() != second.utcoffset():
+        elif len(instants) == 2:
+            first, second = instants
             repeated[i] = first.timestamp(), second.timestamp(), _offset(first), _offset(second)
         else:
-            utc[i], offset[i] = first.timestamp(), _offset(first)
+            utc[i], offset[i] = instants[0].timestamp(), _offset(instants[0])
     place_repeated(utc, offset, repeated, rows, cells, tz.key, col, problems, repairs)
     check_order(utc, rows, cells, col, problems)
     return utc, offset

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modelcard.card import CALENDAR_CLOCK, loop_limits
 from modelcard.objective import Objective
+from modelcard.runtime import ModelRuntime
 from optimizer.search import Situation
 from optimizer.search import optimize as search_plan
 from service import forecasting, metrics
@@ -253,17 +254,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.protect_info:
             await forecast_auth(request)
 
-    def serving() -> Any:
+    def serving() -> ModelRuntime:
         rt = registry.runtime
         if rt is None:
             raise ProblemError(503, "No model loaded", detail="the service has no model yet; see /readyz")
         return rt
 
-    def read(body: bytes, rt: Any) -> DecodedRequest:
+    def read(body: bytes, rt: ModelRuntime) -> DecodedRequest:
         """Bytes to the runtime's arrays, every size rule first (service.parse, then service.decode)."""
         return decode(parse(body, size_limits(rt, settings)), rt, settings)
 
-    def read_optimize(body: bytes, rt: Any) -> tuple[OptimizeRequest, Objective, Situation, SeriesFacts]:
+    def read_optimize(body: bytes, rt: ModelRuntime) -> tuple[OptimizeRequest, Objective, Situation, SeriesFacts]:
         """Bytes to the search's inputs: the request, its objective, and the series decoded and checked."""
         req = parse_optimize(body, rt, settings)
         objective = objective_of(req, rt)
@@ -449,7 +450,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def closed_loops(rt: Any) -> dict[str, Any]:
+def closed_loops(rt: ModelRuntime) -> dict[str, Any]:
     """What GET /model says of the model's feedback loops: each loop's control, setpoint and measurement, and how a
     request leaves a control to its loop."""
     units = dict(zip(rt.outputs, rt.out_units, strict=True)) | dict(zip(rt.setpoints, rt.s_units, strict=True))

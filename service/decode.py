@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from modelcard.card import last_observed, minutes_since_monday
+from modelcard.objective import looped_controls_of
 from modelcard.runtime import ModelRuntime
 from service.encode import SeriesFacts, SeriesShape, check_answer_size, quantile_key
 from service.inputs import (
@@ -345,7 +346,7 @@ def publish_optimize_limits(schemas: dict[str, Any], rt: ModelRuntime, settings:
     req["quantiles"]["maxItems"] = settings.max_quantiles
     objective = rt.card.get("optimizer") or {}
     decided = set(objective.get("controls", {}))
-    decided |= {loop["control"] for loop in rt.loops if loop["setpoint"] in objective.get("setpoints", {})}
+    decided |= looped_controls_of(objective.get("setpoints", {}), rt.loops)
     series = copy.deepcopy(schemas["SeriesIn"])
     series["title"] = "OptimizeSeriesIn"
     series["properties"].pop("plans")

@@ -22,6 +22,7 @@ from modelcard.objective import (
     MAX_PLAN_MINUTES,
     Objective,
     card_names,
+    looped_controls_of,
     objective_problems,
     trained_ranges,
 )
@@ -185,7 +186,7 @@ def situation_of(
         listed = [{"field": optimize_field(e["field"]), "message": optimize_field(e["message"])} for e in exc.errors]
         raise ProblemError(422, "Invalid optimize request", listed, count=exc.count) from None
     u_fut = d.u_fut[0]
-    decided = {loop["control"] for loop in rt.loops if loop["setpoint"] in objective.setpoints}
+    decided = looped_controls_of(objective.setpoints, rt.loops)
     for name in sorted(decided):
         if np.isfinite(u_fut[:, rt.controls.index(name)]).any():
             errors.add(

@@ -20,6 +20,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, tzinfo
 from itertools import pairwise
 
+from modelcard.card import local_instants
 from service.problems import Errors
 
 Candidates = tuple[datetime, ...]  # the instants (in UTC) a timestamp may mean: one, two (repeated) or none
@@ -35,14 +36,11 @@ def parse_stamp(text: str) -> datetime:
 
 def candidates(t: datetime, zone: tzinfo) -> Candidates:
     """The instants ``t`` may mean, in UTC: itself if it has an offset; a local time in ``zone``: one instant,
-    both passes of an hour the autumn change repeats (earlier first), or none for one the spring change skips.
-    (In UTC because Python compares and subtracts two times of one zone on the wall clock, DST ignored.)"""
+    both passes of an hour the autumn change repeats (earlier first), or none for one the spring change skips
+    (``modelcard.card.local_instants``)."""
     if t.tzinfo is not None:
         return (t.astimezone(UTC),)
-    first, second = t.replace(tzinfo=zone, fold=0).astimezone(UTC), t.replace(tzinfo=zone, fold=1).astimezone(UTC)
-    if first.astimezone(zone).replace(tzinfo=None) != t:  # a skipped time comes back as another wall-clock time
-        return ()
-    return (first,) if first == second else tuple(sorted((first, second)))
+    return local_instants(t, zone)
 
 
 def read_times(stamps: list[str], where: str, step: int, zone: tzinfo, errors: Errors) -> list[datetime] | None:
