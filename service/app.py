@@ -271,7 +271,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         situation, facts = situation_of(req, rt, settings, objective)
         return req, objective, situation, facts
 
-    errors_doc: dict[int | str, dict[str, Any]] = {code: PROBLEM_SCHEMA for code in (401, 408, 413, 415, 422, 503)}
+    errors_doc: dict[int | str, dict[str, Any]] = {code: PROBLEM_SCHEMA for code in (401, 408, 413, 415, 422, 501, 503)}
 
     # ------------------------------------------------------------------ routes
 
@@ -478,12 +478,25 @@ def closed_loops(rt: ModelRuntime) -> dict[str, Any]:
 
 
 def check_body_headers(request: Request) -> None:
-    """A JSON body, sent as is: another media type or a Content-Encoding (gzip, ...) is refused (415), not read
-    as if it were plain JSON."""
-    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    """A UTF-8 JSON body, sent as is: another media type or charset, or a content or transfer coding (gzip, ...)
+    is refused (415; a transfer coding 501), not read as if it were plain JSON. Every header of each name is
+    read: a second one must not slip a coding past the first."""
+    types = request.headers.getlist("content-type") or ["application/json"]
+    if len(types) > 1:
+        raise ProblemError(415, "Unsupported media type", detail="send one Content-Type, application/json")
+    media_type, *params = (part.strip().lower() for part in types[0].split(";"))
     if media_type not in JSON_TYPES:
-        raise ProblemError(415, "Unsupported media type", detail=f"send application/json, not {media_type}")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        detail = f"Content-Encoding {encoding[:40]} is not taken: send the body uncompressed"
+        raise ProblemError(415, "Unsupported media type", detail=f"send application/json, not {media_type[:60]}")
+    charset = next((p.partition("=")[2].strip('" ') for p in params if p.startswith("charset=")), "utf-8")
+    if charset not in ("utf-8", "utf8"):
+        raise ProblemError(415, "Unsupported media type", detail=f"send the JSON in UTF-8, not {charset[:40]}")
+    codings = [c.strip() for value in request.headers.getlist("content-encoding") for c in value.lower().split(",")]
+    if any(c not in ("", "identity") for c in codings):
+        coding = next(c for c in codings if c not in ("", "identity"))
+        detail = f"Content-Encoding {coding[:40]} is not taken: send the body uncompressed"
         raise ProblemError(415, "Unsupported content encoding", detail=detail)
+    transfer = [c.strip() for value in request.headers.getlist("transfer-encoding") for c in value.lower().split(",")]
+    if any(c not in ("", "chunked") for c in transfer):
+        coding = next(c for c in transfer if c not in ("", "chunked"))
+        detail = f"Transfer-Encoding {coding[:40]} is not implemented: send the body uncompressed (chunked is taken)"
+        raise ProblemError(501, "Transfer coding not implemented", detail=detail)

@@ -6,7 +6,10 @@
   a connection sending nothing was held for ever, and a 64 MB header was read and answered.
 - Bodies: the app reads a body within ``body_timeout_s`` (``service.middleware`` answers 408); a body the app
   never reads (its answer came first) is dropped with its connection at that deadline, instead of being
-  read a byte a second for ever.
+  read a byte a second for ever, and once such a body has arrived whole the connection idles out like any
+  other (``keep_alive_s``).
+- Answers: a client that reads none of its answer for ``send_timeout_s`` (the socket's send buffer full all that
+  time) is dropped, and the answer's memory freed; it was held for as long as the client kept the connection.
 - Malformed HTTP (``Content-Length: abc``) is answered as problem+json and counted in the metrics and the
   access log like any other refusal; uvicorn answered it in plain text, seen by no metric.
 
@@ -39,6 +42,7 @@ class Refused(Exception):
 class LimitedHttpProtocol(HttpToolsProtocol):
     _header_timer: asyncio.TimerHandle | None = None
     _body_timer: asyncio.TimerHandle | None = None
+    _send_timer: asyncio.TimerHandle | None = None
     _in_headers = True  # between a request's start (or the connection's) and the end of its headers
     _header_bytes = 0
     _header_count = 0
@@ -98,11 +102,29 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._cancel("_body_timer")
         self._in_headers = True  # what comes next is the next request's
         super().on_message_complete()
+        if self.cycle is not None and self.cycle.response_complete and self.timeout_keep_alive_task is None:
+            # Answered before its body ended (a 401, 405, 413 or 415): the rest of the body cancelled the
+            # keep-alive timer the answer armed (uvicorn's data_received), and nothing armed it again, so the
+            # idle connection was held for ever, a file descriptor per anonymous client.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel("_header_timer")
         self._cancel("_body_timer")
+        self._cancel("_send_timer")
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The send buffer is full: the client has this long to read some of it (``send_timeout_s``)."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(get_settings().send_timeout_s, self._on_send_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel("_send_timer")
 
     # ------------------------------------------------------------------ limits
 
@@ -153,6 +175,19 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._header_timer = None
         if self.cycle is None or self.cycle.response_complete:  # no request is being answered on it
             self.transport.close()
+
+    def _on_send_timeout(self) -> None:
+        """The client read nothing for the whole deadline: drop it. The app's sends then return at once (uvicorn
+        marks the request disconnected), so the rest of the answer is never written and its memory goes back."""
+        self._send_timer = None
+        if self.transport.is_closing():
+            return
+        metrics.ERRORS.labels("send_timeout").inc()
+        extra = {"event": "send_timeout", "method": "-", "path": "-", "status": 0, "duration_ms": 0.0}
+        access_log.warning(
+            "client read none of its answer for %g s: dropped", get_settings().send_timeout_s, extra=extra
+        )
+        self.transport.abort()
 
     def _on_body_timeout(self) -> None:
         """The body is still arriving: once the request is answered, drop it (the app, reading it, answers

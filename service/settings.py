@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         30.0, gt=0, allow_inf_nan=False, description="close a request whose body has not all arrived by then (408)"
     )
+    send_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="drop a connection whose client has read none of its answer for this long (the socket's send "
+        "buffer full): an unread answer holds its memory until then",
+    )
     max_header_bytes: int = Field(32_768, ge=1024, description="request line and headers, in bytes (431 above it)")
     max_headers: int = Field(100, ge=8, description="header fields in one request (431 above it)")
     ort_threads: int = Field(1, ge=1)

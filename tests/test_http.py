@@ -8,6 +8,7 @@ not misbehave. Each test reproduces one finding of the second hostile audit (iss
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -122,6 +123,46 @@ def test_a_body_the_app_never_reads_does_not_hold_its_connection(serve, trained_
     assert closed or time.monotonic() - start < 6
 
 
+def test_a_connection_answered_before_its_body_ended_idles_out(serve, trained_store, rt) -> None:
+    """A 401 sent while the body was still arriving, then the rest of the body: the body's bytes cancelled the
+    keep-alive timer the answer armed, and the idle connection was held for ever (a file descriptor per
+    anonymous client)."""
+    s = serve(trained_store[0], KOVAE_API_KEYS='["k1"]', KOVAE_KEEP_ALIVE_S="1")
+    body = json.dumps(make_body(rt)).encode()
+    head = b"POST /forecast HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    conn = raw(s.port, head % len(body) + body[:5])
+    assert conn.recv(65536).startswith(b"HTTP/1.1 401")
+    conn.sendall(body[5:])
+    start = time.monotonic()
+    conn.settimeout(8)
+    assert read_all(conn) == b""  # closed by the server, not by the read's own timeout
+    conn.close()
+    assert time.monotonic() - start < 4
+
+
+def test_a_client_that_never_reads_its_answer_is_dropped(serve, trained_store, rt) -> None:
+    """A client that sends a large request and reads nothing held the whole answer in the server's memory for as
+    long as it kept the connection (6 such clients: +200 MB, for ever)."""
+    s = serve(trained_store[0], KOVAE_SEND_TIMEOUT_S="1")
+    body = make_body(rt, horizon=rt.max_horizon)
+    plan = body["series"][0].pop("future_controls")
+    body["series"][0]["plans"] = [{"name": f"p{k}", "future_controls": plan} for k in range(1000)]
+    data = json.dumps(body).encode()
+    conn = socket.socket()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window, kept small
+    conn.connect(("127.0.0.1", s.port))
+    head = b"POST /forecast HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    conn.sendall(head % len(data) + data)
+    dropped = wait_for(lambda: metric(s.client.get("/metrics").text, "kovae_errors_total", type="send_timeout") == 1)
+    conn.settimeout(10)
+    answer = read_all(conn)  # what was in flight, then the reset
+    conn.close()
+    head, _, got = answer.partition(b"\r\n\r\n")
+    assert dropped and head.startswith(b"HTTP/1.1 200")
+    assert len(got) < int(re.search(rb"content-length: (\d+)", head).group(1))  # cut short
+    assert server_errors(s.client.get("/metrics").text) == 0
+
+
 # ----------------------------------------------------------------------------- M4: headers
 
 
@@ -180,6 +221,36 @@ def test_a_content_encoding_is_refused_not_read_as_json(server, rt, encoding) ->
     )
     assert r.status_code == 415 and encoding in r.json()["detail"]
     problem_fields(r)
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "words"),
+    [
+        (b"content-type: application/json\r\ncontent-encoding: identity\r\ncontent-encoding: gzip\r\n", 415, b"gzip"),
+        (b"content-type: application/json\r\ncontent-encoding: identity, gzip\r\n", 415, b"gzip"),
+        (b"content-type: application/json\r\ncontent-type: text/plain\r\n", 415, b"one Content-Type"),
+        (b"content-type: application/json; charset=utf-16\r\n", 415, b"utf-16"),
+        (b"content-type: application/json\r\ntransfer-encoding: gzip, chunked\r\n", 501, b"gzip"),
+    ],
+    ids=["second content-encoding", "listed content-encoding", "second content-type", "charset", "transfer coding"],
+)
+def test_every_header_of_a_body_is_read_before_the_body(server, rt, headers, status, words) -> None:
+    """Only the first Content-Type and Content-Encoding were read: a second one (or a charset, or a transfer
+    coding) let a gzip or UTF-16 body through to be read as JSON (422 "Invalid JSON"), or a text body as JSON."""
+    body = gzip.compress(json.dumps(make_body(rt)).encode())
+    chunked = b"transfer-encoding" in headers
+    framing = b"" if chunked else b"content-length: %d\r\n" % len(body)
+    payload = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if chunked else body
+    conn = raw(server.port, b"POST /forecast HTTP/1.1\r\nHost: x\r\n" + headers + framing + b"\r\n" + payload)
+    conn.settimeout(10)
+    answer = conn.recv(65536)
+    while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < int(
+        re.search(rb"content-length: (\d+)", answer.partition(b"\r\n\r\n")[0]).group(1)
+    ):
+        answer += conn.recv(65536)
+    conn.close()
+    assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:300]
+    assert b"application/problem+json" in answer and words in answer
 
 
 def test_a_401_names_the_scheme_it_wants(serve, trained_store, rt) -> None:
