@@ -184,7 +184,7 @@ def check_answer_size(shapes: list[SeriesShape], quantiles: int, horizon: int, l
         ways.append(f'"plan_forecasts": false (each plan answers its summary only: about {summaries / 1e6:.1f} MB)')
     if quantiles:
         ways.append("fewer quantiles")
-    ways += ["a shorter horizon", "fewer series or plans per request"]
+    ways += (["a shorter horizon"] if horizon > 1 else []) + ["fewer series or plans per request"]
     field = "series[].plan_forecasts" if plans else ("quantiles" if quantiles else "series")
     message = (
         f"the answer would be about {size / 1e6:.0f} MB ({forecasts} forecasts x (mean + {quantiles} quantiles) x "

@@ -67,7 +67,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
             return
         except httptools.HttpParserError as exc:
-            self.refuse(*(self._refusal or (400, "Malformed HTTP request", str(exc) or type(exc).__name__)))
+            detail = str(exc) or type(exc).__name__
+            if detail == "User callback error":  # httptools' words for a request uvicorn could not take apart
+                detail = "the request line or a header cannot be read (e.g. a CONNECT or another proxy's request)"
+            self.refuse(*(self._refusal or (400, "Malformed HTTP request", detail)))
             return
         if was_in_headers and self._headers_seen == headers_seen:  # no request's headers ended in this data
             self._header_bytes += len(data)

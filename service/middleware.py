@@ -59,7 +59,8 @@ class ObserveMiddleware:
         deadline = asyncio.get_running_loop().time() + self.body_timeout_s
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = rid if 0 < len(rid) <= 64 and rid.isprintable() else uuid.uuid4().hex
+        # Printable ASCII only: other bytes came back in the answer as their UTF-8 encoding, another id.
+        rid = rid if 0 < len(rid) <= 64 and rid.isascii() and rid.isprintable() else uuid.uuid4().hex
         token = request_id_var.set(rid)
         route = scope["path"] if scope["path"] in ROUTES else "other"
         status, received, started, body_done = 500, 0, False, False

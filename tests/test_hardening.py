@@ -403,6 +403,13 @@ def test_duplicate_json_keys_are_refused(server, rt) -> None:
     text = text.replace('"horizon": 4', '"horizon": 4, "horizon": 8')
     r = server.client.post("/forecast", content=text, headers={"content-type": "application/json"})
     assert r.status_code == 422 and 'duplicate key "horizon"' in r.json()["detail"]
+    assert problem_fields(r) == ["horizon"]  # the key named where it is, not "body"
+    body = make_body(rt, horizon=4)
+    plan = body["series"][0].pop("future_controls")
+    body["series"][0]["plans"] = [{"name": f"p{k}", "future_controls": plan} for k in range(3)]
+    text = json.dumps(body).replace('"name": "p1"', '"name": "p1", "name": "again"')
+    r = server.client.post("/forecast", content=text, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and problem_fields(r) == ["series[0].plans[1].name"]
 
 
 def test_close_quantiles_keep_their_own_keys_and_repeats_are_refused(server, rt) -> None:
@@ -469,6 +476,10 @@ def test_no_page_loads_scripts_from_a_cdn_and_info_can_be_protected(serve, train
         for right in ({"authorization": "bearer\tk1"}, {"x-api-key": "", "authorization": "Bearer k1"}):
             assert s.client.get(path, headers=right).status_code == 200, right  # either header may let it in
     assert s.client.get("/readyz").status_code == 200  # probes stay open
+    # Whitespace around a header's value is no part of it (httpx will not send it: a raw request).
+    with socket.create_connection(("127.0.0.1", s.port), timeout=10) as conn:
+        conn.sendall(b"GET /model HTTP/1.1\r\nHost: x\r\nx-api-key: k1 \r\nconnection: close\r\n\r\n")
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
 
 
 def test_connections_that_send_no_request_are_closed(serve, trained_store) -> None:

@@ -199,8 +199,13 @@ def test_malformed_http_is_answered_as_a_problem_and_counted(serve, trained_stor
     text = s.client.get("/metrics").text
     assert metric(text, "kovae_errors_total", type="malformed_http") == 1
     assert metric(text, "kovae_http_requests_total", method="-", route="other", status_class="4xx") == 1
+    # A proxy's CONNECT: uvicorn cannot take its request line apart, and httptools called that "User callback error".
+    conn = raw(s.port, b"CONNECT evil:443 HTTP/1.1\r\nHost: evil:443\r\n\r\n")
+    connect = json.loads(read_all(conn).split(b"\r\n\r\n", 1)[1])
+    conn.close()
+    assert connect["status"] == 400 and "request line" in connect["detail"], connect
     access = [e for e in log_lines(s.stop()) if e.get("event") == "request" and e["status"] == 400]
-    assert len(access) == 1 and access[0]["request_id"] == body["request_id"]
+    assert len(access) == 2 and access[0]["request_id"] == body["request_id"]
 
 
 # ----------------------------------------------------------------------------- low: redirects, encodings, keys

@@ -142,6 +142,9 @@ def test_a_duplicate_key_in_a_large_body_is_refused(server, rt) -> None:
     text = text.replace('"id": "plant-5"', '"id": "plant-5", "id": "again"')
     r = post(server, text.encode())
     assert r.status_code == 422 and 'duplicate key "id"' in r.json()["detail"]
+    assert r.json()["errors"] == [
+        {"field": "series[5].id", "message": 'duplicate key "id": a key may appear once in an object'}
+    ]
 
 
 # ----------------------------------------------------------------------------- timestamps
@@ -265,3 +268,14 @@ def test_a_large_bodys_plans_are_parsed_one_by_one_to_the_same_request(rt, monke
         {"field": "series[0].plans[7].future_controls.KLa_3[3]", "message": "Input should be a valid number"}
     ]
     assert plans_parsed == [("series", 0, "plans", k) for k in range(8)]  # stopped at the first plan at fault
+
+
+def test_an_answer_too_large_suggests_only_what_would_shrink_it() -> None:
+    """A one-step answer was told to ask for "a shorter horizon"."""
+    from service.encode import check_answer_size
+
+    shapes = [SeriesShape(400, True, 20)] * 64
+    for horizon, suggested in ((1, False), (8, True)):
+        with pytest.raises(ProblemError, match="Answer too large") as refused:
+            check_answer_size(shapes, 3, horizon, 1_000_000)
+        assert ("a shorter horizon" in refused.value.errors[0]["message"]) is suggested

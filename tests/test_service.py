@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -419,6 +420,9 @@ def test_every_log_line_is_json_with_the_request_id(serve, trained_store, rt) ->
     s = serve(store)
     assert s.client.post("/forecast", json=make_body(rt), headers={"x-request-id": "ok-1"}).status_code == 200
     assert s.client.post("/forecast", json={"horizon": 1}, headers={"x-request-id": "bad-1"}).status_code == 422
+    # An id that is not printable ASCII is replaced (it came back as the UTF-8 of its bytes: another id).
+    odd = s.client.get("/healthz", headers={"x-request-id": "\xe9\xe9<b>".encode("latin-1")}).headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", odd), odd
     lines = [json.loads(line) for line in s.stop().splitlines() if line.strip()]  # every line parses
     access = {e["request_id"]: e for e in lines if e.get("event") == "request"}
     assert {k: access["ok-1"][k] for k in ("method", "path", "status")} == {
