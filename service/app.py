@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, SecretStr
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -184,7 +185,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     bulk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk")
     # Setpoint advice has a lane of its own: a search (hundreds of plans, ~0.5 s) never holds up a forecast.
     advising = ThreadPoolExecutor(max_workers=1, thread_name_prefix="optimize")
+    # Large bodies are parsed one at a time, off the event loop: a parse holds several times its body in Python
+    # objects (a 3.7 MB body of 1,000 plans, tens of MB), so eight at once on the shared thread pool took a worker
+    # past its container's memory limit before any of them could be refused.
+    reading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read")
     waiting = {"optimize": 0}  # searches queued or running in this worker
+    answers = forecasting.AnswerBudget(settings.max_answers_in_flight_bytes)  # large answers' memory, this worker
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -195,6 +201,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         inference.shutdown(wait=True)
         bulk.shutdown(wait=True)
         advising.shutdown(wait=True)
+        reading.shutdown(wait=True)
 
     app = FastAPI(
         title="kovae-forecast",
@@ -294,10 +301,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             decoded = read(body, rt)
         else:
             try:
-                decoded = await run_in_threadpool(read, body, rt)
+                decoded = await asyncio.get_running_loop().run_in_executor(reading, read, body, rt)
             finally:
                 del body
                 asyncio.get_running_loop().run_in_executor(bulk, release_memory)
+        held = answers.reserve(decoded.answer_bytes)  # 503 here, before any work, past the budget
         metrics.HORIZON.observe(decoded.horizon)
         metrics.BATCH.observe(len(decoded.x_hist))
         for facts in decoded.facts:
@@ -312,14 +320,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if lane is bulk and await request.is_disconnected():
                     metrics.CANCELLED.inc()
                     log.info("client went away: forecast stopped", extra={"event": "forecast_cancelled"})
+                    answers.release(held)
                     return Response(status_code=499)
+            # Each series was serialised by pydantic-core in its piece: FastAPI's response_model path (validate,
+            # then jsonable_encoder over ~1,600 floats) cost several milliseconds. The shape is ForecastResponse's.
+            response = answer_response(forecasting.answer(rt, decoded, fragments), large=held > 0)
+        except BaseException:
+            answers.release(held)
+            raise
         finally:
             if lane is bulk:
                 loop.run_in_executor(bulk, release_memory)
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
-        # Each series was serialised by pydantic-core in its piece: FastAPI's response_model path (validate, then
-        # jsonable_encoder over ~1,600 floats) cost several milliseconds. The shape is ForecastResponse's.
-        return answer_response(forecasting.answer(rt, decoded, fragments))
+        response.background = BackgroundTask(answers.release, held)  # once sent, or its client gone
+        return response
 
     @app.post(
         "/optimize",
@@ -339,7 +353,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if len(body) < LARGE_BODY:
             req, objective, situation, facts = read_optimize(body, rt)
         else:
-            req, objective, situation, facts = await run_in_threadpool(read_optimize, body, rt)
+            req, objective, situation, facts = await asyncio.get_running_loop().run_in_executor(
+                reading, read_optimize, body, rt
+            )
         if waiting["optimize"] >= settings.max_optimize_waiting:
             metrics.ERRORS.labels("optimize_busy").inc()
             detail = f"{waiting['optimize']} searches are queued or running in this worker: try again shortly"

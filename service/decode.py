@@ -65,7 +65,7 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
         check_series_sizes(s, f"series[{i}]", rt, inputs, loops, req.horizon, settings, errors)
     errors.raise_if_any()
     n_x = len(rt.measurements)
-    check_answer_size(
+    answer_size = check_answer_size(
         [SeriesShape(len(s.plans or []), s.plan_forecasts, n_x + len(answered_loops(s, loops))) for s in req.series],
         len(req.quantiles),
         req.horizon,
@@ -73,7 +73,12 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
     )
     samples = requested_samples(req, rt, settings)
     out = DecodedRequest(
-        horizon=req.horizon, quantiles=sorted(req.quantiles), samples=samples, seed=req.seed, work=work
+        horizon=req.horizon,
+        quantiles=sorted(req.quantiles),
+        samples=samples,
+        seed=req.seed,
+        work=work,
+        answer_bytes=answer_size,
     )
     for i, s in enumerate(req.series):
         decode_series(s, f"series[{i}]", rt, inputs, loops, req.horizon, out, errors)

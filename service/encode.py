@@ -170,11 +170,12 @@ def answer_bytes(shapes: list[SeriesShape], quantiles: int, horizon: int) -> int
     return total
 
 
-def check_answer_size(shapes: list[SeriesShape], quantiles: int, horizon: int, limit: int) -> None:
-    """Refuse (422) a request whose answer would pass ``limit`` bytes, saying its size and how to shrink it."""
+def check_answer_size(shapes: list[SeriesShape], quantiles: int, horizon: int, limit: int) -> int:
+    """The answer's predicted size in bytes; a request whose answer would pass ``limit`` bytes is refused (422),
+    saying its size and how to shrink it."""
     size = answer_bytes(shapes, quantiles, horizon)
     if size <= limit:
-        return
+        return size
     plans = sum(s.plans for s in shapes if s.plan_forecasts)
     forecasts = sum(s.plans or 1 for s in shapes)
     variables = max(s.variables for s in shapes)
@@ -348,19 +349,25 @@ class PartsResponse(Response):
         self.headers["content-length"] = str(sum(len(p) for p in parts))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        for k, part in enumerate(self.parts):
-            await send({"type": "http.response.body", "body": part, "more_body": k < len(self.parts) - 1})
-        if not self.parts:
-            await send({"type": "http.response.body", "body": b""})
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            for k, part in enumerate(self.parts):
+                await send({"type": "http.response.body", "body": part, "more_body": k < len(self.parts) - 1})
+            if not self.parts:
+                await send({"type": "http.response.body", "body": b""})
+        finally:  # sent, or its client gone: what it held is free (service.forecasting.AnswerBudget)
+            self.parts = []
+            if self.background is not None:
+                await self.background()
 
 
 SMALL_ANSWER = 1_000_000
 """Answers below this many bytes are joined and sent in one write; larger ones go out piece by piece."""
 
 
-def answer_response(parts: list[bytes]) -> Response:
-    """The 200 for an answer's parts."""
-    if sum(len(p) for p in parts) < SMALL_ANSWER:
+def answer_response(parts: list[bytes], large: bool = False) -> Response:
+    """The 200 for an answer's parts; ``large``: sent piece by piece whatever its size (its ``background`` then
+    runs however the sending ends)."""
+    if not large and sum(len(p) for p in parts) < SMALL_ANSWER:
         return Response(b"".join(parts), media_type="application/json")
     return PartsResponse(parts)

@@ -11,7 +11,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from modelcard.runtime import ModelRuntime
+from service import metrics
 from service.encode import (
+    SMALL_ANSWER,
     SeriesResult,
     encode_plans,
     encode_series,
@@ -19,6 +21,7 @@ from service.encode import (
     forecast_bytes,
     series_with_plans,
 )
+from service.problems import ProblemError
 from service.request import DecodedRequest
 
 PIECE_BYTES = 2_000_000
@@ -148,3 +151,34 @@ def answer(rt: ModelRuntime, d: DecodedRequest, fragments: list[Fragment]) -> li
         parts.append(after)
     parts.append(tail)
     return parts
+
+
+class AnswerBudget:
+    """The bytes of the large answers (``SMALL_ANSWER`` or more, predicted before any work) this worker is
+    computing or sending at once. Each request's answer was bounded, but not how many: eight 1,000-plan answers
+    at once took a worker from 200 to 580 MB, past a 512 MiB container's limit, where the kernel kills every
+    request in flight. A large request past the budget is refused 503 (Retry-After) before it costs anything; a
+    request alone always passes (the budget below one answer would refuse it for ever), and small answers are
+    never counted, so they keep flowing beside the large ones. Used on the event loop only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+    def reserve(self, size: int) -> int:
+        """Hold ``size`` bytes for an answer (0 for a small one), or refuse it (503): what to release later."""
+        if size < SMALL_ANSWER:
+            return 0
+        if self.used and self.used + size > self.limit:
+            metrics.ERRORS.labels("forecast_busy").inc()
+            detail = (
+                f"{self.used / 1e6:.0f} MB of large answers are being computed or sent by this worker, and this one "
+                f"(about {size / 1e6:.0f} MB) would pass KOVAE_MAX_ANSWERS_IN_FLIGHT_BYTES: try again shortly"
+            )
+            raise ProblemError(503, "Service busy", detail=detail, headers={"Retry-After": "1"})
+        self.used += size
+        metrics.ANSWER_BYTES_IN_FLIGHT.set(self.used)
+        return size
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        metrics.ANSWER_BYTES_IN_FLIGHT.set(self.used)

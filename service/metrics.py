@@ -58,6 +58,11 @@ HORIZON = Histogram(
     "kovae_forecast_horizon_steps", "Requested forecast horizon", buckets=(1, 4, 8, 16, 24, 48, 96, 192)
 )
 BATCH = Histogram("kovae_forecast_batch_size", "Series per forecast request", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+ANSWER_BYTES_IN_FLIGHT = Gauge(
+    "kovae_answer_bytes_in_flight",
+    "Predicted bytes of the large answers being computed or sent (KOVAE_MAX_ANSWERS_IN_FLIGHT_BYTES bounds them)",
+    multiprocess_mode="livesum",
+)
 MODEL_INFO = Gauge("kovae_model_info", "Loaded model version (1 = loaded)", ["version"], multiprocess_mode="livemax")
 SPECTRAL_RADIUS = Gauge(
     "kovae_model_spectral_radius", "Spectral radius of the loaded operator A", multiprocess_mode="livemax"

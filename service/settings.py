@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         30.0, gt=0, allow_inf_nan=False, description="close a request whose body has not all arrived by then (408)"
     )
+    max_answers_in_flight_bytes: int = Field(
+        128_000_000,
+        ge=1,
+        description="predicted bytes of the large answers (1 MB or more) a worker computes or sends at once; a large "
+        "request past it is answered 503 (Retry-After), one alone always passes, small ones are never counted",
+    )
     send_timeout_s: float = Field(
         30.0,
         gt=0,

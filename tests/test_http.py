@@ -140,19 +140,49 @@ def test_a_connection_answered_before_its_body_ended_idles_out(serve, trained_st
     assert time.monotonic() - start < 4
 
 
+def large_request(rt) -> bytes:
+    """One series under 1,000 plans over the whole horizon: a 7.7 MB answer from the tiny model."""
+    body = make_body(rt, horizon=rt.max_horizon)
+    plan = body["series"][0].pop("future_controls")
+    body["series"][0]["plans"] = [{"name": f"p{k}", "future_controls": plan} for k in range(1000)]
+    return json.dumps(body).encode()
+
+
+def unread_large_answer(port: int, rt) -> socket.socket:
+    """A connection that asked for a large answer and reads none of it (a small receive window)."""
+    data = large_request(rt)
+    conn = socket.socket()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window, kept small
+    conn.connect(("127.0.0.1", port))
+    head = b"POST /forecast HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    conn.sendall(head % len(data) + data)
+    return conn
+
+
+def test_large_answers_in_flight_are_bounded_and_small_ones_pass(serve, trained_store, rt) -> None:
+    """Each answer was bounded, not how many at once: eight 1,000-plan answers took a worker past a 512 MiB
+    container's limit. Past the budget a large request is 503 before any work; small ones keep flowing."""
+    s = serve(trained_store[0], KOVAE_MAX_ANSWERS_IN_FLIGHT_BYTES="2000000")
+    in_flight = lambda: metric(s.client.get("/metrics").text, "kovae_answer_bytes_in_flight")  # noqa: E731
+    conn = unread_large_answer(s.port, rt)  # one alone passes, though above the budget
+    assert wait_for(lambda: in_flight() > 7_000_000)
+    busy = s.client.post("/forecast", content=large_request(rt), headers={"content-type": "application/json"})
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and "KOVAE_MAX_ANSWERS" in busy.text
+    assert s.client.post("/forecast", json=make_body(rt)).status_code == 200  # a small answer is never held up
+    conn.close()  # the client goes away: its answer's bytes are free again
+    assert wait_for(lambda: in_flight() == 0)
+    again = s.client.post("/forecast", content=large_request(rt), headers={"content-type": "application/json"})
+    assert again.status_code == 200 and in_flight() == 0
+    text = s.client.get("/metrics").text
+    assert metric(text, "kovae_errors_total", type="forecast_busy") == 1
+    assert server_errors(text) == 1 and metric(text, "kovae_errors_total", type="internal") == 0  # the 503 alone
+
+
 def test_a_client_that_never_reads_its_answer_is_dropped(serve, trained_store, rt) -> None:
     """A client that sends a large request and reads nothing held the whole answer in the server's memory for as
     long as it kept the connection (6 such clients: +200 MB, for ever)."""
     s = serve(trained_store[0], KOVAE_SEND_TIMEOUT_S="1")
-    body = make_body(rt, horizon=rt.max_horizon)
-    plan = body["series"][0].pop("future_controls")
-    body["series"][0]["plans"] = [{"name": f"p{k}", "future_controls": plan} for k in range(1000)]
-    data = json.dumps(body).encode()
-    conn = socket.socket()
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window, kept small
-    conn.connect(("127.0.0.1", s.port))
-    head = b"POST /forecast HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-    conn.sendall(head % len(data) + data)
+    conn = unread_large_answer(s.port, rt)
     dropped = wait_for(lambda: metric(s.client.get("/metrics").text, "kovae_errors_total", type="send_timeout") == 1)
     conn.settimeout(10)
     answer = read_all(conn)  # what was in flight, then the reset
