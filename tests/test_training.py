@@ -301,8 +301,20 @@ def test_promotion_gate_keeps_the_better_model(store_copy, tiny_cfg, tiny_data, 
     publish.promote_if_better(store, tie, served[1] + 1e-6, p, tiny_cfg, force=False, never=False)
     assert current_version(store) == version and not (store / "tie").exists()
     assert "ties" in json.loads((tie / "gate.json").read_text())["why"]
+    # A higher score bought with a deeper loss to the naive forecasts in one cell and lead time does not pass.
+    deeper = candidate("deeper")
+    regimes = json.loads(json.dumps(served[2]))
+    cell = next(c for c in regimes if c != "all")
+    step = list(regimes[cell]["pooled_skill_all"])[-1]
+    regimes[cell]["pooled_skill_all"][step] = min(0.0, served[2][cell]["pooled_skill_all"][step]) - 0.1
+    publish.promote_if_better(store, deeper, served[1] + 0.5, p, tiny_cfg, force=False, never=False, regimes=regimes)
+    gate = json.loads((deeper / "gate.json").read_text())
+    assert current_version(store) == version and gate["passed"] is False and "> served" in gate["why"]
+    assert len(gate["deepened_losses"]) == 1 and gate["deepened_losses"][0].startswith(f"{cell} at ")
     better = candidate("better")
-    publish.promote_if_better(store, better, served[1] + 0.5, p, tiny_cfg, force=False, never=False)
+    publish.promote_if_better(
+        store, better, served[1] + 0.5, p, tiny_cfg, force=False, never=False, regimes=json.loads(json.dumps(served[2]))
+    )
     assert current_version(store) == "better"
     assert json.loads((store / "better" / "gate.json").read_text())["passed"] is True
     assert sorted(d.name for d in store.iterdir() if d.is_dir()) == ["better", version, "worse"]

@@ -232,6 +232,29 @@ def gate_score(regimes: dict[str, dict[str, Any]]) -> float:
     return float(np.min([np.mean(list(regimes[g]["pooled_skill_all"].values())) for g in groups]))
 
 
+def deepened_losses(
+    candidate: dict[str, dict[str, Any]], served: dict[str, dict[str, Any]], tie: float, step_minutes: int
+) -> list[str]:
+    """Each cell and lead time where the candidate loses to the better naive forecast (pooled skill, all
+    variables, below 0) and by more than the served version does there (by more than ``tie``): a loss it adds,
+    or one it deepens. ``gate_score`` averages the worst cell over its lead times, so a model once passed it by
+    rising at 15 min in BSM1's dry cell while falling further below yesterday at 24 h (-0.017 -> -0.052)."""
+    out = []
+    for cell, table in candidate.items():
+        if cell == "all" or cell not in served:
+            continue
+        for step, skill in table["pooled_skill_all"].items():
+            before = served[cell]["pooled_skill_all"].get(step)
+            if before is not None and skill < 0 and skill < before - tie:
+                out.append(f"{cell} at {lead_words(int(step) * step_minutes)}: {skill:.3f} against {before:.3f}")
+    return out
+
+
+def lead_words(minutes: int) -> str:
+    """15 -> "15 min", 300 -> "5 h"."""
+    return f"{minutes // 60} h" if minutes % 60 == 0 else f"{minutes} min"
+
+
 def headline(
     table: dict[str, np.ndarray],
     reference: dict[str, np.ndarray],

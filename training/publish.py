@@ -171,8 +171,9 @@ def check_comparable(rt: ModelRuntime, version: str, catalog: Catalog) -> None:
     raise CardError(f"served version {version} has other variables; compare by hand or use --force")
 
 
-def score_served(store: Path, p: Prepared, candidate_history: int) -> tuple[str, float] | None:
-    """Re-evaluate the currently served version on this run's held-out windows through ONNX Runtime."""
+def score_served(store: Path, p: Prepared, candidate_history: int) -> tuple[str, float, dict[str, Any]] | None:
+    """Re-evaluate the currently served version on this run's held-out windows through ONNX Runtime: its
+    version, gate score and scored table (``training.report.scored_table``)."""
     version = current_version(store)
     if version is None:
         return None
@@ -196,7 +197,8 @@ def score_served(store: Path, p: Prepared, candidate_history: int) -> tuple[str,
     except Exception as exc:  # e.g. ONNX Runtime refusing the inputs of a model with other known inputs
         why = f"served version {version} failed on these windows ({exc}); compare by hand or use --force"
         raise CardError(why) from None
-    return version, ev.gate_score(scored_table(p, mean, None, w))
+    table = scored_table(p, mean, None, w)
+    return version, ev.gate_score(table), table
 
 
 # Scores closer than this are a tie, which does not pass: the candidate is scored in PyTorch, the served version
@@ -205,11 +207,20 @@ GATE_TIE = 1e-4
 
 
 def promote_if_better(
-    store: Path, candidate: Path, score: float, p: Prepared, cfg: RunConfig, *, force: bool, never: bool
+    store: Path,
+    candidate: Path,
+    score: float,
+    p: Prepared,
+    cfg: RunConfig,
+    *,
+    force: bool,
+    never: bool,
+    regimes: dict[str, Any] | None = None,
 ) -> int:
     """The promotion gate. The candidate version (a folder outside the store) enters the store and becomes
     current only if its held-out score beats the served one's re-scored on the same windows by more than GATE_TIE
-    (or ``force``);
+    and, given its scored table (``regimes``), it loses to the naive forecasts in no cell and at no lead time more
+    than the served version does (``training.evaluate.deepened_losses``) (or ``force``);
     ``never`` stores it without promoting. Otherwise it stays where it is, and the store is left alone.
     The verdict is written into the version as ``gate.json`` (``python -m training.promote`` lists it)."""
     version = candidate.name
@@ -222,7 +233,12 @@ def promote_if_better(
     # averaged over the scored lead times): serving one that loses to the last value or yesterday there is worse
     # than serving none. A NaN score (nothing scored) never passes.
     first_ok = math.isfinite(score) and score >= 0
-    passed = problem is None and (first_ok if served is None else score > served[1] + GATE_TIE)
+    deeper = (
+        []
+        if served is None or regimes is None
+        else ev.deepened_losses(regimes, served[2], GATE_TIE, p.catalog.sample_minutes)
+    )
+    passed = problem is None and (first_ok if served is None else score > served[1] + GATE_TIE and not deeper)
     if problem is not None:
         why = f"not comparable with the served model: {problem}"
     elif served is None:
@@ -233,13 +249,17 @@ def promote_if_better(
             "the better of the last value and the same time yesterday (report.md's table says where)"
         )
     else:
-        verdict = ">" if passed else (f"ties (within {GATE_TIE:g})" if abs(score - served[1]) <= GATE_TIE else "<=")
+        higher = score > served[1] + GATE_TIE
+        verdict = ">" if higher else (f"ties (within {GATE_TIE:g})" if abs(score - served[1]) <= GATE_TIE else "<=")
         why = f"score {score:.4f} {verdict} served {served[0]}'s {served[1]:.4f} on the same held-out windows"
+        if deeper:
+            why += "; it loses more to the naive forecasts than the served version in " + "; ".join(deeper)
     gate = {
         "score": score,
         "served_version": served[0] if served else None,
         "served_score": served[1] if served else None,
         "passed": passed,
+        "deepened_losses": deeper,
         "forced": force and not passed,
         "why": why,
         "rule": GATE_RULE,

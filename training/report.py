@@ -37,8 +37,9 @@ def top5_indices(p: Prepared) -> list[int]:
 
 
 GATE_RULE = (
-    "worst held-out regime's pooled skill (all variables; against the better of persistence and seasonal naive) "
-    "averaged over 15 min, 5 h and 24 h; higher is better"
+    "worst held-out regime/policy cell's pooled skill (all variables; against the better of persistence and "
+    "seasonal naive) averaged over 15 min, 5 h and 24 h, higher is better; and no cell may lose to the naive "
+    "forecasts at any of those lead times more than under the served version"
 )
 
 

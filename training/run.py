@@ -232,7 +232,9 @@ def run(args: argparse.Namespace, cfg: RunConfig, version: str, store: Path, run
         print(f"error: export refused: {exc}", file=sys.stderr)
         return 1
     print(f"exported version {version} to {candidate}", file=sys.stderr)
-    rc = promote_if_better(store, candidate, metrics["score"], p, cfg, force=args.force, never=args.no_promote)
+    rc = promote_if_better(
+        store, candidate, metrics["score"], p, cfg, force=args.force, never=args.no_promote, regimes=metrics["regimes"]
+    )
     if rc == 0 and current_version(store) == version:
         print(
             f"serve it: KOVAE_MODEL_STORE={store} python -m service (a service of {store} loads it on its next poll)",
