@@ -236,7 +236,10 @@ def main() -> None:
     print("\ndiagnostic, the honest request with the true future influent as its forecast (no caller has it):")
     print("\n".join(ev.regime_lines(table, card["sample_minutes"])))
     h0 = int(horizons[0])
-    print(f"\nplant pooled skill at {h0 * steps_h:g} h per regime/policy, as the model is told more or less:")
+    print(
+        f"\nplant pooled skill at {h0 * steps_h:g} h per regime/policy, as the model is told more or less "
+        "(honest: the headline; every other column a diagnostic, with what no caller has):"
+    )
     print(f"{'':<32} " + " ".join(f"{k:>14}" for k in told))
     for cell in dict.fromkeys(cells.tolist()):
         k = cells == cell

@@ -152,7 +152,8 @@ def forecast_scores(
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per regime, pooled skill with no forecast of the disturbances (the served default), a noisy one (the error
     training adds: train.forecast_noise at the horizon, growing as sqrt(lead time)) and a perfect one; the 80%
-    coverage too with the noisy one (a caller's real forecast). All in the honest request."""
+    coverage too with the noisy one. Both are diagnostics: the truth, or the truth plus synthetic noise, which no
+    caller has (a real forecast's errors are not white noise around the truth). All in the honest request."""
     out = {"none": without}
     for mode, samples in (("noisy", calib["samples"]), ("perfect", 0)):
         mean, band = predict(model, p, p.test, samples, calib, seed=3, forecast=mode)
@@ -441,7 +442,12 @@ def report_markdown(
     if forecasts:
         steps = list(next(iter(forecasts["none"].values()))["pooled_skill_all"])
         lead = [f"{int(s) * step / 60:g} h" for s in steps]
-        lines += ["", "Pooled skill with a forecast of the disturbances (influent) given as known inputs:", ""]
+        lines += [
+            "",
+            "Diagnostic, not a caller's figure: pooled skill with the true future disturbances (influent), alone "
+            "(perfect) or plus synthetic noise growing to train.forecast_noise std (noisy), given as known inputs:",
+            "",
+        ]
         head = ["regime", "influent forecast", *[f"all {x}" for x in lead], *[f"plant {x}" for x in lead], "cover80"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for group in forecasts["none"]:
