@@ -191,7 +191,8 @@ def width_lines(calib: dict[str, Any]) -> list[str]:
         lines.append(
             f"The interval widens by exp({width['gamma']:g} z) with z the highest {width['driver_name']} over the "
             f"history as a z-score (clipped to {width['driver_clip'][0]:g}..{width['driver_clip'][1]:g}), gamma "
-            "chosen so that every validation regime/policy cell and every quarter of z is covered alike."
+            "chosen, of a few, to bring the validation regime/policy cells and the quarters of z closest to 80% "
+            "coverage (least squares; what each reached is below)."
         )
     for k in width["known"]:
         when = "when sent" if k.get("when", "known") == "known" else "when not sent"
