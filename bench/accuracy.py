@@ -263,18 +263,25 @@ def main() -> None:
     what = f"one sensor's last 2 h missing: 15-min pooled skill below the complete history's by <= {TARGET_GAP_COST}"
     checks.append((what, cost, cost <= TARGET_GAP_COST))
     if rt.looped:
-        print("\nwhat the loops will apply, forecast where the honest request left it to them (RMSE; persistence):")
+        print(
+            "\nwhat the loops will apply, forecast where the honest request left it to them"
+            " (RMSE; last value / yesterday):"
+        )
         closed = np.isnan(requested(rt, everything, "honest", held)["u_fut"][:, 0])
         for j, c in enumerate(rt.looped):
             k = closed[:, c]
             fc, truth = overall["mean"][k][..., n + j], everything.u_fut[k][..., c]
             last = everything.u_hist[k][:, -1:, c]
+            day = 1440 // card["sample_minutes"]
             steps = [s for s in (1, 20, 96) if s <= fc.shape[1]]
-            cells_ = [
-                f"{s * steps_h:g} h {np.sqrt(np.mean((fc[:, s - 1] - truth[:, s - 1]) ** 2)):.4g} "
-                f"({np.sqrt(np.mean((last[:, 0] - truth[:, s - 1]) ** 2)):.4g})"
-                for s in steps
-            ]
+
+            cells_ = []
+            for s in steps:
+                at = everything.u_hist.shape[1] - 1 + s - day  # the same clock time a day before
+                # Yesterday where the history holds it, else the last value (training.evaluate.seasonal_naive's rule).
+                yest = everything.u_hist[k][:, at, c] if at >= 0 and s <= day else last[:, 0]
+                err = [f"{rmse(f, truth[:, s - 1]):.4g}" for f in (fc[:, s - 1], last[:, 0], yest)]
+                cells_.append(f"{s * steps_h:g} h {err[0]} ({err[1]} / {err[2]})")
             print(f"  {rt.controls[c]:<8} [{catalog.controls[c].unit}] {int(k.sum())} windows: " + "; ".join(cells_))
     for cell in dict.fromkeys(cells.tolist()):
         if not cell.endswith("/constant_setpoints"):
@@ -329,6 +336,11 @@ def main() -> None:
     for what, value, met in checks:
         print(f"  {'met    ' if met else 'NOT MET'}  {what}: {value:.3f}")
     print(f"{sum(m for _, _, m in checks)} of {len(checks)} met")
+
+
+def rmse(forecast: np.ndarray, truth: np.ndarray) -> float:
+    """Root mean squared error over the windows that have both."""
+    return float(np.sqrt(np.nanmean((forecast - truth) ** 2)))
 
 
 if __name__ == "__main__":

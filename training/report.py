@@ -111,7 +111,8 @@ def request_scores(
 
 def loop_scores(mean: np.ndarray, p: Prepared, w: Windows) -> dict[str, Any]:
     """The looped controls' forecasts (what each loop will apply) where the honest request left them to their
-    loops: RMSE at 15 min, 5 h and 24 h against persistence's, per loop control."""
+    loops: RMSE at 15 min, 5 h and 24 h against the last value's and the same time yesterday's, per loop
+    control (a loop's output follows the daily load: the last value alone is a weak reference at 5 h)."""
     closed = p.closed_loops(w)
     out: dict[str, Any] = {}
     steps = ev.pooled_steps(w.x_fut.shape[1])
@@ -119,13 +120,16 @@ def loop_scores(mean: np.ndarray, p: Prepared, w: Windows) -> dict[str, Any]:
         k, col = closed[:, j], p.n_targets + j
         if not k.any():
             continue
-        err = ev.error_table(mean[k][..., col : col + 1], w.x_fut[k][..., col : col + 1])["rmse"][:, 0]
-        ref = ev.error_table(ev.persistence(w)[k][..., col : col + 1], w.x_fut[k][..., col : col + 1])["rmse"][:, 0]
+        truth = w.x_fut[k][..., col : col + 1]
+        err = ev.error_table(mean[k][..., col : col + 1], truth)["rmse"][:, 0]
+        ref = ev.error_table(ev.persistence(w)[k][..., col : col + 1], truth)["rmse"][:, 0]
+        day = ev.error_table(ev.seasonal_naive(w)[k][..., col : col + 1], truth)["rmse"][:, 0]
         out[p.catalog.control_names[c]] = {
             "windows": int(k.sum()),
             "unit": p.catalog.controls[c].unit,
             "rmse": {str(s): float(err[s - 1]) for s in steps},
             "persistence_rmse": {str(s): float(ref[s - 1]) for s in steps},
+            "yesterday_rmse": {str(s): float(day[s - 1]) for s in steps},
         }
     return out
 
@@ -162,17 +166,21 @@ def forecast_scores(
 
 
 def loop_lines(metrics: dict[str, Any], step_minutes: int, *, markdown: bool = False) -> list[str]:
-    """The looped controls' forecasts (what each loop will apply) against persistence, where left to the loop."""
+    """The looped controls' forecasts (what each loop will apply) against the last value and the same time
+    yesterday (reports from before it: the last value alone), where left to the loop."""
     loops = metrics.get("loop_outputs", {})
     if not loops:
         return []
     steps = list(next(iter(loops.values()))["rmse"])
     lead = [f"{int(s) * step_minutes / 60:g} h" for s in steps]
-    head = ["control", "windows", *[f"RMSE {x} (persistence)" for x in lead]]
-    rows = [
-        [name, str(r["windows"])] + [f"{r['rmse'][s]:.4g} ({r['persistence_rmse'][s]:.4g}) {r['unit']}" for s in steps]
-        for name, r in loops.items()
-    ]
+    head = ["control", "windows", *[f"RMSE {x} (last value / yesterday)" for x in lead]]
+
+    def cell(r: dict[str, Any], s: str) -> str:
+        day = r.get("yesterday_rmse", {}).get(s)
+        refs = f"{r['persistence_rmse'][s]:.4g}" + ("" if day is None else f" / {day:.4g}")
+        return f"{r['rmse'][s]:.4g} ({refs}) {r['unit']}"
+
+    rows = [[name, str(r["windows"])] + [cell(r, s) for s in steps] for name, r in loops.items()]
     title = "What the loops will apply, forecast where the request left it to them:"
     if markdown:
         table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
