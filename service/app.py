@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +21,7 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,6 +32,7 @@ from modelcard.runtime import ModelRuntime
 from optimizer.search import Situation
 from optimizer.search import optimize as search_plan
 from service import forecasting, metrics
+from service.auth import require_key
 from service.decode import decode, publish_limits
 from service.encode import ForecastResponse, SeriesFacts, answer_response
 from service.logs import setup_logging
@@ -62,8 +62,6 @@ API_VERSION = "1.9.0"  # 1.1: time of day and week are inputs; 1.2: bounds, warn
 # 1.9: the calendar reads the plant's wall clock whatever offset a timestamp has; keys also as bearer tokens;
 # a request cut by the shutdown is a 503
 log = logging.getLogger("kovae.app")
-CHALLENGE = {"WWW-Authenticate": 'ApiKey realm="kovae-forecast", header="X-API-Key", Bearer realm="kovae-forecast"'}
-"""A 401 names the schemes it takes (RFC 9110): the key in the X-API-Key header, or as a bearer token."""
 
 
 class Health(BaseModel):
@@ -153,26 +151,6 @@ PROBLEM_SCHEMA = {
 }
 
 
-def presented_keys(request: Request) -> list[str]:
-    """The keys a caller sends: the X-API-Key header, and an ``Authorization: Bearer`` token (what a Prometheus,
-    which cannot send other headers, scrapes a protected /metrics with); either may let it in. Whitespace around
-    a header's value is no part of it (RFC 9110 5.5), in either header."""
-    keys = [request.headers.get("x-api-key", "").strip()]
-    parts = request.headers.get("authorization", "").split(None, 1)  # any whitespace after the scheme
-    if len(parts) == 2 and parts[0].lower() == "bearer":
-        keys.append(parts[1].strip())
-    return [k for k in keys if k]
-
-
-def _key_ok(given: list[str], keys: list[SecretStr]) -> bool:
-    """Constant-time comparison of every key given against every configured key."""
-    ok = False
-    for g in given:
-        for key in keys:
-            ok |= hmac.compare_digest(g.encode(), key.get_secret_value().encode())
-    return ok
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     setup_logging(settings.log_level)
@@ -247,16 +225,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # async, so FastAPI runs them inline: a plain def dependency costs a hop through the thread pool.
     async def forecast_auth(request: Request) -> None:
-        if settings.api_keys and not _key_ok(presented_keys(request), settings.api_keys):
-            detail = "send a valid X-API-Key header (or Authorization: Bearer <key>)"
-            raise ProblemError(401, "Missing or invalid API key", detail=detail, headers=CHALLENGE)
+        if settings.api_keys:
+            require_key(request, settings.api_keys)
 
     async def admin_auth(request: Request) -> None:
         if not settings.admin_api_keys:
             raise ProblemError(403, "Admin endpoints are disabled", detail="set KOVAE_ADMIN_API_KEYS to enable them")
-        if not _key_ok(presented_keys(request), settings.admin_api_keys):
-            detail = "send a valid admin X-API-Key header (or Authorization: Bearer <key>)"
-            raise ProblemError(401, "Missing or invalid API key", detail=detail, headers=CHALLENGE)
+        require_key(request, settings.admin_api_keys, "admin ")
 
     async def info_auth(request: Request) -> None:
         if settings.protect_info:
