@@ -436,6 +436,18 @@ def test_every_log_line_is_json_with_the_request_id(serve, trained_store, rt) ->
     assert any(e["logger"].startswith("uvicorn") for e in lines)  # uvicorn's own lines are JSON too
 
 
+def test_every_route_has_its_own_metrics_label() -> None:
+    """The middleware labels metrics by route from a list of its own (anything else is "other", so a scanner
+    cannot explode the label's values): a route added to the app and not to that list would be counted as
+    "other" and vanish from the dashboard and the alerts."""
+    from service.app import create_app
+    from service.middleware import ROUTES
+    from service.settings import Settings
+
+    app = create_app(Settings(model_store=ROOT / "models"))
+    assert {r.path for r in app.routes} == ROUTES
+
+
 def test_service_imports_no_torch() -> None:
     import subprocess
     import sys
