@@ -280,7 +280,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             finally:
                 del body
                 asyncio.get_running_loop().run_in_executor(bulk, release_memory)
-        held = answers.reserve(decoded.answer_bytes)  # 503 here, before any work, past the budget
+        held = answers.reserve(decoded.answer_bytes)  # 503 here, before any inference, past the budget
         metrics.HORIZON.observe(decoded.horizon)
         metrics.BATCH.observe(len(decoded.x_hist))
         for facts in decoded.facts:
@@ -307,7 +307,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if lane is bulk:
                 loop.run_in_executor(bulk, release_memory)
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
-        response.background = BackgroundTask(answers.release, held)  # once sent, or its client gone
+        if held:
+
+            async def free() -> None:  # async: on the event loop, where the budget is reserved (no thread races)
+                answers.release(held)
+
+            response.background = BackgroundTask(free)  # once sent, or its client gone
         return response
 
     @app.post(
@@ -471,7 +476,8 @@ def closed_loops(rt: ModelRuntime) -> dict[str, Any]:
 
 def check_body_headers(request: Request) -> None:
     """A UTF-8 JSON body, sent as is: another media type or charset, or a content or transfer coding (gzip, ...)
-    is refused (415; a transfer coding 501), not read as if it were plain JSON. Every header of each name is
+    is refused (415; a transfer coding before ``chunked``, e.g. ``gzip, chunked``, 501: httptools answers one
+    without ``chunked`` 400 itself), not read as if it were plain JSON. Every header of each name is
     read: a second one must not slip a coding past the first."""
     types = request.headers.getlist("content-type") or ["application/json"]
     if len(types) > 1:

@@ -154,10 +154,11 @@ def answer(rt: ModelRuntime, d: DecodedRequest, fragments: list[Fragment]) -> li
 
 
 class AnswerBudget:
-    """The bytes of the large answers (``SMALL_ANSWER`` or more, predicted before any work) this worker is
+    """The bytes of the large answers (``SMALL_ANSWER`` or more, predicted from the decoded request) this worker is
     computing or sending at once. Each request's answer was bounded, but not how many: eight 1,000-plan answers
     at once took a worker from 200 to 580 MB, past a 512 MiB container's limit, where the kernel kills every
-    request in flight. A large request past the budget is refused 503 (Retry-After) before it costs anything; a
+    request in flight. A large request past the budget is refused 503 (Retry-After) before any inference (its body,
+    parsed one at a time, is the cost already paid); a
     request alone always passes (the budget below one answer would refuse it for ever), and small answers are
     never counted, so they keep flowing beside the large ones. Used on the event loop only."""
 

@@ -8,8 +8,9 @@
   never reads (its answer came first) is dropped with its connection at that deadline, instead of being
   read a byte a second for ever, and once such a body has arrived whole the connection idles out like any
   other (``keep_alive_s``).
-- Answers: a client that reads none of its answer for ``send_timeout_s`` (the socket's send buffer full all that
-  time) is dropped, and the answer's memory freed; it was held for as long as the client kept the connection.
+- Answers: a client that reads none of its answer for ``send_timeout_s`` (the socket's send buffer full, and no
+  byte of it taken, all that time) is dropped, and the answer's memory freed; it was held for as long as the
+  client kept the connection. A slow client that keeps reading gets a new deadline each time.
 - Malformed HTTP (``Content-Length: abc``) is answered as problem+json and counted in the metrics and the
   access log like any other refusal; uvicorn answered it in plain text, seen by no metric.
 
@@ -43,6 +44,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     _header_timer: asyncio.TimerHandle | None = None
     _body_timer: asyncio.TimerHandle | None = None
     _send_timer: asyncio.TimerHandle | None = None
+    _send_mark = 0  # the unsent bytes when the send deadline was armed: less at the deadline is progress
     _in_headers = True  # between a request's start (or the connection's) and the end of its headers
     _header_bytes = 0
     _header_count = 0
@@ -79,6 +81,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     # ------------------------------------------------------------------ parser callbacks
 
     def on_message_begin(self) -> None:
+        # A keep-alive timer armed for the request before (``on_message_complete``) must not close this one,
+        # pipelined in the same read, while it runs.
+        self._unset_keepalive_if_required()
         super().on_message_begin()
         self._in_headers, self._header_bytes, self._header_count = True, 0, 0
         self._arm_header_timer()
@@ -120,10 +125,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
-        """The send buffer is full: the client has this long to read some of it (``send_timeout_s``)."""
+        """The send buffer is full: the client has ``send_timeout_s`` to read some of it."""
         super().pause_writing()
         if self._send_timer is None:
-            self._send_timer = self.loop.call_later(get_settings().send_timeout_s, self._on_send_timeout)
+            self._arm_send_timer()
+
+    def _arm_send_timer(self) -> None:
+        self._send_mark = self.transport.get_write_buffer_size()
+        self._send_timer = self.loop.call_later(get_settings().send_timeout_s, self._on_send_timeout)
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -180,10 +189,17 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _on_send_timeout(self) -> None:
-        """The client read nothing for the whole deadline: drop it. The app's sends then return at once (uvicorn
-        marks the request disconnected), so the rest of the answer is never written and its memory goes back."""
+        """At the deadline: a client that read some of the answer meanwhile gets another deadline (a slow link is
+        no fault); one that read nothing is dropped. The app's sends then return at once (uvicorn marks the
+        request disconnected), so the rest of the answer is never written and its memory goes back. A connection
+        already closing (its answer all written, the keep-alive timer closed it) still holds its unsent bytes
+        until the client reads them: it is dropped too."""
         self._send_timer = None
-        if self.transport.is_closing():
+        unsent = self.transport.get_write_buffer_size()
+        if unsent == 0:
+            return
+        if unsent < self._send_mark:
+            self._arm_send_timer()
             return
         metrics.ERRORS.labels("send_timeout").inc()
         extra = {"event": "send_timeout", "method": "-", "path": "-", "status": 0, "duration_ms": 0.0}

@@ -80,39 +80,39 @@ def parse(body: bytes, limits: SizeLimits) -> ForecastRequest:
 def refuse_duplicate_keys(body: bytes, structure: Structure | None) -> None:
     """A 422 for a key given twice in one object, which pydantic-core silently resolves to the last: jiter (the
     same parser) over the body, or over a scanned body's keys only."""
+    checked = keys_only(structure) if structure is not None else body
     try:
-        jiter.from_json(keys_only(structure) if structure is not None else body, catch_duplicate_keys=True)
+        jiter.from_json(checked, catch_duplicate_keys=True)
     except ValueError as exc:  # 'Detected duplicate key "horizon" at line 1 column 40'
         m = DUPLICATE.search(str(exc))
         msg = f'duplicate key "{m.group(1)}": a key may appear once in an object' if m else str(exc)
-        field = duplicate_field(body)
+        field = duplicate_field(checked, m.group(1) if m else None)
         raise ProblemError(422, "Invalid request body", [{"field": field, "message": msg}]) from None
 
 
 class _Twice(dict):
-    """An object of the body with a key given twice (``duplicate_field``)."""
+    """An object of the body with keys given twice (``duplicate_field``)."""
 
-    key: str
+    twice: set[str]
 
 
-def duplicate_field(body: bytes) -> str:
-    """Where the first key given twice is, e.g. ``series[0].plans[50].name`` ("body" if none is found): the
-    body read once more with the standard library, which hands each object's pairs over whole. Only on this
-    error's path, for a body that already parsed (a few hundred ms for the largest)."""
+def duplicate_field(body: bytes, key: str | None) -> str:
+    """Where ``key`` (any key, if None) is given twice, e.g. ``series[0].plans[50].name`` ("body" if it is not
+    found): the bytes jiter checked (a large body's keys alone) read once more with the standard library, which
+    hands each object's pairs over whole. Only on this error's path."""
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: set[str] = set()
-        for key, _ in items:
-            if key in seen:
-                out = _Twice(items)
-                out.key = key
-                return out
-            seen.add(key)
-        return dict(items)
+        names = [k for k, _ in items]
+        twice = {k for k in names if names.count(k) > 1} if len(set(names)) < len(names) else set()
+        if not twice:
+            return dict(items)
+        out = _Twice(items)
+        out.twice = twice
+        return out
 
     def find(node: Any, path: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if isinstance(node, _Twice):
-            return (*path, node.key)
+        if isinstance(node, _Twice) and (key is None or key in node.twice):
+            return (*path, key if key is not None else sorted(node.twice)[0])
         children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
         for name, child in children:
             if (found := find(child, (*path, name))) is not None:

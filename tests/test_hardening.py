@@ -410,6 +410,11 @@ def test_duplicate_json_keys_are_refused(server, rt) -> None:
     text = json.dumps(body).replace('"name": "p1"', '"name": "p1", "name": "again"')
     r = server.client.post("/forecast", content=text, headers={"content-type": "application/json"})
     assert r.status_code == 422 and problem_fields(r) == ["series[0].plans[1].name"]
+    # The field is where the key the message names is given twice, not the first object with any repeat.
+    text = json.dumps(make_body(rt, horizon=4)).replace('"id": "plant-0"', '"id": "plant-0", "id": "x"')
+    text = text[:-1] + ', "horizon": 8}'
+    r = server.client.post("/forecast", content=text, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and problem_fields(r) == ["series[0].id"] and 'key "id"' in r.json()["detail"]
 
 
 def test_close_quantiles_keep_their_own_keys_and_repeats_are_refused(server, rt) -> None:
