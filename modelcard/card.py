@@ -418,7 +418,7 @@ def hold_steps(items: list[dict[str, Any]], step_minutes: int) -> np.ndarray | N
 def local_instants(t: datetime, zone: tzinfo) -> tuple[datetime, ...]:
     """The instants (in UTC) a wall-clock time ``t`` (naive) of ``zone`` may mean: one; both passes of an hour the
     autumn change repeats (earlier first); or none, for one the spring change skips. The import
-    (``plant.historian``) and the service (``service.times``) read a plant's local timestamps alike. (In UTC
+    (``plant.export_reader``) and the service (``service.times``) read a plant's local timestamps alike. (In UTC
     because Python compares and subtracts two times of one zone on the wall clock, DST ignored.)"""
     first, second = t.replace(tzinfo=zone, fold=0).astimezone(UTC), t.replace(tzinfo=zone, fold=1).astimezone(UTC)
     if first.astimezone(zone).replace(tzinfo=None) != t:  # a skipped time comes back as another wall-clock time

@@ -1,7 +1,7 @@
 """A request's timestamps: read as the import reads a plant's export, and the forecast's times after them.
 
 A timestamp with a UTC offset is that instant. One without an offset is the plant's local time, in its
-catalog's time zone (the card's ``catalog.timezone``, as ``plant.historian`` reads an export). Either way the
+catalog's time zone (the card's ``catalog.timezone``, as ``plant.export_reader`` reads an export). Either way the
 model's calendar reads the plant's wall clock at that instant (``service.decode``), as training read it: a
 history sent in UTC gets the forecast of the same history in local time.
 

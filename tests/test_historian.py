@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from plant import example_export as example
+from plant import export_reader as export
 from plant import historian as hist
 from plant.catalog import BSM1, CatalogError, catalog_from_dict, load_catalog
 from plant.scenarios import DataError, load_scenario
@@ -179,7 +180,7 @@ def test_resampling_averages_each_interval_and_bridges_only_short_gaps(tmp_path:
         if 300 <= k < 330 or 600 <= k < 700:
             continue  # a 30-minute and a 100-minute outage of everything
         rows.append(((t0 + timedelta(minutes=k, seconds=20)).isoformat(), f"{k}", "1.5", "100"))
-    table = hist.read_table(write_csv(tmp_path / "irregular.csv", rows), small)
+    table = export.read_table(write_csv(tmp_path / "irregular.csv", rows), small)
     grid, _, values, report = hist.resample(table, small)
     assert np.all(np.diff(grid) == 900)
     # The value at t is the mean over (t - 15 min, t]: minutes 0..14 (at :20 s) land in the first slot.
@@ -221,8 +222,8 @@ def test_resampling_averages_each_interval_and_bridges_only_short_gaps(tmp_path:
 )
 def test_each_refusal_names_file_row_and_column(tmp_path: Path, small, rows, message) -> None:
     path = write_csv(tmp_path / "export.csv", rows)
-    with pytest.raises(hist.ImportRefused, match=r"export\.csv: " + message):
-        hist.read_table(path, small)
+    with pytest.raises(export.ImportRefused, match=r"export\.csv: " + message):
+        export.read_table(path, small)
 
 
 def test_one_run_reports_every_problem_with_file_row_column_and_value(tmp_path: Path, small) -> None:
@@ -237,8 +238,8 @@ def test_one_run_reports_every_problem_with_file_row_column_and_value(tmp_path: 
     rows[6] = ("yesterday", "1000", "2", "100")
     rows[8] = (rows[7][0], "1000", "2", "100")
     rows[9] = (rows[9][0], "1000", "2")  # type: ignore[assignment]
-    with pytest.raises(hist.ImportRefused) as caught:
-        hist.read_table(write_csv(tmp_path / "export.csv", rows), small)
+    with pytest.raises(export.ImportRefused) as caught:
+        export.read_table(write_csv(tmp_path / "export.csv", rows), small)
     text = str(caught.value)
     expected = [
         r"export\.csv: 8 problem\(s\); nothing was imported",
@@ -259,10 +260,10 @@ def test_one_run_reports_every_problem_with_file_row_column_and_value(tmp_path: 
 
     many = regular(datetime(2026, 5, 4, tzinfo=UTC), 130)
     many = [(t, f, "Bad" if k >= 10 else o, a) for k, (t, f, o, a) in enumerate(many)]
-    with pytest.raises(hist.ImportRefused) as caught:
-        hist.read_table(write_csv(tmp_path / "many.csv", many), small)
+    with pytest.raises(export.ImportRefused) as caught:
+        export.read_table(write_csv(tmp_path / "many.csv", many), small)
     lines = str(caught.value).splitlines()
-    assert lines[0].endswith("120 problem(s); nothing was imported") and len(lines) == 1 + hist.SHOWN + 1
+    assert lines[0].endswith("120 problem(s); nothing was imported") and len(lines) == 1 + export.SHOWN + 1
     assert lines[1].startswith(f"  {tmp_path / 'many.csv'}: row 12 column DO [mg/l]: cannot parse 'Bad'")
     assert lines[-1] == "  and 70 more: 70 values that do not parse in column DO [mg/l]"
 
@@ -277,7 +278,7 @@ def test_missing_codes_numbers_and_texts_are_read_as_missing_and_counted(tmp_pat
     rows[2] = (rows[2][0], "1000", "99", "-9999")
     rows[3] = (rows[3][0], "1000", "Comm Fail", "100")
     rows[4] = (rows[4][0], "1000", "Bad", "100")
-    table = hist.read_table(write_csv(tmp_path / "export.csv", rows), catalog)
+    table = export.read_table(write_csv(tmp_path / "export.csv", rows), catalog)
     assert np.isnan(table.values["flow"]).sum() == 1 and np.isnan(table.values["air"]).sum() == 1
     assert np.flatnonzero(np.isnan(table.values["oxygen"])).tolist() == [1, 2, 3, 4]
     counted = {(r["column"], r["code"]): (r["records"], r["first_row"], r["last_row"]) for r in table.repairs}
@@ -289,14 +290,14 @@ def test_missing_codes_numbers_and_texts_are_read_as_missing_and_counted(tmp_pat
         ("air", -9999.0): (1, 4, 4),
     }
     rows[5] = (rows[5][0], "1000", "2", "Comm Fail")  # oxygen's own code, not the aeration's
-    with pytest.raises(hist.ImportRefused, match=r"row 7 column air: cannot parse 'Comm Fail'"):
-        hist.read_table(write_csv(tmp_path / "export.csv", rows), catalog)
+    with pytest.raises(export.ImportRefused, match=r"row 7 column air: cannot parse 'Comm Fail'"):
+        export.read_table(write_csv(tmp_path / "export.csv", rows), catalog)
     # An overflow the historian writes as inf is refused, unless the catalog lists it as its code.
     rows[5] = (rows[5][0], "inf", "2", "100")
-    with pytest.raises(hist.ImportRefused, match=r"row 7 column flow: 'inf' is not a finite number"):
-        hist.read_table(write_csv(tmp_path / "export.csv", rows), catalog)
+    with pytest.raises(export.ImportRefused, match=r"row 7 column flow: 'inf' is not a finite number"):
+        export.read_table(write_csv(tmp_path / "export.csv", rows), catalog)
     path.write_text('missing_codes = [-9999, "Bad", "inf"]\n' + BERLIN_CATALOG.replace("max = 20", oxygen_codes))
-    table = hist.read_table(write_csv(tmp_path / "export.csv", rows), load_catalog(path))
+    table = export.read_table(write_csv(tmp_path / "export.csv", rows), load_catalog(path))
     assert np.isnan(table.values["flow"]).sum() == 2
     assert {(r["column"], r["code"]) for r in table.repairs} >= {("flow", float("inf"))}
 
@@ -312,14 +313,14 @@ def test_a_stuck_sensor_is_set_to_missing_and_reported(tmp_path: Path) -> None:
     for k in range(300):
         oxygen = "2.5" if 20 <= k <= 110 else ("3.5" if 150 <= k <= 210 else f"{2 + 0.001 * k:.3f}")
         rows.append(((t0 + timedelta(minutes=k)).isoformat(), "1000", "" if k == 50 else oxygen, "100"))
-    table = hist.read_table(write_csv(tmp_path / "export.csv", rows), catalog)
+    table = export.read_table(write_csv(tmp_path / "export.csv", rows), catalog)
     gone = np.flatnonzero(np.isnan(table.values["oxygen"]))
     assert gone.tolist() == list(range(21, 111))  # row 50 was empty; 150..210 is exactly 60 minutes: kept
     assert np.isfinite(table.values["flow"]).all() and np.isfinite(table.values["air"]).all()
     [stuck] = table.repairs
     assert stuck["kind"] == "stuck" and stuck["column"] == "DO [mg/l]" and stuck["value"] == 2.5
     assert (stuck["first_row"], stuck["last_row"], stuck["records"], stuck["minutes"]) == (22, 112, 89, 90.0)
-    assert "stuck at 2.5 for 1.5 h (rows 22-112" in hist.describe(stuck)
+    assert "stuck at 2.5 for 1.5 h (rows 22-112" in export.describe(stuck)
 
 
 def test_timestamp_column_and_format_come_from_the_catalog(tmp_path: Path) -> None:
@@ -336,25 +337,27 @@ def test_timestamp_column_and_format_come_from_the_catalog(tmp_path: Path) -> No
         path.write_text(f'timestamp_column = "Time"\ntimestamp_format = "{fmt}"\n' + BERLIN_CATALOG)
         csv = tmp_path / "export.csv"
         csv.write_text("Time,flow,DO [mg/l],air\n" + "".join(f"{c},1000,2,100\n" for c in cells))
-        table = hist.read_table(csv, load_catalog(path))
+        table = export.read_table(csv, load_catalog(path))
         assert table.utc.tolist() == [t.timestamp() for t in times]
         assert sorted(set(np.diff(table.clock).tolist())) == [-45.0, 15.0]  # the plant's clock goes back
     csv.write_text("timestamp,flow,DO [mg/l],air\n" + "".join(f"{c},1000,2,100\n" for c in cells))
-    with pytest.raises(hist.ImportRefused, match=r"export\.csv: no 'Time' column \(the catalog's timestamp_column"):
-        hist.read_table(csv, load_catalog(path))
+    with pytest.raises(export.ImportRefused, match=r"export\.csv: no 'Time' column \(the catalog's timestamp_column"):
+        export.read_table(csv, load_catalog(path))
 
 
 def test_missing_column_is_refused(tmp_path: Path, small) -> None:
     path = tmp_path / "short.csv"
     path.write_text("timestamp,flow,air\n2026-05-04T00:00:00+00:00,1,2\n")
-    with pytest.raises(hist.ImportRefused, match=r"short\.csv: the catalog's column 'DO \[mg/l\]' is not in the file"):
-        hist.read_table(path, small)
+    with pytest.raises(
+        export.ImportRefused, match=r"short\.csv: the catalog's column 'DO \[mg/l\]' is not in the file"
+    ):
+        export.read_table(path, small)
     # A renamed tag, or one with a trailing space: the column meant is named, and repr shows the space.
     path.write_text("timestamp,flow,DO [mg/l] ,air\n2026-05-04T00:00:00+00:00,1,2,3\n")
-    with pytest.raises(hist.ImportRefused, match=r"'DO \[mg/l\]' is not in the file \(is it 'DO \[mg/l\] '\?\)"):
-        hist.read_table(path, small)
-    with pytest.raises(hist.ImportRefused, match=r"nothing\.parquet: cannot read \(No such file\)"):
-        hist.read_table(tmp_path / "nothing.parquet", small)
+    with pytest.raises(export.ImportRefused, match=r"'DO \[mg/l\]' is not in the file \(is it 'DO \[mg/l\] '\?\)"):
+        export.read_table(path, small)
+    with pytest.raises(export.ImportRefused, match=r"nothing\.parquet: cannot read \(No such file\)"):
+        export.read_table(tmp_path / "nothing.parquet", small)
 
 
 def test_the_unit_hint_names_the_conversion_that_fits_the_column() -> None:
@@ -363,8 +366,8 @@ def test_the_unit_hint_names_the_conversion_that_fits_the_column() -> None:
     from plant.catalog import Variable
 
     recycle, temperature = Variable("recycle", "m3/h", "", 0, 5000), Variable("temp", "degC", "", 0, 40)
-    assert hist.bounds_hint(21689.2, recycle, 21000.0) == " (21689.2 / 24 = 903.7 is inside them: a wrong unit?)"
-    assert hist.bounds_hint(289.85, temperature, 290.0) == " (289.85 - 273.15 = 16.7 is inside them: a wrong unit?)"
+    assert export.bounds_hint(21689.2, recycle, 21000.0) == " (21689.2 / 24 = 903.7 is inside them: a wrong unit?)"
+    assert export.bounds_hint(289.85, temperature, 290.0) == " (289.85 - 273.15 = 16.7 is inside them: a wrong unit?)"
 
 
 def test_a_setpoint_logged_only_when_it_changes_is_held(tmp_path: Path) -> None:
@@ -383,7 +386,7 @@ def test_a_setpoint_logged_only_when_it_changes_is_held(tmp_path: Path) -> None:
     rows[5] = (*rows[5][:4], "1.5")  # changed at the sixth record, then never logged again
     path = tmp_path / "held.csv"
     path.write_text("timestamp,flow,DO [mg/l],air,o2_sp\n" + "\n".join(",".join(r) for r in rows) + "\n")
-    _, _, values, _ = hist.resample(hist.read_table(path, catalog), catalog)
+    _, _, values, _ = hist.resample(export.read_table(path, catalog), catalog)
     assert values[:, -1].tolist() == [2.0] * 5 + [1.5] * 7  # a step, not a ramp
     # The service holds a request's nulls the same way, before counting them as gaps.
     from service.inputs import Inputs, named_values
@@ -411,19 +414,19 @@ def test_a_decimal_comma_is_named_as_such(tmp_path: Path, small) -> None:
     """A quoted comma-separated export with decimal commas was told to list 761,7996 as a missing code."""
     path = tmp_path / "comma.csv"
     path.write_text('timestamp,flow,DO [mg/l],air\n2026-05-04T00:00:00+00:00,"761,7996",2,100\n')
-    with pytest.raises(hist.ImportRefused, match=r"cannot parse '761,7996' \(a decimal comma: write the export with"):
-        hist.read_table(path, small)
+    with pytest.raises(export.ImportRefused, match=r"cannot parse '761,7996' \(a decimal comma: write the export with"):
+        export.read_table(path, small)
 
 
 def test_an_empty_file_and_a_semicolon_export_are_named_as_such(tmp_path: Path, small) -> None:
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    with pytest.raises(hist.ImportRefused, match=r"empty\.csv: the file is empty \(no header row\)"):
-        hist.read_table(empty, small)
+    with pytest.raises(export.ImportRefused, match=r"empty\.csv: the file is empty \(no header row\)"):
+        export.read_table(empty, small)
     german = tmp_path / "german.csv"
     german.write_text("timestamp;flow;DO [mg/l];air\n2026-05-04T00:00:00+00:00;1000;2,5;100\n")
-    with pytest.raises(hist.ImportRefused, match=r"german\.csv: no 'timestamp' column .*the header holds ';'"):
-        hist.read_table(german, small)
+    with pytest.raises(export.ImportRefused, match=r"german\.csv: no 'timestamp' column .*the header holds ';'"):
+        export.read_table(german, small)
 
 
 def test_impossible_windows_and_a_simulated_cache_are_refused_by_name(tmp_path: Path, capsys) -> None:
@@ -459,7 +462,7 @@ def test_dst_in_both_directions(tmp_path: Path, small) -> None:
     an hour forward in spring and back in autumn, as the plant's wall clocks do."""
     spring = [(f"2026-03-29T01:{m:02d}:00", "1000", "2", "100") for m in (0, 15, 30, 45)]
     spring += [(f"2026-03-29T03:{m:02d}:00", "1000", "2", "100") for m in (0, 15, 30)]
-    table = hist.read_table(write_csv(tmp_path / "spring.csv", spring), small)
+    table = export.read_table(write_csv(tmp_path / "spring.csv", spring), small)
     assert np.all(np.diff(table.utc) == 900)
     assert sorted(set(np.diff(table.clock).tolist())) == [15.0, 75.0]
     zone = small.timezone
@@ -473,7 +476,7 @@ def test_dst_in_both_directions(tmp_path: Path, small) -> None:
         )
         for k in range(12)
     ]
-    table = hist.read_table(write_csv(tmp_path / "autumn.csv", autumn), small)
+    table = export.read_table(write_csv(tmp_path / "autumn.csv", autumn), small)
     assert np.all(np.diff(table.utc) == 900)
     assert sorted(set(np.diff(table.clock).tolist())) == [-45.0, 15.0]
     grid, clock, values, _ = hist.resample(table, small)
@@ -493,11 +496,11 @@ def test_the_plants_clock_is_its_zones_however_the_export_writes_the_instants(tm
         ("local", lambda t: naive(t)),
     ):
         rows = [(text(t), "1000", "2.0", "100") for t in instants]
-        table = hist.read_table(write_csv(tmp_path / f"{name}.csv", rows), small)
+        table = export.read_table(write_csv(tmp_path / f"{name}.csv", rows), small)
         assert np.all(table.utc == [t.timestamp() for t in instants])
         clocks.append(hist.resample(table, small)[1])
     assert np.array_equal(clocks[0], clocks[1]) and np.array_equal(clocks[1], clocks[2])
-    local_midnight = datetime(2026, 10, 25, 0, 0) - hist.CLOCK_EPOCH  # 22:00 UTC is Berlin's midnight (CEST)
+    local_midnight = datetime(2026, 10, 25, 0, 0) - export.CLOCK_EPOCH  # 22:00 UTC is Berlin's midnight (CEST)
     assert clocks[0][0] == local_midnight.total_seconds() / 60
 
 
@@ -505,7 +508,7 @@ def test_a_variable_never_measured_in_a_block_is_refused_by_name(tmp_path: Path,
     """A dead transmitter ("Bad" in every row) was imported without a word; training then ran to a model whose card
     no service could load (its scaler NaN). Refused, naming the column and the block."""
     rows = [(t, f, "", a) for t, f, _, a in regular(datetime(2026, 5, 4, tzinfo=UTC), 400)]
-    with pytest.raises(hist.ImportRefused) as refused:
+    with pytest.raises(export.ImportRefused) as refused:
         hist.import_table(write_csv(tmp_path / "dead.csv", rows), small, tmp_path / "out", history=8, horizon=4)
     message = str(refused.value)
     assert "column 'DO [mg/l]' (oxygen) has no value in the train block (2026-05-04" in message
@@ -524,7 +527,7 @@ def test_a_variable_never_measured_in_a_block_is_refused_by_name(tmp_path: Path,
     hist.import_table(path, load_catalog(with_setpoint), tmp_path / "sp-out", history=8, horizon=4)
     # Measured in training but not after: a target the test block cannot score.
     rows = [(t, f, "2.0" if k < 300 else "", a) for k, (t, f, _, a) in enumerate(rows)]
-    with pytest.raises(hist.ImportRefused, match=r"\(oxygen\) has no value in the test block"):
+    with pytest.raises(export.ImportRefused, match=r"\(oxygen\) has no value in the test block"):
         hist.import_table(write_csv(tmp_path / "late.csv", rows), small, tmp_path / "out", history=8, horizon=4)
 
 
@@ -537,11 +540,11 @@ def test_the_repeated_autumn_hour_is_placed_from_its_neighbours(tmp_path: Path, 
     records (the clock going back marks the second hour) or by neighbours that carry offsets."""
     start = datetime(2026, 10, 24, 22, 0, tzinfo=UTC)  # 00:00 CEST
     every = [start + timedelta(minutes=5 * k) for k in range(60)]  # to 04:55 CET: 02:00-02:55 twice
-    table = hist.read_table(write_csv(tmp_path / "naive.csv", [(naive(t), "1000", "2", "100") for t in every]), small)
+    table = export.read_table(write_csv(tmp_path / "naive.csv", [(naive(t), "1000", "2", "100") for t in every]), small)
     assert table.utc.tolist() == [t.timestamp() for t in every]
     [placed] = table.repairs
     assert (placed["first_row"], placed["last_row"], placed["first_hour"], placed["second_hour"]) == (26, 49, 12, 12)
-    assert "placed by their order, 12 before the clocks went back and 12 after" in hist.describe(placed)
+    assert "placed by their order, 12 before the clocks went back and 12 after" in export.describe(placed)
     grid, clock, _, _ = hist.resample(table, small)
     assert np.all(np.diff(grid) == 900) and sorted(set(np.diff(clock).tolist())) == [-45.0, 15.0]
 
@@ -551,7 +554,7 @@ def test_the_repeated_autumn_hour_is_placed_from_its_neighbours(tmp_path: Path, 
             ("2026-10-25T02:30:00", "1", "2", "3"),
             (f"2026-10-25T02:45:00{offset}", "1", "2", "3"),
         ]
-        table = hist.read_table(write_csv(tmp_path / "mixed.csv", rows), small)
+        table = export.read_table(write_csv(tmp_path / "mixed.csv", rows), small)
         assert np.all(np.diff(table.utc) == 900) and table.repairs[0]["second_hour"] == hour
 
 
@@ -560,8 +563,8 @@ def test_the_repeated_hour_is_refused_only_when_nothing_tells_which_it_is(tmp_pa
     offset: either hour keeps the records in order, so each of its rows is refused by name."""
     times = ["01:45", "02:00", "02:15", "02:30", "02:45", "03:00"]
     rows = [(f"2026-10-25T{t}:00", "1000", "2", "100") for t in times]
-    with pytest.raises(hist.ImportRefused) as caught:
-        hist.read_table(write_csv(tmp_path / "one-pass.csv", rows), small)
+    with pytest.raises(export.ImportRefused) as caught:
+        export.read_table(write_csv(tmp_path / "one-pass.csv", rows), small)
     text = str(caught.value)
     assert "4 problem(s)" in text
     for row, t in zip(range(3, 7), times[1:5], strict=True):
@@ -652,7 +655,7 @@ def test_the_example_plants_export_imports_in_one_run_and_reports_every_repair(
     assert dst["first_hour"] == dst["second_hour"] == 60  # 1-minute records by then
     assert len(repairs) == len(written) + 2
     for r in repairs:
-        assert hist.describe(r) in printed
+        assert export.describe(r) in printed
     assert "history 20 + horizon 16 samples, the tiny preset's" in printed and manifest["gap_between_splits"] == 36
     assert manifest["missing"]["no3_out"]["missing_share"] > 0.08  # the half-day outage of 6 days
     # A run with longer windows than the import was made for is refused, with what to do.
@@ -763,8 +766,8 @@ def test_parquet_export_with_nulls_reads_like_csv(tmp_path: Path, small) -> None
         (t.isoformat(), str(f), "" if o is None or o != o else str(o), "100")
         for t, f, o in zip(times, flows, oxygen, strict=True)
     ]
-    from_csv = hist.read_table(write_csv(tmp_path / "export.csv", rows), small)
-    from_parquet = hist.read_table(tmp_path / "export.parquet", small)
+    from_csv = export.read_table(write_csv(tmp_path / "export.csv", rows), small)
+    from_parquet = export.read_table(tmp_path / "export.parquet", small)
     assert np.array_equal(from_parquet.utc, from_csv.utc) and np.array_equal(from_parquet.clock, from_csv.clock)
     for name in ("flow", "oxygen", "air"):
         assert np.array_equal(from_parquet.values[name], from_csv.values[name], equal_nan=True)

@@ -1,0 +1,489 @@
+"""Reading a plant's historian export into one checked table: its records (CSV or Parquet), its timestamps (time
+zone, DST), its values (missing codes, decimal commas, physical bounds with unit hints, stuck sensors), and every
+refusal collected in one pass. ``plant.historian`` resamples the table and writes the dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import math
+import re
+import zoneinfo
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelcard.card import local_instants
+from plant.catalog import Catalog, MissingCode, Variable
+
+CLOCK_EPOCH = datetime(1970, 1, 5)  # a Monday: clock minutes count from here, so the week's calendar is right
+CLOCK_EPOCH_S = CLOCK_EPOCH.replace(tzinfo=UTC).timestamp()
+MISSING = {"", "nan", "NaN", "NA", "null", "None"}  # empty cells: missing without a word
+DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+")  # 761,7996: a European export's number
+SHOWN = 50  # refusals listed one by one; the rest are counted
+UNIT_FACTORS = (1000.0, 3.6, 24.0, 60.0, 100.0, 1440.0, 3600.0, 86400.0)  # mg/g, m3/h-l/s, per day-hour-minute, %
+KELVIN = 273.15  # a temperature in K where the catalog has degrees C
+
+
+class ImportRefused(ValueError):
+    """The export cannot be trusted as it is; the message lists every problem with file, row, column and value."""
+
+
+class Problems:
+    """What an import refuses, collected over the whole file so that one run reports all of it: the first
+    ``SHOWN`` by row are listed, the rest counted by kind."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.kept: dict[str, list[tuple[int, int, str]]] = {}  # kind -> its first SHOWN (row, column, message)
+        self.counts: Counter[str] = Counter()
+
+    def add(self, kind: str, row: int, column: int, message: str) -> None:
+        """``kind`` counts it ("values outside o2's bounds in column X"); ``message`` follows "row N "."""
+        self.counts[kind] += 1
+        kept = self.kept.setdefault(kind, [])
+        if len(kept) < SHOWN:  # each kind keeps its first SHOWN by row, so the first SHOWN overall are among them
+            kept.append((row, column, message))
+
+    def raise_if_any(self) -> None:
+        if not self.counts:
+            return
+        listed = sorted(item for kept in self.kept.values() for item in kept)[:SHOWN]
+        total = sum(self.counts.values())
+        lines = [f"{self.path}: {total} problem(s); nothing was imported"]
+        lines += [f"  {self.path}: row {row} {message}" for row, _, message in listed]
+        if total > len(listed):
+            shown = Counter(kind for kind, kept in self.kept.items() for item in kept if item in listed)
+            rest = [f"{n - shown[kind]} {kind}" for kind, n in self.counts.items() if n > shown[kind]]
+            lines.append(f"  and {total - len(listed)} more: {'; '.join(rest)}")
+        raise ImportRefused("\n".join(lines))
+
+
+@dataclass
+class Table:
+    """A historian export read into memory: UTC instants, local clock minutes and one float column each."""
+
+    utc: np.ndarray  # (n,) seconds since 1970 UTC, strictly increasing
+    clock: np.ndarray  # (n,) local wall-clock minutes since CLOCK_EPOCH (the calendar's input)
+    values: dict[str, np.ndarray]  # variable name -> (n,) float, NaN where missing
+    rows: np.ndarray  # (n,) the file's row number of each record (for messages)
+    repairs: list[dict[str, Any]] = field(default_factory=list)  # what was read as missing or placed, and where
+
+
+def read_table(path: Path, catalog: Catalog) -> Table:
+    """Read a wide CSV or Parquet export in one pass; every problem of the file is reported at once."""
+    header, records, first_row = read_records(path)
+    if not header:
+        raise ImportRefused(f"{path}: the file is empty (no header row)")
+    time_col = catalog.timestamp_column
+    absent = [v.source_column for v in catalog.variables if v.source_column not in header]
+    if time_col not in header or absent:
+        why = [f"no {time_col!r} column (the catalog's timestamp_column)"] if time_col not in header else []
+        for col in absent:  # a renamed tag, or a trailing space only repr shows
+            close = difflib.get_close_matches(col, header, n=1, cutoff=0.6)
+            why.append(
+                f"the catalog's column {col!r} is not in the file" + (f" (is it {close[0]!r}?)" if close else "")
+            )
+        hint = ""
+        if len(header) == 1 and ";" in header[0]:
+            hint = "; the header holds ';': write the export comma-separated, with '.' as the decimal mark"
+        raise ImportRefused(f"{path}: {'; '.join(why)} (columns: {', '.join(map(repr, header))}){hint}")
+    problems = Problems(path)
+    rows = np.arange(first_row, first_row + len(records))
+    keep = [i for i, rec in enumerate(records) if len(rec) > 0]  # a blank line (the file's last) is no record
+    records, rows = [records[i] for i in keep], rows[keep]
+    if not records:
+        raise ImportRefused(f"{path}: no records below the header")
+    broken: set[int] = set()  # records with a wrong number of fields: refused once, read no further
+    for i, rec in enumerate(records):
+        if len(rec) != len(header):
+            message = f"has {len(rec)} fields, the header {len(header)}"
+            problems.add("rows with a wrong number of fields", rows[i], -1, message)
+            records[i] = [""] * len(header)
+            broken.add(i)
+    repairs: list[dict[str, Any]] = []
+    it = header.index(time_col)
+    utc, offset = read_times([rec[it] for rec in records], rows, catalog, problems, repairs, broken)
+    values = {}
+    for v in catalog.variables:
+        c = header.index(v.source_column)
+        values[v.name] = read_values([rec[c] for rec in records], rows, v, c, catalog, problems, repairs)
+        check_bounds(values[v.name], rows, v, c, problems)
+    problems.raise_if_any()
+    for v in catalog.variables:
+        if v.max_flat_minutes > 0:
+            repairs += remove_flat_runs(values[v.name], utc, rows, v, catalog.timezone)
+    return Table(utc, (utc + offset - CLOCK_EPOCH_S) / 60, values, rows, repairs)
+
+
+def read_records(path: Path) -> tuple[list[str], list[list[Any]], int]:
+    """(header, records, row number of the first record) of a CSV or Parquet file."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return _parquet_records(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, [])
+            return header, list(reader), 2  # the header is row 1
+    except OSError as exc:
+        raise ImportRefused(f"{path}: cannot read ({exc.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ImportRefused(f"{path}: not a UTF-8 CSV file ({exc})") from None
+
+
+def _parquet_records(path: Path) -> tuple[list[str], list[list[Any]], int]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportRefused(f"{path}: reading Parquet needs pyarrow (pip install -e '.[train]')") from None
+    try:
+        table = pq.read_table(path)
+    except OSError as exc:
+        if not path.is_file():
+            raise ImportRefused(f"{path}: cannot read (No such file)") from None
+        raise ImportRefused(f"{path}: unreadable Parquet ({exc})") from None
+    except Exception as exc:  # pyarrow raises its own error types for corrupt files
+        raise ImportRefused(f"{path}: unreadable Parquet ({exc})") from None
+    header = table.column_names
+    columns = [table.column(name).to_pylist() for name in header]
+    return header, [list(rec) for rec in zip(*columns, strict=True)], 1  # row 1: the first record
+
+
+# ----------------------------------------------------------------------------- timestamps and DST
+
+
+def read_times(
+    cells: list[Any],
+    rows: np.ndarray,
+    catalog: Catalog,
+    problems: Problems,
+    repairs: list[dict[str, Any]],
+    broken: set[int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(UTC seconds, UTC offset seconds of the plant's clock) per record. The plant's clock is the catalog's zone's
+    wall clock at that instant, however the export writes it (local, with an offset, in UTC). A local time without
+    offset is read in the catalog's zone; one that the autumn change repeats is placed by its neighbours
+    (``place_repeated``)."""
+    tz = zoneinfo.ZoneInfo(catalog.timezone)
+    col, fmt = catalog.timestamp_column, catalog.timestamp_format
+    n = len(cells)
+    utc, offset = np.full(n, np.nan), np.zeros(n)
+    repeated = np.full((n, 4), np.nan)  # a repeated local time's (first, second) instants and offsets
+    for i, cell in enumerate(cells):
+        where = f"column {col}: "
+        if i in broken:
+            continue
+        if cell is None or (isinstance(cell, str) and not cell.strip()):
+            problems.add("records without a timestamp", rows[i], -1, where + "no timestamp")
+            continue
+        try:
+            t = parse_timestamp(cell, fmt)
+        except (ValueError, TypeError, OverflowError, OSError):
+            expected = {"iso8601": "ISO 8601", "epoch_seconds": "seconds since 1970 UTC"}.get(fmt, repr(fmt))
+            problems.add(
+                "timestamps that do not parse",
+                rows[i],
+                -1,
+                where + f"cannot parse timestamp {cell!r} ({expected} expected)",
+            )
+            continue
+        if isinstance(t, float):  # epoch seconds: the plant's clock is the zone's local time at that instant
+            utc[i], offset[i] = t, _offset(datetime.fromtimestamp(t, tz))
+            continue
+        if t.tzinfo is not None:  # that instant; the plant's clock is still its zone's (a UTC export reads the same)
+            try:
+                utc[i], offset[i] = t.timestamp(), _offset(t.astimezone(tz))
+            except OverflowError:
+                problems.add("timestamps out of range", rows[i], -1, where + f"{cell} is too near the year 1 or 9999")
+            continue
+        instants = [u.astimezone(tz) for u in local_instants(t, tz)]
+        if not instants:
+            problems.add(
+                "local times skipped by the DST change",
+                rows[i],
+                -1,
+                where + f"{cell} does not exist in {tz.key} (skipped by the DST change)",
+            )
+        elif len(instants) == 2:
+            first, second = instants
+            repeated[i] = first.timestamp(), second.timestamp(), _offset(first), _offset(second)
+        else:
+            utc[i], offset[i] = instants[0].timestamp(), _offset(instants[0])
+    place_repeated(utc, offset, repeated, rows, cells, tz.key, col, problems, repairs)
+    check_order(utc, rows, cells, col, problems)
+    return utc, offset
+
+
+def parse_timestamp(cell: Any, fmt: str) -> datetime | float:
+    """A datetime (aware where the cell has an offset) or, for ``epoch_seconds``, UTC seconds."""
+    if isinstance(cell, datetime):  # Parquet timestamps
+        return cell
+    if fmt == "epoch_seconds":
+        value = float(cell)
+        datetime.fromtimestamp(value, UTC)  # out of range raises
+        if not math.isfinite(value):
+            raise ValueError(cell)
+        return value
+    text = str(cell).strip()
+    return datetime.fromisoformat(text) if fmt == "iso8601" else datetime.strptime(text, fmt)
+
+
+def _offset(t: datetime) -> float:
+    delta = t.utcoffset()
+    return delta.total_seconds() if delta is not None else 0.0
+
+
+def place_repeated(
+    utc: np.ndarray,
+    offset: np.ndarray,
+    repeated: np.ndarray,
+    rows: np.ndarray,
+    cells: list[Any],
+    zone: str,
+    col: str,
+    problems: Problems,
+    repairs: list[dict[str, Any]],
+) -> None:
+    """Place local times of the hour the autumn change repeats. In a run of such records the first k are in the
+    first hour and the rest in the second (real time never goes back); the k that keeps every timestamp, with
+    its neighbours', strictly increasing is the answer. Only when several k do (one pass of the hour exported,
+    nothing around it with an offset) is the run refused: nothing then tells the two hours apart."""
+    amb = np.flatnonzero(np.isfinite(repeated[:, 0]))
+    if not len(amb):
+        return
+    blocks = np.split(amb, np.flatnonzero(np.diff(amb) > 1) + 1)
+    known = np.flatnonzero(np.isfinite(utc))
+    for b in blocks:
+        u0, u1 = repeated[b, 0], repeated[b, 1]
+        n = len(b)
+        before, after = known[known < b[0]], known[known > b[-1]]
+        prev = utc[before[-1]] if len(before) else -np.inf
+        nxt = utc[after[0]] if len(after) else np.inf
+        rising0 = np.concatenate([[True], np.cumprod(np.diff(u0) > 0).astype(bool)])  # u0[:k] increasing, k >= 1
+        rising1 = np.concatenate([np.cumprod((np.diff(u1) > 0)[::-1]).astype(bool)[::-1], [True]])  # u1[k:], k < n
+        k = np.arange(n + 1)
+        ok = np.concatenate([[True], rising0]) & np.concatenate([rising1, [True]])
+        first = np.where(k > 0, u0[0], u1[0])
+        last = np.where(k < n, u1[-1], u0[-1])
+        ok &= (prev < first) & (last < nxt)
+        ok[1:n] &= u0[: n - 1] < u1[1:]  # the junction: the first hour's last record before the second's first
+        valid = np.flatnonzero(ok)
+        if len(valid) == 1:
+            split = int(valid[0])
+            fold = (np.arange(n) >= split).astype(int)
+            utc[b] = repeated[b, fold]
+            offset[b] = repeated[b, 2 + fold]
+            repairs.append(
+                {
+                    "kind": "dst_repeated_hour",
+                    "column": col,
+                    "zone": zone,
+                    "first_row": int(rows[b[0]]),
+                    "last_row": int(rows[b[-1]]),
+                    "first_hour": split,
+                    "second_hour": n - split,
+                }
+            )
+            continue
+        why = (
+            "neither its neighbours' offsets nor the order of the records tell which of the two hours it is"
+            if len(valid)
+            else "in either hour it would go back in time from its neighbours"
+        )
+        for i in b:
+            problems.add(
+                "local times repeated by the DST change that cannot be placed",
+                rows[i],
+                -1,
+                f"column {col}: {cells[i]} is repeated by the DST change in {zone}, and {why} "
+                "(give timestamps with UTC offsets)",
+            )
+
+
+def check_order(utc: np.ndarray, rows: np.ndarray, cells: list[Any], col: str, problems: Problems) -> None:
+    """Each timestamp must come after the previous one (records whose time is unknown are skipped)."""
+    known = np.flatnonzero(np.isfinite(utc))
+    steps = np.diff(utc[known])
+    for j in np.flatnonzero(steps <= 0):
+        a, b = known[j], known[j + 1]
+        what = "repeats" if steps[j] == 0 else "goes back in time from"
+        problems.add(
+            "timestamps out of order",
+            rows[b],
+            -1,
+            f"column {col}: {cells[b]} {what} row {rows[a]}'s {cells[a]} (timestamps must increase)",
+        )
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def read_values(
+    cells: list[Any],
+    rows: np.ndarray,
+    v: Variable,
+    c: int,
+    catalog: Catalog,
+    problems: Problems,
+    repairs: list[dict[str, Any]],
+) -> np.ndarray:
+    """One column as floats, NaN where empty or a declared missing code (counted per code for the report)."""
+    numbers, texts = catalog.codes_for(v)
+    out = np.full(len(cells), np.nan)
+    seen: dict[MissingCode, list[int]] = {}  # code -> [count, first row, last row]
+    for i, cell in enumerate(cells):
+        code: MissingCode | None = None
+        if cell is None:
+            continue
+        if isinstance(cell, str):
+            text = cell.strip()
+            if text in MISSING:
+                continue
+            code = texts.get(text.casefold())
+        if code is None:
+            try:
+                value = float(cell)
+                # No sensor reads infinity: a historian's overflow, unless the catalog lists it as a code.
+                unread = f"{cell!r} is not a finite number" if math.isinf(value) and value not in numbers else ""
+            except (TypeError, ValueError):
+                unread = f"cannot parse {cell!r}"
+            if unread:
+                decimal_comma = isinstance(cell, str) and DECIMAL_COMMA.fullmatch(cell.strip())
+                hint = (
+                    "a decimal comma: write the export with '.' as the decimal mark"
+                    if decimal_comma
+                    else "if the historian writes it for a missing value, list it in the catalog's missing_codes"
+                )
+                problems.add(
+                    f"values that do not parse in column {v.source_column}",
+                    rows[i],
+                    c,
+                    f"column {v.source_column}: {unread} ({hint})",
+                )
+                continue
+            if math.isnan(value):
+                continue  # NaN in a Parquet float column: missing
+            if value not in numbers:
+                out[i] = value
+                continue
+            code = value
+        count = seen.setdefault(code, [0, int(rows[i]), 0])
+        count[0] += 1
+        count[2] = int(rows[i])
+    for code, (count, first, last) in seen.items():
+        repairs.append(
+            {
+                "kind": "missing_code",
+                "variable": v.name,
+                "column": v.source_column,
+                "code": code,
+                "records": count,
+                "first_row": first,
+                "last_row": last,
+            }
+        )
+    return out
+
+
+def check_bounds(col: np.ndarray, rows: np.ndarray, v: Variable, c: int, problems: Problems) -> None:
+    bad = np.flatnonzero((col < v.min) | (col > v.max))
+    typical = float(np.median(col[bad])) if len(bad) else 0.0  # the level of what is out, for the unit hint
+    kind = f"values outside {v.name}'s physical bounds in column {v.source_column}"
+    for i in bad:
+        value = float(col[i])
+        problems.add(
+            kind,
+            rows[i],
+            c,
+            f"column {v.source_column}: {value:g} is outside {v.name}'s physical bounds [{v.min:g}, {v.max:g}] "
+            f"{v.unit}{bounds_hint(value, v, typical)}",
+        )
+
+
+def looks_like_code(value: float) -> bool:
+    """-9999, 99999, 1e6, -1e30: the powers of ten and all-nines numbers historians write for "no value"."""
+    a = abs(value)
+    if a < 999 or a != math.floor(a):
+        return False
+    if a > 1e300:
+        return True
+    return any(float(10 ** round(math.log10(b))) == b for b in (a, a + 1))
+
+
+def bounds_hint(value: float, v: Variable, typical: float) -> str:
+    """Why a value may be outside the bounds: an error code, or a wrong unit where a common factor (or kelvin's
+    offset) brings it inside them, only for values far outside (more than the bounds' width beyond them). Of the
+    conversions that do, the one that brings the ``typical`` (median) value outside the bounds nearest their
+    middle is named: a recycle flow in m3/d where the catalog has m3/h is / 24, though / 1000 fits one value too."""
+    if looks_like_code(value):
+        return " (a historian error code? list it in the catalog's missing_codes)"
+    width, middle = v.max - v.min, (v.min + v.max) / 2
+    if v.min - width <= value <= v.max + width:
+        return ""
+    conversions = [(f"/ {f:g}", lambda x, f=f: x / f) for f in UNIT_FACTORS]
+    conversions += [(f"x {f:g}", lambda x, f=f: x * f) for f in UNIT_FACTORS]
+    conversions += [(f"- {KELVIN:g}", lambda x: x - KELVIN)]
+    fits = [(abs(convert(typical) - middle), name, convert(value)) for name, convert in conversions]
+    fits = sorted(fit for fit in fits if v.min <= fit[2] <= v.max)
+    if not fits:
+        return ""
+    _, name, scaled = fits[0]
+    return f" ({value:g} {name} = {scaled:.4g} is inside them: a wrong unit?)"
+
+
+def remove_flat_runs(
+    col: np.ndarray, utc: np.ndarray, rows: np.ndarray, v: Variable, zone: str
+) -> list[dict[str, Any]]:
+    """A stuck sensor: identical values over more than ``v.max_flat_minutes`` (from the run's first record to its
+    last; missing cells in between do not end it). Its first record is kept (the last value really measured),
+    the rest set to missing, in place. Returns one repair per run."""
+    idx = np.flatnonzero(np.isfinite(col))
+    if len(idx) < 2:
+        return []
+    vals = col[idx]
+    change = np.flatnonzero(vals[1:] != vals[:-1]) + 1
+    starts, ends = np.concatenate([[0], change]), np.concatenate([change, [len(idx)]]) - 1
+    long = utc[idx[ends]] - utc[idx[starts]] > v.max_flat_minutes * 60
+    tz = zoneinfo.ZoneInfo(zone)
+    out = []
+    for a, b in zip(idx[starts[long]], idx[ends[long]], strict=True):
+        span = col[a + 1 : b + 1]
+        n = int(np.isfinite(span).sum())
+        out.append(
+            {
+                "kind": "stuck",
+                "variable": v.name,
+                "column": v.source_column,
+                "value": float(col[a]),
+                "first_row": int(rows[a]),
+                "last_row": int(rows[b]),
+                "from": datetime.fromtimestamp(utc[a], tz).isoformat(),
+                "to": datetime.fromtimestamp(utc[b], tz).isoformat(),
+                "minutes": float((utc[b] - utc[a]) / 60),
+                "records": n,
+            }
+        )
+        span[:] = np.nan
+    return out
+
+
+def describe(repair: dict[str, Any]) -> str:
+    """One line of the import's report for a repair."""
+    r, rows = repair, f"rows {repair['first_row']}-{repair['last_row']}"
+    if r["kind"] == "missing_code":
+        code = f"{r['code']:g}" if isinstance(r["code"], float) else repr(r["code"])
+        return f"column {r['column']}: {code} read as missing in {r['records']} record(s), {rows}"
+    if r["kind"] == "stuck":
+        return (
+            f"column {r['column']}: stuck at {r['value']:g} for {r['minutes'] / 60:.1f} h ({rows}, {r['from']} .. "
+            f"{r['to']}, longer than its max_flat_minutes): {r['records']} record(s) after the first set to missing"
+        )
+    return (
+        f"column {r['column']}: {rows} lie in the hour the DST change repeats in {r['zone']}: placed by their order, "
+        f"{r['first_hour']} before the clocks went back and {r['second_hour']} after"
+    )
