@@ -289,30 +289,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loop = asyncio.get_running_loop()
         lane = inference if decoded.work <= settings.chunk_work else bulk
         fragments: list[forecasting.Fragment] = []
+        response: Response | None = None
         try:
             for piece in forecasting.pieces(rt, decoded, settings.chunk_work):
                 fragments += await loop.run_in_executor(lane, piece)
                 if lane is bulk and await request.is_disconnected():
                     metrics.CANCELLED.inc()
                     log.info("client went away: forecast stopped", extra={"event": "forecast_cancelled"})
-                    answers.release(held)
                     return Response(status_code=499)
             # Each series was serialised by pydantic-core in its piece: FastAPI's response_model path (validate,
             # then jsonable_encoder over ~1,600 floats) cost several milliseconds. The shape is ForecastResponse's.
             response = answer_response(forecasting.answer(rt, decoded, fragments), large=held > 0)
-        except BaseException:
-            answers.release(held)
-            raise
+            # Held until sent, or its client gone (a large answer's background runs however the sending ends).
+            response.background = BackgroundTask(answers.release_later, held) if held else None
         finally:
+            if response is None:  # stopped, cancelled or failed before there was an answer to send
+                answers.release(held)
             if lane is bulk:
                 loop.run_in_executor(bulk, release_memory)
         metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
-        if held:
-
-            async def free() -> None:  # async: on the event loop, where the budget is reserved (no thread races)
-                answers.release(held)
-
-            response.background = BackgroundTask(free)  # once sent, or its client gone
         return response
 
     @app.post(
@@ -488,13 +483,15 @@ def check_body_headers(request: Request) -> None:
     charset = next((p.partition("=")[2].strip('" ') for p in params if p.startswith("charset=")), "utf-8")
     if charset not in ("utf-8", "utf8"):
         raise ProblemError(415, "Unsupported media type", detail=f"send the JSON in UTF-8, not {charset[:40]}")
-    codings = [c.strip() for value in request.headers.getlist("content-encoding") for c in value.lower().split(",")]
-    if any(c not in ("", "identity") for c in codings):
-        coding = next(c for c in codings if c not in ("", "identity"))
+    if coding := coding_not_taken(request, "content-encoding", "identity"):
         detail = f"Content-Encoding {coding[:40]} is not taken: send the body uncompressed"
         raise ProblemError(415, "Unsupported content encoding", detail=detail)
-    transfer = [c.strip() for value in request.headers.getlist("transfer-encoding") for c in value.lower().split(",")]
-    if any(c not in ("", "chunked") for c in transfer):
-        coding = next(c for c in transfer if c not in ("", "chunked"))
+    if coding := coding_not_taken(request, "transfer-encoding", "chunked"):
         detail = f"Transfer-Encoding {coding[:40]} is not implemented: send the body uncompressed (chunked is taken)"
         raise ProblemError(501, "Transfer coding not implemented", detail=detail)
+
+
+def coding_not_taken(request: Request, header: str, taken: str) -> str | None:
+    """The first coding other than ``taken`` in every ``header`` of the request (each a comma-separated list)."""
+    codings = (c.strip() for value in request.headers.getlist(header) for c in value.lower().split(","))
+    return next((c for c in codings if c not in ("", taken)), None)

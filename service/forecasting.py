@@ -158,9 +158,9 @@ class AnswerBudget:
     computing or sending at once. Each request's answer was bounded, but not how many: eight 1,000-plan answers
     at once took a worker from 200 to 580 MB, past a 512 MiB container's limit, where the kernel kills every
     request in flight. A large request past the budget is refused 503 (Retry-After) before any inference (its body,
-    parsed one at a time, is the cost already paid); a
-    request alone always passes (the budget below one answer would refuse it for ever), and small answers are
-    never counted, so they keep flowing beside the large ones. Used on the event loop only."""
+    parsed one at a time, is the cost already paid); a request alone always passes (the budget below one answer
+    would refuse it for ever), and small answers are never counted, so they keep flowing beside the large ones.
+    Used on the event loop only."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.used = limit, 0
@@ -183,3 +183,8 @@ class AnswerBudget:
     def release(self, size: int) -> None:
         self.used -= size
         metrics.ANSWER_BYTES_IN_FLIGHT.set(self.used)
+
+    async def release_later(self, size: int) -> None:
+        """``release`` as an answer's background task: async, so Starlette runs it on the event loop, where the
+        budget is reserved (a plain function would run in a worker thread, racing the reservations)."""
+        self.release(size)
