@@ -205,10 +205,15 @@ def regime_table(
     return out
 
 
+def lead_label(step: int | str, sample_minutes: int) -> str:
+    """A lead time as the reports write it: step 20 of 15 minutes -> "5 h", step 1 -> "0.25 h"."""
+    return f"{int(step) * sample_minutes / 60:g} h"
+
+
 def regime_lines(regimes: dict[str, dict[str, Any]], sample_minutes: int, *, markdown: bool = False) -> list[str]:
     """The per-regime table: windows, pooled skill (all and plant variables) at each step, 80% coverage."""
     steps = list(next(iter(regimes.values()))["pooled_skill_all"])
-    lead = [f"{int(s) * sample_minutes / 60:g} h" for s in steps]
+    lead = [lead_label(s, sample_minutes) for s in steps]
     head = ["regime", "windows", *[f"all {x}" for x in lead], *[f"plant {x}" for x in lead], "cover80"]
     first = max(len(head[0]), *(len(g) for g in regimes))  # cells ("storm/ammonia_cascade") are long
     rows = []
@@ -246,13 +251,8 @@ def deepened_losses(
         for step, skill in table["pooled_skill_all"].items():
             before = served[cell]["pooled_skill_all"].get(step)
             if before is not None and skill < 0 and skill < before - tie:
-                out.append(f"{cell} at {lead_words(int(step) * step_minutes)}: {skill:.3f} against {before:.3f}")
+                out.append(f"{cell} at {lead_label(step, step_minutes)}: {skill:.3f} against {before:.3f}")
     return out
-
-
-def lead_words(minutes: int) -> str:
-    """15 -> "15 min", 300 -> "5 h"."""
-    return f"{minutes // 60} h" if minutes % 60 == 0 else f"{minutes} min"
 
 
 def headline(

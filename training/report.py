@@ -172,8 +172,9 @@ def loop_lines(metrics: dict[str, Any], step_minutes: int, *, markdown: bool = F
     if not loops:
         return []
     steps = list(next(iter(loops.values()))["rmse"])
-    lead = [f"{int(s) * step_minutes / 60:g} h" for s in steps]
-    head = ["control", "windows", *[f"RMSE {x} (last value / yesterday)" for x in lead]]
+    lead = [ev.lead_label(s, step_minutes) for s in steps]
+    refs = "last value / yesterday" if any("yesterday_rmse" in r for r in loops.values()) else "last value"
+    head = ["control", "windows", *[f"RMSE {x} ({refs})" for x in lead]]
 
     def cell(r: dict[str, Any], s: str) -> str:
         day = r.get("yesterday_rmse", {}).get(s)
@@ -338,7 +339,7 @@ def losses_in_words(metrics: dict[str, Any], step_minutes: int) -> list[str]:
     head = metrics["headline"]
     lines = []
     for h, kovae in head["kovae"].items():
-        lead = f"{int(h) * step_minutes / 60:g} h"
+        lead = ev.lead_label(h, step_minutes)
         better = {
             name: by_h[h]["nrmse_all"]
             for name, by_h in head.items()
@@ -356,7 +357,7 @@ def losses_in_words(metrics: dict[str, Any], step_minutes: int) -> list[str]:
     for regime, table in metrics.get("regimes", {}).items():
         losing = {h: v for h, v in table["pooled_skill_all"].items() if not v >= 0}
         if regime != "all" and losing:
-            where = ", ".join(f"{v:.3f} at {int(h) * step_minutes / 60:g} h" for h, v in losing.items())
+            where = ", ".join(f"{v:.3f} at {ev.lead_label(h, step_minutes)}" for h, v in losing.items())
             lines.append(
                 f"- **In {regime} the KoVAE loses to the better naive forecast** (pooled skill, all variables: "
                 f"{where})."
@@ -433,7 +434,7 @@ def report_markdown(
             "",
         ]
         lines += [
-            "| history | " + " | ".join(f"{int(s) * step / 60:g} h" for s in steps) + " |",
+            "| history | " + " | ".join(ev.lead_label(s, step) for s in steps) + " |",
             "|---|" + "---|" * len(steps),
         ]
         names = {"none": "complete", "last_2h": "last 2 h missing", "quarter": "a quarter missing"}
@@ -450,7 +451,7 @@ def report_markdown(
     forecasts = metrics.get("influent_forecast", {})
     if forecasts:
         steps = list(next(iter(forecasts["none"].values()))["pooled_skill_all"])
-        lead = [f"{int(s) * step / 60:g} h" for s in steps]
+        lead = [ev.lead_label(s, step) for s in steps]
         lines += [
             "",
             "Diagnostic, not a caller's figure: pooled skill with the true future disturbances (influent), alone "
