@@ -268,11 +268,11 @@ def main() -> None:
             " (RMSE; last value / yesterday):"
         )
         closed = np.isnan(requested(rt, everything, "honest", held)["u_fut"][:, 0])
+        day = 1440 // card["sample_minutes"]
         for j, c in enumerate(rt.looped):
             k = closed[:, c]
             fc, truth = overall["mean"][k][..., n + j], everything.u_fut[k][..., c]
             last = everything.u_hist[k][:, -1:, c]
-            day = 1440 // card["sample_minutes"]
             steps = [s for s in (1, 20, 96) if s <= fc.shape[1]]
 
             cells_ = []

@@ -335,7 +335,8 @@ def probe_large(url: str, pid: int, rt: ModelRuntime) -> None:
         f"{'max':>7} {'n':>4}"
     )
     small = request_body(rt, rt.max_horizon, seed=1)
-    for name, body in large_bodies(rt):
+    bodies = large_bodies(rt)
+    for name, body in bodies:
         reset_peak(pid)
         with Beside(url, small) as beside:
             start = time.perf_counter()
@@ -350,13 +351,13 @@ def probe_large(url: str, pid: int, rt: ModelRuntime) -> None:
         )
     time.sleep(5)
     print(f"   server RSS 5 s after the last: {rss_kib(pid)[0] / 1024:.0f} MiB")
-    probe_at_once(url, pid, rt)
+    probe_at_once(url, pid, dict(bodies)["1,000 plans, every forecast"])
 
 
-def probe_at_once(url: str, pid: int, rt: ModelRuntime, at_once: int = 8) -> None:
+def probe_at_once(url: str, pid: int, body: bytes, at_once: int = 8) -> None:
     """Several large requests at once (each bounded, their sum by KOVAE_MAX_ANSWERS_IN_FLIGHT_BYTES and by large
     bodies parsed one at a time): the statuses and the server's peak memory (target: under 400 MiB)."""
-    name, body = next((n, b) for n, b in large_bodies(rt) if n == "1,000 plans, every forecast")
+    name = "1,000 plans, every forecast"
     reset_peak(pid)
     statuses: list[int] = []
 

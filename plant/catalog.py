@@ -453,8 +453,3 @@ CONTROL_NAMES = BSM1.control_names
 def model_store(catalog: Catalog) -> Path:
     """Where a catalog's models live: ``models`` for the built-in BSM1 plant, ``models/<name>`` for any other."""
     return Path("models") if catalog.to_dict() == BSM1.to_dict() else Path("models") / catalog.name
-
-
-def catalog_dict() -> dict[str, Any]:
-    """The BSM1 catalog as plain data (what a card from before catalogs is given: training.upgrade_card)."""
-    return BSM1.to_dict()

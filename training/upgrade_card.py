@@ -45,7 +45,7 @@ def upgrade(store: Path, version: str) -> int:
     """Bounds and training range into a card from before card_version 3; a card at 3 is left as it is."""
     import numpy as np
 
-    from plant.catalog import catalog_dict
+    from plant.catalog import BSM1
     from plant.scenarios import config_hash
     from training.config import config_from_dict
     from training.prepare import prepare
@@ -61,7 +61,7 @@ def upgrade(store: Path, version: str) -> int:
         print(f"error: the data this code generates for {version} differ from what it was trained on", file=sys.stderr)
         return 1
     p = prepare(cfg)  # scalers and training range, exactly as training computes them
-    cat, var = catalog_dict(), card["variables"]
+    cat, var = BSM1.to_dict(), card["variables"]  # a card from before catalogs is BSM1's
     for role, fitted, seen in (("measurements", p.x_mean, p.x_range), ("controls", p.u_mean, p.u_range)):
         if [v["name"] for v in cat[role]] != [v["name"] for v in var[role]]:
             print(f"error: {version} has other {role} than the catalog", file=sys.stderr)
