@@ -60,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level)
     # Not refused: an orchestrator may inject KOVAE_* variables of its own (Kubernetes' service links).
-    for where, variables in (("", os.environ), (" (in .env)", env_file_settings())):
-        for name, hint in unknown_settings(variables):
-            log.warning("%s%s is no setting and is ignored%s", name, where, hint, extra={"event": "unknown_setting"})
+    for name, where, hint in unknown_settings(os.environ, env_file_settings()):
+        log.warning("%s%s is no setting and is ignored%s", name, where, hint, extra={"event": "unknown_setting"})
     shared: Path | None = None  # created here, so removed here
     if settings.workers > 1:
         runtime = settings.runtime_dir

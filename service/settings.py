@@ -139,16 +139,29 @@ def get_settings() -> Settings:
     return Settings()
 
 
-def unknown_settings(environ: Mapping[str, str | None]) -> Iterator[tuple[str, str]]:
-    """Each ``KOVAE_*`` variable that names no setting, with a hint at the one meant (a typo such as
-    ``KOVAE_API_KEY`` would otherwise leave /forecast open without a word). Names are matched as the settings
-    read them: in any case."""
+def unknown_settings(
+    environ: Mapping[str, str | None], env_file: Mapping[str, str | None]
+) -> Iterator[tuple[str, str, str]]:
+    """Each ``KOVAE_*`` variable that names no setting, once even where both the environment and the .env file
+    set it (it was warned about twice): its name, where it was found (``""``: the environment, ``" (in .env)"``,
+    or both) and a hint at the setting meant (a typo such as ``KOVAE_API_KEY`` would otherwise leave /forecast
+    open without a word). Names are matched as the settings read them: in any case."""
     prefix = Settings.model_config["env_prefix"]
     known = {f"{prefix}{name.upper()}" for name in Settings.model_fields}
-    for name in sorted(environ):
-        if name.upper().startswith(prefix) and name.upper() not in known:
-            close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
-            yield name, f" (did you mean {close[0]}?)" if close else ""
+
+    def unknown(variables: Mapping[str, str | None]) -> dict[str, str]:
+        """The ``KOVAE_*`` names that are no setting, by their upper case (the first spelling, sorted, kept)."""
+        names = (name for name in sorted(variables, reverse=True) if name.upper().startswith(prefix))
+        return {name.upper(): name for name in names if name.upper() not in known}
+
+    in_environ, in_env_file = unknown(environ), unknown(env_file)
+    for key in sorted(in_environ.keys() | in_env_file.keys()):
+        if key in in_environ:
+            name, where = in_environ[key], " (in the environment and .env)" if key in in_env_file else ""
+        else:
+            name, where = in_env_file[key], " (in .env)"
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        yield name, where, f" (did you mean {close[0]}?)" if close else ""
 
 
 def env_file_settings() -> dict[str, str | None]:

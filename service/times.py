@@ -12,7 +12,8 @@ pass it is), are refused naming the index.
 
 The answer's times are in the request's own offset: after a last timestamp with an offset, in that offset;
 after one without, in the plant's zone with its offset written out (``+01:00``, ``+02:00`` across a change),
-never as a bare local time, which the repeated hour would make ambiguous.
+never as a bare local time, which the repeated hour would make ambiguous. Where the zone's offset has seconds
+(historical ones: Amsterdam's +00:19:32 before 1937), which RFC 3339 cannot write, that time is in UTC (``Z``).
 """
 
 from __future__ import annotations
@@ -112,8 +113,18 @@ def future_times(times: list[datetime], horizon: int, step: int, where: str, err
     """The ``horizon`` forecast times after the last history time, on its clock: its fixed offset, or the plant's
     zone (whose offset may change over the horizon: counted in UTC, written on the zone's clock)."""
     last, clock = times[-1].astimezone(UTC), times[-1].tzinfo
+    assert clock is not None  # read_times answers aware times only
     try:
-        return [(last + timedelta(minutes=step * (k + 1))).astimezone(clock) for k in range(horizon)]
+        return [on_clock(last + timedelta(minutes=step * (k + 1)), clock) for k in range(horizon)]
     except OverflowError:
         errors.add(f"{where}.timestamps[{len(times) - 1}]", f"{horizon} steps after it lie beyond the year 9999")
         return None
+
+
+def on_clock(instant: datetime, clock: tzinfo) -> datetime:
+    """``instant`` (in UTC) on ``clock``, or left in UTC where the clock's offset has seconds (Amsterdam's
+    +00:19:32 before 1937, Monrovia's -00:44:30 before 1972): RFC 3339 writes offsets to the minute (pydantic
+    wrote +00:19, naming an instant 32 s off), and a request may not send such an offset back."""
+    local = instant.astimezone(clock)
+    offset = local.utcoffset()
+    return local if offset is not None and offset % timedelta(minutes=1) == timedelta(0) else instant

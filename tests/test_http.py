@@ -140,22 +140,25 @@ def test_a_connection_answered_before_its_body_ended_idles_out(serve, trained_st
     assert time.monotonic() - start < 4
 
 
-def large_request(rt) -> bytes:
+def large_request(rt, plans: int = 1000) -> bytes:
     """One series under 1,000 plans over the whole horizon: a 7.7 MB answer from the tiny model."""
     body = make_body(rt, horizon=rt.max_horizon)
     plan = body["series"][0].pop("future_controls")
-    body["series"][0]["plans"] = [{"name": f"p{k}", "future_controls": plan} for k in range(1000)]
+    body["series"][0]["plans"] = [{"name": f"p{k}", "future_controls": plan} for k in range(plans)]
     return json.dumps(body).encode()
 
 
-def unread_large_answer(port: int, rt) -> socket.socket:
-    """A connection that asked for a large answer and reads none of it (a small receive window)."""
-    data = large_request(rt)
+def unread_large_answer(port: int, rt, plans: int = 1000, headers: bytes = b"") -> socket.socket:
+    """A connection that asked for a large answer and reads none of it. A small receive window and small
+    segments, set before connect: on loopback (64 kB segments) the server's kernel took some 3 MB of the answer
+    unread; with 536-byte segments about 100 kB, and the rest waits in the server's own buffer."""
+    data = large_request(rt, plans)
     conn = socket.socket()
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window, kept small
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
     conn.connect(("127.0.0.1", port))
-    head = b"POST /forecast HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-    conn.sendall(head % len(data) + data)
+    head = b"POST /forecast HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+    conn.sendall(head % len(data) + headers + b"\r\n" + data)
     return conn
 
 
@@ -191,6 +194,28 @@ def test_a_client_that_never_reads_its_answer_is_dropped(serve, trained_store, r
     assert dropped and head.startswith(b"HTTP/1.1 200")
     assert len(got) < int(re.search(rb"content-length: (\d+)", head).group(1))  # cut short
     assert server_errors(s.client.get("/metrics").text) == 0
+
+
+def test_a_closing_connection_whose_client_never_reads_is_dropped(serve, trained_store, rt) -> None:
+    """``Connection: close`` and an answer under 1 MB, written whole at once: the app is done, the connection is
+    closing, and its unsent bytes stay until the client reads them. A client that never does held them for as
+    long as it kept the connection; it is dropped at the send deadline like one whose answer is still being
+    written."""
+    s = serve(trained_store[0], KOVAE_SEND_TIMEOUT_S="1")
+    conn = unread_large_answer(s.port, rt, plans=100, headers=b"Connection: close\r\n")
+    sent = lambda: metric(s.client.get("/metrics").text, "kovae_errors_total", type="send_timeout")  # noqa: E731
+    dropped = wait_for(lambda: sent() == 1, seconds=10)
+    conn.settimeout(10)
+    answer = read_all(conn)  # what the kernel held, then the reset
+    conn.close()
+    head, _, got = answer.partition(b"\r\n\r\n")
+    size = int(re.search(rb"content-length: (\d+)", head).group(1))
+    assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower()
+    assert 500_000 < size < 1_000_000  # one write (encode.SMALL_ANSWER), far more than the kernel takes
+    assert dropped and len(got) < size  # cut short
+    lines = log_lines(s.stop())
+    order = [e["event"] for e in lines if e.get("event") == "send_timeout" or e.get("path") == "/forecast"]
+    assert order == ["request", "send_timeout"]  # the app had answered (200): the connection was closing
 
 
 # ----------------------------------------------------------------------------- M4: headers
@@ -375,6 +400,17 @@ def test_a_mistyped_setting_in_the_env_file_is_named_too(serve, trained_store, t
     assert lines == [
         "KOVAE_API_KEY (in .env) is no setting and is ignored (did you mean KOVAE_API_KEYS?)",
         "kovae_port_x (in .env) is no setting and is ignored (did you mean KOVAE_PORT?)",
+    ]
+
+
+def test_a_mistyped_setting_in_the_environment_and_the_env_file_is_named_once(serve, trained_store, tmp_path) -> None:
+    """The same typo in both places was warned about twice, as if two settings were wrong; once, saying where."""
+    (tmp_path / ".env").write_text('kovae_api_key=["k1"]\n')
+    s = serve(trained_store[0], cwd=tmp_path, KOVAE_API_KEY='["k1"]')
+    # Warned before uvicorn starts: all in the log of a server that answered /healthz.
+    lines = [e["message"] for e in log_lines(s.stop()) if e.get("event") == "unknown_setting"]
+    assert lines == [
+        "KOVAE_API_KEY (in the environment and .env) is no setting and is ignored (did you mean KOVAE_API_KEYS?)"
     ]
 
 

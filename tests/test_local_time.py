@@ -4,6 +4,7 @@ card's catalog set to Europe/Berlin and a ``max_flat_minutes`` on SNH_eff, as a 
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -12,10 +13,12 @@ import pytest
 
 from modelcard.card import read_card, write_card
 from service.problems import Errors
+from service.request import ISO_8601
 from service.times import read_times
 from tests.test_service import make_body, problem_fields
 
 BERLIN = ZoneInfo("Europe/Berlin")
+AMSTERDAM = ZoneInfo("Europe/Amsterdam")  # +00:19:32 (summer +01:19:32) until 1937-07-01, then +00:20 (+01:20)
 STEP = timedelta(minutes=15)
 
 
@@ -95,6 +98,37 @@ def test_a_horizon_across_the_spring_change_is_answered_in_the_zones_offsets(ber
     assert [datetime.fromisoformat(t) for t in local["timestamps"]] == [
         datetime.fromisoformat(t) for t in explicit["timestamps"]
     ]
+
+
+@pytest.fixture
+def amsterdam(serve, store_copy):
+    """A server of the tiny model whose card says the plant is in Europe/Amsterdam, whose offsets had seconds."""
+    store, version = store_copy
+    card = read_card(store / version, verify=False)
+    card["catalog"]["timezone"] = "Europe/Amsterdam"
+    write_card(store / version, card)
+    return serve(store)
+
+
+def test_answer_times_name_their_instants_where_the_zones_offset_has_seconds(amsterdam, rt) -> None:
+    """A local history in Amsterdam, 1937, with a horizon across its change from +01:19:32 to +01:20 on 1 July.
+    pydantic writes an offset to the minute: 23:34:32+01:19 named an instant 32 s off. An offset with seconds is
+    no RFC 3339 (nor may a request send one), so those times are written in UTC; the others in the zone's
+    offset, as ever. Each answer time is the instant its step stands for, and can be sent back as a timestamp."""
+    L, H = rt.card["history"]["length"], 8
+    instants = [datetime(1937, 6, 30, 22, tzinfo=UTC) - STEP * (L - 1 - k) for k in range(L)]
+    body = make_body(rt, horizon=H)
+    body["series"][0]["timestamps"] = [t.astimezone(AMSTERDAM).replace(tzinfo=None).isoformat() for t in instants]
+    times = answer(amsterdam, body)["timestamps"]
+    assert [datetime.fromisoformat(t) for t in times] == [instants[-1] + STEP * (k + 1) for k in range(H)]
+    assert all(re.match(ISO_8601, t) for t in times), times
+    assert times[:2] == ["1937-06-30T22:15:00Z", "1937-06-30T22:30:00Z"]  # at +01:19:32
+    assert times[2] == "1937-07-01T00:05:00+01:20"  # 22:45 UTC: the change was at midnight local, 22:40:28 UTC
+    # An offset with seconds in a request (Python's isoformat writes one) is no ISO 8601 offset: refused, named.
+    body["series"][0]["timestamps"] = [t.astimezone(AMSTERDAM).isoformat() for t in instants]
+    r = amsterdam.client.post("/forecast", json=body)
+    assert r.status_code == 422 and "+01:19:32" in body["series"][0]["timestamps"][0]
+    assert "series[0].timestamps[0]" in r.text and "not an ISO 8601 date-time" in r.text
 
 
 def test_local_times_that_cannot_be_placed_are_refused_naming_the_index(berlin, rt) -> None:
