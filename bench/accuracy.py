@@ -280,8 +280,11 @@ def main() -> None:
                 at = everything.u_hist.shape[1] - 1 + s - day  # the same clock time a day before
                 # Yesterday where the history holds it, else the last value (training.evaluate.seasonal_naive's rule).
                 yest = everything.u_hist[k][:, at, c] if at >= 0 and s <= day else last[:, 0]
-                err = [f"{rmse(f, truth[:, s - 1]):.4g}" for f in (fc[:, s - 1], last[:, 0], yest)]
-                cells_.append(f"{s * steps_h:g} h {err[0]} ({err[1]} / {err[2]})")
+                err = [rmse(f, truth[:, s - 1]) for f in (fc[:, s - 1], last[:, 0], yest)]
+                cells_.append(f"{s * steps_h:g} h {err[0]:.4g} ({err[1]:.4g} / {err[2]:.4g})")
+                # A forecast worse than a naive one is a defect, the loops' as much as the measurements'.
+                what = f"{rt.controls[c]} (left to its loop) at {s * steps_h:g} h: RMSE / better naive's <= 1"
+                checks.append((what, err[0] / max(min(err[1:]), 1e-12), err[0] <= min(err[1:])))
             print(f"  {rt.controls[c]:<8} [{catalog.controls[c].unit}] {int(k.sum())} windows: " + "; ".join(cells_))
     for cell in dict.fromkeys(cells.tolist()):
         if not cell.endswith("/constant_setpoints"):

@@ -190,7 +190,7 @@ class ForecastGraph(nn.Module):
             z, used, hz = m.rollout_with_held(z0, held, rows, spread, base, scale, noise_rows, operator)
             x = self.decode_steps(z, used, hz, horizon)  # (held + n + n*S, h, x)
             nb = held.shape[0]
-            shift = m.shift(x_hist, x[:nb], corr[:, :horizon])
+            shift = m.shift(x_hist, x[:nb], corr[:, :horizon], held[:, :horizon])
             mean, raw = x[nb : nb + n], x[nb + n :].reshape(n, -1, horizon, m.x_dim)  # raw: (n, S, h, x)
             mean, raw = m.shifted(mean, shift), m.shifted(raw, shift)
         else:  # cards from before model.blend_held_plan (or without the decoder's fading miss)
@@ -249,9 +249,11 @@ def load_model(version_dir: Path, *, verify: bool = True) -> tuple[KoVAE, dict[s
     n_u = plan.fed + Calendar.from_card(card).size + 2 * n_d
     model = KoVAE(len(card["variables"]["measurements"]) + len(looped), n_u, cfg, plan)
     model.load_state_dict(torch.load(Path(version_dir) / "weights.pt", weights_only=True))
-    pull = card["calibration"].get("gap_pull")  # not in the weights: calibration sets it (KoVAE.gap_pull)
-    if pull is not None:
-        model.gap_pull = torch.tensor(pull, dtype=torch.float32)
+    # Not in the weights: calibration sets them (KoVAE.gap_pull, KoVAE.loop_pull).
+    for name in ("gap_pull", "loop_pull"):
+        table = card["calibration"].get(name)
+        if table is not None:
+            setattr(model, name, torch.tensor(table, dtype=torch.float32))
     return model.eval(), card
 
 
@@ -465,7 +467,8 @@ def export_version(
             "form": "z[t+1] = A z[t] + B u[t+1] + c (+ noise_std * eps for samples), normalised units; "
             "forecast x[t+k] = D(z[t+k]) + g^k (x[t] - D(z[t])) with g = calibration.residual_decay per variable, "
             "then blended with the same time a day earlier and with the last measured value (naive_blend); "
-            "a sensor down at the history's end is pulled further to its last value (calibration.gap_pull)",
+            "a sensor down at the history's end is pulled further to its last value (calibration.gap_pull); "
+            "a looped control's forecast is pulled towards its last value (calibration.loop_pull)",
             "naive_blend": naive_blend_summary(model, card),
             "A": graph.At.T.tolist(),
             "B": graph.Bt.T.tolist(),

@@ -152,10 +152,11 @@ def remove_stale(store: Path, older_than_s: float = 3600.0) -> list[str]:
 def add_version(store: Path, source: Path) -> str:
     """Copy a complete version folder (card and verified ONNX) into the store under its card's name, through a
     staging folder that is fsync'd and then renamed: the version appears whole or not at all. Never overwrites,
-    and never adds another plant's model (``check_same_plant``)."""
+    never adds a card the service would refuse (``check_card``) nor another plant's model (``check_same_plant``)."""
     source = Path(source)
     card = read_card(source, verify=True)
     version = check_version_name(check_card_names_folder(source, card))
+    check_card(card, version)  # a version the service would refuse never enters the store
     check_same_plant(store, card)
     store = Path(store)
     if store.exists() and not store.is_dir():

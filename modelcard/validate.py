@@ -82,6 +82,10 @@ def _limit_problems(card: dict[str, Any]) -> Iterator[str]:
             yield f"{key} is {value!r}, not a positive integer"
 
 
+# Calibration tables a model may be without (null: no such term; training.calibrate writes them so).
+OPTIONAL_TABLES = ("calibration.gap_pull", "calibration.loop_pull")
+
+
 def _calibration_problems(card: dict[str, Any]) -> Iterator[str]:
     """Every number under calibration finite (samples a positive integer, spreads positive); the stability
     figures every answer carries finite."""
@@ -90,20 +94,41 @@ def _calibration_problems(card: dict[str, Any]) -> Iterator[str]:
         yield "calibration is missing"
         return
     for where, value in _numbers(calibration, "calibration"):
+        if value is None and where in OPTIONAL_TABLES:
+            continue
         if not _finite(value):
             yield f"{where} is {value!r}, not a finite number"
     samples = calibration.get("samples", 32)
     if not (isinstance(samples, int) and not isinstance(samples, bool) and samples > 0):
         yield f"calibration.samples is {samples!r}, not a positive integer"
-    for k, value in enumerate(calibration.get("spread_scale", [])):
+    for k, value in enumerate(calibration.get("spread_scale") or []):
         if _finite(value) and value <= 0:
             yield f"calibration.spread_scale[{k}] is {value!r}: a spread must be above 0"
+    yield from _pull_problems(card, calibration)
     stability = card.get("stability", {})
     for key in ("spectral_radius", "stability_margin"):
         if not _finite(stability.get(key)):
             yield f"stability.{key} is {stability.get(key)!r}, not a finite number"
     if not isinstance(stability.get("stable"), bool):
         yield f"stability.stable is {stability.get('stable')!r}, not true or false"
+
+
+def _pull_problems(card: dict[str, Any], calibration: dict[str, Any]) -> Iterator[str]:
+    """The pulls towards the last value are weights in [0, 1]; the loops' has a column per loop the card
+    declares, and only a model whose loops drive it (model.loop_feedback) takes one: export would otherwise
+    apply a table of the wrong width, or none."""
+    for name in ("gap_pull", "loop_pull"):
+        for where, value in _numbers(calibration.get(name), f"calibration.{name}"):
+            if _finite(value) and not 0 <= value <= 1:
+                yield f"{where} is {value!r}: a pull must lie in [0, 1]"
+    pull = calibration.get("loop_pull")
+    if pull is None:
+        return
+    loops = len(card.get("variables", {}).get("loops", []))
+    if not card.get("model", {}).get("loop_feedback"):
+        yield "calibration.loop_pull is set, but the model's loops do not drive it (model.loop_feedback is off)"
+    elif not (isinstance(pull, list) and pull and all(isinstance(r, list) and len(r) == loops for r in pull)):
+        yield f"calibration.loop_pull must be a table of lead times by {loops} loop(s)"
 
 
 def _objective_problems(card: dict[str, Any]) -> Iterator[str]:

@@ -209,3 +209,28 @@ def test_the_committed_cards_are_sealed_and_servable() -> None:
         card = read_card(folder, verify=True, sealed=True)
         assert card_problems(card) == [], folder.name
         assert np.all(ModelRuntime(folder).x_std > 0)
+
+
+def test_the_pulls_of_a_card_are_weights_of_the_right_shape_or_null(rt) -> None:
+    """calibration.gap_pull and calibration.loop_pull are null where calibration kept no such term: servable.
+    A pull outside [0, 1], a loop pull of the wrong width or on a model whose loops do not drive it is refused,
+    by path; a spread that is null is named, not a crash."""
+    card = json.loads(json.dumps(rt.card))
+    card["calibration"].update(gap_pull=None, loop_pull=None)
+    assert card_problems(card) == []
+    loops = len(card["variables"]["loops"])
+    card["model"]["loop_feedback"] = True
+    card["calibration"]["loop_pull"] = [[0.5] * loops, [0.25] * loops]
+    assert card_problems(card) == []
+    card["calibration"]["loop_pull"][1][0] = math.nan
+    assert card_problems(card) == ["calibration.loop_pull[1][0] is nan, not a finite number"]
+    card["calibration"]["loop_pull"] = [[1.5] * loops]
+    assert card_problems(card) == ["calibration.loop_pull[0][0] is 1.5: a pull must lie in [0, 1]"] * 1 + [
+        f"calibration.loop_pull[0][{k}] is 1.5: a pull must lie in [0, 1]" for k in range(1, loops)
+    ]
+    card["calibration"]["loop_pull"] = [[0.5] * (loops + 1)]
+    assert card_problems(card) == [f"calibration.loop_pull must be a table of lead times by {loops} loop(s)"]
+    card["model"]["loop_feedback"] = False
+    assert "model.loop_feedback is off" in card_problems(card)[0]
+    card["calibration"]["loop_pull"], card["calibration"]["spread_scale"] = None, None
+    assert card_problems(card) == ["calibration.spread_scale is None, not a finite number"]

@@ -417,6 +417,44 @@ def test_a_plan_held_drives_its_loops_at_their_served_forecast() -> None:
         assert (used.abs() < 0.6).any()  # not every step at a limit: the blend is what is checked
 
 
+@pytest.mark.parametrize("limit", [3.0, 0.3])
+def test_the_answer_pulls_a_loops_forecast_to_its_last_value_alike_for_every_plan_in_both_graphs(limit) -> None:
+    """calibration.loop_pull moves the answer of a control its loop decides, only: by q[k] (last value - the plan
+    held's forecast of it), within the loop's limits. The measurements' forecasts and what drove the rollout stay
+    as they were, a control the plan gives is answered as given, and every plan moves alike, so a plan's effect on
+    the air passes whole (where no limit cuts it). Both graphs agree."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, seasonal_steps=6, loop_feedback=True)
+    plan = PlanLayout(2, looped=(1,), setpoints=1, fast=(0, 3), limits=((-limit, limit),))
+    model = KoVAE(4, 6, cfg, plan).eval()
+    x, u, uf, noise = E._example(1, 10, 12, 0, (4, 6, 8), seed=4)
+    u[..., 2], u[..., 4] = 1.0, 1.0  # the history: the control applied, the setpoint logged
+    uf[..., 1:3], uf[..., 4] = 0.0, 1.0  # the plan: the loop decides, the setpoint sent
+    uf[..., 0], uf[..., 3] = u[0, -1, 0], u[0, -1, 3]  # the open-loop control and the setpoint held: the plan held
+    higher, given = uf.clone(), uf.clone()
+    higher[..., 3] += 0.5
+    given[..., 1:3] = torch.tensor([2.0, 1.0])  # the control given, past the tight limit
+    calib = {"spread_scale": [1.0] * 4, "residual_decay": [0.9] * 4}
+    graph = E.ForecastGraph(model, 12, calib)
+    with torch.no_grad():
+        before, moved_before, given_before = (graph(x, u, plan, noise)[0] for plan in (uf, higher, given))
+        model.loop_pull = torch.linspace(0.9, 0.0, 8)[:, None]  # past its last row, its last row (0)
+        after, moved_after, given_after = (graph(x, u, plan, noise)[0] for plan in (uf, higher, given))
+    q = torch.cat([torch.linspace(0.9, 0.0, 8), torch.zeros(4)])
+    assert torch.equal(after[..., :3], before[..., :3])  # the measurements as they were
+    expected = (before[..., 3] + q * (x[0, -1, 3] - before[..., 3])).clamp(-limit, limit)  # last value -0.68
+    assert torch.allclose(after[..., 3], expected, atol=1e-5) and (after - before).abs().max() > 1e-2
+    assert torch.equal(given_after, given_before) and torch.all(given_after[..., 3] == 2.0)  # as given, unclipped
+    if limit == 3.0:
+        effect_before, effect_after = moved_before - before, moved_after - after
+        assert torch.allclose(effect_after, effect_before, atol=1e-5) and effect_after[..., 3].abs().max() > 1e-3
+    else:
+        assert torch.any(after[..., 3] == -limit)  # the limit cuts the pull somewhere
+    assert E.parity(graph, E.to_onnx_bytes(graph, 10, {}), 10) < 1e-4
+    plans = E.to_onnx_bytes(E.ForecastGraph(model, 12, calib, plans=True), 10, {})
+    assert E.plans_parity(graph, plans, 10) < 1e-4
+
+
 @pytest.mark.parametrize("layers", [0, 1, 2])
 def test_the_loops_forecast_is_the_decoders_for_any_depth(layers: int) -> None:
     """``decode_looped`` (what each step's loops ask for, from z's first-layer product) is the decoder's own

@@ -1106,3 +1106,38 @@ def test_flags_that_contradict_or_name_a_file_are_refused_before_any_work(tmp_pa
     assert run.main(argv) == 130
     err = capsys.readouterr().err
     assert "nothing to resume; rerun: python -m training.run --preset tiny" in err and "--resume" not in err
+
+
+def test_the_loops_pull_is_kept_only_where_it_cuts_the_error_of_windows_it_was_not_fitted_on() -> None:
+    """calibration.loop_pull: per lead time, least squares of the truth minus the served forecast on the last
+    value minus the plan held's forecast, where the loop decides; kept per 2-h block of lead times where each
+    half's fit cuts the other half's error there. A block whose truth moves away from the last value (the fit
+    clips the pull to 0) and a loop closed in one half only are never kept."""
+    rng = np.random.default_rng(0)
+    n, H, block = 40, 2 * calibration.LOOP_BLOCK, calibration.LOOP_BLOCK
+    served, last = rng.normal(size=(n, H, 2)), rng.normal(size=(n, H, 2))
+    held = served + 0.1 * rng.normal(size=(n, H, 2))  # the plan held is not the plan
+    truth = served + 0.6 * (last - held) + 0.01 * rng.normal(size=(n, H, 2))
+    truth[:, block:, 0] = served[:, block:, 0] - 0.5 * (last - held)[:, block:, 0]  # away from the last value
+    first = np.arange(n) < n // 2
+    closed = np.stack([np.ones(n, bool), first], 1)  # the second loop decides in the first half only
+    table, fits = calibration.loop_pull_table(served, held, last, truth, closed, first)
+    assert np.allclose(table[:block, 0], 0.6, atol=0.02) and np.all(table[block:, 0] == 0)
+    assert fits[0]["kept_steps"] == list(range(1, block + 1)) and min(fits[0]["held_out_cut"]) > 0.5
+    assert np.all(table[:, 1] == 0) and fits[1] == {"kept_steps": [], "held_out_cut": []}
+
+
+def test_a_version_without_the_loops_feedback_takes_no_loop_pull(store_copy, capsys) -> None:
+    """``python -m training.loop_pull`` refuses, by name, a version whose loops do not drive its plant, a new
+    name the store holds already, and an invalid one; the store is left as it was."""
+    from training.loop_pull import main as loop_pull
+
+    store, version = store_copy
+    before = sorted(p.name for p in store.iterdir())
+    assert loop_pull(["--store", str(store), "--version", version, "--as", "v2"]) == 2
+    assert "no loops' feedback" in capsys.readouterr().err
+    assert loop_pull(["--store", str(store), "--version", version, "--as", version]) == 2
+    assert "holds that version already" in capsys.readouterr().err
+    assert loop_pull(["--store", str(store), "--version", version, "--as", "../out"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert sorted(p.name for p in store.iterdir()) == before

@@ -303,6 +303,72 @@ def fit_naive_blends(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[s
     return steps | ({"c_refitted_steps": [int(k) + 1 for k in np.flatnonzero(with_c)]} if adaptive else {})
 
 
+def least_pull(B: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """(H,) per lead time, the weight q in [0, 1] of least squares T ~ q B over the windows (axis 0)."""
+    return np.clip((B * T).sum(0) / np.maximum((B * B).sum(0), 1e-12), 0.0, 1.0)
+
+
+LOOP_BLOCK = 8  # lead times decided together by the loops' pull (2 h at 15 min), as the gap pull's blocks
+
+
+def loop_pull_table(
+    served: np.ndarray, held: np.ndarray, last: np.ndarray, truth: np.ndarray, closed: np.ndarray, first: np.ndarray
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The pull (H, loops) of each loop's served forecast (N, H, loops) towards its last value, read from the
+    plan held's forecast ``held``: least squares of truth - served on last - held per lead time, over the windows
+    where the loop decides (``closed``, (N, loops)). Kept per block of LOOP_BLOCK lead times where, fitted on
+    either half of the windows (``first`` or not), it cuts the other half's squared error over the block, both
+    ways: decided per lead time, it was kept at scattered steps for cuts of a few thousandths. Per loop: the lead
+    steps kept and each half's held-out cut over them (none where nothing is kept: a card holds no null there)."""
+    H = truth.shape[1]
+    starts = np.arange(0, H, LOOP_BLOCK)
+    table, fits = np.zeros(truth.shape[1:]), []
+    halves = ((first, ~first), (~first, first))  # (fitted on, checked on)
+    for j in range(truth.shape[-1]):
+        B, T = last[..., j] - held[..., j], truth[..., j] - served[..., j]
+        ok = closed[:, j, None] & np.isfinite(B) & np.isfinite(T)  # (N, H): the loop decides, the truth measured
+        B, T = np.where(ok, B, 0.0), np.where(ok, T, 0.0)
+        without = [(T[c] ** 2).sum(0) for _, c in halves]
+        pulled = [((T[c] - least_pull(B[f], T[f]) * B[c]) ** 2).sum(0) for f, c in halves]
+        both = np.add.reduceat((ok[first].any(0) & ok[~first].any(0)).astype(int), starts) > 0
+        cuts = [np.add.reduceat(w, starts) < np.add.reduceat(w0, starts) for w, w0 in zip(pulled, without, strict=True)]
+        keep = np.repeat(both & cuts[0] & cuts[1], LOOP_BLOCK)[:H]
+        table[:, j] = np.round(least_pull(B, T) * keep, 4)  # as the card keeps it: graph and card agree
+        cut = (
+            [float(1 - w[keep].sum() / w0[keep].sum()) for w, w0 in zip(pulled, without, strict=True)]
+            if keep.any()
+            else []
+        )
+        fits.append(
+            {"kept_steps": [int(k) + 1 for k in np.flatnonzero(keep)], "held_out_cut": [round(c, 4) for c in cut]}
+        )
+    return table, fits
+
+
+def fit_loop_pull(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[str, Any]:
+    """The answer's pull of each looped control's forecast towards its last value (``KoVAE.loop_pull``), per lead
+    time and loop, fitted on validation windows in the honest request (``loop_pull_table``); writes it into the
+    model (and so the graph). The loops' own blends drive the rollout and are not refitted (``calibrated_columns``);
+    this pull is the answer's alone.
+
+    Its halves are the validation scenarios' (alternate ones), not alternate windows, whose days overlap.
+    """
+    model.loop_pull = None
+    if not (model.feedback and model.cfg.blend_held_plan):  # without the plan held the answer takes no pull
+        return {"table": None}
+    w, n = p.val, p.n_targets
+    served = predict(model, p, w, 0, calib)[0][..., n:].astype(np.float64)
+    held = predict(model, p, w, 0, calib, held=True)[0][..., n:].astype(np.float64)
+    last, truth = (a[..., n:].astype(np.float64) for a in (ev.persistence(w), w.x_fut))
+    first = np.isin(w.scenario, sorted(set(w.scenario.tolist()))[::2])
+    table, fits = loop_pull_table(served, held, last, truth, p.closed_loops(w), first)
+    loops = dict(zip(p.output_names[n:], fits, strict=True))
+    if not table.any():
+        return {"table": None, "loops": loops}
+    model.loop_pull = torch.from_numpy(table).float()
+    return {"table": table.tolist(), "loops": loops}
+
+
 WIDTH_GAMMAS = tuple(round(0.05 * i, 2) for i in range(21))  # log-width per z-score of the width's driver
 
 
@@ -394,6 +460,7 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
     faded = {"residual_decay": decay.tolist()}
     blends = fit_naive_blends(model, p, faded)
     gaps = fit_gap_pull(model, p, lambda w_, held: predict(model, p, w_, 0, faded, held=held)[0])
+    loops = fit_loop_pull(model, p, faded)
     lo, hi = p.output_bounds()
     bounds = {"lo": ((lo - p.x_mean) / p.x_std).tolist(), "hi": ((hi - p.x_mean) / p.x_std).tolist()}
     base = {"residual_decay": decay.tolist(), "band_bounds": bounds}
@@ -482,6 +549,9 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
         # A down sensor's pull towards its last value, (lead time from it, output) (KoVAE.gap_pull); None: none.
         "gap_pull": gaps.pop("table"),
         "gap_pull_fit": gaps,
+        # The answer's pull of each looped control towards its last value, (lead time, loop) (KoVAE.loop_pull).
+        "loop_pull": loops.pop("table"),
+        "loop_pull_fit": loops,
         "residual_decay": decay.tolist(),
         "spread_scale": spread.tolist(),
         "width": width,

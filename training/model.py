@@ -478,6 +478,10 @@ class KoVAE(nn.Module):
         # from the card's calibration.gap_pull (training.gaps.fit_gap_pull; none: no such term).
         self.gap_pull: torch.Tensor | None
         self.register_buffer("gap_pull", None, persistent=False)
+        # The answer's pull of each looped control's forecast towards its last value, per lead time and loop: not
+        # learned, set from the card's calibration.loop_pull (training.calibrate.fit_loop_pull; none: no such term).
+        self.loop_pull: torch.Tensor | None
+        self.register_buffer("loop_pull", None, persistent=False)
 
     def decode(
         self, z: torch.Tensor, u: torch.Tensor, *, complete: bool = False, hz: torch.Tensor | None = None
@@ -816,7 +820,7 @@ class KoVAE(nn.Module):
         z, used = torch.stack(z_steps, 1), torch.stack(used_steps, 1)  # (b + N, H, .)
         decoded = self.decode_plan(z, used, hz=None if hz_steps is None else torch.stack(hz_steps, 1))
         nb = x_hist.shape[0]
-        return decoded[nb:], self.shift(x_hist, decoded[:nb], corr), z[nb:]
+        return decoded[nb:], self.shift(x_hist, decoded[:nb], corr, held), z[nb:]
 
     def forecast(
         self,
@@ -863,22 +867,49 @@ class KoVAE(nn.Module):
             decoded = self.decode_plan(*self.rollout(_twice(mu[:, -1]), plans))
         return decoded[:b] - decoded[b:]
 
-    def shift(self, x_hist: torch.Tensor, decoded_held: torch.Tensor, corr: torch.Tensor) -> torch.Tensor:
+    def shift(
+        self, x_hist: torch.Tensor, decoded_held: torch.Tensor, corr: torch.Tensor, held: torch.Tensor
+    ) -> torch.Tensor:
         """(batch, H, x) what the served forecast adds to every plan's decoded rollout: the decoder's fading miss
         ``corr`` (``correction``), plus what the naive blends (``seasonal``) add to the forecast under the plan
-        held, ``decoded_held`` (batch, H, x). The blends then move every plan's forecast alike, and a plan's effect
-        passes whole."""
-        held = decoded_held + corr
-        return corr + self.seasonal(x_hist, held) - held
+        held, ``decoded_held`` (batch, H, x), driven by ``held`` (batch, H, n_u). The blends then move every
+        plan's forecast alike, and a plan's effect passes whole. Under model.loop_feedback the looped controls
+        take the loops' pull instead (``loop_shift``): their blends' share drove the rollout already."""
+        decoded = decoded_held + corr
+        shift = corr + self.seasonal(x_hist, decoded) - decoded
+        if not self.feedback:
+            return shift
+        nl = len(self.plan.looped)
+        return torch.cat([shift[..., : self.x_dim - nl], self.loop_shift(x_hist, decoded_held, held)], -1)
+
+    def loop_shift(self, x_hist: torch.Tensor, decoded_held: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+        """(batch, H, n_looped) the answer's pull of each control its loop decides towards its last value:
+        ``loop_pull`` (lead time, loop) times the last value minus the plan held's forecast of it, at the steps
+        the plan held (``held``, (batch, H, n_u)) leaves to the loop; zeros without a pull. The answer alone takes
+        it: the rollout was driven by the loop's own forecast (``rollout_with_held``), whose blends training
+        learned for what they do to the plant. Read from the plan held, it moves every plan alike."""
+        nc, nl, horizon = self.plan.controls, len(self.plan.looped), decoded_held.shape[-2]
+        forecast = decoded_held[..., self.x_dim - nl :]
+        if self.loop_pull is None:
+            return torch.zeros_like(forecast)
+        last = last_measured(x_hist)[:, None, self.x_dim - nl :]  # (batch, 1, n_looped)
+        seen = ~torch.isnan(last)
+        rows = torch.arange(horizon).clamp(max=self.loop_pull.shape[0] - 1)
+        decides = 1 - held[:, :horizon, nc : nc + nl]  # a control the plan gives is answered as given
+        return self.loop_pull[rows] * decides * seen * (torch.where(seen, last, 0.0) - forecast)
 
     def shifted(self, decoded: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """The served forecast, (batch, [samples,] H, x): the decoded rollouts plus the ``shift`` (batch, H, x).
-        Under model.loop_feedback a looped control's forecast is the value that drove the rollout, which holds its
-        share of the shift already (``rollout_with_held``) and stays within the loop's limits."""
-        if self.feedback:
-            nl = len(self.plan.looped)
-            shift = torch.cat([shift[..., : self.x_dim - nl], torch.zeros_like(shift[..., self.x_dim - nl :])], -1)
-        return decoded + (shift.unsqueeze(1) if decoded.dim() == 4 else shift)
+        Under model.loop_feedback a looped control's forecast is the value that drove the rollout, which holds the
+        blends' share already (``rollout_with_held``), plus the answer's pull (``loop_shift``), within the loop's
+        limits."""
+        shift = shift.unsqueeze(1) if decoded.dim() == 4 else shift
+        out = decoded + shift
+        if not self.feedback or self.loop_pull is None:  # no pull: the looped columns' shift is 0, as they were
+            return out
+        nl = len(self.plan.looped)
+        looped, pulled = out[..., self.x_dim - nl :], shift[..., self.x_dim - nl :] != 0  # a given control: as given
+        return torch.cat([out[..., : self.x_dim - nl], torch.where(pulled, self.within_limits(looped), looped)], -1)
 
     def blended_alone(
         self,

@@ -275,10 +275,14 @@ def promote_if_better(
         )
         return 2
     if never or passed or force:
-        add_version(store, candidate)
+        try:
+            add_version(store, candidate)
+        except CardError as exc:  # a card the service would refuse (modelcard.validate): kept out of the store
+            print(f"not stored: {exc}. The version is in {candidate}", file=sys.stderr)
+            return 2
         shutil.rmtree(candidate)
     if never:
-        print(f"stored {version} in {store}, not promoted (--no-promote; gate: {why})", file=sys.stderr)
+        print(f"stored {version} in {store}, not promoted, as asked (gate: {why})", file=sys.stderr)
     elif passed or force:
         set_current(store, version)
         print(f"stored {version} in {store} and promoted it ({'forced; ' if force else ''}{why})", file=sys.stderr)

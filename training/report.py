@@ -183,10 +183,20 @@ def loop_lines(metrics: dict[str, Any], step_minutes: int, *, markdown: bool = F
 
     rows = [[name, str(r["windows"])] + [cell(r, s) for s in steps] for name, r in loops.items()]
     title = "What the loops will apply, forecast where the request left it to them:"
+    pulled = metrics.get("calibration", {}).get("loop_pull_fit", {}).get("loops", {})
+    said = [f"{c} at {n} lead time{'s' * (n > 1)}" for c, f in pulled.items() if (n := len(f["kept_steps"]))]
+    pull = (
+        [
+            "The answer's pull towards each loop's last value (calibration.loop_pull), kept where it cut the loop's "
+            f"error on held-out validation scenarios: {', '.join(said) or 'none'}."
+        ]
+        if pulled
+        else []
+    )
     if markdown:
         table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
-        return ["", title, "", *table]
-    return ["", title, *("  ".join(r) for r in rows)]
+        return ["", title, "", *table] + (["", *pull] if pull else [])
+    return ["", title, *("  ".join(r) for r in rows), *pull]
 
 
 def width_lines(calib: dict[str, Any]) -> list[str]:
