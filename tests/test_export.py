@@ -455,6 +455,28 @@ def test_the_answer_pulls_a_loops_forecast_to_its_last_value_alike_for_every_pla
     assert E.plans_parity(graph, plans, 10) < 1e-4
 
 
+def test_a_samples_loop_answers_the_disturbance_of_its_own_step_and_the_mean_stays() -> None:
+    """The loops decide each step's control from the state the step starts from; a sample's loop also sees its
+    step's disturbance (its noise). Decided from the state alone, every sample ran the first step's control
+    alike and the loops' 15-min band had no width. The mean forecast, which has no noise, is as it was."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, seasonal_steps=6, loop_feedback=True)
+    model = KoVAE(4, 6, cfg, PlanLayout(2, looped=(1,), setpoints=1, fast=(0, 3), limits=((-3.0, 3.0),))).eval()
+    with torch.no_grad():
+        model.koopman.log_noise.fill_(0.0)  # noise of one latent unit a step
+    x, u, uf, noise = E._example(1, 10, 12, 30, (4, 6, 8), seed=4)
+    u[..., 2], u[..., 4] = 1.0, 1.0  # the history: the control applied, the setpoint logged
+    uf[..., 1:3], uf[..., 4] = 0.0, 1.0  # the plan: the loop decides, the setpoint sent
+    calib = {"spread_scale": [1.0] * 4, "residual_decay": [0.9] * 4}
+    graph = E.ForecastGraph(model, 12, calib)
+    with torch.no_grad():
+        mean, samples = graph(x, u, uf, noise)
+        alone = graph(x, u, uf, noise[:, :0])[0]  # no samples asked for
+    assert torch.allclose(mean, alone, atol=1e-5)  # the same to float rounding (other batch sizes)
+    assert samples[0, :, 0, 3].std() > 1e-3  # the loop's first step differs between samples
+    assert E.parity(graph, E.to_onnx_bytes(graph, 10, {}), 10) < 1e-4
+
+
 @pytest.mark.parametrize("layers", [0, 1, 2])
 def test_the_loops_forecast_is_the_decoders_for_any_depth(layers: int) -> None:
     """``decode_looped`` (what each step's loops ask for, from z's first-layer product) is the decoder's own

@@ -694,7 +694,7 @@ class KoVAE(nn.Module):
             return torch.stack(out, 1), u_fut
         used = []
         for k in range(u_fut.shape[1]):
-            u = self.loop_inputs(z, u_fut[:, k])
+            u = self.loop_inputs(z if shock is None else z + shock[:, k], u_fut[:, k])  # a sample: its step's shock too
             z = z @ A.T + u @ B.T + self.koopman.c
             z = z if shock is None else z + shock[:, k]
             out.append(z)
@@ -743,9 +743,11 @@ class KoVAE(nn.Module):
         nb = z0.shape[0]
         u = torch.cat([held, plans]).transpose(0, 1)  # (H, b + N, n_u)
         drive = u @ B.T + self.koopman.c
+        jolts = None  # per step, each row's own disturbance over the step (0: the plan held, a mean forecast)
         if noise is not None:
             shock = (noise * self.koopman.log_noise.exp()).transpose(0, 1)
             drive = torch.cat([drive[:, :nb], drive[:, nb:] + shock], 1)
+            jolts = torch.cat([torch.zeros_like(drive[:, :nb]), shock], 1).unbind(0)
         z, states = torch.cat([z0, spread(z0)]), []
         drives, inputs = drive.unbind(0), u.unbind(0)  # per step (an index per step would cost a full-size
         # gradient buffer per step in the backward pass; unbind's is one stack)
@@ -761,8 +763,12 @@ class KoVAE(nn.Module):
         gains, bases = (scale - 1).unbind(1), base.unbind(1)
         to_z = self.loop_place @ B.T  # (n_looped, z): a looped control's column of B
         hz, fed_steps, firsts = self.first_layer(z), [], []
+        w_z = self.decoder[0].weight[:, : z.shape[-1]]
         for k, d in enumerate(drives):
-            need = self.decode_looped(z, inputs[k], hz)
+            # A sample's loop answers the disturbance of its own step: the need of the state plus the step's shock
+            # (first_layer is affine, so its share is the shock's product alone). Decided from the state alone, every
+            # sample ran the first step's control alike, and the loops' 15-min band had no width.
+            need = self.decode_looped(z, inputs[k], hz if jolts is None else hz + F.linear(jolts[k], w_z))
             offset = gains[k] * need[:nb] + bases[k]  # the plan held's: served minus decoded
             fed = self.within_limits(need + torch.cat([offset, spread(offset)])) * opens[k]
             z = z @ A.T + d + fed @ to_z
