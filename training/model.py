@@ -37,7 +37,9 @@ against: x[t+k] <- x[t+k] + s[k, v] (x[t+k-P] - x[t+k]) (the same time one day e
 ``model.seasonal_steps``), then + q[k, v] (x[t] - x[t+k]) (the last measured value), s and q = sigmoid(.) in
 (0, 1) learned. Where the plant repeats its day (the influent's daily cycle) the forecast leans on yesterday;
 where a variable moves in ways the latent state does not explain (the blanket's jumps), on its last value. Both
-read the history only, so stability is untouched.
+read the history only, so stability is untouched. A control its loop decides is answered with one more pull
+towards its last value (``loop_shift``, set by calibration), for the answer only: the rollout stays driven by the
+loop's own forecast.
 
 The training objective is the multi-step forecast error of exactly that forecast, each horizon step weighted by
 the inverse of persistence's error there (to a power, ``train.step_weight_power``): without it the first steps,
