@@ -896,14 +896,14 @@ class KoVAE(nn.Module):
         the plan held (``held``, (batch, H, n_u)) leaves to the loop; zeros without a pull. The answer alone takes
         it: the rollout was driven by the loop's own forecast (``rollout_with_held``), whose blends training
         learned for what they do to the plant. Read from the plan held, it moves every plan alike."""
-        nc, nl, horizon = self.plan.controls, len(self.plan.looped), decoded_held.shape[-2]
+        nc, nl = self.plan.controls, len(self.plan.looped)
         forecast = decoded_held[..., self.x_dim - nl :]
         if self.loop_pull is None:
             return torch.zeros_like(forecast)
         last = last_measured(x_hist)[:, None, self.x_dim - nl :]  # (batch, 1, n_looped)
         seen = ~torch.isnan(last)
-        rows = torch.arange(horizon).clamp(max=self.loop_pull.shape[0] - 1)
-        decides = 1 - held[:, :horizon, nc : nc + nl]  # a control the plan gives is answered as given
+        rows = torch.arange(forecast.shape[-2]).clamp(max=self.loop_pull.shape[0] - 1)
+        decides = 1 - held[..., nc : nc + nl]  # a control the plan gives is answered as given
         return self.loop_pull[rows] * decides * seen * (torch.where(seen, last, 0.0) - forecast)
 
     def shifted(self, decoded: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
