@@ -61,9 +61,9 @@ def requested(rt: ModelRuntime, w: Windows, request: str, held: dict[str, tuple[
 
 
 def score(rt: ModelRuntime, w: Windows, told: dict[str, np.ndarray], x_std: np.ndarray, top5: list[int], samples: int):
-    """Headline figures, coverage, relative RMSE by horizon, and the forecasts (mean of every output, and the
-    band of the samples of the measurements) for a set of windows told ``told``; a few windows at a time, so the
-    samples never fill memory."""
+    """Headline figures, coverage, relative RMSE by horizon, and the forecasts (mean of every output, the band of
+    the samples of the measurements, and that of the looped controls' forecasts) for a set of windows told
+    ``told``; a few windows at a time, so the samples never fill memory."""
     rng, step, n = np.random.default_rng(0), max(1, 4096 // max(samples, 1)), len(rt.measurements)
     parts = []
     for i in range(0, len(w.x_hist), step):
@@ -71,7 +71,8 @@ def score(rt: ModelRuntime, w: Windows, told: dict[str, np.ndarray], x_std: np.n
         given = {k: v[c] for k, v in told.items() if k != "u_fut"}
         parts.append(rt.predict(w.x_hist[c], w.u_hist[c], told["u_fut"][c], w.t_last[c], samples, rng, **given))
     mean = np.concatenate([f.mean for f in parts])
-    band = np.concatenate([ev.sample_band(f.samples[..., :n]) for f in parts]) if samples else None
+    bands = np.concatenate([ev.sample_band(f.samples) for f in parts]) if samples else None
+    band, loop_band = (None, None) if bands is None else (bands[..., :n], bands[..., n:])
     table = ev.error_table(mean[..., :n], w.x_fut)
     ref = ev.error_table(ev.persistence(w), w.x_fut)
     return {
@@ -81,6 +82,7 @@ def score(rt: ModelRuntime, w: Windows, told: dict[str, np.ndarray], x_std: np.n
         "windows": len(w.x_hist),
         "mean": mean,
         "band": band,
+        "loop_band": loop_band,
     }
 
 
@@ -271,6 +273,8 @@ def main() -> None:
         day = 1440 // card["sample_minutes"]
         for j, c in enumerate(rt.looped):
             k = closed[:, c]
+            if not k.any():  # no held-out window leaves it to its loop: nothing to score
+                continue
             fc, truth = overall["mean"][k][..., n + j], everything.u_fut[k][..., c]
             last = everything.u_hist[k][:, -1:, c]
             steps = [s for s in (1, 20, 96) if s <= fc.shape[1]]
@@ -286,6 +290,15 @@ def main() -> None:
                 what = f"{rt.controls[c]} (left to its loop) at {s * steps_h:g} h: RMSE / better naive's <= 1"
                 checks.append((what, err[0] / max(min(err[1:]), 1e-12), err[0] <= min(err[1:])))
             print(f"  {rt.controls[c]:<8} [{catalog.controls[c].unit}] {int(k.sum())} windows: " + "; ".join(cells_))
+            if overall["loop_band"] is not None:
+                # Its quantiles are answered as the measurements' are: the same coverage target holds.
+                band_c = overall["loop_band"][k][..., j : j + 1]
+                covered = [ev.interval_coverage(band_c[:, :, s - 1 : s], truth[:, s - 1 : s, None]) for s in steps]
+                cover = ev.interval_coverage(band_c, truth[..., None])
+                at = ", ".join(f"{s * steps_h:g} h {100 * v:.1f}%" for s, v in zip(steps, covered, strict=True))
+                print(f"  {'':<8} 80% band coverage: every lead time {100 * cover:.1f}% ({at})")
+                what = f"{rt.controls[c]} (left to its loop): 80% coverage in 75-85%"
+                checks.append((what, cover, TARGET_COVERAGE[0] <= cover <= TARGET_COVERAGE[1]))
     for cell in dict.fromkeys(cells.tolist()):
         if not cell.endswith("/constant_setpoints"):
             continue

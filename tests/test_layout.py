@@ -114,7 +114,7 @@ def test_no_import_cycle_anywhere() -> None:
 
 
 EXPORT_READS = {"training.model", "training.config"}  # what a graph is built from
-EXPORT_CALLED_BY = {"training.run", "training.publish", "training.loop_pull"}  # what writes a version
+EXPORT_CALLED_BY = {"training.run", "training.publish", "training.recalibrate"}  # what writes a version
 
 
 def test_export_sits_between_trainings_model_and_its_pipeline() -> None:

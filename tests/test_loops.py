@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modelcard.card import CALENDAR_CLOCK
 from modelcard.runtime import ModelRuntime
 from modelcard.store import current_version, set_current
 from service.decode import decode
@@ -204,7 +205,12 @@ def test_a_model_without_loops_takes_every_controls_plan_as_before(serve, tmp_pa
     rt = ModelRuntime(Path(store) / current_version(store))
     assert rt.loops == [] and rt.outputs == rt.measurements
     server = serve(store)
-    assert "closed_loops" not in server.client.get("/model").json()
+    described = server.client.get("/model").json()
+    assert "closed_loops" not in described
+    # Its card says API 1.8's clock ("each timestamp's own UTC offset"); GET /model says the rule the service
+    # follows (modelcard.card.CALENDAR_CLOCK: the plant's zone), as it reads every card's calendar.
+    assert "own UTC offset" in rt.card["variables"]["calendar"]["clock"]
+    assert described["variables"]["calendar"]["clock"] == CALENDAR_CLOCK
     body = closed_loop_body(rt)
     assert errors(post(server, body)) == {"series[0].future_controls.KLa_5": "missing"}
     s = body["series"][0]

@@ -403,6 +403,7 @@ def test_accuracy_bench_reproduces_the_stored_metrics_through_onnx(trained_store
         [loop["rmse"]["1"], loop["persistence_rmse"]["1"]], rel=2e-3
     )
     assert loop["yesterday_rmse"]["1"] > 0
+    assert re.search(r"80% band coverage: every lead time [\d.]+%", out) and 0 < loop["coverage_80"] <= 1
     assert "met  " in out or "NOT MET" in out
 
 
@@ -1127,17 +1128,79 @@ def test_the_loops_pull_is_kept_only_where_it_cuts_the_error_of_windows_it_was_n
     assert np.all(table[:, 1] == 0) and fits[1] == {"kept_steps": [], "held_out_cut": []}
 
 
-def test_a_version_without_the_loops_feedback_takes_no_loop_pull(store_copy, capsys) -> None:
-    """``python -m training.loop_pull`` refuses, by name, a version whose loops do not drive its plant, a new
-    name the store holds already, and an invalid one; the store is left as it was."""
-    from training.loop_pull import main as loop_pull
+def test_no_interval_width_ratio_is_fitted_on_outputs_the_request_gives(trained_store) -> None:
+    """A looped control's output where the request gives the control is the plan, not a forecast: fitted on it
+    (a band of no width that its float32 round trip puts beside the truth), the loops' ratio of the interval
+    width ran to the bisection's end, 2^10, for every way of telling, and the loops' band over an influent
+    forecast was 2.6 times wider than without one. Where a way of telling always gives the loops' controls
+    (them given, or no setpoints sent: open loop) their ratio is 1; where it leaves them to their loops (an
+    influent forecast sent) it is fitted on their forecasts, inside the bisection's range."""
+    from modelcard.card import read_card
+
+    store, version = trained_store
+    card = read_card(store / version)
+    width, loops = card["calibration"]["width"], len(card["variables"]["loops"])
+    ratio = {k["input"]: k["ratio"][-loops:] for k in width["known"]}
+    assert loops and {"looped controls given", "no setpoints", "disturbance forecast"} <= set(ratio)
+    assert ratio["looped controls given"] == ratio["no setpoints"] == [1.0] * loops
+    assert all(2**-5.9 < r < 2**9.9 for r in ratio["disturbance forecast"]), ratio
+
+
+def test_recalibrate_refuses_a_pull_without_loops_a_taken_name_a_bad_one_and_no_log(store_copy, capsys) -> None:
+    """``python -m training.recalibrate`` refuses, by name, the loops' pull for a version whose loops do not
+    drive its plant, a new name the store holds already, an invalid one, and a version without the training log
+    its report needs; the store is left as it was."""
+    from training.recalibrate import main as recalibrate
 
     store, version = store_copy
     before = sorted(p.name for p in store.iterdir())
-    assert loop_pull(["--store", str(store), "--version", version, "--as", "v2"]) == 2
-    assert "no loops' feedback" in capsys.readouterr().err
-    assert loop_pull(["--store", str(store), "--version", version, "--as", version]) == 2
+    given = ["--store", str(store), "--version", version, "--refit"]
+    assert recalibrate([*given, "width", "loop_pull", "--as", "v2"]) == 2
+    assert "--refit loop_pull" in (err := capsys.readouterr().err) and "no loops' feedback" in err
+    assert recalibrate([*given, "width", "--as", version]) == 2
     assert "holds that version already" in capsys.readouterr().err
-    assert loop_pull(["--store", str(store), "--version", version, "--as", "../out"]) == 2
+    assert recalibrate([*given, "width", "--as", "../out"]) == 2
     assert "error:" in capsys.readouterr().err
-    assert sorted(p.name for p in store.iterdir()) == before
+    bare = clone_version(store, version, "v1-bare")  # a version without its training log: refused before the work
+    (store / bare / "metrics.json").unlink()
+    assert recalibrate(["--store", str(store), "--version", bare, "--refit", "width", "--as", "v3"]) == 2
+    assert "metrics.json" in capsys.readouterr().err
+    assert sorted(p.name for p in store.iterdir()) == sorted([*before, bare])
+
+
+def test_recalibrating_the_width_refits_it_and_keeps_every_other_term_and_the_forecast(
+    store_copy, tiny_cfg, tmp_path: Path
+) -> None:
+    """``--refit width`` on a version whose width went stale (here its spread times 4, as after a change in how
+    the samples are drawn) stores a new, unserved version that carries the width fitted afresh (the one training
+    fitted), every other calibrated term of its source, the source's mean forecasts through ONNX Runtime, and
+    held-out metrics computed again with the width it carries (the coverage training measured)."""
+    from modelcard.card import read_card, write_card
+    from modelcard.runtime import ModelRuntime
+    from training.recalibrate import main as recalibrate
+
+    store, version = store_copy
+    fitted = read_card(store / version)
+    stale = clone_version(store, version, "v1-stale")
+    card = read_card(store / stale, verify=False)
+    card["calibration"]["spread_scale"] = [4 * s for s in card["calibration"]["spread_scale"]]
+    write_card(store / stale, card)
+    given = ["--store", str(store), "--run-dir", str(tmp_path / "run"), "--version", stale, "--as", "v1-width"]
+    assert recalibrate([*given, "--refit", "width"]) == 0
+    assert current_version(store) == version and (store / "v1-width" / "gate.json").is_file()
+    new = read_card(store / "v1-width")
+    assert new["calibration"] == fitted["calibration"]
+    for name in ("weights.pt", "config.json", "log.csv"):  # the run's own, carried over
+        assert (store / "v1-width" / name).read_bytes() == (store / version / name).read_bytes(), name
+    assert {"loss.png", "error_vs_horizon.png", "forecast_examples.png"} <= {
+        f.name for f in (store / "v1-width").iterdir()
+    }
+    assert new["metrics"]["coverage_80_test"] == fitted["metrics"]["coverage_80_test"]
+    metrics = json.loads((store / "v1-width" / "metrics.json").read_text())
+    assert metrics["recalibrated"] == {"from": stale, "refit": ["width"]}
+    p = preparation.prepare(tiny_cfg)
+    w = p.test
+    u_fut, s_hist, s_fut = p.request(w, "honest")
+    args = (w.x_hist[..., : p.n_targets], w.u_hist, u_fut, w.t_last)
+    old, now = (ModelRuntime(store / v).predict(*args, s_hist=s_hist, s_fut=s_fut).mean for v in (version, "v1-width"))
+    assert np.max(np.abs(old - now) / p.x_std[: old.shape[-1]]) < 1e-5

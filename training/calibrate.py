@@ -375,7 +375,7 @@ WIDTH_GAMMAS = tuple(round(0.05 * i, 2) for i in range(21))  # log-width per z-s
 def fit_spread(mean: np.ndarray, dev: np.ndarray, truth: np.ndarray, factor: np.ndarray) -> np.ndarray:
     """Per variable, the factor on the sample band's deviations from the mean (dev, (N, 2, H, x), each window's
     already times ``factor``, (N,) or per variable (N, x)) under which the band covers 80% of the truth:
-    bisection on a log scale.
+    bisection on a log scale. A variable with no truth here (NaN: not forecast in these windows) keeps 1.
 
     A positive factor on every sample's deviation from the mean scales the band's deviation the same way, so the
     band of the unscaled samples is all the fit needs."""
@@ -384,6 +384,8 @@ def fit_spread(mean: np.ndarray, dev: np.ndarray, truth: np.ndarray, factor: np.
     scaled = dev * factor[:, None, None, :]
     for j in range(mean.shape[-1]):
         m, d, t = mean[:, None, :, j : j + 1], scaled[..., j : j + 1], truth[..., j : j + 1]
+        if not np.isfinite(t).any():
+            continue
         lo, hi = -6.0, 10.0  # log2 of the factor
         for _ in range(24):
             mid = (lo + hi) / 2
@@ -441,8 +443,39 @@ def width_factors(width: dict[str, Any], spread: np.ndarray, p: Prepared, w: Win
 
 
 def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
-    """The residual fading (``fit_residual_decay``) and the naive blends (``fit_naive_blends``) refitted on
-    validation, then the interval width (``IntervalWidth``) fitted on validation.
+    """Fitted on validation after training: the residual fading (``fit_residual_decay``), the naive blends
+    refitted (``fit_naive_blends``), a down sensor's pull (``fit_gap_pull``) and the loops' answer pull
+    (``fit_loop_pull``); then the interval width (``fit_interval_width``) with all of them in place."""
+    decay = fit_residual_decay(model, p)
+    faded = {"residual_decay": decay.tolist()}
+    blends = fit_naive_blends(model, p, faded)
+    gaps = fit_gap_pull(model, p, lambda w_, held: predict(model, p, w_, 0, faded, held=held)[0])
+    loops = fit_loop_pull(model, p, faded)
+    return {
+        "method": "per-variable fading of the decoder's miss at the last step (chosen on validation); the blends "
+        "towards the naive forecasts refitted on validation at the lead times where that helps on held-out "
+        "validation windows; then the interval width: per-variable scaling of sample deviations from the mean, "
+        "widened with the driver's highest level over the history and scaled per way of telling the model its "
+        "inputs (looped controls given or left to their loops, setpoints sent or not, an influent forecast), "
+        "each fitted on validation as requested, and one ratio for a plan that moved over the history's last day "
+        "and one for a plan that stood still",
+        "naive_blend": blends,
+        # A down sensor's pull towards its last value, (lead time from it, output) (KoVAE.gap_pull); None: none.
+        "gap_pull": gaps.pop("table"),
+        "gap_pull_fit": gaps,
+        # The answer's pull of each looped control towards its last value, (lead time, loop) (KoVAE.loop_pull).
+        "loop_pull": loops.pop("table"),
+        "loop_pull_fit": loops,
+        "residual_decay": decay.tolist(),
+        **fit_interval_width(model, p, decay, cfg.train.calibration_samples),
+    }
+
+
+def fit_interval_width(model: KoVAE, p: Prepared, decay: np.ndarray, n: int) -> dict[str, Any]:
+    """The interval width (``IntervalWidth``) of ``n`` samples, fitted on validation with the model's other
+    calibrated terms in place (``decay``, the residual fading; the rest the model holds), and its validation
+    coverage: the card's ``spread_scale``, ``width``, ``band_bounds``, ``samples``, ``val_coverage_80`` and
+    ``val_coverage_by_regime``.
 
     The prior noise gives the shape of the forecast distribution; its width, after the decoder, is not
     trustworthy. So each variable's sample deviations from the mean are scaled until the 80% sample interval
@@ -456,15 +489,9 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
     """
     w = p.val
     groups = np.array([f"{p.groups.get(s, 'all')}/{p.policies.get(s, '-')}" for s in w.scenario])
-    decay = fit_residual_decay(model, p)
-    faded = {"residual_decay": decay.tolist()}
-    blends = fit_naive_blends(model, p, faded)
-    gaps = fit_gap_pull(model, p, lambda w_, held: predict(model, p, w_, 0, faded, held=held)[0])
-    loops = fit_loop_pull(model, p, faded)
     lo, hi = p.output_bounds()
     bounds = {"lo": ((lo - p.x_mean) / p.x_std).tolist(), "hi": ((hi - p.x_mean) / p.x_std).tolist()}
     base = {"residual_decay": decay.tolist(), "band_bounds": bounds}
-    n = cfg.train.calibration_samples
     runs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
     def to_band(v: np.ndarray) -> np.ndarray:
@@ -483,14 +510,29 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
             runs[request, forecast] = to_band(mean_), to_band(band_ if band_ is not None else mean_[:, None])
         return runs[request, forecast]
 
-    truth = to_band(w.x_fut)  # coverage is the same there: the map is increasing
+    in_band_space = to_band(w.x_fut)  # coverage is the same there: the map is increasing
+    loops_closed = p.closed_loops(w)
+
+    def forecast_truth(request: str) -> np.ndarray:
+        """The truth of what ``request`` has the model forecast: a looped control's output where the request
+        gives the control (its loop open, or the applied diagnostic) is the given plan, a band of no width
+        that is no forecast; counted, its float32 round trip missed the truth, and the width of that loop's
+        band was driven to the bisection's end (the loops' band over an influent forecast was 2.6 times wider,
+        covering 100%)."""
+        out = in_band_space.copy()
+        for j in range(len(p.looped)):
+            given = np.ones(len(out), bool) if request in ("applied", "bare") else ~loops_closed[:, j]
+            out[given, :, p.n_targets + j] = np.nan
+        return out
+
+    truth = forecast_truth("honest")
     mean, band = run("honest")
     level = window_levels(p, w)
     gamma, _ = fit_width(mean, band - mean[:, None], truth, level, groups)
     driver = None if p.width_driver is None else p.catalog.target_names[p.width_driver]
     width: dict[str, Any] = {"driver": p.width_driver, "driver_name": driver, "gamma": gamma}
     width.update(driver_clip=list(DRIVER_CLIP), known=[])
-    closed = p.closed_loops(w).any(1)
+    closed = loops_closed.any(1)
     every = np.ones(len(closed), bool)
     rows = closed if closed.any() else every
     spread = fit_spread(mean[rows], band[rows] - mean[rows, None], truth[rows], np.exp(gamma * level[rows]))
@@ -509,7 +551,7 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
         mean_k, band_k = run(how.get("request", "honest"), how.get("forecast", "none"))
         factor = width_factors(width, spread, p, w, **how)[rows]
         dev = (band_k - mean_k[:, None])[rows]
-        ratio = fit_spread(mean_k[rows], dev, truth[rows], factor)
+        ratio = fit_spread(mean_k[rows], dev, forecast_truth(how.get("request", "honest"))[rows], factor)
         width["known"].append({"input": name, "columns": p.flag_columns(kind), "when": when, "ratio": ratio.tolist()})
     # Last, a plan that moved over the history's last day and one that stood still, each covering 80% of its
     # own validation windows in the honest request (a width fitted on both covered the first less).
@@ -530,7 +572,8 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
     for request in ("honest", "held", "applied") if p.n_setpoints else ("bare",):
         mean_r, band_r = run(request)
         factor = width_factors(width, spread, p, w, request=request)
-        coverage[request] = coverage_by_group(widened(mean_r, band_r, factor[:, None, None, :]), truth, groups)
+        told = widened(mean_r, band_r, factor[:, None, None, :])
+        coverage[request] = coverage_by_group(told, forecast_truth(request), groups)
     if p.disturbances:
         mean_r, band_r = run("honest", "noisy")
         factor = width_factors(width, spread, p, w, request="honest", forecast="noisy")
@@ -538,21 +581,6 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
         coverage["honest + influent forecast"] = coverage_by_group(told, truth, groups)
     honest = widened(mean, band, width_factors(width, spread, p, w)[:, None, None, :])
     return {
-        "method": "per-variable fading of the decoder's miss at the last step (chosen on validation); the blends "
-        "towards the naive forecasts refitted on validation at the lead times where that helps on held-out "
-        "validation windows; then the interval width: per-variable scaling of sample deviations from the mean, "
-        "widened with the driver's highest level over the history and scaled per way of telling the model its "
-        "inputs (looped controls given or left to their loops, setpoints sent or not, an influent forecast), "
-        "each fitted on validation as requested, and one ratio for a plan that moved over the history's last day "
-        "and one for a plan that stood still",
-        "naive_blend": blends,
-        # A down sensor's pull towards its last value, (lead time from it, output) (KoVAE.gap_pull); None: none.
-        "gap_pull": gaps.pop("table"),
-        "gap_pull_fit": gaps,
-        # The answer's pull of each looped control towards its last value, (lead time, loop) (KoVAE.loop_pull).
-        "loop_pull": loops.pop("table"),
-        "loop_pull_fit": loops,
-        "residual_decay": decay.tolist(),
         "spread_scale": spread.tolist(),
         "width": width,
         # The outputs' physical bounds (normalised): the samples are widened in band space (the logit of each

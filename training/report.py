@@ -86,7 +86,7 @@ def evaluate_all(model: KoVAE, p: Prepared, cfg: RunConfig, calib: dict[str, Any
     if p.n_setpoints:
         metrics["requests"] = request_scores(model, p, cfg, calib, (mean, band))
     if p.looped:
-        metrics["loop_outputs"] = loop_scores(mean, p, w)
+        metrics["loop_outputs"] = loop_scores(mean, band, p, w)
     metrics["score"] = ev.gate_score(metrics["regimes"])
     metrics["score_rule"] = GATE_RULE
     return metrics, {"forecasts": forecasts, "band": band[..., :n], "windows": scored}
@@ -109,10 +109,11 @@ def request_scores(
     return out
 
 
-def loop_scores(mean: np.ndarray, p: Prepared, w: Windows) -> dict[str, Any]:
+def loop_scores(mean: np.ndarray, band: np.ndarray | None, p: Prepared, w: Windows) -> dict[str, Any]:
     """The looped controls' forecasts (what each loop will apply) where the honest request left them to their
     loops: RMSE at 15 min, 5 h and 24 h against the last value's and the same time yesterday's, per loop
-    control (a loop's output follows the daily load: the last value alone is a weak reference at 5 h)."""
+    control (a loop's output follows the daily load: the last value alone is a weak reference at 5 h), and the
+    80% band's coverage (``band``, (N, 2, H, x); none without samples)."""
     closed = p.closed_loops(w)
     out: dict[str, Any] = {}
     steps = ev.pooled_steps(w.x_fut.shape[1])
@@ -131,6 +132,8 @@ def loop_scores(mean: np.ndarray, p: Prepared, w: Windows) -> dict[str, Any]:
             "persistence_rmse": {str(s): float(ref[s - 1]) for s in steps},
             "yesterday_rmse": {str(s): float(day[s - 1]) for s in steps},
         }
+        if band is not None:
+            out[p.catalog.control_names[c]]["coverage_80"] = ev.interval_coverage(band[k][..., col : col + 1], truth)
     return out
 
 
@@ -174,14 +177,18 @@ def loop_lines(metrics: dict[str, Any], step_minutes: int, *, markdown: bool = F
     steps = list(next(iter(loops.values()))["rmse"])
     lead = [ev.lead_label(s, step_minutes) for s in steps]
     refs = "last value / yesterday" if any("yesterday_rmse" in r for r in loops.values()) else "last value"
-    head = ["control", "windows", *[f"RMSE {x} ({refs})" for x in lead]]
+    covered = all("coverage_80" in r for r in loops.values())
+    head = ["control", "windows", *[f"RMSE {x} ({refs})" for x in lead], *["80% coverage"] * covered]
 
     def cell(r: dict[str, Any], s: str) -> str:
         day = r.get("yesterday_rmse", {}).get(s)
         refs = f"{r['persistence_rmse'][s]:.4g}" + ("" if day is None else f" / {day:.4g}")
         return f"{r['rmse'][s]:.4g} ({refs}) {r['unit']}"
 
-    rows = [[name, str(r["windows"])] + [cell(r, s) for s in steps] for name, r in loops.items()]
+    rows = [
+        [name, str(r["windows"]), *[cell(r, s) for s in steps], *[f"{100 * r['coverage_80']:.1f}%"] * covered]
+        for name, r in loops.items()
+    ]
     title = "What the loops will apply, forecast where the request left it to them:"
     pulled = metrics.get("calibration", {}).get("loop_pull_fit", {}).get("loops", {})
     said = [f"{c} at {n} lead time{'s' * (n > 1)}" for c, f in pulled.items() if (n := len(f["kept_steps"]))]
@@ -386,6 +393,15 @@ def report_markdown(
         f"Training took {seconds / 60:.1f} min.",
         "",
         f"Weights kept from epoch {metrics['kept_epoch']} (the lowest validation forecast loss).",
+        *(
+            [
+                "",
+                f"Recalibrated from {r['from']}: {', '.join(r['refit'])} fitted again on its validation windows, "
+                "every other term and the weights kept (`python -m training.recalibrate`).",
+            ]
+            if (r := metrics.get("recalibrated"))
+            else []
+        ),
         "",
         f"Top-5 variables ({metrics['top5_rule']}): {', '.join(metrics['top5_variables'])}.",
         "",
