@@ -203,7 +203,8 @@ class ForecastGraph(nn.Module):
             mean, raw = x[:n], x[n:].reshape(n, -1, horizon, m.x_dim)
             if self.residual_decay is not None:
                 mean, raw = (m.blended_alone(x_hist, u_hist, mu, t, self.residual_decay) for t in (mean, raw))
-        return mean, calibrated_samples(mean, raw, self.width(x_hist, u_fut, u_hist), self.width.bounds)
+        width = self.width(x_hist, u_fut, u_hist)
+        return mean, calibrated_samples(mean, raw, width, self.width.bounds, self.model.saturation())
 
 
 # What cards written before a model setting existed were trained without.

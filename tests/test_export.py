@@ -488,3 +488,40 @@ def test_the_loops_forecast_is_the_decoders_for_any_depth(layers: int) -> None:
     with torch.no_grad():
         assert torch.allclose(model.decode_looped(z, u), model.decode(z, u)[:, 3:], atol=1e-6)
         assert torch.allclose(model.decode_looped(z, u, model.first_layer(z)), model.decode(z, u)[:, 3:], atol=1e-6)
+
+
+def test_a_sample_whose_loop_runs_at_its_limit_stays_there_however_the_width_scales_it() -> None:
+    """A sample whose loop ran its control at the output limit keeps it there when the interval width scales
+    the samples' deviations towards the mean (a spread scale below 1): scaled with the others, the band of a
+    saturated loop stopped short of the limit it sat on (KLa_5 at 240 1/d). The other samples, and every
+    measurement, are scaled as before; both graphs agree."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(z_dim=8, h_dim=16, real_modes=2, dropout=0.0, seasonal_steps=6, loop_feedback=True)
+    model = KoVAE(4, 6, cfg, PlanLayout(2, looped=(1,), setpoints=1, fast=(0, 3), limits=((-0.4, 0.4),))).eval()
+    with torch.no_grad():
+        model.koopman.log_noise.fill_(0.0)  # noise of one latent unit a step: samples reach the limits
+    x, u, uf, noise = E._example(1, 10, 12, 30, (4, 6, 8), seed=4)
+    u[..., 2], u[..., 4] = 1.0, 1.0  # the history: the control applied, the setpoint logged
+    uf[..., 1:3], uf[..., 4] = 0.0, 1.0  # the plan: the loop decides, the setpoint sent
+    bounds = {"lo": [-5.0] * 4, "hi": [5.0] * 4}
+    wide, narrow = ({"spread_scale": [s] * 4, "residual_decay": [0.9] * 4, "band_bounds": bounds} for s in (1.0, 0.5))
+    with torch.no_grad():
+        mean, drawn = E.ForecastGraph(model, 12, wide)(x, u, uf, noise)
+        graph = E.ForecastGraph(model, 12, narrow)
+        mean_n, scaled = graph(x, u, uf, noise)
+    assert torch.equal(mean, mean_n)
+    at_limit = drawn[..., 3].abs() >= 0.4 - 1e-6
+    assert at_limit.any() and not at_limit.all()
+    assert torch.equal(scaled[..., 3][at_limit], drawn[..., 3][at_limit])  # kept at the limit
+    inside = ~at_limit & ((drawn[..., 3] - mean[:, None, :, 3]).abs() > 1e-3)
+    assert torch.all(
+        (scaled[..., 3] - mean[:, None, :, 3]).abs()[inside] < (drawn[..., 3] - mean[:, None, :, 3]).abs()[inside]
+    )
+    measured = (drawn[..., :3] - mean[:, None, :, :3]).abs() > 1e-3
+    assert torch.all(
+        (scaled[..., :3] - mean[:, None, :, :3]).abs()[measured]
+        < (drawn[..., :3] - mean[:, None, :, :3]).abs()[measured]
+    )
+    assert E.parity(graph, E.to_onnx_bytes(graph, 10, {}), 10) < 1e-4
+    plans = E.to_onnx_bytes(E.ForecastGraph(model, 12, narrow, plans=True), 10, {})
+    assert E.plans_parity(graph, plans, 10) < 1e-4

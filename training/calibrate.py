@@ -84,7 +84,7 @@ def predict(
                 eps = torch.randn(len(xh[sl]), n_samples, uf.shape[1], model.cfg.z_dim, generator=g)
                 raw = model.forecast(xh[sl], uh[sl], uf[sl], eps, residual_decay=decay)
                 factor = width(xh[sl], uf[sl], uh[sl])
-                samples = calibrated_samples(mean, raw, factor, width.bounds)
+                samples = calibrated_samples(mean, raw, factor, width.bounds, model.saturation())
                 bands.append(p.dx(ev.sample_band(samples.numpy())))
     mean_x = p.dx(np.concatenate(means)) if means else np.zeros((0, *w.x_fut.shape[1:-1], model.x_dim))
     band_x = (np.concatenate(bands) if bands else mean_x[:, None].repeat(2, 1)) if n_samples else None

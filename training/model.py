@@ -87,22 +87,35 @@ def from_band_space(y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torc
 
 
 def calibrated_samples(
-    mean: torch.Tensor, raw: torch.Tensor, width: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+    mean: torch.Tensor,
+    raw: torch.Tensor,
+    width: torch.Tensor,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    saturated: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Widen each sample's deviation from the mean forecast by the factor ``IntervalWidth`` gives its window, in
     ``band_space`` where the variables' physical ``bounds`` (lo, hi per variable, in the forecast's units) are
     given (cards from before them: linearly).
+
+    ``saturated`` (lo, hi per variable; -inf / inf where none, ``KoVAE.saturation``): a sample at or past them
+    is kept as drawn. A loop whose sample ran its blower at the limit runs it there however the width scales the
+    disturbance around it; scaled towards the mean, the band of a saturated loop stopped short of the limit it
+    sat on.
 
     mean (batch, H, x), raw samples (batch, S, H, x), width (batch or 1, x). Used by evaluation and the ONNX graph
     alike.
     """
     factor = width[:, None, None, :]
     if bounds is None:
-        return mean.unsqueeze(1) + factor * (raw - mean.unsqueeze(1))
-    # In float64: the logit's ends magnify float32 rounding, and the graph must match PyTorch to 1e-4.
-    lo, hi, factor = bounds[0].double(), bounds[1].double(), factor.double()
-    centre = band_space(mean.unsqueeze(1).double(), lo, hi)
-    return from_band_space(centre + factor * (band_space(raw.double(), lo, hi) - centre), lo, hi).to(mean.dtype)
+        out = mean.unsqueeze(1) + factor * (raw - mean.unsqueeze(1))
+    else:
+        # In float64: the logit's ends magnify float32 rounding, and the graph must match PyTorch to 1e-4.
+        lo, hi, f = bounds[0].double(), bounds[1].double(), factor.double()
+        centre = band_space(mean.unsqueeze(1).double(), lo, hi)
+        out = from_band_space(centre + f * (band_space(raw.double(), lo, hi) - centre), lo, hi).to(mean.dtype)
+    if saturated is None:
+        return out
+    return torch.where((raw <= saturated[0]) | (raw >= saturated[1]), raw, out)
 
 
 DRIVER_CLIP = (-2.0, 3.0)  # z-scores of the width's driver beyond these widen (or narrow) no further
@@ -668,6 +681,17 @@ class KoVAE(nn.Module):
         nc, nl = self.plan.controls, len(self.plan.looped)
         assert self.loop_place is not None
         return u + ((1 - u[..., nc : nc + nl]) * self.within_limits(self.decode_looped(z, u))) @ self.loop_place
+
+    def saturation(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(lo, hi) per output, (x,): the loops' output limits on the looped controls' columns, -inf / inf
+        elsewhere (``calibrated_samples``); None without model.loop_feedback."""
+        if not self.feedback:
+            return None
+        assert self.loop_lo is not None and self.loop_hi is not None
+        nl = len(self.plan.looped)
+        lo = torch.cat([torch.full((self.x_dim - nl,), -torch.inf), self.loop_lo])
+        hi = torch.cat([torch.full((self.x_dim - nl,), torch.inf), self.loop_hi])
+        return lo, hi
 
     def within_limits(self, need: torch.Tensor) -> torch.Tensor:
         """What the loops ask for (..., n_looped), clipped to their output limits (PlanLayout.limits)."""
