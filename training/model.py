@@ -689,8 +689,8 @@ class KoVAE(nn.Module):
             return None
         assert self.loop_lo is not None and self.loop_hi is not None
         nl = len(self.plan.looped)
-        lo = torch.cat([torch.full((self.x_dim - nl,), -torch.inf), self.loop_lo])
-        hi = torch.cat([torch.full((self.x_dim - nl,), torch.inf), self.loop_hi])
+        lo = torch.cat([self.loop_lo.new_full((self.x_dim - nl,), -torch.inf), self.loop_lo])
+        hi = torch.cat([self.loop_hi.new_full((self.x_dim - nl,), torch.inf), self.loop_hi])
         return lo, hi
 
     def within_limits(self, need: torch.Tensor) -> torch.Tensor:
