@@ -22,9 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from modelcard.card import CardError, atomic_write, read_card
+from modelcard.card import CardError, read_card
 from modelcard.store import check_version_name, version_dir
-from modelcard.validate import check_card
 
 TERMS = ("width", "loop_pull")  # the pull is fitted first: the width's samples take it
 
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.config import config_from_dict
     from training.prepare import prepare
     from training.publish import build_card, export_candidate, promote_if_better
-    from training.report import evaluate_all, print_headline, report_markdown, write_plots
+    from training.report import evaluate_all, print_headline, write_outputs
 
     model, card = load_model(source)
     cfg = config_from_dict(card["training"]["config"])
@@ -99,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        kept = {c: f["kept_steps"] for c, f in fit.get("loops", {}).items()}
-        print(f"the loops' pull, lead steps kept per loop: {kept}", file=sys.stderr)
+        steps = {c: f["kept_steps"] for c, f in fit.get("loops", {}).items()}
+        print(f"the loops' pull, lead steps kept per loop: {steps}", file=sys.stderr)
         calib.update(loop_pull=fit.pop("table"), loop_pull_fit=fit)
     if "width" in args.refit:
         calib.update(fit_interval_width(model, p, np.array(calib["residual_decay"]), calib["samples"]))
@@ -118,24 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     # Written as a training run writes its version (``training.run``): into the run folder, whence the gate
     # copies it into the store; a version the store refuses stays there, as the gate's message says.
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=1).encode())
-    outputs = ["metrics.json", "report.md"]
+    outputs = write_outputs(run_dir, args.new, metrics, calib, seconds, kept, p)
     if (source / "log.csv").is_file():
         shutil.copy2(source / "log.csv", run_dir / "log.csv")
         outputs.append("log.csv")
-    outputs += write_plots(run_dir, log, metrics, kept, p)
-    report = report_markdown(args.new, metrics, calib, seconds, p.catalog)
-    atomic_write(run_dir / "report.md", report.encode())
     try:
         candidate = export_candidate(run_dir, args.new, model, new_card, p, cfg, outputs)
     except ParityError as exc:
         print(f"error: export refused: {exc}", file=sys.stderr)
         return 1
-    try:
-        check_card(read_card(candidate), args.new)  # before the gate, which would store it
-    except CardError as exc:
-        print(f"error: {exc}; nothing stored", file=sys.stderr)
-        return 1
+    # The store refuses a card the service would (modelcard.store.add_version), and the candidate stays here.
     # The gate's verdict is recorded as for any candidate; it scores the measurements' mean forecasts, which
     # these terms leave as they were, so it ties the source's score: promotion is by hand.
     regimes = {"regimes": metrics["regimes"]}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from modelcard.card import atomic_write
 from plant.catalog import Catalog
 from training import evaluate as ev
 from training.calibrate import predict
@@ -503,6 +505,18 @@ def report_markdown(
     lines += ["", "![loss](loss.png)", "", "![error vs horizon](error_vs_horizon.png)", ""]
     lines += ["![examples](forecast_examples.png)", ""]
     return "\n".join(lines)
+
+
+def write_outputs(
+    run_dir: Path, version: str, metrics: dict[str, Any], calib: dict[str, Any], seconds: float, kept: dict, p: Prepared
+) -> list[str]:
+    """A run's outputs into ``run_dir``: ``metrics.json``, the plots (from ``metrics["log"]``) and ``report.md``;
+    returns their names, the files a version holds beside the training log (``training.run``,
+    ``training.recalibrate``)."""
+    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=1).encode())
+    plots = write_plots(run_dir, metrics["log"], metrics, kept, p)
+    atomic_write(run_dir / "report.md", report_markdown(version, metrics, calib, seconds, p.catalog).encode())
+    return ["metrics.json", "report.md", *plots]
 
 
 def print_headline(metrics: dict[str, Any], calib: dict[str, Any], catalog: Catalog) -> None:

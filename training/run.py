@@ -180,7 +180,6 @@ def run(args: argparse.Namespace, cfg: RunConfig, version: str, store: Path, run
     import numpy as np
 
     from export.onnx_export import ParityError
-    from modelcard.card import atomic_write
     from modelcard.store import current_version
     from plant.catalog import CatalogError
     from plant.scenarios import DataError, splits
@@ -188,7 +187,7 @@ def run(args: argparse.Namespace, cfg: RunConfig, version: str, store: Path, run
     from training.loop import TrainingFailed, train
     from training.prepare import prepare
     from training.publish import build_card, export_candidate, promote_if_better
-    from training.report import evaluate_all, kept_epoch, print_headline, report_markdown, write_plots
+    from training.report import evaluate_all, kept_epoch, print_headline, write_outputs
 
     try:
         if cfg.data.source == "bsm1":
@@ -219,13 +218,10 @@ def run(args: argparse.Namespace, cfg: RunConfig, version: str, store: Path, run
     # 4. evaluation and report
     metrics, kept = evaluate_all(model, p, cfg, calib)
     metrics.update(training_seconds=train_seconds, calibration=calib, log=log, kept_epoch=kept_epoch(log)["epoch"])
-    atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=1).encode())
-    plots = write_plots(run_dir, log, metrics, kept, p)
-    atomic_write(run_dir / "report.md", report_markdown(version, metrics, calib, train_seconds, p.catalog).encode())
+    outputs = ["log.csv", *write_outputs(run_dir, version, metrics, calib, train_seconds, kept, p)]
     print_headline(metrics, calib, p.catalog)
     # 5. export, store, promotion gate
     card = build_card(version, cfg, p, metrics, calib, train_seconds)
-    outputs = ["metrics.json", "report.md", "log.csv", *plots]
     try:
         candidate = export_candidate(run_dir, version, model, card, p, cfg, outputs)
     except ParityError as exc:
