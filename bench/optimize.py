@@ -3,8 +3,8 @@
 ``python bench/optimize.py [--store models] [--version V] [--influents dry rain] [--origins 8] [--plans 8000]``
 
 For held-out windows of the version's data config, the simulated plant runs under BSM1's default strategy
-(``bench/closed_loop.py``'s warm-up and history, then two days), and at ``--origins`` origins spread over those
-days the served objective (the card's ``optimizer``) is minimised twice through ONNX Runtime from the same
+(``bench/closed_loop_plant.py``'s warm-up and history, then two days), and at ``--origins`` origins spread over
+those days the served objective (the card's ``optimizer``) is minimised twice through ONNX Runtime from the same
 history: by the pattern search /optimize runs; by the same search run to convergence (every hour its own span,
 steps down to 0.5% of each bound, up to 60 sweeps: the reference); and by a random search over ``--plans`` plans
 drawn uniformly within the bounds (brute force, every block and variable free). Each answer is scored the same
@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cli import served_version
-from bench.closed_loop import DAY, default_strategy, prepare, run_strategy
+from bench.closed_loop_plant import DAY, default_strategy, prepare, run_strategy
 from modelcard.objective import card_objective
 from modelcard.runtime import ModelRuntime
 from optimizer.search import Search, Situation, optimize

@@ -1,6 +1,6 @@
-"""bench/closed_loop.py: the closed-loop bench runs end to end on a short tiny-preset configuration, through the
-real service, applies what the service answers, and compares against the default strategy run from the very
-same state."""
+"""bench/closed_loop.py (the CLI, the service in the loop) and bench/closed_loop_plant.py (the plant under a
+strategy): the closed-loop bench runs end to end on a short tiny-preset configuration, through the real service,
+applies what the service answers, and compares against the default strategy run from the very same state."""
 
 from __future__ import annotations
 
@@ -14,16 +14,17 @@ import numpy as np
 import pytest
 
 from bench import closed_loop as bench
+from bench import closed_loop_plant as loop_plant
 from modelcard.card import read_card
 from modelcard.objective import card_objective
 from modelcard.store import current_version
 from plant import bsm1
-from plant.catalog import BSM1
+from plant.catalog import BSM1, SAMPLE_MINUTES
 from plant.operation import operation, standard_controls
 from training.config import config_from_dict, load_config
 
 HOURS = 3
-CARD_PRICES = bench.Prices(20.0, 100.0, 20.0, 0.0)  # the BSM1 catalog's objective (plant/catalogs/bsm1.toml)
+CARD_PRICES = loop_plant.Prices(20.0, 100.0, 20.0, 0.0)  # the BSM1 catalog's objective (plant/catalogs/bsm1.toml)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_the_bench_runs_end_to_end_through_the_service(bench_run) -> None:
         assert all(np.isfinite(v) for v in figures.values()), figures
         assert figures["aeration"] > 0 and figures["pumping"] > 0 and figures["eqi"] > 0
         assert 0 <= figures["snh_over"] <= 1 and 0 <= figures["tn_over"] <= 1
-        assert len(outcome.x) == outcome.first + HOURS * bench.HOUR
+        assert len(outcome.x) == outcome.first + HOURS * loop_plant.HOUR
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(summary))
     (window,) = written["influents"]
@@ -72,16 +73,16 @@ def test_the_plant_runs_the_answers_first_hour(bench_run) -> None:
     (r,) = results
     advised = r.advised
     for i, call in enumerate(r.calls):
-        hour = slice(advised.first + i * bench.HOUR, advised.first + (i + 1) * bench.HOUR)
+        hour = slice(advised.first + i * loop_plant.HOUR, advised.first + (i + 1) * loop_plant.HOUR)
         plan = call.answer.get("plan") or {}
         for j, name in enumerate(BSM1.setpoint_names):
             given = (plan.get("setpoints") or {}).get(name)
-            want = given[: bench.HOUR] if given else [bench.DEFAULT_SETPOINTS[name]] * bench.HOUR
+            want = given[: loop_plant.HOUR] if given else [loop_plant.DEFAULT_SETPOINTS[name]] * loop_plant.HOUR
             np.testing.assert_allclose(advised.s[hour, j], want, rtol=1e-12, err_msg=f"hour {i}, {name}")
         for name, values in (plan.get("controls") or {}).items():
             j = BSM1.control_names.index(name)
             if j not in (loop.control for loop in r.case.run.loops):
-                np.testing.assert_allclose(advised.u[hour, j], values[: bench.HOUR], rtol=1e-12)
+                np.testing.assert_allclose(advised.u[hour, j], values[: loop_plant.HOUR], rtol=1e-12)
 
 
 @pytest.mark.slow
@@ -109,11 +110,13 @@ def test_a_strategy_leaves_nothing_behind() -> None:
     same saved state, gives the default run bit for bit (the restore leaks nothing, the advice is applied); the
     lower DO setpoint runs the plant at it and saves air."""
     cfg = replace(load_config("tiny").data, scenario_days=1.0)
-    case = bench.prepare(cfg, "dry", 0.25, HOURS / 24)
-    default = bench.run_strategy(case, bench.default_strategy)
-    lower = bench.run_strategy(case, bench.fixed_do(1.0))
-    defaults = bench.Advice({name: [value] * bench.HOUR for name, value in bench.DEFAULT_SETPOINTS.items()})
-    same = bench.run_strategy(case, lambda history: defaults)
+    case = loop_plant.prepare(cfg, "dry", 0.25, HOURS / 24)
+    default = loop_plant.run_strategy(case, loop_plant.default_strategy)
+    lower = loop_plant.run_strategy(case, loop_plant.fixed_do(1.0))
+    defaults = loop_plant.Advice(
+        {name: [value] * loop_plant.HOUR for name, value in loop_plant.DEFAULT_SETPOINTS.items()}
+    )
+    same = loop_plant.run_strategy(case, lambda history: defaults)
     for a in ("x", "u", "s"):
         np.testing.assert_array_equal(getattr(same, a), getattr(default, a))
     assert same.figures() == default.figures()
@@ -127,23 +130,25 @@ def test_the_simulator_oracle_leaks_none_of_its_branches(monkeypatch: pytest.Mon
     its own choices without branches, the choices are from its grid, and each branch is scored on what it did:
     with only air to pay, the least air; with ammonium costly, tanks 3 and 4 at full air."""
     cfg = replace(load_config("tiny").data, scenario_days=1.0)
-    case = bench.prepare(cfg, "dry", 0.25, 2 / 24)
-    oracle = bench.run_strategy(case, bench.simulator_oracle(case, CARD_PRICES, look_hours=1))
+    case = loop_plant.prepare(cfg, "dry", 0.25, 2 / 24)
+    oracle = loop_plant.run_strategy(case, loop_plant.simulator_oracle(case, CARD_PRICES, look_hours=1))
     replayed = iter(oracle.advice)
-    replay = bench.run_strategy(case, lambda history: next(replayed))
+    replay = loop_plant.run_strategy(case, lambda history: next(replayed))
     for a in ("x", "u", "s"):
         np.testing.assert_array_equal(getattr(replay, a), getattr(oracle, a))
     for advice in oracle.advice:
-        assert advice.setpoints["SO_5_setpoint"][0] in bench.ORACLE_DO
-        assert advice.controls["KLa_3"][0] in bench.ORACLE_KLA34
+        assert advice.setpoints["SO_5_setpoint"][0] in loop_plant.ORACLE_DO
+        assert advice.controls["KLa_3"][0] in loop_plant.ORACLE_KLA34
     # Air alone: the least of it. Ammonium at a million kWh per g/m3 and hour from zero: tanks 3 and 4 at full air.
-    free = bench.run_strategy(case, bench.simulator_oracle(case, bench.Prices(0.0, 0.0, 0.0, 0.0), look_hours=1))
-    assert all(a.setpoints["SO_5_setpoint"][0] == min(bench.ORACLE_DO) for a in free.advice)
-    assert all(a.controls["KLa_3"][0] == min(bench.ORACLE_KLA34) for a in free.advice)
-    monkeypatch.setattr(bench, "SNH_LIMIT", 0.0)
-    eager = bench.Prices(snh_unit=1e6, snh_hour=0.0, tn_unit=0.0, tn_hour=0.0)
-    most = bench.run_strategy(case, bench.simulator_oracle(case, eager, look_hours=1))
-    assert all(a.controls["KLa_3"][0] == max(bench.ORACLE_KLA34) for a in most.advice)
+    free = loop_plant.run_strategy(
+        case, loop_plant.simulator_oracle(case, loop_plant.Prices(0.0, 0.0, 0.0, 0.0), look_hours=1)
+    )
+    assert all(a.setpoints["SO_5_setpoint"][0] == min(loop_plant.ORACLE_DO) for a in free.advice)
+    assert all(a.controls["KLa_3"][0] == min(loop_plant.ORACLE_KLA34) for a in free.advice)
+    monkeypatch.setattr(loop_plant, "SNH_LIMIT", 0.0)
+    eager = loop_plant.Prices(snh_unit=1e6, snh_hour=0.0, tn_unit=0.0, tn_hour=0.0)
+    most = loop_plant.run_strategy(case, loop_plant.simulator_oracle(case, eager, look_hours=1))
+    assert all(a.controls["KLa_3"][0] == max(loop_plant.ORACLE_KLA34) for a in most.advice)
 
 
 def test_the_simulator_oracle_prices_are_the_cards_unless_given() -> None:
@@ -154,8 +159,8 @@ def test_the_simulator_oracle_prices_are_the_cards_unless_given() -> None:
     limits = {m["variable"]: m for m in card["optimizer"]["limits"]}
     objective = card_objective(card)
     assert objective is not None
-    prices = bench.Prices.of(objective)
-    assert prices == bench.Prices(
+    prices = loop_plant.Prices.of(objective)
+    assert prices == loop_plant.Prices(
         limits["SNH_eff"]["price_kwh"],
         limits["SNH_eff"].get("hour_price_kwh", 0.0),
         limits["TN_eff"]["price_kwh"],
@@ -163,7 +168,7 @@ def test_the_simulator_oracle_prices_are_the_cards_unless_given() -> None:
     )
     assert prices == CARD_PRICES  # the catalog's, as the test above uses
     no_tn = replace(objective, limits=tuple(m for m in objective.limits if m.variable != "TN_eff"))
-    assert bench.Prices.of(no_tn) == replace(prices, tn_unit=0.0, tn_hour=0.0)
+    assert loop_plant.Prices.of(no_tn) == replace(prices, tn_unit=0.0, tn_hour=0.0)
 
 
 @pytest.mark.slow
@@ -171,15 +176,15 @@ def test_the_simulator_oracle_looks_no_further_than_the_simulation() -> None:
     """BSM1's 14-day files hold 20,144 simulated minutes for a schedule of 20,160: in the last hour of the dry
     window the oracle's look-ahead stops where the simulator does (it ran past it: an IndexError)."""
     cfg = load_config("default").data
-    probe = bench.prepare(cfg, "dry", 0.0, 1 / 24)
+    probe = loop_plant.prepare(cfg, "dry", 0.0, 1 / 24)
     last = probe.run.n_samples  # samples the simulator holds
-    assert last * bench.SAMPLE_MINUTES < len(probe.run.controls)
-    history_days = (last - bench.HOUR) / bench.DAY - cfg.warmup_days
-    case = bench.prepare(cfg, "dry", history_days, 1 / 24)
-    assert case.samples == bench.HOUR
-    outcome = bench.run_strategy(case, bench.simulator_oracle(case, CARD_PRICES))
+    assert last * SAMPLE_MINUTES < len(probe.run.controls)
+    history_days = (last - loop_plant.HOUR) / loop_plant.DAY - cfg.warmup_days
+    case = loop_plant.prepare(cfg, "dry", history_days, 1 / 24)
+    assert case.samples == loop_plant.HOUR
+    outcome = loop_plant.run_strategy(case, loop_plant.simulator_oracle(case, CARD_PRICES))
     (advice,) = outcome.advice
-    assert advice.setpoints["SO_5_setpoint"][0] in bench.ORACLE_DO
+    assert advice.setpoints["SO_5_setpoint"][0] in loop_plant.ORACLE_DO
     assert np.isfinite(outcome.aeration) and outcome.aeration > 0
 
 
@@ -187,13 +192,13 @@ def test_storm_and_later_name_the_held_out_windows() -> None:
     """``storm`` is the config's held-out BSM2 window with added storms, ``later`` its held-out later window; a
     window held out under BSM1's constant setpoints is taken under them."""
     default = load_config("default").data
-    assert bench.resolve(default, "storm").id.startswith("bsm2-14@")
-    assert bench.resolve(default, "later").id == "bsm2-36@constant_setpoints"
-    assert bench.resolve(default, "dry").id == "dry@constant_setpoints"
+    assert loop_plant.resolve(default, "storm").id.startswith("bsm2-14@")
+    assert loop_plant.resolve(default, "later").id == "bsm2-36@constant_setpoints"
+    assert loop_plant.resolve(default, "dry").id == "dry@constant_setpoints"
     tiny = load_config("tiny").data
-    assert bench.resolve(tiny, "storm").id.startswith("bsm2-01@")
+    assert loop_plant.resolve(tiny, "storm").id.startswith("bsm2-01@")
     with pytest.raises(SystemExit, match="no later window"):
-        bench.resolve(tiny, "later")
+        loop_plant.resolve(tiny, "later")
 
 
 def test_arguments_that_would_be_ignored_or_misread_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
