@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.cli import served_version, version_config
 from export.onnx_export import load_model
 from training import evaluate as ev
-from training.calibrate import blends_off, predict
+from training.calibrate import blends_off
 from training.config import RunConfig
+from training.forecast import predict
 from training.prepare import prepare
 from training.report import scored_table
 

@@ -14,6 +14,8 @@ import torch
 from modelcard.store import current_version, set_current
 from tests.conftest import clone_version
 from training import calibrate as calibration
+from training import forecast as forecasting
+from training import interval_width as width_fit
 from training import loop, publish, run
 from training import prepare as preparation
 from training.config import ModelConfig, TrainConfig
@@ -217,7 +219,7 @@ def test_serving_feeds_the_model_what_training_fed_it(trained_store, prepared) -
     # The honest request: the looped controls left to their loops (NaN), the setpoints' history and plan sent.
     u_fut, s_hist, s_fut = p.request(w, "honest")
     assert np.isnan(u_fut[..., p.looped]).any() and s_hist is not None
-    torch_mean, _ = calibration.predict(model, p, w, calib=card["calibration"])
+    torch_mean, _ = forecasting.predict(model, p, w, calib=card["calibration"])
     measured = w.x_hist[..., : p.n_targets]  # the service is sent measurements; the looped controls are in u
     runtime = ModelRuntime(store / version)
     served = runtime.predict(measured, w.u_hist, u_fut, w.t_last, s_hist=s_hist, s_fut=s_fut).mean
@@ -641,9 +643,9 @@ def test_naive_blends_are_refitted_only_where_held_out_validation_says_so(traine
         model.seasonal_logit.fill_(-3.0)
         model.persistence_logit.fill_(-3.0)
     before_s, before_q = model.seasonal_logit.data.clone(), model.persistence_logit.data.clone()
-    before = ev.nmse_by_step(calibration.predict(model, p, p.val, 0, calib)[0], p.val.x_fut, p.x_std)
+    before = ev.nmse_by_step(forecasting.predict(model, p, p.val, 0, calib)[0], p.val.x_fut, p.x_std)
     steps = calibration.fit_naive_blends(model, p, calib)["refitted_steps"]
-    after = ev.nmse_by_step(calibration.predict(model, p, p.val, 0, calib)[0], p.val.x_fut, p.x_std)
+    after = ev.nmse_by_step(forecasting.predict(model, p, p.val, 0, calib)[0], p.val.x_fut, p.x_std)
     changed = [k + 1 for k in range(before_q.shape[0]) if not torch.equal(before_q[k], model.persistence_logit[k])]
     assert steps and set(changed) <= set(steps)
     kept = [k for k in range(before_s.shape[0]) if k + 1 not in steps]
@@ -699,7 +701,7 @@ def test_the_gap_pull_fit_reads_what_the_model_serves(trained_store, tiny_cfg) -
     assert np.isin(age, np.arange(5, 10)).sum() == 0 and (age == 10).sum() > 1  # gaps of 5-10 steps count 10
 
     def served(held: bool) -> np.ndarray:
-        return calibration.predict(model, p, gapped, 0, faded, held=held)[0].astype(np.float64)
+        return forecasting.predict(model, p, gapped, 0, faded, held=held)[0].astype(np.float64)
 
     model.gap_pull = None
     without, reads = served(False), served(True)
@@ -730,7 +732,7 @@ def test_the_card_carries_the_gap_pull_that_calibration_fitted(trained_store, ti
     assert stored is not None and fit["variables"], "the tiny model takes a pull for some variable"
     assert torch.allclose(model.gap_pull, torch.tensor(stored))
     decay = {"residual_decay": card["calibration"]["residual_decay"]}
-    refit = fit_gap_pull(model, p, lambda w, held: calibration.predict(model, p, w, 0, decay, held=held)[0])
+    refit = fit_gap_pull(model, p, lambda w, held: forecasting.predict(model, p, w, 0, decay, held=held)[0])
     assert np.allclose(refit["table"], stored, atol=1e-4)
     names = p.output_names
     taken = {names[j] for j in np.flatnonzero(np.abs(np.array(stored)).sum(0))}
@@ -750,14 +752,38 @@ def test_interval_width_follows_its_driver_so_every_regime_is_covered_alike() ->
     truth = rng.standard_normal((n, H, nx)) * np.exp(0.6 * level)[:, None, None]
     mean = np.zeros((n, H, nx))
     dev = np.broadcast_to(np.array([-1.2816, 1.2816])[None, :, None, None], (n, 2, H, nx))
-    gamma, spread = calibration.fit_width(mean, dev, truth, level, groups)
+    gamma, spread = width_fit.fit_width(mean, dev, truth, level, groups)
     assert gamma == pytest.approx(0.6) and np.allclose(spread, 1.0, atol=0.05)
     band = mean[:, None] + spread * dev * np.exp(gamma * level)[:, None, None, None]
-    for c in calibration.coverage_by_group(band, truth, groups).values():
+    for c in width_fit.coverage_by_group(band, truth, groups).values():
         assert c == pytest.approx(0.8, abs=0.02)
-    assert calibration.fit_width(mean, dev, truth, level, np.full(n, "one"))[0] == pytest.approx(0.6)  # quarters
+    assert width_fit.fit_width(mean, dev, truth, level, np.full(n, "one"))[0] == pytest.approx(0.6)  # quarters
     plain = rng.standard_normal((n, H, nx))
-    assert calibration.fit_width(mean, dev, plain, level, groups)[0] <= 0.05
+    assert width_fit.fit_width(mean, dev, plain, level, groups)[0] <= 0.05
+
+
+def test_the_width_of_an_output_a_loops_limit_holds_is_fitted_on_the_band_the_graph_serves() -> None:
+    """The graph keeps a sample whose loop ran at its limit as drawn, however the width scales the rest: the
+    band's edge stays on the limit. Fitted as a scaled band, the width pulled that edge below the limit, missed
+    every truth sitting on it and grew until the band the graph serves covered far more than 80%. Fitted from
+    the samples (``SaturatingSamples``), it covers 80% as served."""
+    from training import evaluate as ev
+    from training.forecast import SaturatingSamples
+
+    rng = np.random.default_rng(0)
+    n, s, h, limit = 300, 200, 3, 0.5
+    drawn = rng.normal(0.0, 2.0, (n, s, h))  # twice as wide as the truth's spread: the width must narrow it
+    samples = SaturatingSamples(np.zeros((n, h)), np.minimum(drawn, limit), drawn >= limit)
+    truth = np.minimum(rng.normal(0.0, 1.0, (n, h)), limit)[..., None]  # the loop's output never passes its limit
+    mean, band = np.zeros((n, h, 1)), samples.band(np.ones(n))[..., None]
+
+    def served(f: float) -> float:
+        return ev.interval_coverage(width_fit.widened(mean, band, np.full((n, 1, 1, 1), f), {0: samples}), truth)
+
+    exact = width_fit.fit_spread(mean, band - mean[:, None], truth, np.ones(n), {0: samples})[0]
+    plain = width_fit.fit_spread(mean, band - mean[:, None], truth, np.ones(n))[0]
+    assert served(exact) == pytest.approx(0.8, abs=0.01) and exact < 1
+    assert served(plain) > 0.9, (plain, served(plain))
 
 
 def test_interval_width_module_reads_the_driver_and_the_known_input_flags() -> None:
@@ -843,11 +869,11 @@ def test_calibration_covers_a_plan_that_moved_and_one_that_stood_still_alike(tra
     p = preparation.prepare(tiny_cfg)
     assert motion["columns"] == p.motion_columns() and motion["steps"] == STEPS_PER_DAY
     for key in ("moved", "still"):
-        assert all(calibration.MOTION_RATIO[0] <= r <= calibration.MOTION_RATIO[1] for r in motion[key])
+        assert all(width_fit.MOTION_RATIO[0] <= r <= width_fit.MOTION_RATIO[1] for r in motion[key])
     _, uh, _, _ = preparation.tensors(p, p.val, seed=1)
     moved = plan_moved(uh, motion["columns"], motion["steps"]).numpy() > 0.5
     assert 0 < moved.sum() < len(moved)
-    _, band = calibration.predict(model, p, p.val, calib["samples"], calib, seed=1)
+    _, band = forecasting.predict(model, p, p.val, calib["samples"], calib, seed=1)
     for rows in (moved, ~moved):
         assert abs(ev.interval_coverage(band[rows], p.val.x_fut[rows]) - 0.8) < 0.04
 
@@ -862,11 +888,11 @@ def test_a_held_forecast_copies_only_the_windows_the_honest_request_tells_alike(
     model, card = load_model(store / version)
     calib, n = card["calibration"], card["calibration"]["samples"]
     p = preparation.prepare(tiny_cfg)
-    honest = calibration.predict(model, p, p.val, n, calib, seed=2)
-    full = calibration.predict(model, p, p.val, n, calib, seed=2, request="held")
-    copied = calibration.predict(model, p, p.val, n, calib, seed=2, request="held", same_as=("honest", *honest))
+    honest = forecasting.predict(model, p, p.val, n, calib, seed=2)
+    full = forecasting.predict(model, p, p.val, n, calib, seed=2, request="held")
+    copied = forecasting.predict(model, p, p.val, n, calib, seed=2, request="held", same_as=("honest", *honest))
     told = [preparation.tensors(p, p.val, request=r) for r in ("honest", "held")]
-    alike = calibration.told_alike(told[0][1], told[1][1]) & calibration.told_alike(told[0][3], told[1][3])
+    alike = forecasting.told_alike(told[0][1], told[1][1]) & forecasting.told_alike(told[0][3], told[1][3])
     assert 0 < alike.sum() < len(alike)
     np.testing.assert_allclose(copied[0], full[0], rtol=1e-5, atol=1e-5)  # every window's mean is the held one
     assert np.array_equal(copied[1][alike], honest[1][alike])
@@ -876,9 +902,9 @@ def test_a_held_forecast_copies_only_the_windows_the_honest_request_tells_alike(
     # What it cannot honour it refuses: a held plan (it would copy a forecast of another plan), or a band asked
     # of a forecast that has none.
     with pytest.raises(ValueError, match="same_as"):
-        calibration.predict(model, p, p.val, 0, calib, request="held", held=True, same_as=("honest", *honest))
+        forecasting.predict(model, p, p.val, 0, calib, request="held", held=True, same_as=("honest", *honest))
     with pytest.raises(ValueError, match="same_as"):
-        calibration.predict(model, p, p.val, n, calib, request="held", same_as=("honest", honest[0], None))
+        forecasting.predict(model, p, p.val, n, calib, request="held", same_as=("honest", honest[0], None))
 
 
 def test_residual_fading_chosen_on_validation_is_no_worse_than_the_learned_one(trained_store, tiny_cfg) -> None:
@@ -896,7 +922,7 @@ def test_residual_fading_chosen_on_validation_is_no_worse_than_the_learned_one(t
 
     def errors(g: np.ndarray) -> np.ndarray:
         with calibration.blends_off(model):
-            mean = calibration.predict(model, p, p.val, 0, {"residual_decay": g.tolist()})[0]
+            mean = forecasting.predict(model, p, p.val, 0, {"residual_decay": g.tolist()})[0]
         return np.nanmean(((mean - p.val.x_fut) / p.x_std) ** 2, axis=(0, 1))
 
     assert np.all(errors(chosen) <= errors(learned) + 1e-12)
@@ -1144,6 +1170,25 @@ def test_no_interval_width_ratio_is_fitted_on_outputs_the_request_gives(trained_
     assert loops and {"looped controls given", "no setpoints", "disturbance forecast"} <= set(ratio)
     assert ratio["looped controls given"] == ratio["no setpoints"] == [1.0] * loops
     assert all(2**-5.9 < r < 2**9.9 for r in ratio["disturbance forecast"]), ratio
+
+
+def test_the_influents_interval_width_takes_no_ratio_for_how_the_plan_is_told_or_moved(trained_store) -> None:
+    """No plan moves the influent, so its width is the same however the plant is run: fitted with the plant's,
+    it took the weather of the few validation runs of each policy (1.35 times wider open loop, a storm among
+    them; in a storm under moving setpoints its band covered 64% of the held-out flows). Its ratios for the
+    looped controls given, no setpoints sent and a plan that moved or stood still are 1; an influent forecast,
+    which does narrow it, keeps its fitted ratio."""
+    from modelcard.card import exogenous_outputs, read_card
+
+    store, version = trained_store
+    card = read_card(store / version)
+    width, influent = card["calibration"]["width"], exogenous_outputs(card["variables"])
+    assert influent and width.get("motion"), "the tiny model has an influent and a motion ratio to check"
+    ratios = {k["input"]: [k["ratio"][i] for i in influent] for k in width["known"]}
+    ratios |= {key: [width["motion"][key][i] for i in influent] for key in ("moved", "still")}
+    told = ratios.pop("disturbance forecast")
+    assert ratios and all(r == [1.0] * len(influent) for r in ratios.values()), ratios
+    assert told != [1.0] * len(influent), told
 
 
 def test_recalibrate_refuses_a_pull_without_loops_a_taken_name_a_bad_one_and_no_log(store_copy, capsys) -> None:

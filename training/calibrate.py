@@ -1,6 +1,7 @@
-"""Stage 3 of a run: forecasts in engineering units, and the calibration fitted on validation after training.
+"""Stage 3 of a run: the calibration fitted on validation after training, with the model's weights fixed.
 
-All of it (residual fading, naive blends, interval width) is applied inside the ONNX graph as constants.
+The decoder's miss faded per variable, the naive blends refitted, a down sensor's and the loops' pulls, then the
+interval width (``training.interval_width``). All of it is applied inside the ONNX graph as constants.
 """
 
 from __future__ import annotations
@@ -15,96 +16,12 @@ import torch
 from training import evaluate as ev
 from training.config import RunConfig
 from training.data import Windows
+from training.forecast import predict
 from training.gaps import fit_gap_pull
-from training.model import (
-    BAND_MARGIN,
-    DRIVER_CLIP,
-    STEPS_PER_DAY,
-    IntervalWidth,
-    KoVAE,
-    band_space,
-    calibrated_samples,
-    driver_level,
-    held_plan,
-    plan_moved,
-)
+from training.interval_width import fit_interval_width
+from training.model import KoVAE
 from training.prepare import Prepared, tensors
 
-
-def predict(
-    model: KoVAE,
-    p: Prepared,
-    w: Windows,
-    n_samples: int = 0,
-    calib: dict[str, Any] | None = None,
-    seed: int = 0,
-    forecast: str = "none",
-    request: str = "honest",
-    held: bool = False,
-    same_as: tuple[str, np.ndarray, np.ndarray | None] | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """KoVAE mean forecast (N, H, x) in engineering units for a set of windows, and with ``n_samples`` the band
-    of the samples (``ev.sample_band``, (N, 2, H, x)), computed a chunk of windows at a time so that hundreds of
-    samples per window never sit in memory at once.
-
-    ``forecast`` is what the model is told of the future disturbances, ``request`` what it is told of the
-    controls and setpoints (training.requests.REQUESTS); ``held``: the forecast under the plan held
-    (training.model.held_plan), what the naive blends read.
-    ``calib`` is the calibration the graph applies: ``residual_decay`` fades the decoder's miss at the last
-    history step into the forecast, and ``spread_scale`` and ``width`` (``IntervalWidth``) widen each sample's
-    deviation from the mean.
-    ``same_as``: (request, mean, band) of a forecast of the same windows with the same ``forecast``, samples and
-    calibration, told as that request tells. The windows it tells exactly as ``request`` does are copied from it
-    and only the others forecast: the held request differs from the honest one only where a setpoint plan moves,
-    a third of the held-out windows, and a sampled forecast is most of a run's evaluation time.
-    """
-    if same_as is not None and (held or (same_as[2] is None and n_samples)):
-        raise ValueError("predict: same_as copies a forecast of its request's own plan, with its band")
-    xh, uh, _, uf = tensors(p, w, forecast, seed, request)
-    if held:
-        uf = held_plan(uh, uf, model.plan)
-    todo = np.ones(len(xh), bool)
-    if same_as is not None:
-        _, uh_o, _, uf_o = tensors(p, w, forecast, seed, same_as[0])
-        todo = ~(told_alike(uh, uh_o) & told_alike(uf, uf_o))
-        xh, uh, uf = xh[todo], uh[todo], uf[todo]
-    calib = calib or {}
-    decay = calib.get("residual_decay")
-    decay = None if decay is None else torch.as_tensor(decay, dtype=torch.float32)
-    width = IntervalWidth(model.x_dim, calib)
-    means, bands = [], []
-    g = torch.Generator().manual_seed(seed)
-    chunk = 256 if n_samples == 0 else max(1, 4096 // n_samples)
-    with torch.no_grad():
-        for s in range(0, len(xh), chunk):
-            sl = slice(s, s + chunk)
-            mean = model.forecast(xh[sl], uh[sl], uf[sl], residual_decay=decay)
-            means.append(mean.numpy())
-            if n_samples:
-                eps = torch.randn(len(xh[sl]), n_samples, uf.shape[1], model.cfg.z_dim, generator=g)
-                raw = model.forecast(xh[sl], uh[sl], uf[sl], eps, residual_decay=decay)
-                factor = width(xh[sl], uf[sl], uh[sl])
-                samples = calibrated_samples(mean, raw, factor, width.bounds, model.saturation())
-                bands.append(p.dx(ev.sample_band(samples.numpy())))
-    mean_x = p.dx(np.concatenate(means)) if means else np.zeros((0, *w.x_fut.shape[1:-1], model.x_dim))
-    band_x = (np.concatenate(bands) if bands else mean_x[:, None].repeat(2, 1)) if n_samples else None
-    if same_as is None:
-        return mean_x, band_x
-    mean_all = same_as[1].copy()
-    mean_all[todo] = mean_x
-    if band_x is None:
-        return mean_all, None
-    band_all = np.asarray(same_as[2]).copy()
-    band_all[todo] = band_x
-    return mean_all, band_all
-
-
-def told_alike(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """(N,) bool: each window's inputs the same in both tensors (N, ...), NaN (not told) in the same places."""
-    return ((a == b) | (torch.isnan(a) & torch.isnan(b))).flatten(1).all(1).numpy()
-
-
-MOTION_RATIO = (0.5, 2.0)  # a plan's motion over the history changes the width at most this much
 COLLINEAR = 1e-3  # below this det / (aa bb) the two naive regressors count as one
 
 
@@ -369,79 +286,6 @@ def fit_loop_pull(model: KoVAE, p: Prepared, calib: dict[str, Any]) -> dict[str,
     return {"table": table.tolist(), "loops": loops}
 
 
-WIDTH_GAMMAS = tuple(round(0.05 * i, 2) for i in range(21))  # log-width per z-score of the width's driver
-
-
-def fit_spread(mean: np.ndarray, dev: np.ndarray, truth: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """Per variable, the factor on the sample band's deviations from the mean (dev, (N, 2, H, x), each window's
-    already times ``factor``, (N,) or per variable (N, x)) under which the band covers 80% of the truth:
-    bisection on a log scale. A variable with no truth here (NaN: not forecast in these windows) keeps 1.
-
-    A positive factor on every sample's deviation from the mean scales the band's deviation the same way, so the
-    band of the unscaled samples is all the fit needs."""
-    spread = np.ones(mean.shape[-1])
-    factor = np.broadcast_to(factor.reshape(len(factor), -1), (len(factor), mean.shape[-1]))  # (N,) or (N, x)
-    scaled = dev * factor[:, None, None, :]
-    for j in range(mean.shape[-1]):
-        m, d, t = mean[:, None, :, j : j + 1], scaled[..., j : j + 1], truth[..., j : j + 1]
-        if not np.isfinite(t).any():
-            continue
-        lo, hi = -6.0, 10.0  # log2 of the factor
-        for _ in range(24):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if ev.interval_coverage(m + 2**mid * d, t) < 0.8 else (lo, mid)
-        spread[j] = 2 ** ((lo + hi) / 2)
-    return spread
-
-
-def widened(mean: np.ndarray, band: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """The band (N, 2, H, x) with its deviations from the mean (N, H, x) times ``factor`` (broadcast)."""
-    return mean[:, None] + factor * (band - mean[:, None])
-
-
-def coverage_by_group(band: np.ndarray, truth: np.ndarray, groups: np.ndarray) -> dict[str, float]:
-    return {str(g): ev.interval_coverage(band[groups == g], truth[groups == g]) for g in dict.fromkeys(groups)}
-
-
-def window_levels(p: Prepared, w: Windows) -> np.ndarray:
-    """(N,) each window's ``driver_level`` (z-scores) as the graph reads it; zeros without a driver."""
-    if p.width_driver is None:
-        return np.zeros(len(w.x_hist))
-    return driver_level(torch.from_numpy(p.nx(w.x_hist)), p.width_driver).double().numpy()
-
-
-def fit_width(
-    mean: np.ndarray, dev: np.ndarray, truth: np.ndarray, level: np.ndarray, groups: np.ndarray
-) -> tuple[float, np.ndarray]:
-    """(gamma, spread): the width exp(gamma * level) * spread[v] (``IntervalWidth``) whose validation coverage
-    is 80% per variable and, of WIDTH_GAMMAS, closest to 80% in every validation regime and in every quarter of
-    the driver's levels (least sum of squares over both). One width covered storms less than calm days; a width
-    balanced over the regimes alone widened the wettest windows until they were covered 96% of the time and
-    left the driest at 58%. With a level that never changes (no driver), gamma is 0."""
-    candidates = WIDTH_GAMMAS if np.ptp(level) > 0 else (0.0,)
-    quarters = np.digitize(level, np.quantile(level, [0.25, 0.5, 0.75])).astype(str)
-    best: tuple[float, float, np.ndarray] | None = None
-    for gamma in candidates:
-        factor = np.exp(gamma * level)
-        spread = fit_spread(mean, dev, truth, factor)
-        band = widened(mean, mean[:, None] + dev, spread * factor[:, None, None, None])
-        covered = [*coverage_by_group(band, truth, groups).values(), *coverage_by_group(band, truth, quarters).values()]
-        miss = sum((c - 0.8) ** 2 for c in covered)
-        if best is None or miss < best[0] - 1e-9:
-            best = (miss, gamma, spread)
-    assert best is not None
-    return best[1], best[2]
-
-
-def width_factors(width: dict[str, Any], spread: np.ndarray, p: Prepared, w: Windows, **how: Any) -> np.ndarray:
-    """(N, x): the factor ``IntervalWidth`` gives each window's sample deviations, told ``how`` (``tensors``'
-    forecast and request)."""
-    xh, uh, _, uf = tensors(p, w, seed=1, **how)
-    module = IntervalWidth(len(p.x_mean), {"spread_scale": spread.tolist(), "width": width})  # no bounds: factors
-    with torch.no_grad():
-        return module(xh, uf, uh).double().numpy()
-
-
 def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
     """Fitted on validation after training: the residual fading (``fit_residual_decay``), the naive blends
     refitted (``fit_naive_blends``), a down sensor's pull (``fit_gap_pull``) and the loops' answer pull
@@ -468,125 +312,4 @@ def calibrate(model: KoVAE, p: Prepared, cfg: RunConfig) -> dict[str, Any]:
         "loop_pull_fit": loops,
         "residual_decay": decay.tolist(),
         **fit_interval_width(model, p, decay, cfg.train.calibration_samples),
-    }
-
-
-def fit_interval_width(model: KoVAE, p: Prepared, decay: np.ndarray, n: int) -> dict[str, Any]:
-    """The interval width (``IntervalWidth``) of ``n`` samples, fitted on validation with the model's other
-    calibrated terms in place (``decay``, the residual fading; the rest the model holds), and its validation
-    coverage: the card's ``spread_scale``, ``width``, ``band_bounds``, ``samples``, ``val_coverage_80`` and
-    ``val_coverage_by_regime``.
-
-    The prior noise gives the shape of the forecast distribution; its width, after the decoder, is not
-    trustworthy. So each variable's sample deviations from the mean are scaled until the 80% sample interval
-    covers 80% of validation truth, times a factor that grows with the width's driver (``fit_width``, on the
-    honest request). The base is fitted where loops are closed, told as a plant sends (the looped controls left
-    to their loops, the setpoints sent); then, one at a time, each other way of telling gets a ratio per
-    variable fitted with the ratios before it in place: the looped controls given (the applied diagnostic), no
-    setpoints sent (open-loop windows), an influent forecast. Each covers 80% as it is requested. Last, the
-    windows whose plan moved over the history's last day and those whose plan stood still get a ratio each
-    (``width.motion``, ``training.model.plan_moved``), so that each covers 80% in the honest request.
-    """
-    w = p.val
-    groups = np.array([f"{p.groups.get(s, 'all')}/{p.policies.get(s, '-')}" for s in w.scenario])
-    lo, hi = p.output_bounds()
-    bounds = {"lo": ((lo - p.x_mean) / p.x_std).tolist(), "hi": ((hi - p.x_mean) / p.x_std).tolist()}
-    base = {"residual_decay": decay.tolist(), "band_bounds": bounds}
-    runs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
-
-    def to_band(v: np.ndarray) -> np.ndarray:
-        """Engineering units to band space: everything below is fitted there, where widening is linear."""
-        margin = torch.from_numpy(BAND_MARGIN * p.x_std.astype(np.float64))  # the graph's, in engineering units
-        return band_space(torch.from_numpy(np.asarray(v, np.float64)), *map(torch.from_numpy, (lo, hi)), margin).numpy()
-
-    honest: list[tuple[np.ndarray, np.ndarray | None]] = []  # its run in engineering units, which held copies
-
-    def run(request: str, forecast: str = "none") -> tuple[np.ndarray, np.ndarray]:
-        if (request, forecast) not in runs:
-            same = ("honest", *honest[0]) if request == "held" and forecast == "none" and honest else None
-            mean_, band_ = predict(model, p, w, n, base, seed=1, forecast=forecast, request=request, same_as=same)
-            if (request, forecast) == ("honest", "none"):
-                honest.append((mean_, band_))
-            runs[request, forecast] = to_band(mean_), to_band(band_ if band_ is not None else mean_[:, None])
-        return runs[request, forecast]
-
-    in_band_space = to_band(w.x_fut)  # coverage is the same there: the map is increasing
-    loops_closed = p.closed_loops(w)
-
-    def forecast_truth(request: str) -> np.ndarray:
-        """The truth of what ``request`` has the model forecast: a looped control's output where the request
-        gives the control (its loop open, or the applied diagnostic) is the given plan, a band of no width
-        that is no forecast; counted, its float32 round trip missed the truth, and the width of that loop's
-        band was driven to the bisection's end (the loops' band over an influent forecast was 2.6 times wider,
-        covering 100%)."""
-        out = in_band_space.copy()
-        for j in range(len(p.looped)):
-            given = np.ones(len(out), bool) if request in ("applied", "bare") else ~loops_closed[:, j]
-            out[given, :, p.n_targets + j] = np.nan
-        return out
-
-    truth = forecast_truth("honest")
-    mean, band = run("honest")
-    level = window_levels(p, w)
-    gamma, _ = fit_width(mean, band - mean[:, None], truth, level, groups)
-    driver = None if p.width_driver is None else p.catalog.target_names[p.width_driver]
-    width: dict[str, Any] = {"driver": p.width_driver, "driver_name": driver, "gamma": gamma}
-    width.update(driver_clip=list(DRIVER_CLIP), known=[])
-    closed = loops_closed.any(1)
-    every = np.ones(len(closed), bool)
-    rows = closed if closed.any() else every
-    spread = fit_spread(mean[rows], band[rows] - mean[rows, None], truth[rows], np.exp(gamma * level[rows]))
-    # Each other way of telling: (what it is called, its flags, ratio when they are set or not, how it is told,
-    # the windows it is fitted on).
-    steps: list[tuple[str, str, str, dict[str, str], np.ndarray]] = []
-    if p.looped and closed.any():
-        steps.append(("looped controls given", "controls", "known", {"request": "applied"}, closed))
-        if not closed.all():
-            steps.append(("no setpoints", "setpoints", "unknown", {"request": "honest"}, ~closed))
-    elif p.n_setpoints:
-        steps.append(("setpoints", "setpoints", "known", {"request": "applied"}, every))
-    if p.disturbances:
-        steps.append(("disturbance forecast", "disturbances", "known", {"forecast": "noisy"}, every))
-    for name, kind, when, how, rows in steps:
-        mean_k, band_k = run(how.get("request", "honest"), how.get("forecast", "none"))
-        factor = width_factors(width, spread, p, w, **how)[rows]
-        dev = (band_k - mean_k[:, None])[rows]
-        ratio = fit_spread(mean_k[rows], dev, forecast_truth(how.get("request", "honest"))[rows], factor)
-        width["known"].append({"input": name, "columns": p.flag_columns(kind), "when": when, "ratio": ratio.tolist()})
-    # Last, a plan that moved over the history's last day and one that stood still, each covering 80% of its
-    # own validation windows in the honest request (a width fitted on both covered the first less).
-    columns = p.motion_columns()
-    _, uh, _, _ = tensors(p, w, seed=1)
-    moved = plan_moved(uh, columns, STEPS_PER_DAY).numpy() > 0.5
-    if columns and moved.any() and not moved.all():
-        factor = width_factors(width, spread, p, w)
-        dev = band - mean[:, None]
-        # Clipped: a variable whose band hardly moves with its width (one the plan holds still) would otherwise
-        # take the bisection's end, 2^-6 or 2^10.
-        ratios = {
-            key: np.clip(fit_spread(mean[rows], dev[rows], truth[rows], factor[rows]), *MOTION_RATIO)
-            for key, rows in (("moved", moved), ("still", ~moved))
-        }
-        width["motion"] = {"columns": columns, "steps": STEPS_PER_DAY, **{k: r.tolist() for k, r in ratios.items()}}
-    coverage = {}
-    for request in ("honest", "held", "applied") if p.n_setpoints else ("bare",):
-        mean_r, band_r = run(request)
-        factor = width_factors(width, spread, p, w, request=request)
-        told = widened(mean_r, band_r, factor[:, None, None, :])
-        coverage[request] = coverage_by_group(told, forecast_truth(request), groups)
-    if p.disturbances:
-        mean_r, band_r = run("honest", "noisy")
-        factor = width_factors(width, spread, p, w, request="honest", forecast="noisy")
-        told = widened(mean_r, band_r, factor[:, None, None, :])
-        coverage["honest + influent forecast"] = coverage_by_group(told, truth, groups)
-    honest = widened(mean, band, width_factors(width, spread, p, w)[:, None, None, :])
-    return {
-        "spread_scale": spread.tolist(),
-        "width": width,
-        # The outputs' physical bounds (normalised): the samples are widened in band space (the logit of each
-        # value's place in its range), so no band leaves them.
-        "band_bounds": bounds,
-        "samples": n,  # the width holds for quantiles from this many samples
-        "val_coverage_80": ev.interval_coverage(honest, truth),
-        "val_coverage_by_regime": coverage,
     }

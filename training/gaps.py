@@ -121,7 +121,7 @@ def fit_gap_pull(model: KoVAE, p: Prepared, forecast: Callable[[Windows, bool], 
     """The pull towards a down sensor's last value (``KoVAE.gap_pull``), per lead time from that value and
     variable, fitted on validation windows with one sensor down over its last 1 to L/2 steps (``GAP_DRAWS``
     copies), each forecast by ``forecast(windows, held)`` (the served forecast in engineering units, and with held
-    the forecast under the plan held: training.calibrate.predict); writes it into the model (and so the graph).
+    the forecast under the plan held: training.forecast.predict); writes it into the model (and so the graph).
 
     A variable takes it at the lead times where it cuts its error when down on windows it was not fitted on: each
     half of the windows checked with the pull fitted on the other, both halves' errors summed, per variable and

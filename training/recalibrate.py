@@ -1,7 +1,7 @@
 """Fit some calibrated terms of a stored version again, as a new version, without training again:
 ``python -m training.recalibrate --version V --as W --refit width [loop_pull] [--store models] [--run-dir D]``.
 
-``width``: the interval width (``training.calibrate.fit_interval_width``), after a change in how the samples
+``width``: the interval width (``training.interval_width.fit_interval_width``), after a change in how the samples
 are drawn or the width is fitted. ``loop_pull``: the answer's pull of the loops' forecasts
 (``training.calibrate.fit_loop_pull``), for a version trained before it existed; it moves the loops' samples
 too, so refit the width with it. The weights and every other
@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from export.onnx_export import ParityError, load_model
-    from training.calibrate import fit_interval_width, fit_loop_pull
+    from training.calibrate import fit_loop_pull
     from training.config import config_from_dict
+    from training.interval_width import fit_interval_width
     from training.prepare import prepare
     from training.publish import build_card, export_candidate, promote_if_better
     from training.report import evaluate_all, print_headline, write_outputs

@@ -11,9 +11,9 @@ import numpy as np
 from modelcard.card import atomic_write
 from plant.catalog import Catalog
 from training import evaluate as ev
-from training.calibrate import predict
 from training.config import RunConfig
 from training.data import Windows
+from training.forecast import predict
 from training.gaps import GAP_BLOCK, with_gap
 from training.model import KoVAE
 from training.prepare import Prepared
