@@ -786,6 +786,33 @@ def test_the_width_of_an_output_a_loops_limit_holds_is_fitted_on_the_band_the_gr
     assert served(plain) > 0.9, (plain, served(plain))
 
 
+def test_the_samples_the_width_is_fitted_on_are_the_graphs_at_every_width() -> None:
+    """``saturating_parts`` keeps an output's samples where a loop's limit holds them, in band space, so that
+    the width's fit (``SaturatingSamples.band``) sees the band ``calibrated_samples`` serves at any factor: the
+    same samples kept at the limit (those at or past it, on either side), the others widened about the mean in
+    band space; only outputs with a limit are kept. 101 samples: the 10% and 90% quantiles are samples
+    themselves, so both bands agree to rounding."""
+    from training import evaluate as ev
+    from training.forecast import SaturatingSamples, saturating_parts
+    from training.model import band_space, calibrated_samples
+
+    g = torch.Generator().manual_seed(3)
+    b, s, h, x = 5, 101, 4, 3
+    mean = torch.randn(b, h, x, generator=g) * 0.3
+    raw = (mean.unsqueeze(1) + torch.randn(b, s, h, x, generator=g)).clamp(-0.8, 0.6)  # the loop clips column 2
+    inf = torch.tensor(float("inf"))
+    limits = (torch.stack([-inf, -inf, torch.tensor(-0.8)]), torch.stack([inf, inf, torch.tensor(0.6)]))
+    bounds = (torch.full((x,), -3.0), torch.full((x,), 3.0))
+    columns = torch.nonzero(torch.isfinite(limits[0]) | torch.isfinite(limits[1]))[:, 0]
+    assert columns.tolist() == [2]
+    kept = SaturatingSamples(*(part[..., 0] for part in saturating_parts(mean, raw, columns, bounds, limits)))
+    assert kept.pinned.any() and not kept.pinned.all()
+    for f in (0.4, 1.0, 2.5):
+        served = calibrated_samples(mean, raw, torch.full((b, x), f), bounds, limits)[..., 2].double()
+        expected = band_space(torch.from_numpy(ev.sample_band(served.numpy()[..., None])[..., 0]), -3.0, 3.0)
+        assert np.allclose(kept.band(np.full(b, f)), expected.numpy(), atol=1e-5), f
+
+
 def test_interval_width_module_reads_the_driver_and_the_known_input_flags() -> None:
     """IntervalWidth (the graph's and evaluation's width): spread * exp(gamma * the driver's clipped highest
     measured value over the history) * ratio ** (share of the kind's future flags set); a driver never measured

@@ -138,7 +138,7 @@ def saturating_parts(
     if bounds is not None:
         lo, hi = bounds[0][columns].double(), bounds[1][columns].double()
         m, r = band_space(m, lo, hi), band_space(r, lo, hi)
-    return m.float().numpy(), r.float().numpy(), pinned.numpy()
+    return m.numpy(), r.numpy(), pinned.numpy()  # float64: a truth on the limit is compared with the limit itself
 
 
 def told_alike(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:

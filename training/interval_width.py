@@ -206,12 +206,13 @@ def fit_interval_width(model: KoVAE, p: Prepared, decay: np.ndarray, n: int) -> 
     spread = fit_spread(
         mean[rows], band[rows] - mean[rows, None], truth[rows], np.exp(gamma * level[rows]), subset(held_at, rows)
     )
-    # The influent (the exogenous outputs) is what it is however the plant is run: its width is fitted on every
+    # The influent (the exogenous outputs, decoded from latent modes no plan drives: model.exogenous_modes) is
+    # what it is however the plant is run: its width is fitted on every
     # window and takes no ratio for how the plan is told or moved, only for an influent forecast. Fitted with
     # the plant's (on looped windows, the controls' ratios on open-loop ones), it took the weather of the few
     # validation runs of each policy: 1.35 times wider open loop (a storm among them), and closed loop in a
     # storm the influent's band covered 64% of the flows.
-    exo = list(p.plan.exogenous)
+    exo = list(p.plan.exogenous) if model.n_exo else []  # a model without exogenous modes: the plan moves it
     if exo:
         spread[exo] = fit_spread(
             mean[..., exo], (band - mean[:, None])[..., exo], truth[..., exo], np.exp(gamma * level)

@@ -143,7 +143,7 @@ def driver_level(x_hist: torch.Tensor, driver: int) -> torch.Tensor:
 
 class IntervalWidth(nn.Module):
     """Per window and variable, the factor on the forecast samples' deviations from the mean, fitted on validation
-    (training.calibrate, the card's calibration):
+    (training.interval_width, the card's calibration):
 
         spread[v] * exp(gamma * clip(z_max(driver))) * ratio_k[v] ** share_k   (for each optional input kind k)
 
