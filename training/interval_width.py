@@ -147,7 +147,8 @@ def fit_interval_width(model: KoVAE, p: Prepared, decay: np.ndarray, n: int) -> 
     windows whose plan moved over the history's last day and those whose plan stood still get a ratio each
     (``width.motion``, ``training.model.plan_moved``), so that each covers 80% in the honest request. The
     influent (the catalog's exogenous outputs) takes none of these ratios but the influent forecast's: no plan
-    moves it, so its width is fitted on every window.
+    moves it, so its width is fitted on every window. An output a loop's limit can hold (a looped control) is
+    fitted from its samples (``SaturatingSamples``), the ones at the limit kept as the graph keeps them.
     """
     w = p.val
     groups = np.array([f"{p.groups.get(s, 'all')}/{p.policies.get(s, '-')}" for s in w.scenario])
