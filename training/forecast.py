@@ -11,7 +11,7 @@ import torch
 
 from training import evaluate as ev
 from training.data import Windows
-from training.model import IntervalWidth, KoVAE, band_space, calibrated_samples, held_plan
+from training.model import IntervalWidth, KoVAE, at_limits, band_space, calibrated_samples, held_plan
 from training.prepare import Prepared, tensors
 
 
@@ -89,7 +89,7 @@ def predict(
     width = IntervalWidth(model.x_dim, calib)
     means, bands = [], []
     limits = model.saturation()
-    held_at = [] if limits is None else torch.nonzero(torch.isfinite(limits[0]) | torch.isfinite(limits[1]))[:, 0]
+    limited = [] if limits is None else torch.nonzero(torch.isfinite(limits[0]) | torch.isfinite(limits[1]))[:, 0]
     kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     g = torch.Generator().manual_seed(seed)
     chunk = 256 if n_samples == 0 else max(1, 4096 // n_samples)
@@ -104,11 +104,11 @@ def predict(
                 factor = width(xh[sl], uf[sl], uh[sl])
                 samples = calibrated_samples(mean, raw, factor, width.bounds, limits)
                 bands.append(p.dx(ev.sample_band(samples.numpy())))
-                if saturating is not None and len(held_at) and limits is not None:
-                    kept.append(saturating_parts(mean, raw, held_at, width.bounds, limits))
+                if saturating is not None and len(limited) and limits is not None:
+                    kept.append(saturating_parts(mean, raw, limited, width.bounds, limits))
     if saturating is not None and kept:
         centre, value, pinned = (np.concatenate(parts) for parts in zip(*kept, strict=True))
-        for i, j in enumerate(held_at.tolist()):
+        for i, j in enumerate(limited.tolist()):
             saturating[j] = SaturatingSamples(centre[..., i], value[..., i], pinned[..., i])
     mean_x = p.dx(np.concatenate(means)) if means else np.zeros((0, *w.x_fut.shape[1:-1], model.x_dim))
     band_x = (np.concatenate(bands) if bands else mean_x[:, None].repeat(2, 1)) if n_samples else None
@@ -134,7 +134,7 @@ def saturating_parts(
     outputs ``columns``: mean (B, H, x) and raw samples (B, S, H, x) normalised, into band space as
     ``calibrated_samples`` widens them (linearly without ``bounds``)."""
     m, r = mean[..., columns].double(), raw[..., columns].double()
-    pinned = (r <= limits[0][columns]) | (r >= limits[1][columns])
+    pinned = at_limits(r, limits[0][columns], limits[1][columns])
     if bounds is not None:
         lo, hi = bounds[0][columns].double(), bounds[1][columns].double()
         m, r = band_space(m, lo, hi), band_space(r, lo, hi)

@@ -169,14 +169,14 @@ def fit_interval_width(model: KoVAE, p: Prepared, decay: np.ndarray, n: int) -> 
         """(mean, band, the samples a loop's limit holds) in band space, told as ``request`` and ``forecast``."""
         if (request, forecast) not in runs:
             same = ("honest", *honest[0]) if request == "held" and forecast == "none" and honest and not keep else None
-            held: dict[int, SaturatingSamples] | None = {} if keep else None
+            samples: dict[int, SaturatingSamples] | None = {} if keep else None
             mean_, band_ = predict(
-                model, p, w, n, base, seed=1, forecast=forecast, request=request, same_as=same, saturating=held
+                model, p, w, n, base, seed=1, forecast=forecast, request=request, same_as=same, saturating=samples
             )
             if (request, forecast) == ("honest", "none"):
                 honest.append((mean_, band_))
             band_ = to_band(band_ if band_ is not None else mean_[:, None])
-            runs[request, forecast] = to_band(mean_), band_, held or {}
+            runs[request, forecast] = to_band(mean_), band_, samples or {}
         return runs[request, forecast]
 
     in_band_space = to_band(w.x_fut)  # coverage is the same there: the map is increasing
@@ -195,9 +195,9 @@ def fit_interval_width(model: KoVAE, p: Prepared, decay: np.ndarray, n: int) -> 
         return out
 
     truth = forecast_truth("honest")
-    mean, band, held_at = run("honest")
+    mean, band, saturating = run("honest")
     level = window_levels(p, w)
-    gamma, _ = fit_width(mean, band - mean[:, None], truth, level, groups, held_at)
+    gamma, _ = fit_width(mean, band - mean[:, None], truth, level, groups, saturating)
     driver = None if p.width_driver is None else p.catalog.target_names[p.width_driver]
     width: dict[str, Any] = {"driver": p.width_driver, "driver_name": driver, "gamma": gamma}
     width.update(driver_clip=list(DRIVER_CLIP), known=[])
@@ -205,7 +205,7 @@ def fit_interval_width(model: KoVAE, p: Prepared, decay: np.ndarray, n: int) -> 
     every = np.ones(len(closed), bool)
     rows = closed if closed.any() else every
     spread = fit_spread(
-        mean[rows], band[rows] - mean[rows, None], truth[rows], np.exp(gamma * level[rows]), subset(held_at, rows)
+        mean[rows], band[rows] - mean[rows, None], truth[rows], np.exp(gamma * level[rows]), subset(saturating, rows)
     )
     # The influent (the exogenous outputs, decoded from latent modes no plan drives: model.exogenous_modes) is
     # what it is however the plant is run: its width is fitted on every
@@ -230,11 +230,11 @@ def fit_interval_width(model: KoVAE, p: Prepared, decay: np.ndarray, n: int) -> 
     if p.disturbances:
         steps.append(("disturbance forecast", "disturbances", "known", {"forecast": "noisy"}, every))
     for name, kind, when, how, rows in steps:
-        mean_k, band_k, held_k = run(how.get("request", "honest"), how.get("forecast", "none"))
+        mean_k, band_k, saturating_k = run(how.get("request", "honest"), how.get("forecast", "none"))
         factor = width_factors(width, spread, p, w, **how)[rows]
         dev = (band_k - mean_k[:, None])[rows]
         told_truth = forecast_truth(how.get("request", "honest"))[rows]
-        ratio = fit_spread(mean_k[rows], dev, told_truth, factor, subset(held_k, rows))
+        ratio = fit_spread(mean_k[rows], dev, told_truth, factor, subset(saturating_k, rows))
         if kind != "disturbances":
             ratio[exo] = 1.0
         width["known"].append({"input": name, "columns": p.flag_columns(kind), "when": when, "ratio": ratio.tolist()})
@@ -250,7 +250,7 @@ def fit_interval_width(model: KoVAE, p: Prepared, decay: np.ndarray, n: int) -> 
         # take the bisection's end, 2^-6 or 2^10.
         ratios = {
             key: np.clip(
-                fit_spread(mean[rows], dev[rows], truth[rows], factor[rows], subset(held_at, rows)), *MOTION_RATIO
+                fit_spread(mean[rows], dev[rows], truth[rows], factor[rows], subset(saturating, rows)), *MOTION_RATIO
             )
             for key, rows in (("moved", moved), ("still", ~moved))
         }
@@ -259,16 +259,16 @@ def fit_interval_width(model: KoVAE, p: Prepared, decay: np.ndarray, n: int) -> 
         width["motion"] = {"columns": columns, "steps": STEPS_PER_DAY, **{k: r.tolist() for k, r in ratios.items()}}
     coverage = {}
     for request in ("honest", "held", "applied") if p.n_setpoints else ("bare",):
-        mean_r, band_r, held_r = run(request)
+        mean_r, band_r, saturating_r = run(request)
         factor = width_factors(width, spread, p, w, request=request)
-        told = widened(mean_r, band_r, factor[:, None, None, :], held_r)
+        told = widened(mean_r, band_r, factor[:, None, None, :], saturating_r)
         coverage[request] = coverage_by_group(told, forecast_truth(request), groups)
     if p.disturbances:
-        mean_r, band_r, held_r = run("honest", "noisy")
+        mean_r, band_r, saturating_r = run("honest", "noisy")
         factor = width_factors(width, spread, p, w, request="honest", forecast="noisy")
-        told = widened(mean_r, band_r, factor[:, None, None, :], held_r)
+        told = widened(mean_r, band_r, factor[:, None, None, :], saturating_r)
         coverage["honest + influent forecast"] = coverage_by_group(told, truth, groups)
-    served = widened(mean, band, width_factors(width, spread, p, w)[:, None, None, :], held_at)
+    served = widened(mean, band, width_factors(width, spread, p, w)[:, None, None, :], saturating)
     return {
         "spread_scale": spread.tolist(),
         "width": width,

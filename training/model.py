@@ -115,7 +115,13 @@ def calibrated_samples(
         out = from_band_space(centre + f * (band_space(raw.double(), lo, hi) - centre), lo, hi).to(mean.dtype)
     if saturated is None:
         return out
-    return torch.where((raw <= saturated[0]) | (raw >= saturated[1]), raw, out)
+    return torch.where(at_limits(raw, *saturated), raw, out)
+
+
+def at_limits(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Where ``values`` sit at or past a loop's output limits (``KoVAE.saturation``): the samples the graph keeps
+    as drawn (``calibrated_samples``), and so the width's fit (``training.forecast.saturating_parts``)."""
+    return (values <= lo) | (values >= hi)
 
 
 DRIVER_CLIP = (-2.0, 3.0)  # z-scores of the width's driver beyond these widen (or narrow) no further
