@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = get_settings()
     except ValidationError as exc:
         setup_logging("INFO")
-        problems = "; ".join(f"KOVAE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        # A setting's own problem is named by its variable; one between settings names them in its message.
+        named = (
+            (f"KOVAE_{'_'.join(map(str, e['loc'])).upper()}: " if e["loc"] else "", e["msg"]) for e in exc.errors()
+        )
+        problems = "; ".join(name + msg for name, msg in named)
         log.error("settings refused, not starting: %s", problems, extra={"event": "settings_refused"})
         return 2
     except UnicodeDecodeError as exc:  # pydantic-settings reads .env as UTF-8 text

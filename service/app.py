@@ -158,7 +158,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     log.info("model store: %s (%s)", store.resolve(), found_by, extra={"event": "model_store"})
     registry = ModelRegistry(store, settings.ort_threads, settings.runtime_dir)
     # Two inference lanes per worker, one thread each: ONNX Runtime stays on warm caches, the event loop is never
-    # blocked, and a request small enough for one ONNX call never queues behind a large one's pieces.
+    # blocked, and a request small enough for one ONNX call (KOVAE_CHUNK_WORK steps) never queues behind a large
+    # one's pieces.
     inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     bulk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bulk")
     # Setpoint advice has a lane of its own: a search (hundreds of plans, ~0.5 s) never holds up a forecast.
@@ -287,7 +288,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.count_warnings(facts.warnings)
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        lane = inference if decoded.work <= settings.chunk_work else bulk
+        # The fast lane takes a request whose calls together are at most one call's bound (forecasting.steps: the
+        # trajectories rolled out and the histories encoded, not samples x horizon alone); a larger one runs in
+        # calls of that bound on the bulk lane.
+        fast = forecasting.request_steps(decoded, rt.max_horizon) <= settings.chunk_work
+        lane = inference if fast else bulk
         fragments: list[forecasting.Fragment] = []
         response: Response | None = None
         try:

@@ -89,7 +89,8 @@ def decode(req: ForecastRequest, rt: ModelRuntime, settings: Settings) -> Decode
 def check_request_sizes(req: ForecastRequest, rt: ModelRuntime, settings: Settings, errors: Errors) -> int:
     """Horizon, series, quantiles, samples, plans and the work, each checked once (no error per quantile); returns
     the work: forecasts x samples x horizon in sample steps (the mean counts as one sample, a series with plans one
-    forecast per plan)."""
+    forecast per plan), the count KOVAE_MAX_WORK bounds. The lane and the ONNX calls are sized otherwise, by what a
+    call costs (``service.forecasting.steps``: the rollout over the model's max_horizon and the history count too)."""
     if req.horizon > rt.max_horizon:
         errors.add("horizon", f"{req.horizon} exceeds the model's max_horizon {rt.max_horizon}")
     if len(req.series) > settings.max_series:

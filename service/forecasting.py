@@ -32,35 +32,76 @@ Fragment = tuple[int, int, bytes]
 """(series index, piece of that series, JSON): a series without plans is one piece; with plans, several."""
 
 
-def plan(d: DecodedRequest, chunk_work: int) -> list[list[int]]:
-    """Series indices per piece of work: series of one history length, together at most ``chunk_work``
-    sample steps (a single series with more samples is one piece, its samples drawn in chunks). The series
-    with plans are left out: ``plan_pieces`` splits each into its own pieces."""
-    per_series = max(d.samples, 1) * d.horizon
-    group = max(1, chunk_work // per_series)
+def steps(trajectories: int, history: int, horizon: int, max_horizon: int) -> int:
+    """The cost of an ONNX call in steps, the unit of KOVAE_CHUNK_WORK (which bounds each call, and below which a
+    request runs on the fast lane): each trajectory the call rolls out (a forecast's mean, and each of its samples,
+    for every series or plan in the call) counts its ``horizon`` plus half the model's ``max_horizon``, and the
+    encoder counts each ``history`` step it reads (every series' history; a plans call's one history).
+
+    The graph unrolls every trajectory over the card's maximum horizon and slices the requested horizon after
+    (``export.onnx_export.ForecastGraph``), so a horizon of 1 still pays the whole rollout: counting samples x horizon
+    alone put 64 series x 128 samples x horizon 1 (2.5 s) at 8,192, on the fast lane as one call. On the default
+    model (one thread) a rollout step costs about half a decoded one and a history step about one: 500 samples of one
+    series take 0.10 s at horizon 1 and 0.35 s at 96 (25,000 and 72,000 steps), 32 series' means 0.03 s with 64
+    history steps and 0.06 s with 256 (3,600 and 9,800): 4 to 8 us a step. The plans graph decodes its steps more
+    cheaply (1,000 plans' means at horizon 96: 0.28 s for 144,000 steps): there the count is an upper bound."""
+    return trajectories * (horizon + max_horizon // 2) + history
+
+
+def request_steps(d: DecodedRequest, max_horizon: int) -> int:
+    """The whole request's ``steps``, as if it ran in one call: at most KOVAE_CHUNK_WORK, it runs on the fast lane
+    (its series in one call per history length, its plans' pieces each a call). A series counts its mean and samples
+    and its history; a series with plans each plan's mean and samples (none drawn without the plans' forecasts) and
+    its one history."""
+    total = 0
+    for i, x in enumerate(d.x_hist):
+        if d.facts[i].plan_names is None:
+            total += steps(d.samples + 1, len(x), d.horizon, max_horizon)
+        else:
+            total += steps(len(d.u_fut[i]) * (plan_samples(d, i) + 1), len(x), d.horizon, max_horizon)
+    return total
+
+
+def plan_samples(d: DecodedRequest, i: int) -> int:
+    """Samples drawn for each plan of series ``i``: none without the plans' forecasts in the answer (plan_forecasts
+    false), whose quantiles would be dropped."""
+    return d.samples if d.facts[i].plan_forecasts else 0
+
+
+def plan(d: DecodedRequest, chunk_work: int, max_horizon: int) -> list[list[int]]:
+    """Series indices per piece of work: series of one history length, together at most ``chunk_work`` ``steps``
+    with all their samples (a single series past it is one piece, its samples drawn in several calls: ``run_series``).
+    The series with plans are left out: ``plan_pieces`` splits each into its own pieces."""
     by_length: dict[int, list[int]] = {}
     for i, x in enumerate(d.x_hist):
         if d.facts[i].plan_names is None:
             by_length.setdefault(len(x), []).append(i)
-    return [idx[k : k + group] for idx in by_length.values() for k in range(0, len(idx), group)]
+    groups = []
+    for length, idx in by_length.items():
+        group = max(1, chunk_work // steps(d.samples + 1, length, d.horizon, max_horizon))
+        groups += [idx[k : k + group] for k in range(0, len(idx), group)]
+    return groups
 
 
-def plan_pieces(d: DecodedRequest, i: int, chunk_work: int, piece_bytes: int = PIECE_BYTES) -> list[tuple[int, int]]:
-    """(first, stop) plans of series ``i`` per piece: at most ``piece_bytes`` of JSON, and with samples at most
-    ``chunk_work`` sample steps (means alone run all in one call: the runtime decodes them step by step)."""
+def plan_pieces(
+    d: DecodedRequest, i: int, chunk_work: int, max_horizon: int, piece_bytes: int = PIECE_BYTES
+) -> list[tuple[int, int]]:
+    """(first, stop) plans of series ``i`` per piece: at most ``piece_bytes`` of JSON and at most ``chunk_work``
+    ``steps`` (one plan a piece where one alone is more)."""
     n_plans, facts = len(d.u_fut[i]), d.facts[i]
     per_plan = forecast_bytes(len(facts.outputs), len(d.quantiles), d.horizon) if facts.plan_forecasts else 1
     step = max(1, piece_bytes // per_plan)
-    if d.samples and facts.plan_forecasts:
-        step = min(step, max(1, chunk_work // (d.samples * d.horizon)))
+    history, per_plan_steps = len(d.x_hist[i]), steps(plan_samples(d, i) + 1, 0, d.horizon, max_horizon)
+    step = min(step, max(1, (chunk_work - history) // per_plan_steps))
     return [(k, min(k + step, n_plans)) for k in range(0, n_plans, step)]
 
 
 def run_series(
     rt: ModelRuntime, d: DecodedRequest, series: list[int], rng: np.random.Generator, chunk_work: int
 ) -> dict[int, SeriesResult]:
-    """Mean and quantiles of some series. Samples are drawn ``chunk_work`` sample steps at a time and
-    reduced to quantiles here, so memory stays bounded whatever the request asked for."""
+    """Mean and quantiles of some series. Samples are drawn in calls of at most ``chunk_work`` ``steps`` (each call
+    rolls the means out again beside its samples, and encodes the histories again; at least one sample a call) and
+    reduced to quantiles here, so memory and each call's time stay bounded whatever the request asked for."""
     x = np.stack([d.x_hist[i] for i in series])
     u = np.stack([d.u_hist[i] for i in series])
     uf = np.stack([d.u_fut[i] for i in series])
@@ -70,7 +111,9 @@ def run_series(
     if d.samples == 0:
         mean = rt.predict(x, u, uf, last, d_fut=df, **sp).mean
         return {i: SeriesResult(mean[j], None) for j, i in enumerate(series)}
-    per_call = max(1, chunk_work // (len(series) * d.horizon))
+    n, history = len(series), x.shape[1]
+    per_trajectory = steps(1, 0, d.horizon, rt.max_horizon)
+    per_call = max(1, (chunk_work - n * history) // (n * per_trajectory) - 1)  # samples beside the means
     mean, drawn = None, []
     for start in range(0, d.samples, per_call):
         fc = rt.predict(x, u, uf, last, min(per_call, d.samples - start), rng, d_fut=df, **sp)
@@ -85,15 +128,14 @@ def run_plans(
     rt: ModelRuntime, d: DecodedRequest, i: int, first: int, stop: int, rng: np.random.Generator
 ) -> SeriesResult:
     """Plans ``first``..``stop`` of series ``i`` under its one history: the encoder runs once per call. Without
-    the plans' forecasts in the answer (plan_forecasts false) no samples are drawn: their quantiles would be
-    dropped."""
+    the plans' forecasts in the answer (plan_forecasts false) no samples are drawn (``plan_samples``)."""
     s_fut = d.s_fut[i] if d.s_fut[i].ndim == 2 else d.s_fut[i][first:stop]  # shared, or each plan's own
     fc = rt.predict_plans(
         d.x_hist[i],
         d.u_hist[i],
         d.u_fut[i][first:stop],
         d.last_minute[i],
-        d.samples if d.facts[i].plan_forecasts else 0,
+        plan_samples(d, i),
         rng,
         d.d_fut[i],
         d.s_hist[i],
@@ -108,9 +150,9 @@ def pieces(
 ) -> Iterator[Callable[[], list[Fragment]]]:
     """Zero-argument callables, one per piece, to be run in order: each forecasts its series (or some plans
     of one series) and returns them as JSON fragments, so that no single step of a large request holds the
-    interpreter or much memory for long."""
+    interpreter or much memory for long: each ONNX call is at most ``chunk_work`` ``steps``."""
     rng = np.random.default_rng(d.seed)
-    for series in plan(d, chunk_work):
+    for series in plan(d, chunk_work, rt.max_horizon):
 
         def piece(series: list[int] = series) -> list[Fragment]:
             results = run_series(rt, d, series, rng, chunk_work)
@@ -120,7 +162,7 @@ def pieces(
     for i, facts in enumerate(d.facts):
         if facts.plan_names is None:
             continue
-        for k, (first, stop) in enumerate(plan_pieces(d, i, chunk_work, piece_bytes)):
+        for k, (first, stop) in enumerate(plan_pieces(d, i, chunk_work, rt.max_horizon, piece_bytes)):
 
             def plans_piece(i: int = i, k: int = k, first: int = first, stop: int = stop) -> list[Fragment]:
                 res = run_plans(rt, d, i, first, stop, rng)

@@ -138,18 +138,25 @@ def validate(model: Any, data: bytes, where: tuple[Any, ...], errors: Errors) ->
 
 def plan_spans(s: Structure) -> dict[int, list[tuple[int, tuple[int, int]]]]:
     """Series index -> (plan index, (first, last byte)) of each of its plans, for every ``plans`` array made of
-    objects only (anything else is left to the whole-body parse, which names it)."""
+    objects only (anything else is left to the whole-body parse, which names it). The arrays at ``plans``'s
+    level are checked together (a body of 34,000 of them took 6 s when each was named on its own)."""
+    arrays = np.flatnonzero(s.is_array & (s.level == 4))
+    lo, hi = np.searchsorted(s.level, [5, 6])
+    # The containers of level 5 inside an array are a run of them (a level's containers are in body order).
+    first = lo + np.searchsorted(s.open_pos[lo:hi], s.open_pos[arrays])
+    last = lo + np.searchsorted(s.open_pos[lo:hi], s.close_pos[arrays])
+    objects = np.concatenate(([0], np.cumsum(~s.is_array[lo:hi])))
+    n = objects[last - lo] - objects[first - lo]
+    only = (n == s.items[arrays]) & (n > 0)  # not an empty list, and nothing but objects
+    arrays, first, last = arrays[only], first[only], last[only]
+    found: dict[int, int] = {}  # series -> its plans array (the last, when the key is given twice)
+    for r, path in enumerate(s.paths(s.open_pos[arrays])):
+        if (m := PLANS_PATH.match(path)) is not None:
+            found[int(m.group(1))] = r
     out = {}
-    for k in np.flatnonzero(s.is_array & (s.level == 4)):
-        m = PLANS_PATH.match(s.path(int(s.open_pos[k])))
-        if m is None:
-            continue
-        lo, hi = np.searchsorted(s.level, [5, 6])
-        inside = (s.open_pos[lo:hi] > s.open_pos[k]) & (s.close_pos[lo:hi] < s.close_pos[k])
-        objects = np.flatnonzero(inside & ~s.is_array[lo:hi]) + lo
-        if len(objects) != s.items[k] or len(objects) == 0:
-            continue  # an empty list, or not only objects
-        out[int(m.group(1))] = [(j, (int(s.open_pos[o]), int(s.close_pos[o]))) for j, o in enumerate(objects)]
+    for i, r in found.items():
+        plans = np.flatnonzero(~s.is_array[first[r] : last[r]]) + first[r]  # its objects
+        out[i] = list(enumerate(zip(s.open_pos[plans].tolist(), s.close_pos[plans].tolist(), strict=True)))
     return out
 
 

@@ -148,5 +148,5 @@ class DecodedRequest:
     quantiles: list[float] = field(default_factory=list)
     samples: int = 0  # 0 when no quantiles are asked for: samples are drawn only to give quantiles
     seed: int | None = None
-    work: int = 0  # sample steps, as the work bound counted them (service.decode): which lane runs the request
+    work: int = 0  # series x samples x horizon, what KOVAE_MAX_WORK bounds (service.decode); lanes: forecasting.steps
     answer_bytes: int = 0  # the answer's predicted size (service.encode.answer_bytes): what it holds in memory

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
-from service.problems import Errors
+from service.problems import LISTED, Errors
 
 OPEN_ARRAY, CLOSE_ARRAY, OPEN_OBJECT, CLOSE_OBJECT, COMMA = 1, 2, 3, 4, 5
 CODES = np.zeros(256, np.int8)
@@ -59,39 +60,90 @@ class Structure:
     def path(self, pos: int) -> str:
         """The field at byte ``pos`` (a container's opening bracket or a string's opening quote), as the request's
         errors name fields: ``series[0].measurements.Q_in``."""
-        out = ""
-        for lvl in range(1, int(self.level.max(initial=0)) + 1):
+        return self.paths(np.array([pos]))[0]
+
+    def paths(self, pos: np.ndarray) -> list[str]:
+        """``path`` of each offset in ``pos``, for a few binary searches each: an array's index is found among
+        its level's commas (``_commas``), not counted from the array's start, so naming every container of a
+        large body costs in proportion to their number, not to it times the body's size."""
+        pos = np.asarray(pos, np.int64).reshape(-1)
+        holders = []  # per level from 1: the container there that holds each pos, -1 where none does
+        held = np.ones(len(pos), bool)
+        for lvl in range(1, self._top + 1):
             lo, hi = np.searchsorted(self.level, [lvl, lvl + 1])
-            k = lo + int(np.searchsorted(self.open_pos[lo:hi], pos)) - 1  # the last container opened before pos
-            if k < lo or not pos < self.close_pos[k]:
+            k = lo + np.searchsorted(self.open_pos[lo:hi], pos) - 1  # the last container opened before pos
+            held &= (k >= lo) & (pos < self.close_pos[np.maximum(k, 0)])
+            if not held.any():
                 break
-            child = self._next_container(lvl + 1, pos, k)
-            out += self._label(k, lvl, pos if child is None else child)
-        return out.lstrip(".") or "body"
+            holders.append(np.where(held, k, -1))
+        out = np.full(len(pos), "", object)
+        for i, k in enumerate(holders):
+            rows = np.flatnonzero(k >= 0)
+            # A container names what starts at pos, or the container at the next level that holds it.
+            child = holders[i + 1][rows] if i + 1 < len(holders) else np.full(len(rows), -1)
+            at = np.where(child >= 0, self.open_pos[np.maximum(child, 0)], pos[rows])
+            at, first, inverse = np.unique(at, return_index=True, return_inverse=True)  # one container names each
+            out[rows] += self._labels(k[rows][first], i + 1, at)[inverse.reshape(-1)]
+        return [p.lstrip(".") or "body" for p in out]
 
-    def _next_container(self, lvl: int, pos: int, parent: int) -> int | None:
-        """The opening offset of the container at ``lvl`` that holds ``pos`` inside ``parent``, if any."""
-        lo, hi = np.searchsorted(self.level, [lvl, lvl + 1])
-        k = lo + int(np.searchsorted(self.open_pos[lo:hi], pos)) - 1
-        if k >= lo and self.open_pos[parent] < self.open_pos[k] < pos < self.close_pos[k]:
-            return int(self.open_pos[k])
-        return None
+    @cached_property
+    def _top(self) -> int:
+        return int(self.level.max(initial=0))
 
-    def _label(self, k: int, lvl: int, pos: int) -> str:
-        """How container ``k`` names what starts at ``pos``: ``[index]`` in an array, ``.key`` in an object."""
-        start = self.open_pos[k]
-        if self.is_array[k]:
-            a, b = np.searchsorted(self.tok, [start, pos])
-            return f"[{int(np.count_nonzero(self.tok_comma_level[a:b] == lvl))}]"
-        j = int(np.searchsorted(self.string_end, pos)) - 1  # the string just before pos: its key, if a colon follows
-        if not (j >= 0 and self.string_start[j] > start and self.body[self.string_end[j] + 1 : pos].strip() == b":"):
-            j += 1  # pos is a key itself
-        a, b = int(self.string_start[j]), int(self.string_end[j])
-        try:
-            key = str(json.loads(self.body[a : b + 1]))
-        except ValueError:
-            key = self.body[a + 1 : b].decode("utf-8", "replace")
-        return "." + (key if len(key) <= 40 else key[:37] + "...")
+    @cached_property
+    def _level_commas(self) -> dict[int, np.ndarray]:
+        return {}
+
+    def _commas(self, lvl: int) -> np.ndarray:
+        """The offsets of the commas of the containers of level ``lvl`` (as ``tok_comma_level`` holds it), in body
+        order: one pass over the tokens per level asked for."""
+        if lvl not in self._level_commas:
+            self._level_commas[lvl] = self.tok[self.tok_comma_level == lvl]
+        return self._level_commas[lvl]
+
+    def _labels(self, k: np.ndarray, lvl: int, at: np.ndarray) -> np.ndarray:
+        """How containers ``k`` (of level ``lvl``) name what starts at ``at``: ``[index]`` in an array, ``.key``
+        in an object."""
+        labels = np.empty(len(k), object)
+        arrays = self.is_array[k]
+        if arrays.any():
+            # The level's commas between a container's opening and pos are that container's own.
+            commas = self._commas(lvl)
+            n = np.searchsorted(commas, at[arrays]) - np.searchsorted(commas, self.open_pos[k[arrays]])
+            labels[arrays] = [f"[{int(c)}]" for c in n]
+        if not arrays.all():
+            labels[~arrays] = self._keys(self.open_pos[k[~arrays]], at[~arrays])
+        return labels
+
+    def _keys(self, start: np.ndarray, at: np.ndarray) -> list[str]:
+        """``.key`` for what starts at each ``at`` in the objects opened at ``start``; ``.<no key>`` for a value
+        with no key before it (a body the parser will refuse: its sizes are checked first, and named)."""
+        n = len(self.string_start)
+        if n == 0:
+            return [NO_KEY] * len(at)
+        j = np.searchsorted(self.string_end, at) - 1  # the string just before at: its key, if a colon follows
+        key = (j >= 0) & (self.string_start[np.maximum(j, 0)] > start)
+        after = self.string_end[np.maximum(j, 0)] + 1
+        for r in np.flatnonzero(key):
+            key[r] = self.body[after[r] : at[r]].strip() == b":"
+        own = ~key & (j + 1 < n) & (self.string_start[np.minimum(j + 1, n - 1)] == at)  # at is a key itself
+        j = np.where(key, j, np.minimum(j + 1, n - 1))
+        ends = zip(self.string_start[j].tolist(), self.string_end[j].tolist(), strict=True)
+        raw = [self.body[a : b + 1] if named_ else None for (a, b), named_ in zip(ends, key | own, strict=True)]
+        labels: dict[bytes, str] = {}
+        return [NO_KEY if r is None else labels[r] if r in labels else labels.setdefault(r, _key_label(r)) for r in raw]
+
+
+NO_KEY = ".<no key>"
+
+
+def _key_label(raw: bytes) -> str:
+    """``.key`` for a key as sent, quotes included (escapes read; a long key cut short)."""
+    try:
+        key = str(json.loads(raw))
+    except ValueError:
+        key = raw[1:-1].decode("utf-8", "replace")
+    return "." + (key if len(key) <= 40 else key[:37] + "...")
 
 
 def _unescaped(a: np.ndarray, quotes: np.ndarray) -> np.ndarray:
@@ -169,10 +221,12 @@ def check_sizes(body: bytes, limits: SizeLimits) -> Structure | None:
     big = (s.is_array & (s.items > limits.array)) | (~s.is_array & (s.items > limits.members))
     for k in np.flatnonzero(big)[np.argsort(s.open_pos[big], kind="stable")]:
         kind, limit = ("items", limits.array) if s.is_array[k] else ("members", limits.members)
-        errors.add(s.path(int(s.open_pos[k])), f"{s.items[k]} {kind}; no field of a request takes more than {limit}")
+        field = s.path(int(s.open_pos[k])) if len(errors.listed) < LISTED else ""  # only the listed are named
+        errors.add(field, f"{s.items[k]} {kind}; no field of a request takes more than {limit}")
     lengths = s.string_end - s.string_start - 1
     for k in np.flatnonzero(lengths > limits.string_bytes):
-        errors.add(s.path(int(s.string_start[k])), f"a string of {lengths[k]} bytes; at most {limits.string_bytes}")
+        field = s.path(int(s.string_start[k])) if len(errors.listed) < LISTED else ""
+        errors.add(field, f"a string of {lengths[k]} bytes; at most {limits.string_bytes}")
     if not len(errors) and s.values > limits.values:
         errors.add("body", f"{s.values} values; a request may hold at most {limits.values}: send fewer series or plans")
     errors.raise_if_any("Request too large")

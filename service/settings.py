@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from dotenv import dotenv_values
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -44,7 +44,11 @@ class Settings(BaseSettings):
         1_500_000, ge=1, description="most series x samples x horizon one request may ask for (422 above it)"
     )
     chunk_work: int = Field(
-        8192, ge=1, description="sample steps per ONNX call of a large request: bounds its memory, lets others through"
+        8192,
+        ge=1,
+        description="steps per ONNX call (service.forecasting.steps: each trajectory, a forecast's mean or one sample, "
+        "counts its horizon plus half the model's max_horizon, each history its length): a request within it runs on "
+        "the fast lane, a larger one in calls of at most this on its own lane; bounds their memory and time",
     )
     max_body_bytes: int = Field(8_000_000, ge=1)
     max_values: int = Field(
@@ -119,6 +123,13 @@ class Settings(BaseSettings):
                 # A header carries bytes: a client's UTF-8 never matched, and a key Python cannot encode was a 500.
                 raise ValueError(f"key {k} has characters an HTTP header does not carry: printable ASCII only")
         return keys
+
+    @model_validator(mode="after")
+    def info_protected_by_a_key(self) -> Settings:
+        """Protecting /model and /metrics without a key to protect them with left both open, without a word."""
+        if self.protect_info and not self.api_keys:
+            raise ValueError("KOVAE_PROTECT_INFO is true but KOVAE_API_KEYS is empty: /model and /metrics need a key")
+        return self
 
 
 def find_store(configured: Path | None) -> tuple[Path, str]:

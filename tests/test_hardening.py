@@ -21,6 +21,7 @@ import pytest
 
 from modelcard.card import CardError, read_card, write_card
 from modelcard.store import POINTER, current_version, list_versions, remove_stale, set_current, version_dir
+from service import forecasting
 from service.decode import decode
 from service.request import ForecastRequest
 from service.settings import Settings
@@ -288,8 +289,9 @@ def test_a_small_request_is_answered_while_a_large_one_runs(serve, trained_store
     whole one: the large's next piece is queued while the first small runs), which slipping in between pieces
     alone cannot hide."""
     store, _ = trained_store
-    # 16 series of 1,000 samples per piece: 4 pieces of ~0.8 s each (the small requests: ~0.05 s).
-    s = serve(store, KOVAE_CHUNK_WORK=str(16 * 1000 * rt.max_horizon))
+    # 16 series of 1,000 samples per piece, one ONNX call each: 4 pieces of ~0.8 s each (the small requests: ~0.05 s).
+    H, L = rt.max_horizon, rt.card["history"]["length"]
+    s = serve(store, KOVAE_CHUNK_WORK=str(forecasting.steps(16 * 1001, 16 * L, H, H)))
     large = make_body(rt, n_series=64, horizon=rt.max_horizon)
     large.update(quantiles=[0.1, 0.9], samples=1000)
     small = make_body(rt, horizon=4)

@@ -352,6 +352,8 @@ def test_empty_api_keys_stop_the_start(variable, trained_store) -> None:
         ("KOVAE_PORT", "70000", ("KOVAE_PORT", "65535")),
         # a key a header cannot carry: a client's UTF-8 never matched it, and an unencodable one was a 500
         ("KOVAE_API_KEYS", '["ké"]', ("KOVAE_API_KEYS", "printable ASCII only")),
+        # /model and /metrics protected by no key stayed open
+        ("KOVAE_PROTECT_INFO", "true", ("KOVAE_PROTECT_INFO", "KOVAE_API_KEYS is empty")),
     ],
 )
 def test_a_setting_that_cannot_be_served_stops_the_start_in_one_line(variable, value, words, trained_store) -> None:

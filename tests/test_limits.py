@@ -6,6 +6,7 @@ the real ONNX Runtime model. Each test reproduces one finding of the second host
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -133,6 +134,100 @@ def test_keys_only_keeps_every_key_and_finds_every_duplicate() -> None:
             return False
 
         assert duplicated(keys_only(s)) == duplicated(body) == (len(set(keys)) < len(keys))
+
+
+class _Counted(np.ndarray):
+    """An array that counts the elements read out of it by indexing or slicing: the work of the code that reads
+    a scanned body's structure, measured without a clock."""
+
+    read = 0
+
+    def __getitem__(self, key):
+        out = super().__getitem__(key)
+        _Counted.read += np.size(out)
+        return out
+
+
+def _counted_structure(body: bytes):
+    s = structure(body)
+    assert s is not None
+    for f in dataclasses.fields(s):
+        if isinstance(getattr(s, f.name), np.ndarray):
+            setattr(s, f.name, getattr(s, f.name).view(_Counted))
+    return s
+
+
+def _plans_everywhere(n_series: int, arrays: int = 8) -> bytes:
+    """The reviewer's body, n_series long: series of nothing but arrays of one object at plans' level."""
+    series = "{" + ",".join(['"plans":[{}]'] * arrays) + "}"
+    return ('{"horizon":8,"series":[' + ",".join([series] * n_series) + "]}").encode()
+
+
+def test_a_large_bodys_plans_are_found_for_work_in_proportion_to_it(monkeypatch) -> None:
+    """Naming every array at plans' level cost O(body) each (an index counted from the array's start; every
+    level-5 container looked at): quadratic, 6 s for the 444 kB body of 1000 series of 34 such arrays, paid
+    before any limit refused it. Ten times the series may take about ten times the work, not a hundred; so may
+    ten times the oversized arrays, of which only the 20 listed are named."""
+    from service import scan
+    from service.parse import plan_spans
+
+    def work(n_series: int) -> int:
+        s = _counted_structure(_plans_everywhere(n_series))
+        _Counted.read = 0
+        spans = plan_spans(s)
+        assert list(spans) == list(range(n_series))  # each series' last "plans" array, one empty object
+        assert all(len(v) == 1 and v[0][1][1] == v[0][1][0] + 1 for v in spans.values())
+        return _Counted.read
+
+    small, large = work(100), work(1000)
+    assert 0 < large <= 12 * small, (small, large)
+
+    monkeypatch.setattr(scan, "structure", _counted_structure)
+    limits = SizeLimits(values=10**7, array=1000, members=34, string_bytes=2048, depth=8)
+
+    def oversized(n_arrays: int) -> int:
+        body = ('{"horizon":8,"x":[' + ",".join(["[" + ",".join(["0"] * 1001) + "]"] * n_arrays) + "]}").encode()
+        _Counted.read = 0
+        with pytest.raises(ProblemError) as exc:
+            check_sizes(body, limits)
+        assert exc.value.count == n_arrays and len(exc.value.errors) == LISTED
+        assert [e["field"] for e in exc.value.errors] == [f"x[{k}]" for k in range(LISTED)]
+        return _Counted.read
+
+    small, large = oversized(40), oversized(400)
+    assert 0 < large <= 12 * small, (small, large)
+
+
+def test_the_reviewers_body_is_refused_as_it_was() -> None:
+    """444 kB of 1000 series of 34 "plans" arrays each (under the 8 MB limit): the same 422 as before."""
+    from service.parse import plan_spans
+
+    raw = _plans_everywhere(1000, arrays=34)
+    assert len(raw) == 444_024
+    spans = plan_spans(structure(raw))
+    assert list(spans) == list(range(1000)) and spans[0] == [(0, (462, 463))] and spans[999] == [(0, (444018, 444019))]
+    limits = SizeLimits(values=600_000, array=1000, members=34, string_bytes=2048, depth=8)  # a model of 17 names
+    with pytest.raises(ProblemError) as exc:
+        parse(raw, limits)
+    assert (exc.value.status, exc.value.title, exc.value.count) == (422, "Invalid request body", 3)
+    assert exc.value.detail == (
+        "series[0].timestamps: Field required; series[0].measurements: Field required; "
+        "series[0].controls: Field required"
+    )
+
+
+@pytest.mark.parametrize(
+    ("opening", "closing", "field"),
+    [("{", "}", "<no key>"), ('{"a": 1, ', "}", "<no key>"), ("{", ', "b": 2}', "<no key>"), ('{"a": ', "}", "a")],
+)
+def test_an_oversized_array_without_a_key_is_named_so(opening: str, closing: str, field: str) -> None:
+    """A large body's sizes are checked before the parser sees it: an array with no key before it in an object
+    (malformed JSON) raised IndexError there, a 500, or was named after the next member's key."""
+    raw = (opening + "[" + ",".join(["0"] * 1001) + "]" + closing + " " * 70_000).encode()
+    limits = SizeLimits(values=600_000, array=1000, members=34, string_bytes=2048, depth=8)
+    with pytest.raises(ProblemError) as exc:
+        parse(raw, limits)
+    assert exc.value.status == 422 and [e["field"] for e in exc.value.errors] == [field]
 
 
 def test_a_duplicate_key_in_a_large_body_is_refused(server, rt) -> None:
@@ -279,3 +374,96 @@ def test_an_answer_too_large_suggests_only_what_would_shrink_it() -> None:
         with pytest.raises(ProblemError, match="Answer too large") as refused:
             check_answer_size(shapes, 3, horizon, 1_000_000)
         assert ("a shorter horizon" in refused.value.errors[0]["message"]) is suggested
+
+
+# ----------------------------------------------------------------------------- the work of one ONNX call
+
+
+def _call_steps(trajectories: int, history_steps: int, horizon: int, max_horizon: int) -> int:
+    """What an ONNX call costs: every trajectory (a mean or a sample) is rolled out over the model's whole
+    max_horizon, the graph sliced to the horizon after (a rollout step counts half a decoded one), and the encoder
+    reads every history step it is given."""
+    return trajectories * (horizon + max_horizon // 2) + history_steps
+
+
+class _CallRecorder:
+    """Stands in for the runtime (the default model's max_horizon, 96): records each ONNX call's cost, answers
+    zeros. Deterministic: what is counted is the calls' shapes, not their time."""
+
+    max_horizon = 96
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.drawn = 0  # samples drawn, over every series or plan
+
+    def predict(self, x, u, uf, last, n_samples=0, rng=None, **_) -> object:
+        from modelcard.runtime import Forecast
+
+        (n, horizon), L = uf.shape[:2], x.shape[1]
+        self.calls.append(_call_steps(n * (n_samples + 1), n * L, horizon, self.max_horizon))
+        self.drawn += n * n_samples
+        return Forecast(np.zeros((n, horizon, 2)), np.zeros((n, n_samples, horizon, 2)) if n_samples else None)
+
+    def predict_plans(self, x, u, plans, last, n_samples=0, rng=None, *_) -> object:
+        from modelcard.runtime import Forecast
+
+        n, horizon = plans.shape[:2]
+        self.calls.append(_call_steps(n * (n_samples + 1), len(x), horizon, self.max_horizon))
+        self.drawn += n * n_samples
+        return Forecast(np.zeros((n, horizon, 2)), np.zeros((n, n_samples, horizon, 2)) if n_samples else None)
+
+
+def _decoded(n_series: int, history: int, horizon: int, samples: int, plans: int | None = None, forecasts=True):
+    """A decoded request of that shape (zeros: only the shapes matter to how it is cut into calls)."""
+    from types import SimpleNamespace
+
+    from service.request import DecodedRequest
+
+    d = DecodedRequest(horizon=horizon, quantiles=[0.5] if samples else [], samples=samples)
+    for _ in range(n_series):
+        d.x_hist.append(np.zeros((history, 2)))
+        d.u_hist.append(np.zeros((history, 1)))
+        d.u_fut.append(np.zeros((horizon, 1) if plans is None else (plans, horizon, 1)))
+        d.last_minute.append(0.0)
+        d.d_fut.append(np.zeros((horizon, 0)))
+        d.s_hist.append(np.zeros((history, 0)))
+        d.s_fut.append(np.zeros((horizon, 0)))
+        names = None if plans is None else [f"p{k}" for k in range(plans)]
+        d.facts.append(SimpleNamespace(plan_names=names, plan_forecasts=forecasts, outputs=[0, 1]))
+    return d
+
+
+@pytest.mark.parametrize(
+    ("shape", "fast"),
+    [
+        # 64 series x 128 samples x horizon 1, 256 steps of history: 8,192 sample steps, but 2.5 s of work (8,320
+        # trajectories, each rolled out over the whole max_horizon); it went to the fast lane as one call, and a
+        # small forecast sent meanwhile waited 2 s for it.
+        ({"n_series": 64, "history": 256, "horizon": 1, "samples": 128}, False),
+        ({"n_series": 1, "history": 128, "horizon": 8, "samples": 1000}, False),  # 8,000 sample steps, 0.35 s
+        ({"n_series": 64, "history": 256, "horizon": 1, "samples": 0}, False),  # 64 histories of 256 to encode
+        ({"n_series": 1, "history": 128, "horizon": 8, "samples": 0}, True),  # the small forecast: ~0.01 s
+        ({"n_series": 2, "history": 128, "horizon": 24, "samples": 20}, True),
+        ({"n_series": 1, "history": 128, "horizon": 96, "plans": 1000, "samples": 0, "forecasts": False}, False),
+        ({"n_series": 1, "history": 128, "horizon": 12, "plans": 40, "samples": 30}, False),
+    ],
+)
+def test_no_onnx_call_is_larger_than_chunk_work_nor_a_larger_request_on_the_fast_lane(monkeypatch, shape, fast):
+    """Each ONNX call of a request is at most KOVAE_CHUNK_WORK steps, counted as the graph works (trajectories
+    rolled out over the whole max_horizon, histories encoded), and a request goes to the fast lane only if all of
+    it is within that bound; every sample asked for is still drawn, every series and plan answered."""
+    monkeypatch.setattr(forecasting, "encode_series", lambda *a: b"{}")
+    monkeypatch.setattr(forecasting, "encode_plans", lambda *a: b"{}")
+    chunk_work, rt = 8192, _CallRecorder()
+    d = _decoded(**shape)
+    fragments = [f for piece in forecasting.pieces(rt, d, chunk_work) for f in piece()]
+    assert max(rt.calls) <= chunk_work, (len(rt.calls), max(rt.calls))
+    n_plans = shape.get("plans") or 1
+    drawn_per_plan = d.samples if shape.get("forecasts", True) else 0
+    assert rt.drawn == shape["n_series"] * n_plans * drawn_per_plan
+    assert {i for i, _, _ in fragments} == set(range(shape["n_series"]))
+    whole = sum(_call_steps(n_plans * (drawn_per_plan + 1), shape["history"], d.horizon, 96) for _ in d.x_hist)
+    assert forecasting.request_steps(d, rt.max_horizon) == whole
+    assert (whole <= chunk_work) is fast
+    if fast:
+        assert len(rt.calls) == 1  # all of it in one call
