@@ -12,7 +12,7 @@ a product figure; by construction it is at least as good as the model alone and 
 the oracle falls short of a target, no fixed weighting of these three forecasts gets there: the model's own
 forecast has to get better. Where it meets one the served model misses, the blend's weights are what to look at.
 
-Prints per cell the pooled skill (all variables; ``training.report.scored_table``, the product's metric) at 15 min,
+Prints per cell the pooled skill (all variables; ``training.scoring.scored_table``, the product's metric) at 15 min,
 5 h and 24 h of the served forecast (the honest request), the model alone (blends off), the oracle blend, and the
 oracle blend with a fourth forecast: yesterday shifted by today's offset from yesterday at the history's last step
 (x[t+k-P] + x[t] - x[t-P], where a plant's day runs above or below the one before).
@@ -36,7 +36,7 @@ from training.calibrate import blends_off
 from training.config import RunConfig
 from training.forecast import predict
 from training.prepare import prepare
-from training.report import scored_table
+from training.scoring import scored_table
 
 FORECASTS = ("served", "model alone", "oracle blend", "oracle + offset")
 

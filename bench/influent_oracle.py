@@ -24,7 +24,7 @@ from modelcard.store import current_version
 from plant.catalog import BSM1
 from training import calibrate as calibration
 from training import evaluate as ev
-from training import loop, report
+from training import loop, report, scoring
 from training import prepare as preparation
 from training.config import ConfigError, RunConfig, load_config
 from training.data import Windows
@@ -46,7 +46,7 @@ class InfluentKnown(preparation.Prepared):
         )
 
     def baseline_columns(self) -> list[int]:
-        """The baselines' known inputs (training.report): with the true influent, as the ARX was fitted."""
+        """The baselines' known inputs (training.scoring): with the true influent, as the ARX was fitted."""
         end = self.known_offset() + 2 * len(self.disturbances)  # the influent columns come after all others
         return [*super().baseline_columns(), *range(end, end + len(INFLUENT))]
 
@@ -71,7 +71,7 @@ def train_and_score(cfg: RunConfig, p: preparation.Prepared) -> tuple[dict[str, 
     with tempfile.TemporaryDirectory() as run_dir:
         model, _ = loop.train(cfg, p, Path(run_dir))
     calib = calibration.calibrate(model, p, cfg)
-    return report.evaluate_all(model, p, cfg, calib)[0], calib
+    return scoring.evaluate_all(model, p, cfg, calib)[0], calib
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ Rebuilds the version's data from its own card (``training.prepare``: the same sc
 held-out windows, the same known inputs), trains each peer (``bench/peers_models.py``: MamKO, a GRU seq2seq, a
 LightGBM direct multi-horizon model) on the training windows, told what plants tell as the KoVAE was
 (``training.loop.with_requests``), and scores every model on the held-out windows with the product's own metric
-functions (``training.report.scored_table``, ``training.evaluate``): per regime x operating policy cell, the pooled
+functions (``training.scoring.scored_table``, ``training.evaluate``): per regime x operating policy cell, the pooled
 skill against the better naive forecast at 15 min, 5 h and 24 h (the tiny preset: its longest step), all and
 plant variables, in the honest request and (diagnostic) told every control's true future ("applied"); 80%
 coverage where a model gives intervals (the KoVAE); training time; forecast time per window; and the plant
@@ -44,7 +44,7 @@ from training import evaluate as ev
 from training.config import RunConfig
 from training.data import Windows
 from training.prepare import Prepared, prepare
-from training.report import scored_table, top5_indices
+from training.scoring import scored_table, top5_indices
 
 SCORED_REQUESTS = ("honest", "applied")  # the headline, and the diagnostic with every control's true future
 NAIVE = ("persistence", "seasonal_naive")

@@ -579,7 +579,7 @@ def test_served_accuracy_with_a_sensor_down_is_what_the_report_states(trained_st
     through the gap as accurately as the report says."""
     from modelcard.runtime import ModelRuntime
     from training.gaps import with_gap
-    from training.report import scored_table
+    from training.scoring import scored_table
 
     store, version = trained_store
     metrics = json.loads((store / version / "metrics.json").read_text())

@@ -110,7 +110,7 @@ class Prepared:
 
     def scored(self, w: Windows) -> Windows:
         """The windows with x cut to the catalog's targets, what forecasts are scored on (the looped controls'
-        columns are scored apart: ``training.report.loop_scores``)."""
+        columns are scored apart: ``training.scoring.loop_scores``)."""
         n = self.n_targets
         return replace(w, x_hist=w.x_hist[..., :n], x_fut=w.x_fut[..., :n], x_prev_day=w.x_prev_day[..., :n])
 

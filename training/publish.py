@@ -35,7 +35,7 @@ from training import evaluate as ev
 from training.config import RunConfig
 from training.model import KoVAE
 from training.prepare import Prepared
-from training.report import GATE_RULE, scored_table
+from training.scoring import GATE_RULE, scored_table
 
 
 def card_variables(
@@ -173,7 +173,7 @@ def check_comparable(rt: ModelRuntime, version: str, catalog: Catalog) -> None:
 
 def score_served(store: Path, p: Prepared, candidate_history: int) -> tuple[str, float, dict[str, Any]] | None:
     """Re-evaluate the currently served version on this run's held-out windows through ONNX Runtime: its
-    version, gate score and scored table (``training.report.scored_table``)."""
+    version, gate score and scored table (``training.scoring.scored_table``)."""
     version = current_version(store)
     if version is None:
         return None

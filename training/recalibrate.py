@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     from training.interval_width import fit_interval_width
     from training.prepare import prepare
     from training.publish import build_card, export_candidate, promote_if_better
-    from training.report import evaluate_all, print_headline, write_outputs
+    from training.report import print_headline, write_outputs
+    from training.scoring import evaluate_all
 
     model, card = load_model(source)
     cfg = config_from_dict(card["training"]["config"])

@@ -5,7 +5,8 @@ Read this file first: it is the whole run, one stage per module.
 1. ``training.prepare``: load (or simulate) the data, fit scalers on the training scenarios, cut windows.
 2. ``training.loop``: train with the multi-step forecast loss (checkpoints, resume, NaN guard).
 3. ``training.calibrate``: fit the residual fading and the interval width on validation.
-4. ``training.report``: evaluate against baselines on the held-out scenarios; metrics, plots and report.md.
+4. ``training.scoring``: evaluate against baselines on the held-out scenarios; ``training.report``: metrics,
+   plots and report.md.
 5. ``training.publish``: export to ONNX into ``<run dir>/export/<version>``; the version enters the model store
    and becomes current only if it beats the version being served, or, with none served, scores >= 0 (or with
    --force; --no-promote stores it only).
@@ -187,7 +188,8 @@ def run(args: argparse.Namespace, cfg: RunConfig, version: str, store: Path, run
     from training.loop import TrainingFailed, train
     from training.prepare import prepare
     from training.publish import build_card, export_candidate, promote_if_better
-    from training.report import evaluate_all, kept_epoch, print_headline, write_outputs
+    from training.report import kept_epoch, print_headline, write_outputs
+    from training.scoring import evaluate_all
 
     try:
         if cfg.data.source == "bsm1":
