@@ -8,11 +8,9 @@ but a generic 500 problem (the stack trace stays in the log).
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,6 +34,7 @@ from service.auth import require_key
 from service.decode import decode, publish_limits
 from service.encode import ForecastResponse, SeriesFacts, answer_response
 from service.logs import setup_logging
+from service.memory import fix_mmap_threshold, release_memory
 from service.middleware import ObserveMiddleware, problem
 from service.optimize import (
     OptimizeRequest,
@@ -90,22 +89,6 @@ class ReloadResult(BaseModel):
     workers: dict[str, WorkerState]
 
 
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-MALLOC_TRIM = _libc_malloc_trim()
-
-
-def release_memory() -> None:
-    """Hand freed heap pages back to the system after a large request (glibc keeps them otherwise)."""
-    if MALLOC_TRIM is not None:
-        MALLOC_TRIM(0)
-
-
 JSON_TYPES = ("application/json", "application/problem+json")
 LARGE_BODY = 64_000
 """Bodies from this many bytes on are parsed and decoded off the event loop, in a worker thread (a day of history
@@ -154,6 +137,7 @@ PROBLEM_SCHEMA = {
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     setup_logging(settings.log_level)
+    log.info("malloc's mmap threshold: %s", fix_mmap_threshold(), extra={"event": "malloc"})
     store, found_by = find_store(settings.model_store)
     log.info("model store: %s (%s)", store.resolve(), found_by, extra={"event": "model_store"})
     registry = ModelRegistry(store, settings.ort_threads, settings.runtime_dir)

@@ -125,24 +125,34 @@ def run_series(
 
 
 def run_plans(
-    rt: ModelRuntime, d: DecodedRequest, i: int, first: int, stop: int, rng: np.random.Generator
+    rt: ModelRuntime, d: DecodedRequest, i: int, first: int, stop: int, rng: np.random.Generator, chunk_work: int
 ) -> SeriesResult:
     """Plans ``first``..``stop`` of series ``i`` under its one history: the encoder runs once per call. Without
-    the plans' forecasts in the answer (plan_forecasts false) no samples are drawn (``plan_samples``)."""
+    the plans' forecasts in the answer (plan_forecasts false) no samples are drawn (``plan_samples``); with more
+    samples than one call of ``chunk_work`` ``steps`` holds (``plan_pieces`` gives such a plan a piece of its
+    own), they are drawn in several calls, as ``run_series`` draws a series'."""
     s_fut = d.s_fut[i] if d.s_fut[i].ndim == 2 else d.s_fut[i][first:stop]  # shared, or each plan's own
-    fc = rt.predict_plans(
-        d.x_hist[i],
-        d.u_hist[i],
-        d.u_fut[i][first:stop],
-        d.last_minute[i],
-        plan_samples(d, i),
-        rng,
-        d.d_fut[i],
-        d.s_hist[i],
-        s_fut,
-    )
-    qs = None if fc.samples is None else np.quantile(fc.samples, d.quantiles, axis=1)  # (Q, plans, H, outputs)
-    return SeriesResult(fc.mean, qs)
+    n, samples = stop - first, plan_samples(d, i)
+    per_call = max(1, (chunk_work - len(d.x_hist[i])) // (n * steps(1, 0, d.horizon, rt.max_horizon)) - 1)
+    mean, drawn = None, []
+    for start in range(0, max(samples, 1), per_call):
+        fc = rt.predict_plans(
+            d.x_hist[i],
+            d.u_hist[i],
+            d.u_fut[i][first:stop],
+            d.last_minute[i],
+            min(per_call, samples - start),
+            rng,
+            d.d_fut[i],
+            d.s_hist[i],
+            s_fut,
+        )
+        mean = fc.mean if mean is None else mean
+        if fc.samples is not None:
+            drawn.append(fc.samples)
+    # (Q, plans, H, outputs)
+    qs = np.quantile(np.concatenate(drawn, 1), d.quantiles, axis=1) if drawn else None
+    return SeriesResult(mean, qs)
 
 
 def pieces(
@@ -165,7 +175,7 @@ def pieces(
         for k, (first, stop) in enumerate(plan_pieces(d, i, chunk_work, rt.max_horizon, piece_bytes)):
 
             def plans_piece(i: int = i, k: int = k, first: int = first, stop: int = stop) -> list[Fragment]:
-                res = run_plans(rt, d, i, first, stop, rng)
+                res = run_plans(rt, d, i, first, stop, rng, chunk_work)
                 return [(i, k, encode_plans(rt, d.quantiles, i, d.facts[i], first, res))]
 
             yield plans_piece

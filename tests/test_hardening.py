@@ -25,7 +25,7 @@ from service import forecasting
 from service.decode import decode
 from service.request import ForecastRequest
 from service.settings import Settings
-from tests.conftest import clone_version, wait_for
+from tests.conftest import ROOT, clone_version, wait_for
 from tests.test_service import ADMIN, _metric, arrays, make_body, problem_fields
 
 
@@ -548,3 +548,34 @@ def test_reload_reaches_every_worker_and_gauges_count_live_workers(serve, store_
     assert _metric(text, f'kovae_model_info{{version="{version}"}}') == 0
     s.stop()
     assert not runtime.exists()  # the shared folder goes with the server
+
+
+FREED_TWICE = """
+import json, sys
+import numpy as np
+from service.memory import fix_mmap_threshold
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+done = fix_mmap_threshold()
+base = rss()
+a = np.ones(2_000_000); del a  # 16 MB, mapped and freed: glibc raised its threshold to 16 MB
+b = np.ones(2_000_000); del b  # the next one came from the heap and stayed resident
+print(json.dumps({"done": done, "kept_mib": rss() - base}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident memory from /proc")
+def test_a_workers_large_arrays_go_back_to_the_system_once_freed() -> None:
+    """After the first large block freed, glibc served the next ones from the heap, and kept them: the probe's
+    server held 332 MiB after its large requests, 424 MiB for eight 1,000-plan requests at once (the Deployment's
+    limit is 512 MiB). Fixed, a freed 16 MB array leaves nothing resident; an operator's setting is left alone."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run([sys.executable, "-c", FREED_TWICE], cwd=ROOT, env=env, capture_output=True, text=True)
+    result = json.loads(out.stdout)
+    assert result["done"] == "fixed at 32 MB" and result["kept_mib"] < 4, result
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    out = subprocess.run([sys.executable, "-c", FREED_TWICE], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert json.loads(out.stdout)["done"] == "left as MALLOC_MMAP_THRESHOLD_ sets it"

@@ -198,6 +198,35 @@ def test_a_large_bodys_plans_are_found_for_work_in_proportion_to_it(monkeypatch)
     assert 0 < large <= 12 * small, (small, large)
 
 
+class _SlicedBytes(bytes):
+    """A body that counts the bytes sliced out of it."""
+
+    sliced = 0
+
+    def __getitem__(self, key):  # type: ignore[override]
+        out = super().__getitem__(key)
+        _SlicedBytes.sliced += len(out) if isinstance(key, slice) else 1
+        return out
+
+
+def test_values_after_one_key_are_named_for_work_in_proportion_to_them() -> None:
+    """Whether a string is the key of what follows it was read from the body sliced up to that value: many
+    values after one string with no key between (``{"k" [{}][{}]...``, malformed, every size within its limit)
+    each copied the body up to itself, 15 s for 1.2 MB. Ten times the values may take about ten times the bytes."""
+    from service.parse import plan_spans
+
+    def sliced(n: int) -> int:
+        s = structure(('{"series":[{"k" ' + "[{}]" * n + "}]}").encode())
+        assert s is not None
+        s.body = _SlicedBytes(s.body)
+        _SlicedBytes.sliced = 0
+        assert plan_spans(s) == {}  # none is at "plans"
+        return _SlicedBytes.sliced
+
+    small, large = sliced(1000), sliced(10_000)
+    assert large <= 12 * max(small, 1), (small, large)
+
+
 def test_the_reviewers_body_is_refused_as_it_was() -> None:
     """444 kB of 1000 series of 34 "plans" arrays each (under the 8 MB limit): the same 422 as before."""
     from service.parse import plan_spans
@@ -446,6 +475,8 @@ def _decoded(n_series: int, history: int, horizon: int, samples: int, plans: int
         ({"n_series": 2, "history": 128, "horizon": 24, "samples": 20}, True),
         ({"n_series": 1, "history": 128, "horizon": 96, "plans": 1000, "samples": 0, "forecasts": False}, False),
         ({"n_series": 1, "history": 128, "horizon": 12, "plans": 40, "samples": 30}, False),
+        # one plan's 1,000 samples were one call of 144,272 steps (a plan is the smallest piece)
+        ({"n_series": 1, "history": 128, "horizon": 96, "plans": 3, "samples": 1000}, False),
     ],
 )
 def test_no_onnx_call_is_larger_than_chunk_work_nor_a_larger_request_on_the_fast_lane(monkeypatch, shape, fast):
