@@ -393,6 +393,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             version, changed = await asyncio.wrap_future(registry.submit(force=False))
         except ReloadError as exc:
+            registry.broadcast_reload()  # the other workers try it too: each /readyz then says why it was refused
             raise ProblemError(409, "Reload refused; the previous model keeps serving", detail=str(exc)) from None
         registry.broadcast_reload()
         workers = await run_in_threadpool(registry.wait_for_workers, version)

@@ -119,6 +119,9 @@ class Settings(BaseSettings):
         for k, value in enumerate(key.get_secret_value() for key in keys):
             if not value.strip():
                 raise ValueError(f"key {k} is empty; every API key must have characters")
+            if value != value.strip():
+                # HTTP drops the blanks around a header's value: such a key never matched, its clients all refused.
+                raise ValueError(f"key {k} begins or ends with a blank, which no HTTP header carries")
             if not (value.isascii() and value.isprintable()):
                 # A header carries bytes: a client's UTF-8 never matched, and a key Python cannot encode was a 500.
                 raise ValueError(f"key {k} has characters an HTTP header does not carry: printable ASCII only")

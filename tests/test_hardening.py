@@ -546,6 +546,16 @@ def test_reload_reaches_every_worker_and_gauges_count_live_workers(serve, store_
     text = s.client.get("/metrics").text
     assert _metric(text, 'kovae_model_info{version="v2"}') == 1
     assert _metric(text, f'kovae_model_info{{version="{version}"}}') == 0
+    # A version refused: every worker tries it and says why in its /readyz (the other one said nothing, with the
+    # poller off, until CURRENT changed again).
+    (store / POINTER).write_text("no-such-version\n")
+    assert s.client.post("/admin/reload", headers=ADMIN).status_code == 409
+
+    def refused_by_both() -> bool:
+        states = [json.loads(p.read_text()) for p in (runtime / "workers").glob("*.json")]
+        return len(states) == 2 and all((w["refused"] or {}).get("version") == "no-such-version" for w in states)
+
+    assert wait_for(refused_by_both)
     s.stop()
     assert not runtime.exists()  # the shared folder goes with the server
 

@@ -352,6 +352,8 @@ def test_empty_api_keys_stop_the_start(variable, trained_store) -> None:
         ("KOVAE_PORT", "70000", ("KOVAE_PORT", "65535")),
         # a key a header cannot carry: a client's UTF-8 never matched it, and an unencodable one was a 500
         ("KOVAE_API_KEYS", '["ké"]', ("KOVAE_API_KEYS", "printable ASCII only")),
+        # HTTP drops a header value's blanks: this key never matched, and its clients were all refused
+        ("KOVAE_API_KEYS", '[" padkey "]', ("KOVAE_API_KEYS", "begins or ends with a blank")),
         # /model and /metrics protected by no key stayed open
         ("KOVAE_PROTECT_INFO", "true", ("KOVAE_PROTECT_INFO", "KOVAE_API_KEYS is empty")),
     ],
