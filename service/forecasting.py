@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from modelcard.runtime import ModelRuntime
+from modelcard.runtime import Forecast, ModelRuntime
 from service import metrics
 from service.encode import (
     SMALL_ANSWER,
@@ -96,32 +96,45 @@ def plan_pieces(
     return [(k, min(k + step, n_plans)) for k in range(0, n_plans, step)]
 
 
+def samples_per_call(chunk_work: int, trajectories: int, history: int, horizon: int, max_horizon: int) -> int:
+    """Samples of each of ``trajectories`` forecasts one call of at most ``chunk_work`` ``steps`` draws beside their
+    means, after encoding ``history`` steps in all; at least one."""
+    return max(1, (chunk_work - history) // (trajectories * steps(1, 0, horizon, max_horizon)) - 1)
+
+
+def drawn_in_calls(
+    call: Callable[[int], Forecast], samples: int, per_call: int, quantiles: list[float]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(mean, quantiles (Q, forecasts, H, outputs) or None without samples) of ``samples`` samples drawn
+    ``per_call`` at a time by ``call(k)``, a forecast with k samples (the first call's mean kept): memory and each
+    call's time stay bounded whatever the request asked for."""
+    mean, drawn = None, []
+    for start in range(0, max(samples, 1), per_call):
+        fc = call(min(per_call, samples - start))
+        mean = fc.mean if mean is None else mean
+        if fc.samples is not None:
+            drawn.append(fc.samples)
+    assert mean is not None  # one call at least
+    return mean, np.quantile(np.concatenate(drawn, 1), quantiles, axis=1) if drawn else None
+
+
 def run_series(
     rt: ModelRuntime, d: DecodedRequest, series: list[int], rng: np.random.Generator, chunk_work: int
 ) -> dict[int, SeriesResult]:
     """Mean and quantiles of some series. Samples are drawn in calls of at most ``chunk_work`` ``steps`` (each call
     rolls the means out again beside its samples, and encodes the histories again; at least one sample a call) and
-    reduced to quantiles here, so memory and each call's time stay bounded whatever the request asked for."""
+    reduced to quantiles here (``drawn_in_calls``)."""
     x = np.stack([d.x_hist[i] for i in series])
     u = np.stack([d.u_hist[i] for i in series])
     uf = np.stack([d.u_fut[i] for i in series])
     last = np.array([d.last_minute[i] for i in series])
     df = np.stack([d.d_fut[i] for i in series])
     sp = {"s_hist": np.stack([d.s_hist[i] for i in series]), "s_fut": np.stack([d.s_fut[i] for i in series])}
-    if d.samples == 0:
-        mean = rt.predict(x, u, uf, last, d_fut=df, **sp).mean
-        return {i: SeriesResult(mean[j], None) for j, i in enumerate(series)}
-    n, history = len(series), x.shape[1]
-    per_trajectory = steps(1, 0, d.horizon, rt.max_horizon)
-    per_call = max(1, (chunk_work - n * history) // (n * per_trajectory) - 1)  # samples beside the means
-    mean, drawn = None, []
-    for start in range(0, d.samples, per_call):
-        fc = rt.predict(x, u, uf, last, min(per_call, d.samples - start), rng, d_fut=df, **sp)
-        mean = fc.mean if mean is None else mean
-        drawn.append(fc.samples)
-    samples = np.concatenate(drawn, 1)  # (series, samples, H, outputs)
-    qs = np.quantile(samples, d.quantiles, axis=1)  # (Q, series, H, outputs)
-    return {i: SeriesResult(mean[j], qs[:, j]) for j, i in enumerate(series)}
+    per_call = samples_per_call(chunk_work, len(series), len(series) * x.shape[1], d.horizon, rt.max_horizon)
+    mean, qs = drawn_in_calls(
+        lambda k: rt.predict(x, u, uf, last, k, rng, d_fut=df, **sp), d.samples, per_call, d.quantiles
+    )
+    return {i: SeriesResult(mean[j], None if qs is None else qs[:, j]) for j, i in enumerate(series)}
 
 
 def run_plans(
@@ -130,29 +143,17 @@ def run_plans(
     """Plans ``first``..``stop`` of series ``i`` under its one history: the encoder runs once per call. Without
     the plans' forecasts in the answer (plan_forecasts false) no samples are drawn (``plan_samples``); with more
     samples than one call of ``chunk_work`` ``steps`` holds (``plan_pieces`` gives such a plan a piece of its
-    own), they are drawn in several calls, as ``run_series`` draws a series'."""
+    own), they are drawn in several calls, as a series' are (``drawn_in_calls``)."""
     s_fut = d.s_fut[i] if d.s_fut[i].ndim == 2 else d.s_fut[i][first:stop]  # shared, or each plan's own
-    n, samples = stop - first, plan_samples(d, i)
-    per_call = max(1, (chunk_work - len(d.x_hist[i])) // (n * steps(1, 0, d.horizon, rt.max_horizon)) - 1)
-    mean, drawn = None, []
-    for start in range(0, max(samples, 1), per_call):
-        fc = rt.predict_plans(
-            d.x_hist[i],
-            d.u_hist[i],
-            d.u_fut[i][first:stop],
-            d.last_minute[i],
-            min(per_call, samples - start),
-            rng,
-            d.d_fut[i],
-            d.s_hist[i],
-            s_fut,
+    per_call = samples_per_call(chunk_work, stop - first, len(d.x_hist[i]), d.horizon, rt.max_horizon)
+
+    def call(k: int) -> Forecast:
+        plans = d.u_fut[i][first:stop]
+        return rt.predict_plans(
+            d.x_hist[i], d.u_hist[i], plans, d.last_minute[i], k, rng, d.d_fut[i], d.s_hist[i], s_fut
         )
-        mean = fc.mean if mean is None else mean
-        if fc.samples is not None:
-            drawn.append(fc.samples)
-    # (Q, plans, H, outputs)
-    qs = np.quantile(np.concatenate(drawn, 1), d.quantiles, axis=1) if drawn else None
-    return SeriesResult(mean, qs)
+
+    return SeriesResult(*drawn_in_calls(call, plan_samples(d, i), per_call, d.quantiles))
 
 
 def pieces(

@@ -22,6 +22,19 @@ M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
 MMAP_THRESHOLD = 32 * 1024 * 1024  # the highest glibc's own rise reaches on 64 bits, fixed
 
 
+def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once (``find_library`` runs ldconfig)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+MALLOPT: Callable[..., int] | None = getattr(LIBC, "mallopt", None)  # None where the C library is not glibc
+MALLOC_TRIM: Callable[..., int] | None = getattr(LIBC, "malloc_trim", None)
+
+
 def fix_mmap_threshold() -> str:
     """Fix glibc's mmap threshold (which stops its rise and the trim threshold's); returns what was done, for
     the start-up log."""
@@ -29,22 +42,11 @@ def fix_mmap_threshold() -> str:
         return "left as MALLOC_MMAP_THRESHOLD_ sets it"
     if not sys.platform.startswith("linux"):
         return f"left as it is ({sys.platform} has no glibc)"
-    mallopt = _glibc("mallopt")
-    if mallopt is None:
+    if MALLOPT is None:
         return "left as it is (no glibc mallopt)"
-    if not mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+    if not MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
         return "left as it is (mallopt refused)"
     return f"fixed at {MMAP_THRESHOLD // 2**20} MB"
-
-
-def _glibc(name: str) -> Callable[..., int] | None:
-    try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-MALLOC_TRIM = _glibc("malloc_trim")
 
 
 def release_memory() -> None:

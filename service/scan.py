@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -52,6 +52,7 @@ class Structure:
     tok_comma_level: np.ndarray  # per token: its container's level if it is a comma, else 0
     string_start: np.ndarray  # offsets of each string's opening and closing quote, in body order
     string_end: np.ndarray
+    _level_commas: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False)  # ``_commas``
 
     @property
     def values(self) -> int:
@@ -90,10 +91,6 @@ class Structure:
     @cached_property
     def _top(self) -> int:
         return int(self.level.max(initial=0))
-
-    @cached_property
-    def _level_commas(self) -> dict[int, np.ndarray]:
-        return {}
 
     def _commas(self, lvl: int) -> np.ndarray:
         """The offsets of the commas of the containers of level ``lvl`` (as ``tok_comma_level`` holds it), in body
