@@ -100,10 +100,27 @@ def stability_summary(A: np.ndarray, sample_minutes: float) -> dict[str, Any]:
 
 
 def write_card(version_dir: Path, card: dict[str, Any]) -> None:
-    """Write the card and its checksum file beside it (``card.sha256``, as ``sha256sum`` writes it)."""
+    """Write the card and its checksum file beside it (``card.sha256``, as ``sha256sum`` writes it). Over a sealed
+    card (a card upgraded or re-exported in place) the checksum file first vouches for both the old card and the
+    new one, then the card is replaced, then the old card's line goes: a write stopped anywhere leaves a card its
+    checksum file vouches for (stopped between the two files, the new card was refused for good)."""
+    folder = Path(version_dir)
     data = json.dumps(card, indent=1, sort_keys=False).encode()
-    atomic_write(Path(version_dir) / CARD_FILE, data)
-    _write_seal(Path(version_dir), data)
+    try:
+        old = hashlib.sha256((folder / CARD_FILE).read_bytes()).hexdigest()
+        sealed = old in _sealed_digests((folder / CARD_SUM_FILE).read_text())
+    except (OSError, UnicodeDecodeError):
+        sealed = False
+    if sealed:
+        new = hashlib.sha256(data).hexdigest()
+        atomic_write(folder / CARD_SUM_FILE, f"{new}  {CARD_FILE}\n{old}  {CARD_FILE}\n".encode())
+    atomic_write(folder / CARD_FILE, data)
+    _write_seal(folder, data)
+
+
+def _sealed_digests(text: str) -> list[str]:
+    """The digests a checksum file lists (one per line; two while a card is rewritten, ``write_card``)."""
+    return [line.split()[0] for line in text.splitlines() if line.split()]
 
 
 def seal_card(version_dir: Path) -> str:
@@ -133,9 +150,10 @@ def _check_seal(version_dir: Path, data: bytes, required: bool) -> None:
         return
     except (OSError, UnicodeDecodeError) as exc:
         raise CardError(f"{where}: unreadable ({type(exc).__name__})") from None
-    expected = text.split()[0] if text.split() else ""
+    digests = _sealed_digests(text)
+    expected = digests[0] if digests else ""
     actual = hashlib.sha256(data).hexdigest()
-    if actual != expected:
+    if actual not in digests:
         raise CardError(
             f"{version_dir.name}/{CARD_FILE}: SHA-256 {actual[:12]}... does not match {CARD_SUM_FILE}'s "
             f"{expected[:12]}... (the card was changed after it was written)"
@@ -182,6 +200,8 @@ def read_card(version_dir: Path, *, verify: bool = True, sealed: bool = False) -
         raise CardError(f"{where}: card_version {card.get('card_version')} is not one of {READABLE_CARD_VERSIONS}")
     if verify:
         onnx_bytes(version_dir, card)
+        if isinstance(card["onnx"], dict) and card["onnx"].get("plans_file"):
+            onnx_bytes(version_dir, card, "plans")  # the service loads and checks it too
     return card
 
 

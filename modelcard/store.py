@@ -2,17 +2,23 @@
 
 A version is added whole (``add_version``) and its weights never change (``python -m export`` may re-export a
 version's graph from those weights, rewriting ``model.onnx`` and the card's checksum in place). Promotion and
-rollback only rewrite the pointer, atomically. Every name read from CURRENT is checked against the version pattern and
-resolved inside the store, so the pointer cannot send a reader elsewhere.
+rollback only rewrite the pointer, atomically, under the store's lock (``store_lock``), which every writer of the
+pointer or of a version takes. Every name read from CURRENT is checked against the version pattern and resolved
+inside the store, so the pointer cannot send a reader elsewhere.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from modelcard.card import CARD_FILE, CardError, atomic_write, fsync_dir, read_card
 from modelcard.validate import check_card
@@ -22,7 +28,30 @@ VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 GATE_FILE = "gate.json"
 """The promotion gate's verdict on a version (written by training.publish, listed by training.promote)."""
 STAGING_PREFIX = ".tmp-"
-"""A version being written lives in ``.tmp-<version>`` until it is renamed into place."""
+"""A version being written lives in ``.tmp-<version>-<random>`` until it is renamed into place."""
+LOCK_FILE = ".lock"
+ANY: Any = object()
+"""``set_current(..., replacing=ANY)``: whatever CURRENT names now is replaced (an operator's promotion or
+rollback)."""
+
+
+class StoreChanged(CardError):
+    """CURRENT no longer names the version a promotion was decided against (a rollback or another promotion
+    meanwhile): the promotion is not made."""
+
+
+@contextmanager
+def store_lock(store: Path) -> Iterator[None]:
+    """The store's exclusive lock (``flock`` on ``<store>/.lock``), held while CURRENT is compared and rewritten
+    and while a version is renamed into place: two writers never interleave there."""
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def check_version_name(version: str) -> str:
@@ -86,12 +115,20 @@ def list_versions(store: Path) -> list[str]:
     )
 
 
-def set_current(store: Path, version: str) -> None:
-    """Point CURRENT at a version after checking its name, its card (checksum and servable numbers) and its ONNX
-    checksum: what the service would refuse is not promoted. (Which plant it forecasts was checked when it entered
-    the store, ``add_version``; a switch between stored versions is also a rollback, which must always go.)"""
-    check_card(read_card(version_dir(store, version), verify=True, sealed=True), version)
-    atomic_write(Path(store) / POINTER, (version + "\n").encode())
+def set_current(store: Path, version: str, *, replacing: str | None = ANY) -> None:
+    """Point CURRENT at a version after checking its name, its card (checksum, servable numbers, the version its
+    folder is named for) and its graphs' checksums: what the service would refuse is not promoted. (Which plant
+    it forecasts was checked when it entered the store, ``add_version``; a switch between stored versions is also
+    a rollback, which must always go.) ``replacing``: the version CURRENT must still name (None: none), else
+    StoreChanged and CURRENT is left alone: a gate that scored the served version for minutes must not undo a
+    rollback made meanwhile."""
+    card = read_card(version_dir(store, version), verify=True, sealed=True)
+    check_card_names_folder(Path(store) / version, card)  # the name given, not a link's target
+    check_card(card, version)
+    with store_lock(store):
+        if replacing is not ANY and (now := current_version(store)) != replacing:
+            raise StoreChanged(f"{POINTER} names {now}, no longer {replacing}: changed meanwhile")
+        atomic_write(Path(store) / POINTER, (version + "\n").encode())
 
 
 def plant_of(card: dict) -> str:
@@ -165,16 +202,20 @@ def add_version(store: Path, source: Path) -> str:
     target = version_dir(store, version)
     if target.exists():
         raise CardError(f"version {version} is already in the store; versions are never overwritten")
-    staging = store / f"{STAGING_PREFIX}{version}"
-    shutil.rmtree(staging, ignore_errors=True)
+    # A name of its own: a concurrent writer of the same version never removes this one's.
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=store))
     try:
-        shutil.copytree(source, staging)
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        os.utime(staging)  # copytree gave it the source's time: an old source looked stale to remove_stale
         for path in staging.rglob("*"):
             if path.is_file():
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
         fsync_dir(staging)
-        staging.rename(target)
+        with store_lock(store):
+            if target.exists():
+                raise CardError(f"version {version} was added to the store meanwhile; versions are never overwritten")
+            staging.rename(target)
         fsync_dir(store)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

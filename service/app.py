@@ -389,14 +389,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def admin_reload() -> dict[str, Any]:
         """Load the version CURRENT points to (checksums, the card's numbers and warm-up first), in every worker,
         beside the serving path; a broken one is refused and the previous model keeps serving. Answers once every
-        live worker serves it (or refused it)."""
+        live worker has answered this reload: 200 when all serve it, 409 when one refused it (or serves another),
+        503 when one had not answered in 5 s."""
         try:
             version, changed = await asyncio.wrap_future(registry.submit(force=False))
         except ReloadError as exc:
             registry.broadcast_reload()  # the other workers try it too: each /readyz then says why it was refused
             raise ProblemError(409, "Reload refused; the previous model keeps serving", detail=str(exc)) from None
-        registry.broadcast_reload()
-        workers = await run_in_threadpool(registry.wait_for_workers, version)
+        token = registry.broadcast_reload()
+        workers, pending = await run_in_threadpool(registry.wait_for_workers, token)
+        others = {pid: w for pid, w in workers.items() if pid not in pending and w["version"] != version}
+        if others:
+            said = "; ".join(
+                f"worker {pid} serves {w['version']}, refused: {w['refused']}" for pid, w in others.items()
+            )
+            raise ProblemError(409, f"Reload of {version} refused by a worker; it keeps its model", detail=said[:2000])
+        if pending:
+            raise ProblemError(
+                503,
+                f"Reload of {version}: not every worker answered within 5 s",
+                detail=f"workers {', '.join(pending)} had not answered; their /readyz says what they serve",
+            )
         return {"model_version": version, "changed": changed, "workers": workers}
 
     documents: dict[str | None, dict[str, Any]] = {}

@@ -7,11 +7,13 @@ assignment). All of it happens beside the serving path, in background threads of
 requests are not held up while a version loads. Anything that goes wrong on the way, ONNX Runtime's own errors
 included, is a counted and logged refusal, shown by /readyz: the old model keeps serving and the poller lives
 on. A refused version is tried again once CURRENT or the version's files change, and the refusal is cleared
-once CURRENT names the served version again.
+once CURRENT names the served version again. The served version's files changed in place (a re-export, a card
+upgraded) are loaded again, as a new version would be.
 
 With several workers (``runtime_dir`` set), a reload asked of one worker reaches all of them: it writes a
 new token into ``runtime_dir/reload-token``, every worker watches that file, and each records the version it
-serves in ``runtime_dir/workers/<pid>.json``.
+serves in ``runtime_dir/workers/<pid>.json``, with the token it last answered: the worker that was asked
+waits for every live worker's answer to its own token, never an older one.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class ModelRegistry:
         self.runtime: ModelRuntime | None = None
         self.refused: dict[str, str] | None = None  # the last refusal: {"version", "reason"}
         self._refused_state: tuple | None = None  # pointer and files at that refusal: not retried until they change
+        self._loaded_state: tuple | None = None  # pointer and files the served runtime was loaded from
         self._lock = threading.Lock()  # one reload at a time; readers never wait
         # Reloads asked for by requests (start-up, /admin/reload) run here, beside the serving threads.
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader", initializer=lower_priority)
@@ -173,7 +176,7 @@ class ModelRegistry:
                 if version == "?":
                     raise ReloadError(f"no {POINTER} version in the model store")
                 old = self.runtime
-                if old is not None and old.version == version and not force:
+                if old is not None and old.version == version and state == self._loaded_state and not force:
                     self._clear_refusal()
                     return version, False
                 rt = ModelRuntime(version_dir(self.store, version), self.threads)
@@ -193,7 +196,7 @@ class ModelRegistry:
                 )
                 self._write_worker_state()
                 raise ReloadError(f"version {version} refused: {reason}") from None
-            self.runtime, self.refused, self._refused_state = rt, None, None
+            self.runtime, self.refused, self._refused_state, self._loaded_state = rt, None, None, state
             metrics.READY.set(1)
             metrics.REFUSED.set(0)
             if old is not None and old.version != rt.version:
@@ -237,11 +240,12 @@ class ModelRegistry:
             log.exception("unexpected error while reloading")
 
     def poll_once(self) -> None:
-        """Reload when CURRENT names another version, unless that very state was refused already."""
+        """Reload when CURRENT names another version or the served version's files changed, unless that very state
+        was refused already."""
         state = self._state()
         serving = self.runtime.version if self.runtime is not None else None
         raw = state[0]
-        if raw is not None and raw.decode(errors="replace").strip() == serving:
+        if raw is not None and raw.decode(errors="replace").strip() == serving and state == self._loaded_state:
             with self._lock:
                 self._clear_refusal()
             return
@@ -294,12 +298,17 @@ class ModelRegistry:
         if token != self._token:
             self._token = token
             self.try_reload()
+            self._write_worker_state()  # this token answered, whether the version changed or not
 
-    def broadcast_reload(self) -> None:
-        """Ask every worker of this server to reload (no-op with one worker)."""
-        if self.runtime_dir is not None:
-            self._token = uuid.uuid4().hex  # this worker has reloaded already
-            atomic_write(self.runtime_dir / TOKEN_FILE, self._token.encode())
+    def broadcast_reload(self) -> str | None:
+        """Ask every worker of this server to reload; returns the token their answers will carry (None with one
+        worker: nothing to ask)."""
+        if self.runtime_dir is None:
+            return None
+        self._token = uuid.uuid4().hex  # this worker has reloaded already
+        atomic_write(self.runtime_dir / TOKEN_FILE, self._token.encode())
+        self._write_worker_state()
+        return self._token
 
     def _write_worker_state(self) -> None:
         if self.runtime_dir is None:
@@ -308,6 +317,7 @@ class ModelRegistry:
             "pid": os.getpid(),
             "version": self.runtime.version if self.runtime is not None else None,
             "refused": self.refused,
+            "token": self._token,
             "time": time.time(),
         }
         try:
@@ -316,10 +326,12 @@ class ModelRegistry:
             log.exception("cannot write the worker state")
 
     def workers(self) -> dict[str, dict[str, Any]]:
-        """State of every live worker of this server (pid -> state); files of dead workers are removed."""
+        """State of every live worker of this server (pid -> version, refusal and the last token it answered);
+        files of dead workers are removed."""
         if self.runtime_dir is None:
             pid = os.getpid()
-            return {str(pid): {"version": self.runtime.version if self.runtime else None, "refused": self.refused}}
+            version = self.runtime.version if self.runtime else None
+            return {str(pid): {"version": version, "refused": self.refused, "token": None}}
         out = {}
         for path in (self.runtime_dir / WORKERS_DIR).glob("*.json"):
             try:
@@ -330,17 +342,19 @@ class ModelRegistry:
                 state = json.loads(path.read_text())
             except (ValueError, OSError):
                 continue
-            out[str(pid)] = {"version": state.get("version"), "refused": state.get("refused")}
+            out[str(pid)] = {k: state.get(k) for k in ("version", "refused", "token")}
         return out
 
-    def wait_for_workers(self, version: str, timeout_s: float = 5.0) -> dict[str, dict[str, Any]]:
-        """Wait until every live worker serves ``version`` or has refused it; returns their states."""
+    def wait_for_workers(
+        self, token: str | None, timeout_s: float = 5.0
+    ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """Wait until every live worker has answered reload ``token`` (``broadcast_reload``'s); returns their
+        states (version and refusal) and the workers that had not answered by ``timeout_s``. A worker's state
+        from an earlier reload (a refusal of the same version, before its files were fixed) is no answer."""
         deadline = time.monotonic() + timeout_s
         while True:
             states = self.workers()
-            settled = all(
-                s["version"] == version or (s["refused"] or {}).get("version") == version for s in states.values()
-            )
-            if settled or time.monotonic() > deadline:
-                return states
+            pending = sorted(pid for pid, s in states.items() if token is not None and s["token"] != token)
+            if not pending or time.monotonic() > deadline:
+                return {pid: {"version": s["version"], "refused": s["refused"]} for pid, s in states.items()}, pending
             time.sleep(0.05)

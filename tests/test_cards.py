@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import threading
 from collections.abc import Callable
 
@@ -234,3 +235,127 @@ def test_the_pulls_of_a_card_are_weights_of_the_right_shape_or_null(rt) -> None:
     assert "model.loop_feedback is off" in card_problems(card)[0]
     card["calibration"]["loop_pull"], card["calibration"]["spread_scale"] = None, None
     assert card_problems(card) == ["calibration.spread_scale is None, not a finite number"]
+
+
+def test_what_the_service_would_refuse_is_neither_promoted_nor_added(store_copy, tmp_path) -> None:
+    """A damaged plans graph was promoted and added (only model.onnx was checked), and a copied folder or a link
+    whose card names another version was promoted: every pod then refused it. Now each is refused by name."""
+    store, version = store_copy
+    name = clone_version(store, version, "v-plans")
+    plans = store / name / read_card(store / name, verify=False)["onnx"]["plans_file"]
+    good = plans.read_bytes()
+    plans.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(CardError, match=r"v-plans/plans\.onnx: SHA-256 .* does not match"):
+        set_current(store, name)
+    with pytest.raises(CardError, match=r"plans\.onnx: SHA-256"):
+        add_version(tmp_path / "fresh", store / name)
+    assert current_version(store) == version and not (tmp_path / "fresh" / name).exists()
+    shutil.copytree(store / version, store / "backup-copy")  # cp -r V backup-copy
+    (store / "link-copy").symlink_to(version)
+    for copy in ("backup-copy", "link-copy"):
+        with pytest.raises(CardError, match=f"{copy}/card.json names version '{version}', not its folder's"):
+            set_current(store, copy)
+    assert current_version(store) == version
+
+
+@pytest.mark.parametrize("stop_at", [1, 2, 3])
+def test_a_card_rewritten_in_place_is_vouched_for_wherever_the_write_stops(store_copy, monkeypatch, stop_at) -> None:
+    """An upgrade or re-export rewrites a stored card in place. Stopped (disk full, killed) after the new card but
+    before its checksum, the version was refused for good, and every tool that could repair it refused it too.
+    Stopped at any of the writes, the version now reads as the old card or the new one, and is served."""
+    import modelcard.card as card_module
+
+    store, version = store_copy
+    name = clone_version(store, version, "v-upgraded")
+    new = read_card(store / name, verify=False)
+    new["description_note"] = "upgraded in place"
+    real, calls = card_module.atomic_write, []
+
+    def stops(path, data: bytes) -> None:
+        calls.append(path.name)
+        if len(calls) == stop_at:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(card_module, "atomic_write", stops)
+    with pytest.raises(OSError, match="No space"):
+        write_card(store / name, new)
+    monkeypatch.undo()
+    card = read_card(store / name, verify=True, sealed=True)
+    assert card.get("description_note") in (None, "upgraded in place")
+    assert ModelRuntime(store / name).version == name
+    write_card(store / name, new)  # once there is room: the new card, sealed alone
+    assert read_card(store / name, sealed=True)["description_note"] == "upgraded in place"
+    assert (store / name / "card.sha256").read_text().count("\n") == 1
+
+
+def test_the_gate_never_undoes_a_rollback_made_while_it_scored(store_copy, tmp_path, tiny_cfg, capsys) -> None:
+    """The gate reads CURRENT, scores the served version for minutes, then rewrote CURRENT: an operator's
+    rollback meanwhile was silently undone. Now the candidate is stored, not promoted, and the rollback stands."""
+    from training import publish
+    from training.prepare import prepare
+
+    store, version = store_copy
+    back = clone_version(store, version, "v-rollback-target")
+    candidate = tmp_path / "runs" / "v-candidate"
+    candidate.parent.mkdir()
+    clone_version(store, version, "v-candidate")
+    (store / "v-candidate").rename(candidate)
+    real = publish.score_served
+
+    def scored_while_rolled_back(*args, **kwargs):
+        served = real(*args, **kwargs)
+        set_current(store, back)  # python -m training.promote v-rollback-target, while the gate scored
+        return served
+
+    p = prepare(tiny_cfg)
+    try:
+        publish.score_served = scored_while_rolled_back
+        rc = publish.promote_if_better(store, candidate, 1.0, p, tiny_cfg, force=False, never=False)
+    finally:
+        publish.score_served = real
+    assert rc == 1 and current_version(store) == back
+    assert "not promoted" in capsys.readouterr().err and (store / "v-candidate").is_dir()
+
+
+def test_an_add_under_way_is_not_taken_for_a_crashed_writers_leftovers(store_copy, tmp_path, monkeypatch) -> None:
+    """The staging folder took its old source's time, so a `training.promote` listing run meanwhile (which clears
+    what crashed writers left, an hour old) deleted it under the writer, whose add then failed."""
+    import os
+    import time
+
+    import modelcard.store as store_module
+    from modelcard.store import remove_stale
+
+    store, version = store_copy
+    source = tmp_path / "old" / "v-old-source"
+    source.parent.mkdir()
+    clone_version(store, version, "v-old-source")
+    (store / "v-old-source").rename(source)
+    hours_ago = time.time() - 7200
+    os.utime(source, (hours_ago, hours_ago))
+    real, removed = store_module.fsync_dir, []
+
+    def listing_meanwhile(path) -> None:
+        removed.extend(remove_stale(store))  # python -m training.promote, run while the add fsyncs
+        real(path)
+
+    monkeypatch.setattr(store_module, "fsync_dir", listing_meanwhile)
+    assert add_version(store, source) == "v-old-source"
+    assert removed == [] and read_card(store / "v-old-source", sealed=True)["version"] == "v-old-source"
+
+
+def test_the_served_version_changed_in_place_is_loaded_again(serve, store_copy) -> None:
+    """`training.upgrade_card --optimizer` (or a re-export) on the served version: /admin/reload said
+    `changed: false` and the pods kept the old card until a restart, while a restarted pod served the new one
+    under the same version name."""
+    store, version = store_copy
+    s = serve(store, KOVAE_ADMIN_API_KEYS='["admin-secret"]')
+    card = read_card(store / version)
+    card["metrics"]["score"] = 0.4321
+    write_card(store / version, card)
+    r = s.client.post("/admin/reload", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["changed"] is True, r.text
+    assert s.client.get("/model").json()["metrics"]["score"] == 0.4321
+    r = s.client.post("/admin/reload", headers=ADMIN)  # nothing changed since
+    assert r.status_code == 200 and r.json()["changed"] is False, r.text

@@ -551,11 +551,25 @@ def test_reload_reaches_every_worker_and_gauges_count_live_workers(serve, store_
     (store / POINTER).write_text("no-such-version\n")
     assert s.client.post("/admin/reload", headers=ADMIN).status_code == 409
 
-    def refused_by_both() -> bool:
+    def refused_by_both(name: str) -> bool:
         states = [json.loads(p.read_text()) for p in (runtime / "workers").glob("*.json")]
-        return len(states) == 2 and all((w["refused"] or {}).get("version") == "no-such-version" for w in states)
+        return len(states) == 2 and all((w["refused"] or {}).get("version") == name for w in states)
 
-    assert wait_for(refused_by_both)
+    assert wait_for(lambda: refused_by_both("no-such-version"))
+    # A version refused for a damaged graph, then repaired: the answer waits for each worker's answer to this
+    # reload. It took the other worker's refusal of the same version, from the reload before, for an answer, and
+    # said 200 while that worker still served v2.
+    v3 = clone_version(store, version, "v3")
+    graph = store / v3 / json.loads((store / v3 / "card.json").read_text())["onnx"]["file"]
+    good = graph.read_bytes()
+    graph.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    (store / POINTER).write_text(v3 + "\n")
+    assert s.client.post("/admin/reload", headers=ADMIN).status_code == 409
+    assert wait_for(lambda: refused_by_both(v3))
+    graph.write_bytes(good)
+    r = s.client.post("/admin/reload", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert {w["version"] for w in r.json()["workers"].values()} == {v3}, r.text
     s.stop()
     assert not runtime.exists()  # the shared folder goes with the server
 

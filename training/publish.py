@@ -22,7 +22,9 @@ from modelcard.card import CARD_VERSION, CardError, atomic_write, last_observed,
 from modelcard.objective import Objective, trained_ranges
 from modelcard.runtime import ModelRuntime
 from modelcard.store import (
+    ANY,
     GATE_FILE,
+    StoreChanged,
     add_version,
     check_same_plant,
     current_version,
@@ -284,7 +286,18 @@ def promote_if_better(
     if never:
         print(f"stored {version} in {store}, not promoted, as asked (gate: {why})", file=sys.stderr)
     elif passed or force:
-        set_current(store, version)
+        # Promoted only over the version it was compared with (or, with none served, over none): scoring takes
+        # minutes, and a rollback or another run's promotion meanwhile must stand.
+        replacing = served[0] if served else (None if problem is None else ANY)
+        try:
+            set_current(store, version, replacing=replacing)
+        except StoreChanged as exc:
+            print(
+                f"stored {version} in {store}, not promoted: {exc} while the gate compared {version} with "
+                f"{replacing}. `python -m training.promote {version}` serves it",
+                file=sys.stderr,
+            )
+            return 1
         print(f"stored {version} in {store} and promoted it ({'forced; ' if force else ''}{why})", file=sys.stderr)
     else:
         print(
