@@ -272,6 +272,7 @@ def parse_codes(value: Any, where: str) -> tuple[MissingCode, ...]:
         raise CatalogError(f'{where}: missing_codes must be a list of numbers and texts, e.g. [-9999, "Bad"]')
     codes: list[MissingCode] = []
     for code in value:
+        original = code
         if isinstance(code, bool) or not isinstance(code, int | float | str):
             raise CatalogError(f"{where}: missing code {code!r} is neither a number nor a text")
         if isinstance(code, str):
@@ -281,6 +282,11 @@ def parse_codes(value: Any, where: str) -> tuple[MissingCode, ...]:
                 code = code.strip()
                 if not code:
                     raise CatalogError(f"{where}: an empty missing code (empty cells are missing anyway)") from None
+        if isinstance(code, float | int) and math.isnan(code):
+            # NaN never equals itself: as a code it matched nothing, and a manifest's catalog never equalled this.
+            raise CatalogError(
+                f"{where}: missing code {original!r} is NaN: leave it out (NaN cells are missing anyway)"
+            )
         codes.append(float(code) if not isinstance(code, str) else code)
     return tuple(codes)
 
@@ -302,6 +308,16 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
     top = {f.name for f in fields(Catalog)} - {"variables"}
     lists = {"variables"} if "variables" in data else {"measurements", "controls", "setpoints"}
     unknown_keys(data, top | lists, source)
+    for key in lists:
+        given = data.get(key, [])
+        if not isinstance(given, list) or not all(isinstance(entry, dict) for entry in given):
+            got = "one table" if isinstance(given, dict) else f"{given!r}"[:60]
+            how = (
+                "[[variables]] tables, one per variable: write [[variables]] (double brackets) above each"
+                if key == "variables"
+                else "a list of tables"
+            )
+            raise CatalogError(f"{source}: {key} must be {how}, not {got}")
     if "variables" in data:
         entries = list(data["variables"])
     else:
@@ -377,6 +393,12 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
         raise CatalogError(
             f"{source}: timestamp_format {cat.timestamp_format!r} is not one of {', '.join(TIMESTAMP_FORMATS)} "
             "or a strptime pattern such as '%d.%m.%Y %H:%M:%S'"
+        )
+    if re.search(r"(?<!%)(?:%%)*%Z", cat.timestamp_format):
+        raise CatalogError(
+            f"{source}: timestamp_format {cat.timestamp_format!r} has %Z, a zone name (CEST) that strptime reads "
+            "differently on each machine and then ignores: use %z for an offset (+02:00), or leave the zone out "
+            "(local times are read in the catalog's timezone)"
         )
     if cat.timestamp_column in columns_of(variables):
         raise CatalogError(f"{source}: timestamp_column {cat.timestamp_column!r} is also a variable's column")

@@ -27,7 +27,13 @@ MISSING = {"", "nan", "NaN", "NA", "null", "None"}  # empty cells: missing witho
 DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+")  # 761,7996: a European export's number
 SHOWN = 50  # refusals listed one by one; the rest are counted
 UNIT_FACTORS = (1000.0, 3.6, 24.0, 60.0, 100.0, 1440.0, 3600.0, 86400.0)  # mg/g, m3/h-l/s, per day-hour-minute, %
+PLAIN_FACTORS = (1000.0, 100.0)  # mg/g, l/m3, %: any unit; the others are per-time (m3/h - l/s, per day-hour-minute)
+RATE_UNIT = re.compile(r"/\s*(s|sec|min|h|hr|d|day)\b|\b(s|min|h|d)\s*(-1|\^-1|⁻¹)")  # m3/h, 1/d, h-1
+TEMPERATURE_UNIT = re.compile(r"°|deg\s*C|^\s*C\s*$|celsius|kelvin|^\s*K\s*$", re.IGNORECASE)
+MASS_UNIT = re.compile(r"g|l|m3|%|mol|ppm", re.IGNORECASE)  # a concentration or amount: no time, no kelvin
 KELVIN = 273.15  # a temperature in K where the catalog has degrees C
+# Longer between two records is a mistyped timestamp (2062 for 2026), not an outage: the grid would span decades.
+MAX_RECORD_GAP_DAYS = 31
 
 
 class ImportRefused(ValueError):
@@ -76,12 +82,37 @@ class Table:
 
 
 def read_table(path: Path, catalog: Catalog) -> Table:
-    """Read a wide CSV or Parquet export in one pass; every problem of the file is reported at once."""
-    header, records, first_row = read_records(path)
+    """Read a wide CSV or Parquet export in one pass; every problem of the file is reported at once. Only the
+    catalog's columns are kept in memory: an export of hundreds of tags costs what its few catalog columns do."""
+    wanted = [catalog.timestamp_column, *(v.source_column for v in catalog.variables)]
+    columns, rows, broken = read_records(path, wanted)
+    if not len(rows):
+        raise ImportRefused(f"{path}: no records below the header")
+    problems = Problems(path)
+    for i, fields in broken.items():  # a wrong number of fields: refused once, read no further
+        problems.add(
+            "rows with a wrong number of fields", rows[i], -1, f"has {fields[0]} fields, the header {fields[1]}"
+        )
+    repairs: list[dict[str, Any]] = []
+    utc, offset = read_times(columns[0], rows, catalog, problems, repairs, set(broken))
+    values = {}
+    for c, v in enumerate(catalog.variables, start=1):
+        values[v.name] = read_values(columns[c], rows, v, c, catalog, problems, repairs)
+        check_bounds(values[v.name], rows, v, c, problems)
+    problems.raise_if_any()
+    for v in catalog.variables:
+        if v.max_flat_minutes > 0:
+            repairs += remove_flat_runs(values[v.name], utc, rows, v, catalog.timezone, catalog.sample_minutes)
+    return Table(utc, (utc + offset - CLOCK_EPOCH_S) / 60, values, rows, repairs)
+
+
+def check_header(path: Path, header: list[str], wanted: list[str]) -> list[int]:
+    """The position in ``header`` of each ``wanted`` column (the timestamp column first, then the catalog's);
+    a column absent, or present twice (which of the two is the tag?), is refused by name."""
     if not header:
         raise ImportRefused(f"{path}: the file is empty (no header row)")
-    time_col = catalog.timestamp_column
-    absent = [v.source_column for v in catalog.variables if v.source_column not in header]
+    time_col = wanted[0]
+    absent = [col for col in wanted[1:] if col not in header]
     if time_col not in header or absent:
         why = [f"no {time_col!r} column (the catalog's timestamp_column)"] if time_col not in header else []
         for col in absent:  # a renamed tag, or a trailing space only repr shows
@@ -93,65 +124,84 @@ def read_table(path: Path, catalog: Catalog) -> Table:
         if len(header) == 1 and ";" in header[0]:
             hint = "; the header holds ';': write the export comma-separated, with '.' as the decimal mark"
         raise ImportRefused(f"{path}: {'; '.join(why)} (columns: {', '.join(map(repr, header))}){hint}")
-    problems = Problems(path)
-    rows = np.arange(first_row, first_row + len(records))
-    keep = [i for i, rec in enumerate(records) if len(rec) > 0]  # a blank line (the file's last) is no record
-    records, rows = [records[i] for i in keep], rows[keep]
-    if not records:
-        raise ImportRefused(f"{path}: no records below the header")
-    broken: set[int] = set()  # records with a wrong number of fields: refused once, read no further
-    for i, rec in enumerate(records):
-        if len(rec) != len(header):
-            message = f"has {len(rec)} fields, the header {len(header)}"
-            problems.add("rows with a wrong number of fields", rows[i], -1, message)
-            records[i] = [""] * len(header)
-            broken.add(i)
-    repairs: list[dict[str, Any]] = []
-    it = header.index(time_col)
-    utc, offset = read_times([rec[it] for rec in records], rows, catalog, problems, repairs, broken)
-    values = {}
-    for v in catalog.variables:
-        c = header.index(v.source_column)
-        values[v.name] = read_values([rec[c] for rec in records], rows, v, c, catalog, problems, repairs)
-        check_bounds(values[v.name], rows, v, c, problems)
-    problems.raise_if_any()
-    for v in catalog.variables:
-        if v.max_flat_minutes > 0:
-            repairs += remove_flat_runs(values[v.name], utc, rows, v, catalog.timezone)
-    return Table(utc, (utc + offset - CLOCK_EPOCH_S) / 60, values, rows, repairs)
+    twice = [col for col in wanted if header.count(col) > 1]
+    if twice:
+        where = "; ".join(
+            f"{col!r} is column {' and '.join(str(i + 1) for i, h in enumerate(header) if h == col)}" for col in twice
+        )
+        raise ImportRefused(
+            f"{path}: the header names a column twice ({where}): which one holds the data is unknown; export each "
+            "tag once"
+        )
+    return [header.index(col) for col in wanted]
 
 
-def read_records(path: Path) -> tuple[list[str], list[list[Any]], int]:
-    """(header, records, row number of the first record) of a CSV or Parquet file."""
+def read_records(path: Path, wanted: list[str]) -> tuple[list[list[Any]], np.ndarray, dict[int, tuple[int, int]]]:
+    """(cells of each ``wanted`` column, the file's row number of each record, and the records with a wrong
+    number of fields: index -> (fields, header's)) of a CSV or Parquet file; a blank line is no record."""
     if path.suffix.lower() in (".parquet", ".pq"):
-        return _parquet_records(path)
+        return _parquet_records(path, wanted)
+    columns: list[list[Any]] = [[] for _ in wanted]
+    rows: list[int] = []
+    broken: dict[int, tuple[int, int]] = {}
+    start = 1  # the line the record being read starts on (a quoted field may span lines)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, [])
-            return header, list(reader), 2  # the header is row 1
+            at = check_header(path, header, wanted)
+            width = len(header)
+            start = reader.line_num + 1
+            for row, rec in enumerate(reader, start=2):  # the header is row 1
+                start = reader.line_num + 1  # where the next record starts: a csv.Error is raised reading it
+                if not rec:
+                    continue
+                if len(rec) != width:
+                    broken[len(rows)] = (len(rec), width)
+                    rec = [""] * width
+                rows.append(row)
+                for cells, i in zip(columns, at, strict=True):
+                    cells.append(rec[i])
     except OSError as exc:
         raise ImportRefused(f"{path}: cannot read ({exc.strerror})") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError as exc:
         raise ImportRefused(f"{path}: not a UTF-8 CSV file ({exc})") from None
+    except csv.Error as exc:
+        raise ImportRefused(
+            f"{path}: line {start}: not a well-formed CSV record ({exc}): an unmatched '\"' there? a quote opens a "
+            "field that runs on until the next quote"
+        ) from None
+    return columns, np.array(rows, dtype=np.int64), broken
 
 
-def _parquet_records(path: Path) -> tuple[list[str], list[list[Any]], int]:
+def _parquet_records(path: Path, wanted: list[str]) -> tuple[list[list[Any]], np.ndarray, dict[int, tuple[int, int]]]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportRefused(f"{path}: reading Parquet needs pyarrow (pip install -e '.[train]')") from None
     try:
-        table = pq.read_table(path)
+        check_header(path, pq.read_schema(path).names, wanted)
+        table = pq.read_table(path, columns=list(dict.fromkeys(wanted)))  # only the catalog's columns
+    except ImportRefused:
+        raise
     except OSError as exc:
         if not path.is_file():
             raise ImportRefused(f"{path}: cannot read (No such file)") from None
         raise ImportRefused(f"{path}: unreadable Parquet ({exc})") from None
     except Exception as exc:  # pyarrow raises its own error types for corrupt files
         raise ImportRefused(f"{path}: unreadable Parquet ({exc})") from None
-    header = table.column_names
-    columns = [table.column(name).to_pylist() for name in header]
-    return header, [list(rec) for rec in zip(*columns, strict=True)], 1  # row 1: the first record
+    columns = []
+    for name in wanted:
+        column = table.column(name)
+        try:
+            if pa.types.is_timestamp(column.type) and column.type.unit == "ns":
+                # Python's datetime holds microseconds: a sub-microsecond part is nothing on a 15-minute grid.
+                column = column.cast(pa.timestamp("us", tz=column.type.tz), safe=False)
+            columns.append(column.to_pylist())
+        except Exception as exc:  # pyarrow's conversion errors (a type Python cannot hold)
+            raise ImportRefused(f"{path}: column {name!r} ({column.type}) cannot be read ({exc})") from None
+    return columns, np.arange(1, table.num_rows + 1), {}  # row 1: the first record
 
 
 # ----------------------------------------------------------------------------- timestamps and DST
@@ -306,9 +356,22 @@ def place_repeated(
 
 
 def check_order(utc: np.ndarray, rows: np.ndarray, cells: list[Any], col: str, problems: Problems) -> None:
-    """Each timestamp must come after the previous one (records whose time is unknown are skipped)."""
+    """Each timestamp must come after the previous one (records whose time is unknown are skipped), and no more
+    than ``MAX_RECORD_GAP_DAYS`` after it: one mistyped year made a grid of decades, refused as a block without
+    data or ending in an out-of-memory traceback."""
     known = np.flatnonzero(np.isfinite(utc))
     steps = np.diff(utc[known])
+    for j in np.flatnonzero(steps > MAX_RECORD_GAP_DAYS * 86400):
+        a, b = known[j], known[j + 1]
+        days = steps[j] / 86400
+        problems.add(
+            "timestamps far from the previous record",
+            rows[b],
+            -1,
+            f"column {col}: {cells[b]} is {days:.{0 if days >= 100 else 1}f} days after row {rows[a]}'s {cells[a]} "
+            f"(more than {MAX_RECORD_GAP_DAYS}): a mistyped timestamp? (an outage that long: import the periods "
+            "either side separately)",
+        )
     for j in np.flatnonzero(steps <= 0):
         a, b = known[j], known[j + 1]
         what = "repeats" if steps[j] == 0 else "goes back in time from"
@@ -417,36 +480,49 @@ def looks_like_code(value: float) -> bool:
 
 def bounds_hint(value: float, v: Variable, typical: float) -> str:
     """Why a value may be outside the bounds: an error code, or a wrong unit where a common factor (or kelvin's
-    offset) brings it inside them, only for values far outside (more than the bounds' width beyond them). Of the
-    conversions that do, the one that brings the ``typical`` (median) value outside the bounds nearest their
-    middle is named: a recycle flow in m3/d where the catalog has m3/h is / 24, though / 1000 fits one value too."""
+    offset) brings it inside them, only for values far outside (more than the bounds' width beyond them). Every
+    conversion that brings it inside them, clear of their edges (1% of their width), is named, the one that brings
+    the ``typical`` (median) value outside the bounds nearest their middle first: naming that one alone said
+    / 3.6 for a flow in m3/d where the catalog has m3/h (/ 24). Per-time factors only for a rate's unit (m3/h,
+    1/d), kelvin only for a temperature's (an unknown or empty unit: all)."""
     if looks_like_code(value):
         return " (a historian error code? list it in the catalog's missing_codes)"
     width, middle = v.max - v.min, (v.min + v.max) / 2
     if v.min - width <= value <= v.max + width:
         return ""
-    conversions = [(f"/ {f:g}", lambda x, f=f: x / f) for f in UNIT_FACTORS]
-    conversions += [(f"x {f:g}", lambda x, f=f: x * f) for f in UNIT_FACTORS]
-    conversions += [(f"- {KELVIN:g}", lambda x: x - KELVIN)]
-    fits = [(abs(convert(typical) - middle), name, convert(value)) for name, convert in conversions]
-    fits = sorted(fit for fit in fits if v.min <= fit[2] <= v.max)
+    rate, temperature = RATE_UNIT.search(v.unit), TEMPERATURE_UNIT.search(v.unit)
+    known = rate or temperature or MASS_UNIT.search(v.unit)
+    factors = [f for f in UNIT_FACTORS if (f in PLAIN_FACTORS and not temperature) or rate or not known]
+    conversions = [(f"/ {f:g}", lambda x, f=f: x / f) for f in factors]
+    conversions += [(f"x {f:g}", lambda x, f=f: x * f) for f in factors]
+    if temperature or not known:
+        conversions += [(f"- {KELVIN:g}", lambda x: x - KELVIN)]
+    edge = 0.01 * width
+    fits = sorted(
+        (abs(convert(typical) - middle), name, convert(value))
+        for name, convert in conversions
+        if v.min + edge <= convert(value) <= v.max - edge
+    )
     if not fits:
         return ""
-    _, name, scaled = fits[0]
-    return f" ({value:g} {name} = {scaled:.4g} is inside them: a wrong unit?)"
+    named = [f"{name} = {scaled:.4g}" for _, name, scaled in fits]
+    listed = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} or {named[-1]}"
+    return f" ({value:g} {listed} is inside them: a wrong unit?)"
 
 
 def remove_flat_runs(
-    col: np.ndarray, utc: np.ndarray, rows: np.ndarray, v: Variable, zone: str
+    col: np.ndarray, utc: np.ndarray, rows: np.ndarray, v: Variable, zone: str, sample_minutes: float = 15
 ) -> list[dict[str, Any]]:
     """A stuck sensor: identical values over more than ``v.max_flat_minutes`` (from the run's first record to its
-    last; missing cells in between do not end it). Its first record is kept (the last value really measured),
-    the rest set to missing, in place. Returns one repair per run."""
+    last; missing cells in between do not end it, but a gap longer than the import bridges does: the same value
+    before and after a night's outage is no stuck sensor). Its first record is kept (the last value really
+    measured), the rest set to missing, in place. Returns one repair per run."""
     idx = np.flatnonzero(np.isfinite(col))
     if len(idx) < 2:
         return []
     vals = col[idx]
-    change = np.flatnonzero(vals[1:] != vals[:-1]) + 1
+    outage = np.diff(utc[idx]) > max(v.max_gap_minutes, sample_minutes) * 60
+    change = np.flatnonzero((vals[1:] != vals[:-1]) | outage) + 1
     starts, ends = np.concatenate([[0], change]), np.concatenate([change, [len(idx)]]) - 1
     long = utc[idx[ends]] - utc[idx[starts]] > v.max_flat_minutes * 60
     tz = zoneinfo.ZoneInfo(zone)

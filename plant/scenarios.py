@@ -14,7 +14,9 @@ import json
 import sys
 import time
 import zlib
+import zoneinfo
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 
@@ -164,6 +166,16 @@ def read_cache_file(path: Path, version: int, keys: tuple[str, ...]) -> tuple[di
     return arrays, meta
 
 
+def zone_step(zone: str, clock_minutes: float) -> float:
+    """How far ``zone``'s clock moves (minutes; 0: not at all) around the local time ``clock_minutes`` (since
+    1970-01-05), as an imported plant's clock jumps at a DST change: an hour in most zones, 30 minutes in
+    Australia/Lord_Howe, once 30 in America/Caracas."""
+    tz = zoneinfo.ZoneInfo(zone)
+    near = datetime(1970, 1, 5, tzinfo=UTC) + timedelta(minutes=clock_minutes)  # within the offset of the instant
+    before, after = ((near + timedelta(days=d)).astimezone(tz).utcoffset() for d in (-1, 1))
+    return (after - before).total_seconds() / 60  # type: ignore[operator]
+
+
 def load_scenario(path: Path, catalog: Catalog = BSM1) -> ScenarioData:
     """Load and validate one scenario file; every problem names the file. Imported (historian) data may have
     missing values (NaN) and an hour's jump of the local clock at a DST change; simulated data have neither."""
@@ -192,8 +204,12 @@ def load_scenario(path: Path, catalog: Catalog = BSM1) -> ScenarioData:
                 )
     step = catalog.sample_minutes
     allowed = (step, step - 60, step + 60) if imported else (step,)
-    if n > 1 and not np.all(np.isin(np.round(np.diff(t), 6), allowed)):
-        raise DataError(f"{path}: samples are not {step} minutes apart")
+    steps = np.round(np.diff(t), 6)
+    odd = np.flatnonzero(~np.isin(steps, allowed))
+    if imported:  # a zone whose clock moves by 30 minutes (Lord Howe) or once by 30 (Caracas, 2016)
+        odd = [i for i in odd if steps[i] - step != zone_step(catalog.timezone, float(t[i]))]
+    if len(odd):
+        raise DataError(f"{path}: samples are not {step} minutes apart (row {odd[0] + 1}: {steps[odd[0]]:g})")
     if meta.get("regime") not in (*REGIMES, "historian"):
         raise DataError(f"{path}: regime {meta.get('regime')!r} is not one of {REGIMES}")
     if meta.get("policy") not in (*POLICIES, "historian"):

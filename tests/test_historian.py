@@ -360,14 +360,23 @@ def test_missing_column_is_refused(tmp_path: Path, small) -> None:
         export.read_table(tmp_path / "nothing.parquet", small)
 
 
-def test_the_unit_hint_names_the_conversion_that_fits_the_column() -> None:
+def test_the_unit_hint_names_every_conversion_that_fits_the_column() -> None:
     """A recycle flow exported in m3/d was hinted '/ 1000' (the first factor that fit one value), a temperature in
-    kelvin likewise; the conversion that brings what is out nearest the middle of the bounds is named."""
+    kelvin likewise; then an inflow in m3/d only '/ 3.6' (nearest the middle), not the true '/ 24'. Every factor of
+    the unit's kind that brings the value well inside is named, nearest the middle of the bounds first."""
     from plant.catalog import Variable
 
     recycle, temperature = Variable("recycle", "m3/h", "", 0, 5000), Variable("temp", "degC", "", 0, 40)
-    assert export.bounds_hint(21689.2, recycle, 21000.0) == " (21689.2 / 24 = 903.7 is inside them: a wrong unit?)"
+    assert export.bounds_hint(21689.2, recycle, 21000.0) == (
+        " (21689.2 / 24 = 903.7, / 60 = 361.5 or / 100 = 216.9 is inside them: a wrong unit?)"
+    )
     assert export.bounds_hint(289.85, temperature, 290.0) == " (289.85 - 273.15 = 16.7 is inside them: a wrong unit?)"
+    inflow = Variable("inflow", "m3/h", "", 0, 10000)
+    assert export.bounds_hint(20016.0, inflow, 23600.0) == (
+        " (20016 / 3.6 = 5560, / 24 = 834, / 60 = 333.6 or / 100 = 200.2 is inside them: a wrong unit?)"
+    )
+    oxygen = Variable("oxygen", "g O2/m3", "", 0, 20)  # a concentration: no per-time factor
+    assert export.bounds_hint(2500.0, oxygen, 2500.0) == " (2500 / 1000 = 2.5 is inside them: a wrong unit?)"
 
 
 def test_a_setpoint_logged_only_when_it_changes_is_held(tmp_path: Path) -> None:

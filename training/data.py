@@ -230,6 +230,12 @@ def import_main(argv: list[str]) -> int:
     except (ConfigError, CatalogError, ImportRefused, DataError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a folder without write permission: the import before is left as it was
+        where = exc.filename or out
+        print(
+            f"error: {where}: {exc.strerror or exc} (importing into {out}: what it held is as it was)", file=sys.stderr
+        )
+        return 1
     print(summary_table(data, catalog))
     repairs = manifest["repairs"]
     print(
@@ -249,7 +255,10 @@ def import_main(argv: list[str]) -> int:
         "where it names none), whatever offset the export writes"
     )
     print(f"(history {history} + horizon {horizon} samples, the {args.preset} preset's unless given)")
-    print(f"imported {manifest['records']} records into {out} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"imported {manifest['records']} records (one every {manifest['record_minutes']:g} minutes, the median) "
+        f"into {out} in {time.perf_counter() - start:.1f} s"
+    )
     config = f" --config {args.config}" if args.config else ""
     print(f"train on it: python -m training.run --preset {args.preset}{config} --catalog {args.catalog} --data {out}")
     return 0
