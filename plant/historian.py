@@ -35,7 +35,8 @@ import numpy as np
 
 from modelcard.card import atomic_write, fsync_dir, hold_forward
 from plant.catalog import Catalog, catalog_from_dict
-from plant.export_reader import CLOCK_EPOCH_S, ImportRefused, Table, read_table
+from plant.export_reader import CLOCK_EPOCH_S, Table, read_table
+from plant.export_values import ImportRefused
 from plant.scenarios import DataError, ScenarioData, load_scenario, save_scenario
 
 MAX_GRID_YEARS = 20  # a longer export is refused before its grid is allocated (memory: years x variables)

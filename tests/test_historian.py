@@ -16,6 +16,7 @@ import torch
 
 from plant import example_export as example
 from plant import export_reader as export
+from plant import export_values
 from plant import historian as hist
 from plant.catalog import BSM1, CatalogError, catalog_from_dict, load_catalog
 from plant.scenarios import DataError, load_scenario
@@ -263,7 +264,7 @@ def test_one_run_reports_every_problem_with_file_row_column_and_value(tmp_path: 
     with pytest.raises(export.ImportRefused) as caught:
         export.read_table(write_csv(tmp_path / "many.csv", many), small)
     lines = str(caught.value).splitlines()
-    assert lines[0].endswith("120 problem(s); nothing was imported") and len(lines) == 1 + export.SHOWN + 1
+    assert lines[0].endswith("120 problem(s); nothing was imported") and len(lines) == 1 + export_values.SHOWN + 1
     assert lines[1].startswith(f"  {tmp_path / 'many.csv'}: row 12 column DO [mg/l]: cannot parse 'Bad'")
     assert lines[-1] == "  and 70 more: 70 values that do not parse in column DO [mg/l]"
 
@@ -320,7 +321,7 @@ def test_a_stuck_sensor_is_set_to_missing_and_reported(tmp_path: Path) -> None:
     [stuck] = table.repairs
     assert stuck["kind"] == "stuck" and stuck["column"] == "DO [mg/l]" and stuck["value"] == 2.5
     assert (stuck["first_row"], stuck["last_row"], stuck["records"], stuck["minutes"]) == (22, 112, 89, 90.0)
-    assert "stuck at 2.5 for 1.5 h (rows 22-112" in export.describe(stuck)
+    assert "stuck at 2.5 for 1.5 h (rows 22-112" in export_values.describe(stuck)
 
 
 def test_timestamp_column_and_format_come_from_the_catalog(tmp_path: Path) -> None:
@@ -367,16 +368,19 @@ def test_the_unit_hint_names_every_conversion_that_fits_the_column() -> None:
     from plant.catalog import Variable
 
     recycle, temperature = Variable("recycle", "m3/h", "", 0, 5000), Variable("temp", "degC", "", 0, 40)
-    assert export.bounds_hint(21689.2, recycle, 21000.0) == (
+    assert export_values.bounds_hint(21689.2, recycle, 21000.0) == (
         " (21689.2 / 24 = 903.7, / 60 = 361.5 or / 100 = 216.9 is inside them: a wrong unit?)"
     )
-    assert export.bounds_hint(289.85, temperature, 290.0) == " (289.85 - 273.15 = 16.7 is inside them: a wrong unit?)"
+    assert (
+        export_values.bounds_hint(289.85, temperature, 290.0)
+        == " (289.85 - 273.15 = 16.7 is inside them: a wrong unit?)"
+    )
     inflow = Variable("inflow", "m3/h", "", 0, 10000)
-    assert export.bounds_hint(20016.0, inflow, 23600.0) == (
+    assert export_values.bounds_hint(20016.0, inflow, 23600.0) == (
         " (20016 / 3.6 = 5560, / 24 = 834, / 60 = 333.6 or / 100 = 200.2 is inside them: a wrong unit?)"
     )
     oxygen = Variable("oxygen", "g O2/m3", "", 0, 20)  # a concentration: no per-time factor
-    assert export.bounds_hint(2500.0, oxygen, 2500.0) == " (2500 / 1000 = 2.5 is inside them: a wrong unit?)"
+    assert export_values.bounds_hint(2500.0, oxygen, 2500.0) == " (2500 / 1000 = 2.5 is inside them: a wrong unit?)"
 
 
 def test_a_setpoint_logged_only_when_it_changes_is_held(tmp_path: Path) -> None:
@@ -553,7 +557,7 @@ def test_the_repeated_autumn_hour_is_placed_from_its_neighbours(tmp_path: Path, 
     assert table.utc.tolist() == [t.timestamp() for t in every]
     [placed] = table.repairs
     assert (placed["first_row"], placed["last_row"], placed["first_hour"], placed["second_hour"]) == (26, 49, 12, 12)
-    assert "placed by their order, 12 before the clocks went back and 12 after" in export.describe(placed)
+    assert "placed by their order, 12 before the clocks went back and 12 after" in export_values.describe(placed)
     grid, clock, _, _ = hist.resample(table, small)
     assert np.all(np.diff(grid) == 900) and sorted(set(np.diff(clock).tolist())) == [-45.0, 15.0]
 
@@ -664,7 +668,7 @@ def test_the_example_plants_export_imports_in_one_run_and_reports_every_repair(
     assert dst["first_hour"] == dst["second_hour"] == 60  # 1-minute records by then
     assert len(repairs) == len(written) + 2
     for r in repairs:
-        assert export.describe(r) in printed
+        assert export_values.describe(r) in printed
     assert "history 20 + horizon 16 samples, the tiny preset's" in printed and manifest["gap_between_splits"] == 36
     assert manifest["missing"]["no3_out"]["missing_share"] > 0.08  # the half-day outage of 6 days
     # A run with longer windows than the import was made for is refused, with what to do.

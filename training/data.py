@@ -192,7 +192,7 @@ def import_main(argv: list[str]) -> int:
     reads the whole file once and reports every problem; the history and horizon its blocks are kept apart for
     come from the training preset (and --config) the data will be trained with."""
     from plant.catalog import CatalogError
-    from plant.export_reader import ImportRefused, describe
+    from plant.export_values import ImportRefused, describe
     from plant.historian import import_table, load_dataset, simulated_cache
 
     parser = argparse.ArgumentParser(prog="python -m training.data import", description=import_main.__doc__)
