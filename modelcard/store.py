@@ -3,8 +3,8 @@
 A version is added whole (``add_version``) and its weights never change (``python -m export`` may re-export a
 version's graph from those weights, rewriting ``model.onnx`` and the card's checksum in place). Promotion and
 rollback only rewrite the pointer, atomically, under the store's lock (``store_lock``), which every writer of the
-pointer or of a version takes. Every name read from CURRENT is checked against the version pattern and resolved
-inside the store, so the pointer cannot send a reader elsewhere.
+pointer takes, and every rename of a new version into place. Every name read from CURRENT is checked against the
+version pattern and resolved inside the store, so the pointer cannot send a reader elsewhere.
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ def store_lock(store: Path) -> Iterator[None]:
     and while a version is renamed into place: two writers never interleave there."""
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+    try:  # read-only: flock needs no more, and a lock file another user created (a root container) stays usable
+        fd = os.open(store / LOCK_FILE, os.O_CREAT | os.O_RDONLY, 0o644)
+    except OSError as exc:
+        raise CardError(f"{store / LOCK_FILE}: cannot be opened to lock the store ({exc.strerror or exc})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -127,7 +130,9 @@ def set_current(store: Path, version: str, *, replacing: str | None = ANY) -> No
     check_card(card, version)
     with store_lock(store):
         if replacing is not ANY and (now := current_version(store)) != replacing:
-            raise StoreChanged(f"{POINTER} names {now}, no longer {replacing}: changed meanwhile")
+            raise StoreChanged(
+                f"{POINTER} names {now or 'nothing'}, no longer {replacing or 'nothing'}: changed meanwhile"
+            )
         atomic_write(Path(store) / POINTER, (version + "\n").encode())
 
 

@@ -394,14 +394,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             version, changed = await asyncio.wrap_future(registry.submit(force=False))
         except ReloadError as exc:
-            registry.broadcast_reload()  # the other workers try it too: each /readyz then says why it was refused
+            # The other workers try it too: each /readyz then says why it was refused. (In a thread: it waits for
+            # a reload under way on another thread, which must not hold up the event loop.)
+            await run_in_threadpool(registry.broadcast_reload)
             raise ProblemError(409, "Reload refused; the previous model keeps serving", detail=str(exc)) from None
-        token = registry.broadcast_reload()
+        token = await run_in_threadpool(registry.broadcast_reload)
         workers, pending = await run_in_threadpool(registry.wait_for_workers, token)
         others = {pid: w for pid, w in workers.items() if pid not in pending and w["version"] != version}
         if others:
             said = "; ".join(
-                f"worker {pid} serves {w['version']}, refused: {w['refused']}" for pid, w in others.items()
+                f"worker {pid} serves {w['version']}"
+                + (f", refused {w['refused']['version']}: {w['refused']['reason']}" if w["refused"] else "")
+                for pid, w in others.items()
             )
             raise ProblemError(409, f"Reload of {version} refused by a worker; it keeps its model", detail=said[:2000])
         if pending:

@@ -7,13 +7,15 @@ assignment). All of it happens beside the serving path, in background threads of
 requests are not held up while a version loads. Anything that goes wrong on the way, ONNX Runtime's own errors
 included, is a counted and logged refusal, shown by /readyz: the old model keeps serving and the poller lives
 on. A refused version is tried again once CURRENT or the version's files change, and the refusal is cleared
-once CURRENT names the served version again. The served version's files changed in place (a re-export, a card
-upgraded) are loaded again, as a new version would be.
+once CURRENT names the served version, as it was loaded, again. The served version's files changed in place (a
+re-export, a card upgraded) are loaded again, as a new version would be: by the poller once they have stood still
+for one poll (a re-export writes its files one after another), by /admin/reload at once.
 
 With several workers (``runtime_dir`` set), a reload asked of one worker reaches all of them: it writes a
 new token into ``runtime_dir/reload-token``, every worker watches that file, and each records the version it
-serves in ``runtime_dir/workers/<pid>.json``, with the token it last answered: the worker that was asked
-waits for every live worker's answer to its own token, never an older one.
+serves in ``runtime_dir/workers/<pid>.json``, with the newest token it has answered (tokens sort by the time
+they were written): the worker that was asked waits until every live worker has answered its token or a newer
+one, never an older one.
 """
 
 from __future__ import annotations
@@ -129,12 +131,14 @@ class ModelRegistry:
         self.refused: dict[str, str] | None = None  # the last refusal: {"version", "reason"}
         self._refused_state: tuple | None = None  # pointer and files at that refusal: not retried until they change
         self._loaded_state: tuple | None = None  # pointer and files the served runtime was loaded from
+        self._changing: tuple | None = None  # the served version's files as the last poll saw them changed
         self._lock = threading.Lock()  # one reload at a time; readers never wait
         # Reloads asked for by requests (start-up, /admin/reload) run here, beside the serving threads.
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader", initializer=lower_priority)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._token: str | None = self._read_token()
+        self._token: str | None = self._read_token()  # the newest token seen
+        self._answered: str = self._token or ""  # the newest token answered (start-up loads what CURRENT names)
 
     @property
     def ready(self) -> bool:
@@ -151,12 +155,17 @@ class ModelRegistry:
             return (None,)
         files = []
         try:
-            folder = version_dir(self.store, raw.decode().strip())
-            for path in sorted(folder.iterdir()):
-                st = path.stat()
-                files.append((path.name, st.st_mtime_ns, st.st_size))
+            paths = sorted(version_dir(self.store, raw.decode().strip()).iterdir())
         except (CardError, OSError, UnicodeDecodeError):
-            pass
+            paths = []
+        for path in paths:
+            if path.name.startswith("."):  # a writer's temporary file, gone in a moment
+                continue
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            files.append((path.name, st.st_mtime_ns, st.st_size))
         return (raw, tuple(files))
 
     def _describe(self, exc: BaseException) -> str:
@@ -240,15 +249,21 @@ class ModelRegistry:
             log.exception("unexpected error while reloading")
 
     def poll_once(self) -> None:
-        """Reload when CURRENT names another version or the served version's files changed, unless that very state
-        was refused already."""
+        """Reload when CURRENT names another version, or the served version's files changed and have stood still
+        since the last poll (a re-export caught half-written was refused, and raised the alert), unless that very
+        state was refused already."""
         state = self._state()
         serving = self.runtime.version if self.runtime is not None else None
         raw = state[0]
-        if raw is not None and raw.decode(errors="replace").strip() == serving and state == self._loaded_state:
-            with self._lock:
-                self._clear_refusal()
-            return
+        if raw is not None and raw.decode(errors="replace").strip() == serving:
+            if state == self._loaded_state:
+                self._changing = None
+                with self._lock:
+                    self._clear_refusal()
+                return
+            if state != self._changing:  # changed since the last poll: perhaps still being written
+                self._changing = state
+                return
         if state == self._refused_state:
             return
         self.try_reload()
@@ -298,16 +313,24 @@ class ModelRegistry:
         if token != self._token:
             self._token = token
             self.try_reload()
-            self._write_worker_state()  # this token answered, whether the version changed or not
+            self._answer(token or "")  # answered after its reload, whether the version changed or not
+
+    def _answer(self, token: str) -> None:
+        """Record ``token`` as answered, with what this worker serves now (under the reload lock: a reload on
+        another thread writes its state in one piece too)."""
+        with self._lock:
+            self._answered = max(self._answered, token)
+            self._write_worker_state()
 
     def broadcast_reload(self) -> str | None:
         """Ask every worker of this server to reload; returns the token their answers will carry (None with one
-        worker: nothing to ask)."""
+        worker: nothing to ask). Tokens sort by the time they were written, so an answer to a newer reload
+        answers an older one too (two reloads at once both had to see their own)."""
         if self.runtime_dir is None:
             return None
-        self._token = uuid.uuid4().hex  # this worker has reloaded already
+        self._token = f"{time.time_ns():020d}-{uuid.uuid4().hex}"  # this worker has reloaded already
         atomic_write(self.runtime_dir / TOKEN_FILE, self._token.encode())
-        self._write_worker_state()
+        self._answer(self._token)
         return self._token
 
     def _write_worker_state(self) -> None:
@@ -317,7 +340,7 @@ class ModelRegistry:
             "pid": os.getpid(),
             "version": self.runtime.version if self.runtime is not None else None,
             "refused": self.refused,
-            "token": self._token,
+            "token": self._answered,
             "time": time.time(),
         }
         try:
@@ -348,13 +371,14 @@ class ModelRegistry:
     def wait_for_workers(
         self, token: str | None, timeout_s: float = 5.0
     ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-        """Wait until every live worker has answered reload ``token`` (``broadcast_reload``'s); returns their
-        states (version and refusal) and the workers that had not answered by ``timeout_s``. A worker's state
-        from an earlier reload (a refusal of the same version, before its files were fixed) is no answer."""
+        """Wait until every live worker has answered reload ``token`` (``broadcast_reload``'s) or a newer one;
+        returns their states (version and refusal) and the workers that had not answered by ``timeout_s``. A
+        worker's state from an earlier reload (a refusal of the same version, before its files were fixed) is no
+        answer."""
         deadline = time.monotonic() + timeout_s
         while True:
             states = self.workers()
-            pending = sorted(pid for pid, s in states.items() if token is not None and s["token"] != token)
+            pending = sorted(pid for pid, s in states.items() if token is not None and (s["token"] or "") < token)
             if not pending or time.monotonic() > deadline:
                 return {pid: {"version": s["version"], "refused": s["refused"]} for pid, s in states.items()}, pending
             time.sleep(0.05)

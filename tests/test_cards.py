@@ -359,3 +359,27 @@ def test_the_served_version_changed_in_place_is_loaded_again(serve, store_copy) 
     assert s.client.get("/model").json()["metrics"]["score"] == 0.4321
     r = s.client.post("/admin/reload", headers=ADMIN)  # nothing changed since
     assert r.status_code == 200 and r.json()["changed"] is False, r.text
+
+
+def test_the_poller_loads_an_in_place_change_once_it_stands_still(store_copy) -> None:
+    """A re-export writes the graph, then the card: a poll between the two refused the served version (and the
+    refusal raised the alert). The poller now waits until the files stood still for one poll."""
+    from service.registry import ModelRegistry
+
+    store, version = store_copy
+    registry = ModelRegistry(store)
+    registry.reload()
+    card = read_card(store / version)
+    graph = store / version / card["onnx"]["file"]
+    old_graph = graph.read_bytes()
+    graph.write_bytes(old_graph + b"\0")  # the re-export's first file, its card not written yet: they disagree
+    registry.poll_once()
+    assert registry.refused is None and registry.runtime.card["metrics"]["score"] == card["metrics"]["score"]
+    graph.write_bytes(old_graph)  # the re-export done: graph and card agree again
+    card["metrics"]["score"] = 0.4321
+    write_card(store / version, card)
+    registry.poll_once()  # changed since the last poll: perhaps still being written
+    assert registry.refused is None and registry.runtime.card["metrics"]["score"] != 0.4321
+    registry.poll_once()  # stood still: loaded
+    assert registry.refused is None and registry.runtime.card["metrics"]["score"] == 0.4321
+    registry.stop()

@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -570,6 +571,13 @@ def test_reload_reaches_every_worker_and_gauges_count_live_workers(serve, store_
     r = s.client.post("/admin/reload", headers=ADMIN)
     assert r.status_code == 200, r.text
     assert {w["version"] for w in r.json()["workers"].values()} == {v3}, r.text
+    # Two reloads at once (a client's retry, a second operator): each worker's answer to the newer one answers
+    # the older one too. The first waited 5 s for an answer to its own token and said 503.
+    (store / POINTER).write_text(clone_version(store, version, "v4") + "\n")
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: s.client.post("/admin/reload", headers=ADMIN), range(2)))
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert all({w["version"] for w in a.json()["workers"].values()} == {"v4"} for a in answers)
     s.stop()
     assert not runtime.exists()  # the shared folder goes with the server
 

@@ -292,9 +292,10 @@ def promote_if_better(
         try:
             set_current(store, version, replacing=replacing)
         except StoreChanged as exc:
+            compared = f"the served {replacing}" if replacing else "no served version"
             print(
                 f"stored {version} in {store}, not promoted: {exc} while the gate compared {version} with "
-                f"{replacing}. `python -m training.promote {version}` serves it",
+                f"{compared}. `python -m training.promote --store {store} {version}` serves it",
                 file=sys.stderr,
             )
             return 1
