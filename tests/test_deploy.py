@@ -354,7 +354,7 @@ def test_the_seed_job_fills_an_empty_store_once_and_needs_no_torch(tmp_path) -> 
     again = seed()
     assert again.returncode == 0 and "left as it is" in again.stdout, again.stdout + again.stderr
     assert (store / "CURRENT").read_text() == "a-version-the-training-job-promoted\n"
-    assert sorted(p.name for p in store.iterdir()) == sorted(["CURRENT", served])
+    assert sorted(p.name for p in store.iterdir()) == sorted([".lock", "CURRENT", served])  # .lock: the store's lock
 
 
 def test_the_promote_job_rolls_the_store_back_and_needs_no_torch(tmp_path) -> None:
