@@ -120,6 +120,11 @@ def forecasts(rt: ModelRuntime, b: Branched, clock: np.ndarray, history: int) ->
     # The closed base's loops are the DO and the nitrate loop, in the catalog's setpoint order; open: none logged.
     s = b.s if b.s.shape[1] else np.full((len(b.s), len(BSM1.setpoint_names)), np.nan)
     idx = np.array(b.origins)[:, None] + np.arange(1 - history, 1)  # (origins, history)
+    if idx.min() < 0:  # numpy would read the run's last samples, the future, as the history's first
+        raise SystemExit(
+            f"error: the first origin (sample {b.origins[0]}) has fewer than the model's {history} history samples "
+            "before it: raise data.warmup_days"
+        )
     x_hist, u_hist, s_hist, t_last = b.x[idx], b.u[idx], s[idx], clock[b.origins]
     out = {}
     for plans in PLANS.values():

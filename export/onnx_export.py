@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from modelcard.card import (
     ONNX_FILE,
     Calendar,
+    CardError,
     atomic_write,
     exogenous_outputs,
     fast_outputs,
@@ -249,7 +250,14 @@ def load_model(version_dir: Path, *, verify: bool = True) -> tuple[KoVAE, dict[s
     )
     n_u = plan.fed + Calendar.from_card(card).size + 2 * n_d
     model = KoVAE(len(card["variables"]["measurements"]) + len(looped), n_u, cfg, plan)
-    model.load_state_dict(torch.load(Path(version_dir) / "weights.pt", weights_only=True))
+    weights = Path(version_dir) / "weights.pt"
+    try:
+        model.load_state_dict(torch.load(weights, weights_only=True))
+    except FileNotFoundError:
+        raise CardError(f"{weights} is missing: the version's weights are gone; nothing to rebuild") from None
+    except Exception as exc:  # a damaged pickle or zip raises any of many types (UnpicklingError, RuntimeError, ...)
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        raise CardError(f"{weights} cannot be read as this card's model weights ({why})") from None
     # Not in the weights: calibration sets them (KoVAE.gap_pull, KoVAE.loop_pull).
     for name in ("gap_pull", "loop_pull"):
         table = card["calibration"].get(name)

@@ -84,6 +84,9 @@ def _limit_problems(card: dict[str, Any]) -> Iterator[str]:
 
 # Calibration tables a model may be without (null: no such term; training.calibrate writes them so).
 OPTIONAL_TABLES = ("calibration.gap_pull", "calibration.loop_pull")
+# An interval width that follows no variable (train.width_driver = "none", or a catalog without disturbances):
+# training.interval_width writes its driver and the driver's name as null, and the graph then reads no driver.
+OPTIONAL_VALUES = ("calibration.width.driver", "calibration.width.driver_name")
 
 
 def _calibration_problems(card: dict[str, Any]) -> Iterator[str]:
@@ -94,7 +97,7 @@ def _calibration_problems(card: dict[str, Any]) -> Iterator[str]:
         yield "calibration is missing"
         return
     for where, value in _numbers(calibration, "calibration"):
-        if value is None and where in OPTIONAL_TABLES:
+        if value is None and where in (*OPTIONAL_TABLES, *OPTIONAL_VALUES):
             continue
         if not _finite(value):
             yield f"{where} is {value!r}, not a finite number"

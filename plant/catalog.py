@@ -69,6 +69,10 @@ class Variable:
     # with the controls through the latent dynamics only, so a correlation a loop leaves in the data (more air
     # with more ammonium) cannot be decoded as an instant response. A loop's measurement is fast anyway.
     fast: bool = False
+    # A setpoint the plant plans (an operator's, a schedule's); false: one a controller decides from what it
+    # measures (an ammonia cascade's DO setpoint), whose future the plant cannot send: an honest request of the
+    # plant's own held-out data holds it at its last value.
+    planned: bool = True
 
     @property
     def source_column(self) -> str:
@@ -119,6 +123,11 @@ class Catalog:
     @property
     def setpoint_names(self) -> tuple[str, ...]:
         return tuple(v.name for v in self.setpoints)
+
+    @property
+    def unplanned_setpoints(self) -> tuple[str, ...]:
+        """The setpoints a controller decides (``planned = false``): a plant can hold them, not plan them."""
+        return tuple(v.name for v in self.setpoints if not v.planned)
 
     @property
     def target_names(self) -> tuple[str, ...]:
@@ -198,6 +207,8 @@ def variable_dict(v: Variable, *, bounds: bool = True) -> dict[str, Any]:
             out["missing_codes"] = list(v.missing_codes)
     if v.fast:
         out["fast"] = True
+    if not v.planned:
+        out["planned"] = False
     if v.fill != "linear":  # only where it differs: a catalog's identity stays what it was
         out["fill"] = v.fill
     return out
@@ -349,6 +360,7 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
                 max_flat_minutes=finite_number(entry.get("max_flat_minutes", 0.0), "max_flat_minutes"),
                 fast=entry.get("fast", False),
                 fill=str(entry.get("fill", "linear")),
+                planned=entry.get("planned", True),
             )
         except (TypeError, ValueError) as exc:
             if isinstance(exc, CatalogError):
@@ -356,6 +368,10 @@ def catalog_from_dict(data: dict[str, Any], source: str = "catalog") -> Catalog:
             raise CatalogError(f"{where}: {exc}") from None
         if not isinstance(v.fast, bool):
             raise CatalogError(f"{where}: fast must be true or false, not {v.fast!r}")
+        if not isinstance(v.planned, bool):
+            raise CatalogError(f"{where}: planned must be true or false, not {v.planned!r}")
+        if not v.planned and v.role != "setpoint":
+            raise CatalogError(f"{where}: planned = false is for a setpoint a controller decides, not a {v.role}")
         if v.fill not in FILLS:
             raise CatalogError(f"{where}: fill {v.fill!r} is not one of {', '.join(FILLS)}")
         if v.fill == "hold" and v.max_flat_minutes > 0:  # a held value is a flat line: the hold would undo the check

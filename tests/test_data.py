@@ -284,3 +284,54 @@ def test_export_table_and_executors_refuse_before_any_simulation(tmp_path: Path,
     for bad in ("bogus", "tcp//host:1", "tcp://"):
         with pytest.raises(argparse.ArgumentTypeError):
             executor_arg(bad)
+
+
+def _series(n: int, nx: int = 2) -> S.ScenarioData:
+    """A small scenario whose values are their own step index: a window's numbers say where they came from."""
+    steps = np.arange(n, dtype=np.float64)
+    x = np.repeat(steps[:, None], nx, 1)
+    return S.ScenarioData("s", steps * 15, x, x[:, :1].copy(), np.full((n, 0), np.nan), 0, "historian", "historian")
+
+
+def test_yesterday_past_a_days_lead_is_a_sample_before_the_origin() -> None:
+    """Same-time-yesterday, the reference forecasts are scored against, read the step a day before each lead: past
+    a day's lead that is after the origin, the very truth it is scored on (96 of 192 leads at a 48-h horizon)."""
+    from training.data import make_windows
+
+    day, history, horizon = 4, 6, 10
+    w = make_windows([_series(40)], history, horizon, steps_per_day=day)
+    origin = w.x_hist[:, -1, 0]  # the last history step's index
+    assert np.all(np.nan_to_num(w.x_prev_day[..., 0], nan=-1) <= origin[:, None])
+    k = np.arange(1, horizon + 1)  # the lead's clock time: the same modulo a day
+    seen = np.isfinite(w.x_prev_day[..., 0])
+    assert np.all(((w.x_prev_day[..., 0] - (origin[:, None] + k)) % day == 0)[seen])
+
+
+def test_held_out_windows_are_requests_the_service_would_answer() -> None:
+    """Held-out windows masked a variable whose history was mostly missing and scored the rest, where the
+    service refuses that request (more than the card's max_missing_share of a variable missing): the scores were
+    of requests no caller gets answered. Held out, such a window is now dropped and counted."""
+    from training.data import heldout_windows, make_windows
+
+    sd = _series(200)
+    sd.x[60:120, 1] = np.nan  # an analyser out for 60 steps
+    kept = make_windows([sd], 40, 8, max_missing=0.5)  # training: masked, the window kept (the same stride, 1)
+    held = heldout_windows([sd], 40, 8, 10**6, steps_per_day=96, max_missing=0.5)
+    refused = (np.isnan(kept.x_hist[..., 1]).sum(1) > 20).sum()
+    assert refused > 0 and len(held.x_hist) == len(kept.x_hist) - refused and held.dropped == refused
+    assert (np.isnan(held.x_hist[..., 1]).sum(1) <= 20).all()
+
+
+def test_a_gapped_history_hides_its_samples_from_yesterdays_reference_too() -> None:
+    """Sensor-gap scoring blanked the history but not same-time-yesterday, which the reference reads from the
+    same samples: at leads 22-24 h the reference still saw the last 2 h the gap took from the forecast."""
+    from training.data import make_windows
+    from training.gaps import with_gap
+
+    w = make_windows([_series(300)], 128, 96, stride=20)
+    gapped = with_gap(w, "last_2h", 15, 2)
+    for i in range(len(w.x_hist)):
+        j = int(np.flatnonzero(np.isnan(gapped.x_hist[i, -1]))[0])  # the sensor that is down
+        hidden = np.isnan(gapped.x_prev_day[i, :, j]) & ~np.isnan(w.x_prev_day[i, :, j])
+        assert np.flatnonzero(hidden).tolist() == list(range(88, 96))  # yesterday's values of the gap's 2 h
+        assert not (np.isnan(gapped.x_prev_day[i]) & ~np.isnan(w.x_prev_day[i]))[:, 1 - j].any()

@@ -555,6 +555,22 @@ def test_pooled_skill_has_the_known_answer_and_a_still_variable_cannot_dominate_
     assert np.mean(skill(rmse(model), rmse(ref)), axis=-1).max() < -1e5  # the metric that breaks
 
 
+def test_a_forecast_missing_where_the_truth_was_measured_scores_no_skill() -> None:
+    """The model's error was averaged over what it answered, the references' over every window: a NaN forecast
+    on the hardest windows left them out of the model's side alone, and its skill rose (-0.27 -> 0.69)."""
+    from training.evaluate import pooled_skill
+
+    rng = np.random.default_rng(1)
+    true = rng.standard_normal((200, 3, 2))
+    ref = true + rng.standard_normal(true.shape)
+    model = true + 1.2 * rng.standard_normal(true.shape)
+    model[:100, 1:] = np.nan  # unanswered at steps 2 and 3 on half the windows
+    skill = pooled_skill(model, [ref], true, np.ones(2))
+    assert np.isfinite(skill[0]) and np.isnan(skill[1:]).all()
+    true[:100, 1:] = np.nan  # nothing measured there either: nothing to answer
+    assert np.isfinite(pooled_skill(model, [ref], true, np.ones(2))).all()
+
+
 def test_gate_score_is_the_worst_regime() -> None:
     """A model that is excellent on one regime and worse than naive on another scores by the bad one."""
     from training.evaluate import gate_score
@@ -777,3 +793,63 @@ def test_flags_that_contradict_or_name_a_file_are_refused_before_any_work(tmp_pa
     assert run.main(argv) == 130
     err = capsys.readouterr().err
     assert "nothing to resume; rerun: python -m training.run --preset tiny" in err and "--resume" not in err
+
+
+def test_a_model_without_setpoint_inputs_is_not_told_a_closed_loops_future(tiny_cfg, tiny_data) -> None:
+    """A model that reads no setpoints cannot leave a control to its loop, and its honest request sent the loops'
+    true future output (the air and recycle the loops would apply), so its report and gate scored it on what no
+    plant has. Where a loop was closed the control is now held at its last value; the applied diagnostic keeps
+    the truth."""
+    from training.config import with_overrides
+    from training.prepare import prepare
+    from training.requests import closed_loops
+
+    p = prepare(with_overrides(tiny_cfg, ["model.setpoint_inputs=false"]))
+    w, catalog = p.test, p.catalog
+    assert p.n_setpoints == 0 and catalog.loops
+    honest, _, _ = p.request(w, "honest")
+    closed = closed_loops(w, [catalog.setpoint_names.index(lp.setpoint) for lp in catalog.loops])
+    assert closed.any() and (~closed).any()  # the tiny test set has looped and open-loop windows
+    for j, lp in enumerate(catalog.loops):
+        c, k = catalog.control_names.index(lp.control), closed[:, j]
+        np.testing.assert_array_equal(honest[k, :, c], np.repeat(w.u_hist[k, -1:, c], w.u_fut.shape[1], 1))
+        np.testing.assert_array_equal(honest[~k, :, c], w.u_fut[~k, :, c])  # open loop: the plan, as sent
+    np.testing.assert_array_equal(p.request(w, "applied")[0], w.u_fut)
+
+
+def test_a_setpoint_log_with_a_gap_at_the_origin_keeps_its_loop_closed(tiny_cfg, tiny_data) -> None:
+    """A loop was taken as closed only where its setpoint was logged at the history's last step: a plant's
+    setpoint log with a gap there opened it, and the honest request sent the loop's true future output."""
+    from dataclasses import replace
+
+    from training.prepare import prepare
+
+    p = prepare(tiny_cfg)
+    closed = p.closed_loops(p.test)
+    k = np.flatnonzero(closed[:, 0])[:3]
+    s_hist = p.test.s_hist.copy()
+    s_hist[k, -8:, :] = np.nan  # the log's last 2 h missing
+    w = replace(p.test, s_hist=s_hist)
+    assert p.closed_loops(w)[k].all()
+    u_fut, _, _ = p.request(w, "honest")
+    assert np.isnan(u_fut[k, :, p.looped[0]]).all()  # left to its loop, as before the gap
+
+
+def test_a_setpoint_a_controller_decides_is_held_in_a_plants_own_honest_request() -> None:
+    """Every setpoint of a plant's own data was sent as planned in its honest request, a cascade's DO setpoint
+    too, whose future no plant knows. A catalog now says so (``planned = false``), and the request holds it."""
+    from plant.catalog import BSM1, CatalogError, catalog_from_dict
+    from training.requests import held_setpoints
+
+    data = BSM1.to_dict()
+    for v in data["setpoints"]:
+        if v["name"] == "SO_5_setpoint":
+            v["planned"] = False
+    plant = catalog_from_dict(data, "cascade.toml")
+    assert plant.unplanned_setpoints == ("SO_5_setpoint",)
+    assert held_setpoints(plant)["historian"] == (plant.setpoint_names.index("SO_5_setpoint"),)
+    assert held_setpoints(BSM1)["historian"] == ()  # every setpoint planned: as before
+    assert catalog_from_dict(plant.to_dict(), "again").unplanned_setpoints == ("SO_5_setpoint",)  # kept
+    data["measurements"][0]["planned"] = False
+    with pytest.raises(CatalogError, match="planned = false is for a setpoint a controller decides, not a disturbance"):
+        catalog_from_dict(data, "wrong.toml")

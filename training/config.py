@@ -111,6 +111,8 @@ class TrainConfig:
     checkpoint_every: int = 10
     seed: int = 0
     threads: int = 2
+    # Read by nothing: the service answers the quantiles each request asks for, the card's intervals are fitted for
+    # 10-90% (training.evaluate.INTERVAL). Kept, and validated, so that configs and cards that name it still load.
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
     # Samples per forecast when the interval width is fitted and scored, written into the card (calibration.samples),
     # and what the service draws when a request gives no count: the 10-90% range of fewer samples covers less.
@@ -209,6 +211,8 @@ def _coerce(value: Any, like: Any, where: str) -> Any:
         return tuple(_coerce(v, inner, where) for v in value)
     if isinstance(value, bool):  # TOML's true is no number: int(True) would train 1 epoch
         raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if isinstance(like, int) and isinstance(value, float):  # TOML's 5.7 was 5 epochs; the command line refuses it
+        raise ConfigError(f"{where}: expected a whole number, got {value!r}")
     try:
         if isinstance(like, int):
             return int(value)
@@ -293,7 +297,7 @@ def validate(cfg: RunConfig) -> None:
         problems.append("data.scenario_days must be in (0, 14] (the dry and rain influents hold 14 days)")
     if not 0 <= d.warmup_days < d.scenario_days:
         problems.append("data.warmup_days must be >= 0 and shorter than data.scenario_days")
-    if len(d.kla_ranges) != 2 or any(not 0 <= lo <= hi <= 240 for lo, hi in d.kla_ranges):
+    if len(d.kla_ranges) != 2 or any(len(r) != 2 or not 0 <= r[0] <= r[1] <= 240 for r in d.kla_ranges):
         problems.append("data.kla_ranges must be two [lo, hi] pairs (KLa3, KLa4) within [0, 240] 1/d")
     names = ("do_setpoints", "no_setpoints", "setpoint_hours", "hold_hours", "dither_minutes", "wastage")
     for name in (*names, "wastage_temperatures"):
@@ -303,16 +307,24 @@ def validate(cfg: RunConfig) -> None:
             problems.append(f"data.{name} must be [lo, hi] with 0 < lo {'<' if strict else '<='} hi")
     if d.whatif_every_hours < 0 or d.whatif_hours <= 0:
         problems.append("data.whatif_every_hours must be >= 0 (0: no what-if pairs) and data.whatif_hours > 0")
-    if not 0 < d.whatif_factor[0] <= d.whatif_factor[1] < 1:
+    # The [lo, hi] pairs below hold two numbers each: a shorter list failed with an IndexError, a longer one passed
+    # with its extra values ignored. A pair of another length is named once, and its range left unchecked.
+    pairs = ("whatif_factor", "whatif_blower_factor", "whatif_do_shift", "whatif_no_shift")
+    pairs += ("excite_kla34", "excite_kla5", "excite_qintr", "excite_minutes")
+    two = {name: len(getattr(d, name)) == 2 for name in pairs}
+    problems += [
+        f"data.{name} must be [lo, hi], two numbers: {list(getattr(d, name))}" for name in pairs if not two[name]
+    ]
+    if two["whatif_factor"] and not 0 < d.whatif_factor[0] <= d.whatif_factor[1] < 1:
         problems.append("data.whatif_factor must be [lo, hi] with 0 < lo <= hi < 1 (a control x (1 +- f))")
     if d.whatif_blower_every_hours < 0:
         problems.append("data.whatif_blower_every_hours must be >= 0 (0: no blower pairs)")
-    if len(d.whatif_blower_factor) != 2 or not 0 < d.whatif_blower_factor[0] <= d.whatif_blower_factor[1] < 1:
+    if two["whatif_blower_factor"] and not 0 < d.whatif_blower_factor[0] <= d.whatif_blower_factor[1] < 1:
         problems.append("data.whatif_blower_factor must be [lo, hi] with 0 < lo <= hi < 1 (the blowers x (1 - f))")
     if not 0 <= d.whatif_setpoint_share <= 1:
         problems.append("data.whatif_setpoint_share must be in [0, 1] (a share of a closed-loop plant's origins)")
     for name in ("whatif_do_shift", "whatif_no_shift"):
-        if len(getattr(d, name)) != 2 or not 0 < getattr(d, name)[0] <= getattr(d, name)[1]:
+        if two[name] and not 0 < getattr(d, name)[0] <= getattr(d, name)[1]:
             problems.append(f"data.{name} must be [lo, hi] with 0 < lo <= hi (g/m3)")
     if t.pair_weight < 0 or t.pair_batch < 1:
         problems.append("train.pair_weight must be >= 0 and train.pair_batch >= 1")
@@ -326,9 +338,12 @@ def validate(cfg: RunConfig) -> None:
         known = ", ".join(POLICIES)
         problems.append(f"data.policy_cycle and ID@POLICY entries name policies ({known}); unknown: {sorted(unknown)}")
     for name in ("excite_kla34", "excite_kla5"):
-        if not 0 <= getattr(d, name)[0] <= getattr(d, name)[1] <= 360:
+        if two[name] and not 0 <= getattr(d, name)[0] <= getattr(d, name)[1] <= 360:
             problems.append(f"data.{name} must be [lo, hi] within [0, 360] 1/d")
-    if not 0 <= d.excite_qintr[0] <= d.excite_qintr[1] or not 1 <= d.excite_minutes[0] <= d.excite_minutes[1]:
+    qintr, minutes = d.excite_qintr, d.excite_minutes
+    if (two["excite_qintr"] and not 0 <= qintr[0] <= qintr[1]) or (
+        two["excite_minutes"] and not 1 <= minutes[0] <= minutes[1]
+    ):
         problems.append("data.excite_qintr and data.excite_minutes must be [lo, hi] with lo <= hi (minutes >= 1)")
     unknown = set(d.regime_cycle) - {"normal", "storm", "stress"}
     if not d.regime_cycle or unknown:
@@ -359,10 +374,11 @@ def validate(cfg: RunConfig) -> None:
         problems.append("model.calendar_daily and model.calendar_weekly must be in 0..12")
     if not 0 < m.rho_max < 1:
         problems.append("model.rho_max must be in (0, 1): with |lambda| = 1 a constant input grows without bound")
-    if t.history < 2 or t.horizon < 1 or t.epochs < 1 or t.batch_size < 1:
+    if t.history < 4 or t.horizon < 2 or t.epochs < 1 or t.batch_size < 1:
         problems.append(
-            "train.history >= 2, train.horizon >= 1, train.epochs >= 1 and train.batch_size >= 1: "
-            f"{t.history}, {t.horizon}, {t.epochs}, {t.batch_size}"
+            "train.history >= 4, train.horizon >= 2, train.epochs >= 1 and train.batch_size >= 1: "
+            f"{t.history}, {t.horizon}, {t.epochs}, {t.batch_size} (the report's ARX(4) baseline reads 4 past steps; "
+            "the ONNX graph is traced at 2 or more steps, and a horizon of 1 cannot be)"
         )
     if t.eig_target not in ("<=1", "==1"):
         problems.append("train.eig_target must be '<=1' or '==1'")
@@ -395,6 +411,14 @@ def validate(cfg: RunConfig) -> None:
     if m.seasonal_steps < 0 or m.seasonal_check < 1:
         problems.append(
             f"model.seasonal_steps >= 0 and model.seasonal_check >= 1: {m.seasonal_steps}, {m.seasonal_check}"
+        )
+    for name, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
+        if not 0 <= seed < 2**32:  # numpy's and the scenarios' generators take no other
+            problems.append(f"{name} must be in 0..2**32 - 1: {seed}")
+    if m.loop_feedback and not m.decoder_controls:
+        problems.append(
+            "model.loop_feedback needs model.decoder_controls (the loops' controls are forecast by decoding them "
+            "with the plan): set model.loop_feedback=false or model.decoder_controls=true"
         )
     if d.storms_per_week < 0:
         problems.append(f"data.storms_per_week must be >= 0: {d.storms_per_week}")

@@ -45,6 +45,13 @@ def usable(x_hist: np.ndarray, u_hist: np.ndarray, x_fut: np.ndarray, u_fut: np.
     return bool(missing <= max_missing and np.isfinite(u_fut).all() and np.isfinite(x_fut).any())
 
 
+def refused_history(x_hist: np.ndarray, u_hist: np.ndarray, max_missing: float) -> bool:
+    """Whether the service would refuse this history: a measurement's or control's values more than
+    ``max_missing`` of them missing (``service.inputs``: at most int(max_missing * length) nulls)."""
+    allowed = int(max_missing * len(x_hist))
+    return bool((np.isnan(x_hist).sum(0) > allowed).any() or (np.isnan(u_hist).sum(0) > allowed).any())
+
+
 def mask_out(x_hist: np.ndarray, x_fut: np.ndarray, max_missing: float) -> np.ndarray:
     """The future targets, with those whose history is more than ``max_missing`` missing (an analyser out) set
     to missing: the window still trains and scores every other variable, and the model is never asked to
@@ -66,10 +73,13 @@ def make_windows(
     *,
     steps_per_day: int = 96,
     max_missing: float = 0.5,
+    as_served: bool = False,
 ) -> Windows:
     """Slide over each scenario separately, so no window straddles two scenarios. A variable whose history is
     mostly missing is masked in that window (``mask_out``); windows with too much missing data overall
-    (``usable``) are dropped and counted."""
+    (``usable``) are dropped and counted. ``as_served``: a window the service would refuse (a variable's history
+    more than ``max_missing`` missing) is dropped and counted instead of masked: held-out scores are of requests
+    the service answers."""
     day = steps_per_day
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("xh", "uh", "xf", "uf", "sh", "sf", "xd")}
     t_last: list[float] = []
@@ -84,6 +94,9 @@ def make_windows(
         for s in starts:
             e = s + history
             window = sd.x[s:e], sd.u[s:e], sd.x[e : e + horizon], sd.u[e : e + horizon]
+            if gappy and as_served and refused_history(window[0], window[1], max_missing):
+                dropped += 1
+                continue
             if gappy:
                 window = window[0], window[1], mask_out(window[0], window[2], max_missing), window[3]
                 if not usable(*window, max_missing):
@@ -94,24 +107,45 @@ def make_windows(
             parts["sh"].append(sd.s[s:e])
             parts["sf"].append(sd.s[e : e + horizon])
             prev = np.full((horizon, sd.x.shape[1]), np.nan)
-            idx = np.arange(e, e + horizon) - day
+            k = np.arange(horizon)  # the latest sample at the same clock time before the origin: a day earlier,
+            idx = e + k - day * (k // day + 1)  # or two past a day's lead (one day back was after the origin)
             ok = idx >= 0
             prev[ok] = sd.x[idx[ok]]
             parts["xd"].append(prev)
             t_last.append(float(sd.t_minutes[e - 1]))
             ids.append(sd.id)
     if not parts["xh"]:
-        raise DataError(f"no window of {history}+{horizon} steps fits the scenarios given ({dropped} dropped)")
+        longest = max((len(sd.t_minutes) for sd in data), default=0)
+        raise DataError(
+            f"no window of {history}+{horizon} steps (train.history + train.horizon) fits the scenarios given, the "
+            f"longest {longest} steps ({dropped} dropped for missing data): shorten train.history or train.horizon"
+        )
     arrays = (np.stack(parts[k]).astype(np.float32) for k in ("xh", "uh", "xf", "uf", "sh", "sf", "xd"))
     return Windows(*arrays, np.array(t_last), np.array(ids), dropped)
 
 
 def heldout_windows(
-    data: list[ScenarioData], history: int, horizon: int, max_windows: int, steps_per_day: int = 96
+    data: list[ScenarioData],
+    history: int,
+    horizon: int,
+    max_windows: int,
+    steps_per_day: int = 96,
+    max_missing: float = 0.5,
 ) -> Windows:
     """Validation and test windows: a forecast every horizon / 8 steps (3 h for a 24-h horizon), capped per
-    scenario. Training's evaluation and ``bench/accuracy.py`` both cut them here, so they score the same windows."""
-    return make_windows(data, history, horizon, max(1, horizon // 8), max_windows, steps_per_day=steps_per_day)
+    scenario, only of histories the service would take (``max_missing``: the card's ``max_missing_share``,
+    ``data.max_missing``). Training's evaluation and ``bench/accuracy.py`` both cut them here, so they score the
+    same windows."""
+    return make_windows(
+        data,
+        history,
+        horizon,
+        max(1, horizon // 8),
+        max_windows,
+        steps_per_day=steps_per_day,
+        max_missing=max_missing,
+        as_served=True,
+    )
 
 
 def load_data(cfg: RunConfig) -> tuple[Catalog, dict[str, ScenarioData], dict[str, tuple[str, ...]], str]:
@@ -287,6 +321,11 @@ def export_table_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.plant and args.no_faults:
         parser.error("--plant writes the example plant's export with its faults; --no-faults is for the plain table")
+    out = Path(args.out)
+    if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):  # found now, not after the simulation
+        where = "is a folder" if out.is_dir() else f"is in {out.parent}, a file"
+        print(f"error: OUT {out} {where}: give the CSV file to write", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.preset).data
     except ConfigError as exc:

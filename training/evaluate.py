@@ -170,7 +170,11 @@ def pooled_skill(pred: np.ndarray, references: list[np.ndarray], true: np.ndarra
     almost nothing to either side and cannot dominate. Positive: better than every naive reference.
     """
     ref = np.min([nmse_by_step(r, true, scale) for r in references], axis=0)
-    return 1.0 - np.sqrt(nmse_by_step(pred, true, scale) / np.maximum(ref, 1e-300))
+    skill_ = 1.0 - np.sqrt(nmse_by_step(pred, true, scale) / np.maximum(ref, 1e-300))
+    # A forecast missing where the truth was measured is no skill: left out of the model's error alone, the
+    # hardest windows would leave the model's side only and raise its score.
+    unanswered = (np.isnan(pred) & ~np.isnan(true)).any(axis=(0, -1)) if pred.ndim == 3 else False
+    return np.where(unanswered, np.nan, skill_)
 
 
 def regime_table(

@@ -29,16 +29,20 @@ GAP_BLOCK = 8  # lead times (from the last value) kept or dropped together: 2 h 
 def with_gap(w: Windows, case: str, sample_minutes: int, n_sensors: int, seed: int = 0) -> Windows:
     """The windows with one randomly chosen measured variable (of x's first ``n_sensors``) missing in each
     history: over its last 2 hours ("last_2h", the sensor is down right now) or over a quarter of the history
-    somewhere ("quarter")."""
+    somewhere ("quarter"). Same-time-yesterday (``x_prev_day``, the reference's) misses the same samples: a
+    reference given the gap knows what the forecast knows."""
     rng = np.random.default_rng(seed)
-    x = w.x_hist.copy()
+    x, prev = w.x_hist.copy(), w.x_prev_day.copy()
     N, L, _ = x.shape
-    nx = n_sensors
+    nx, day = n_sensors, 1440 // sample_minutes
     n = min(L // 2, round(120 / sample_minutes)) if case == "last_2h" else L // 4
+    k = np.arange(prev.shape[1])
+    read = L + k - day * (k // day + 1)  # the history index yesterday's value of each lead is (training.data)
     for i, j in enumerate(rng.integers(0, nx, N)):
         end = L if case == "last_2h" else int(rng.integers(n, L + 1))
         x[i, end - n : end, j] = np.nan
-    return replace(w, x_hist=x)
+        prev[i, (read >= end - n) & (read < end), j] = np.nan
+    return replace(w, x_hist=x, x_prev_day=prev)
 
 
 def down_sensors(w: Windows, n_sensors: int, seed: int) -> tuple[Windows, np.ndarray, np.ndarray]:

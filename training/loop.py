@@ -186,25 +186,57 @@ def evaluate_loss(
     return {k: v / n for k, v in sums.items()}
 
 
-# What shapes the weights: a resumed run that differs in one of these would train another model than it started.
-RESUME_KEYS = ("epochs", "history", "horizon", "batch_size", "lr", "min_lr", "seed")
+# The settings a resumed run may change: how fast it runs and how often it checkpoints, and what only the stages
+# after training read (calibration's samples, the interval width's driver, the unread train.quantiles), so none of
+# them changes the weights or what the card says of how they were trained. The simulated plant's data cache
+# (data.cache_dir with data.source = "bsm1") is one too: the scenarios are a function of the other data settings.
+# Every other setting is compared; train.max_eval_windows is not free: it sets the validation windows that pick
+# the kept epoch.
+RESUME_FREE = {"data": ("workers", "executor"), "train": ("threads", "checkpoint_every", "calibration_samples")}
+RESUME_FREE["train"] += ("width_driver", "quantiles")
+
+
+def resume_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """Each setting of a run's config (``given``, ``RunConfig.to_dict``) that differs from the checkpoint's
+    (``saved``), with both values; ``RESUME_FREE`` is not compared, nor a setting only one side knows (a
+    checkpoint written before it existed)."""
+    free = {(section, key) for section, keys in RESUME_FREE.items() for key in keys}
+    if saved.get("data", {}).get("source") == given.get("data", {}).get("source") == "bsm1":
+        free.add(("data", "cache_dir"))
+    return [
+        f"{section}.{key}: {saved[section][key]!r} in the checkpoint, {value!r} now"
+        for section in ("data", "model", "train")
+        for key, value in given.get(section, {}).items()
+        if (section, key) not in free and key in saved.get(section, {}) and saved[section][key] != value
+    ]
 
 
 def check_resumed_config(saved: dict[str, Any], given: dict[str, Any]) -> None:
-    """A resumed run must train what the interrupted one did: every model setting and the training settings that
-    shape the weights (``RESUME_KEYS``) as the checkpoint has them, else refused naming each difference (the
-    run's own settings are the checkpoint's, shown by ``--show-config``). A setting only one side knows (a
-    checkpoint from before it existed) is not compared; calibration and evaluation settings may change."""
-    keys = [("model", k) for k in saved.get("model", {})] + [("train", k) for k in RESUME_KEYS]
-    differ = [
-        f"{section}.{key}: {saved[section][key]!r} in the checkpoint, {given[section][key]!r} now"
-        for section, key in keys
-        if key in saved.get(section, {})
-        and key in given.get(section, {})
-        and saved[section][key] != given[section][key]
-    ]
+    """A resumed run must train what the interrupted one did, on the same data, and its card must say how the
+    weights were trained: every setting but ``RESUME_FREE`` as the checkpoint has it, else refused naming each
+    difference (the run's own settings are the checkpoint's, ``torch.load(...)["config"]``)."""
+    differ = resume_differences(saved, given)
     if differ:
-        raise TrainingFailed("--resume with other settings than the run's: " + "; ".join(differ))
+        raise TrainingFailed(
+            "--resume with other settings than the run's (give the run's own, or start a new run in another "
+            "--run-dir): " + "; ".join(differ)
+        )
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by ``train``; a missing, unreadable or damaged file raises TrainingFailed naming it."""
+    if not path.is_file():
+        raise TrainingFailed(f"--resume: no checkpoint at {path} (the run stopped before writing it?)")
+    try:
+        ck = torch.load(path, weights_only=False)
+    except Exception as exc:  # a damaged pickle or zip raises any of many types (UnpicklingError, RuntimeError, ...)
+        raise TrainingFailed(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}): it is damaged; start the run "
+            "again in a new --run-dir (or restore the file)"
+        ) from None
+    if not isinstance(ck, dict) or not {"model", "opt", "epoch"} <= set(ck):
+        raise TrainingFailed(f"checkpoint {path} is not a training checkpoint (python -m training.run writes them)")
+    return ck
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -278,16 +310,18 @@ def train(
         }
 
     def restore(ck: dict[str, Any]) -> None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+        try:  # e.g. a catalog edited under the same path: other variables, other widths
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            why = str(exc).splitlines()[0][:300]
+            raise TrainingFailed(f"checkpoint {last_ckpt} does not fit this run's model ({why})") from None
         gen.set_state(ck["gen"])
         torch.set_rng_state(ck["torch_rng"])
         state.update({k: ck[k] for k in ("epoch", "best_val", "lr_scale", "nan_retries", "log")})
 
     if resume:
-        if not last_ckpt.exists():
-            raise TrainingFailed(f"--resume: no checkpoint at {last_ckpt}")
-        ck = torch.load(last_ckpt, weights_only=False)
+        ck = read_checkpoint(last_ckpt)
         check_resumed_config(ck.get("config", {}), cfg.to_dict())
         restore(ck)
         print(f"resumed from {last_ckpt} at epoch {state['epoch']}", file=sys.stderr)

@@ -603,6 +603,8 @@ class KoVAE(nn.Module):
         if not self.cfg.seasonal_adaptive:
             weight = torch.sigmoid(logit) * valid
             return weight if weight.dim() == 3 else weight.unsqueeze(0)
+        if P == 0:  # no day earlier (model.seasonal_steps = 0): no weight, and no slice [-J - 0 : -0] to take
+            return torch.zeros(x_hist.shape[0], horizon, x_hist.shape[-1], dtype=x_hist.dtype)
         J = self.cfg.seasonal_check
         # Padded in front so that both slices exist for any history length (a constant pad exports cleanly).
         padded = torch.cat([torch.full_like(x_hist[:, :1], float("nan")).repeat(1, P + J, 1), x_hist], 1)

@@ -12,13 +12,12 @@ import torch
 
 from modelcard.card import Calendar, exogenous_outputs, fast_outputs, known_inputs, loop_limits, window_clock
 from plant.catalog import BSM1, Catalog
-from plant.operation import HONEST_HELD
 from plant.scenarios import DataError
 from plant.whatif import WhatIf
 from training.config import ConfigError, RunConfig
 from training.data import Windows, heldout_windows, load_data, make_windows
 from training.model import PlanLayout, scaled_limits
-from training.requests import closed_loops, request_arrays
+from training.requests import closed_loops, held_setpoints, held_where_closed, request_arrays
 
 
 @dataclass
@@ -119,13 +118,18 @@ class Prepared:
         return {sid: f"{group}/{self.policies.get(sid, '-')}" for sid, group in self.groups.items()}
 
     def closed_loops(self, w: Windows) -> np.ndarray:
-        """(N, loops) bool: each loop closed over each window (its setpoint logged at the history's end)."""
+        """(N, loops) bool: each loop closed over each window (its setpoint logged in the history)."""
         return closed_loops(w, self.loop_setpoints)
 
     def request(self, w: Windows, request: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(u_fut, s_hist, s_fut) as ``request`` (``training.requests.REQUESTS``) tells a forecast of ``w``."""
-        if not self.n_setpoints:
-            return w.u_fut, None, None
+        if not self.n_setpoints:  # the model reads no setpoints: a closed loop's control is held, not told
+            if request not in ("honest", "held"):
+                return w.u_fut, None, None
+            loops = self.catalog.loops if w.s_hist.shape[-1] else ()
+            controls = [self.catalog.control_names.index(lp.control) for lp in loops]
+            setpoints = [self.catalog.setpoint_names.index(lp.setpoint) for lp in loops]
+            return held_where_closed(w, controls, setpoints), None, None
         return request_arrays(w, request, self.looped, self.loop_setpoints, self.held_by_scenario())
 
     def held_by_scenario(self) -> dict[str, tuple[int, ...]]:
@@ -227,7 +231,7 @@ def prepare(cfg: RunConfig) -> Prepared:
             train, t.history, H, t.window_stride, steps_per_day=day, max_missing=cfg.data.max_missing
         ),
         **{
-            k: heldout_windows([data[i] for i in ids[k]], t.history, H, t.max_eval_windows, day)
+            k: heldout_windows([data[i] for i in ids[k]], t.history, H, t.max_eval_windows, day, cfg.data.max_missing)
             for k in ("val", "test")
         },
     }
@@ -270,10 +274,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         looped=looped,
         loop_setpoints=loop_setpoints,
         policies={sid: d.policy for sid, d in data.items()},
-        held_setpoints={
-            name: tuple(catalog.setpoint_names.index(n) for n in held if n in catalog.setpoint_names)
-            for name, held in HONEST_HELD.items()
-        },
+        held_setpoints=held_setpoints(catalog),
     )
 
 

@@ -137,14 +137,36 @@ def build_card(version: str, cfg: RunConfig, p: Prepared, metrics: dict, calib: 
     objective = None if p.catalog.optimizer is None else narrowed_objective(p.catalog.optimizer, card["variables"])
     if objective is not None:
         card["optimizer"] = objective
+    elif p.catalog.optimizer is not None and unplannable_setpoints(p.catalog.optimizer, card["variables"]):
+        print(f"note: {NO_LOOPS_NO_ADVICE}", file=sys.stderr)
     return card
+
+
+NO_LOOPS_NO_ADVICE = (
+    "model.setpoint_inputs is off, so the model has no loops and cannot plan the setpoints the catalog's [optimizer] "
+    "decides: the card gets no optimizer table and POST /optimize answers 409 (the forecasts are served as usual)"
+)
+
+
+def unplannable_setpoints(objective: Objective, variables: dict) -> list[str]:
+    """The setpoints an objective decides that a card's model has no loop for (``variables.loops``: none where
+    the model does not read the setpoints, model.setpoint_inputs off)."""
+    plannable = {loop["setpoint"] for loop in variables.get("loops", [])}
+    return [name for name in objective.setpoints if name not in plannable]
 
 
 def narrowed_objective(objective: Objective, variables: dict) -> dict | None:
     """The catalog's objective for setpoint advice as the card keeps it, each bound narrowed to the training range
     the card's ``variables`` give: a plan never asks the model about setpoints or controls outside its data. A
     variable whose bounds the data do not span (a setpoint never moved in training) is left to the plant; with
-    none left, there is no advice (None)."""
+    none left, there is no advice (None).
+
+    An objective that decides setpoints the model has no loops for (``unplannable_setpoints``) gives no advice
+    either: such a model cannot plan them, and a plan of the other controls alone would hold the loops' controls
+    at their last value, where the plant's loops will move them (the DO loop adds air when the blowers before it
+    are cut), so its energy and effluent figures would be wrong."""
+    if unplannable_setpoints(objective, variables):
+        return None
     out, seen = objective.to_dict(), trained_ranges(variables)
     for key in ("setpoints", "controls"):
         for name, (lo, hi) in list(out[key].items()):

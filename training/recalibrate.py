@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     from training.report import print_headline, write_outputs
     from training.scoring import evaluate_all
 
-    model, card = load_model(source)
+    try:
+        model, card = load_model(source)
+    except CardError as exc:  # e.g. its weights.pt missing or damaged
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     cfg = config_from_dict(card["training"]["config"])
     p = prepare(cfg)
     if p.data_hash != card["data"]["config_hash"]:

@@ -304,7 +304,8 @@ def report_markdown(
         steps = list(next(iter(gaps.values())))
         lines += [
             "",
-            "Pooled skill (all variables) with sensor gaps in the history (one measured variable per window):",
+            "Pooled skill (all variables) with sensor gaps in the history (one measured variable per window; "
+            "against naive forecasts given the same gaps, and against the complete history's):",
             "",
         ]
         lines += [
@@ -312,7 +313,12 @@ def report_markdown(
             "|---|" + "---|" * len(steps),
         ]
         names = {"none": "complete", "last_2h": "last 2 h missing", "quarter": "a quarter missing"}
-        lines += [f"| {names[c]} | " + " | ".join(f"{v:.3f}" for v in r.values()) + " |" for c, r in gaps.items()]
+
+        def label(case: str) -> str:  # "last_2h, complete references" -> "last 2 h missing, complete references"
+            gap, _, against = case.partition(", ")
+            return names[gap] + (f", {against}" if against else "")
+
+        lines += [f"| {label(c)} | " + " | ".join(f"{v:.3f}" for v in r.values()) + " |" for c, r in gaps.items()]
         fit = calib.get("gap_pull_fit")
         if fit:
             kept = [f"{v} {fit['kept_hours'][v]:g} h, {100 * fit['held_out_gain'][v]:.1f}%" for v in fit["variables"]]

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from modelcard.card import last_observed
+from plant.catalog import Catalog
+from plant.operation import HONEST_HELD
 from training.data import Windows
 
 REQUESTS = {
@@ -26,11 +28,40 @@ REQUESTS = {
 }
 
 
+def held_setpoints(catalog: Catalog) -> dict[str, tuple[int, ...]]:
+    """Policy -> the positions of the setpoints an honest request holds: the simulated cascade's DO setpoint
+    (``plant.operation.HONEST_HELD``), and in a plant's own data (policy "historian") those its catalog says a
+    controller decides (``planned = false``). Every setpoint of an import was sent as planned, a cascade's too."""
+    policies = {**HONEST_HELD, "historian": catalog.unplanned_setpoints}
+    return {
+        name: tuple(catalog.setpoint_names.index(n) for n in held if n in catalog.setpoint_names)
+        for name, held in policies.items()
+    }
+
+
 def closed_loops(w: Windows, loop_setpoints: Sequence[int]) -> np.ndarray:
-    """(N, loops) bool: each loop closed over each window (its setpoint logged at the history's end)."""
+    """(N, loops) bool: each loop closed over each window (its setpoint logged in the history). Logged at the
+    history's end only, a plant's setpoint log with a gap there opened the loop, and the honest request then
+    sent the loop's true future output. (A simulated plant logs a closed loop's setpoint at every step, an
+    open-loop one's never.)"""
     if not len(loop_setpoints):
         return np.zeros((len(w.x_hist), 0), bool)
-    return np.isfinite(w.s_hist[:, -1, list(loop_setpoints)])
+    return np.isfinite(w.s_hist[:, :, list(loop_setpoints)]).any(1)
+
+
+def held_where_closed(w: Windows, controls: Sequence[int], setpoints: Sequence[int]) -> np.ndarray:
+    """u_fut in engineering units with each looped control (``controls``, positions among the controls) held at
+    its last value where its loop was closed (``setpoints``: its setpoint's position in the windows' setpoint
+    log): the honest request to a model that reads no setpoints. It cannot leave a control to its loop, and the
+    plant never knows the loop's future output; sent the true one, such a model was scored on what no caller
+    has."""
+    u_fut = w.u_fut.copy()
+    if not len(setpoints) or w.s_hist.shape[-1] == 0:
+        return u_fut
+    closed, last = closed_loops(w, setpoints), last_observed(w.u_hist)
+    for j, c in enumerate(controls):
+        u_fut[closed[:, j], :, c] = last[closed[:, j], None, c]
+    return u_fut
 
 
 def request_arrays(

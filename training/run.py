@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     catalog = run_catalog(cfg)
     store, run_dir = Path(args.store) if args.store else default_store(catalog), Path(args.run_dir or f"runs/{version}")
     for flag, folder in (("--store", store), ("--run-dir", run_dir)):
-        if folder.exists() and not folder.is_dir():
-            print(f"error: {flag} {folder} is a file, not a folder", file=sys.stderr)
+        problem = folder_problem(folder)
+        if problem:  # found now, not as NotADirectoryError after the whole run
+            print(f"error: {flag} {folder}: {problem}", file=sys.stderr)
             return 2
     if (store / version).exists():
         print(f"error: version {version} already exists in {store}", file=sys.stderr)
@@ -140,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and not (run_dir / "checkpoints").is_dir():
         print(f"error: --resume: {run_dir} holds no checkpoints (no run was started there)", file=sys.stderr)
         return 2
+    problem = checkpoint_problem(run_dir, cfg, resume=args.resume)
+    if problem:  # before the data are prepared (minutes), and before a new run overwrites the checkpoint
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    objective = None if catalog is None else catalog.optimizer
+    if objective is not None and objective.setpoints and not cfg.model.setpoint_inputs:  # said now, not at the end
+        from training.publish import NO_LOOPS_NO_ADVICE
+
+        print(f"note: {NO_LOOPS_NO_ADVICE}", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".lock", "w") as lock:  # one run per folder at a time, held for the whole run
         try:
@@ -163,6 +173,38 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 130
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be a folder (it, or the nearest of its parents that exists, is a file); None if it
+    can."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if path.is_dir():
+                return None
+            return "is a file, not a folder" if path == folder else f"{path} is a file, not a folder"
+    return None
+
+
+def checkpoint_problem(run_dir: Path, cfg: RunConfig, *, resume: bool) -> str | None:
+    """Why a run cannot start in ``run_dir`` as asked, checked before any work; None if it can. Without --resume,
+    a checkpoint there is an earlier run's progress, which a new run would overwrite. With it, the checkpoint
+    must be readable and hold this run's settings (``training.loop.check_resumed_config``)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not resume:
+        if last.exists():
+            return (
+                f"--run-dir {run_dir} holds a run's checkpoint ({last}), which a new run would overwrite: add "
+                "--resume to continue that run, or choose another --run-dir"
+            )
+        return None
+    from training.loop import TrainingFailed, check_resumed_config, read_checkpoint  # torch: seconds to import
+
+    try:
+        check_resumed_config(read_checkpoint(last).get("config", {}), cfg.to_dict())
+    except TrainingFailed as exc:
+        return str(exc)
+    return None
 
 
 def resume_command(argv: list[str], run_dir: Path) -> str:

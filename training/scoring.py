@@ -141,13 +141,18 @@ def gap_scores(
     model: KoVAE, p: Prepared, calib: dict[str, Any], complete: dict[str, dict[str, Any]]
 ) -> dict[str, dict[str, float]]:
     """Pooled skill (all variables, all held-out windows) with sensor gaps in the history: none (``complete``,
-    the regime table already scored), one sensor's last 2 hours, a quarter of one sensor's history. The naive
-    references see the same gaps (persistence holds the last value before the gap)."""
+    the regime table already scored), one sensor's last 2 hours, a quarter of one sensor's history. Against
+    naive forecasts given the same gaps (the skill: what the model adds to what the same data tell), and, as
+    "<case>, complete references", against the complete history's (what the gap costs the forecast itself:
+    the naive references lose by the gap too, and a quarter of a sensor's history missing scored above the
+    complete history against them, 0.350 against 0.340 at 15 min)."""
     out = {"none": complete["all"]["pooled_skill_all"]}
     for case in ("last_2h", "quarter"):
         w = with_gap(p.test, case, p.catalog.sample_minutes, p.n_targets)
         mean, _ = predict(model, p, w, 0, calib)
-        out[case] = scored_table(p, mean, None, w, {k: "all" for k in p.groups})["all"]["pooled_skill_all"]
+        everything = {k: "all" for k in p.groups}
+        out[case] = scored_table(p, mean, None, w, everything)["all"]["pooled_skill_all"]
+        out[f"{case}, complete references"] = scored_table(p, mean, None, p.test, everything)["all"]["pooled_skill_all"]
     return out
 
 

@@ -80,7 +80,7 @@ def upgrade(store: Path, version: str) -> int:
 
 def add_optimizer(store: Path, version: str, catalog_path: str | None) -> int:
     from plant.catalog import load_catalog
-    from training.publish import narrowed_objective
+    from training.publish import NO_LOOPS_NO_ADVICE, narrowed_objective, unplannable_setpoints
 
     folder = version_dir(store, version)
     card = read_card(folder, verify=True)
@@ -94,6 +94,9 @@ def add_optimizer(store: Path, version: str, catalog_path: str | None) -> int:
     if "optimizer" in card:
         print(f"{version} has an optimizer table already: left as it is")
         return 0
+    if unplannable_setpoints(cat.optimizer, card["variables"]):
+        print(f"error: {version}: {NO_LOOPS_NO_ADVICE}", file=sys.stderr)
+        return 1
     objective = narrowed_objective(cat.optimizer, card["variables"])
     if objective is None:
         print(f"error: {version}'s training data span none of the variables the objective decides", file=sys.stderr)
