@@ -175,6 +175,39 @@ def test_a_new_run_never_overwrites_a_checkpoint_in_its_run_folder(
     assert last.read_bytes() == before and no_work == []
 
 
+def test_a_run_folder_another_run_is_writing_is_named_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_work: list[str]
+) -> None:
+    """The checkpoint was checked before the folder's lock: a second run in a folder another run was writing was
+    told to add --resume, which then met the lock."""
+    import fcntl
+
+    run_dir = tmp_path / "r"
+    checkpoint(run_dir)  # the live run's first checkpoint
+    with open(run_dir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run.main(["--preset", "tiny", "--store", str(tmp_path / "s"), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "another run is writing" in err and "--resume" not in err and no_work == []
+
+
+def test_resume_compares_a_plants_data_by_content_not_by_where_it_lies() -> None:
+    """A run folder copied to another machine, or a catalog path written another way, refused a resume of a
+    plant's own data, while an import replaced under the same path passed."""
+    from training.loop import TrainingFailed, check_resumed_data, resume_differences
+
+    saved = {"data": {"source": "historian", "cache_dir": "data_cache/imp", "catalog": "plant/x.toml", "seed": 1}}
+    moved = {"data": {"source": "historian", "cache_dir": "/mnt/copy/imp", "catalog": "./plant/x.toml", "seed": 1}}
+    assert resume_differences(saved, moved) == []
+    assert resume_differences(saved, {"data": {**moved["data"], "seed": 2}}) == [
+        "data.seed: 1 in the checkpoint, 2 now"
+    ]
+    check_resumed_data("abc", "abc")
+    check_resumed_data(None, "abc")  # a checkpoint from before it kept the data hash
+    with pytest.raises(TrainingFailed, match="other data than the run's: data hash abc in the checkpoint, def now"):
+        check_resumed_data("abc", "def")
+
+
 # 8, 9 and 10. Settings refused by validation
 
 

@@ -853,3 +853,45 @@ def test_a_setpoint_a_controller_decides_is_held_in_a_plants_own_honest_request(
     data["measurements"][0]["planned"] = False
     with pytest.raises(CatalogError, match="planned = false is for a setpoint a controller decides, not a disturbance"):
         catalog_from_dict(data, "wrong.toml")
+
+
+def test_a_held_setpoint_is_held_whether_or_not_a_loop_uses_it() -> None:
+    """A setpoint the plant cannot plan was held only where a loop used it and was closed: one a catalog marks
+    ``planned = false`` without a loop sent its true future in the honest request."""
+    from training.data import Windows
+    from training.requests import request_arrays
+
+    N, L, H = 2, 4, 3
+    w = Windows(
+        *(np.zeros((N, n, 1)) for n in (L, L, H, H)),
+        np.ones((N, L, 2)),  # both setpoints logged at 1 ...
+        np.full((N, H, 2), 5.0),  # ... and planned to 5
+        np.zeros((N, H, 1)),
+        np.zeros(N),
+        np.array(["a", "b"]),
+        0,
+    )
+    _, _, s_fut = request_arrays(w, "honest", [], [], {"a": (0,)})
+    assert (s_fut[0, :, 0] == 1).all() and (s_fut[1, :, 0] == 5).all()  # held in "a" only, no loop needed
+    assert (s_fut[:, :, 1] == 5).all()  # the other setpoint: planned
+
+
+def test_training_holds_a_setpoint_at_its_last_logged_value(tiny_cfg, tiny_data) -> None:
+    """Training's held setpoint copied the history's last step: where a plant's log missed it, the 0 there
+    (the training mean, flag 0), while the honest request and the service hold the last logged value."""
+    from training.config import with_overrides
+    from training.loop import with_requests
+    from training.prepare import prepare
+
+    cfg = with_overrides(tiny_cfg, ["train.loop_unknown_share=1.0", "train.setpoint_held_share=1.0"])
+    p = prepare(cfg)
+    n_u, n_l, n_s = len(p.u_mean), len(p.looped), p.n_setpoints
+    uh, uf = (torch.from_numpy(a) for a in p.inputs(p.train, request="applied"))
+    closed = torch.from_numpy(p.closed_loops(p.train))
+    sp = p.loop_setpoints[0]
+    value, flag = n_u + n_l + sp, n_u + n_l + n_s + sp
+    k = closed[:, 0]
+    logged = uh[k, -3, value].clone()
+    uh[k, -2:, value], uh[k, -2:, flag] = 0.0, 0.0  # the log's last two steps missing
+    _, gf = with_requests(uh, uf, closed, p, cfg.train, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(gf[k, :, value], logged[:, None].expand(-1, gf.shape[1]))

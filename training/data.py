@@ -116,9 +116,15 @@ def make_windows(
             ids.append(sd.id)
     if not parts["xh"]:
         longest = max((len(sd.t_minutes) for sd in data), default=0)
+        if longest >= history + horizon:  # windows fit, and every one lacked too much data
+            raise DataError(
+                f"no window of {history}+{horizon} steps of {', '.join(sd.id for sd in data)} has enough data: all "
+                f"{dropped} lack more than data.max_missing ({max_missing:g}) of a variable's history or a future "
+                "control (a sensor out for most of it?): import a stretch where it reported, or raise data.max_missing"
+            )
         raise DataError(
             f"no window of {history}+{horizon} steps (train.history + train.horizon) fits the scenarios given, the "
-            f"longest {longest} steps ({dropped} dropped for missing data): shorten train.history or train.horizon"
+            f"longest {longest} steps: shorten train.history or train.horizon"
         )
     arrays = (np.stack(parts[k]).astype(np.float32) for k in ("xh", "uh", "xf", "uf", "sh", "sf", "xd"))
     return Windows(*arrays, np.array(t_last), np.array(ids), dropped)

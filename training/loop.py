@@ -118,7 +118,11 @@ def with_requests(
         u_fut[gone, :, c] = 0.0  # the loop decides it: the training mean, flag 0
         u_fut[gone, :, n_u + j] = 0.0
         hold = held[:, j]
-        u_fut[hold, :, value] = u_hist[hold, -1:, value]
+        # Its last logged value (a plant's log may miss the history's last steps: held at the 0 there, training
+        # told another value than the honest request and the service hold, ``modelcard.card.last_observed``).
+        logged = (u_hist[hold, :, flag] > 0.5).to(u_hist.dtype) * torch.arange(1, u_hist.shape[1] + 1)
+        last = logged.argmax(1)  # 0 where never logged: a closed loop always was
+        u_fut[hold, :, value] = u_hist[hold, last, value][:, None]
         hide = ~told[:, j]
         for u in (u_hist, u_fut):
             u[hide, :, value] = 0.0
@@ -201,8 +205,14 @@ def resume_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[str
     (``saved``), with both values; ``RESUME_FREE`` is not compared, nor a setting only one side knows (a
     checkpoint written before it existed)."""
     free = {(section, key) for section, keys in RESUME_FREE.items() for key in keys}
-    if saved.get("data", {}).get("source") == given.get("data", {}).get("source") == "bsm1":
+    source = saved.get("data", {}).get("source")
+    if source == given.get("data", {}).get("source"):
+        # Where the data lie is no setting of the weights: simulated data are a function of the other data
+        # settings; a plant's import is compared by content (``check_resumed_data``: its data hash), so a copied
+        # run folder resumes on another machine, and an import replaced under the same path does not.
         free.add(("data", "cache_dir"))
+        if source == "historian":
+            free.add(("data", "catalog"))
     return [
         f"{section}.{key}: {saved[section][key]!r} in the checkpoint, {value!r} now"
         for section in ("data", "model", "train")
@@ -220,6 +230,16 @@ def check_resumed_config(saved: dict[str, Any], given: dict[str, Any]) -> None:
         raise TrainingFailed(
             "--resume with other settings than the run's (give the run's own, or start a new run in another "
             "--run-dir): " + "; ".join(differ)
+        )
+
+
+def check_resumed_data(saved: str | None, given: str) -> None:
+    """A resumed run must train on the data the interrupted one did: the data hash (a plant's import: its
+    manifest's, which covers its files and catalog) as the checkpoint has it (checkpoints from before it: none)."""
+    if saved is not None and saved != given:
+        raise TrainingFailed(
+            f"--resume on other data than the run's: data hash {saved} in the checkpoint, {given} now (the import "
+            "was replaced, or its catalog changed): start a new run in another --run-dir"
         )
 
 
@@ -307,6 +327,7 @@ def train(
             "gen": gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "config": cfg.to_dict(),
+            "data_hash": p.data_hash,
         }
 
     def restore(ck: dict[str, Any]) -> None:
@@ -323,6 +344,7 @@ def train(
     if resume:
         ck = read_checkpoint(last_ckpt)
         check_resumed_config(ck.get("config", {}), cfg.to_dict())
+        check_resumed_data(ck.get("data_hash"), p.data_hash)
         restore(ck)
         print(f"resumed from {last_ckpt} at epoch {state['epoch']}", file=sys.stderr)
     else:

@@ -86,6 +86,13 @@ def request_arrays(
     held = held or {}
     for j, (c, sp) in enumerate(zip(looped, loop_setpoints, strict=True)):
         u_fut[closed[:, j], :, c] = np.nan
-        hold = closed[:, j] & np.array([request == "held" or sp in held.get(str(s), ()) for s in w.scenario])
-        s_fut[hold, :, sp] = last[hold, :, sp]
+        if request == "held":
+            s_fut[closed[:, j], :, sp] = last[closed[:, j], :, sp]
+    # The setpoints the plant cannot plan (its policy's, or its catalog's ``planned = false``), a loop's or not:
+    # held at the last logged value, nothing where none was logged. (Held only where its loop was closed, one
+    # of no loop, or one the history never logged, sent its true future.)
+    hold = np.zeros(s_fut.shape[::2], bool)  # (N, setpoints)
+    for sid in np.unique(w.scenario):
+        hold[np.ix_(w.scenario == sid, list(held.get(str(sid), ())))] = True
+    s_fut = np.where(hold[:, None, :], last, s_fut)
     return u_fut, w.s_hist, s_fut

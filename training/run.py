@@ -141,15 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and not (run_dir / "checkpoints").is_dir():
         print(f"error: --resume: {run_dir} holds no checkpoints (no run was started there)", file=sys.stderr)
         return 2
-    problem = checkpoint_problem(run_dir, cfg, resume=args.resume)
-    if problem:  # before the data are prepared (minutes), and before a new run overwrites the checkpoint
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    objective = None if catalog is None else catalog.optimizer
-    if objective is not None and objective.setpoints and not cfg.model.setpoint_inputs:  # said now, not at the end
-        from training.publish import NO_LOOPS_NO_ADVICE
-
-        print(f"note: {NO_LOOPS_NO_ADVICE}", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".lock", "w") as lock:  # one run per folder at a time, held for the whole run
         try:
@@ -157,6 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         except BlockingIOError:
             print(f"error: another run is writing {run_dir}: wait for it, or give another --run-dir", file=sys.stderr)
             return 2
+        # Under the lock (a live run's checkpoint is no earlier run's), before the data are prepared (minutes),
+        # and before a new run overwrites the checkpoint.
+        problem = checkpoint_problem(run_dir, cfg, resume=args.resume)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        objective = None if catalog is None else catalog.optimizer
+        if objective is not None and objective.setpoints and not cfg.model.setpoint_inputs:  # now, not at the end
+            from training.publish import NO_LOOPS_NO_ADVICE
+
+            print(f"note: {NO_LOOPS_NO_ADVICE}", file=sys.stderr)
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # a TERM stops the run as Ctrl-C does
         try:
             return run(args, cfg, version, store, run_dir)
