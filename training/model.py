@@ -613,7 +613,8 @@ class KoVAE(nn.Module):
         m2 = torch.where(seen, miss, 0.0).sum(1) / seen.sum(1).clamp(min=1)
         m2 = torch.where(seen.any(1), m2, torch.ones_like(m2))  # (B, x)
         c = logit.exp()
-        return c / (c + m2[:, None]) * valid
+        # Floored: with the blends off (c = 0) a variable yesterday repeated exactly (m2 = 0) read 0/0, NaN.
+        return c / (c + m2[:, None]).clamp_min(1e-30) * valid
 
     def blend_leads(self, x_hist: torch.Tensor, horizon: int) -> torch.Tensor:
         """The lead time whose blend weights each variable takes at each step: k, or (``model.blend_last_seen``)
