@@ -19,7 +19,9 @@ from typing import Any
 from modelcard.card import loops, role_items
 
 ENERGY_GROUPS = ("aeration_kw", "pumping_kw")
-DEFAULT_PRICE = 1000.0  # kWh per unit above a limit and hour: as good as hard for BSM1 (~150 kWh an hour)
+# kWh per unit above a limit and hour: a day's aeration (~3,800 kWh on BSM1) can outbid it, so the search's answer is
+# checked on its own samples and backed off towards holding where it breaks a limit holding meets
+DEFAULT_PRICE = 1000.0
 LIMIT_KEYS = {"variable", "quantile", "max", "price_kwh", "hour_price_kwh"}
 KEYS = {"block_minutes", "control_minutes", "setpoints", "controls", "limits", *ENERGY_GROUPS, "constant_kw"}
 KEYS |= {"price_per_kwh", "move_kwh"}

@@ -34,6 +34,7 @@ from modelcard.runtime import ModelRuntime
 
 RANDOM_BATCH = 500  # plans per forecast call of the random search
 IMPROVEMENT = 1e-3  # a plan's score must beat holding's by this much (units: holding's energy) to be advised
+BACK_OFF = (0.75, 0.5, 0.25)  # shares of the way from holding to the search's plan tried where it breaks a limit
 
 
 @dataclass(frozen=True)
@@ -347,6 +348,20 @@ def optimize(
     mean, samples = p.forecast(best_v, search.samples, draws())
     assert samples is not None
     plan = p.outcome(best_v, mean, samples, levels)
+    if cur.feasible and not plan.feasible:
+        # The search ranks plans on their means with a margin from other plans' samples; energy falls as air is
+        # cut, so it ends on a plan at that margin's edge, whose own samples then break a limit that holding
+        # meets (a plan saving 33% with 0.36 g N/m3 over, advised at the default price). A plan between it and
+        # holding is tried on its own samples, the nearest to the search's plan that meets every limit.
+        for t in BACK_OFF:
+            v = np.clip(current + t * (best_v - current), p.lo, p.hi)
+            mean, samples = p.forecast(v, search.samples, draws())
+            assert samples is not None
+            plan = p.outcome(v, mean, samples, levels)
+            if plan.feasible:
+                break
+        else:
+            plan = cur
 
     # Advised if it scores better than holding, each on its own samples (the same draws).
     scores = [p.score(o, reference) for o in (plan, cur)]

@@ -118,6 +118,8 @@ def parse_optimize(body: bytes, rt: ModelRuntime, settings: Settings) -> Optimiz
     refuse_duplicate_keys(body, structure)
     assert req is not None
     check_quantiles(req.quantiles, settings, errors)  # as /forecast checks them
+    if req.horizon > rt.max_horizon:  # before any per-step work: a plan of 1e9 steps was built, then refused
+        errors.add("horizon", f"{req.horizon} exceeds the model's max_horizon {rt.max_horizon}")
     errors.raise_if_any("Invalid optimize request")
     return req
 
@@ -127,6 +129,9 @@ def objective_of(req: OptimizeRequest, rt: ModelRuntime) -> Objective:
     model saw in training are refused (it cannot say what a setpoint it never saw does)."""
     if "optimizer" not in rt.card:
         detail = f"model {rt.version} has no objective (card: optimizer): it cannot advise setpoints"
+        raise ProblemError(409, "No setpoint advice for this model", detail=detail)
+    if rt.plans_session is None:  # a version exported before the plans graph, given an objective since
+        detail = f"model {rt.version} has no plans graph, which the search runs on (re-export it: python -m export)"
         raise ProblemError(409, "No setpoint advice for this model", detail=detail)
     merged = dict(rt.card["optimizer"])
     if req.objective is not None:

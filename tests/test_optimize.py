@@ -325,6 +325,12 @@ def test_optimize_answers_the_current_plan_when_it_is_already_the_cheapest(serve
         (lambda b: b["series"]["setpoints"].pop("SNO_2_setpoint"), "series.setpoints.SNO_2_setpoint"),
         (lambda b: b["series"].update(plans=[]), "series.plans"),
         (lambda b: b.update(horizon=10_000), "horizon"),
+        # Plans of that many steps were built for the open-loop controls before the horizon was checked: 1e12
+        # steps a MemoryError (500), 2**63 an OverflowError (500), 3e8 4.9 GB on the event loop.
+        (lambda b: (b["series"].pop("hold_controls", None), b["series"].update(future_controls={}),
+                    b.update(horizon=10**12)), "horizon"),
+        (lambda b: (b["series"].pop("hold_controls", None), b["series"].update(future_controls={}),
+                    b.update(horizon=2**63)), "horizon"),
         (lambda b: b["objective"].update(block_minutes=7), "objective.block_minutes"),
         (lambda b: b.update(quantiles=[0.5, 1.5]), "quantiles[1]"),
         (lambda b: b.update(quantiles=[0.0]), "quantiles[0]"),  # as /forecast: strictly between 0 and 1
@@ -420,6 +426,19 @@ def test_a_model_without_an_objective_answers_409(serve, store_copy, rt, tiny_da
     assert json.loads(server.client.get("/model").text).get("optimizer") is None
 
 
+def test_a_version_without_a_plans_graph_answers_409(serve, store_copy, rt, tiny_data) -> None:
+    """``upgrade_card --optimizer`` gives an objective to a version exported before the plans graph, which the
+    search runs on: it answered 500."""
+    store, version = store_copy
+    folder = Path(store) / version
+    card = read_card(folder)
+    for key in ("plans_file", "plans_sha256"):
+        card["onnx"].pop(key, None)
+    write_card(folder, card)
+    r = serve(store).client.post("/optimize", json=optimize_body(rt, tiny_data))
+    assert r.status_code == 409 and "no plans graph" in r.json()["detail"], r.text
+
+
 def test_a_card_without_an_objective_gets_the_catalogs(store_copy, capsys) -> None:
     """``python -m training.upgrade_card --optimizer``: the catalog's objective, its bounds narrowed to the card's
     training range, sealed with the card; a second run leaves the card as it is."""
@@ -479,3 +498,27 @@ def test_searches_past_the_queue_bound_are_answered_503_and_forecasts_go_on(
     assert forecast.result().status_code == 200
     assert codes.count(200) >= 1 and busy and set(codes) <= {200, 503}
     assert busy[0].headers["retry-after"] == "1" and "Optimizer busy" in busy[0].text
+
+
+@pytest.mark.parametrize("price", [None, 1e4])
+def test_advice_never_breaks_a_limit_that_holding_meets(price: float | None) -> None:
+    """The committed default at an origin of BSM1's dry file (step 400; ``tests/data/dry_step_400.json``), with
+    the effluent ammonium's 90% quantile at most 10.5. The search ranks plans on their means with a margin from
+    other plans' samples and ended on a plan at that margin's edge: at the default price advised saving 33% with
+    0.36 g N/m3 over a limit holding met, and at 1e4 answered holding with nothing saved. Now the plan meets the
+    limit, and still saves."""
+    from modelcard.runtime import ModelRuntime
+    from service.optimize import objective_of, parse_optimize, search_settings, situation_of
+    from service.settings import Settings
+
+    root = Path(__file__).resolve().parents[1]
+    rt = ModelRuntime(root / "models" / "20261206-105344-default")
+    body = json.loads((root / "tests" / "data" / "dry_step_400.json").read_text())
+    limit = {"variable": "SNH_eff", "quantile": 0.9, "max": 10.5} | ({"price_kwh": price} if price else {})
+    body["objective"] = {"limits": [limit]}
+    req = parse_optimize(json.dumps(body).encode(), rt, Settings())
+    objective = objective_of(req, rt)
+    situation, _ = situation_of(req, rt, Settings(), objective)
+    advice = optimize(rt, situation, objective, req.horizon, search_settings(rt, req.seed), sorted(set(req.quantiles)))
+    assert advice.current.feasible and advice.plan.feasible
+    assert advice.status == "improved" and advice.plan.energy["total"] < 0.9 * advice.current.energy["total"]
