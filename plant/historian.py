@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from modelcard.card import atomic_write, fsync_dir, hold_forward
+from modelcard.card import atomic_write, fsync_dir, hold_forward, sha256_file
 from plant.catalog import Catalog, catalog_from_dict
 from plant.export_reader import CLOCK_EPOCH_S, Table, read_table
 from plant.export_values import ImportRefused
@@ -318,7 +318,7 @@ def load_dataset(folder: Path, catalog: Catalog | None = None) -> tuple[Catalog,
     for sid, entry in manifest["scenarios"].items():
         path = folder / entry["file"]
         # An import from before the manifest kept each file's digest has none: its row count is still checked.
-        if "sha256" in entry and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+        if "sha256" in entry and path.is_file() and sha256_file(path) != entry["sha256"]:
             raise DataError(
                 f"{path}: not the file this import wrote (its sha256 differs from manifest.json's): a folder mixed "
                 "from two imports, or changed since; import again"

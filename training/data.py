@@ -45,6 +45,15 @@ def usable(x_hist: np.ndarray, u_hist: np.ndarray, x_fut: np.ndarray, u_fut: np.
     return bool(missing <= max_missing and np.isfinite(u_fut).all() and np.isfinite(x_fut).any())
 
 
+def yesterday_steps(horizon: int, day: int) -> np.ndarray:
+    """(horizon,) for each lead, the step of same-time-yesterday relative to the origin (the history's end, 0 the
+    first future step): the latest sample at the same clock time before it, a day earlier, or two past a day's
+    lead (one day back was after the origin). What ``x_prev_day`` holds, and what a gap in the history hides from
+    it (``training.gaps.with_gap``)."""
+    k = np.arange(horizon)
+    return k - day * (k // day + 1)
+
+
 def refused_history(x_hist: np.ndarray, u_hist: np.ndarray, max_missing: float) -> bool:
     """Whether the service would refuse this history: a measurement's or control's values more than
     ``max_missing`` of them missing (``service.inputs``: at most int(max_missing * length) nulls)."""
@@ -107,8 +116,7 @@ def make_windows(
             parts["sh"].append(sd.s[s:e])
             parts["sf"].append(sd.s[e : e + horizon])
             prev = np.full((horizon, sd.x.shape[1]), np.nan)
-            k = np.arange(horizon)  # the latest sample at the same clock time before the origin: a day earlier,
-            idx = e + k - day * (k // day + 1)  # or two past a day's lead (one day back was after the origin)
+            idx = e + yesterday_steps(horizon, day)
             ok = idx >= 0
             prev[ok] = sd.x[idx[ok]]
             parts["xd"].append(prev)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from modelcard.card import last_observed, last_observed_step
-from training.data import Windows
+from training.data import Windows, yesterday_steps
 
 if TYPE_CHECKING:  # torch only where the pull is fitted: bench/accuracy.py reads the gaps without it
     from training.model import KoVAE
@@ -36,8 +36,7 @@ def with_gap(w: Windows, case: str, sample_minutes: int, n_sensors: int, seed: i
     N, L, _ = x.shape
     nx, day = n_sensors, 1440 // sample_minutes
     n = min(L // 2, round(120 / sample_minutes)) if case == "last_2h" else L // 4
-    k = np.arange(prev.shape[1])
-    read = L + k - day * (k // day + 1)  # the history index yesterday's value of each lead is (training.data)
+    read = L + yesterday_steps(prev.shape[1], day)  # the history index each lead's yesterday is read from
     for i, j in enumerate(rng.integers(0, nx, N)):
         end = L if case == "last_2h" else int(rng.integers(n, L + 1))
         x[i, end - n : end, j] = np.nan

@@ -21,7 +21,7 @@ from torch import nn
 from modelcard.card import atomic_write
 from plant.whatif import generate_pairs
 from training.config import RunConfig, TrainConfig
-from training.model import KoVAE
+from training.model import KoVAE, last_seen_step
 from training.prepare import Prepared, disturbance_forecast, pair_tensors, tensors
 
 MAX_NAN_RETRIES = 3
@@ -120,8 +120,8 @@ def with_requests(
         hold = held[:, j]
         # Its last logged value (a plant's log may miss the history's last steps: held at the 0 there, training
         # told another value than the honest request and the service hold, ``modelcard.card.last_observed``).
-        logged = (u_hist[hold, :, flag] > 0.5).to(u_hist.dtype) * torch.arange(1, u_hist.shape[1] + 1)
-        last = logged.argmax(1)  # 0 where never logged: a closed loop always was
+        logged = torch.where(u_hist[hold, :, flag] > 0.5, u_hist[hold, :, value], torch.nan)  # (b, L)
+        last = last_seen_step(logged[..., None])[:, 0, 0]  # 0 where never logged: a closed loop always was
         u_fut[hold, :, value] = u_hist[hold, last, value][:, None]
         hide = ~told[:, j]
         for u in (u_hist, u_fut):
